@@ -1,0 +1,67 @@
+# Troupe: run `make help` for the targets.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONTROLPLANE_STAMP := $(VENV)/.controlplane
+PACKAGES := agent-runtime operator hack/devcluster
+SOURCES := operator/src agent-runtime/src hack/devcluster/src
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## Show this help.
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Troupe needs Python 3.11 or newer")'
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(foreach p,$(PACKAGES),-e $(p))
+	touch $@
+
+$(CONTROLPLANE_STAMP): hack/build-controlplane.sh hack/versions.env hack/controlplane/go.mod hack/controlplane/go.sum
+	hack/build-controlplane.sh >/dev/null
+	touch $@
+
+.PHONY: setup
+setup: $(STAMP) $(CONTROLPLANE_STAMP) ## Create .venv, install everything, build the control plane (idempotent).
+
+.PHONY: lint
+lint: setup ## Ruff and mypy --strict.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict $(SOURCES)
+
+.PHONY: format
+format: setup ## Apply ruff's fixes and formatting.
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+.PHONY: test
+test: lint ## Lint, then every test against a real control plane and NATS.
+	$(BIN)/pytest $(PYTEST_ARGS) tests
+
+.PHONY: cluster-up
+cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS.
+	$(BIN)/python -m troupe_devcluster up
+
+.PHONY: cluster-down
+cluster-down: setup ## Stop the local cluster and remove its files.
+	$(BIN)/python -m troupe_devcluster down
+
+.PHONY: cluster-env
+cluster-env: setup ## Print `export` lines for KUBECONFIG and NATS_URL.
+	@$(BIN)/python -m troupe_devcluster env
+
+.PHONY: demo
+demo: cluster-up ## Start the local cluster and show its nodes (the full demo arrives with issue 6).
+	@eval "$$($(BIN)/python -m troupe_devcluster env)"; PATH="$(CURDIR)/$(BIN):$$PATH" kubectl get nodes -o wide
+	@echo "The agent demo arrives with issue 6. Stop the cluster with: make cluster-down"
+
+.PHONY: clean
+clean: ## Remove the venv and caches inside the repository.
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,206 @@
+"""Bring a local cluster up and down: etcd, the Kubernetes control plane, kwok
+fake nodes, the process node and a JetStream-enabled nats-server.
+
+Every wait has a deadline; a failure names the component and shows the tail
+of its log, and stops everything started so far, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import ssl
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from troupe_devcluster import components, processes
+from troupe_devcluster.components import Component
+from troupe_devcluster.kube import core_v1, new_api_client
+from troupe_devcluster.layout import KWOK_NODE_COUNT, PROCESS_NODE_NAME, Layout, Ports
+from troupe_devcluster.pki import ADMIN_USER, write_pki
+
+START_DEADLINE_SECONDS = 60.0
+KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
+
+
+def build_kubeconfig(layout: Layout) -> dict[str, Any]:
+    """A kubeconfig with the certificates inlined, usable by kubectl, kopf and the client."""
+    pki = layout.pki
+
+    def inline(path: Path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "troupe-dev",
+                "cluster": {
+                    "server": layout.apiserver_url,
+                    "certificate-authority-data": inline(pki.ca_cert),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": ADMIN_USER,
+                "user": {
+                    "client-certificate-data": inline(pki.admin_cert),
+                    "client-key-data": inline(pki.admin_key),
+                },
+            }
+        ],
+        "contexts": [
+            {"name": "troupe-dev", "context": {"cluster": "troupe-dev", "user": ADMIN_USER}}
+        ],
+        "current-context": "troupe-dev",
+    }
+
+
+def build_kwok_node(index: int) -> dict[str, Any]:
+    """A fake node kwok manages; its taint keeps ordinary pods on the process node."""
+    name = f"kwok-node-{index}"
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"type": "kwok", "kubernetes.io/hostname": name},
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": {"taints": [KWOK_TAINT]},
+        "status": {
+            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+        },
+    }
+
+
+def env_lines(layout: Layout) -> str:
+    """Shell lines that point kubectl, the tests and the operator at this cluster."""
+    return f"export KUBECONFIG={layout.kubeconfig}\nexport NATS_URL={layout.nats_url}\n"
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            return bool(200 <= response.status < 300)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _insecure() -> ssl.SSLContext:
+    # Controller-manager and scheduler serve /healthz with self-signed certificates.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _wait(
+    layout: Layout,
+    name: str,
+    ready: Callable[[], bool],
+    deadline: float,
+) -> None:
+    pid = layout.pids[name]
+    while True:
+        if ready():
+            return
+        if not processes.alive(pid):
+            raise processes.ComponentError(name, "exited during start-up", layout.log_of(name))
+        if time.monotonic() > deadline:
+            raise processes.ComponentError(
+                name, f"was not ready within {START_DEADLINE_SECONDS:.0f}s", layout.log_of(name)
+            )
+        time.sleep(0.1)
+
+
+def _start(layout: Layout, component: Component) -> None:
+    layout.pids[component.name] = processes.start(component.argv, layout.log_of(component.name))
+
+
+def _wait_healthy(layout: Layout, component: Component, deadline: float) -> None:
+    context = _insecure() if component.health_url.startswith("https") else None
+    _wait(layout, component.name, lambda: _http_ok(component.health_url, context), deadline)
+
+
+def _ready_nodes(api: Any) -> set[str]:
+    ready = set()
+    for node in api.list_node().items:
+        for condition in node.status.conditions or []:
+            if condition.type == "Ready" and condition.status == "True":
+                ready.add(node.metadata.name)
+    return ready
+
+
+def up(bin_dir: Path, root: Path | None = None) -> Layout:
+    """Start a whole cluster in ``root`` (a new temporary directory by default)."""
+    root = root or Path(tempfile.mkdtemp(prefix="troupe-cluster-"))
+    layout = Layout(root=root, ports=Ports.allocate())
+    try:
+        _up(bin_dir, layout)
+    except BaseException:
+        down(layout)
+        raise
+    return layout
+
+
+def _up(bin_dir: Path, layout: Layout) -> None:
+    deadline = time.monotonic() + START_DEADLINE_SECONDS
+    write_pki(layout.pki.ca_cert.parent)
+
+    nats = components.nats_server(layout)
+    etcd = components.etcd(bin_dir, layout)
+    for component in (nats, etcd):
+        _start(layout, component)
+    _wait_healthy(layout, etcd, deadline)
+
+    apiserver = components.kube_apiserver(bin_dir, layout)
+    _start(layout, apiserver)
+    layout.kubeconfig.write_text(yaml.safe_dump(build_kubeconfig(layout)))
+    verified = ssl.create_default_context(cafile=str(layout.pki.ca_cert))
+    verified.load_cert_chain(str(layout.pki.admin_cert), str(layout.pki.admin_key))
+    _wait(layout, apiserver.name, lambda: _http_ok(apiserver.health_url, verified), deadline)
+
+    rest = [
+        components.kube_controller_manager(bin_dir, layout),
+        components.kube_scheduler(bin_dir, layout),
+        components.kwok(bin_dir, layout),
+    ]
+    for component in rest:
+        _start(layout, component)
+    _start(layout, components.process_node(layout))
+
+    api = core_v1(new_api_client(layout.kubeconfig))
+    for index in range(KWOK_NODE_COUNT):
+        api.create_node(build_kwok_node(index))
+    for component in (*rest, nats):
+        _wait_healthy(layout, component, deadline)
+
+    wanted = {f"kwok-node-{i}" for i in range(KWOK_NODE_COUNT)} | {PROCESS_NODE_NAME}
+    _wait(layout, "process-node", lambda: wanted <= _ready_nodes(api), deadline)
+    _wait(
+        layout,
+        "kube-controller-manager",
+        lambda: bool(api.list_namespaced_service_account("default").items),
+        deadline,
+    )
+
+
+def down(layout: Layout) -> None:
+    """Stop every process of the cluster, the process node first so it can stop its pods."""
+    pids = dict(layout.pids)
+    node = pids.pop("process-node", None)
+    if node is not None:
+        processes.stop([node], grace_seconds=20)
+    processes.stop(pids.values())
+    shutil.rmtree(layout.root, ignore_errors=True)

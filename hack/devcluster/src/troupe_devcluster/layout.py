@@ -1,0 +1,94 @@
+"""Where a local cluster keeps its files and which loopback ports it listens on.
+
+The layout is plain data, decided once at start-up and saved to the cluster's
+state file, so that ``down`` and ``env`` need nothing but that file.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from troupe_devcluster.pki import PKIPaths
+
+KWOK_NODE_COUNT = 2
+PROCESS_NODE_NAME = "process-node"
+
+
+def free_port() -> int:
+    """Ask the kernel for a loopback port that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Every loopback port one cluster uses."""
+
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+    controller_manager: int
+    scheduler: int
+    kwok: int
+    nats: int
+    nats_monitor: int
+
+    @classmethod
+    def allocate(cls) -> Ports:
+        """Pick a distinct free port for each component."""
+        chosen: set[int] = set()
+        values: dict[str, int] = {}
+        for name in cls.__dataclass_fields__:
+            port = free_port()
+            while port in chosen:
+                port = free_port()
+            chosen.add(port)
+            values[name] = port
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The directory and ports of one local cluster."""
+
+    root: Path
+    ports: Ports
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pki(self) -> PKIPaths:
+        return PKIPaths.under(self.root / "pki")
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def apiserver_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports.apiserver}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.ports.nats}"
+
+    def log_of(self, component: str) -> Path:
+        return self.logs / f"{component}.log"
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["root"] = str(self.root)
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Layout:
+        data = json.loads(text)
+        return cls(root=Path(data["root"]), ports=Ports(**data["ports"]), pids=data["pids"])

@@ -1,0 +1,95 @@
+"""Start, watch and stop the cluster's processes.
+
+Each component runs in its own session (process group) so that stopping it
+also stops whatever it spawned, and so that the cluster outlives the
+``up`` command that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class ComponentError(RuntimeError):
+    """A component failed to start; the message names it and shows its log's tail."""
+
+    def __init__(self, component: str, problem: str, log: Path) -> None:
+        super().__init__(f"{component} {problem}. Last lines of {log}:\n{tail(log)}")
+        self.component = component
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    """The last lines of a log file, or a note that there is none."""
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log written)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    """Start ``argv`` detached in a new session, logging to ``log``; return its pid."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    return proc.pid
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs and is not a zombie waiting to be reaped."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def stop(pids: Iterable[int], grace_seconds: float = 10.0) -> None:
+    """SIGTERM each process group, then SIGKILL whatever is left after the grace period."""
+    groups = list(pids)
+    for pid in groups:
+        _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        for pid in groups:
+            alive(pid)  # reap our own children so they do not linger as zombies
+        groups = [pid for pid in groups if _group_alive(pid)]
+        if not groups:
+            return
+        time.sleep(0.05)
+    for pid in groups:
+        _signal_group(pid, signal.SIGKILL)
+        alive(pid)

@@ -1,0 +1,112 @@
+"""Pytest fixtures on top of the launcher: one real cluster per test session.
+
+Set ``TROUPE_TEST_KUBECONFIG`` and ``TROUPE_TEST_NATS_URL`` to run the tests
+against an existing cluster (kind, say) instead. A cluster that cannot start
+fails the tests; nothing here ever skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from troupe_devcluster import launcher
+from troupe_devcluster.__main__ import build_binaries
+from troupe_devcluster.components import venv_bin
+from troupe_devcluster.kube import core_v1, new_api_client
+
+NAMESPACE_DEADLINE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class ClusterEndpoints:
+    """How tests reach the cluster and NATS."""
+
+    kubeconfig: Path
+    nats_url: str
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        """Run kubectl against this cluster; return its stdout (and fail loudly on error)."""
+        result = subprocess.run(
+            [str(venv_bin() / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result.stdout if result.returncode == 0 else result.stderr
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterEndpoints]:
+    """A running control plane and nats-server for the whole session."""
+    kubeconfig = os.environ.get("TROUPE_TEST_KUBECONFIG")
+    nats_url = os.environ.get("TROUPE_TEST_NATS_URL")
+    if kubeconfig and nats_url:
+        yield ClusterEndpoints(Path(kubeconfig), nats_url)
+        return
+    layout = launcher.up(build_binaries())
+    try:
+        yield ClusterEndpoints(layout.kubeconfig, layout.nats_url)
+    finally:
+        launcher.down(layout)
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster: ClusterEndpoints) -> Path:
+    return cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def nats_url(cluster: ClusterEndpoints) -> str:
+    return cluster.nats_url
+
+
+@pytest.fixture(scope="session")
+def api_client(cluster: ClusterEndpoints) -> Any:
+    """A kubernetes ApiClient authenticated as the cluster admin."""
+    return new_api_client(cluster.kubeconfig)
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def create_namespace(api_client: Any, labels: dict[str, str] | None = None) -> str:
+    """Create a uniquely named namespace and wait until pods may be created in it."""
+    core = core_v1(api_client)
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
+    # Pods are refused until the service-account controller made the default account.
+    wait_for(
+        lambda: core.list_namespaced_service_account(name).items,
+        NAMESPACE_DEADLINE_SECONDS,
+        f"the default ServiceAccount in {name}",
+    )
+    return name
+
+
+@pytest.fixture
+def namespace(api_client: Any) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards."""
+    name = create_namespace(api_client)
+    yield name
+    core_v1(api_client).delete_namespace(name)
