@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONTROLPLANE_STAMP := $(VENV)/.controlplane
 PACKAGES := agent-runtime operator hack/devcluster
-SOURCES := operator/src agent-runtime/src hack/devcluster/src
+SOURCES := operator/src agent-runtime/src hack/devcluster/src tests
 PYTEST_ARGS ?=
 
 .PHONY: help

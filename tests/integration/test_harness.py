@@ -13,11 +13,12 @@ from typing import Any
 import nats
 import pytest
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from nats.js.api import StreamConfig
 from nats.js.errors import KeyWrongLastSequenceError
 
 from tests.integration import manifests
+from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_devcluster.layout import PROCESS_NODE_NAME
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace, wait_for
 
@@ -69,7 +70,7 @@ def test_api_server_reports_the_stamped_kubernetes_version(api_client: Any) -> N
 def test_deployment_on_kwok_nodes_becomes_available(
     cluster: ClusterEndpoints, api_client: Any, namespace: str
 ) -> None:
-    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    apps, core = apps_v1(api_client), core_v1(api_client)
     _apply(cluster, namespace, manifests.kwok_deployment("fake", replicas=3))
 
     wait_for(lambda: _available(apps, namespace, "fake", 3), DEADLINE, "3 available replicas")
@@ -85,7 +86,7 @@ def test_deployment_on_kwok_nodes_becomes_available(
 def test_deployment_on_process_node_runs_a_real_server_behind_its_readiness_probe(
     cluster: ClusterEndpoints, api_client: Any, namespace: str
 ) -> None:
-    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    apps, core = apps_v1(api_client), core_v1(api_client)
     _apply(cluster, namespace, manifests.http_server_deployment("web", replicas=2))
 
     wait_for(lambda: _available(apps, namespace, "web", 2), DEADLINE, "2 available replicas")
@@ -102,7 +103,7 @@ def test_deployment_on_process_node_runs_a_real_server_behind_its_readiness_prob
 def test_deleting_a_process_node_pod_stops_its_process_and_a_replacement_starts(
     cluster: ClusterEndpoints, api_client: Any, namespace: str
 ) -> None:
-    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    apps, core = apps_v1(api_client), core_v1(api_client)
     _apply(cluster, namespace, manifests.http_server_deployment("web"))
     wait_for(lambda: _available(apps, namespace, "web", 1), DEADLINE, "an available replica")
     (old,) = _pods(core, namespace, "web")
@@ -127,7 +128,7 @@ def test_deleting_a_process_node_pod_stops_its_process_and_a_replacement_starts(
 def test_deleting_a_deployment_garbage_collects_its_replica_sets_and_pods(
     cluster: ClusterEndpoints, api_client: Any, namespace: str
 ) -> None:
-    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    apps, core = apps_v1(api_client), core_v1(api_client)
     _apply(cluster, namespace, manifests.kwok_deployment("fake", replicas=2))
     wait_for(lambda: _available(apps, namespace, "fake", 2), DEADLINE, "2 available replicas")
 
@@ -144,7 +145,7 @@ def test_deleting_a_deployment_garbage_collects_its_replica_sets_and_pods(
 
 
 def test_deleting_a_namespace_removes_its_pods(cluster: ClusterEndpoints, api_client: Any) -> None:
-    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    apps, core = apps_v1(api_client), core_v1(api_client)
     namespace = create_namespace(api_client)
     _apply(cluster, namespace, manifests.kwok_deployment("fake", replicas=2))
     _apply(cluster, namespace, manifests.http_server_deployment("web"))
@@ -194,7 +195,7 @@ def test_cel_validation_rule_rejects_a_bad_object_with_its_message(
 
 
 def test_restricted_namespace_refuses_a_privileged_pod(api_client: Any) -> None:
-    core = client.CoreV1Api(api_client)
+    core = core_v1(api_client)
     namespace = create_namespace(
         api_client, labels={"pod-security.kubernetes.io/enforce": "restricted"}
     )
@@ -202,8 +203,9 @@ def test_restricted_namespace_refuses_a_privileged_pod(api_client: Any) -> None:
         with pytest.raises(ApiException) as refused:
             core.create_namespaced_pod(namespace, manifests.privileged_pod("root"))
         assert refused.value.status == 403
-        assert 'violates PodSecurity "restricted:latest"' in refused.value.body
-        assert "privileged" in refused.value.body
+        message = json.loads(refused.value.body)["message"]
+        assert 'violates PodSecurity "restricted:latest"' in message
+        assert "privileged" in message
     finally:
         core.delete_namespace(namespace)
 

@@ -22,6 +22,8 @@ CONTROLLERS = (
     "statefulset-controller",
     "job-controller",
     "namespace-controller",
+    # Lifts the not-ready taint that admission puts on every new node once it is Ready.
+    "node-lifecycle-controller",
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
@@ -139,6 +141,7 @@ def kwok(bin_dir: Path, layout: Layout) -> Component:
         [
             str(bin_dir / "kwok"),
             f"--kubeconfig={layout.kubeconfig}",
+            f"--config={bin_dir / 'kwok-stages.yaml'}",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-label-selector={KWOK_NODE_LABEL}",
             f"--server-address=127.0.0.1:{port}",

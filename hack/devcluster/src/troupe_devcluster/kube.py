@@ -24,3 +24,8 @@ def new_api_client(kubeconfig: Path) -> client.ApiClient:
 def core_v1(api_client: client.ApiClient) -> Any:
     """The core/v1 API, untyped so that it accepts manifest dicts."""
     return client.CoreV1Api(api_client)
+
+
+def apps_v1(api_client: client.ApiClient) -> Any:
+    """The apps/v1 API, untyped so that it accepts manifest dicts."""
+    return client.AppsV1Api(api_client)

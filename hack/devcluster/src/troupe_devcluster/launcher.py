@@ -27,6 +27,7 @@ from troupe_devcluster.layout import KWOK_NODE_COUNT, PROCESS_NODE_NAME, Layout,
 from troupe_devcluster.pki import ADMIN_USER, write_pki
 
 START_DEADLINE_SECONDS = 60.0
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
 
 
@@ -133,13 +134,15 @@ def _wait_healthy(layout: Layout, component: Component, deadline: float) -> None
     _wait(layout, component.name, lambda: _http_ok(component.health_url, context), deadline)
 
 
-def _ready_nodes(api: Any) -> set[str]:
-    ready = set()
+def _schedulable_nodes(api: Any) -> set[str]:
+    """Nodes that are Ready and rid of the not-ready taint admission gives new nodes."""
+    names = set()
     for node in api.list_node().items:
-        for condition in node.status.conditions or []:
-            if condition.type == "Ready" and condition.status == "True":
-                ready.add(node.metadata.name)
-    return ready
+        ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+        tainted = any(t.key == NOT_READY_TAINT for t in node.spec.taints or [])
+        if ready and not tainted:
+            names.add(node.metadata.name)
+    return names
 
 
 def up(bin_dir: Path, root: Path | None = None) -> Layout:
@@ -187,7 +190,7 @@ def _up(bin_dir: Path, layout: Layout) -> None:
         _wait_healthy(layout, component, deadline)
 
     wanted = {f"kwok-node-{i}" for i in range(KWOK_NODE_COUNT)} | {PROCESS_NODE_NAME}
-    _wait(layout, "process-node", lambda: wanted <= _ready_nodes(api), deadline)
+    _wait(layout, "process-node", lambda: wanted <= _schedulable_nodes(api), deadline)
     _wait(
         layout,
         "kube-controller-manager",
