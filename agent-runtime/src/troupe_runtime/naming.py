@@ -1,0 +1,59 @@
+"""NATS names derived from an agent's namespace and name.
+
+Subjects are namespaced (``troupe.<namespace>.<agent>.…``) so that agents of
+different namespaces never see each other's traffic; stream, consumer and
+bucket names may not contain dots, so they join the parts with underscores.
+"""
+
+from __future__ import annotations
+
+SUBJECT_ROOT = "troupe"
+
+
+def _token(value: str) -> str:
+    return value.replace(".", "_")
+
+
+def inbox_subject(namespace: str, agent: str, priority: int) -> str:
+    """The subject a message of ``priority`` for the agent is published to."""
+    return f"{SUBJECT_ROOT}.{_token(namespace)}.{_token(agent)}.in.p{priority}"
+
+
+def inbox_wildcard(namespace: str, agent: str) -> str:
+    return f"{SUBJECT_ROOT}.{_token(namespace)}.{_token(agent)}.in.>"
+
+
+def inbox_stream(namespace: str, agent: str) -> str:
+    return f"TROUPE_{_token(namespace)}_{_token(agent)}"
+
+
+def consumer_name(agent: str, priority: int) -> str:
+    """The durable consumer that feeds one priority level to the agent's replicas."""
+    return f"{_token(agent)}_p{priority}"
+
+
+def dead_letter_subject(namespace: str, agent: str) -> str:
+    return f"{SUBJECT_ROOT}.{_token(namespace)}.{_token(agent)}.dlq"
+
+
+def dead_letter_stream(namespace: str, agent: str) -> str:
+    return f"TROUPE_DLQ_{_token(namespace)}_{_token(agent)}"
+
+
+def kv_bucket(namespace: str, bucket: str) -> str:
+    """Buckets are shared by the agents of one namespace that declare the same name."""
+    return f"troupe_{_token(namespace)}_{_token(bucket)}"
+
+
+def rate_limit_bucket(namespace: str) -> str:
+    """The KV bucket holding shared (GCRA) rate-limit state for a namespace's agents."""
+    return f"troupe_{_token(namespace)}_ratelimits"
+
+
+def event_log_stream(namespace: str) -> str:
+    """The stream holding the append-only event logs of a namespace, one subject per id."""
+    return f"TROUPE_EVENTS_{_token(namespace)}"
+
+
+def event_log_subject(namespace: str, correlation_id: str) -> str:
+    return f"{SUBJECT_ROOT}.{_token(namespace)}.events.{_token(correlation_id)}"
