@@ -203,15 +203,17 @@ def test_restricted_namespace_refuses_a_privileged_pod(api_client: Any) -> None:
         with pytest.raises(ApiException) as refused:
             core.create_namespaced_pod(namespace, manifests.privileged_pod("root"))
         assert refused.value.status == 403
-        message = json.loads(refused.value.body)["message"]
+        message = json.loads(str(refused.value.body))["message"]
         assert 'violates PodSecurity "restricted:latest"' in message
         assert "privileged" in message
     finally:
         core.delete_namespace(namespace)
 
 
-async def test_jetstream_refuses_a_kv_update_with_a_stale_revision(nats_url: str) -> None:
-    connection = await nats.connect(nats_url)
+async def test_jetstream_refuses_a_kv_update_with_a_stale_revision(
+    cluster: ClusterEndpoints,
+) -> None:
+    connection = await nats.connect(cluster.nats_url)
     try:
         js = connection.jetstream()
         bucket = f"smoke_{uuid.uuid4().hex[:8]}"
@@ -230,8 +232,10 @@ async def test_jetstream_refuses_a_kv_update_with_a_stale_revision(nats_url: str
         await connection.close()
 
 
-async def test_jetstream_expires_a_message_by_its_per_message_ttl(nats_url: str) -> None:
-    connection = await nats.connect(nats_url)
+async def test_jetstream_expires_a_message_by_its_per_message_ttl(
+    cluster: ClusterEndpoints,
+) -> None:
+    connection = await nats.connect(cluster.nats_url)
     try:
         js = connection.jetstream()
         stream = f"ttl_{uuid.uuid4().hex[:8]}"

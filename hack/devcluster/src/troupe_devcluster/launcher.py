@@ -157,6 +157,20 @@ def up(bin_dir: Path, root: Path | None = None) -> Layout:
     return layout
 
 
+def up_nats(root: Path | None = None) -> Layout:
+    """Start only a JetStream nats-server, for tests that need no Kubernetes."""
+    root = root or Path(tempfile.mkdtemp(prefix="troupe-nats-"))
+    layout = Layout(root=root, ports=Ports.allocate())
+    try:
+        nats = components.nats_server(layout)
+        _start(layout, nats)
+        _wait_healthy(layout, nats, time.monotonic() + START_DEADLINE_SECONDS)
+    except BaseException:
+        down(layout)
+        raise
+    return layout
+
+
 def _up(bin_dir: Path, layout: Layout) -> None:
     deadline = time.monotonic() + START_DEADLINE_SECONDS
     write_pki(layout.pki.ca_cert.parent)

@@ -68,8 +68,17 @@ def kubeconfig(cluster: ClusterEndpoints) -> Path:
 
 
 @pytest.fixture(scope="session")
-def nats_url(cluster: ClusterEndpoints) -> str:
-    return cluster.nats_url
+def nats_url() -> Iterator[str]:
+    """A JetStream nats-server of its own, so NATS-only tests need no control plane."""
+    existing = os.environ.get("TROUPE_TEST_NATS_URL")
+    if existing:
+        yield existing
+        return
+    layout = launcher.up_nats()
+    try:
+        yield layout.nats_url
+    finally:
+        launcher.down(layout)
 
 
 @pytest.fixture(scope="session")
