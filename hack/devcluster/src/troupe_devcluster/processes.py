@@ -15,6 +15,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+# Popen objects of the processes this interpreter started: kept so that they
+# are reaped through Popen (no zombies, no "still running" warnings on GC).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class ComponentError(RuntimeError):
     """A component failed to start; the message names it and shows its log's tail."""
@@ -45,13 +49,18 @@ def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
             start_new_session=True,
             env=env,
         )
+    _children[proc.pid] = proc
     return proc.pid
 
 
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs and is not a zombie waiting to be reaped."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _children[pid]
+        return False
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -79,17 +88,20 @@ def _group_alive(pgid: int) -> bool:
 
 def stop(pids: Iterable[int], grace_seconds: float = 10.0) -> None:
     """SIGTERM each process group, then SIGKILL whatever is left after the grace period."""
-    groups = list(pids)
-    for pid in groups:
+    started = list(pids)
+    for pid in started:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        for pid in groups:
+    remaining = started
+    while remaining and time.monotonic() < deadline:
+        for pid in remaining:
             alive(pid)  # reap our own children so they do not linger as zombies
-        groups = [pid for pid in groups if _group_alive(pid)]
-        if not groups:
-            return
-        time.sleep(0.05)
-    for pid in groups:
+        remaining = [pid for pid in remaining if _group_alive(pid)]
+        if remaining:
+            time.sleep(0.05)
+    for pid in remaining:
         _signal_group(pid, signal.SIGKILL)
-        alive(pid)
+    for pid in started:
+        child = _children.pop(pid, None)
+        if child is not None:
+            child.wait()
