@@ -107,3 +107,19 @@ def test_env_lines_export_kubeconfig_and_nats_url(tmp_path: Path) -> None:
         f"export KUBECONFIG={tmp_path / 'kubeconfig'}",
         f"export NATS_URL=nats://127.0.0.1:{layout.ports.nats}",
     ]
+
+
+def test_shutdown_order_stops_every_component_the_launcher_starts(tmp_path: Path) -> None:
+    layout = _layout(tmp_path)
+    bin_dir = tmp_path / "bin"
+    started = {
+        components.etcd(bin_dir, layout).name,
+        components.kube_apiserver(bin_dir, layout).name,
+        components.kube_controller_manager(bin_dir, layout).name,
+        components.kube_scheduler(bin_dir, layout).name,
+        components.kwok(bin_dir, layout).name,
+        components.nats_server(layout).name,
+        components.process_node(layout).name,
+    }
+    ordered = [name for group in launcher.SHUTDOWN_ORDER for name in group]
+    assert sorted(ordered) == sorted(started)

@@ -213,11 +213,20 @@ def _up(bin_dir: Path, layout: Layout) -> None:
     )
 
 
+# Clients before servers: the process node first so it can stop its pods, and
+# etcd last, since an API server without etcd hangs instead of shutting down.
+SHUTDOWN_ORDER = (
+    ("process-node",),
+    ("kube-controller-manager", "kube-scheduler", "kwok"),
+    ("kube-apiserver",),
+    ("etcd", "nats-server"),
+)
+
+
 def down(layout: Layout) -> None:
-    """Stop every process of the cluster, the process node first so it can stop its pods."""
-    pids = dict(layout.pids)
-    node = pids.pop("process-node", None)
-    if node is not None:
-        processes.stop([node], grace_seconds=20)
-    processes.stop(pids.values())
+    """Stop every process of the cluster in dependency order and remove its files."""
+    for group in SHUTDOWN_ORDER:
+        processes.stop(
+            [layout.pids[name] for name in group if name in layout.pids], grace_seconds=20
+        )
     shutil.rmtree(layout.root, ignore_errors=True)
