@@ -57,3 +57,22 @@ def event_log_stream(namespace: str) -> str:
 
 def event_log_subject(namespace: str, correlation_id: str) -> str:
     return f"{SUBJECT_ROOT}.{_token(namespace)}.events.{_token(correlation_id)}"
+
+
+def workflow_stream(namespace: str, workflow: str) -> str:
+    """One stream per workflow: its run events, agent replies and results."""
+    return f"TROUPE_WF_{_token(namespace)}_{_token(workflow)}"
+
+
+def workflow_subject(namespace: str, workflow: str, kind: str, run_id: str = "*") -> str:
+    """``kind`` is ``events`` (the run's log), ``replies`` (from agents) or ``results``."""
+    return f"{SUBJECT_ROOT}.{_token(namespace)}.wf.{_token(workflow)}.{kind}.{_token(run_id)}"
+
+
+def workflow_runs_bucket(namespace: str, workflow: str) -> str:
+    """The KV bucket holding each run's projection, keyed by run id."""
+    return f"troupe_{_token(namespace)}_wf_{_token(workflow)}_runs"
+
+
+def workflow_dead_letter_stream(namespace: str, workflow: str) -> str:
+    return f"TROUPE_WF_DLQ_{_token(namespace)}_{_token(workflow)}"
