@@ -41,8 +41,18 @@ format: setup ## Apply ruff's fixes and formatting.
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+CRD_DIRS := crds charts/troupe/crds
+
+.PHONY: crds
+crds: setup ## Regenerate the CRDs (crds/ and the chart's copy) from the API models.
+	$(BIN)/python -m troupe_operator.crdgen write $(CRD_DIRS)
+
+.PHONY: verify
+verify: setup ## Fail when the committed CRDs differ from what the API models generate.
+	$(BIN)/python -m troupe_operator.crdgen check $(CRD_DIRS)
+
 .PHONY: test
-test: lint ## Lint, then every test against a real control plane and NATS.
+test: lint verify ## Lint, check the CRDs, then every test against a real control plane and NATS.
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 .PHONY: cluster-up

@@ -25,6 +25,10 @@ from troupe_runtime.policies import (
 )
 
 CONFIG_FILE_NAME = "config.json"
+# The env var through which the operator hands the config to the runtime
+# inline (from the agent's ConfigMap): it works on any node, where a mounted
+# file needs a real kubelet.
+CONFIG_JSON_ENV = "TROUPE_CONFIG_JSON"
 DEFAULT_HEALTH_PORT = 8080
 
 

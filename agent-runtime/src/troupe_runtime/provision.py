@@ -15,6 +15,7 @@ from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
 from nats.js.errors import NotFoundError
 
 from troupe_runtime.resources import AgentResources
+from troupe_runtime.workflow.resources import WorkflowResources
 
 
 @dataclass
@@ -115,3 +116,18 @@ async def delete_agent_resources(js: JetStreamContext, resources: AgentResources
             continue
         deleted.append(f"stream/{stream.name}")
     return deleted
+
+
+async def ensure_workflow_resources(
+    js: JetStreamContext, resources: WorkflowResources
+) -> ProvisionReport:
+    """Create or update every resource of one workflow's engine; return what changed."""
+    report = ProvisionReport()
+    await ensure_stream(js, resources.stream, report)
+    assert resources.stream.name is not None
+    for consumer in resources.consumers:
+        await ensure_consumer(js, resources.stream.name, consumer, report)
+    await ensure_bucket(js, resources.runs, report)
+    if resources.dead_letters is not None:
+        await ensure_stream(js, resources.dead_letters, report)
+    return report

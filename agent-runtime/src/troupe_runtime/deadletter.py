@@ -1,0 +1,175 @@
+"""Dead letters: where a message that cannot be processed goes, and why.
+
+A dead letter keeps the original payload and CloudEvent headers, so it can be
+replayed as it was, plus headers naming the reason, the error, the attempts,
+the agent and where the message came from. Its ``Nats-Msg-Id`` is derived
+from the original stream sequence: a message dead-lettered twice (by a
+replica and by the MAX_DELIVERIES advisory, say) is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import Header
+from nats.js.errors import NotFoundError
+
+from troupe_runtime.config import RuntimeConfig
+
+logger = logging.getLogger(__name__)
+
+REASON_HEADER = "Troupe-Dead-Letter-Reason"
+ERROR_HEADER = "Troupe-Error"
+ATTEMPTS_HEADER = "Troupe-Attempts"
+AGENT_HEADER = "Troupe-Agent"
+SUBJECT_HEADER = "Troupe-Original-Subject"
+STREAM_HEADER = "Troupe-Original-Stream"
+SEQUENCE_HEADER = "Troupe-Original-Sequence"
+MAX_ERROR_LENGTH = 1000
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+class DeadLetterReason(StrEnum):
+    MALFORMED = "malformed"
+    INVALID_INPUT = "invalid-input"
+    INVALID_OUTPUT = "invalid-output"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+    EXHAUSTED = "exhausted"
+    MAX_DELIVERIES = "max-deliveries"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a message was stored before it was dead-lettered."""
+
+    subject: str
+    stream: str
+    sequence: int
+
+
+def header_safe(text: str) -> str:
+    """NATS header values are single lines; long errors are cut."""
+    return re.sub(r"\s+", " ", text).strip()[:MAX_ERROR_LENGTH]
+
+
+def dead_letter_headers(
+    original: dict[str, str] | None,
+    *,
+    reason: DeadLetterReason,
+    error: str,
+    attempts: int,
+    agent: str,
+    origin: Origin,
+) -> dict[str, str]:
+    kept = {
+        key: value
+        for key, value in (original or {}).items()
+        if not key.lower().startswith("nats-") and key != Header.STATUS.value
+    }
+    return {
+        **kept,
+        REASON_HEADER: reason.value,
+        ERROR_HEADER: header_safe(error) or reason.value,
+        ATTEMPTS_HEADER: str(attempts),
+        AGENT_HEADER: agent,
+        SUBJECT_HEADER: origin.subject,
+        STREAM_HEADER: origin.stream,
+        SEQUENCE_HEADER: str(origin.sequence),
+        Header.MSG_ID.value: f"dlq:{origin.stream}:{origin.sequence}",
+    }
+
+
+class DeadLetters:
+    """Publishes dead letters, and rescues messages JetStream gave up delivering."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, config: RuntimeConfig) -> None:
+        self._nc = nc
+        self._js = js
+        self._config = config
+        self._agent = f"{config.namespace}/{config.agent}"
+        self._advisories: Subscription | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._config.dead_letter.enabled
+
+    async def send(
+        self,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        *,
+        reason: DeadLetterReason,
+        error: str,
+        attempts: int,
+        origin: Origin,
+    ) -> None:
+        """Store the message in the dead-letter stream; returns once JetStream has it."""
+        await self._js.publish(
+            self._config.dead_letter_subject,
+            payload,
+            headers=dead_letter_headers(
+                headers,
+                reason=reason,
+                error=error,
+                attempts=attempts,
+                agent=self._agent,
+                origin=origin,
+            ),
+        )
+
+    async def watch_max_deliveries(self) -> None:
+        """Catch messages the server stopped redelivering, e.g. one that crashes every replica.
+
+        One replica of the queue group takes each advisory; the dead letter's
+        message id makes a second rescue of the same message harmless.
+        """
+        stream = self._config.inbox_stream
+        self._advisories = await self._nc.subscribe(
+            f"{MAX_DELIVERIES_ADVISORY}.{stream}.*",
+            queue=f"troupe_{stream}",
+            cb=self._on_advisory,
+        )
+
+    async def stop(self) -> None:
+        if self._advisories is not None:
+            await self._advisories.unsubscribe()
+            self._advisories = None
+
+    async def _on_advisory(self, advisory: Msg) -> None:
+        try:
+            body = json.loads(advisory.data)
+            await self.rescue(int(body["stream_seq"]), int(body["deliveries"]))
+        except Exception:
+            logger.exception("could not dead-letter after a MAX_DELIVERIES advisory")
+
+    async def rescue(self, sequence: int, deliveries: int) -> None:
+        stream = self._config.inbox_stream
+        try:
+            stored = await self._js.get_msg(stream, sequence)
+        except NotFoundError:
+            return
+        if self.enabled:
+            await self.send(
+                stored.data or b"",
+                stored.headers,
+                reason=DeadLetterReason.MAX_DELIVERIES,
+                error=f"delivered {deliveries} times without an acknowledgement; "
+                "the handler may crash or hang the process",
+                attempts=deliveries,
+                origin=Origin(subject=stored.subject or "", stream=stream, sequence=sequence),
+            )
+        await self._js.delete_msg(stream, sequence)
+        logger.warning(
+            "dead-lettered message %s after %s deliveries without an acknowledgement",
+            sequence,
+            deliveries,
+        )

@@ -1,0 +1,336 @@
+"""The engine's I/O loop: triggers start runs, agent replies move them on, a
+ticker enforces timeouts, retries and deadlines.
+
+Every decision comes from ``planner.plan`` over the run's projection, and every
+transition is appended to the run's log before it counts. Dispatches carry a
+deterministic ``Nats-Msg-Id`` and are published before their event is logged:
+after a crash the step is published again under the same id, and JetStream
+drops the copy, so a step reaches its agent once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import Header
+
+from troupe_runtime import envelope
+from troupe_runtime.deadletter import header_safe
+from troupe_runtime.envelope import CloudEvent, MalformedMessage
+from troupe_runtime.pull import Puller
+from troupe_runtime.worker import ERROR_TYPE
+from troupe_runtime.workflow import planner
+from troupe_runtime.workflow.config import EngineConfig
+from troupe_runtime.workflow.events import (
+    CompensationDispatched,
+    CompensationFinished,
+    Event,
+    RunFinished,
+    RunStarted,
+    StepDispatched,
+    StepFailed,
+    StepSucceeded,
+)
+from troupe_runtime.workflow.projection import RunState
+from troupe_runtime.workflow.resources import REPLIES_CONSUMER, TRIGGERS_CONSUMER
+from troupe_runtime.workflow.runlog import RunLog
+
+logger = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.05
+PULL_WAIT_SECONDS = 1.0
+REPLY_BATCH = 256
+STEP_EVENT_TYPE = "troupe.workflow.step"
+COMPENSATE = "compensate"
+# Run ids become KV keys and subject tokens.
+RUN_ID_PATTERN = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
+
+
+def dispatch_id(run_id: str, step: str, attempt: int | str) -> str:
+    return f"{run_id}/{step}/{attempt}"
+
+
+def parse_dispatch_id(value: str) -> tuple[str, str, str] | None:
+    parts = value.rsplit("/", 2)
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def reply_event(event: CloudEvent, now: datetime) -> Event | None:
+    """Turn an agent's reply into the run event it stands for (None if unrelated)."""
+    parsed = parse_dispatch_id(event.causationid or "")
+    if parsed is None:
+        return None
+    run_id, step, attempt = parsed
+    error = _error_text(event) if event.type == ERROR_TYPE else None
+    if attempt == COMPENSATE:
+        return CompensationFinished(run_id=run_id, at=now, step=step, error=error)
+    if not attempt.isdigit():
+        return None
+    if error is not None:
+        return StepFailed(run_id=run_id, at=now, step=step, attempt=int(attempt), error=error)
+    return StepSucceeded(run_id=run_id, at=now, step=step, attempt=int(attempt), output=event.data)
+
+
+def _error_text(event: CloudEvent) -> str:
+    if isinstance(event.data, dict) and "error" in event.data:
+        return str(event.data["error"])
+    return str(event.data)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Engine:
+    """Runs one workflow until ``stop()``."""
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        log: RunLog,
+        config: EngineConfig,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._log = log
+        self._config = config
+        self._clock = clock
+        self._source = f"/{config.namespace}/workflows/{config.workflow}"
+        self._runs: dict[str, RunState] = {}
+        self._wake: dict[str, datetime] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._stop = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self.ready = False
+
+    @property
+    def active_runs(self) -> int:
+        return len(self._runs)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._capacity.set()
+
+    async def run(self) -> None:
+        await self._recover()
+        triggers = Puller(self._nc, self._config.stream, TRIGGERS_CONSUMER)
+        replies = Puller(self._nc, self._config.stream, REPLIES_CONSUMER)
+        await triggers.start()
+        await replies.start()
+        self.ready = True
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._pump(triggers, self._on_trigger, self._free_slots))
+                group.create_task(self._pump(replies, self._on_reply, lambda: REPLY_BATCH))
+                group.create_task(self._tick())
+        finally:
+            self.ready = False
+            await triggers.stop()
+            await replies.stop()
+
+    async def _recover(self) -> None:
+        """Rebuild every unfinished run from its log, then carry it on."""
+        for run_id in await self._log.run_ids():
+            projected = await self._log.projected(run_id)
+            if projected is None or projected.terminal:
+                continue
+            state = await self._log.rebuild(run_id)
+            if state is not None and not state.terminal:
+                self._runs[run_id] = state
+                logger.info("resuming run %s", run_id)
+        for run_id in list(self._runs):
+            await self._advance(run_id)
+
+    def _free_slots(self) -> int:
+        return max(self._config.max_concurrent_runs - len(self._runs), 0)
+
+    async def _pump(
+        self, puller: Puller, handle: Callable[[Msg], Any], room: Callable[[], int]
+    ) -> None:
+        while not self._stop.is_set():
+            batch = room()
+            if batch == 0:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            try:
+                # What is there now, in one batch; when idle, wait for the first to come.
+                messages = await puller.pull(batch) or await puller.pull(1, PULL_WAIT_SECONDS)
+            except Exception:
+                logger.exception("pulling failed; trying again")
+                await self._stopped_within(PULL_WAIT_SECONDS)
+                continue
+            await asyncio.gather(*(self._settle(handle, msg) for msg in messages))
+
+    async def _settle(self, handle: Callable[[Msg], Any], msg: Msg) -> None:
+        try:
+            await handle(msg)
+        except Exception:
+            logger.exception("handling %s failed; it will be redelivered", msg.subject)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)
+            return
+        await msg.ack()
+
+    async def _stopped_within(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _tick(self) -> None:
+        while not self._stop.is_set():
+            await self._stopped_within(TICK_SECONDS)
+            now = self._clock()
+            due = [run_id for run_id, at in self._wake.items() if at <= now]
+            for run_id in due:
+                await self._advance(run_id)
+
+    async def _on_trigger(self, msg: Msg) -> None:
+        try:
+            event = envelope.parse(msg.headers, msg.data)
+        except MalformedMessage as error:
+            await self._dead_letter(msg.data, f"malformed trigger: {error.reason}", "invalid")
+            return
+        run_id = event.id
+        if not RUN_ID_PATTERN.match(run_id):
+            await self._dead_letter(
+                msg.data, f"event id {run_id!r} is not a valid run id", "invalid"
+            )
+            return
+        if run_id in self._runs or await self._log.projected(run_id) is not None:
+            return  # the same trigger again: its run exists already
+        async with self._lock(run_id):
+            state = await self._log.append(
+                None, RunStarted(run_id=run_id, at=self._clock(), input=event.data)
+            )
+            if state is None:
+                return
+            self._runs[run_id] = state
+        await self._advance(run_id)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        try:
+            event = envelope.parse(msg.headers, msg.data)
+        except MalformedMessage as error:
+            logger.warning("dropping a malformed reply on %s: %s", msg.subject, error.reason)
+            return
+        transition = reply_event(event, self._clock())
+        if transition is None or transition.run_id not in self._runs:
+            return
+        await self._record(transition)
+        await self._advance(transition.run_id)
+
+    def _lock(self, run_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(run_id, asyncio.Lock())
+
+    async def _record(self, event: Event) -> None:
+        async with self._lock(event.run_id):
+            state = self._runs.get(event.run_id)
+            if state is None:
+                return
+            new_state = await self._log.append(state, event)
+            if new_state is not None:
+                self._runs[event.run_id] = new_state
+
+    async def _advance(self, run_id: str) -> None:
+        """Plan and act until the run waits for something."""
+        while (state := self._runs.get(run_id)) is not None:
+            result = planner.plan(self._config, state, self._clock())
+            if result.wake_at is None:
+                self._wake.pop(run_id, None)
+            else:
+                self._wake[run_id] = result.wake_at
+            if not result.actions:
+                return
+            for action in result.actions:
+                await self._act(run_id, action)
+
+    async def _act(self, run_id: str, action: planner.Action) -> None:
+        now = self._clock()
+        match action:
+            case planner.Dispatch(step, attempt, payload):
+                target = self._config.step(step).subject
+                await self._send(target, dispatch_id(run_id, step, attempt), run_id, payload)
+                await self._record(
+                    StepDispatched(run_id=run_id, at=now, step=step, attempt=attempt, input=payload)
+                )
+            case planner.Compensate(step, payload):
+                compensation = self._config.step(step).compensation
+                assert compensation is not None
+                await self._send(
+                    compensation.subject, dispatch_id(run_id, step, COMPENSATE), run_id, payload
+                )
+                await self._record(
+                    CompensationDispatched(run_id=run_id, at=now, step=step, input=payload)
+                )
+            case planner.FailStep(step, attempt, error):
+                await self._record(
+                    StepFailed(run_id=run_id, at=now, step=step, attempt=attempt, error=error)
+                )
+            case planner.Finish(status, output, error):
+                await self._record(
+                    RunFinished(run_id=run_id, at=now, status=status, output=output, error=error)
+                )
+                await self._finish(run_id)
+
+    async def _send(self, subject: str, event_id: str, run_id: str, data: Any) -> None:
+        event = CloudEvent(
+            id=event_id,
+            source=self._source,
+            type=STEP_EVENT_TYPE,
+            time=self._clock(),
+            datacontenttype=envelope.JSON_CONTENT_TYPE,
+            correlationid=run_id,
+            causationid=run_id,
+            replyto=self._config.subject("replies", run_id),
+            data=data,
+        )
+        headers, payload = envelope.to_binary(event)
+        await self._js.publish(subject, payload, headers={**headers, Header.MSG_ID.value: event_id})
+
+    async def _finish(self, run_id: str) -> None:
+        state = self._runs.pop(run_id, None)
+        self._wake.pop(run_id, None)
+        self._locks.pop(run_id, None)
+        self._capacity.set()
+        if state is None:
+            return
+        result = CloudEvent(
+            id=f"{run_id}/result",
+            source=self._source,
+            type=f"troupe.workflow.{state.status.lower()}",
+            time=self._clock(),
+            datacontenttype=envelope.JSON_CONTENT_TYPE,
+            correlationid=run_id,
+            data={"status": state.status, "output": state.output, "error": state.error},
+        )
+        headers, payload = envelope.to_binary(result)
+        await self._js.publish(
+            self._config.subject("results", run_id),
+            payload,
+            headers={**headers, Header.MSG_ID.value: result.id},
+        )
+        if state.status == "Failed" and self._config.dead_letter.enabled:
+            await self._dead_letter(payload, state.error or "run failed", run_id, headers)
+
+    async def _dead_letter(
+        self, payload: bytes, reason: str, run_id: str, headers: dict[str, str] | None = None
+    ) -> None:
+        if not self._config.dead_letter.enabled:
+            logger.warning("dropping (dead letters disabled): %s", reason)
+            return
+        await self._js.publish(
+            self._config.subject("failed", run_id),
+            payload,
+            headers={**(headers or {}), "Troupe-Error": header_safe(reason)},
+        )

@@ -1,0 +1,96 @@
+"""A run's event log (the truth) and its projection in KV (for fast reads).
+
+Events are appended with their deterministic key as ``Nats-Msg-Id``: an engine
+that repeats a transition after a crash is de-duplicated by JetStream. The
+projection is written with revision checks; on a conflict it is rebuilt from
+the log, which always wins.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import Header
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from troupe_runtime.workflow.config import EngineConfig
+from troupe_runtime.workflow.events import Event, decode_event, encode_event
+from troupe_runtime.workflow.projection import RunState, apply, replay
+
+REPLAY_TIMEOUT_SECONDS = 5.0
+
+
+class RunLog:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, config: EngineConfig) -> None:
+        self._js = js
+        self._kv = kv
+        self._config = config
+        self._revisions: dict[str, int] = {}
+
+    async def append(self, state: RunState | None, event: Event) -> RunState | None:
+        """Append ``event``; return the new state, or None if the log already had it."""
+        ack = await self._js.publish(
+            self._config.subject("events", event.run_id),
+            encode_event(event),
+            headers={Header.MSG_ID.value: event.key},
+        )
+        if ack.duplicate:
+            return None
+        new_state = apply(state, event)
+        await self._save(new_state)
+        return new_state
+
+    async def events(self, run_id: str) -> list[Event]:
+        """Every event of one run, in order, read back from the stream."""
+        subject = self._config.subject("events", run_id)
+        info = await self._js.stream_info(self._config.stream, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        if count == 0:
+            return []
+        subscription = await self._js.subscribe(subject, ordered_consumer=True)
+        try:
+            return [
+                decode_event((await subscription.next_msg(REPLAY_TIMEOUT_SECONDS)).data)
+                for _ in range(count)
+            ]
+        finally:
+            await subscription.unsubscribe()
+
+    async def rebuild(self, run_id: str) -> RunState | None:
+        state = replay(await self.events(run_id))
+        if state is not None:
+            await self._save(state)
+        return state
+
+    async def projected(self, run_id: str) -> RunState | None:
+        try:
+            entry = await self._kv.get(run_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return RunState.model_validate_json(entry.value)
+
+    async def run_ids(self) -> list[str]:
+        try:
+            return list(await self._kv.keys())
+        except NoKeysError:
+            return []
+
+    async def _save(self, state: RunState) -> None:
+        payload = state.model_dump_json(by_alias=True).encode()
+        revision = self._revisions.get(state.run_id)
+        try:
+            if revision is None:
+                self._revisions[state.run_id] = await self._kv.create(state.run_id, payload)
+            else:
+                self._revisions[state.run_id] = await self._kv.update(
+                    state.run_id, payload, last=revision
+                )
+        except KeyWrongLastSequenceError:
+            # Someone else wrote this run (an engine that restarted, say): take
+            # their revision and write again; the state written came from the log.
+            entry = await self._kv.get(state.run_id)
+            self._revisions[state.run_id] = await self._kv.update(
+                state.run_id, payload, last=entry.revision
+            )

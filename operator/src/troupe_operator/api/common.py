@@ -1,0 +1,37 @@
+"""What the Agent and Workflow APIs share: the group, CEL rules and the base model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from troupe_runtime.policies import WireModel
+
+GROUP = "troupe.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CEL_KEY = "x-kubernetes-validations"
+
+
+def cel(*rules: dict[str, str]) -> dict[str, Any]:
+    """``json_schema_extra`` carrying CEL rules; ``crdgen`` keeps them next to the field."""
+    return {CEL_KEY: list(rules)}
+
+
+def rule(expression: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry; ``field_path`` points the error at a field."""
+    entry = {"rule": expression, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+RETRY_BACKOFF_RULE = rule(
+    "!has(self.backoff) || size(self.backoff) <= self.maxAttempts",
+    "backoff must not list more delays than maxAttempts",
+    ".backoff",
+)
+"""Attached wherever a RetryPolicy is embedded: the contract model itself stays CEL-free."""
+
+
+class ApiModel(WireModel):
+    """Base of the operator's own API models: the runtime contract's wire conventions."""

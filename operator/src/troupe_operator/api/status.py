@@ -1,0 +1,63 @@
+"""Status of Agents and Workflows, following the kstatus conventions.
+
+``observedGeneration`` plus a list of conditions, each with a reason and a
+message for people, whose ``lastTransitionTime`` changes only when its status
+does, so ``kubectl wait --for=condition=Ready``, Argo CD and Flux all work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from troupe_operator.api.common import ApiModel
+
+
+class Condition(ApiModel):
+    """One observation about the object, as in ``metav1.Condition``."""
+
+    type: str = Field(min_length=1)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(min_length=1, description="CamelCase, for machines.")
+    message: str = Field(default="", description="For people: what is wrong and what to do.")
+    last_transition_time: str = Field(description="RFC 3339; changes only with status.")
+    observed_generation: int = 0
+
+
+class ConsumerCounts(ApiModel):
+    """Messages of one agent as its durable consumers see them, summed over priorities."""
+
+    pending: int = Field(default=0, description="Not yet delivered.")
+    ack_pending: int = Field(default=0, description="Delivered, not yet acknowledged.")
+    redelivered: int = Field(default=0, description="Delivered more than once, unacknowledged.")
+
+
+class AgentStatus(ApiModel):
+    """What the operator last observed of an agent."""
+
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: int = 0
+    ready_replicas: int = 0
+    config_hash: str = ""
+    consumers: ConsumerCounts = Field(default_factory=ConsumerCounts)
+    lag: int = Field(default=0, description="pending + ackPending: the Lag printer column.")
+    dead_letters: int = Field(default=0, description="Messages in the dead-letter stream.")
+
+
+class RunCounts(ApiModel):
+    """Workflow runs; filled in by the workflow engine (a later issue)."""
+
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+class WorkflowStatus(ApiModel):
+    """What the operator last observed of a workflow."""
+
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    steps: int = 0
+    runs: RunCounts = Field(default_factory=RunCounts)

@@ -1,0 +1,143 @@
+"""The only module that talks to the Kubernetes API (besides kopf itself).
+
+The kubernetes client is synchronous, so every call runs in a worker thread;
+responses are read as plain JSON dicts (``_preload_content=False``), which is
+what the pure builders produce and what is cheap to parse at scale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from troupe_operator.api import GROUP, VERSION
+from troupe_operator.builders.workload import FIELD_MANAGER
+
+APPLY_PATCH = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
+CONNECTION_POOL_SIZE = 32
+
+
+class Conflict(Exception):
+    """The object changed since it was read: read it again and recompute."""
+
+
+def new_api_client() -> client.ApiClient:
+    """In a pod, the pod's ServiceAccount; elsewhere, ``$KUBECONFIG`` or ``~/.kube/config``."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
+    api_client = client.ApiClient(configuration)
+    api_client.user_agent = FIELD_MANAGER
+    return api_client
+
+
+def _json(response: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(response.data)
+    return body
+
+
+class Kube:
+    """Typed-enough async access to the objects the operator reads and writes."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._core: Any = client.CoreV1Api(api_client)
+        self._apps: Any = client.AppsV1Api(api_client)
+        self._custom: Any = client.CustomObjectsApi(api_client)
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        response = await asyncio.to_thread(method, *args, _preload_content=False, **kwargs)
+        return _json(response)
+
+    async def _read_or_none(
+        self, method: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        try:
+            return await self._call(method, *args, **kwargs)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply ``manifest`` as the operator's field manager; return the object."""
+        patchers = {
+            "ConfigMap": self._core.patch_namespaced_config_map,
+            "ServiceAccount": self._core.patch_namespaced_service_account,
+            "Deployment": self._apps.patch_namespaced_deployment,
+        }
+        metadata = manifest["metadata"]
+        return await self._call(
+            patchers[manifest["kind"]],
+            metadata["name"],
+            metadata["namespace"],
+            manifest,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY_PATCH,
+        )
+
+    async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read_or_none(self._apps.read_namespaced_deployment, name, namespace)
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """The Secret's decoded data, or None when it does not exist."""
+        secret = await self._read_or_none(self._core.read_namespaced_secret, name, namespace)
+        if secret is None:
+            return None
+        return {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
+
+    async def read_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._read_or_none(
+            self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name
+        )
+
+    async def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        listing = await self._call(
+            self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural
+        )
+        items: list[dict[str, Any]] = listing["items"]
+        return items
+
+    async def list_watched(self, plural: str, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The objects of ``plural`` in ``namespaces``, or in every namespace when empty."""
+        if namespaces:
+            return [item for ns in namespaces for item in await self.list_custom(plural, ns)]
+        listing = await self._call(self._custom.list_cluster_custom_object, GROUP, VERSION, plural)
+        items: list[dict[str, Any]] = listing["items"]
+        return items
+
+    async def patch_status(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str,
+    ) -> None:
+        """Replace ``status`` if the object is still at ``resource_version``, else ``Conflict``."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        try:
+            await self._call(
+                self._custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                body,
+                _content_type=MERGE_PATCH,
+            )
+        except ApiException as error:
+            if error.status == 409:
+                raise Conflict(f"{plural}/{namespace}/{name}") from error
+            raise

@@ -1,0 +1,318 @@
+"""Level-based reconcilers: read the world, build the desired state, converge, report.
+
+Each pass is idempotent: it server-side applies the built manifests, provisions
+JetStream through ``troupe_runtime.provision`` (which corrects drift), then
+writes status with optimistic concurrency so concurrent writers never lose an
+observation. ``resync_forever`` repeats every pass periodically: kopf timers
+would put a finalizer on every object, and finalizers are for NATS cleanup only.
+``handlers`` calls these from kopf; they know nothing of kopf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from troupe_operator import metrics
+from troupe_operator.api import AgentSpec, AgentStatus, WorkflowSpec, WorkflowStatus
+from troupe_operator.builders import dag, status, workload
+from troupe_operator.builders.jetstream import orphaned_streams
+from troupe_operator.builders.workload import Owner
+from troupe_operator.kube import Conflict, Kube
+from troupe_operator.nats_client import (
+    MessagingUnavailable,
+    NatsPool,
+    NatsTarget,
+    TlsMaterial,
+)
+from troupe_operator.settings import OperatorSettings
+from troupe_runtime.resources import build_agent_resources
+
+AGENTS = "agents"
+WORKFLOWS = "workflows"
+STATUS_WRITE_ATTEMPTS = 5
+RESYNC_CONCURRENCY = 16
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Operator:
+    """The clients and settings every pass shares."""
+
+    kube: Kube
+    nats: NatsPool
+    settings: OperatorSettings
+    locks: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
+
+    def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
+        """Serialises passes over one object (a change handler and the resync).
+
+        Weakly held: a lock lives while a pass holds or awaits it, so deleted objects
+        leave nothing behind.
+        """
+        return self.locks.setdefault((kind, namespace, name), asyncio.Lock())
+
+
+async def _write_status(
+    kube: Kube,
+    plural: str,
+    namespace: str,
+    name: str,
+    compute: Callable[[dict[str, Any]], Awaitable[BaseModel | None]],
+) -> None:
+    """Read, compute, compare and patch; recompute from a fresh read on a conflict.
+
+    ``compute`` returns None when there is nothing to write.
+    """
+    for _ in range(STATUS_WRITE_ATTEMPTS):
+        body = await kube.read_custom(plural, namespace, name)
+        if body is None:
+            return
+        new = await compute(body)
+        if new is None or new.model_dump(by_alias=True) == body.get("status"):
+            return
+        try:
+            await kube.patch_status(
+                plural,
+                namespace,
+                name,
+                new.model_dump(by_alias=True),
+                body["metadata"]["resourceVersion"],
+            )
+        except Conflict:
+            continue
+        return
+    raise Conflict(f"{plural}/{namespace}/{name}: status kept changing under the operator")
+
+
+async def _missing_secrets(
+    kube: Kube, namespace: str, spec: AgentSpec
+) -> tuple[list[str], dict[str, dict[str, bytes]]]:
+    """Sentences about each absent Secret or key, and the data of the Secrets found."""
+    missing: list[str] = []
+    found: dict[str, dict[str, bytes]] = {}
+    for reference in workload.referenced_secrets(spec):
+        data = await kube.read_secret(namespace, reference.name)
+        if data is None:
+            missing.append(
+                f"Secret {reference.name} (named by {reference.field}) does not exist in"
+                f" namespace {namespace}: create it or fix the reference"
+            )
+        elif reference.key is not None and reference.key not in data:
+            missing.append(
+                f"Secret {reference.name} (named by {reference.field}) has no key {reference.key}"
+            )
+        else:
+            found[reference.name] = data
+    return missing, found
+
+
+def _nats_target(
+    spec: AgentSpec, url: str, secrets: dict[str, dict[str, bytes]]
+) -> NatsTarget | None:
+    """How the operator reaches the agent's NATS, or None while a Secret it needs is missing."""
+    credentials = None
+    if spec.nats.credentials_secret:
+        data = secrets.get(spec.nats.credentials_secret.name)
+        if data is None:
+            return None
+        credentials = data[spec.nats.credentials_secret.key].decode()
+    tls = None
+    if spec.nats.tls:
+        data = secrets.get(spec.nats.tls.secret_name)
+        if data is None or "ca.crt" not in data:
+            return None
+        tls = TlsMaterial(data["ca.crt"], data.get("tls.crt"), data.get("tls.key"))
+    return NatsTarget(url, credentials, tls)
+
+
+async def reconcile_agent(
+    operator: Operator,
+    namespace: str,
+    name: str,
+    uid: str,
+    spec_body: dict[str, Any],
+    generation: int,
+) -> str | None:
+    """One full pass over an Agent: objects, JetStream, status.
+
+    Returns what blocks the agent (a missing Secret, NATS), for the caller to retry with
+    backoff, or None.
+    """
+    spec = AgentSpec.model_validate(spec_body)
+    owner = Owner(namespace, name, uid)
+    config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
+    missing, secrets = await _missing_secrets(operator.kube, namespace, spec)
+
+    manifests = [
+        workload.build_config_map(owner, config),
+        workload.build_service_account(owner, spec),
+        workload.build_deployment(owner, spec, config),
+    ]
+    for manifest in manifests:
+        if manifest is not None:
+            await operator.kube.apply(manifest)
+
+    messaging: status.MessagingObservation | None = None
+    target = _nats_target(spec, config.nats.url, secrets)
+    if target is not None:
+        resources = build_agent_resources(config, spec.runtime.replicas)
+        try:
+            await operator.nats.provision(target, resources)
+            counts = await operator.nats.counts(target, resources)
+        except MessagingUnavailable as error:
+            messaging = status.MessagingObservation(target.url, error=str(error))
+        else:
+            messaging = status.MessagingObservation(
+                target.url, counts=counts.consumers, dead_letters=counts.dead_letters
+            )
+
+    async def compute(body: dict[str, Any]) -> AgentStatus:
+        deployment = await operator.kube.read_deployment(namespace, name)
+        return status.agent_status(
+            AgentStatus.model_validate(body.get("status") or {}),
+            generation,
+            datetime.now(UTC),
+            status.observe_deployment(deployment),
+            messaging=messaging,
+            missing_secrets=missing,
+            config_hash=workload.config_hash(config),
+        )
+
+    await _write_status(operator.kube, AGENTS, namespace, name, compute)
+    if missing:
+        return "; ".join(missing)
+    if messaging is not None and messaging.error is not None:
+        return f"NATS unavailable: {messaging.error}"
+    return None
+
+
+async def refresh_agent_workload(operator: Operator, namespace: str, name: str) -> None:
+    """Update only what the Deployment reports (readiness), keeping the other observations.
+
+    Until a full pass has written status, there is nothing to refresh: Ready must not
+    turn True on replicas alone, before JetStream is in place.
+    """
+
+    async def compute(body: dict[str, Any]) -> AgentStatus | None:
+        previous = AgentStatus.model_validate(body.get("status") or {})
+        if previous.observed_generation == 0:
+            return None
+        deployment = await operator.kube.read_deployment(namespace, name)
+        return status.agent_status(
+            previous,
+            previous.observed_generation,
+            datetime.now(UTC),
+            status.observe_deployment(deployment),
+        )
+
+    await _write_status(operator.kube, AGENTS, namespace, name, compute)
+
+
+async def delete_agent_resources(
+    operator: Operator, namespace: str, name: str, spec_body: dict[str, Any]
+) -> list[str]:
+    """Remove the agent's streams, and the shared ones no remaining Agent uses."""
+    spec = AgentSpec.model_validate(spec_body)
+    owner = Owner(namespace, name, uid="")
+    config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
+    _, secrets = await _missing_secrets(operator.kube, namespace, spec)
+    target = _nats_target(spec, config.nats.url, secrets)
+    if target is None:
+        raise MessagingUnavailable("a Secret needed to reach NATS is missing")
+    staying = [
+        AgentSpec.model_validate(agent["spec"])
+        for agent in await operator.kube.list_custom(AGENTS, namespace)
+        if agent["metadata"]["name"] != name
+        and (
+            "deletionTimestamp" not in agent["metadata"]
+            or agent["spec"].get("deletionPolicy") == "Retain"
+        )
+    ]
+    resources = build_agent_resources(config, spec.runtime.replicas)
+    shared = orphaned_streams(namespace, spec, staying)
+    return await operator.nats.delete(target, resources, shared)
+
+
+async def reconcile_workflow(
+    operator: Operator, namespace: str, name: str, spec_body: dict[str, Any], generation: int
+) -> None:
+    """Check the DAG and its agent references; report both in status."""
+    spec = WorkflowSpec.model_validate(spec_body)
+    agents = {
+        agent["metadata"]["name"] for agent in await operator.kube.list_custom(AGENTS, namespace)
+    }
+
+    async def compute(body: dict[str, Any]) -> WorkflowStatus:
+        return status.workflow_status(
+            WorkflowStatus.model_validate(body.get("status") or {}),
+            generation,
+            datetime.now(UTC),
+            steps=len(spec.steps),
+            cycles=dag.workflow_cycles(spec),
+            unknown_agents=dag.unknown_agents(spec, agents),
+        )
+
+    await _write_status(operator.kube, WORKFLOWS, namespace, name, compute)
+
+
+async def agent_pass(operator: Operator, body: dict[str, Any]) -> str | None:
+    """``reconcile_agent`` for one Agent object, serialised per object, counted and timed."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    async with operator.lock("Agent", namespace, name):
+        with metrics.reconcile_timer("Agent"):
+            return await reconcile_agent(
+                operator, namespace, name, meta["uid"], dict(body["spec"]), meta["generation"]
+            )
+
+
+async def workflow_pass(operator: Operator, body: dict[str, Any]) -> None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    async with operator.lock("Workflow", namespace, name):
+        with metrics.reconcile_timer("Workflow"):
+            await reconcile_workflow(
+                operator, namespace, name, dict(body["spec"]), meta["generation"]
+            )
+
+
+async def resync_once(operator: Operator) -> None:
+    """One pass over every watched Agent and Workflow that is not being deleted."""
+    semaphore = asyncio.Semaphore(RESYNC_CONCURRENCY)
+    namespaces = operator.settings.namespaces
+
+    async def guarded(run: Awaitable[object], what: str) -> None:
+        async with semaphore:
+            try:
+                await run
+            except Exception:
+                logger.exception("resync of %s failed; the next resync retries", what)
+
+    passes = []
+    for plural, run_pass in ((AGENTS, agent_pass), (WORKFLOWS, workflow_pass)):
+        for body in await operator.kube.list_watched(plural, namespaces):
+            if "deletionTimestamp" in body["metadata"]:
+                continue
+            what = f"{plural}/{body['metadata']['namespace']}/{body['metadata']['name']}"
+            passes.append(guarded(run_pass(operator, body), what))
+    await asyncio.gather(*passes)
+
+
+async def resync_forever(operator: Operator) -> None:
+    """Every ``resync_seconds``: counts into status, drift in JetStream and objects corrected."""
+    while True:
+        await asyncio.sleep(operator.settings.resync_seconds)
+        try:
+            await resync_once(operator)
+        except Exception:
+            logger.exception("resync failed; retrying in %ss", operator.settings.resync_seconds)

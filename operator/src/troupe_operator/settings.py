@@ -1,0 +1,73 @@
+"""Operator settings from environment variables, overridable by command-line flags.
+
+=========================  ===========================================  =======================
+Variable                   Meaning                                      Default
+=========================  ===========================================  =======================
+TROUPE_NATS_URL            NATS for agents that name none               nats://nats:4222
+TROUPE_NATS_CREDENTIALS    the operator's own NATS credentials file     (none)
+TROUPE_WATCH_NAMESPACES    comma-separated namespaces; empty = all      (all)
+TROUPE_LOG_FORMAT          ``plain`` or ``json``                        plain
+TROUPE_RESYNC_SECONDS      how often status and drift are re-checked    30
+TROUPE_METRICS_PORT        Prometheus metrics port; 0 turns them off    9090
+TROUPE_HEALTH_PORT         the liveness endpoint's port (/healthz)      8081
+=========================  ===========================================  =======================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+LogFormat = Literal["plain", "json"]
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Everything the operator is configured with."""
+
+    nats_url: str = "nats://nats:4222"
+    nats_credentials: Path | None = None
+    namespaces: tuple[str, ...] = ()
+    log_format: LogFormat = "plain"
+    resync_seconds: float = 30.0
+    metrics_port: int = 9090
+    health_port: int = 8081
+
+    @property
+    def all_namespaces(self) -> bool:
+        return not self.namespaces
+
+    def with_namespaces(
+        self, namespaces: list[str] | None, all_namespaces: bool
+    ) -> OperatorSettings:
+        """Flags win over the environment: ``--all-namespaces`` or ``--namespace`` (repeated)."""
+        if all_namespaces:
+            return replace(self, namespaces=())
+        if namespaces:
+            return replace(self, namespaces=tuple(namespaces))
+        return self
+
+
+def _log_format(value: str) -> LogFormat:
+    if value not in ("plain", "json"):
+        raise ValueError(f"TROUPE_LOG_FORMAT must be plain or json, not {value!r}")
+    return "json" if value == "json" else "plain"
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSettings:
+    """Read the ``TROUPE_*`` variables; unset ones keep their defaults."""
+    defaults = OperatorSettings()
+    credentials = environ.get("TROUPE_NATS_CREDENTIALS")
+    namespaces = environ.get("TROUPE_WATCH_NAMESPACES", "")
+    return OperatorSettings(
+        nats_url=environ.get("TROUPE_NATS_URL", defaults.nats_url),
+        nats_credentials=Path(credentials) if credentials else None,
+        namespaces=tuple(n.strip() for n in namespaces.split(",") if n.strip()),
+        log_format=_log_format(environ.get("TROUPE_LOG_FORMAT", defaults.log_format)),
+        resync_seconds=float(environ.get("TROUPE_RESYNC_SECONDS", defaults.resync_seconds)),
+        metrics_port=int(environ.get("TROUPE_METRICS_PORT", defaults.metrics_port)),
+        health_port=int(environ.get("TROUPE_HEALTH_PORT", defaults.health_port)),
+    )

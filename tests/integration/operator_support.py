@@ -1,0 +1,229 @@
+"""What the operator's integration tests share: the shipped CRDs, the operator as a real
+subprocess (so it can be SIGKILLed), Agent manifests placed on kwok nodes, and JetStream
+look-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from tests.integration.manifests import KWOK_TOLERATION
+from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CRDS = REPO / "crds"
+API_VERSION = "troupe.dev/v1alpha1"
+START_DEADLINE = 30.0
+STOP_DEADLINE = 10.0
+RESYNC_SECONDS = 3
+T = TypeVar("T")
+
+
+def install_crds(cluster: ClusterEndpoints) -> None:
+    """Apply the very CRDs that ship and wait until the API server serves them."""
+    cluster.kubectl("apply", "-f", str(CRDS))
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd/agents.troupe.dev",
+        "crd/workflows.troupe.dev",
+        "--timeout=30s",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class OperatorProcess:
+    """``python -m troupe_operator --standalone --all-namespaces`` against the test cluster."""
+
+    def __init__(self, cluster: ClusterEndpoints, log: Path) -> None:
+        self._cluster = cluster
+        self._log = log
+        self._process: subprocess.Popen[bytes] | None = None
+        self.health_port = free_port()
+        self.metrics_port = free_port()
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self._cluster.kubeconfig),
+            "TROUPE_NATS_URL": self._cluster.nats_url,
+            "TROUPE_RESYNC_SECONDS": str(RESYNC_SECONDS),
+            "TROUPE_HEALTH_PORT": str(self.health_port),
+            "TROUPE_METRICS_PORT": str(self.metrics_port),
+        }
+        with self._log.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "troupe_operator", "--standalone", "--all-namespaces"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(
+            lambda: self._alive_or_fail() and _healthy(self.health_url),
+            START_DEADLINE,
+            "the operator's liveness endpoint",
+        )
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}/healthz"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def _alive_or_fail(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise AssertionError(f"the operator exited:\n{self.log_tail()}")
+        return True
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers, no goodbye, as a crashed or evicted pod."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGKILL)
+        self._process.wait(STOP_DEADLINE)
+
+    def stop(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(STOP_DEADLINE)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(STOP_DEADLINE)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def agent(name: str, **spec: Any) -> dict[str, Any]:
+    """An Agent whose pods land on kwok nodes (Ready at once, nothing runs)."""
+    base = {
+        "role": f"test agent {name}",
+        "runtime": {"nodeSelector": {"type": "kwok"}, "tolerations": [KWOK_TOLERATION]},
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": _merge(base, spec),
+    }
+
+
+def workflow(name: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Workflow",
+        "metadata": {"name": name},
+        "spec": {"trigger": {"subject": f"troupe.test.{name}"}, "steps": steps},
+    }
+
+
+def apply(cluster: ClusterEndpoints, namespace: str, manifest: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
+
+
+def get(cluster: ClusterEndpoints, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(
+        cluster.kubectl("get", "-n", namespace, kind, name, "-o", "json")
+    )
+    return body
+
+
+def condition(body: dict[str, Any], kind: str = "Ready") -> dict[str, Any] | None:
+    for found in (body.get("status") or {}).get("conditions", []):
+        if found["type"] == kind:
+            return dict(found)
+    return None
+
+
+def wait_ready(cluster: ClusterEndpoints, namespace: str, kind: str, name: str) -> None:
+    cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Ready", f"{kind}/{name}", "--timeout=45s"
+    )
+
+
+def jetstream(nats_url: str, action: Callable[[JetStreamContext], Awaitable[T]]) -> T:
+    """Run one JetStream look-up or change on a connection of its own."""
+
+    async def run() -> T:
+        connection = await nats.connect(nats_url)
+        try:
+            return await action(connection.jetstream())
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())
+
+
+def stream_names(nats_url: str) -> set[str]:
+    async def names(js: JetStreamContext) -> set[str]:
+        return {info.config.name for info in await js.streams_info() if info.config.name}
+
+    return jetstream(nats_url, names)
+
+
+def consumer_config(nats_url: str, stream: str, consumer: str) -> Any:
+    """The consumer's config as the server holds it, or None when it does not exist."""
+
+    async def read(js: JetStreamContext) -> Any:
+        try:
+            return (await js.consumer_info(stream, consumer)).config
+        except NotFoundError:
+            return None
+
+    return jetstream(nats_url, read)
+
+
+def stream_config(nats_url: str, stream: str) -> Any:
+    async def read(js: JetStreamContext) -> Any:
+        try:
+            return (await js.stream_info(stream)).config
+        except NotFoundError:
+            return None
+
+    return jetstream(nats_url, read)

@@ -1,0 +1,200 @@
+"""The pure builders: an Agent spec → runtime config, ConfigMap, ServiceAccount, Deployment.
+
+The manifests are compared with golden files; regenerate them after an intended
+change with ``TROUPE_UPDATE_GOLDEN=1 pytest tests/unit/test_operator_builders.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from troupe_operator.api import AgentSpec
+from troupe_operator.builders import workload
+from troupe_operator.builders.workload import Owner
+from troupe_runtime.config import RuntimeConfig
+
+GOLDEN = Path(__file__).parent / "golden"
+OWNER = Owner(namespace="research", name="summariser", uid="0b1c2d3e-0000-4000-8000-000000000001")
+NATS_URL = "nats://nats.troupe-system:4222"
+
+FULL_SPEC: dict[str, Any] = {
+    "role": "Summarise documents",
+    "description": "Reads a document, writes a summary.",
+    "contract": {
+        "inputSchema": {"type": "object", "required": ["text"]},
+        "outputSubjects": ["troupe.research.summaries"],
+        "errorStates": [{"name": "TooLong", "retryable": False}],
+    },
+    "runtime": {
+        "image": "registry.example/troupe-runtime:1.2.3",
+        "handler": {"type": "python", "entrypoint": "summariser.handlers:summarise"},
+        "replicas": 2,
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "env": [{"name": "LOG_LEVEL", "value": "debug"}],
+        "envFrom": [{"secretRef": {"name": "summariser-env"}}],
+        "createServiceAccount": True,
+        "nodeSelector": {"type": "kwok"},
+        "tolerations": [
+            {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+        ],
+    },
+    "messaging": {"maxInFlight": 4, "ackWait": "45s", "priorityLevels": 2},
+    "rateLimit": {"rate": 2.5, "burst": 5, "scope": "global"},
+    "timeout": "2m",
+    "retry": {"maxAttempts": 4, "backoff": ["1s", "10s"]},
+    "deadLetter": {"retention": "72h"},
+    "state": [{"name": "notes", "history": 3}],
+    "nats": {"credentialsSecret": {"name": "nats-user"}, "tls": {"secretName": "nats-tls"}},
+}
+
+
+def _golden(name: str, manifest: dict[str, Any] | None) -> None:
+    path = GOLDEN / f"{name}.yaml"
+    text = yaml.safe_dump(manifest, sort_keys=True)
+    if os.environ.get("TROUPE_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} changed; see the module docstring"
+
+
+@pytest.fixture
+def spec() -> AgentSpec:
+    return AgentSpec.model_validate(FULL_SPEC)
+
+
+@pytest.fixture
+def config(spec: AgentSpec) -> RuntimeConfig:
+    return workload.build_runtime_config(OWNER, spec, NATS_URL)
+
+
+def test_config_map_matches_golden(config: RuntimeConfig) -> None:
+    _golden("agent_configmap", workload.build_config_map(OWNER, config))
+
+
+def test_deployment_matches_golden(spec: AgentSpec, config: RuntimeConfig) -> None:
+    _golden("agent_deployment", workload.build_deployment(OWNER, spec, config))
+
+
+def test_service_account_matches_golden(spec: AgentSpec) -> None:
+    _golden("agent_serviceaccount", workload.build_service_account(OWNER, spec))
+
+
+def test_config_map_holds_what_the_runtime_reads_back(config: RuntimeConfig) -> None:
+    data = workload.build_config_map(OWNER, config)["data"]["config.json"]
+
+    read = RuntimeConfig.model_validate_json(data)
+
+    assert read == config
+    assert read.retry.max_attempts == 4
+    assert str(read.nats.credentials_file) == "/var/run/troupe/nats/credentials/nats.creds"
+
+
+def test_runtime_config_embeds_the_spec_policies_unchanged(
+    spec: AgentSpec, config: RuntimeConfig
+) -> None:
+    assert (config.handler, config.contract, config.messaging) == (
+        spec.runtime.handler,
+        spec.contract,
+        spec.messaging,
+    )
+    assert (config.rate_limit, config.retry, config.dead_letter, config.state) == (
+        spec.rate_limit,
+        spec.retry,
+        spec.dead_letter,
+        spec.state,
+    )
+
+
+def test_agent_without_nats_url_uses_the_operators() -> None:
+    spec = AgentSpec.model_validate({"role": "echo"})
+
+    config = workload.build_runtime_config(OWNER, spec, NATS_URL)
+
+    assert config.nats.url == NATS_URL
+    assert config.nats.credentials_file is None
+
+
+def test_deployment_complies_with_the_restricted_pod_security_profile(
+    spec: AgentSpec, config: RuntimeConfig
+) -> None:
+    pod = workload.build_deployment(OWNER, spec, config)["spec"]["template"]["spec"]
+    (runtime, *_) = pod["containers"]
+
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert runtime["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert all(volume.keys() & {"emptyDir", "secret"} for volume in pod["volumes"])
+
+
+def test_deployment_reads_config_from_env_and_probes_the_health_port(
+    spec: AgentSpec, config: RuntimeConfig
+) -> None:
+    (runtime, *_) = workload.build_deployment(OWNER, spec, config)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in runtime["env"]}
+
+    assert env["TROUPE_CONFIG_JSON"]["valueFrom"]["configMapKeyRef"] == {
+        "name": "summariser-runtime",
+        "key": "config.json",
+    }
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert runtime["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert runtime["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert runtime["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+
+
+def test_a_spec_change_changes_the_pod_template_config_hash(spec: AgentSpec) -> None:
+    changed = spec.model_copy(update={"timeout": spec.timeout * 2})
+
+    def template_hash(agent: AgentSpec) -> str:
+        config = workload.build_runtime_config(OWNER, agent, NATS_URL)
+        template = workload.build_deployment(OWNER, agent, config)["spec"]["template"]
+        annotation: str = template["metadata"]["annotations"]["troupe.dev/config-hash"]
+        return annotation
+
+    assert template_hash(spec) == template_hash(spec)
+    assert template_hash(changed) != template_hash(spec)
+
+
+def test_every_object_is_owned_by_its_agent(spec: AgentSpec, config: RuntimeConfig) -> None:
+    manifests = [
+        workload.build_config_map(OWNER, config),
+        workload.build_deployment(OWNER, spec, config),
+        workload.build_service_account(OWNER, spec),
+    ]
+
+    for manifest in manifests:
+        assert manifest is not None
+        (owner,) = manifest["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("Agent", OWNER.name, OWNER.uid)
+        assert owner["controller"] is True
+
+
+def test_no_service_account_is_built_unless_asked_for() -> None:
+    spec = AgentSpec.model_validate({"role": "echo", "runtime": {"serviceAccountName": "shared"}})
+    config = workload.build_runtime_config(OWNER, spec, NATS_URL)
+
+    assert workload.build_service_account(OWNER, spec) is None
+    pod = workload.build_deployment(OWNER, spec, config)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "shared"
+
+
+def test_referenced_secrets_name_the_fields_that_reference_them(spec: AgentSpec) -> None:
+    assert [(s.field, s.name, s.key) for s in workload.referenced_secrets(spec)] == [
+        ("spec.nats.credentialsSecret", "nats-user", "nats.creds"),
+        ("spec.nats.tls.secretName", "nats-tls", None),
+    ]
