@@ -64,7 +64,7 @@ async def test_a_linear_workflow_passes_each_output_to_the_next_step(nats_url: s
 
 async def test_a_diamond_fans_out_and_joins_both_branches(nats_url: str) -> None:
     ns = new_namespace()
-    steps = [
+    steps: list[dict[str, Any]] = [
         {"name": "a"},
         {"name": "b", "dependsOn": ["a"]},
         {"name": "c", "dependsOn": ["a"]},
@@ -160,7 +160,7 @@ async def test_an_expired_deadline_fails_the_run_and_dead_letters_it(nats_url: s
 
 async def test_compensation_undoes_completed_steps_in_reverse_order(nats_url: str) -> None:
     ns = new_namespace()
-    steps = [
+    steps: list[dict[str, Any]] = [
         {"name": "book-flight", "compensation": {"agent": "cancel-flight"}},
         {
             "name": "book-hotel",
