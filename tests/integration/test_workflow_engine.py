@@ -20,7 +20,9 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
+from troupe_runtime import envelope
 from troupe_runtime.context import Context, HandlerFn
+from troupe_runtime.envelope import CloudEvent
 
 
 def appender(name: str) -> HandlerFn:
@@ -260,3 +262,18 @@ async def test_a_malformed_trigger_is_dead_lettered_and_the_engine_stays_up(
         assert (await result(js, config, run))["status"] == "Succeeded"
         assert service.ready()
     await nc.close()
+
+
+async def test_a_run_starts_from_the_workflows_own_start_subject(nats_url: str) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [{"name": "a"}])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with agents(nats_url, ns, {"a": appender("a")}), engine(config):
+        run = run_id()
+        event = CloudEvent(id=run, source="/cli", type="troupe.run", data=["cli"])
+        headers, payload = envelope.to_binary(event)
+        await js.publish(config.subject("start", run), payload, headers=headers)
+        outcome = await result(js, config, run)
+    await nc.close()
+    assert outcome["output"] == ["cli", "a"]

@@ -65,7 +65,8 @@ def workflow_stream(namespace: str, workflow: str) -> str:
 
 
 def workflow_subject(namespace: str, workflow: str, kind: str, run_id: str = "*") -> str:
-    """``kind`` is ``events`` (the run's log), ``replies`` (from agents) or ``results``."""
+    """``kind``: ``start`` (starts a run), ``events`` (a run's log), ``replies`` (from
+    agents), ``results`` (a run's outcome) or ``failed`` (dead-lettered runs)."""
     return f"{SUBJECT_ROOT}.{_token(namespace)}.wf.{_token(workflow)}.{kind}.{_token(run_id)}"
 
 

@@ -1,8 +1,9 @@
 """Pure builders: a workflow's engine config → the JetStream resources it needs.
 
-One stream holds the trigger subject, every run's event log, the agents'
-replies and the results; two durable consumers feed the engine triggers and
-replies; a KV bucket keeps each run's projection.
+One stream holds the trigger subject (plus ``…wf.<name>.start.<run>``, which
+``troupe run`` publishes to without knowing the user's trigger subject), every
+run's event log, the agents' replies and the results; two durable consumers
+feed the engine triggers and replies; a KV bucket keeps each run's projection.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def build_workflow_stream(config: EngineConfig) -> StreamConfig:
         name=config.stream,
         subjects=[
             config.trigger_subject,
+            config.subject("start"),
             config.subject("events"),
             config.subject("replies"),
             config.subject("results"),
@@ -51,10 +53,10 @@ def build_workflow_stream(config: EngineConfig) -> StreamConfig:
 
 
 def build_engine_consumers(config: EngineConfig) -> list[ConsumerConfig]:
-    def consumer(name: str, subject: str, max_ack_pending: int) -> ConsumerConfig:
+    def consumer(name: str, subjects: list[str], max_ack_pending: int) -> ConsumerConfig:
         return ConsumerConfig(
             durable_name=name,
-            filter_subject=subject,
+            filter_subjects=subjects,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ENGINE_ACK_WAIT_SECONDS,
             max_ack_pending=max_ack_pending,
@@ -62,8 +64,12 @@ def build_engine_consumers(config: EngineConfig) -> list[ConsumerConfig]:
 
     return [
         # At most maxConcurrentRuns triggers are taken but not yet started.
-        consumer(TRIGGERS_CONSUMER, config.trigger_subject, config.max_concurrent_runs),
-        consumer(REPLIES_CONSUMER, config.subject("replies"), 10_000),
+        consumer(
+            TRIGGERS_CONSUMER,
+            [config.trigger_subject, config.subject("start")],
+            config.max_concurrent_runs,
+        ),
+        consumer(REPLIES_CONSUMER, [config.subject("replies")], 10_000),
     ]
 
 
