@@ -207,16 +207,25 @@ class Engine:
                 msg.data, f"event id {run_id!r} is not a valid run id", "invalid"
             )
             return
-        if run_id in self._runs or await self._log.projected(run_id) is not None:
-            return  # the same trigger again: its run exists already
+        if run_id in self._runs:
+            return  # the same trigger again, for a run in progress
         async with self._lock(run_id):
-            state = await self._log.append(
-                None, RunStarted(run_id=run_id, at=self._clock(), input=event.data)
-            )
-            if state is None:
+            state = await self._start(run_id, event.data)
+            if state is None or state.terminal:
                 return
             self._runs[run_id] = state
         await self._advance(run_id)
+
+    async def _start(self, run_id: str, data: Any) -> RunState | None:
+        """The run's state: new, or rebuilt when a crash left it half-started."""
+        if await self._log.projected(run_id) is not None:
+            return await self._log.rebuild(run_id)
+        started = RunStarted(run_id=run_id, at=self._clock(), input=data)
+        state = await self._log.append(None, started)
+        if state is None:
+            # Logged before a crash, but never projected: the log has the truth.
+            return await self._log.rebuild(run_id)
+        return state
 
     async def _on_reply(self, msg: Msg) -> None:
         try:
@@ -278,10 +287,13 @@ class Engine:
                     StepFailed(run_id=run_id, at=now, step=step, attempt=attempt, error=error)
                 )
             case planner.Finish(status, output, error):
+                # The outcome is published before it is logged, like a dispatch: a
+                # crash in between publishes it again under the same id, and only once.
+                await self._publish_outcome(run_id, status, output, error)
                 await self._record(
                     RunFinished(run_id=run_id, at=now, status=status, output=output, error=error)
                 )
-                await self._finish(run_id)
+                self._forget(run_id)
 
     async def _send(self, subject: str, event_id: str, run_id: str, data: Any) -> None:
         event = CloudEvent(
@@ -298,21 +310,24 @@ class Engine:
         headers, payload = envelope.to_binary(event)
         await self._js.publish(subject, payload, headers={**headers, Header.MSG_ID.value: event_id})
 
-    async def _finish(self, run_id: str) -> None:
-        state = self._runs.pop(run_id, None)
+    def _forget(self, run_id: str) -> None:
+        self._runs.pop(run_id, None)
         self._wake.pop(run_id, None)
         self._locks.pop(run_id, None)
         self._capacity.set()
-        if state is None:
-            return
+
+    async def _publish_outcome(
+        self, run_id: str, status: str, output: Any, error: str | None
+    ) -> None:
+        """The run's result on its results subject; a failed run also to dead letters."""
         result = CloudEvent(
             id=f"{run_id}/result",
             source=self._source,
-            type=f"troupe.workflow.{state.status.lower()}",
+            type=f"troupe.workflow.{status.lower()}",
             time=self._clock(),
             datacontenttype=envelope.JSON_CONTENT_TYPE,
             correlationid=run_id,
-            data={"status": state.status, "output": state.output, "error": state.error},
+            data={"status": status, "output": output, "error": error},
         )
         headers, payload = envelope.to_binary(result)
         await self._js.publish(
@@ -320,8 +335,9 @@ class Engine:
             payload,
             headers={**headers, Header.MSG_ID.value: result.id},
         )
-        if state.status == "Failed" and self._config.dead_letter.enabled:
-            await self._dead_letter(payload, state.error or "run failed", run_id, headers)
+        if status == "Failed":
+            failed = {**headers, Header.MSG_ID.value: f"{run_id}/failed"}
+            await self._dead_letter(payload, error or "run failed", run_id, failed)
 
     async def _dead_letter(
         self, payload: bytes, reason: str, run_id: str, headers: dict[str, str] | None = None

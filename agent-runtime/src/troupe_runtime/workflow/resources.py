@@ -24,7 +24,9 @@ from troupe_runtime.workflow.config import EngineConfig
 
 TRIGGERS_CONSUMER = "engine_triggers"
 REPLIES_CONSUMER = "engine_replies"
-ENGINE_ACK_WAIT_SECONDS = 30.0
+# Handling a trigger or a reply takes milliseconds; a crashed engine's messages
+# come back to its successor this soon.
+ENGINE_ACK_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
