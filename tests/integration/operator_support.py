@@ -1,6 +1,6 @@
 """What the operator's integration tests share: the shipped CRDs, the operator as a real
-subprocess (so it can be SIGKILLed), Agent manifests placed on kwok nodes, and JetStream
-look-ups."""
+subprocess (so it can be SIGKILLed), Agent manifests placed on kwok nodes or run for real
+on the process node, and JetStream look-ups."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from tests.integration.manifests import KWOK_TOLERATION
+from tests.integration.workflow_handlers import NAME_ENV
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +33,7 @@ CRDS = REPO / "crds"
 API_VERSION = "troupe.dev/v1alpha1"
 START_DEADLINE = 30.0
 STOP_DEADLINE = 10.0
+FINALIZE_DEADLINE = 45.0
 RESYNC_SECONDS = 3
 T = TypeVar("T")
 
@@ -130,6 +134,24 @@ class OperatorProcess:
         return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
 
 
+@contextmanager
+def running_operator(cluster: ClusterEndpoints, log: Path) -> Iterator[OperatorProcess]:
+    """The operator, with the shipped CRDs installed; on the way out it finalizes the
+    Agents and Workflows of the namespaces the tests deleted before it stops."""
+    install_crds(cluster)
+    process = OperatorProcess(cluster, log)
+    process.start()
+    try:
+        yield process
+        wait_for(
+            lambda: not cluster.kubectl("get", "agents,workflows", "-A", "-o", "name").strip(),
+            FINALIZE_DEADLINE,
+            "every Agent and Workflow to be finalized",
+        )
+    finally:
+        process.stop()
+
+
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
@@ -154,13 +176,48 @@ def agent(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def workflow(name: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+def running_agent(name: str, **spec: Any) -> dict[str, Any]:
+    """An Agent whose pods run the real runtime on the process node, handling each message
+    with ``workflow_handlers.append_name``."""
+    base = {
+        "role": f"test agent {name}",
+        "runtime": {
+            "handler": {
+                "type": "python",
+                "entrypoint": "tests.integration.workflow_handlers:append_name",
+            },
+            "env": [
+                {"name": "PYTHONPATH", "value": str(REPO)},
+                {"name": NAME_ENV, "value": name},
+            ],
+        },
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": _merge(base, spec),
+    }
+
+
+def workflow(name: str, steps: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    """A Workflow with a trigger subject of its own: JetStream refuses overlapping streams."""
+    trigger = {"subject": f"troupe-test.{name}.{uuid.uuid4().hex[:8]}"}
     return {
         "apiVersion": API_VERSION,
         "kind": "Workflow",
         "metadata": {"name": name},
-        "spec": {"trigger": {"subject": f"troupe.test.{name}"}, "steps": steps},
+        "spec": {"trigger": trigger, "steps": steps, **spec},
     }
+
+
+def pod_logs(cluster: ClusterEndpoints, namespace: str) -> str:
+    """Every container log of the namespace's pods on the process node."""
+    pods = cluster.kubeconfig.parent / "process-node" / "pods"
+    return "\n".join(
+        f"--- {log.parent.name}/{log.name}\n{log.read_text(errors='replace')[-4000:]}"
+        for log in sorted(pods.glob(f"{namespace}_*/*.log"))
+    )
 
 
 def apply(cluster: ClusterEndpoints, namespace: str, manifest: dict[str, Any]) -> None:

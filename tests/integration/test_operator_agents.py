@@ -18,8 +18,8 @@ from tests.integration.operator_support import (
     condition,
     consumer_config,
     get,
-    install_crds,
     jetstream,
+    running_operator,
     stream_config,
     stream_names,
     wait_ready,
@@ -36,19 +36,8 @@ CONFIG_HASH = "troupe.dev/config-hash"
 def operator(
     cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    install_crds(cluster)
-    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
-    process.start()
-    try:
-        yield process
-        # Let the operator finalize the Agents of the namespaces the tests deleted.
-        wait_for(
-            lambda: not cluster.kubectl("get", "agents", "-A", "-o", "name").strip(),
-            DEADLINE,
-            "every Agent to be finalized",
-        )
-    finally:
-        process.stop()
+    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
+        yield op
 
 
 def _inbox(namespace: str, name: str) -> str:

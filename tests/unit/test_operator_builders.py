@@ -6,19 +6,16 @@ change with ``TROUPE_UPDATE_GOLDEN=1 pytest tests/unit/test_operator_builders.py
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.unit.golden_support import assert_golden
 from troupe_operator.api import AgentSpec
 from troupe_operator.builders import workload
-from troupe_operator.builders.workload import Owner
+from troupe_operator.builders.pods import Owner
 from troupe_runtime.config import RuntimeConfig
 
-GOLDEN = Path(__file__).parent / "golden"
 OWNER = Owner(namespace="research", name="summariser", uid="0b1c2d3e-0000-4000-8000-000000000001")
 NATS_URL = "nats://nats.troupe-system:4222"
 
@@ -56,14 +53,6 @@ FULL_SPEC: dict[str, Any] = {
 }
 
 
-def _golden(name: str, manifest: dict[str, Any] | None) -> None:
-    path = GOLDEN / f"{name}.yaml"
-    text = yaml.safe_dump(manifest, sort_keys=True)
-    if os.environ.get("TROUPE_UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text(), f"{path.name} changed; see the module docstring"
-
-
 @pytest.fixture
 def spec() -> AgentSpec:
     return AgentSpec.model_validate(FULL_SPEC)
@@ -75,15 +64,15 @@ def config(spec: AgentSpec) -> RuntimeConfig:
 
 
 def test_config_map_matches_golden(config: RuntimeConfig) -> None:
-    _golden("agent_configmap", workload.build_config_map(OWNER, config))
+    assert_golden("agent_configmap", workload.build_config_map(OWNER, config))
 
 
 def test_deployment_matches_golden(spec: AgentSpec, config: RuntimeConfig) -> None:
-    _golden("agent_deployment", workload.build_deployment(OWNER, spec, config))
+    assert_golden("agent_deployment", workload.build_deployment(OWNER, spec, config))
 
 
 def test_service_account_matches_golden(spec: AgentSpec) -> None:
-    _golden("agent_serviceaccount", workload.build_service_account(OWNER, spec))
+    assert_golden("agent_serviceaccount", workload.build_service_account(OWNER, spec))
 
 
 def test_config_map_holds_what_the_runtime_reads_back(config: RuntimeConfig) -> None:

@@ -38,3 +38,21 @@ def test_workflow_spec_cycles_and_unknown_agents() -> None:
 
     assert sorted(workflow_cycles(spec)[0]) == ["draft", "edit"]
     assert unknown_agents(spec, {"editor"}) == {"writer": ["draft", "publish"]}
+
+
+def test_a_compensation_naming_an_unknown_agent_is_reported_with_its_step() -> None:
+    spec = WorkflowSpec.model_validate(
+        {
+            "trigger": {"subject": "troupe.shop.order"},
+            "steps": [
+                {
+                    "name": "charge",
+                    "agentRef": "payments",
+                    "onFailure": "compensate",
+                    "compensation": {"agentRef": "refunds"},
+                }
+            ],
+        }
+    )
+
+    assert unknown_agents(spec, {"payments"}) == {"refunds": ["charge.compensation"]}

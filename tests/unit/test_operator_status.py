@@ -5,14 +5,20 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from troupe_operator.api import AgentStatus, WorkflowStatus
-from troupe_operator.api.status import ConsumerCounts
+from troupe_operator.api.status import ConsumerCounts, LastRun, RunCounts
 from troupe_operator.builders.status import (
+    ENGINE_STOPPED,
+    DagObservation,
     MessagingObservation,
+    RunObservation,
     WorkloadObservation,
     agent_status,
+    merge_patch,
     observe_deployment,
+    summarize_runs,
     workflow_status,
 )
+from troupe_runtime.workflow.projection import RunState, RunStatus
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 READY_WORKLOAD = WorkloadObservation(desired=2, ready=2, updated=2, current_generation=True)
@@ -110,14 +116,9 @@ def test_rollout_in_progress_until_the_deployment_saw_its_generation() -> None:
 
 
 def test_workflow_with_a_cycle_and_unknown_agents_names_them() -> None:
-    status = workflow_status(
-        WorkflowStatus(),
-        1,
-        T0,
-        steps=3,
-        cycles=[["a", "c", "b"]],
-        unknown_agents={"writer": ["draft", "edit"]},
-    )
+    graph = DagObservation(3, [["a", "c", "b"]], {"writer": ["draft", "edit"]})
+
+    status = workflow_status(WorkflowStatus(), 1, T0, dag=graph, workload=ENGINE_STOPPED)
 
     assert _condition(status, "DagValid")[:2] == ("False", "CycleDetected")
     assert "a -> c -> b -> a" in _condition(status, "DagValid")[2]
@@ -127,10 +128,98 @@ def test_workflow_with_a_cycle_and_unknown_agents_names_them() -> None:
         "no such Agent in the namespace: writer (step draft, edit)",
     )
     assert _condition(status, "Ready")[:2] == ("False", "CycleDetected")
+    assert _condition(status, "WorkloadAvailable")[:2] == ("False", "EngineStopped")
+    assert not graph.valid
 
 
-def test_valid_workflow_is_ready() -> None:
-    status = workflow_status(WorkflowStatus(), 2, T0, steps=2, cycles=[], unknown_agents={})
+ENGINE_READY = WorkloadObservation(desired=1, ready=1, updated=1, current_generation=True)
+
+
+def test_valid_workflow_is_ready_once_its_engine_and_messaging_are() -> None:
+    graph = DagObservation(2)
+
+    status = workflow_status(
+        WorkflowStatus(), 2, T0, graph, ENGINE_READY, MessagingObservation("nats://nats:4222"), []
+    )
 
     assert _condition(status, "Ready")[:2] == ("True", "Ready")
+    assert [c.type for c in status.conditions] == [
+        "Ready",
+        "DagValid",
+        "AgentsFound",
+        "SecretsResolved",
+        "MessagingReady",
+        "WorkloadAvailable",
+    ]
     assert status.steps == 2
+
+
+def test_valid_workflow_waits_for_its_engine() -> None:
+    starting = WorkloadObservation(desired=1, ready=0, updated=1, current_generation=True)
+
+    status = workflow_status(WorkflowStatus(), 1, T0, DagObservation(3), starting, NATS_OK, [])
+
+    assert _condition(status, "Ready") == ("False", "ReplicasNotReady", "0/1 replicas ready")
+
+
+def test_workflow_engine_refresh_keeps_the_other_conditions() -> None:
+    down = MessagingObservation("nats://nowhere:4222", error="no servers available")
+    first = workflow_status(WorkflowStatus(), 1, T0, DagObservation(3), ENGINE_READY, down, [])
+
+    refreshed = workflow_status(first, 1, T0, workload=ENGINE_READY)
+
+    assert _condition(refreshed, "Ready")[:2] == ("False", "MessagingUnavailable")
+    assert refreshed.steps == 3
+
+
+def _run(run_id: str, status: RunStatus, minute: int, finished: bool = True) -> RunState:
+    started = T0 + timedelta(minutes=minute)
+    return RunState(
+        run_id=run_id,
+        status=status,
+        started_at=started,
+        finished_at=started + timedelta(seconds=30) if finished else None,
+    )
+
+
+def test_runs_are_counted_by_state_and_the_latest_started_is_the_last_run() -> None:
+    runs = [
+        _run("r1", "Succeeded", 0),
+        _run("r2", "Failed", 1),
+        _run("r3", "Compensating", 2, finished=False),
+        _run("r4", "Running", 3, finished=False),
+        _run("r5", "Succeeded", 1),
+    ]
+
+    observed = summarize_runs(runs)
+    status = workflow_status(WorkflowStatus(), 1, T0, runs=observed)
+
+    assert status.runs == RunCounts(running=2, succeeded=2, failed=1)
+    assert status.last_run == LastRun(id="r4", status="Running", started_at="2026-01-01T00:03:00Z")
+    assert summarize_runs([_run("r1", "Succeeded", 0)]).last == LastRun(
+        id="r1",
+        status="Succeeded",
+        started_at="2026-01-01T00:00:00Z",
+        finished_at="2026-01-01T00:00:30Z",
+    )
+
+
+def test_a_workflow_without_runs_has_no_last_run() -> None:
+    observed = summarize_runs([])
+
+    assert observed == RunObservation(RunCounts(), None)
+
+
+def test_the_status_patch_drops_fields_gone_at_any_depth() -> None:
+    previous = {
+        "steps": 3,
+        "lastRun": {"id": "r1", "status": "Succeeded", "finishedAt": "2026-01-01T00:00:30Z"},
+        "stale": 1,
+    }
+    desired = {"steps": 3, "lastRun": {"id": "r2", "status": "Running"}}
+
+    assert merge_patch(previous, desired) == {
+        "stale": None,
+        "steps": 3,
+        "lastRun": {"id": "r2", "status": "Running", "finishedAt": None},
+    }

@@ -79,6 +79,10 @@ RESOURCES = (
             ("Ready", "string", f"{READY}.status"),
             ("Reason", "string", f"{READY}.reason"),
             ("Steps", "integer", ".status.steps"),
+            ("Running", "integer", ".status.runs.running"),
+            ("Succeeded", "integer", ".status.runs.succeeded"),
+            ("Failed", "integer", ".status.runs.failed"),
+            ("Last", "string", ".status.lastRun.status"),
         ),
     ),
 )

@@ -3,8 +3,9 @@
 Agents and Workflows: create, update and resume run a full pass; a pass blocked
 by NATS or a missing Secret is retried with exponential backoff. A background
 resync (``reconcile.resync_forever``) repeats every pass periodically. Events of
-the agents' Deployments refresh readiness at once. The finalizer exists only for
-Agents whose NATS resources must be deleted (deletionPolicy Delete).
+the agents' and engines' Deployments refresh readiness at once. The finalizer
+exists only for Agents and Workflows whose NATS resources must be deleted
+(deletionPolicy Delete).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import kopf
 
 from troupe_operator import metrics, reconcile
 from troupe_operator.api import GROUP, VERSION
+from troupe_operator.builders.engine import WORKFLOW_LABEL
 from troupe_operator.builders.workload import AGENT_LABEL
 from troupe_operator.kube import Kube, new_api_client
 from troupe_operator.nats_client import MessagingUnavailable, NatsPool
@@ -26,6 +28,7 @@ from troupe_operator.settings import OperatorSettings
 
 FINALIZER = "troupe.dev/nats-cleanup"
 MAX_RETRY_DELAY_SECONDS = 60.0
+ENGINE_STOP_POLL_SECONDS = 1.0
 KUBE_THREADS = 32
 
 
@@ -118,5 +121,43 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
     @kopf.on.resume(registry=registry, id="reconcile", **workflows)
     @kopf.on.create(registry=registry, id="reconcile", **workflows)
     @kopf.on.update(registry=registry, id="reconcile", **workflows)
-    async def workflow_changed(body: kopf.Body, **_: Any) -> None:
-        await reconcile.workflow_pass(current(), dict(body))
+    async def workflow_changed(body: kopf.Body, retry: int, **_: Any) -> None:
+        blocked_by = await reconcile.workflow_pass(current(), dict(body))
+        if blocked_by is not None:
+            raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+    @kopf.on.event(
+        "apps",
+        "v1",
+        "deployments",
+        registry=registry,
+        id="engine-readiness",
+        labels={WORKFLOW_LABEL: kopf.PRESENT},
+    )
+    async def engine_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+        namespace = body.metadata.namespace
+        if type == "DELETED" or namespace is None or body.metadata.deletion_timestamp:
+            return
+        await reconcile.refresh_workflow_engine(
+            current(), namespace, body.metadata.labels[WORKFLOW_LABEL]
+        )
+
+    @kopf.on.delete(registry=registry, id="delete-nats", when=_deletes_nats_resources, **workflows)
+    async def workflow_deleted(body: kopf.Body, retry: int, logger: kopf.Logger, **_: Any) -> None:
+        meta = body.metadata
+        try:
+            deleted = await reconcile.delete_workflow_resources(
+                current(), str(meta.namespace), str(meta.name), dict(body.spec)
+            )
+        except MessagingUnavailable as error:
+            raise kopf.TemporaryError(
+                f"cannot delete the NATS resources yet ({error}); set deletionPolicy: Retain"
+                " to keep them and let the Workflow go",
+                delay=retry_delay(retry),
+            ) from error
+        if deleted is None:
+            raise kopf.TemporaryError(
+                "waiting for the engine to stop before deleting its streams",
+                delay=ENGINE_STOP_POLL_SECONDS,
+            )
+        logger.info("deleted %s", ", ".join(deleted) or "nothing: already gone")

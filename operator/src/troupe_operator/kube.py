@@ -17,7 +17,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from troupe_operator.api import GROUP, VERSION
-from troupe_operator.builders.workload import FIELD_MANAGER
+from troupe_operator.builders.pods import FIELD_MANAGER
 
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
@@ -88,6 +88,22 @@ class Kube:
 
     async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._read_or_none(self._apps.read_namespaced_deployment, name, namespace)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete a ConfigMap or Deployment; one already gone is fine. Dependents go in the
+        background (the garbage collector removes a Deployment's pods)."""
+        deleters = {
+            "ConfigMap": self._core.delete_namespaced_config_map,
+            "Deployment": self._apps.delete_namespaced_deployment,
+        }
+        await self._read_or_none(deleters[kind], name, namespace, propagation_policy="Background")
+
+    async def pods_exist(self, namespace: str, label_selector: str) -> bool:
+        """Whether any pod of the namespace matches ``label_selector``."""
+        listing = await self._call(
+            self._core.list_namespaced_pod, namespace, label_selector=label_selector, limit=1
+        )
+        return bool(listing["items"])
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """The Secret's decoded data, or None when it does not exist."""

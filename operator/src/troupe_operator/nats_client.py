@@ -1,6 +1,7 @@
 """The only module that talks to NATS: pooled connections, provisioning and counts.
 
-It wraps ``troupe_runtime.provision`` (the one applier of JetStream resources)
+It wraps ``troupe_runtime.provision`` (the one applier of JetStream resources, for
+agents and workflow engines alike), reads the engines' run projections from KV,
 and turns every NATS failure into ``MessagingUnavailable``, so the handlers
 report it in status and retry instead of crashing.
 """
@@ -20,14 +21,18 @@ import nats
 from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 from troupe_operator.api.status import ConsumerCounts
 from troupe_runtime.provision import (
     ProvisionReport,
     delete_agent_resources,
     ensure_agent_resources,
+    ensure_workflow_resources,
 )
 from troupe_runtime.resources import AgentResources
+from troupe_runtime.workflow.projection import RunState
+from troupe_runtime.workflow.resources import WorkflowResources
 
 CONNECT_TIMEOUT_SECONDS = 2
 REQUEST_TIMEOUT_SECONDS = 5.0
@@ -165,6 +170,48 @@ class NatsPool:
         async def delete(js: JetStreamContext) -> list[str]:
             deleted = await delete_agent_resources(js, resources)
             for stream in shared_streams:
+                try:
+                    await js.delete_stream(stream)
+                except NotFoundError:
+                    continue
+                deleted.append(f"stream/{stream}")
+            return deleted
+
+        return await self._call(target, delete)
+
+    async def provision_workflow(
+        self, target: NatsTarget, resources: WorkflowResources
+    ) -> ProvisionReport:
+        """Create or update a workflow's stream, engine consumers, runs bucket, dead letters."""
+        return await self._call(target, lambda js: ensure_workflow_resources(js, resources))
+
+    async def runs(self, target: NatsTarget, resources: WorkflowResources) -> list[RunState]:
+        """Every run projection in the workflow's runs bucket (the latest value of each key)."""
+
+        async def read(js: JetStreamContext) -> list[RunState]:
+            name = resources.runs.bucket
+            watcher = await (await js.key_value(name)).watchall(ignore_deletes=True)
+            runs = []
+            try:
+                # The watcher yields every key's latest entry, then None.
+                while (entry := await watcher.updates(REQUEST_TIMEOUT_SECONDS)) is not None:  # type: ignore[no-untyped-call]
+                    try:
+                        runs.append(RunState.model_validate_json(entry.value or b""))
+                    except ValidationError as error:
+                        logger.warning("run %s in %s unreadable: %s", entry.key, name, error)
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            return runs
+
+        return await self._call(target, read)
+
+    async def delete_streams(self, target: NatsTarget, streams: list[str]) -> list[str]:
+        """Delete the named streams (a KV bucket is stream ``KV_<bucket>``); return those that
+        existed."""
+
+        async def delete(js: JetStreamContext) -> list[str]:
+            deleted = []
+            for stream in streams:
                 try:
                     await js.delete_stream(stream)
                 except NotFoundError:

@@ -3,8 +3,12 @@
 Each pass is idempotent: it server-side applies the built manifests, provisions
 JetStream through ``troupe_runtime.provision`` (which corrects drift), then
 writes status with optimistic concurrency so concurrent writers never lose an
-observation. ``resync_forever`` repeats every pass periodically: kopf timers
-would put a finalizer on every object, and finalizers are for NATS cleanup only.
+observation. A Workflow gets an engine only while it is valid (acyclic, every
+agent present): an invalid one has its engine deleted, not scaled to zero, so
+that "no engine Deployment" always means "nothing can run"; its runs wait in
+JetStream and resume when it is fixed. ``resync_forever`` repeats every pass
+periodically: kopf timers would put a finalizer on every object, and finalizers
+are for NATS cleanup only.
 ``handlers`` calls these from kopf; they know nothing of kopf.
 """
 
@@ -22,9 +26,10 @@ from pydantic import BaseModel
 
 from troupe_operator import metrics
 from troupe_operator.api import AgentSpec, AgentStatus, WorkflowSpec, WorkflowStatus
-from troupe_operator.builders import dag, status, workload
+from troupe_operator.api.agent import NatsConnection
+from troupe_operator.builders import dag, engine, pods, status, workload
 from troupe_operator.builders.jetstream import orphaned_streams
-from troupe_operator.builders.workload import Owner
+from troupe_operator.builders.pods import Owner, SecretReference
 from troupe_operator.kube import Conflict, Kube
 from troupe_operator.nats_client import (
     MessagingUnavailable,
@@ -34,6 +39,7 @@ from troupe_operator.nats_client import (
 )
 from troupe_operator.settings import OperatorSettings
 from troupe_runtime.resources import build_agent_resources
+from troupe_runtime.workflow.resources import build_workflow_resources
 
 AGENTS = "agents"
 WORKFLOWS = "workflows"
@@ -78,15 +84,17 @@ async def _write_status(
         if body is None:
             return
         new = await compute(body)
-        if new is None or new.model_dump(by_alias=True) == body.get("status"):
+        if new is None:
             return
+        # Unset fields are left out, as the API server stores them.
+        desired = new.model_dump(by_alias=True, exclude_none=True)
+        previous = body.get("status") or {}
+        if desired == previous:
+            return
+        patch = status.merge_patch(previous, desired)
         try:
             await kube.patch_status(
-                plural,
-                namespace,
-                name,
-                new.model_dump(by_alias=True),
-                body["metadata"]["resourceVersion"],
+                plural, namespace, name, patch, body["metadata"]["resourceVersion"]
             )
         except Conflict:
             continue
@@ -95,12 +103,12 @@ async def _write_status(
 
 
 async def _missing_secrets(
-    kube: Kube, namespace: str, spec: AgentSpec
+    kube: Kube, namespace: str, references: list[SecretReference]
 ) -> tuple[list[str], dict[str, dict[str, bytes]]]:
     """Sentences about each absent Secret or key, and the data of the Secrets found."""
     missing: list[str] = []
     found: dict[str, dict[str, bytes]] = {}
-    for reference in workload.referenced_secrets(spec):
+    for reference in references:
         data = await kube.read_secret(namespace, reference.name)
         if data is None:
             missing.append(
@@ -117,18 +125,18 @@ async def _missing_secrets(
 
 
 def _nats_target(
-    spec: AgentSpec, url: str, secrets: dict[str, dict[str, bytes]]
+    connection: NatsConnection, url: str, secrets: dict[str, dict[str, bytes]]
 ) -> NatsTarget | None:
-    """How the operator reaches the agent's NATS, or None while a Secret it needs is missing."""
+    """How the operator reaches a spec's NATS, or None while a Secret it needs is missing."""
     credentials = None
-    if spec.nats.credentials_secret:
-        data = secrets.get(spec.nats.credentials_secret.name)
+    if connection.credentials_secret:
+        data = secrets.get(connection.credentials_secret.name)
         if data is None:
             return None
-        credentials = data[spec.nats.credentials_secret.key].decode()
+        credentials = data[connection.credentials_secret.key].decode()
     tls = None
-    if spec.nats.tls:
-        data = secrets.get(spec.nats.tls.secret_name)
+    if connection.tls:
+        data = secrets.get(connection.tls.secret_name)
         if data is None or "ca.crt" not in data:
             return None
         tls = TlsMaterial(data["ca.crt"], data.get("tls.crt"), data.get("tls.key"))
@@ -151,7 +159,9 @@ async def reconcile_agent(
     spec = AgentSpec.model_validate(spec_body)
     owner = Owner(namespace, name, uid)
     config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
-    missing, secrets = await _missing_secrets(operator.kube, namespace, spec)
+    missing, secrets = await _missing_secrets(
+        operator.kube, namespace, workload.referenced_secrets(spec)
+    )
 
     manifests = [
         workload.build_config_map(owner, config),
@@ -163,7 +173,7 @@ async def reconcile_agent(
             await operator.kube.apply(manifest)
 
     messaging: status.MessagingObservation | None = None
-    target = _nats_target(spec, config.nats.url, secrets)
+    target = _nats_target(spec.nats, config.nats.url, secrets)
     if target is not None:
         resources = build_agent_resources(config, spec.runtime.replicas)
         try:
@@ -225,8 +235,8 @@ async def delete_agent_resources(
     spec = AgentSpec.model_validate(spec_body)
     owner = Owner(namespace, name, uid="")
     config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
-    _, secrets = await _missing_secrets(operator.kube, namespace, spec)
-    target = _nats_target(spec, config.nats.url, secrets)
+    _, secrets = await _missing_secrets(operator.kube, namespace, workload.referenced_secrets(spec))
+    target = _nats_target(spec.nats, config.nats.url, secrets)
     if target is None:
         raise MessagingUnavailable("a Secret needed to reach NATS is missing")
     staying = [
@@ -243,26 +253,131 @@ async def delete_agent_resources(
     return await operator.nats.delete(target, resources, shared)
 
 
+async def _stop_engine(operator: Operator, namespace: str, name: str) -> None:
+    for kind in ("Deployment", "ConfigMap"):
+        await operator.kube.delete(kind, namespace, engine.engine_name(name))
+
+
 async def reconcile_workflow(
-    operator: Operator, namespace: str, name: str, spec_body: dict[str, Any], generation: int
-) -> None:
-    """Check the DAG and its agent references; report both in status."""
+    operator: Operator,
+    namespace: str,
+    name: str,
+    uid: str,
+    spec_body: dict[str, Any],
+    generation: int,
+) -> str | None:
+    """One full pass over a Workflow: check it, run its engine if valid, JetStream, status.
+
+    Returns what blocks the workflow (a missing Secret, NATS), for the caller to retry with
+    backoff, or None.
+    """
     spec = WorkflowSpec.model_validate(spec_body)
+    owner = Owner(namespace, name, uid, kind="Workflow")
     agents = {
         agent["metadata"]["name"] for agent in await operator.kube.list_custom(AGENTS, namespace)
     }
+    graph = status.DagObservation(
+        len(spec.steps), dag.workflow_cycles(spec), dag.unknown_agents(spec, agents)
+    )
+    if not graph.valid:
+        await _stop_engine(operator, namespace, name)
+
+        async def invalid(body: dict[str, Any]) -> WorkflowStatus:
+            return status.workflow_status(
+                WorkflowStatus.model_validate(body.get("status") or {}),
+                generation,
+                datetime.now(UTC),
+                dag=graph,
+                workload=status.ENGINE_STOPPED,
+            )
+
+        await _write_status(operator.kube, WORKFLOWS, namespace, name, invalid)
+        return None
+
+    config = engine.build_engine_config(owner, spec, operator.settings.nats_url)
+    missing, secrets = await _missing_secrets(
+        operator.kube, namespace, pods.nats_secrets(spec.nats)
+    )
+    await operator.kube.apply(engine.build_engine_config_map(owner, config))
+    await operator.kube.apply(
+        engine.build_engine_deployment(owner, spec, config, operator.settings.runtime_image)
+    )
+
+    messaging: status.MessagingObservation | None = None
+    runs: status.RunObservation | None = None
+    target = _nats_target(spec.nats, config.nats.url, secrets)
+    if target is not None:
+        resources = build_workflow_resources(config)
+        try:
+            await operator.nats.provision_workflow(target, resources)
+            runs = status.summarize_runs(await operator.nats.runs(target, resources))
+        except MessagingUnavailable as error:
+            messaging = status.MessagingObservation(target.url, error=str(error))
+        else:
+            messaging = status.MessagingObservation(target.url)
 
     async def compute(body: dict[str, Any]) -> WorkflowStatus:
+        deployment = await operator.kube.read_deployment(namespace, engine.engine_name(name))
         return status.workflow_status(
             WorkflowStatus.model_validate(body.get("status") or {}),
             generation,
             datetime.now(UTC),
-            steps=len(spec.steps),
-            cycles=dag.workflow_cycles(spec),
-            unknown_agents=dag.unknown_agents(spec, agents),
+            dag=graph,
+            workload=status.observe_deployment(deployment),
+            messaging=messaging,
+            missing_secrets=missing,
+            runs=runs,
         )
 
     await _write_status(operator.kube, WORKFLOWS, namespace, name, compute)
+    if missing:
+        return "; ".join(missing)
+    if messaging is not None and messaging.error is not None:
+        return f"NATS unavailable: {messaging.error}"
+    return None
+
+
+async def refresh_workflow_engine(operator: Operator, namespace: str, name: str) -> None:
+    """Update only what the engine's Deployment reports, once a full pass has written status
+    and while the workflow is valid (an invalid one's engine is on its way out)."""
+
+    async def compute(body: dict[str, Any]) -> WorkflowStatus | None:
+        previous = WorkflowStatus.model_validate(body.get("status") or {})
+        if previous.observed_generation == 0 or any(
+            c.type in status.DAG_CONDITIONS and c.status != "True" for c in previous.conditions
+        ):
+            return None
+        deployment = await operator.kube.read_deployment(namespace, engine.engine_name(name))
+        return status.workflow_status(
+            previous,
+            previous.observed_generation,
+            datetime.now(UTC),
+            workload=status.observe_deployment(deployment),
+        )
+
+    await _write_status(operator.kube, WORKFLOWS, namespace, name, compute)
+
+
+async def delete_workflow_resources(
+    operator: Operator, namespace: str, name: str, spec_body: dict[str, Any]
+) -> list[str] | None:
+    """Stop the engine, then delete the workflow's stream, runs bucket and dead letters.
+
+    Returns None while engine pods remain: a running engine would recreate the streams.
+    """
+    await _stop_engine(operator, namespace, name)
+    if await operator.kube.pods_exist(namespace, f"{engine.WORKFLOW_LABEL}={name}"):
+        return None
+    spec = WorkflowSpec.model_validate(spec_body)
+    config = engine.build_engine_config(
+        Owner(namespace, name, uid="", kind="Workflow"), spec, operator.settings.nats_url
+    )
+    _, secrets = await _missing_secrets(operator.kube, namespace, pods.nats_secrets(spec.nats))
+    target = _nats_target(spec.nats, config.nats.url, secrets)
+    if target is None:
+        raise MessagingUnavailable("a Secret needed to reach NATS is missing")
+    streams = [config.stream, f"KV_{config.runs_bucket}", config.dead_letter_stream]
+    return await operator.nats.delete_streams(target, streams)
 
 
 async def agent_pass(operator: Operator, body: dict[str, Any]) -> str | None:
@@ -276,13 +391,14 @@ async def agent_pass(operator: Operator, body: dict[str, Any]) -> str | None:
             )
 
 
-async def workflow_pass(operator: Operator, body: dict[str, Any]) -> None:
+async def workflow_pass(operator: Operator, body: dict[str, Any]) -> str | None:
+    """``reconcile_workflow`` for one Workflow object, serialised per object, counted and timed."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     async with operator.lock("Workflow", namespace, name):
         with metrics.reconcile_timer("Workflow"):
-            await reconcile_workflow(
-                operator, namespace, name, dict(body["spec"]), meta["generation"]
+            return await reconcile_workflow(
+                operator, namespace, name, meta["uid"], dict(body["spec"]), meta["generation"]
             )
 
 

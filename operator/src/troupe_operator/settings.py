@@ -10,6 +10,7 @@ TROUPE_LOG_FORMAT          ``plain`` or ``json``                        plain
 TROUPE_RESYNC_SECONDS      how often status and drift are re-checked    30
 TROUPE_METRICS_PORT        Prometheus metrics port; 0 turns them off    9090
 TROUPE_HEALTH_PORT         the liveness endpoint's port (/healthz)      8081
+TROUPE_RUNTIME_IMAGE       the image of workflow engines                troupe/runtime:0.1.0
 =========================  ===========================================  =======================
 """
 
@@ -20,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
+
+from troupe_operator.api.agent import DEFAULT_RUNTIME_IMAGE
 
 LogFormat = Literal["plain", "json"]
 
@@ -35,6 +38,7 @@ class OperatorSettings:
     resync_seconds: float = 30.0
     metrics_port: int = 9090
     health_port: int = 8081
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
 
     @property
     def all_namespaces(self) -> bool:
@@ -70,4 +74,5 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSetting
         resync_seconds=float(environ.get("TROUPE_RESYNC_SECONDS", defaults.resync_seconds)),
         metrics_port=int(environ.get("TROUPE_METRICS_PORT", defaults.metrics_port)),
         health_port=int(environ.get("TROUPE_HEALTH_PORT", defaults.health_port)),
+        runtime_image=environ.get("TROUPE_RUNTIME_IMAGE", defaults.runtime_image),
     )

@@ -27,6 +27,8 @@ CONTROLLERS = (
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
+    # Fills the aggregated view/edit/admin roles, which charts bind to.
+    "clusterrole-aggregation-controller",
     "endpointslice-controller",
 )
 

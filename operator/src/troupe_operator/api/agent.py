@@ -100,7 +100,7 @@ class AgentRuntime(ApiModel):
 
 
 class SecretKeyReference(ApiModel):
-    """A key of a Secret in the agent's namespace."""
+    """A key of a Secret in the object's namespace."""
 
     name: str = Field(pattern=NAME_PATTERN, max_length=253)
     key: str = Field(default="nats.creds", min_length=1)
@@ -114,7 +114,7 @@ class NatsTls(ApiModel):
 
 
 class NatsConnection(ApiModel):
-    """Which NATS the agent uses; unset fields fall back to the operator's own settings."""
+    """Which NATS to use; unset fields fall back to the operator's own settings."""
 
     url: str | None = Field(default=None, pattern=r"^(nats|tls|ws|wss)://.+$")
     credentials_secret: SecretKeyReference | None = None

@@ -47,17 +47,27 @@ class AgentStatus(ApiModel):
 
 
 class RunCounts(ApiModel):
-    """Workflow runs; filled in by the workflow engine (a later issue)."""
+    """Workflow runs by state, as the engine's projections in KV hold them."""
 
-    active: int = 0
+    running: int = Field(default=0, description="Running or compensating.")
     succeeded: int = 0
     failed: int = 0
 
 
+class LastRun(ApiModel):
+    """The run started most recently."""
+
+    id: str
+    status: Literal["Running", "Compensating", "Succeeded", "Failed"]
+    started_at: str = Field(description="RFC 3339.")
+    finished_at: str | None = Field(default=None, description="RFC 3339; unset while running.")
+
+
 class WorkflowStatus(ApiModel):
-    """What the operator last observed of a workflow."""
+    """What the operator last observed of a workflow and its engine."""
 
     observed_generation: int = 0
     conditions: list[Condition] = Field(default_factory=list)
     steps: int = 0
     runs: RunCounts = Field(default_factory=RunCounts)
+    last_run: LastRun | None = None

@@ -1,8 +1,9 @@
 """The Workflow API: a DAG of steps, each handled by an Agent of the same namespace.
 
-The engine that runs workflows is another issue; this module is its API. What
-CEL can check (unique names, known and non-self dependencies) the API server
-refuses; a cycle the operator finds (``builders.workflow``) and reports in status.
+What CEL can check (unique names, known and non-self dependencies) the API
+server refuses; a cycle or an unknown Agent the operator finds (``builders.dag``)
+and reports in status. A valid Workflow runs in its own engine Deployment
+(``builders.engine``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from troupe_operator.api.agent import NatsConnection
 from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
 from troupe_runtime.durations import Duration
 from troupe_runtime.policies import NAME_PATTERN, DeadLetterPolicy, RetryPolicy, StateBucket
@@ -54,8 +56,12 @@ class WorkflowStep(ApiModel):
         max_length=64,
         description="Input field → expression over the trigger and earlier steps' outputs.",
     )
-    timeout: Duration | None = None
-    retry: RetryPolicy | None = Field(default=None, json_schema_extra=cel(RETRY_BACKOFF_RULE))
+    timeout: Duration | None = Field(default=None, description="Per attempt; default 5m.")
+    retry: RetryPolicy | None = Field(
+        default=None,
+        json_schema_extra=cel(RETRY_BACKOFF_RULE),
+        description="Attempts of the step; default one attempt, no retry.",
+    )
     on_failure: Literal["fail", "continue", "compensate"] = "fail"
     compensation: Compensation | None = None
 
@@ -92,3 +98,8 @@ class WorkflowSpec(ApiModel):
     max_concurrent_runs: int = Field(default=10, ge=1, le=10_000)
     state: StateBucket | None = None
     dead_letter: DeadLetterPolicy = Field(default_factory=DeadLetterPolicy)
+    nats: NatsConnection = Field(default_factory=NatsConnection)
+    deletion_policy: Literal["Delete", "Retain"] = Field(
+        default="Delete",
+        description="Whether deleting the Workflow deletes its runs (stream, KV, dead letters).",
+    )

@@ -7,12 +7,14 @@ Ready and Reason printer columns say what is wrong.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from troupe_operator.api import AgentStatus, Condition, WorkflowStatus
-from troupe_operator.api.status import ConsumerCounts
+from troupe_operator.api.status import ConsumerCounts, LastRun, RunCounts
+from troupe_runtime.workflow.projection import RunState
 
 READY = "Ready"
 SECRETS_RESOLVED = "SecretsResolved"
@@ -21,7 +23,14 @@ WORKLOAD_AVAILABLE = "WorkloadAvailable"
 AGENT_SUBCONDITIONS = (SECRETS_RESOLVED, MESSAGING_READY, WORKLOAD_AVAILABLE)
 DAG_VALID = "DagValid"
 AGENTS_FOUND = "AgentsFound"
-WORKFLOW_SUBCONDITIONS = (DAG_VALID, AGENTS_FOUND)
+DAG_CONDITIONS = (DAG_VALID, AGENTS_FOUND)
+WORKFLOW_SUBCONDITIONS = (
+    DAG_VALID,
+    AGENTS_FOUND,
+    SECRETS_RESOLVED,
+    MESSAGING_READY,
+    WORKLOAD_AVAILABLE,
+)
 
 
 def timestamp(now: datetime) -> str:
@@ -160,37 +169,124 @@ def agent_status(
     )
 
 
+@dataclass(frozen=True)
+class DagObservation:
+    """The workflow's graph: ``cycles`` lists each cycle's steps; ``unknown_agents`` maps
+    an absent agent to what names it."""
+
+    steps: int
+    cycles: list[list[str]] = field(default_factory=list)
+    unknown_agents: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> bool:
+        """Whether an engine can run it."""
+        return not self.cycles and not self.unknown_agents
+
+    def conditions(self) -> list[Observation]:
+        if self.cycles:
+            described = "; ".join(" -> ".join([*cycle, cycle[0]]) for cycle in self.cycles)
+            dag = Observation(DAG_VALID, False, "CycleDetected", f"steps form a cycle: {described}")
+        else:
+            dag = Observation(DAG_VALID, True, "Acyclic", f"{self.steps} steps form a DAG")
+        if self.unknown_agents:
+            described = ", ".join(
+                f"{agent} (step {', '.join(names)})"
+                for agent, names in sorted(self.unknown_agents.items())
+            )
+            agents = Observation(
+                AGENTS_FOUND, False, "AgentNotFound", f"no such Agent in the namespace: {described}"
+            )
+        else:
+            agents = Observation(AGENTS_FOUND, True, "AgentsFound", "every agentRef names an Agent")
+        return [dag, agents]
+
+
+ENGINE_STOPPED = Observation(
+    WORKLOAD_AVAILABLE,
+    False,
+    "EngineStopped",
+    "no engine runs while the workflow is invalid; runs resume once it is fixed",
+)
+
+
+@dataclass(frozen=True)
+class RunObservation:
+    """The runs in the engine's KV bucket, by state, and the one started last."""
+
+    counts: RunCounts
+    last: LastRun | None
+
+
+def summarize_runs(runs: Iterable[RunState]) -> RunObservation:
+    """Count run projections by state; Compensating counts as running."""
+    running = succeeded = failed = 0
+    last: RunState | None = None
+    for run in runs:
+        if run.status == "Succeeded":
+            succeeded += 1
+        elif run.status == "Failed":
+            failed += 1
+        else:
+            running += 1
+        if last is None or (run.started_at, run.run_id) > (last.started_at, last.run_id):
+            last = run
+    return RunObservation(
+        RunCounts(running=running, succeeded=succeeded, failed=failed),
+        None
+        if last is None
+        else LastRun(
+            id=last.run_id,
+            status=last.status,
+            started_at=timestamp(last.started_at),
+            finished_at=timestamp(last.finished_at) if last.finished_at else None,
+        ),
+    )
+
+
 def workflow_status(
     previous: WorkflowStatus,
     generation: int,
     now: datetime,
-    steps: int,
-    cycles: list[list[str]],
-    unknown_agents: dict[str, list[str]],
+    dag: DagObservation | None = None,
+    workload: WorkloadObservation | Observation | None = None,
+    messaging: MessagingObservation | None = None,
+    missing_secrets: list[str] | None = None,
+    runs: RunObservation | None = None,
 ) -> WorkflowStatus:
-    """``cycles`` lists the steps of each cycle; ``unknown_agents`` maps agent → its steps."""
-    if cycles:
-        described = "; ".join(" -> ".join([*cycle, cycle[0]]) for cycle in cycles)
-        dag = Observation(DAG_VALID, False, "CycleDetected", f"steps form a cycle: {described}")
-    else:
-        dag = Observation(DAG_VALID, True, "Acyclic", f"{steps} steps form a DAG")
-    if unknown_agents:
-        described = ", ".join(
-            f"{agent} (step {', '.join(names)})" for agent, names in sorted(unknown_agents.items())
-        )
-        agents = Observation(
-            AGENTS_FOUND, False, "AgentNotFound", f"no such Agent in the namespace: {described}"
-        )
-    else:
-        agents = Observation(AGENTS_FOUND, True, "AgentsFound", "every agentRef names an Agent")
+    """The next status; what this pass did not observe (``None``) is carried over.
+
+    ``workload`` is the engine's Deployment, or ``ENGINE_STOPPED`` for an invalid workflow.
+    """
+    observed = dag.conditions() if dag is not None else []
+    if missing_secrets is not None:
+        observed.append(secrets_condition(missing_secrets))
+    if messaging is not None:
+        observed.append(messaging.condition())
+    if workload is not None:
+        observed.append(workload if isinstance(workload, Observation) else workload.condition())
     return WorkflowStatus(
         observed_generation=generation,
         conditions=merge_conditions(
-            previous.conditions, [dag, agents], WORKFLOW_SUBCONDITIONS, generation, now
+            previous.conditions, observed, WORKFLOW_SUBCONDITIONS, generation, now
         ),
-        steps=steps,
-        runs=previous.runs,
+        steps=dag.steps if dag is not None else previous.steps,
+        runs=runs.counts if runs is not None else previous.runs,
+        last_run=runs.last if runs is not None else previous.last_run,
     )
+
+
+def merge_patch(previous: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``previous`` into ``desired``: keys gone
+    from ``desired``, at any depth, are set to null so the API server drops them."""
+    patch: dict[str, Any] = {key: None for key in previous if key not in desired}
+    for key, value in desired.items():
+        old = previous.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            patch[key] = merge_patch(old, value)
+        else:
+            patch[key] = value
+    return patch
 
 
 def observe_deployment(deployment: dict[str, Any] | None) -> WorkloadObservation:

@@ -15,11 +15,13 @@ import argparse
 import logging
 import random
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
 
+from troupe_devcluster.processnode import mountexec
 from troupe_devcluster.processnode.ipam import IPPool
 from troupe_devcluster.processnode.kube import Kube
 from troupe_devcluster.processnode.node import NodeAgent, host_system
@@ -55,6 +57,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def mount_namespaces_work() -> bool:
+    """Whether containers can get mount namespaces here (the node runs as root)."""
+    try:
+        result = subprocess.run(
+            mountexec.probe_argv(sys.executable), capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.warning("no mount namespaces (%s); volumes only under TROUPE_MOUNT_ROOT", error)
+        return False
+    if result.returncode != 0:
+        reason = result.stderr.strip() or f"exit code {result.returncode}"
+        log.warning("no mount namespaces (%s); volumes only under TROUPE_MOUNT_ROOT", reason)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -76,12 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     (args.workdir / "pods").mkdir(parents=True, exist_ok=True)
     kube = Kube.from_kubeconfig(args.kubeconfig)
     start = random.randrange(1 << 16) if args.ip_start is None else args.ip_start
-    context = NodeContext(kube, args.node_name, args.workdir, IPPool(args.ip_range, start))
+    real_mounts = mount_namespaces_work()
+    context = NodeContext(
+        kube,
+        args.node_name,
+        args.workdir,
+        IPPool(args.ip_range, start),
+        api_server=kube.server,
+        real_mounts=real_mounts,
+    )
     agent = NodeAgent(kube, args.node_name, host_system())
     pods = PodManager(context)
     threading.Thread(target=agent.run, args=(stop,), name="heartbeat", daemon=True).start()
     threading.Thread(target=pods.run, args=(stop,), name="pod-watch", daemon=True).start()
-    log.info("process node %s running; pods under %s", args.node_name, args.workdir)
+    log.info(
+        "process node %s running; pods under %s; volumes %s",
+        args.node_name,
+        args.workdir,
+        "mounted at their mountPaths" if real_mounts else "only under TROUPE_MOUNT_ROOT",
+    )
     while not stop.wait(1.0):
         pass
     pods.shutdown(args.shutdown_grace)

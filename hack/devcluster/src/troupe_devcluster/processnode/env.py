@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from troupe_devcluster.processnode.sources import JSON, ConfigError, Sources
 
@@ -52,15 +53,44 @@ def expand(text: str, env: Mapping[str, str]) -> str:
 INHERITED_ENV = ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
 
+def api_server_env(server_url: str) -> dict[str, str]:
+    """The ``kubernetes`` Service variables, pointing at the API server itself.
+
+    A kubelet sets them from the Service's cluster IP; no cluster IP routes
+    here, so they name the address the node reaches the API server at (its
+    kubeconfig's ``server``), which is what in-cluster clients need.
+    """
+    parts = urlsplit(server_url)
+    host = parts.hostname or "127.0.0.1"
+    port = str(parts.port or (443 if parts.scheme == "https" else 80))
+    address = f"tcp://{host}:{port}"
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+        "KUBERNETES_SERVICE_PORT_HTTPS": port,
+        "KUBERNETES_PORT": address,
+        f"KUBERNETES_PORT_{port}_TCP": address,
+        f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp",
+        f"KUBERNETES_PORT_{port}_TCP_PORT": port,
+        f"KUBERNETES_PORT_{port}_TCP_ADDR": host,
+    }
+
+
 def base_env(
-    pod: JSON, *, pod_ip: str, node_env: Mapping[str, str], tool_dir: str
+    pod: JSON,
+    *,
+    pod_ip: str,
+    node_env: Mapping[str, str],
+    tool_dir: str,
+    api_server: str | None = None,
 ) -> dict[str, str]:
     """What every container starts from before its own ``envFrom`` and ``env``.
 
     ``PATH`` is ``tool_dir`` (the directory of the node's Python: the project
     venv's bin, so ``python``, ``nats-server`` and ``kubectl`` resolve) before
     the node's PATH; ``POD_IP`` is the address to bind to; ``HOSTNAME`` is the
-    pod's hostname; ``PYTHONUNBUFFERED`` keeps logs timely.
+    pod's hostname; ``PYTHONUNBUFFERED`` keeps logs timely. With the API
+    server's URL, the ``KUBERNETES_SERVICE_*`` variables too (``api_server_env``).
     """
     env = {name: node_env[name] for name in INHERITED_ENV if name in node_env}
     env["PATH"] = tool_dir + ":" + node_env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -68,6 +98,8 @@ def base_env(
     spec = pod.get("spec") or {}
     env["HOSTNAME"] = spec.get("hostname") or pod["metadata"]["name"]
     env["POD_IP"] = pod_ip
+    if api_server:
+        env.update(api_server_env(api_server))
     return env
 
 

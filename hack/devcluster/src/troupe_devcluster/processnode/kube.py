@@ -63,6 +63,11 @@ class Kube:
         )
         return cls(api_client)
 
+    @property
+    def server(self) -> str:
+        """The API server's URL, as the kubeconfig gives it."""
+        return str(self._client.configuration.host)
+
     def _send(
         self,
         method: str,

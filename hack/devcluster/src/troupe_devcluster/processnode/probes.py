@@ -2,7 +2,8 @@
 
 ``httpGet`` and ``tcpSocket`` connect to the pod IP (or the probe's ``host``);
 ``exec`` runs the command as a local process in the pod dir with the
-container's env. ``grpc`` probes always fail with a message saying so.
+container's env (through ``exec_prefix``, in the container's mount
+namespace). ``grpc`` probes always fail with a message saying so.
 The threshold bookkeeping (``ProbeTracker``) is pure; ``Prober`` is the
 thread that runs one probe of one container instance on its schedule.
 """
@@ -109,6 +110,8 @@ class ProbeTarget:
     ports: Mapping[str, int]
     env: Mapping[str, str]
     cwd: Path
+    # Put before an exec probe's command, say to run it where the container's mounts are.
+    exec_prefix: tuple[str, ...] = ()
 
 
 def container_ports(container: JSON) -> dict[str, int]:
@@ -162,8 +165,11 @@ def _tcp_socket(action: JSON, target: ProbeTarget, timeout: float) -> tuple[bool
 
 
 def _exec(action: JSON, target: ProbeTarget, timeout: float) -> tuple[bool, str]:
+    command = action.get("command") or []
+    if not command:
+        return False, "exec probe has no command"
     process = subprocess.Popen(
-        action.get("command") or [],
+        [*target.exec_prefix, *command],
         env=dict(target.env),
         cwd=target.cwd,
         stdin=subprocess.DEVNULL,

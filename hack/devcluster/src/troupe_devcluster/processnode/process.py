@@ -4,18 +4,37 @@ Each process starts in its own session, so its pid is also its process-group
 id and a signal to the group reaches everything it spawned, as stopping a
 container stops its whole cgroup. Stopping never blocks: ``terminate`` sends
 SIGTERM and arms a deadline, and ``poll`` sends SIGKILL once it has passed.
+
+Given ``mounts``, the process is started through ``mountexec``, which makes
+them in a mount namespace of the container's own and then execs the
+container's argv (same pid). The start waits for that exec: a mount that
+fails raises ``CreateContainerError``, a program that cannot be run the same
+``OSError`` a plain start raises.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+
+from troupe_devcluster.processnode import mountexec
+from troupe_devcluster.processnode.mountexec import Mount
+
+# How long mountexec may take to make the mounts and exec before the start fails.
+EXEC_DEADLINE_SECONDS = 30.0
+
+
+class CreateContainerError(Exception):
+    """The container's mounts could not be made: the kubelet's ``CreateContainerError``."""
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -31,25 +50,94 @@ def exit_status(returncode: int) -> tuple[int, int | None]:
     return returncode, None
 
 
+def _read_failure(fd: int, deadline: float) -> bytes | None:
+    """What mountexec wrote to its status pipe before it closed (b"" on exec); None on timeout."""
+    data = b""
+    # poll, not select: the node may hold more than FD_SETSIZE descriptors.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        if poller.poll(remaining * 1000):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def _failure_error(report: bytes) -> Exception:
+    try:
+        failure = json.loads(report)
+    except ValueError:
+        return CreateContainerError(report.decode(errors="replace"))
+    if failure.get("error") == "exec":
+        return OSError(failure.get("errno") or 0, failure["message"], failure.get("filename"))
+    return CreateContainerError(str(failure.get("message")))
+
+
 class ContainerProcess:
     """A started container process; its stdout and stderr go to ``log``."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> None:
-        with log.open("ab") as out:
-            self._popen = subprocess.Popen(
-                list(argv),
-                env=dict(env),
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        log: Path,
+        mounts: Sequence[Mount] | None = None,
+    ) -> None:
+        status_read: int | None = None
+        pass_fds: tuple[int, ...] = ()
+        command = list(argv)
+        if mounts is not None:
+            status_read, status_write = os.pipe()
+            pass_fds = (status_write,)
+            command = mountexec.run_argv(sys.executable, mounts, argv, status_write)
+        try:
+            with log.open("ab") as out:
+                self._popen = subprocess.Popen(
+                    command,
+                    env=dict(env),
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=pass_fds,
+                )
+        except BaseException:
+            if status_read is not None:
+                os.close(status_read)
+            raise
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+        if status_read is not None:
+            self._await_exec(status_read)
         self.pid = self._popen.pid
         self.started_at = datetime.now(UTC)
         self.started_monotonic = time.monotonic()
         self._kill_at: float | None = None
         self._swept = False
+
+    def _await_exec(self, status_read: int) -> None:
+        """Wait until mountexec has exec'd the container; raise what kept it from doing so."""
+        try:
+            report = _read_failure(status_read, time.monotonic() + EXEC_DEADLINE_SECONDS)
+        finally:
+            os.close(status_read)
+        if report == b"":
+            return
+        if report is None:
+            signal_group(self._popen.pid, signal.SIGKILL)
+        self._popen.wait()
+        if report is None:
+            raise CreateContainerError(
+                f"the mounts were not made within {EXEC_DEADLINE_SECONDS:g}s"
+            )
+        raise _failure_error(report)
 
     @property
     def terminating(self) -> bool:

@@ -1,6 +1,7 @@
 """Runs one pod: its containers as local processes, their probes, restarts and status.
 
-The contract for container authors (there are no images and no namespaces):
+The contract for container authors (there are no images; the only namespace
+is a mount namespace per container, where the node may make one):
 
 - argv is ``command`` + ``args`` with ``$(VAR)`` expanded (``args`` alone when
   there is no ``command``; neither is a config error). A bare program name is
@@ -8,8 +9,13 @@ The contract for container authors (there are no images and no namespaces):
 - Each pod gets its own loopback address from the node's range (127.1.0.1,
   127.1.0.2, ...): bind to ``$POD_IP`` (also ``status.podIP``), never to
   0.0.0.0, or two pods on one port collide. ``hostNetwork`` pods get 127.0.0.1.
-- cwd is the pod dir; volumes and mounts are described in ``volumes``.
-- The environment is ``env.base_env`` + ``TROUPE_MOUNT_ROOT`` +
+- cwd is the pod dir; volumes and mounts are described in ``volumes``. With
+  ``NodeContext.real_mounts`` each container runs in a mount namespace of its
+  own with its volumeMounts bind-mounted at their mountPaths (``mountexec``),
+  the service account's token at /var/run/secrets/kubernetes.io/serviceaccount
+  among them; a mount that cannot be made is ``CreateContainerError``.
+- The environment is ``env.base_env`` (with ``KUBERNETES_SERVICE_HOST`` and
+  ``_PORT`` naming the real API server) + ``TROUPE_MOUNT_ROOT`` +
   ``TROUPE_VOLUME_*`` + the container's ``envFrom`` and ``env``.
 - stdout and stderr are appended to ``<pod dir>/<container>.log``.
 - Restarts follow ``restartPolicy`` with a back-off of 1s doubling to 30s
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from troupe_devcluster.processnode import volumes
+from troupe_devcluster.processnode import mountexec, volumes
 from troupe_devcluster.processnode.env import base_env, container_argv, container_env
 from troupe_devcluster.processnode.ipam import IPPool
 from troupe_devcluster.processnode.kube import EXPECTED_ERRORS, STRATEGIC_MERGE, ApiError, Kube
@@ -40,7 +46,11 @@ from troupe_devcluster.processnode.probes import (
     ProbeTracker,
     container_ports,
 )
-from troupe_devcluster.processnode.process import ContainerProcess, exit_status
+from troupe_devcluster.processnode.process import (
+    ContainerProcess,
+    CreateContainerError,
+    exit_status,
+)
 from troupe_devcluster.processnode.sources import JSON, ConfigError, Sources, referenced_names
 from troupe_devcluster.processnode.status import (
     NODE_IP,
@@ -72,13 +82,20 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 
 @dataclass(frozen=True)
 class NodeContext:
-    """What every pod worker shares: the API, the node's name, its workdir and IP pool."""
+    """What every pod worker shares: the API, the node's name, its workdir and IP pool.
+
+    ``api_server`` is the URL containers reach the API server at (their
+    ``KUBERNETES_SERVICE_*``); ``real_mounts`` runs each container in a mount
+    namespace of its own with its volumes at their mountPaths.
+    """
 
     kube: Kube
     node_name: str
     workdir: Path
     pool: IPPool
     tool_dir: str = field(default_factory=lambda: os.path.dirname(sys.executable))
+    api_server: str | None = None
+    real_mounts: bool = False
 
 
 def _now() -> datetime:
@@ -531,13 +548,22 @@ class PodWorker:
 
     def _start(self, slot: _Slot, policy: str, pod: JSON, sources: Callable[[], Sources]) -> None:
         assert self._ip is not None
-        base = base_env(pod, pod_ip=self._ip, node_env=os.environ, tool_dir=self._node.tool_dir)
+        base = base_env(
+            pod,
+            pod_ip=self._ip,
+            node_env=os.environ,
+            tool_dir=self._node.tool_dir,
+            api_server=self._node.api_server,
+        )
         base.update(volumes.volume_env(pod, self._directory))
+        mounts: list[mountexec.Mount] | None = None
         try:
             env = container_env(
                 pod, slot.spec, sources(), base=base, pod_ip=self._ip, host_ip=NODE_IP
             )
             argv = container_argv(slot.spec, env)
+            if self._node.real_mounts:
+                mounts = volumes.container_mounts(pod, slot.spec, self._directory)
         except ConfigError as error:
             slot.state = Waiting("CreateContainerConfigError", str(error))
             slot.next_start = time.monotonic() + CONFIG_RETRY_SECONDS
@@ -547,25 +573,40 @@ class PodWorker:
             log.warning("%s: cannot start container %s yet: %s", self.label, slot.name, error)
             slot.next_start = time.monotonic() + CONFIG_RETRY_SECONDS
             return
-        if slot.has_run:
-            slot.restart_count += 1
-        slot.has_run = True
         log_path = self._directory / f"{slot.name}.log"
         try:
-            process = ContainerProcess(argv, env, self._directory, log_path)
+            process = ContainerProcess(argv, env, self._directory, log_path, mounts)
+        except CreateContainerError as error:
+            # Nothing ran: no restart is counted, and the next try backs off.
+            log.info("%s: container %s cannot be created: %s", self.label, slot.name, error)
+            slot.state = Waiting("CreateContainerError", str(error))
+            slot.next_start = time.monotonic() + slot.backoff
+            slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_SECONDS)
+            return
         except (OSError, ValueError) as error:
+            self._count_start(slot)
             log.info("%s: container %s failed to start: %s", self.label, slot.name, error)
             failed = Terminated(
                 exit_code=128, reason="StartError", finished_at=_now(), message=str(error)
             )
             self._after_exit(slot, failed, policy, pod, 0.0)
             return
+        self._count_start(slot)
         log.info("%s: started container %s as pid %d", self.label, slot.name, process.pid)
         slot.process = process
         slot.state = Running(process.pid, process.started_at)
-        self._start_probers(
-            slot, ProbeTarget(self._ip, container_ports(slot.spec), env, self._directory)
-        )
+        prefix: tuple[str, ...] = ()
+        if mounts is not None:
+            # Exec probes look at the container's files, so they run among its mounts.
+            prefix = tuple(mountexec.enter_argv(sys.executable, process.pid, []))
+        target = ProbeTarget(self._ip, container_ports(slot.spec), env, self._directory, prefix)
+        self._start_probers(slot, target)
+
+    @staticmethod
+    def _count_start(slot: _Slot) -> None:
+        if slot.has_run:
+            slot.restart_count += 1
+        slot.has_run = True
 
     def _start_probers(self, slot: _Slot, target: ProbeTarget) -> None:
         spec = slot.spec

@@ -1,14 +1,20 @@
-"""Pod volumes as directories, and mounts as symlinks a process can follow.
+"""Pod volumes as directories, mounted at their real paths or followed through symlinks.
 
-A process cannot see a mount at ``/etc/app``, so the node lays each pod out as
+The node lays each pod out as
 
     <workdir>/pods/<namespace>_<name>_<uid>/          the pod dir, every container's cwd
         volumes/<volume>/                             one directory per volume
         root/<mountPath>  ->  volumes/<volume>[/<subPath>]
         <container>.log                               stdout+stderr of that container
 
-and tells containers where things are with ``TROUPE_VOLUME_<NAME>`` (the
-volume dir; the name upper-cased, anything not alphanumeric turned into
+Where the node may make mount namespaces (it runs as root), each container
+also sees its volumeMounts at their real ``mountPath``: ``container_mounts``
+says what to bind where and ``mountexec`` does it in the container's own
+mount namespace. configMap, secret, downwardAPI and projected volumes are
+always mounted read-only, as the kubelet does; others when ``readOnly``.
+
+Either way containers are told where things are with ``TROUPE_VOLUME_<NAME>``
+(the volume dir; the name upper-cased, anything not alphanumeric turned into
 ``_``) and ``TROUPE_MOUNT_ROOT`` (the ``root`` dir: a container finds its
 ``mountPath`` under it). The layout and contents are pure; ``write_*`` do I/O.
 
@@ -27,10 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from troupe_devcluster.processnode.env import field_value
+from troupe_devcluster.processnode.mountexec import Mount
 from troupe_devcluster.processnode.sources import JSON, ConfigError, Sources, all_containers
 
 DEFAULT_MODE = 0o644
 DEFAULT_TOKEN_EXPIRATION_SECONDS = 3600
+
+# Volume types whose contents the node writes: the container may only read them.
+API_DATA_VOLUMES = ("configMap", "secret", "downwardAPI", "projected")
 
 TokenSource = Callable[[str | None, int], str]
 """Returns a service-account token for (audience or None for the API server's, seconds)."""
@@ -119,6 +129,33 @@ def mount_links(pod: JSON, pod_directory: Path) -> dict[Path, Path]:
             if links.setdefault(link, target) != target:
                 raise ConfigError(f'mountPath "{mount["mountPath"]}" mounts two different volumes')
     return links
+
+
+def container_mounts(pod: JSON, container: JSON, pod_directory: Path) -> list[Mount]:
+    """The bind mounts of ``container``, shallowest ``mountPath`` first.
+
+    A parent path is mounted before the paths inside it, so a mount at
+    ``/etc/app/extra`` lands inside the one at ``/etc/app`` rather than under it.
+    """
+    volumes = {volume["name"]: volume for volume in (pod.get("spec") or {}).get("volumes") or []}
+    mounts: list[Mount] = []
+    targets: set[str] = set()
+    for mount in container.get("volumeMounts") or []:
+        name = mount["name"]
+        volume = volumes.get(name)
+        if volume is None:
+            raise ConfigError(f'volumeMount "{name}" refers to no volume of the pod')
+        if mount.get("subPathExpr"):
+            raise ConfigError(f'volumeMount "{name}": subPathExpr is not supported')
+        root = volume_dir(pod_directory, name)
+        source = root / _relative(mount["subPath"], "subPath") if mount.get("subPath") else root
+        target = "/" + str(_relative(mount["mountPath"], "mountPath"))
+        if target in targets:
+            raise ConfigError(f'mountPath "{mount["mountPath"]}" is mounted twice')
+        targets.add(target)
+        read_only = bool(mount.get("readOnly")) or any(kind in volume for kind in API_DATA_VOLUMES)
+        mounts.append(Mount(name, str(source), target, read_only, str(root)))
+    return sorted(mounts, key=lambda mount: len(PurePosixPath(mount.target).parts))
 
 
 def _items(

@@ -1,0 +1,117 @@
+"""A Workflow spec → its engine's config, ConfigMap and Deployment.
+
+Each valid Workflow runs in an engine of its own: one pod running
+``python -m troupe_runtime.workflow``, reading the runtime's own ``EngineConfig``
+(JSON from the ConfigMap ``<workflow>-engine``, through ``TROUPE_ENGINE_CONFIG_JSON``).
+Steps carry their agents' inbox subjects, so the engine needs no Kubernetes access.
+The Deployment uses the ``Recreate`` strategy: the old engine is gone before the new
+one starts, so two engines never work the same runs at once. Its pods share the
+agents' restricted security context, probes and annotations (``builders.pods``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from troupe_operator.api import WorkflowSpec, WorkflowStep
+from troupe_operator.builders import pods
+from troupe_operator.builders.pods import FIELD_MANAGER, Owner
+from troupe_runtime import naming
+from troupe_runtime.workflow.__main__ import CONFIG_JSON_ENV
+from troupe_runtime.workflow.config import EngineCompensation, EngineConfig, EngineStep
+
+WORKFLOW_LABEL = "troupe.dev/workflow"
+ENGINE_COMMAND = ["python", "-m", "troupe_runtime.workflow"]
+
+
+def engine_name(workflow: str) -> str:
+    """The engine's Deployment and ConfigMap."""
+    return f"{workflow}-engine"
+
+
+def engine_labels(workflow: str) -> dict[str, str]:
+    """Labels on every object of a workflow's engine; its Deployment selects pods by these."""
+    return {
+        "app.kubernetes.io/name": "troupe-workflow-engine",
+        "app.kubernetes.io/instance": workflow,
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+        WORKFLOW_LABEL: workflow,
+    }
+
+
+def _engine_step(namespace: str, step: WorkflowStep) -> EngineStep:
+    """A step with its agent's inbox subject; unset timeout and retry keep the engine's
+    defaults (5 minutes, one attempt)."""
+    fields: dict[str, Any] = {}
+    if step.timeout is not None:
+        fields["timeout"] = step.timeout
+    if step.retry is not None:
+        fields["retry"] = step.retry
+    if step.compensation is not None:
+        fields["compensation"] = EngineCompensation(
+            subject=naming.inbox_subject(namespace, step.compensation.agent_ref, 0),
+            input=step.compensation.input,
+        )
+    return EngineStep(
+        name=step.name,
+        agent=step.agent_ref,
+        subject=naming.inbox_subject(namespace, step.agent_ref, 0),
+        depends_on=step.depends_on,
+        input=step.input,
+        on_failure=step.on_failure,
+        **fields,
+    )
+
+
+def build_engine_config(owner: Owner, spec: WorkflowSpec, default_nats_url: str) -> EngineConfig:
+    """The engine's config. Call it for a valid spec: no cycle, every agentRef an Agent."""
+    return EngineConfig(
+        workflow=owner.name,
+        namespace=owner.namespace,
+        trigger_subject=spec.trigger.subject,
+        steps=[_engine_step(owner.namespace, step) for step in spec.steps],
+        deadline=spec.deadline,
+        max_concurrent_runs=spec.max_concurrent_runs,
+        dead_letter=spec.dead_letter,
+        nats=pods.nats_settings(spec.nats, default_nats_url),
+    )
+
+
+def engine_config_hash(config: EngineConfig) -> str:
+    return pods.config_hash(config.to_json())
+
+
+def build_engine_config_map(owner: Owner, config: EngineConfig) -> dict[str, Any]:
+    return pods.config_map(
+        owner, engine_name(owner.name), engine_labels(owner.name), config.to_json()
+    )
+
+
+def build_engine_deployment(
+    owner: Owner, spec: WorkflowSpec, config: EngineConfig, image: str
+) -> dict[str, Any]:
+    """One engine replica, replaced with ``Recreate``, restricted like the agents' pods."""
+    secret_volumes, secret_mounts = pods.nats_secret_volumes(spec.nats)
+    container = pods.runtime_container(
+        pods.Container(
+            image=image,
+            image_pull_policy="IfNotPresent",
+            command=ENGINE_COMMAND,
+            config_env=CONFIG_JSON_ENV,
+            config_map=engine_name(owner.name),
+            health_port=config.health_port,
+            extra_env=[],
+            secret_mounts=secret_mounts,
+        )
+    )
+    return pods.deployment(
+        owner,
+        engine_name(owner.name),
+        engine_labels(owner.name),
+        {WORKFLOW_LABEL: owner.name},
+        1,
+        config.to_json(),
+        config.health_port,
+        pods.restricted_pod_spec([container], secret_volumes),
+        strategy={"type": "Recreate"},
+    )

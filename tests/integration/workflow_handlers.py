@@ -1,0 +1,19 @@
+"""Handlers that Agents of the operator's workflow tests run in real runtime processes.
+
+The process node starts each container with its pod's directory as working directory:
+an Agent using these sets ``PYTHONPATH`` to the repository root (``operator_support.REPO``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from troupe_runtime.context import Context
+
+NAME_ENV = "TROUPE_TEST_APPEND"
+
+
+async def append_name(ctx: Context) -> Any:
+    """The input list with this agent's name (from ``$TROUPE_TEST_APPEND``) appended."""
+    return [*(ctx.event.data or []), os.environ[NAME_ENV]]
