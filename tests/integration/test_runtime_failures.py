@@ -19,6 +19,7 @@ from tests.integration.runtime_harness import (
     stored,
     stream_count,
 )
+from troupe_runtime import naming
 from troupe_runtime.context import AgentError, Context
 from troupe_runtime.deadletter import (
     ATTEMPTS_HEADER,
@@ -199,7 +200,7 @@ async def test_a_non_retryable_error_state_is_dead_lettered_at_once(nats_url: st
     ] == "AgentError: Refused: this agent does not do that"
 
 
-async def test_a_message_no_replica_survives_is_dead_lettered_from_the_advisory(
+async def test_a_message_no_replica_survives_is_dead_lettered_from_the_stored_advisory(
     nats_url: str,
 ) -> None:
     config = make_config(nats_url, retry={"maxAttempts": 2}, messaging={"ackWait": "1s"})
@@ -215,7 +216,12 @@ async def test_a_message_no_replica_survives_is_dead_lettered_from_the_advisory(
         await crashed.start()
         for _ in range(2):
             assert len(await crashed.pull(1, wait=3.0)) == 1
+        # A third replica's pull makes the server give up (and advise); it dies too.
+        assert await crashed.pull(1, wait=2.0) == []
         await crashed.stop()
+        # No replica listened to the advisory: it waits in a stream of its own.
+        advisories = naming.advisory_stream(config.namespace, config.agent)
+        await eventually(lambda: stream_count(js, advisories), "the stored advisory")
         async with running(config, record):
             await eventually(lambda: stream_count(js, config.dead_letter_stream), "a dead letter")
             await eventually(lambda: inbox_empty(js, config), "the inbox to be emptied")

@@ -9,6 +9,7 @@ replica and by the MAX_DELIVERIES advisory, say) is stored once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,12 +18,14 @@ from enum import StrEnum
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import NotFoundError
 
+from troupe_runtime import naming
 from troupe_runtime.config import RuntimeConfig
+from troupe_runtime.pull import Puller
+from troupe_runtime.resources import RESCUER_CONSUMER
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,10 @@ SUBJECT_HEADER = "Troupe-Original-Subject"
 STREAM_HEADER = "Troupe-Original-Stream"
 SEQUENCE_HEADER = "Troupe-Original-Sequence"
 MAX_ERROR_LENGTH = 1000
-MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+RESCUE_BATCH = 16
+RESCUE_WAIT_SECONDS = 1.0
 
 
 class DeadLetterReason(StrEnum):
@@ -96,7 +102,10 @@ class DeadLetters:
         self._js = js
         self._config = config
         self._agent = f"{config.namespace}/{config.agent}"
-        self._advisories: Subscription | None = None
+        self._rescuing: asyncio.Task[None] | None = None
+        self._puller = Puller(
+            nc, naming.advisory_stream(config.namespace, config.agent), RESCUER_CONSUMER
+        )
 
     @property
     def enabled(self) -> bool:
@@ -129,20 +138,29 @@ class DeadLetters:
     async def watch_max_deliveries(self) -> None:
         """Catch messages the server stopped redelivering, e.g. one that crashes every replica.
 
-        One replica of the queue group takes each advisory; the dead letter's
-        message id makes a second rescue of the same message harmless.
+        The advisories wait in a stream of their own until one replica takes
+        each; the dead letter's message id makes a second rescue harmless.
         """
-        stream = self._config.inbox_stream
-        self._advisories = await self._nc.subscribe(
-            f"{MAX_DELIVERIES_ADVISORY}.{stream}.*",
-            queue=f"troupe_{stream}",
-            cb=self._on_advisory,
-        )
+        await self._puller.start()
+        self._rescuing = asyncio.create_task(self._rescue_loop())
 
     async def stop(self) -> None:
-        if self._advisories is not None:
-            await self._advisories.unsubscribe()
-            self._advisories = None
+        if self._rescuing is not None:
+            self._rescuing.cancel()
+            await asyncio.gather(self._rescuing, return_exceptions=True)
+            self._rescuing = None
+        await self._puller.stop()
+
+    async def _rescue_loop(self) -> None:
+        while True:
+            try:
+                advisories = await self._puller.pull(RESCUE_BATCH, RESCUE_WAIT_SECONDS)
+            except Exception:
+                logger.exception("could not fetch MAX_DELIVERIES advisories; trying again")
+                await asyncio.sleep(RESCUE_WAIT_SECONDS)
+                continue
+            for advisory in advisories:
+                await self._on_advisory(advisory)
 
     async def _on_advisory(self, advisory: Msg) -> None:
         try:
@@ -150,6 +168,9 @@ class DeadLetters:
             await self.rescue(int(body["stream_seq"]), int(body["deliveries"]))
         except Exception:
             logger.exception("could not dead-letter after a MAX_DELIVERIES advisory")
+            await advisory.nak(delay=RESCUE_WAIT_SECONDS)
+            return
+        await advisory.ack()
 
     async def rescue(self, sequence: int, deliveries: int) -> None:
         stream = self._config.inbox_stream

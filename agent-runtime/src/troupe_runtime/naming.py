@@ -40,6 +40,12 @@ def dead_letter_stream(namespace: str, agent: str) -> str:
     return f"TROUPE_DLQ_{_token(namespace)}_{_token(agent)}"
 
 
+def advisory_stream(namespace: str, agent: str) -> str:
+    """Stores the server's MAX_DELIVERIES advisories for the agent's inbox, so a
+    message that crashes every replica is rescued even if none was listening."""
+    return f"TROUPE_ADV_{_token(namespace)}_{_token(agent)}"
+
+
 def kv_bucket(namespace: str, bucket: str) -> str:
     """Buckets are shared by the agents of one namespace that declare the same name."""
     return f"troupe_{_token(namespace)}_{_token(bucket)}"

@@ -96,6 +96,9 @@ async def ensure_agent_resources(
     assert resources.inbox.name is not None
     for consumer in resources.consumers:
         await ensure_consumer(js, resources.inbox.name, consumer, report)
+    await ensure_stream(js, resources.advisories, report)
+    assert resources.advisories.name is not None
+    await ensure_consumer(js, resources.advisories.name, resources.rescuer, report)
     if resources.dead_letters is not None:
         await ensure_stream(js, resources.dead_letters, report)
     await ensure_stream(js, resources.event_log, report)
@@ -105,9 +108,10 @@ async def ensure_agent_resources(
 
 
 async def delete_agent_resources(js: JetStreamContext, resources: AgentResources) -> list[str]:
-    """Remove an agent's own streams (inbox, dead letters); shared buckets and logs stay."""
+    """Remove an agent's own streams (inbox, advisories, dead letters); shared buckets
+    and logs stay."""
     deleted = []
-    for stream in (resources.inbox, resources.dead_letters):
+    for stream in (resources.inbox, resources.advisories, resources.dead_letters):
         if stream is None or stream.name is None:
             continue
         try:

@@ -23,6 +23,8 @@ from troupe_runtime.config import RuntimeConfig
 
 DUPLICATE_WINDOW_SECONDS = 120.0
 EVENT_LOG_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+RESCUER_CONSUMER = "rescuer"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class AgentResources:
 
     inbox: StreamConfig
     consumers: list[ConsumerConfig]
+    advisories: StreamConfig
+    rescuer: ConsumerConfig
     dead_letters: StreamConfig | None
     buckets: list[KeyValueConfig]
     event_log: StreamConfig
@@ -65,6 +69,27 @@ def build_consumer(config: RuntimeConfig, priority: int, replicas: int) -> Consu
         max_deliver=config.retry.max_attempts,
         max_ack_pending=config.messaging.max_in_flight * max(replicas, 1),
         description=f"Priority {priority} of agent {config.namespace}/{config.agent}",
+    )
+
+
+def build_advisory_stream(config: RuntimeConfig) -> StreamConfig:
+    """A work queue of the inbox's MAX_DELIVERIES advisories, kept until a replica
+    rescues the message they name (the server publishes them only once)."""
+    return StreamConfig(
+        name=naming.advisory_stream(config.namespace, config.agent),
+        subjects=[f"{MAX_DELIVERIES_ADVISORY}.{config.inbox_stream}.*"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_age=config.dead_letter.retention.total_seconds(),
+        description=f"Undeliverable-message advisories of agent {config.namespace}/{config.agent}",
+    )
+
+
+def build_rescuer(config: RuntimeConfig) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=RESCUER_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=config.messaging.ack_wait.total_seconds(),
     )
 
 
@@ -111,6 +136,8 @@ def build_agent_resources(config: RuntimeConfig, replicas: int = 1) -> AgentReso
             build_consumer(config, priority, replicas)
             for priority in range(config.messaging.priority_levels)
         ],
+        advisories=build_advisory_stream(config),
+        rescuer=build_rescuer(config),
         dead_letters=build_dead_letter_stream(config),
         buckets=build_buckets(config),
         event_log=build_event_log_stream(config.namespace),
