@@ -187,3 +187,27 @@ def test_referenced_secrets_name_the_fields_that_reference_them(spec: AgentSpec)
         ("spec.nats.credentialsSecret", "nats-user", "nats.creds"),
         ("spec.nats.tls.secretName", "nats-tls", None),
     ]
+
+
+def test_handler_code_config_map_is_mounted_read_only_and_importable() -> None:
+    spec = AgentSpec.model_validate(
+        {
+            "role": "retrieve",
+            "runtime": {
+                "handler": {"type": "python", "entrypoint": "research:retrieve"},
+                "code": {"configMap": "research-handlers"},
+            },
+        }
+    )
+    config = workload.build_runtime_config(OWNER, spec, NATS_URL)
+
+    pod = workload.build_deployment(OWNER, spec, config)["spec"]["template"]["spec"]
+
+    assert {"name": "handler-code", "configMap": {"name": "research-handlers"}} in pod["volumes"]
+    container = pod["containers"][0]
+    assert {
+        "name": "handler-code",
+        "mountPath": "/opt/troupe/code",
+        "readOnly": True,
+    } in container["volumeMounts"]
+    assert {"name": "PYTHONPATH", "value": "/opt/troupe/code"} in container["env"]

@@ -61,6 +61,12 @@ class EnvVar(ApiModel):
     value_from: KubeObject | None = None
 
 
+class HandlerCode(ApiModel):
+    """Python modules shipped in a ConfigMap, so a handler needs no custom image."""
+
+    config_map: str = Field(pattern=NAME_PATTERN, max_length=253)
+
+
 class AgentRuntime(ApiModel):
     """The pods that run the agent: image, handler, scale and placement."""
 
@@ -80,6 +86,11 @@ class AgentRuntime(ApiModel):
                 ".url",
             ),
         ),
+    )
+    code: HandlerCode | None = Field(
+        default=None,
+        description="A ConfigMap whose files are mounted at /opt/troupe/code and put on "
+        "PYTHONPATH, so entrypoint modules can live there. Roll the pods after changing it.",
     )
     replicas: int = Field(default=1, ge=0, le=1000)
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)

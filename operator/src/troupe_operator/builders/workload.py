@@ -8,14 +8,20 @@ agents' pods share with the workflow engines' is in ``builders.pods``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from troupe_operator.api import AgentSpec
+from troupe_operator.api.agent import AgentRuntime
 from troupe_operator.builders import pods
 from troupe_operator.builders.pods import FIELD_MANAGER, Owner, SecretReference
 from troupe_runtime.config import CONFIG_JSON_ENV, RuntimeConfig
 
 AGENT_LABEL = "troupe.dev/agent"
+
+
+CODE_VOLUME = "handler-code"
+CODE_DIR = Path("/opt/troupe/code")
 
 
 def agent_labels(name: str) -> dict[str, str]:
@@ -103,7 +109,10 @@ def _runtime_container(
             config_env=CONFIG_JSON_ENV,
             config_map=config_map_name(owner.name),
             health_port=config.health_port,
-            extra_env=[e.model_dump(by_alias=True, exclude_none=True) for e in runtime.env],
+            extra_env=[
+                *([{"name": "PYTHONPATH", "value": str(CODE_DIR)}] if runtime.code else []),
+                *(e.model_dump(by_alias=True, exclude_none=True) for e in runtime.env),
+            ],
             secret_mounts=secret_mounts,
         )
     )
@@ -115,10 +124,22 @@ def _runtime_container(
     return container
 
 
+def code_volume(runtime: AgentRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The handler-code ConfigMap's volume and read-only mount, if the agent has one."""
+    if runtime.code is None:
+        return [], []
+    return (
+        [{"name": CODE_VOLUME, "configMap": {"name": runtime.code.config_map}}],
+        [{"name": CODE_VOLUME, "mountPath": str(CODE_DIR), "readOnly": True}],
+    )
+
+
 def build_deployment(owner: Owner, spec: AgentSpec, config: RuntimeConfig) -> dict[str, Any]:
     """The runtime's Deployment, compliant with the restricted Pod Security profile."""
     runtime = spec.runtime
     secret_volumes, secret_mounts = pods.nats_secret_volumes(spec.nats)
+    code_volumes, code_mounts = code_volume(runtime)
+    secret_volumes, secret_mounts = secret_volumes + code_volumes, secret_mounts + code_mounts
     pod_spec = pods.restricted_pod_spec(
         [_runtime_container(owner, spec, config, secret_mounts), *runtime.sidecars],
         secret_volumes,
