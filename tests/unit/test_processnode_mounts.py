@@ -177,3 +177,12 @@ def test_a_directory_source_cannot_go_onto_a_file(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("")
     with pytest.raises(MountError, match="not a directory"):
         mountexec.prepare_target(str(tmp_path), str(tmp_path / "taken"))
+
+
+def test_a_mount_that_would_hide_what_the_container_runs_from_is_recognised() -> None:
+    needed = ["/tmp/cluster/pods/p1/volumes/tmp", "/work/.venv"]
+    assert mountexec.hides("/tmp", needed) == "/tmp/cluster/pods/p1/volumes/tmp"
+    assert mountexec.hides("/tmp/", needed) == "/tmp/cluster/pods/p1/volumes/tmp"
+    assert mountexec.hides("/work/.venv", needed) == "/work/.venv"
+    assert mountexec.hides("/opt/troupe/code", needed) is None
+    assert mountexec.hides("/tmpfoo", needed) is None

@@ -174,6 +174,42 @@ def bind(libc: Any, mount: Mount) -> None:
         raise MountError(f'volume "{mount.volume}" at {mount.target}: {error}') from None
 
 
+def hides(target: str, paths: Sequence[str]) -> str | None:
+    """The first of ``paths`` that a mount at ``target`` would hide, if any."""
+    top = target.rstrip("/") or "/"
+    for path in paths:
+        if path == top or path.startswith(top.rstrip("/") + "/"):
+            return path
+    return None
+
+
+def needed_paths(mounts: Sequence[Mount]) -> list[str]:
+    """What the container needs from the host: the venv, its cwd, its volumes."""
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+    return [os.path.realpath(p) for p in (venv, os.getcwd(), *(m.root for m in mounts))]
+
+
+def bind_all(libc: Any, mounts: Sequence[Mount]) -> None:
+    """Make every mount, except one that would hide what the container runs from.
+
+    On a real node the image brings its own filesystem; here the container runs
+    from the host's, so e.g. an emptyDir at /tmp must not cover a venv or a pod
+    dir under /tmp. Such a volume stays at its own path (TMPDIR for /tmp).
+    """
+    needed = needed_paths(mounts)
+    for mount in mounts:
+        hidden = hides(mount.target, needed)
+        if hidden is None:
+            bind(libc, mount)
+            continue
+        sys.stderr.write(
+            f'mountexec: volume "{mount.volume}" is not mounted at {mount.target}: '
+            f"it would hide {hidden}\n"
+        )
+        if mount.target.rstrip("/") == "/tmp":
+            os.environ["TMPDIR"] = mount.source
+
+
 def enter(libc: Any, pid: int) -> None:
     """Join the mount namespace of ``pid``, staying in the same working directory."""
     cwd = os.getcwd()
@@ -206,8 +242,7 @@ def main(args: list[str]) -> int:
             enter(libc, int(spec["enter"]))
         else:
             isolate(libc)
-            for mount in spec.get("mounts") or []:
-                bind(libc, Mount.from_json(mount))
+            bind_all(libc, [Mount.from_json(mount) for mount in spec.get("mounts") or []])
     except (OSError, MountError) as error:
         _report(status_fd, {"error": "mount", "message": str(error)})
         return 126
