@@ -20,7 +20,7 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
-from troupe_runtime import envelope
+from troupe_runtime import envelope, naming
 from troupe_runtime.context import Context, HandlerFn
 from troupe_runtime.envelope import CloudEvent
 
@@ -277,3 +277,29 @@ async def test_a_run_starts_from_the_workflows_own_start_subject(nats_url: str) 
         outcome = await result(js, config, run)
     await nc.close()
     assert outcome["output"] == ["cli", "a"]
+
+
+async def test_a_runs_priority_reaches_the_agents_matching_inbox(nats_url: str) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [{"name": "urgent", "priorityLevels": 3}])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    seen: list[int | None] = []
+
+    async def record(ctx: Context) -> Any:
+        seen.append(ctx.event.priority)
+
+    async with (
+        agents(nats_url, ns, {"urgent": record}, messaging={"priorityLevels": 3}),
+        engine(config),
+    ):
+        run = run_id()
+        event = CloudEvent(id=run, source="/tests", type="test.start", priority=2, data={})
+        headers, payload = envelope.to_binary(event)
+        await js.publish(config.trigger_subject, payload, headers=headers)
+        await result(js, config, run)
+        inbox = naming.inbox_stream(ns, "urgent")
+        on_top = await js.consumer_info(inbox, naming.consumer_name("urgent", 2))
+    await nc.close()
+    assert seen == [2]
+    assert on_top.delivered.consumer_seq == 1

@@ -273,9 +273,13 @@ async def reconcile_workflow(
     """
     spec = WorkflowSpec.model_validate(spec_body)
     owner = Owner(namespace, name, uid, kind="Workflow")
-    agents = {
-        agent["metadata"]["name"] for agent in await operator.kube.list_custom(AGENTS, namespace)
+    priority_levels = {
+        agent["metadata"]["name"]: int(
+            agent.get("spec", {}).get("messaging", {}).get("priorityLevels", 1)
+        )
+        for agent in await operator.kube.list_custom(AGENTS, namespace)
     }
+    agents = set(priority_levels)
     graph = status.DagObservation(
         len(spec.steps), dag.workflow_cycles(spec), dag.unknown_agents(spec, agents)
     )
@@ -294,7 +298,7 @@ async def reconcile_workflow(
         await _write_status(operator.kube, WORKFLOWS, namespace, name, invalid)
         return None
 
-    config = engine.build_engine_config(owner, spec, operator.settings.nats_url)
+    config = engine.build_engine_config(owner, spec, operator.settings.nats_url, priority_levels)
     missing, secrets = await _missing_secrets(
         operator.kube, namespace, pods.nats_secrets(spec.nats)
     )

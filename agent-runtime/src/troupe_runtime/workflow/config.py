@@ -40,6 +40,9 @@ class EngineStep(WireModel):
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(max_attempts=1, backoff=[]))
     on_failure: Literal["fail", "continue", "compensate"] = "fail"
     compensation: EngineCompensation | None = None
+    priority_levels: int = Field(
+        default=1, ge=1, le=10, description="The agent's priority levels; runs keep theirs."
+    )
 
 
 class EngineConfig(WireModel):
@@ -54,6 +57,14 @@ class EngineConfig(WireModel):
     dead_letter: DeadLetterPolicy = Field(default_factory=DeadLetterPolicy)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     health_port: int = Field(default=8080, ge=1, le=65535)
+
+    def step_subject(self, name: str, priority: int | None) -> str:
+        """The step's agent inbox for a run of ``priority`` (its highest level at most)."""
+        step = self.step(name)
+        if not priority or step.priority_levels == 1:
+            return step.subject
+        level = min(priority, step.priority_levels - 1)
+        return naming.inbox_subject(self.namespace, step.agent, level)
 
     def step(self, name: str) -> EngineStep:
         for step in self.steps:

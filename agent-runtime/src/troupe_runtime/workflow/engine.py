@@ -210,17 +210,17 @@ class Engine:
         if run_id in self._runs:
             return  # the same trigger again, for a run in progress
         async with self._lock(run_id):
-            state = await self._start(run_id, event.data)
+            state = await self._start(run_id, event.data, event.priority)
             if state is None or state.terminal:
                 return
             self._runs[run_id] = state
         await self._advance(run_id)
 
-    async def _start(self, run_id: str, data: Any) -> RunState | None:
+    async def _start(self, run_id: str, data: Any, priority: int | None) -> RunState | None:
         """The run's state: new, or rebuilt when a crash left it half-started."""
         if await self._log.projected(run_id) is not None:
             return await self._log.rebuild(run_id)
-        started = RunStarted(run_id=run_id, at=self._clock(), input=data)
+        started = RunStarted(run_id=run_id, at=self._clock(), input=data, priority=priority)
         state = await self._log.append(None, started)
         if state is None:
             # Logged before a crash, but never projected: the log has the truth.
@@ -268,8 +268,11 @@ class Engine:
         now = self._clock()
         match action:
             case planner.Dispatch(step, attempt, payload):
-                target = self._config.step(step).subject
-                await self._send(target, dispatch_id(run_id, step, attempt), run_id, payload)
+                priority = self._runs[run_id].priority
+                target = self._config.step_subject(step, priority)
+                await self._send(
+                    target, dispatch_id(run_id, step, attempt), run_id, payload, priority
+                )
                 await self._record(
                     StepDispatched(run_id=run_id, at=now, step=step, attempt=attempt, input=payload)
                 )
@@ -295,7 +298,9 @@ class Engine:
                 )
                 self._forget(run_id)
 
-    async def _send(self, subject: str, event_id: str, run_id: str, data: Any) -> None:
+    async def _send(
+        self, subject: str, event_id: str, run_id: str, data: Any, priority: int | None = None
+    ) -> None:
         event = CloudEvent(
             id=event_id,
             source=self._source,
@@ -304,6 +309,7 @@ class Engine:
             datacontenttype=envelope.JSON_CONTENT_TYPE,
             correlationid=run_id,
             causationid=run_id,
+            priority=priority,
             replyto=self._config.subject("replies", run_id),
             data=data,
         )

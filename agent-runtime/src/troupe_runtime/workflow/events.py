@@ -23,6 +23,7 @@ class _Event(WireModel):
 class RunStarted(_Event):
     kind: Literal["RunStarted"] = "RunStarted"
     input: Any = None
+    priority: int | None = None
 
     @property
     def key(self) -> str:

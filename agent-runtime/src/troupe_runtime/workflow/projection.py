@@ -47,6 +47,7 @@ class RunState(WireModel):
     run_id: str
     status: RunStatus = "Running"
     input: Any = None
+    priority: int | None = None
     started_at: datetime
     finished_at: datetime | None = None
     steps: dict[str, StepState] = Field(default_factory=dict)
@@ -76,7 +77,13 @@ def apply(state: RunState | None, event: Event) -> RunState:
     if state is None:
         if not isinstance(event, RunStarted):
             raise ValueError(f"run {event.run_id} has no RunStarted before {event.kind}")
-        return RunState(run_id=event.run_id, input=event.input, started_at=event.at, events=1)
+        return RunState(
+            run_id=event.run_id,
+            input=event.input,
+            priority=event.priority,
+            started_at=event.at,
+            events=1,
+        )
     if state.terminal:
         return state
     steps = dict(state.steps)

@@ -11,6 +11,7 @@ agents' restricted security context, probes and annotations (``builders.pods``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from troupe_operator.api import WorkflowSpec, WorkflowStep
@@ -39,7 +40,7 @@ def engine_labels(workflow: str) -> dict[str, str]:
     }
 
 
-def _engine_step(namespace: str, step: WorkflowStep) -> EngineStep:
+def _engine_step(namespace: str, step: WorkflowStep, priority_levels: int) -> EngineStep:
     """A step with its agent's inbox subject; unset timeout and retry keep the engine's
     defaults (5 minutes, one attempt)."""
     fields: dict[str, Any] = {}
@@ -59,17 +60,30 @@ def _engine_step(namespace: str, step: WorkflowStep) -> EngineStep:
         depends_on=step.depends_on,
         input=step.input,
         on_failure=step.on_failure,
+        priority_levels=priority_levels,
         **fields,
     )
 
 
-def build_engine_config(owner: Owner, spec: WorkflowSpec, default_nats_url: str) -> EngineConfig:
-    """The engine's config. Call it for a valid spec: no cycle, every agentRef an Agent."""
+def build_engine_config(
+    owner: Owner,
+    spec: WorkflowSpec,
+    default_nats_url: str,
+    priority_levels: Mapping[str, int] | None = None,
+) -> EngineConfig:
+    """The engine's config. Call it for a valid spec: no cycle, every agentRef an Agent.
+
+    ``priority_levels`` (per agent) lets a run's priority reach the agents' inboxes.
+    """
+    levels = priority_levels or {}
     return EngineConfig(
         workflow=owner.name,
         namespace=owner.namespace,
         trigger_subject=spec.trigger.subject,
-        steps=[_engine_step(owner.namespace, step) for step in spec.steps],
+        steps=[
+            _engine_step(owner.namespace, step, levels.get(step.agent_ref, 1))
+            for step in spec.steps
+        ],
         deadline=spec.deadline,
         max_concurrent_runs=spec.max_concurrent_runs,
         dead_letter=spec.dead_letter,
