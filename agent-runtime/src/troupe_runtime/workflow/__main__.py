@@ -10,10 +10,8 @@ from pathlib import Path
 
 from troupe_runtime import logs
 from troupe_runtime.runtime import health_host
-from troupe_runtime.workflow.config import EngineConfig
+from troupe_runtime.workflow.config import CONFIG_JSON_ENV, EngineConfig
 from troupe_runtime.workflow.service import EngineService
-
-CONFIG_JSON_ENV = "TROUPE_ENGINE_CONFIG_JSON"
 
 
 def load_config(path: Path | None) -> EngineConfig:

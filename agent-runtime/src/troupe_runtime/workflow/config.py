@@ -19,6 +19,8 @@ from troupe_runtime.durations import Duration
 from troupe_runtime.policies import DeadLetterPolicy, RetryPolicy, WireModel
 
 DEFAULT_STEP_TIMEOUT = timedelta(minutes=5)
+# The env var through which the operator hands the engine its config inline.
+CONFIG_JSON_ENV = "TROUPE_ENGINE_CONFIG_JSON"
 
 
 class EngineCompensation(WireModel):

@@ -18,8 +18,12 @@ from troupe_operator.api import WorkflowSpec, WorkflowStep
 from troupe_operator.builders import pods
 from troupe_operator.builders.pods import FIELD_MANAGER, Owner
 from troupe_runtime import naming
-from troupe_runtime.workflow.__main__ import CONFIG_JSON_ENV
-from troupe_runtime.workflow.config import EngineCompensation, EngineConfig, EngineStep
+from troupe_runtime.workflow.config import (
+    CONFIG_JSON_ENV,
+    EngineCompensation,
+    EngineConfig,
+    EngineStep,
+)
 
 WORKFLOW_LABEL = "troupe.dev/workflow"
 ENGINE_COMMAND = ["python", "-m", "troupe_runtime.workflow"]
