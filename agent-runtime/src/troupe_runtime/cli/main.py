@@ -68,7 +68,7 @@ async def run_workflow(ops: Ops, args: argparse.Namespace) -> int:
             f"run id {run_id!r} is not valid: use 1 to 200 letters, digits, '-', '_' or '='"
         )
     data = _run_input(args)
-    duplicate = await ops.start_run(args.workflow, run_id, data)
+    duplicate = await ops.start_run(args.workflow, run_id, data, args.priority)
     if not args.wait:
         _emit(
             args,
@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--input-file", help="a file holding the input JSON ('-': stdin)")
     run.add_argument("--id", help="the run id (default: a new one); the same id never runs twice")
     run.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    run.add_argument(
+        "--priority",
+        type=_at_least(0),
+        default=None,
+        help="the run's priority: its steps go to their agents' inbox of that level",
+    )
     run.add_argument("--timeout", type=_positive, default=300.0, help="seconds --wait waits")
 
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(

@@ -75,7 +75,9 @@ class Ops:
 
     # Workflows
 
-    async def start_run(self, workflow: str, run_id: str, data: Any) -> bool:
+    async def start_run(
+        self, workflow: str, run_id: str, data: Any, priority: int | None = None
+    ) -> bool:
         """Publish the run's start event; True if JetStream had it already (same run id)."""
         await self._workflow_stream(workflow)
         event = CloudEvent(
@@ -83,6 +85,7 @@ class Ops:
             source="/troupe-cli",
             type="troupe.workflow.start",
             datacontenttype=envelope.JSON_CONTENT_TYPE,
+            priority=priority,
             data=data,
         )
         headers, payload = envelope.to_binary(event)
