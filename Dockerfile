@@ -1,26 +1,43 @@
-# Troupe images: `--target operator` and `--target runtime` (see `make images`,
-# which arrives with issue 6). Dependencies are pinned by requirements.txt.
+# syntax=docker/dockerfile:1
+# Troupe's two images, one target each (`make images` builds both):
+#   docker build --target operator -t troupe/operator:0.1.0 .
+#   docker build --target runtime  -t troupe/runtime:0.1.0 .
+# Every dependency is a wheel built once, from the exact pins of requirements.txt, in a
+# stage of its own; the final stages install those wheels from a bind mount, so neither
+# the wheels nor any build tool ends up in an image. Both run as the unprivileged user
+# 10001, the user the chart's restricted pod security context names.
 
-FROM python:3.11-slim AS build
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG TROUPE_VERSION=0.1.0
+
+FROM ${PYTHON_IMAGE} AS wheels
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY requirements.txt ./
-RUN pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.txt
+RUN pip wheel --wheel-dir /wheels --requirement requirements.txt
 COPY agent-runtime/ agent-runtime/
 COPY operator/ operator/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./agent-runtime ./operator
+RUN pip wheel --no-deps --wheel-dir /wheels ./agent-runtime ./operator
 
-FROM python:3.11-slim AS base
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin troupe
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+FROM ${PYTHON_IMAGE} AS base
+ARG TROUPE_VERSION
+LABEL org.opencontainers.image.title="Troupe" \
+      org.opencontainers.image.description="AI agent teams on Kubernetes and NATS JetStream" \
+      org.opencontainers.image.version="${TROUPE_VERSION}"
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin troupe
 
 FROM base AS runtime
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels troupe-runtime && rm -rf /wheels
-USER 10001
+ARG TROUPE_VERSION
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    pip install --no-index --find-links /wheels "troupe-runtime==${TROUPE_VERSION}"
+USER 10001:10001
 ENTRYPOINT ["python", "-m", "troupe_runtime"]
 
 FROM base AS operator
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels troupe-operator && rm -rf /wheels
-USER 10001
+ARG TROUPE_VERSION
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    pip install --no-index --find-links /wheels "troupe-operator==${TROUPE_VERSION}"
+USER 10001:10001
 ENTRYPOINT ["python", "-m", "troupe_operator"]

@@ -31,10 +31,11 @@ $(CONTROLPLANE_STAMP): hack/build-controlplane.sh hack/versions.env hack/control
 setup: $(STAMP) $(CONTROLPLANE_STAMP) ## Create .venv, install everything, build the control plane (idempotent).
 
 .PHONY: lint
-lint: setup ## Ruff and mypy --strict.
+lint: setup ## Ruff, mypy --strict and hadolint.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict $(SOURCES)
+	$(BIN)/hadolint Dockerfile
 
 .PHONY: format
 format: setup ## Apply ruff's fixes and formatting.
@@ -44,12 +45,25 @@ format: setup ## Apply ruff's fixes and formatting.
 CRD_DIRS := crds charts/troupe/crds
 
 .PHONY: crds
-crds: setup ## Regenerate the CRDs (crds/ and the chart's copy) from the API models.
+crds: setup ## Regenerate the CRDs (crds/, the chart's copy, deploy/) from the API models.
 	$(BIN)/python -m troupe_operator.crdgen write $(CRD_DIRS)
+	$(BIN)/python -m troupe_devcluster.bundle write
 
 .PHONY: verify
-verify: setup ## Fail when the committed CRDs differ from what the API models generate.
+verify: setup ## Fail when the committed CRDs or deploy/ bundle differ from what generates them.
 	$(BIN)/python -m troupe_operator.crdgen check $(CRD_DIRS)
+	$(BIN)/python -m troupe_devcluster.bundle check
+
+.PHONY: bundle
+bundle: setup ## Render the chart with default values into the plain install bundle deploy/.
+	$(BIN)/python -m troupe_devcluster.bundle write
+
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/troupe/Chart.yaml)
+
+.PHONY: images
+images: ## Build troupe/operator and troupe/runtime with Docker, tagged IMAGE_TAG (the appVersion).
+	docker build --target operator -t troupe/operator:$(IMAGE_TAG) .
+	docker build --target runtime -t troupe/runtime:$(IMAGE_TAG) .
 
 .PHONY: test
 test: lint verify ## Lint, check the CRDs, then every test against a real control plane and NATS.

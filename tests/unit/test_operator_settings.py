@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from troupe_operator.__main__ import parse_args
+from troupe_operator.__main__ import parse_args, peering_priority
 from troupe_operator.settings import OperatorSettings, from_environment
 
 
@@ -56,3 +56,16 @@ def test_help_describes_the_operator(capsys: pytest.CaptureFixture[str]) -> None
 
     assert exited.value.code == 0
     assert "--all-namespaces" in capsys.readouterr().out
+
+
+def test_peers_draw_distinct_priorities_unless_one_is_given() -> None:
+    drawn = {peering_priority("troupe", None) for _ in range(20)}
+    assert len(drawn) > 1
+    assert all(priority > 0 for priority in drawn)
+    assert peering_priority("troupe", 7) == 7
+    assert peering_priority(None, None) == 0
+
+
+def test_the_operator_binds_to_its_pod_ip_when_it_has_one() -> None:
+    assert from_environment({"POD_IP": "127.1.0.9"}).bind_address == "127.1.0.9"
+    assert from_environment({}).bind_address == "0.0.0.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import random
 
 import kopf
 
@@ -35,11 +36,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME",
         help="kopf peering object for active/standby replicas (needs kopf's peering CRDs)",
     )
-    parser.add_argument("--priority", type=int, default=0, help="peering priority")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority (default with --peering: a random one per process)",
+    )
     parser.add_argument("--nats-url", help="NATS for agents that name none (TROUPE_NATS_URL)")
     parser.add_argument("--log-format", choices=["plain", "json"], help="(TROUPE_LOG_FORMAT)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
+
+
+def peering_priority(peering: str | None, given: int | None) -> int:
+    """kopf pauses every peer when several share the top priority, and a Deployment
+    cannot give its replicas different flags: so each process draws its own."""
+    if given is not None:
+        return given
+    if peering is None:
+        return 0
+    return random.SystemRandom().randrange(1, 2**31)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             registry=registry,
             standalone=True if args.standalone else None,
             peering_name=args.peering,
-            priority=args.priority,
+            priority=peering_priority(args.peering, args.priority),
             clusterwide=config.all_namespaces,
             namespaces=config.namespaces,
             liveness_endpoint=(
-                f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
+                f"http://{config.bind_address}:{config.health_port}/healthz"
+                if config.health_port
+                else None
             ),
         )
     )

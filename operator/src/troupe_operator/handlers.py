@@ -68,7 +68,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
         operator = reconcile.Operator(
             Kube(new_api_client()), NatsPool(config.nats_credentials), config
         )
-        metrics.serve(config.metrics_port)
+        metrics.serve(config.metrics_port, config.bind_address)
         resync = asyncio.create_task(reconcile.resync_forever(operator))
 
     @kopf.on.cleanup(registry=registry, id="cleanup")

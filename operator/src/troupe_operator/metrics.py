@@ -37,7 +37,7 @@ def reconcile_timer(kind: str) -> Iterator[None]:
         DURATION.labels(kind).observe(time.perf_counter() - started)
 
 
-def serve(port: int) -> None:
+def serve(port: int, address: str = "0.0.0.0") -> None:
     """Serve /metrics on ``port`` in a background thread (0 turns metrics off)."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=address)

@@ -39,6 +39,8 @@ class OperatorSettings:
     metrics_port: int = 9090
     health_port: int = 8081
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    # The pod's own IP (POD_IP) when set: replicas sharing a host must not clash.
+    bind_address: str = "0.0.0.0"
 
     @property
     def all_namespaces(self) -> bool:
@@ -75,4 +77,5 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSetting
         metrics_port=int(environ.get("TROUPE_METRICS_PORT", defaults.metrics_port)),
         health_port=int(environ.get("TROUPE_HEALTH_PORT", defaults.health_port)),
         runtime_image=environ.get("TROUPE_RUNTIME_IMAGE", defaults.runtime_image),
+        bind_address=environ.get("POD_IP") or defaults.bind_address,
     )

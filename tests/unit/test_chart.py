@@ -1,0 +1,268 @@
+"""The Helm chart without a cluster: it lints, renders what each value asks for, grants the
+operator exactly the API access it uses (no wildcards), and the committed plain bundle in
+deploy/ is the chart's default rendering."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from typing import Any
+
+import pytest
+
+from tests.chart_support import (
+    ALL_OPTIONS,
+    CHART,
+    NAMESPACE,
+    OPERATOR,
+    container_env,
+    documents,
+    of_kind,
+    one,
+    render,
+    render_text,
+    run_helm,
+)
+from troupe_devcluster import bundle
+from troupe_operator import metrics as operator_metrics
+from troupe_runtime.metrics import RuntimeMetrics
+from troupe_runtime.workflow import service as engine_service
+
+Grant = tuple[str, str, str, str]  # API group, resource, verb, resource name ("" for any)
+
+# What the operator does in a watched namespace; kube.py, reconcile.py and kopf are the source.
+NAMESPACED_GRANTS: set[Grant] = {
+    *{("troupe.dev", r, v, "") for r in ("agents", "workflows") for v in ("get", "list", "watch")},
+    ("troupe.dev", "agents", "patch", ""),
+    ("troupe.dev", "workflows", "patch", ""),
+    ("troupe.dev", "agents/status", "patch", ""),
+    ("troupe.dev", "workflows/status", "patch", ""),
+    *{
+        ("apps", "deployments", v, "")
+        for v in ("get", "list", "watch", "create", "patch", "delete")
+    },
+    *{("", "configmaps", v, "") for v in ("create", "patch", "delete")},
+    ("", "serviceaccounts", "create", ""),
+    ("", "serviceaccounts", "patch", ""),
+    ("", "secrets", "get", ""),
+    ("", "pods", "list", ""),
+    ("", "events", "create", ""),
+}
+CLUSTER_WIDE_GRANTS: set[Grant] = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
+    ("kopf.dev", "clusterkopfpeerings", "list", ""),
+    ("kopf.dev", "clusterkopfpeerings", "watch", ""),
+    ("kopf.dev", "clusterkopfpeerings", "patch", "troupe"),
+}
+WATCHED = ["team-a", "team-b"]
+
+
+def grants(role: dict[str, Any]) -> set[Grant]:
+    return {
+        (group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames", [""])
+    }
+
+
+def operator_grants(objects: list[dict[str, Any]]) -> set[Grant]:
+    """Everything the operator's ServiceAccount is bound to, in the cluster or a namespace."""
+    roles = {role["metadata"]["name"]: role for role in of_kind(objects, "ClusterRole")}
+    bindings = of_kind(objects, "ClusterRoleBinding") + of_kind(objects, "RoleBinding")
+    bound = {
+        binding["roleRef"]["name"]
+        for binding in bindings
+        if {"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAMESPACE}
+        in binding["subjects"]
+    }
+    return set().union(*(grants(roles[name]) for name in bound))
+
+
+@pytest.mark.parametrize(
+    "values", [{}, ALL_OPTIONS, {**ALL_OPTIONS, "watchNamespaces": WATCHED}], ids=str
+)
+def test_helm_lint_passes(values: dict[str, Any]) -> None:
+    sets = [f"--set-json={key}={json.dumps(value)}" for key, value in values.items()]
+    run_helm("lint", "--strict", str(CHART), *sets)
+
+
+@pytest.mark.parametrize("values", [{}, ALL_OPTIONS, {"watchNamespaces": WATCHED}], ids=str)
+def test_no_role_has_a_wildcard(values: dict[str, Any]) -> None:
+    objects = render(values)
+    roles = of_kind(objects, "ClusterRole") + of_kind(objects, "Role")
+    assert roles
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: {rule}"
+
+
+def test_cluster_wide_operator_gets_exactly_what_it_uses() -> None:
+    assert operator_grants(render()) == NAMESPACED_GRANTS | CLUSTER_WIDE_GRANTS
+
+
+def test_namespaced_operator_is_bound_only_in_the_watched_namespaces() -> None:
+    objects = render({"watchNamespaces": WATCHED})
+    bindings = of_kind(objects, "RoleBinding")
+    assert sorted(binding["metadata"]["namespace"] for binding in bindings) == WATCHED
+    namespaced_role = one(objects, "ClusterRole", bindings[0]["roleRef"]["name"])
+    assert grants(namespaced_role) == NAMESPACED_GRANTS | {
+        ("kopf.dev", "kopfpeerings", "list", ""),
+        ("kopf.dev", "kopfpeerings", "watch", ""),
+        ("kopf.dev", "kopfpeerings", "patch", "troupe"),
+    }
+    cluster_bindings = of_kind(objects, "ClusterRoleBinding")
+    assert len(cluster_bindings) == 1, "only kopf's cluster-scoped reads are cluster-wide"
+    cluster_role = one(objects, "ClusterRole", cluster_bindings[0]["roleRef"]["name"])
+    assert grants(cluster_role) == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
+        ("", "namespaces", "list", ""),
+        ("", "namespaces", "watch", ""),
+    }
+
+
+def test_namespaced_operator_peers_in_each_watched_namespace() -> None:
+    objects = render({"watchNamespaces": WATCHED})
+    assert not of_kind(objects, "ClusterKopfPeering")
+    peerings = of_kind(objects, "KopfPeering")
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
+        ("team-a", "troupe"),
+        ("team-b", "troupe"),
+    ]
+    container = one(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]
+    assert container_env(container)["TROUPE_WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+def test_aggregated_roles_extend_the_built_in_view_and_edit_roles() -> None:
+    objects = render()
+    view = one(objects, "ClusterRole", "troupe-view")
+    edit = one(objects, "ClusterRole", "troupe-edit")
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert {verb for (_, _, verb, _) in grants(view)} == {"get", "list", "watch"}
+    assert ("troupe.dev", "workflows", "create", "") in grants(edit)
+    status_verbs = {verb for (_, resource, verb, _) in grants(edit) if resource.endswith("/status")}
+    assert status_verbs == {"get", "list", "watch"}, "status stays the operator's"
+
+
+def test_operator_runs_two_peered_replicas_with_a_liveness_probe() -> None:
+    deployment = one(render(), "Deployment", OPERATOR)
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "troupe_operator"]
+    assert container["args"] == ["--peering", "troupe"]
+    probe = container["livenessProbe"]["httpGet"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert probe["path"] == "/healthz"
+    assert str(ports[probe["port"]]) == container_env(container)["TROUPE_HEALTH_PORT"] == "8081"
+    assert str(ports["metrics"]) == container_env(container)["TROUPE_METRICS_PORT"] == "9090"
+    assert pod["serviceAccountName"] == OPERATOR
+    assert one(render(), "ClusterKopfPeering", "troupe")
+
+
+def test_values_reach_the_operators_environment() -> None:
+    deployment = one(render(ALL_OPTIONS), "Deployment", OPERATOR)
+    pod = deployment["spec"]["template"]["spec"]
+    env = container_env(pod["containers"][0])
+    assert env["TROUPE_NATS_URL"] == f"nats://troupe-nats.{NAMESPACE}.svc:4222"
+    assert env["TROUPE_NATS_CREDENTIALS"] == "/etc/troupe/nats/nats.creds"
+    assert env["TROUPE_RUNTIME_IMAGE"] == "troupe/runtime:0.1.0"
+    assert env["TROUPE_WATCH_NAMESPACES"] == ""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["nats-credentials"]["secret"]["secretName"] == "troupe-nats-creds"
+    explicit = render({"nats": {"url": "nats://nats.example:4222"}})
+    env = container_env(
+        one(explicit, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert env["TROUPE_NATS_URL"] == "nats://nats.example:4222"
+
+
+def test_optional_features_are_off_by_default() -> None:
+    kinds = {obj["kind"] for obj in render()}
+    assert not kinds & {"StatefulSet", "ServiceMonitor", "PodMonitor", "ConfigMap"}
+
+
+def test_images_name_no_registry_host() -> None:
+    objects = render(ALL_OPTIONS)
+    workloads = of_kind(objects, "Deployment") + of_kind(objects, "StatefulSet")
+    images = [c["image"] for w in workloads for c in w["spec"]["template"]["spec"]["containers"]]
+    assert images == ["troupe/operator:0.1.0", "nats:2.15.1-alpine"]
+    for image in images:
+        first = image.split("/")[0]
+        assert "/" not in image or not ("." in first or ":" in first), image
+
+
+def test_service_monitor_scrapes_the_metrics_service() -> None:
+    objects = render(ALL_OPTIONS)
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    service = one(objects, "Service", "troupe-metrics")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    deployment = one(objects, "Deployment", OPERATOR)
+    assert (
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+SAMPLE_SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+
+
+def _exported_metric_names() -> set[str]:
+    """The series names the runtime and the operator export; the workflow engine's gauge
+    needs a running engine to register, so its name is read from the engine's source."""
+    collectors: list[Any] = [
+        RuntimeMetrics().registry,
+        operator_metrics.RECONCILES,
+        operator_metrics.ERRORS,
+        operator_metrics.DURATION,
+    ]
+    families = [family for collector in collectors for family in collector.collect()]
+    names = {
+        family.name + suffix
+        for family in families
+        for suffix in SAMPLE_SUFFIXES.get(family.type, [""])
+    }
+    return names | set(re.findall(r'"(troupe_[a-z_]+)"', inspect.getsource(engine_service)))
+
+
+def test_dashboard_queries_only_metrics_troupe_exports() -> None:
+    (config_map,) = of_kind(render(ALL_OPTIONS), "ConfigMap")
+    dashboard = json.loads(config_map["data"]["troupe.json"])
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(troupe_[a-z_]+)[{\[]", target["expr"])
+    }
+    assert {"troupe_messages_total", "troupe_handler_seconds_bucket"} <= queried
+    assert queried - _exported_metric_names() == set()
+
+
+def test_nats_quick_start_is_a_single_jetstream_node() -> None:
+    objects = render(ALL_OPTIONS)
+    (statefulset,) = of_kind(objects, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == 1
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert "--jetstream" in container["args"]
+    assert one(objects, "Service", "troupe-nats")["spec"]["ports"][0]["port"] == 4222
+
+
+def test_bundle_is_the_default_rendering() -> None:
+    """deploy/ holds exactly the chart's default rendering (CRDs included), plus the
+    operator's namespace."""
+    rendered = documents(render_text(None, NAMESPACE, "--include-crds"))
+    crds = documents((bundle.DEPLOY / "crds.yaml").read_text())
+    rest = documents((bundle.DEPLOY / "troupe.yaml").read_text())
+    assert rest[0]["kind"] == "Namespace"
+    assert rest[0]["metadata"]["name"] == NAMESPACE
+    assert {crd["kind"] for crd in crds} == {"CustomResourceDefinition"}
+    assert crds + rest[1:] == rendered
