@@ -82,9 +82,11 @@ cluster-env: setup ## Print `export` lines for KUBECONFIG and NATS_URL.
 	@$(BIN)/python -m troupe_devcluster env
 
 .PHONY: demo
-demo: cluster-up ## Start the local cluster and show its nodes (the full demo arrives with issue 6).
-	@eval "$$($(BIN)/python -m troupe_devcluster env)"; PATH="$(CURDIR)/$(BIN):$$PATH" kubectl get nodes -o wide
-	@echo "The agent demo arrives with issue 6. Stop the cluster with: make cluster-down"
+demo: setup ## Run the whole system: cluster, operator from its chart, research team, a workflow run.
+	hack/demo.sh
+
+.PHONY: demo-down
+demo-down: cluster-down ## Remove everything the demo started.
 
 .PHONY: clean
 clean: ## Remove the venv and caches inside the repository.
