@@ -40,7 +40,8 @@ class ClusterEndpoints:
             input=stdin,
             capture_output=True,
             text=True,
-            timeout=60,
+            # Above the longest --timeout the tests give kubectl itself.
+            timeout=300,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
