@@ -47,11 +47,13 @@ CRD_DIRS := crds charts/troupe/crds
 .PHONY: crds
 crds: setup ## Regenerate the CRDs (crds/, the chart's copy, deploy/) from the API models.
 	$(BIN)/python -m troupe_operator.crdgen write $(CRD_DIRS)
+	$(BIN)/python -m troupe_operator.apidoc write docs/api-reference.md
 	$(BIN)/python -m troupe_devcluster.bundle write
 
 .PHONY: verify
 verify: setup ## Fail when the committed CRDs or deploy/ bundle differ from what generates them.
 	$(BIN)/python -m troupe_operator.crdgen check $(CRD_DIRS)
+	$(BIN)/python -m troupe_operator.apidoc check docs/api-reference.md
 	$(BIN)/python -m troupe_devcluster.bundle check
 
 .PHONY: bundle

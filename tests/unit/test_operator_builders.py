@@ -211,3 +211,27 @@ def test_handler_code_config_map_is_mounted_read_only_and_importable() -> None:
         "readOnly": True,
     } in container["volumeMounts"]
     assert {"name": "PYTHONPATH", "value": "/opt/troupe/code"} in container["env"]
+
+
+def test_an_llm_handler_gets_its_endpoint_key_and_model_from_its_secret() -> None:
+    spec = AgentSpec.model_validate(
+        {"role": "chat", "runtime": {"handler": {"type": "llm", "secretName": "openai"}}}
+    )
+    config = workload.build_runtime_config(OWNER, spec, NATS_URL)
+
+    container = workload.build_deployment(OWNER, spec, config)["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+
+    from_secret = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert from_secret["TROUPE_LLM_BASE_URL"] == {
+        "name": "openai",
+        "key": "baseUrl",
+        "optional": False,
+    }
+    assert from_secret["TROUPE_LLM_API_KEY"]["key"] == "apiKey"
+    assert from_secret["TROUPE_LLM_MODEL"] == {"name": "openai", "key": "model", "optional": True}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from troupe_operator import crdgen
+from troupe_operator import apidoc, crdgen
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN_IN_STRUCTURAL = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"}
@@ -120,3 +120,8 @@ def test_free_form_json_schemas_are_preserved() -> None:
     contract = spec["properties"]["contract"]["properties"]
 
     assert contract["inputSchema"]["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def test_the_committed_api_reference_matches_the_models() -> None:
+    reference = Path(__file__).resolve().parents[2] / "docs" / "api-reference.md"
+    assert reference.read_text() == apidoc.render()

@@ -16,6 +16,7 @@ from troupe_operator.api.agent import AgentRuntime
 from troupe_operator.builders import pods
 from troupe_operator.builders.pods import FIELD_MANAGER, Owner, SecretReference
 from troupe_runtime.config import CONFIG_JSON_ENV, RuntimeConfig
+from troupe_runtime.handlers import llm
 
 AGENT_LABEL = "troupe.dev/agent"
 
@@ -111,6 +112,7 @@ def _runtime_container(
             health_port=config.health_port,
             extra_env=[
                 *([{"name": "PYTHONPATH", "value": str(CODE_DIR)}] if runtime.code else []),
+                *llm_env(runtime),
                 *(e.model_dump(by_alias=True, exclude_none=True) for e in runtime.env),
             ],
             secret_mounts=secret_mounts,
@@ -122,6 +124,25 @@ def _runtime_container(
     if any(resources.values()):
         container["resources"] = {kind: value for kind, value in resources.items() if value}
     return container
+
+
+def llm_env(runtime: AgentRuntime) -> list[dict[str, Any]]:
+    """The llm handler's endpoint, key and model, from the Secret the handler names."""
+    secret = runtime.handler.secret_name
+    if runtime.handler.type != "llm" or secret is None:
+        return []
+    keys = (
+        (llm.BASE_URL_ENV, "baseUrl", False),
+        (llm.API_KEY_ENV, "apiKey", False),
+        (llm.MODEL_ENV, "model", True),
+    )
+    return [
+        {
+            "name": env,
+            "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}},
+        }
+        for env, key, optional in keys
+    ]
 
 
 def code_volume(runtime: AgentRuntime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
