@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONTROLPLANE_STAMP := $(VENV)/.controlplane
 PACKAGES := agent-runtime operator hack/devcluster
-SOURCES := operator/src agent-runtime/src hack/devcluster/src tests
+SOURCES := operator/src agent-runtime/src hack/devcluster/src hack/agent_metrics.py tests bench examples/research-team/handlers examples/support-triage/handlers
 PYTEST_ARGS ?=
 
 .PHONY: help

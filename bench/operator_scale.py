@@ -30,6 +30,7 @@ from troupe_devcluster.__main__ import build_binaries
 from troupe_devcluster.components import venv_bin
 from troupe_operator.api import AgentSpec
 from troupe_operator.builders import workload
+from troupe_operator.builders.pods import Owner
 
 REPO = Path(__file__).resolve().parents[1]
 KWOK_PLACEMENT = {
@@ -62,7 +63,7 @@ def agent_manifest(name: str) -> dict[str, Any]:
 def deployment_manifest(namespace: str, name: str) -> dict[str, Any]:
     """The Deployment the operator would build for ``agent_manifest(name)``, unowned."""
     spec = AgentSpec.model_validate(agent_manifest(name)["spec"])
-    owner = workload.Owner(namespace, name, uid="")
+    owner = Owner(namespace, name, uid="")
     config = workload.build_runtime_config(owner, spec, "nats://nats:4222")
     deployment = workload.build_deployment(owner, spec, config)
     del deployment["metadata"]["ownerReferences"]
