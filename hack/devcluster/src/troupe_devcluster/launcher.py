@@ -78,9 +78,10 @@ def build_kwok_node(index: int) -> dict[str, Any]:
             "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
         },
         "spec": {"taints": [KWOK_TAINT]},
+        # Fake nodes run nothing: room for scale benchmarks of thousands of pods.
         "status": {
-            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-            "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+            "allocatable": {"cpu": "1000", "memory": "4Ti", "pods": "5000"},
+            "capacity": {"cpu": "1000", "memory": "4Ti", "pods": "5000"},
         },
     }
 
