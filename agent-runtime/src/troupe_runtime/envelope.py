@@ -62,11 +62,21 @@ class CloudEvent(BaseModel):
         """The correlation id, or the event's own id when it starts a run."""
         return self.correlationid or self.id
 
-    def follow_up(self, *, source: str, type: str, data: Any, index: int, scope: str) -> CloudEvent:
+    def follow_up(
+        self,
+        *,
+        source: str,
+        type: str,
+        data: Any,
+        index: int,
+        scope: str,
+        traceparent: str | None = None,
+    ) -> CloudEvent:
         """The ``index``-th event caused by this one, with a deterministic id.
 
         The id depends only on ``scope`` (who produces it), the input's source
         and id, and ``index``: a redelivered input yields the same ids again.
+        ``traceparent`` defaults to a new span in this event's trace.
         """
         digest = hashlib.sha256(f"{scope}\n{self.source}\n{self.id}\n{index}".encode())
         return CloudEvent(
@@ -79,7 +89,7 @@ class CloudEvent(BaseModel):
             correlationid=self.run_id,
             causationid=self.id,
             deadline=self.deadline,
-            traceparent=child_traceparent(self.traceparent),
+            traceparent=traceparent or child_traceparent(self.traceparent),
             data=data,
         )
 

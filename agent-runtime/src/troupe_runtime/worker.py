@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header
 
-from troupe_runtime import envelope, logs
+from troupe_runtime import envelope, logs, tracing
 from troupe_runtime.config import RuntimeConfig
 from troupe_runtime.context import AgentError, Context, HandlerFn
 from troupe_runtime.deadletter import DeadLetterReason, DeadLetters, Origin
@@ -108,6 +108,7 @@ class Outputs:
             data=data,
             index=self._count,
             scope=f"{self._config.namespace}/{self._config.agent}",
+            traceparent=tracing.outgoing(self._cause.traceparent),
         )
         self._count += 1
         headers, payload = envelope.to_binary(event)
@@ -134,7 +135,12 @@ async def send_reply(
         return
     scope = f"{config.namespace}/{config.agent}"
     reply = cause.follow_up(
-        source=f"/{scope}", type=type, data=data, index=REPLY_INDEX, scope=scope
+        source=f"/{scope}",
+        type=type,
+        data=data,
+        index=REPLY_INDEX,
+        scope=scope,
+        traceparent=tracing.outgoing(cause.traceparent),
     )
     headers, payload = envelope.to_binary(reply)
     await js.publish(cause.replyto, payload, headers={**headers, Header.MSG_ID.value: reply.id})
@@ -328,12 +334,13 @@ class Worker:
         started = time.perf_counter()
         outputs = Outputs(self._js, self._config, self._checker, event)
         try:
-            result = await self._run_handler(msg, event, attempt, outputs)
-            if result is not None:
-                await outputs.publish(result, None, None)
-            await send_reply(
-                self._js, self._config, event, f"{event.type}.{RESULT_TYPE_SUFFIX}", result
-            )
+            with tracing.handling(event, self._config.agent):
+                result = await self._run_handler(msg, event, attempt, outputs)
+                if result is not None:
+                    await outputs.publish(result, None, None)
+                await send_reply(
+                    self._js, self._config, event, f"{event.type}.{RESULT_TYPE_SUFFIX}", result
+                )
         except SchemaViolation as error:
             return await self._dead_letter(
                 msg, DeadLetterReason.INVALID_OUTPUT, error.reason, attempt, origin

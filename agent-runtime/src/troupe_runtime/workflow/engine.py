@@ -25,7 +25,7 @@ from nats.js.api import Header
 
 from troupe_runtime import envelope
 from troupe_runtime.deadletter import header_safe
-from troupe_runtime.envelope import CloudEvent, MalformedMessage
+from troupe_runtime.envelope import CloudEvent, MalformedMessage, child_traceparent
 from troupe_runtime.pull import Puller
 from troupe_runtime.worker import ERROR_TYPE
 from troupe_runtime.workflow import planner
@@ -210,17 +210,23 @@ class Engine:
         if run_id in self._runs:
             return  # the same trigger again, for a run in progress
         async with self._lock(run_id):
-            state = await self._start(run_id, event.data, event.priority)
+            state = await self._start(run_id, event)
             if state is None or state.terminal:
                 return
             self._runs[run_id] = state
         await self._advance(run_id)
 
-    async def _start(self, run_id: str, data: Any, priority: int | None) -> RunState | None:
+    async def _start(self, run_id: str, trigger: CloudEvent) -> RunState | None:
         """The run's state: new, or rebuilt when a crash left it half-started."""
         if await self._log.projected(run_id) is not None:
             return await self._log.rebuild(run_id)
-        started = RunStarted(run_id=run_id, at=self._clock(), input=data, priority=priority)
+        started = RunStarted(
+            run_id=run_id,
+            at=self._clock(),
+            input=trigger.data,
+            priority=trigger.priority,
+            traceparent=trigger.traceparent,
+        )
         state = await self._log.append(None, started)
         if state is None:
             # Logged before a crash, but never projected: the log has the truth.
@@ -268,11 +274,9 @@ class Engine:
         now = self._clock()
         match action:
             case planner.Dispatch(step, attempt, payload):
-                priority = self._runs[run_id].priority
-                target = self._config.step_subject(step, priority)
-                await self._send(
-                    target, dispatch_id(run_id, step, attempt), run_id, payload, priority
-                )
+                run = self._runs[run_id]
+                target = self._config.step_subject(step, run.priority)
+                await self._send(target, dispatch_id(run_id, step, attempt), run, payload)
                 await self._record(
                     StepDispatched(run_id=run_id, at=now, step=step, attempt=attempt, input=payload)
                 )
@@ -280,7 +284,10 @@ class Engine:
                 compensation = self._config.step(step).compensation
                 assert compensation is not None
                 await self._send(
-                    compensation.subject, dispatch_id(run_id, step, COMPENSATE), run_id, payload
+                    compensation.subject,
+                    dispatch_id(run_id, step, COMPENSATE),
+                    self._runs[run_id],
+                    payload,
                 )
                 await self._record(
                     CompensationDispatched(run_id=run_id, at=now, step=step, input=payload)
@@ -298,19 +305,19 @@ class Engine:
                 )
                 self._forget(run_id)
 
-    async def _send(
-        self, subject: str, event_id: str, run_id: str, data: Any, priority: int | None = None
-    ) -> None:
+    async def _send(self, subject: str, event_id: str, run: RunState, data: Any) -> None:
+        """A step's event: one trace and one priority for the whole run."""
         event = CloudEvent(
             id=event_id,
             source=self._source,
             type=STEP_EVENT_TYPE,
             time=self._clock(),
             datacontenttype=envelope.JSON_CONTENT_TYPE,
-            correlationid=run_id,
-            causationid=run_id,
-            priority=priority,
-            replyto=self._config.subject("replies", run_id),
+            correlationid=run.run_id,
+            causationid=run.run_id,
+            priority=run.priority,
+            traceparent=child_traceparent(run.traceparent),
+            replyto=self._config.subject("replies", run.run_id),
             data=data,
         )
         headers, payload = envelope.to_binary(event)

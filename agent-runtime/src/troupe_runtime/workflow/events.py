@@ -24,6 +24,7 @@ class RunStarted(_Event):
     kind: Literal["RunStarted"] = "RunStarted"
     input: Any = None
     priority: int | None = None
+    traceparent: str | None = None
 
     @property
     def key(self) -> str:

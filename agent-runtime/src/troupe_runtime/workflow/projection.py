@@ -48,6 +48,7 @@ class RunState(WireModel):
     status: RunStatus = "Running"
     input: Any = None
     priority: int | None = None
+    traceparent: str | None = None
     started_at: datetime
     finished_at: datetime | None = None
     steps: dict[str, StepState] = Field(default_factory=dict)
@@ -81,6 +82,7 @@ def apply(state: RunState | None, event: Event) -> RunState:
             run_id=event.run_id,
             input=event.input,
             priority=event.priority,
+            traceparent=event.traceparent,
             started_at=event.at,
             events=1,
         )
