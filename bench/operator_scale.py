@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 from troupe_devcluster import launcher
 from troupe_devcluster.__main__ import build_binaries
 from troupe_devcluster.components import venv_bin
+from troupe_devcluster.layout import free_port
 from troupe_operator.api import AgentSpec
 from troupe_operator.builders import workload
 from troupe_operator.builders.pods import Owner
@@ -120,13 +120,6 @@ def healthy(url: str) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager

@@ -11,12 +11,13 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-HEALTH_PORT = 8080
+from troupe_runtime.config import DEFAULT_HEALTH_PORT
 
 
 def scrape(ip: str) -> dict[tuple[str, str], float]:
-    url = f"http://{ip}:{HEALTH_PORT}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    url = f"http://{ip}:{DEFAULT_HEALTH_PORT}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
     values: dict[tuple[str, str], float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

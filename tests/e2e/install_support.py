@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import yaml
 from nats.js.errors import NotFoundError
 
 from tests.chart_support import run_helm
-from troupe_devcluster.components import venv_bin
+from tests.integration.operator_support import stream_names
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace, wait_for
 from troupe_runtime import envelope, naming
 from troupe_runtime.envelope import CloudEvent
@@ -54,17 +53,17 @@ def kubectl_until_ok(cluster: ClusterEndpoints, *args: str) -> None:
 
     def applied() -> bool:
         nonlocal last
-        result = subprocess.run(
-            [str(venv_bin() / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        last = result.stderr
-        return result.returncode == 0
+        try:
+            cluster.kubectl(*args)
+        except AssertionError as error:
+            last = str(error)
+            return False
+        return True
 
-    wait_for(applied, DEADLINE, f"kubectl {' '.join(args)} to succeed ({last})", interval=1.0)
+    try:
+        wait_for(applied, DEADLINE, f"kubectl {' '.join(args)} to succeed", interval=1.0)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{last}") from error
 
 
 # --- the three paths -------------------------------------------------------------------
@@ -245,16 +244,6 @@ def wait_results(nats_url: str, namespace: str, runs: list[str]) -> dict[str, di
 
     wait_for(all_done, DEADLINE, f"{len(runs)} run results", interval=0.5)
     return done
-
-
-def stream_names(nats_url: str) -> set[str]:
-    async def names() -> set[str]:
-        connection = await nats.connect(nats_url)
-        found = {info.config.name for info in await connection.jetstream().streams_info()}
-        await connection.close()
-        return {name for name in found if name}
-
-    return asyncio.run(names())
 
 
 def dead_letters(nats_url: str, namespace: str) -> int:

@@ -9,7 +9,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -26,6 +25,8 @@ from nats.js.errors import NotFoundError
 
 from tests.integration.manifests import KWOK_TOLERATION
 from tests.integration.workflow_handlers import NAME_ENV
+from troupe_devcluster import processes
+from troupe_devcluster.layout import free_port
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,13 +49,6 @@ def install_crds(cluster: ClusterEndpoints) -> None:
         "crd/workflows.troupe.dev",
         "--timeout=30s",
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _healthy(url: str) -> bool:
@@ -131,7 +125,7 @@ class OperatorProcess:
             self._process.wait(STOP_DEADLINE)
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
+        return processes.tail(self._log, lines)
 
 
 @contextmanager

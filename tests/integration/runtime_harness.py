@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -57,12 +56,6 @@ def output_subject(namespace: str) -> str:
 
 def output_stream(config: RuntimeConfig) -> str:
     return f"OUT_{config.namespace}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def eventually(condition: Callable[[], object], what: str, within: float = DEADLINE) -> None:

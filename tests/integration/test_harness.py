@@ -20,6 +20,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from tests.integration import manifests
 from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_devcluster.layout import PROCESS_NODE_NAME
+from troupe_devcluster.processes import alive
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace, wait_for
 
 DEADLINE = 60.0
@@ -46,14 +47,6 @@ def _ready(pod: Any) -> bool:
 def _pid(pod: Any) -> int:
     container_id: str = pod.status.container_statuses[0].container_id
     return int(container_id.removeprefix("process://"))
-
-
-def _process_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _http_get(ip: str, port: int) -> int:
@@ -96,7 +89,7 @@ def test_deployment_on_process_node_runs_a_real_server_behind_its_readiness_prob
     assert len({pod.status.pod_ip for pod in pods}) == 2
     for pod in pods:
         assert pod.status.phase == "Running"
-        assert _process_running(_pid(pod))
+        assert alive(_pid(pod))
         assert _http_get(pod.status.pod_ip, 8080) == 200
 
 
@@ -111,7 +104,7 @@ def test_deleting_a_process_node_pod_stops_its_process_and_a_replacement_starts(
 
     core.delete_namespaced_pod(old.metadata.name, namespace)
 
-    wait_for(lambda: not _process_running(old_pid), DEADLINE, f"process {old_pid} to stop")
+    wait_for(lambda: not alive(old_pid), DEADLINE, f"process {old_pid} to stop")
     replacement = wait_for(
         lambda: [
             pod
@@ -165,7 +158,7 @@ def test_deleting_a_namespace_removes_its_pods(cluster: ClusterEndpoints, api_cl
     # The namespace controller only removes the namespace once its pods are gone.
     wait_for(namespace_gone, DEADLINE * 2, f"namespace {namespace} to be removed")
     assert not core.list_namespaced_pod(namespace).items
-    assert not _process_running(web_pid)
+    assert not alive(web_pid)
 
 
 def test_cel_validation_rule_rejects_a_bad_object_with_its_message(

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from troupe_devcluster.kube import core_v1
+from troupe_devcluster.processes import alive
 from troupe_devcluster.processnode.mountexec import Mount
 from troupe_devcluster.processnode.process import ContainerProcess, CreateContainerError
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
@@ -143,14 +144,6 @@ def _mount_points(pid: int | str) -> dict[str, list[str]]:
     return points
 
 
-def _process_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture
 def host_dir() -> Iterator[str]:
     """A fresh absolute path under /etc for mountPaths; what the node creates there goes after."""
@@ -271,7 +264,7 @@ def test_mounts_live_only_in_the_containers_namespace(
 
     core.delete_namespaced_pod("sleeper", namespace)
 
-    wait_for(lambda: not _process_running(pid), DEADLINE, f"process {pid} to stop")
+    wait_for(lambda: not alive(pid), DEADLINE, f"process {pid} to stop")
 
 
 def test_a_mount_path_that_cannot_be_made_is_a_create_container_error(

@@ -16,7 +16,6 @@ import httpx
 from tests.integration.runtime_harness import (
     EFFECTS_ENV,
     eventually,
-    free_port,
     http_get,
     inbox_empty,
     make_config,
@@ -25,6 +24,7 @@ from tests.integration.runtime_harness import (
     send,
     stream_count,
 )
+from troupe_devcluster.layout import free_port
 from troupe_runtime.config import RuntimeConfig
 
 REPOSITORY = Path(__file__).resolve().parents[2]

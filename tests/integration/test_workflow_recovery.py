@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import nats
 
-from tests.integration.runtime_harness import eventually, free_port
+from tests.integration.runtime_harness import eventually
 from tests.integration.workflow_harness import (
     agents,
     engine_config,
@@ -28,6 +28,7 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
+from troupe_devcluster.layout import free_port
 from troupe_runtime.context import Context, HandlerFn
 from troupe_runtime.provision import ensure_workflow_resources
 from troupe_runtime.workflow.config import EngineConfig

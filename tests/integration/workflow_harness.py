@@ -21,7 +21,8 @@ from troupe_runtime.envelope import CloudEvent
 from troupe_runtime.provision import ensure_agent_resources
 from troupe_runtime.resources import build_agent_resources
 from troupe_runtime.workflow.config import EngineConfig
-from troupe_runtime.workflow.events import Event, decode_event
+from troupe_runtime.workflow.events import Event
+from troupe_runtime.workflow.runlog import read_events
 from troupe_runtime.workflow.service import EngineService
 
 
@@ -124,11 +125,4 @@ async def result(js: JetStreamContext, config: EngineConfig, run_id: str) -> dic
 
 
 async def run_events(js: JetStreamContext, config: EngineConfig, run_id: str) -> list[Event]:
-    subject = config.subject("events", run_id)
-    info = await js.stream_info(config.stream, subjects_filter=subject)
-    count = (info.state.subjects or {}).get(subject, 0)
-    subscription = await js.subscribe(subject, ordered_consumer=True)
-    try:
-        return [decode_event((await subscription.next_msg(5)).data) for _ in range(count)]
-    finally:
-        await subscription.unsubscribe()
+    return await read_events(js, config.stream, config.subject("events", run_id))

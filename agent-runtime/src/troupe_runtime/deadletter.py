@@ -98,7 +98,6 @@ class DeadLetters:
     """Publishes dead letters, and rescues messages JetStream gave up delivering."""
 
     def __init__(self, nc: Client, js: JetStreamContext, config: RuntimeConfig) -> None:
-        self._nc = nc
         self._js = js
         self._config = config
         self._agent = f"{config.namespace}/{config.agent}"

@@ -22,7 +22,6 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 SPEC_VERSION: Literal["1.0"] = "1.0"
 HEADER_PREFIX = "ce-"
 CONTENT_TYPE_HEADER = "content-type"
-STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 JSON_CONTENT_TYPE = "application/json"
 OCTET_STREAM = "application/octet-stream"
 TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"

@@ -8,6 +8,7 @@ Kubernetes API.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -49,6 +50,17 @@ class RetryPolicy(WireModel):
         max_length=100,
         description="Delay before each redelivery; the last entry repeats.",
     )
+
+    def delay(self, attempt: int) -> timedelta:
+        """How long to wait before the attempt after ``attempt``."""
+        return timedelta(seconds=retry_delay([d.total_seconds() for d in self.backoff], attempt))
+
+
+def retry_delay(backoff: Sequence[float], attempt: int) -> float:
+    """Seconds before attempt ``attempt + 1``; the last entry repeats, none means 0."""
+    if not backoff:
+        return 0.0
+    return backoff[min(attempt, len(backoff)) - 1]
 
 
 class DeadLetterPolicy(WireModel):

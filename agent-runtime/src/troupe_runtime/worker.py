@@ -32,6 +32,7 @@ from troupe_runtime.context import AgentError, Context, HandlerFn
 from troupe_runtime.deadletter import DeadLetterReason, DeadLetters, Origin
 from troupe_runtime.envelope import CloudEvent, MalformedMessage
 from troupe_runtime.metrics import RuntimeMetrics
+from troupe_runtime.policies import retry_delay
 from troupe_runtime.pull import Puller
 from troupe_runtime.ratelimit import Limiter
 from troupe_runtime.scheduling import PriorityScheduler
@@ -47,13 +48,6 @@ RESULT_TYPE_SUFFIX = "result"
 ERROR_TYPE = "troupe.error"
 # Follow-up index of the one reply an event with ``replyto`` gets; outputs count from 0.
 REPLY_INDEX = -1
-
-
-def retry_delay(backoff: list[float], attempt: int) -> float:
-    """The delay before attempt ``attempt + 1``; the last entry repeats."""
-    if not backoff:
-        return 0.0
-    return backoff[min(attempt, len(backoff)) - 1]
 
 
 def output_msg_id(event_id: str, subject: str) -> str:
@@ -320,16 +314,16 @@ class Worker:
             logs.correlation_id.set(event.run_id)
             if event.deadline is not None and event.deadline <= datetime.now(UTC):
                 return await self._dead_letter(
-                    msg, DeadLetterReason.EXPIRED, "deadline passed", attempt, origin
+                    msg, DeadLetterReason.EXPIRED, "deadline passed", attempt, origin, event
                 )
             self._checker.check_input(event.data)
         except MalformedMessage as error:
             return await self._dead_letter(
-                msg, DeadLetterReason.MALFORMED, error.reason, attempt, origin
+                msg, DeadLetterReason.MALFORMED, error.reason, attempt, origin, None
             )
         except SchemaViolation as error:
             return await self._dead_letter(
-                msg, DeadLetterReason.INVALID_INPUT, error.reason, attempt, origin
+                msg, DeadLetterReason.INVALID_INPUT, error.reason, attempt, origin, event
             )
         started = time.perf_counter()
         outputs = Outputs(self._js, self._config, self._checker, event)
@@ -343,16 +337,16 @@ class Worker:
                 )
         except SchemaViolation as error:
             return await self._dead_letter(
-                msg, DeadLetterReason.INVALID_OUTPUT, error.reason, attempt, origin
+                msg, DeadLetterReason.INVALID_OUTPUT, error.reason, attempt, origin, event
             )
         except AgentError as error:
             if not self._retryable.get(error.state, True):
                 return await self._dead_letter(
-                    msg, DeadLetterReason.REJECTED, describe(error), attempt, origin
+                    msg, DeadLetterReason.REJECTED, describe(error), attempt, origin, event
                 )
-            return await self._retry_or_dead_letter(msg, error, attempt, origin)
+            return await self._retry_or_dead_letter(msg, error, attempt, origin, event)
         except Exception as error:
-            return await self._retry_or_dead_letter(msg, error, attempt, origin)
+            return await self._retry_or_dead_letter(msg, error, attempt, origin, event)
         self._metrics.handler_seconds.observe(time.perf_counter() - started)
         await msg.ack()
         logger.debug("handled with %d outputs", outputs.count)
@@ -390,11 +384,11 @@ class Worker:
             raise
 
     async def _retry_or_dead_letter(
-        self, msg: Msg, error: Exception, attempt: int, origin: Origin
+        self, msg: Msg, error: Exception, attempt: int, origin: Origin, event: CloudEvent
     ) -> str:
         if attempt >= self._config.retry.max_attempts:
             return await self._dead_letter(
-                msg, DeadLetterReason.EXHAUSTED, describe(error), attempt, origin
+                msg, DeadLetterReason.EXHAUSTED, describe(error), attempt, origin, event
             )
         delay = retry_delay(self._backoff, attempt)
         logger.warning("attempt %d failed (%s); retrying in %gs", attempt, describe(error), delay)
@@ -403,9 +397,16 @@ class Worker:
         return "retried"
 
     async def _dead_letter(
-        self, msg: Msg, reason: DeadLetterReason, error: str, attempt: int, origin: Origin
+        self,
+        msg: Msg,
+        reason: DeadLetterReason,
+        error: str,
+        attempt: int,
+        origin: Origin,
+        event: CloudEvent | None,
     ) -> str:
-        await self._reply_failure(msg, reason, error)
+        """Dead-letter ``msg``; ``event`` is its parsed envelope, None when malformed."""
+        await self._reply_failure(event, reason, error)
         if self._dead_letters.enabled:
             await self._dead_letters.send(
                 msg.data, msg.headers, reason=reason, error=error, attempts=attempt, origin=origin
@@ -417,10 +418,10 @@ class Worker:
         await msg.ack()
         return "dead_lettered"
 
-    async def _reply_failure(self, msg: Msg, reason: DeadLetterReason, error: str) -> None:
-        try:
-            event = envelope.parse(msg.headers, msg.data)
-        except MalformedMessage:
+    async def _reply_failure(
+        self, event: CloudEvent | None, reason: DeadLetterReason, error: str
+    ) -> None:
+        if event is None:
             return  # without an envelope there is no replyto to answer
         data = {"error": error, "reason": reason.value}
         await send_reply(self._js, self._config, event, ERROR_TYPE, data)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from troupe_operator.api.common import CEL_KEY
 from troupe_operator.crdgen import RESOURCES, CustomResource, structural_schema
 
 HEADER = (
@@ -57,8 +58,9 @@ def fields(node: dict[str, Any], path: str, required: bool = False) -> Iterator[
 
 
 def section(resource: CustomResource) -> str:
-    rows = "\n".join(fields(structural_schema(resource.spec), "spec"))
-    rules = [f"- {rule['message']}" for rule in _rules(structural_schema(resource.spec))]
+    schema = structural_schema(resource.spec)
+    rows = "\n".join(fields(schema, "spec"))
+    rules = [f"- {rule['message']}" for rule in _rules(schema)]
     return (
         f"\n## {resource.kind} (`{resource.plural}`, short name `{resource.short_name}`)\n\n"
         f"{resource.description}\n\n"
@@ -73,7 +75,7 @@ def section(resource: CustomResource) -> str:
 
 
 def _rules(node: dict[str, Any]) -> Iterator[dict[str, str]]:
-    yield from node.get("x-kubernetes-validations", [])
+    yield from node.get(CEL_KEY, [])
     for child in (node.get("properties") or {}).values():
         yield from _rules(child)
     if "items" in node:

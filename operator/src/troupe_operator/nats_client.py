@@ -40,6 +40,18 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
+async def _delete_streams(js: JetStreamContext, streams: list[str]) -> list[str]:
+    """Delete the named streams; return those that existed."""
+    deleted = []
+    for stream in streams:
+        try:
+            await js.delete_stream(stream)
+        except NotFoundError:
+            continue
+        deleted.append(f"stream/{stream}")
+    return deleted
+
+
 class MessagingUnavailable(Exception):
     """NATS could not be reached or refused a JetStream request."""
 
@@ -168,14 +180,10 @@ class NatsPool:
         """Delete the agent's own streams and the shared ones (KV buckets) nobody else uses."""
 
         async def delete(js: JetStreamContext) -> list[str]:
-            deleted = await delete_agent_resources(js, resources)
-            for stream in shared_streams:
-                try:
-                    await js.delete_stream(stream)
-                except NotFoundError:
-                    continue
-                deleted.append(f"stream/{stream}")
-            return deleted
+            return [
+                *await delete_agent_resources(js, resources),
+                *await _delete_streams(js, shared_streams),
+            ]
 
         return await self._call(target, delete)
 
@@ -209,14 +217,4 @@ class NatsPool:
         """Delete the named streams (a KV bucket is stream ``KV_<bucket>``); return those that
         existed."""
 
-        async def delete(js: JetStreamContext) -> list[str]:
-            deleted = []
-            for stream in streams:
-                try:
-                    await js.delete_stream(stream)
-                except NotFoundError:
-                    continue
-                deleted.append(f"stream/{stream}")
-            return deleted
-
-        return await self._call(target, delete)
+        return await self._call(target, lambda js: _delete_streams(js, streams))

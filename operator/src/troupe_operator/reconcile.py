@@ -124,6 +124,17 @@ async def _missing_secrets(
     return missing, found
 
 
+async def _required_target(
+    operator: Operator, namespace: str, connection: NatsConnection, url: str
+) -> NatsTarget:
+    """Where to reach NATS to delete resources; only the NATS Secrets matter for that."""
+    _, secrets = await _missing_secrets(operator.kube, namespace, pods.nats_secrets(connection))
+    target = _nats_target(connection, url, secrets)
+    if target is None:
+        raise MessagingUnavailable("a Secret needed to reach NATS is missing")
+    return target
+
+
 def _nats_target(
     connection: NatsConnection, url: str, secrets: dict[str, dict[str, bytes]]
 ) -> NatsTarget | None:
@@ -235,10 +246,7 @@ async def delete_agent_resources(
     spec = AgentSpec.model_validate(spec_body)
     owner = Owner(namespace, name, uid="")
     config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
-    _, secrets = await _missing_secrets(operator.kube, namespace, workload.referenced_secrets(spec))
-    target = _nats_target(spec.nats, config.nats.url, secrets)
-    if target is None:
-        raise MessagingUnavailable("a Secret needed to reach NATS is missing")
+    target = await _required_target(operator, namespace, spec.nats, config.nats.url)
     staying = [
         AgentSpec.model_validate(agent["spec"])
         for agent in await operator.kube.list_custom(AGENTS, namespace)
@@ -376,10 +384,7 @@ async def delete_workflow_resources(
     config = engine.build_engine_config(
         Owner(namespace, name, uid="", kind="Workflow"), spec, operator.settings.nats_url
     )
-    _, secrets = await _missing_secrets(operator.kube, namespace, pods.nats_secrets(spec.nats))
-    target = _nats_target(spec.nats, config.nats.url, secrets)
-    if target is None:
-        raise MessagingUnavailable("a Secret needed to reach NATS is missing")
+    target = await _required_target(operator, namespace, spec.nats, config.nats.url)
     streams = [config.stream, f"KV_{config.runs_bucket}", config.dead_letter_stream]
     return await operator.nats.delete_streams(target, streams)
 

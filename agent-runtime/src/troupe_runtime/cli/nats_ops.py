@@ -33,8 +33,9 @@ from troupe_runtime.cli.views import (
 from troupe_runtime.envelope import CloudEvent
 from troupe_runtime.state.kv import KeyValueRevisions
 from troupe_runtime.state.policies import Entry
-from troupe_runtime.workflow.events import Event, decode_event
+from troupe_runtime.workflow.events import Event
 from troupe_runtime.workflow.projection import RunState
+from troupe_runtime.workflow.runlog import read_events
 
 CONNECT_TIMEOUT_SECONDS = 3
 
@@ -136,7 +137,7 @@ class Ops:
     async def run_events(self, workflow: str, run_id: str) -> list[Event]:
         stream = await self._workflow_stream(workflow)
         subject = naming.workflow_subject(self.namespace, workflow, "events", run_id)
-        return [decode_event(msg.data or b"") async for msg in self._stored(stream, subject)]
+        return await read_events(self._js, stream, subject)
 
     async def _workflow_stream(self, workflow: str) -> str:
         stream = naming.workflow_stream(self.namespace, workflow)

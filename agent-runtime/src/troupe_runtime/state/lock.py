@@ -17,7 +17,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from troupe_runtime.state.errors import ConflictError, KeyExistsError, LockTimeoutError
-from troupe_runtime.state.policies import Entry, Revisions, Tuning, UpdateFunction, backoff_delay
+from troupe_runtime.state.policies import (
+    Entry,
+    Revisions,
+    Tuning,
+    UpdateFunction,
+    backoff_delay,
+    update_once,
+)
 
 LEASE_PREFIX = "__lock__."
 HOLDER = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
@@ -63,6 +70,4 @@ async def update_locked(
 ) -> Entry:
     """lock: take the lease, read, apply ``fn``, compare-and-set, release."""
     async with leased(kv, key, tuning, rng):
-        current = await kv.snapshot(key)
-        value = fn(current.value)
-        return Entry(key, value, await kv.compare_and_set(key, value, current.revision))
+        return await update_once(kv, key, fn)

@@ -96,10 +96,8 @@ async def update_retrying(
     """retry: re-read and re-apply ``fn`` until a compare-and-set wins, or give up."""
     attempt = 0
     while True:
-        current = await kv.snapshot(key)
-        value = fn(current.value)
         try:
-            return Entry(key, value, await kv.compare_and_set(key, value, current.revision))
+            return await update_once(kv, key, fn)
         except ConflictError as conflict:
             attempt += 1
             if attempt == tuning.attempts:

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import Header
 
 from troupe_runtime import envelope
-from troupe_runtime.deadletter import header_safe
+from troupe_runtime.deadletter import ERROR_HEADER, header_safe
 from troupe_runtime.envelope import CloudEvent, MalformedMessage, child_traceparent
 from troupe_runtime.pull import Puller
 from troupe_runtime.worker import ERROR_TYPE
@@ -361,5 +361,5 @@ class Engine:
         await self._js.publish(
             self._config.subject("failed", run_id),
             payload,
-            headers={**(headers or {}), "Troupe-Error": header_safe(reason)},
+            headers={**(headers or {}), ERROR_HEADER: header_safe(reason)},
         )

@@ -8,10 +8,10 @@ is never proposed again, so planning after a crash is safe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
-from troupe_runtime.workflow.config import EngineConfig, EngineStep
+from troupe_runtime.workflow.config import EngineConfig
 from troupe_runtime.workflow.mapping import MappingError, map_input
 from troupe_runtime.workflow.projection import RunState
 
@@ -58,13 +58,6 @@ class Plan:
 def _earliest(*times: datetime | None) -> datetime | None:
     present = [t for t in times if t is not None]
     return min(present) if present else None
-
-
-def _retry_delay(step: EngineStep, attempt: int) -> timedelta:
-    backoff = step.retry.backoff
-    if not backoff:
-        return timedelta(0)
-    return backoff[min(attempt, len(backoff)) - 1]
 
 
 def _outputs(state: RunState) -> dict[str, Any]:
@@ -134,7 +127,7 @@ def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
             wake_at = _earliest(wake_at, expires)
         elif current.attempt < step.retry.max_attempts:
             assert current.finished_at is not None
-            retry_at = current.finished_at + _retry_delay(step, current.attempt)
+            retry_at = current.finished_at + step.retry.delay(current.attempt)
             if now >= retry_at:
                 actions.append(Dispatch(step.name, current.attempt + 1, current.input))
             wake_at = _earliest(wake_at, retry_at)

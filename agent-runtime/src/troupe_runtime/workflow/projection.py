@@ -123,8 +123,7 @@ def apply(state: RunState | None, event: Event) -> RunState:
                 status=event.status, output=event.output, error=event.error, finished_at=event.at
             )
         case _:
-            # A duplicate or late reply for an attempt no longer awaited changes nothing.
-            update = {"events": state.events + 1}
+            pass  # A duplicate or late reply for an attempt no longer awaited changes nothing.
     update["steps"] = steps
     return state.model_copy(update=update)
 

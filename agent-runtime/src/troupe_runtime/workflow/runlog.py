@@ -20,6 +20,22 @@ from troupe_runtime.workflow.projection import RunState, apply, replay
 REPLAY_TIMEOUT_SECONDS = 5.0
 
 
+async def read_events(js: JetStreamContext, stream: str, subject: str) -> list[Event]:
+    """Every event on one run's subject, in order."""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    count = (info.state.subjects or {}).get(subject, 0)
+    if count == 0:
+        return []
+    subscription = await js.subscribe(subject, ordered_consumer=True)
+    try:
+        return [
+            decode_event((await subscription.next_msg(REPLAY_TIMEOUT_SECONDS)).data)
+            for _ in range(count)
+        ]
+    finally:
+        await subscription.unsubscribe()
+
+
 class RunLog:
     def __init__(self, js: JetStreamContext, kv: KeyValue, config: EngineConfig) -> None:
         self._js = js
@@ -38,23 +54,15 @@ class RunLog:
             return None
         new_state = apply(state, event)
         await self._save(new_state)
+        if new_state.terminal:
+            self._revisions.pop(new_state.run_id, None)  # a finished run is not written again
         return new_state
 
     async def events(self, run_id: str) -> list[Event]:
         """Every event of one run, in order, read back from the stream."""
-        subject = self._config.subject("events", run_id)
-        info = await self._js.stream_info(self._config.stream, subjects_filter=subject)
-        count = (info.state.subjects or {}).get(subject, 0)
-        if count == 0:
-            return []
-        subscription = await self._js.subscribe(subject, ordered_consumer=True)
-        try:
-            return [
-                decode_event((await subscription.next_msg(REPLAY_TIMEOUT_SECONDS)).data)
-                for _ in range(count)
-            ]
-        finally:
-            await subscription.unsubscribe()
+        return await read_events(
+            self._js, self._config.stream, self._config.subject("events", run_id)
+        )
 
     async def rebuild(self, run_id: str) -> RunState | None:
         state = replay(await self.events(run_id))
@@ -69,6 +77,9 @@ class RunLog:
             return None
         if entry.value is None:
             return None
+        if entry.revision is not None:
+            # Known now, so a rebuild that follows writes with a plain compare-and-set.
+            self._revisions[run_id] = entry.revision
         return RunState.model_validate_json(entry.value)
 
     async def run_ids(self) -> list[str]:

@@ -7,13 +7,13 @@ also stops whatever it spawned, and so that the cluster outlives the
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from troupe_devcluster.processnode.process import signal_group
 
 # Popen objects of the processes this interpreter started: kept so that they
 # are reaped through Popen (no zombies, no "still running" warnings on GC).
@@ -68,11 +68,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
 def _group_alive(pgid: int) -> bool:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -90,7 +85,7 @@ def stop(pids: Iterable[int], grace_seconds: float = 10.0) -> None:
     """SIGTERM each process group, then SIGKILL whatever is left after the grace period."""
     started = list(pids)
     for pid in started:
-        _signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     remaining = started
     while remaining and time.monotonic() < deadline:
@@ -100,7 +95,7 @@ def stop(pids: Iterable[int], grace_seconds: float = 10.0) -> None:
         if remaining:
             time.sleep(0.05)
     for pid in remaining:
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
     for pid in started:
         child = _children.pop(pid, None)
         if child is not None:

@@ -95,10 +95,6 @@ def build_engine_config(
     )
 
 
-def engine_config_hash(config: EngineConfig) -> str:
-    return pods.config_hash(config.to_json())
-
-
 def build_engine_config_map(owner: Owner, config: EngineConfig) -> dict[str, Any]:
     return pods.config_map(
         owner, engine_name(owner.name), engine_labels(owner.name), config.to_json()
