@@ -33,7 +33,7 @@ ARG TROUPE_VERSION
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     pip install --no-index --find-links /wheels "troupe-runtime==${TROUPE_VERSION}"
 USER 10001:10001
-ENTRYPOINT ["python", "-m", "troupe_runtime"]
+ENTRYPOINT ["python", "-m", "troupe_runtime.agent"]
 
 FROM base AS operator
 ARG TROUPE_VERSION

@@ -8,8 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONTROLPLANE_STAMP := $(VENV)/.controlplane
-PACKAGES := agent-runtime operator hack/devcluster
-SOURCES := operator/src agent-runtime/src hack/devcluster/src hack/agent_metrics.py tests bench examples/research-team/handlers examples/support-triage/handlers
+PACKAGES := agent-runtime operator tools/devcluster
+SOURCES := operator/src agent-runtime/src tools/devcluster/src tools/agent_metrics.py tests bench examples/research-team/handlers examples/support-triage/handlers
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -23,8 +23,8 @@ $(STAMP): requirements.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyp
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(foreach p,$(PACKAGES),-e $(p))
 	touch $@
 
-$(CONTROLPLANE_STAMP): hack/build-controlplane.sh hack/versions.env hack/controlplane/go.mod hack/controlplane/go.sum
-	hack/build-controlplane.sh >/dev/null
+$(CONTROLPLANE_STAMP): tools/build-controlplane.sh tools/versions.env tools/controlplane/go.mod tools/controlplane/go.sum
+	tools/build-controlplane.sh >/dev/null
 	touch $@
 
 .PHONY: setup
@@ -46,19 +46,19 @@ CRD_DIRS := crds charts/troupe/crds
 
 .PHONY: crds
 crds: setup ## Regenerate the CRDs (crds/, the chart's copy, deploy/) from the API models.
-	$(BIN)/python -m troupe_operator.crdgen write $(CRD_DIRS)
-	$(BIN)/python -m troupe_operator.apidoc write docs/api-reference.md
-	$(BIN)/python -m troupe_devcluster.bundle write
+	$(BIN)/python -m troupe_operator.gen.crds write $(CRD_DIRS)
+	$(BIN)/python -m troupe_operator.gen.apidoc write docs/api-reference.md
+	$(BIN)/python -m troupe_operator.gen.bundle write
 
 .PHONY: verify
 verify: setup ## Fail when the committed CRDs or deploy/ bundle differ from what generates them.
-	$(BIN)/python -m troupe_operator.crdgen check $(CRD_DIRS)
-	$(BIN)/python -m troupe_operator.apidoc check docs/api-reference.md
-	$(BIN)/python -m troupe_devcluster.bundle check
+	$(BIN)/python -m troupe_operator.gen.crds check $(CRD_DIRS)
+	$(BIN)/python -m troupe_operator.gen.apidoc check docs/api-reference.md
+	$(BIN)/python -m troupe_operator.gen.bundle check
 
 .PHONY: bundle
 bundle: setup ## Render the chart with default values into the plain install bundle deploy/.
-	$(BIN)/python -m troupe_devcluster.bundle write
+	$(BIN)/python -m troupe_operator.gen.bundle write
 
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/troupe/Chart.yaml)
 
@@ -85,7 +85,7 @@ cluster-env: setup ## Print `export` lines for KUBECONFIG and NATS_URL.
 
 .PHONY: demo
 demo: setup ## Run the whole system: cluster, operator from its chart, research team, a workflow run.
-	hack/demo.sh
+	tools/demo.sh
 
 .PHONY: demo-down
 demo-down: cluster-down ## Remove everything the demo started.

@@ -24,10 +24,10 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from troupe_devcluster import launcher
-from troupe_runtime.config import RuntimeConfig
-from troupe_runtime.policies import StateBucket
-from troupe_runtime.provision import ensure_agent_resources
-from troupe_runtime.resources import build_agent_resources
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.contract.policies import StateBucket
+from troupe_runtime.nats.provision import ensure_agent_resources
 from troupe_runtime.state import StateStore
 
 KEY = "counter"

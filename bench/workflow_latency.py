@@ -29,13 +29,14 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from troupe_devcluster import launcher
-from troupe_runtime import envelope, naming
-from troupe_runtime.config import RuntimeConfig
-from troupe_runtime.envelope import CloudEvent
-from troupe_runtime.provision import ensure_agent_resources
-from troupe_runtime.resources import build_agent_resources
-from troupe_runtime.runtime import Runtime
-from troupe_runtime.workflow.config import EngineConfig
+from troupe_runtime.agent.runtime import Runtime
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.workflow_resources import build_workflow_resources
+from troupe_runtime.nats.provision import ensure_agent_resources, ensure_workflow_resources
 from troupe_runtime.workflow.service import EngineService
 
 STEPS = ("a", "b", "c")
@@ -91,6 +92,7 @@ async def troupe_workflow(nats_url: str, js: JetStreamContext) -> AsyncIterator[
             task = asyncio.create_task(runtime.run())
             stack.push_async_callback(_stop, runtime.stop, task)
             await until(runtime.ready)
+        await ensure_workflow_resources(js, build_workflow_resources(config))
         service = EngineService(config, host="127.0.0.1", port=0)
         engine_task = asyncio.create_task(service.run())
         stack.push_async_callback(_stop, service.stop, engine_task)

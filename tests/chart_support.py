@@ -1,4 +1,4 @@
-"""What the chart tests share: ``helm`` (built by hack/build-controlplane.sh), rendering the
+"""What the chart tests share: ``helm`` (built by tools/build-controlplane.sh), rendering the
 chart with given values, and picking objects out of the rendered documents."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from troupe_devcluster import bundle
 from troupe_devcluster.__main__ import build_binaries
+from troupe_operator.gen import bundle
 
 CHART = bundle.CHART
 RELEASE = bundle.RELEASE

@@ -26,8 +26,8 @@ from nats.js.errors import NotFoundError
 from tests.chart_support import run_helm
 from tests.integration.operator_support import stream_names
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace, wait_for
-from troupe_runtime import envelope, naming
-from troupe_runtime.envelope import CloudEvent
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "research-team"

@@ -22,14 +22,14 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamConfig
 from nats.js.errors import NotFoundError
 
-from troupe_runtime import envelope
-from troupe_runtime.config import RuntimeConfig
-from troupe_runtime.context import Context, HandlerFn
-from troupe_runtime.envelope import CloudEvent
-from troupe_runtime.handlers import LoadedHandler
-from troupe_runtime.provision import ensure_agent_resources
-from troupe_runtime.resources import DUPLICATE_WINDOW_SECONDS, build_agent_resources
-from troupe_runtime.runtime import Runtime
+from troupe_runtime.agent.context import Context, HandlerFn
+from troupe_runtime.agent.handlers import LoadedHandler
+from troupe_runtime.agent.runtime import Runtime
+from troupe_runtime.contract import envelope
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.agent_resources import DUPLICATE_WINDOW_SECONDS, build_agent_resources
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.nats.provision import ensure_agent_resources
 
 DEADLINE = 20.0
 EFFECTS_ENV = "TROUPE_TEST_EFFECTS"

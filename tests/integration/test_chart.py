@@ -25,9 +25,9 @@ from tests.chart_support import (
     of_kind,
     render_text,
 )
-from troupe_devcluster import bundle
 from troupe_devcluster.kube import core_v1
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace
+from troupe_operator.gen import bundle
 
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",

@@ -12,6 +12,7 @@ from typing import Any
 import nats
 import pytest
 from nats.js import JetStreamContext
+from troupe_cli.main import amain
 
 from tests.integration.runtime_harness import DEADLINE, eventually, stored, stream_count
 from tests.integration.workflow_harness import (
@@ -21,13 +22,12 @@ from tests.integration.workflow_harness import (
     engine_config,
     new_namespace,
 )
-from troupe_runtime import envelope, naming
-from troupe_runtime.cli.main import amain
-from troupe_runtime.context import Context, HandlerFn
-from troupe_runtime.deadletter import DeadLetterReason, Origin, dead_letter_headers
-from troupe_runtime.envelope import CloudEvent
-from troupe_runtime.provision import ensure_agent_resources
-from troupe_runtime.resources import build_agent_resources
+from troupe_runtime.agent.context import Context, HandlerFn
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.contract.dead_letters import DeadLetterReason, Origin, dead_letter_headers
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.nats.provision import ensure_agent_resources
 
 Output = tuple[int, str, str]
 
@@ -341,7 +341,7 @@ async def test_the_installed_command_explains_a_workflow_without_an_engine(nats_
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "troupe_runtime.cli",
+        "troupe_cli",
         "--nats-url",
         nats_url,
         "-n",

@@ -14,8 +14,8 @@ import pytest
 
 from tests.integration.workflow_harness import agents, engine, engine_config, new_namespace, result
 from troupe_devcluster.pytest_plugin import ClusterEndpoints
-from troupe_runtime import envelope, naming
-from troupe_runtime.envelope import CloudEvent
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

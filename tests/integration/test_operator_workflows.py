@@ -31,8 +31,8 @@ from tests.integration.operator_support import (
 )
 from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
-from troupe_runtime import envelope, naming
-from troupe_runtime.envelope import CloudEvent
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
 
 DEADLINE = 60.0
 LINEAR_STEPS: list[dict[str, Any]] = [

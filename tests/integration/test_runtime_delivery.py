@@ -18,8 +18,8 @@ from tests.integration.runtime_harness import (
     stored,
     stream_count,
 )
-from troupe_runtime.context import Context
-from troupe_runtime.handlers.echo import echo
+from troupe_runtime.agent.context import Context
+from troupe_runtime.agent.handlers.echo import echo
 from troupe_runtime.state import StateStore
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"

@@ -19,17 +19,17 @@ from tests.integration.runtime_harness import (
     stored,
     stream_count,
 )
-from troupe_runtime import naming
-from troupe_runtime.context import AgentError, Context
-from troupe_runtime.deadletter import (
+from troupe_runtime.agent.context import AgentError, Context
+from troupe_runtime.agent.handlers.echo import echo
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.dead_letters import (
     ATTEMPTS_HEADER,
     ERROR_HEADER,
     REASON_HEADER,
     SEQUENCE_HEADER,
     SUBJECT_HEADER,
 )
-from troupe_runtime.handlers.echo import echo
-from troupe_runtime.pull import Puller
+from troupe_runtime.nats.pull import Puller
 
 SCHEMA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
 

@@ -19,9 +19,9 @@ from tests.integration.runtime_harness import (
     stored,
     stream_count,
 )
-from troupe_runtime.handlers import load_handler
-from troupe_runtime.handlers.llm import API_KEY_ENV, BASE_URL_ENV, MODEL_ENV
-from troupe_runtime.policies import Handler
+from troupe_runtime.agent.handlers import load_handler
+from troupe_runtime.agent.handlers.llm import API_KEY_ENV, BASE_URL_ENV, MODEL_ENV
+from troupe_runtime.contract.policies import Handler
 
 Recorded = list[tuple[str, dict[str, str], bytes]]
 

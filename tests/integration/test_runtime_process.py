@@ -25,7 +25,7 @@ from tests.integration.runtime_harness import (
     stream_count,
 )
 from troupe_devcluster.layout import free_port
-from troupe_runtime.config import RuntimeConfig
+from troupe_runtime.contract.agent_config import RuntimeConfig
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 HANDLERS = "tests.integration.runtime_harness"

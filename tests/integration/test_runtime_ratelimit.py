@@ -6,7 +6,7 @@ import time
 from contextlib import AsyncExitStack
 
 from tests.integration.runtime_harness import eventually, make_config, provisioned, running, send
-from troupe_runtime.context import Context, HandlerFn
+from troupe_runtime.agent.context import Context, HandlerFn
 
 TOLERANCE = 0.10
 

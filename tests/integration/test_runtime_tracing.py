@@ -22,7 +22,7 @@ from tests.integration.runtime_harness import (
     stored,
     stream_count,
 )
-from troupe_runtime.handlers.echo import echo
+from troupe_runtime.agent.handlers.echo import echo
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
-from troupe_runtime.config import RuntimeConfig
-from troupe_runtime.provision import ensure_agent_resources
-from troupe_runtime.resources import build_agent_resources
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.nats.provision import ensure_agent_resources
 from troupe_runtime.state import StateStore
 
 DEADLINE = 10.0

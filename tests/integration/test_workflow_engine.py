@@ -20,9 +20,9 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
-from troupe_runtime import envelope, naming
-from troupe_runtime.context import Context, HandlerFn
-from troupe_runtime.envelope import CloudEvent
+from troupe_runtime.agent.context import Context, HandlerFn
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
 
 
 def appender(name: str) -> HandlerFn:

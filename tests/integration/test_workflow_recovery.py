@@ -29,10 +29,10 @@ from tests.integration.workflow_harness import (
     trigger,
 )
 from troupe_devcluster.layout import free_port
-from troupe_runtime.context import Context, HandlerFn
-from troupe_runtime.provision import ensure_workflow_resources
-from troupe_runtime.workflow.config import EngineConfig
-from troupe_runtime.workflow.resources import build_workflow_resources
+from troupe_runtime.agent.context import Context, HandlerFn
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.workflow_resources import build_workflow_resources
+from troupe_runtime.nats.provision import ensure_workflow_resources
 
 LINEAR: list[dict[str, Any]] = [
     {"name": "a"},

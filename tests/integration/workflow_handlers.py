@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from troupe_runtime.context import Context
+from troupe_runtime.agent.context import Context
 
 NAME_ENV = "TROUPE_TEST_APPEND"
 

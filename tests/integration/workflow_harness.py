@@ -14,15 +14,16 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from tests.integration.runtime_harness import DEADLINE, eventually, running
-from troupe_runtime import envelope, naming
-from troupe_runtime.config import RuntimeConfig
-from troupe_runtime.context import HandlerFn
-from troupe_runtime.envelope import CloudEvent
-from troupe_runtime.provision import ensure_agent_resources
-from troupe_runtime.resources import build_agent_resources
-from troupe_runtime.workflow.config import EngineConfig
-from troupe_runtime.workflow.events import Event
-from troupe_runtime.workflow.runlog import read_events
+from troupe_runtime.agent.context import HandlerFn
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.run_events import Event
+from troupe_runtime.contract.workflow_resources import build_workflow_resources
+from troupe_runtime.nats.provision import ensure_agent_resources, ensure_workflow_resources
+from troupe_runtime.nats.streams import read_events
 from troupe_runtime.workflow.service import EngineService
 
 
@@ -86,6 +87,11 @@ async def agents(
 
 @asynccontextmanager
 async def engine(config: EngineConfig) -> AsyncIterator[EngineService]:
+    nc = await nats.connect(config.nats.url)
+    try:
+        await ensure_workflow_resources(nc.jetstream(), build_workflow_resources(config))
+    finally:
+        await nc.close()
     service = EngineService(config, host="127.0.0.1", port=0)
     task = asyncio.create_task(service.run())
 

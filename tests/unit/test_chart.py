@@ -24,9 +24,9 @@ from tests.chart_support import (
     render_text,
     run_helm,
 )
-from troupe_devcluster import bundle
 from troupe_operator import metrics as operator_metrics
-from troupe_runtime.metrics import RuntimeMetrics
+from troupe_operator.gen import bundle
+from troupe_runtime.serving.metrics import RuntimeMetrics
 from troupe_runtime.workflow import service as engine_service
 
 Grant = tuple[str, str, str, str]  # API group, resource, verb, resource name ("" for any)

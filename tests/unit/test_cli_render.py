@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-from troupe_runtime import deadletter
-from troupe_runtime.cli import render
-from troupe_runtime.cli.main import build_parser
-from troupe_runtime.cli.views import (
+from troupe_cli import render
+from troupe_cli.main import build_parser
+from troupe_cli.views import (
     AgentSample,
     ConsumerCounters,
     DeadLetter,
@@ -17,8 +16,9 @@ from troupe_runtime.cli.views import (
     replay_headers,
     timeline,
 )
-from troupe_runtime.state import Change
-from troupe_runtime.workflow.events import (
+
+from troupe_runtime.contract import dead_letters
+from troupe_runtime.contract.run_events import (
     CompensationDispatched,
     CompensationFinished,
     Event,
@@ -28,7 +28,8 @@ from troupe_runtime.workflow.events import (
     StepFailed,
     StepSucceeded,
 )
-from troupe_runtime.workflow.projection import replay
+from troupe_runtime.contract.run_state import replay
+from troupe_runtime.state import Change
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -198,10 +199,10 @@ def dead_letter(headers: dict[str, str], data: bytes = b'{"x":1}') -> DeadLetter
 
 
 def test_a_replay_keeps_the_cloudevent_headers_and_drops_the_dead_letter_ones() -> None:
-    origin = deadletter.Origin(subject="troupe.ns.a.in.p0", stream="TROUPE_ns_a", sequence=3)
-    headers = deadletter.dead_letter_headers(
+    origin = dead_letters.Origin(subject="troupe.ns.a.in.p0", stream="TROUPE_ns_a", sequence=3)
+    headers = dead_letters.dead_letter_headers(
         {"ce-id": "e1", "ce-type": "t", "content-type": "application/json"},
-        reason=deadletter.DeadLetterReason.EXHAUSTED,
+        reason=dead_letters.DeadLetterReason.EXHAUSTED,
         error="boom",
         attempts=3,
         agent="ns/a",
@@ -221,9 +222,9 @@ def test_a_replay_keeps_the_cloudevent_headers_and_drops_the_dead_letter_ones() 
 def test_a_dead_letter_reads_its_reason_attempts_and_origin_from_headers() -> None:
     letter = dead_letter(
         {
-            deadletter.REASON_HEADER: "exhausted",
-            deadletter.ATTEMPTS_HEADER: "3",
-            deadletter.SUBJECT_HEADER: "troupe.ns.a.in.p0",
+            dead_letters.REASON_HEADER: "exhausted",
+            dead_letters.ATTEMPTS_HEADER: "3",
+            dead_letters.SUBJECT_HEADER: "troupe.ns.a.in.p0",
             "Ce-Id": "e1",
         }
     )

@@ -14,7 +14,7 @@ from tests.unit.golden_support import assert_golden
 from troupe_operator.api import AgentSpec
 from troupe_operator.builders import workload
 from troupe_operator.builders.pods import Owner
-from troupe_runtime.config import RuntimeConfig
+from troupe_runtime.contract.agent_config import RuntimeConfig
 
 OWNER = Owner(namespace="research", name="summariser", uid="0b1c2d3e-0000-4000-8000-000000000001")
 NATS_URL = "nats://nats.troupe-system:4222"

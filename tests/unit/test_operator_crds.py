@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from troupe_operator import apidoc, crdgen
+from troupe_operator.gen import apidoc
+from troupe_operator.gen import crds as crdgen
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN_IN_STRUCTURAL = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"}

@@ -16,8 +16,8 @@ from tests.unit.golden_support import assert_golden
 from troupe_operator.api import WorkflowSpec
 from troupe_operator.builders import engine
 from troupe_operator.builders.pods import Owner
-from troupe_runtime.policies import RetryPolicy
-from troupe_runtime.workflow.config import EngineConfig
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.policies import RetryPolicy
 
 OWNER = Owner(
     namespace="shop", name="checkout", uid="0b1c2d3e-0000-4000-8000-000000000002", kind="Workflow"

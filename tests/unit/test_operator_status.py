@@ -18,7 +18,7 @@ from troupe_operator.builders.status import (
     summarize_runs,
     workflow_status,
 )
-from troupe_runtime.workflow.projection import RunState, RunStatus
+from troupe_runtime.contract.run_state import RunState, RunStatus
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 READY_WORKLOAD = WorkloadObservation(desired=2, ready=2, updated=2, current_generation=True)

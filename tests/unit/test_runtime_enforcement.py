@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 
-from troupe_runtime.deadletter import DeadLetterReason, Origin, dead_letter_headers
-from troupe_runtime.policies import Contract, retry_delay
-from troupe_runtime.ratelimit import gcra
-from troupe_runtime.scheduling import PriorityScheduler, priority_weights
-from troupe_runtime.schemas import ContractChecker, SchemaViolation
+from troupe_runtime.agent.ratelimit import gcra
+from troupe_runtime.agent.scheduling import PriorityScheduler, priority_weights
+from troupe_runtime.agent.schemas import ContractChecker, SchemaViolation
+from troupe_runtime.contract.dead_letters import DeadLetterReason, Origin, dead_letter_headers
+from troupe_runtime.contract.policies import Contract, retry_delay
 
 
 def test_gcra_allows_a_burst_then_one_message_per_interval() -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from troupe_runtime.envelope import (
+from troupe_runtime.contract.envelope import (
     CloudEvent,
     MalformedMessage,
     child_traceparent,

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from troupe_runtime import logs
-from troupe_runtime.config import NatsSettings
-from troupe_runtime.connection import connect_options
-from troupe_runtime.handlers import load_handler
-from troupe_runtime.handlers.llm import LlmSettings, build_request
-from troupe_runtime.health import HealthServer
-from troupe_runtime.metrics import RuntimeMetrics
-from troupe_runtime.policies import Handler
+from troupe_runtime.agent.handlers import load_handler
+from troupe_runtime.agent.handlers.llm import LlmSettings, build_request
+from troupe_runtime.contract.agent_config import NatsSettings
+from troupe_runtime.contract.policies import Handler
+from troupe_runtime.nats.connection import connect_options
+from troupe_runtime.serving import logs
+from troupe_runtime.serving.health import HealthServer
+from troupe_runtime.serving.metrics import RuntimeMetrics
 
 
 def test_handler_declarations_missing_their_fields_fail_at_start_up() -> None:

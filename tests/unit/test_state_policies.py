@@ -8,8 +8,8 @@ import random
 import pytest
 from nats.aio.client import Client as NATS
 
-from troupe_runtime.config import RuntimeConfig
-from troupe_runtime.policies import StateBucket
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.policies import StateBucket
 from troupe_runtime.state import ConflictError, InvalidValueError, StateStore, Tuning
 from troupe_runtime.state.codec import decode, encode
 from troupe_runtime.state.policies import backoff_delay

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from troupe_runtime.policies import RetryPolicy
-from troupe_runtime.workflow.config import EngineCompensation, EngineConfig, EngineStep
-from troupe_runtime.workflow.events import (
+from troupe_runtime.contract.engine_config import EngineCompensation, EngineConfig, EngineStep
+from troupe_runtime.contract.policies import RetryPolicy
+from troupe_runtime.contract.run_events import (
     CompensationDispatched,
     CompensationFinished,
     Event,
@@ -21,9 +21,9 @@ from troupe_runtime.workflow.events import (
     decode_event,
     encode_event,
 )
+from troupe_runtime.contract.run_state import RunState, apply, replay
 from troupe_runtime.workflow.mapping import MappingError, map_input
 from troupe_runtime.workflow.planner import Compensate, Dispatch, FailStep, Finish, plan
-from troupe_runtime.workflow.projection import RunState, apply, replay
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

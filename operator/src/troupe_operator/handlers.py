@@ -18,12 +18,13 @@ from typing import Any
 
 import kopf
 
-from troupe_operator import metrics, reconcile
+from troupe_operator import metrics
 from troupe_operator.api import GROUP, VERSION
 from troupe_operator.builders.engine import WORKFLOW_LABEL
 from troupe_operator.builders.workload import AGENT_LABEL
-from troupe_operator.kube import Kube, new_api_client
-from troupe_operator.nats_client import MessagingUnavailable, NatsPool
+from troupe_operator.clients.kube import Kube, new_api_client
+from troupe_operator.clients.nats import MessagingUnavailable, NatsPool
+from troupe_operator.reconcilers import passes as reconcile
 from troupe_operator.settings import OperatorSettings
 
 FINALIZER = "troupe.dev/nats-cleanup"

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, Header
 from nats.js.errors import NotFoundError
 
-from troupe_runtime import naming
+from troupe_runtime.contract import naming
 from troupe_runtime.state import codec
 
 EVENT_TYPE_HEADER = "Troupe-Event-Type"

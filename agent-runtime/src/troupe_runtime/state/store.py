@@ -14,8 +14,8 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError
 
-from troupe_runtime.config import RuntimeConfig
-from troupe_runtime.policies import StateBucket
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.policies import StateBucket
 from troupe_runtime.state.errors import (
     BucketNotProvisionedError,
     ReadOnlyBucketError,

@@ -8,9 +8,9 @@ import os
 import signal
 from pathlib import Path
 
-from troupe_runtime import logs
-from troupe_runtime.runtime import health_host
-from troupe_runtime.workflow.config import CONFIG_JSON_ENV, EngineConfig
+from troupe_runtime.contract.engine_config import CONFIG_JSON_ENV, EngineConfig
+from troupe_runtime.contract.pod import bind_host
+from troupe_runtime.serving import logs
 from troupe_runtime.workflow.service import EngineService
 
 
@@ -25,7 +25,7 @@ def load_config(path: Path | None) -> EngineConfig:
 
 
 async def serve(config: EngineConfig) -> None:
-    service = EngineService(config, host=health_host(os.environ))
+    service = EngineService(config, host=bind_host(os.environ))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.stop)

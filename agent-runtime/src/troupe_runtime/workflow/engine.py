@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -23,14 +22,17 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header
 
-from troupe_runtime import envelope
-from troupe_runtime.deadletter import ERROR_HEADER, header_safe
-from troupe_runtime.envelope import CloudEvent, MalformedMessage, child_traceparent
-from troupe_runtime.pull import Puller
-from troupe_runtime.worker import ERROR_TYPE
-from troupe_runtime.workflow import planner
-from troupe_runtime.workflow.config import EngineConfig
-from troupe_runtime.workflow.events import (
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.dead_letters import ERROR_HEADER, header_safe
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.envelope import (
+    ERROR_TYPE,
+    CloudEvent,
+    MalformedMessage,
+    child_traceparent,
+)
+from troupe_runtime.contract.run_events import (
+    RUN_ID_PATTERN,
     CompensationDispatched,
     CompensationFinished,
     Event,
@@ -40,8 +42,9 @@ from troupe_runtime.workflow.events import (
     StepFailed,
     StepSucceeded,
 )
-from troupe_runtime.workflow.projection import RunState
-from troupe_runtime.workflow.resources import REPLIES_CONSUMER, TRIGGERS_CONSUMER
+from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.nats.pull import Puller
+from troupe_runtime.workflow import planner
 from troupe_runtime.workflow.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,6 @@ REPLY_BATCH = 256
 STEP_EVENT_TYPE = "troupe.workflow.step"
 COMPENSATE = "compensate"
 # Run ids become KV keys and subject tokens.
-RUN_ID_PATTERN = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
 
 
 def dispatch_id(run_id: str, step: str, attempt: int | str) -> str:
@@ -124,8 +126,8 @@ class Engine:
 
     async def run(self) -> None:
         await self._recover()
-        triggers = Puller(self._nc, self._config.stream, TRIGGERS_CONSUMER)
-        replies = Puller(self._nc, self._config.stream, REPLIES_CONSUMER)
+        triggers = Puller(self._nc, self._config.stream, naming.TRIGGERS_CONSUMER)
+        replies = Puller(self._nc, self._config.stream, naming.REPLIES_CONSUMER)
         await triggers.start()
         await replies.start()
         self.ready = True

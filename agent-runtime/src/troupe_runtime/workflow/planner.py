@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from troupe_runtime.workflow.config import EngineConfig
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.workflow.mapping import MappingError, map_input
-from troupe_runtime.workflow.projection import RunState
 
 
 @dataclass(frozen=True)

@@ -13,27 +13,10 @@ from nats.js.api import Header
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from troupe_runtime.workflow.config import EngineConfig
-from troupe_runtime.workflow.events import Event, decode_event, encode_event
-from troupe_runtime.workflow.projection import RunState, apply, replay
-
-REPLAY_TIMEOUT_SECONDS = 5.0
-
-
-async def read_events(js: JetStreamContext, stream: str, subject: str) -> list[Event]:
-    """Every event on one run's subject, in order."""
-    info = await js.stream_info(stream, subjects_filter=subject)
-    count = (info.state.subjects or {}).get(subject, 0)
-    if count == 0:
-        return []
-    subscription = await js.subscribe(subject, ordered_consumer=True)
-    try:
-        return [
-            decode_event((await subscription.next_msg(REPLAY_TIMEOUT_SECONDS)).data)
-            for _ in range(count)
-        ]
-    finally:
-        await subscription.unsubscribe()
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.run_events import Event, encode_event
+from troupe_runtime.contract.run_state import RunState, apply, replay
+from troupe_runtime.nats.streams import read_events
 
 
 class RunLog:

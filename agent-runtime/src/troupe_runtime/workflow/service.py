@@ -1,23 +1,31 @@
-"""One workflow engine process: health endpoints, the NATS connection, its
-JetStream resources (ensured idempotently at start, like the operator does)
-and the engine loop, until ``stop()``."""
+"""One workflow engine process: health endpoints, the NATS connection and the
+engine loop, until ``stop()``.
+
+The engine only binds: the operator alone provisions a workflow's JetStream
+resources, as it does an agent's, so a Workflow being deleted has nobody
+recreating its streams. Until they exist the engine waits, not ready.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Gauge
 
-from troupe_runtime.connection import connect
-from troupe_runtime.health import HealthServer
-from troupe_runtime.provision import ensure_workflow_resources
-from troupe_runtime.workflow.config import EngineConfig
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.nats.connection import connect
+from troupe_runtime.serving.health import HealthServer
 from troupe_runtime.workflow.engine import Engine
-from troupe_runtime.workflow.resources import build_workflow_resources
 from troupe_runtime.workflow.runlog import RunLog
 
 logger = logging.getLogger(__name__)
+
+BIND_RETRY_SECONDS = 1.0
 
 
 class EngineService:
@@ -53,9 +61,9 @@ class EngineService:
         nc = await connect(self.config.nats, name=f"troupe-workflow-{self.config.workflow}")
         try:
             js = nc.jetstream()
-            resources = build_workflow_resources(self.config)
-            await ensure_workflow_resources(js, resources)
-            kv = await js.key_value(self.config.runs_bucket)
+            kv = await self._bind(js)
+            if kv is None:
+                return
             self._engine = Engine(nc, js, RunLog(js, kv, self.config), self.config)
             self._active.set_function(lambda: self._engine.active_runs if self._engine else 0)
             if self._stop.is_set():
@@ -65,3 +73,20 @@ class EngineService:
         finally:
             await nc.drain()
             await self.health.stop()
+
+    async def _bind(self, js: JetStreamContext) -> KeyValue | None:
+        """The runs bucket, once the operator has created it and the engine's consumers;
+        None when stopped first."""
+        stream = self.config.stream
+        while not self._stop.is_set():
+            try:
+                for consumer in (naming.TRIGGERS_CONSUMER, naming.REPLIES_CONSUMER):
+                    await js.consumer_info(stream, consumer)
+                return await js.key_value(self.config.runs_bucket)
+            except (NotFoundError, BucketNotFoundError):
+                logger.warning("the JetStream resources of %s do not exist yet; waiting", stream)
+            try:
+                await asyncio.wait_for(self._stop.wait(), BIND_RETRY_SECONDS)
+            except TimeoutError:
+                continue
+        return None

@@ -1,6 +1,6 @@
 """The troupe.dev/v1alpha1 API: pydantic models that are the single source of truth.
 
-The CRDs (``troupe_operator.crdgen``) are generated from these models, and the
+The CRDs (``troupe_operator.gen.crds``) are generated from these models, and the
 operator parses every spec it reconciles with them.
 """
 

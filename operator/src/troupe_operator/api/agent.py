@@ -1,6 +1,6 @@
 """The Agent API: one AI agent, its contract, its runtime and its messaging policies.
 
-The policies are the runtime's own models (``troupe_runtime.policies``), embedded
+The policies are the runtime's own models (``troupe_runtime.contract.policies``), embedded
 unchanged, so the CRD, the operator and the runtime share one set of field names.
 """
 
@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, WithJsonSchema
 
 from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
-from troupe_runtime.durations import Duration
-from troupe_runtime.policies import (
+from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.policies import (
     NAME_PATTERN,
     Contract,
     DeadLetterPolicy,

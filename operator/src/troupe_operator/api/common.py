@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from troupe_runtime.policies import WireModel
+from troupe_runtime.contract.policies import WireModel
 
 GROUP = "troupe.dev"
 VERSION = "v1alpha1"

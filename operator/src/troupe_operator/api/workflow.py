@@ -14,8 +14,13 @@ from pydantic import Field
 
 from troupe_operator.api.agent import NatsConnection
 from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
-from troupe_runtime.durations import Duration
-from troupe_runtime.policies import NAME_PATTERN, DeadLetterPolicy, RetryPolicy, StateBucket
+from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.policies import (
+    NAME_PATTERN,
+    DeadLetterPolicy,
+    RetryPolicy,
+    StateBucket,
+)
 
 MAX_STEPS = 64
 MAX_DEPENDENCIES = 32

@@ -17,8 +17,8 @@ from typing import Any
 from troupe_operator.api import WorkflowSpec, WorkflowStep
 from troupe_operator.builders import pods
 from troupe_operator.builders.pods import FIELD_MANAGER, Owner
-from troupe_runtime import naming
-from troupe_runtime.workflow.config import (
+from troupe_runtime.contract import naming, pod
+from troupe_runtime.contract.engine_config import (
     CONFIG_JSON_ENV,
     EngineCompensation,
     EngineConfig,
@@ -26,7 +26,6 @@ from troupe_runtime.workflow.config import (
 )
 
 WORKFLOW_LABEL = "troupe.dev/workflow"
-ENGINE_COMMAND = ["python", "-m", "troupe_runtime.workflow"]
 
 
 def engine_name(workflow: str) -> str:
@@ -110,7 +109,7 @@ def build_engine_deployment(
         pods.Container(
             image=image,
             image_pull_policy="IfNotPresent",
-            command=ENGINE_COMMAND,
+            command=list(pod.ENGINE_COMMAND),
             config_env=CONFIG_JSON_ENV,
             config_map=engine_name(owner.name),
             health_port=config.health_port,

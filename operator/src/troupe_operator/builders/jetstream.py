@@ -1,7 +1,7 @@
 """Which shared JetStream streams an Agent's deletion leaves without users.
 
 KV buckets are per namespace and shared by every Agent declaring the same name
-(``troupe_runtime.naming.kv_bucket``), as are the namespace's event log and its
+(``troupe_runtime.contract.naming.kv_bucket``), as are the namespace's event log and its
 global rate-limit bucket; each goes only with the last Agent that uses it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from troupe_operator.api import AgentSpec
-from troupe_runtime import naming
+from troupe_runtime.contract import naming
 
 
 def _uses_global_rate_limit(spec: AgentSpec) -> bool:

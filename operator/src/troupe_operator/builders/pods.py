@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from troupe_operator.api import API_VERSION
 from troupe_operator.api.agent import NatsConnection
-from troupe_runtime.config import CONFIG_FILE_NAME, NatsSettings
+from troupe_runtime.contract import pod
+from troupe_runtime.contract.agent_config import CONFIG_FILE_NAME, NatsSettings
 
 FIELD_MANAGER = "troupe-operator"
 CONFIG_HASH_ANNOTATION = "troupe.dev/config-hash"
@@ -147,7 +148,7 @@ def runtime_container(spec: Container) -> dict[str, Any]:
             "name": spec.config_env,
             "valueFrom": {"configMapKeyRef": {"name": spec.config_map, "key": CONFIG_FILE_NAME}},
         },
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": pod.POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         *spec.extra_env,
     ]
@@ -159,12 +160,12 @@ def runtime_container(spec: Container) -> dict[str, Any]:
         "env": env,
         "ports": [{"name": "health", "containerPort": spec.health_port, "protocol": "TCP"}],
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "health"},
+            "httpGet": {"path": pod.HEALTH_PATH, "port": "health"},
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": "health"},
+            "httpGet": {"path": pod.READY_PATH, "port": "health"},
             "periodSeconds": 5,
             "failureThreshold": 2,
         },

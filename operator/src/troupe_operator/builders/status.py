@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from troupe_operator.api import AgentStatus, Condition, WorkflowStatus
 from troupe_operator.api.status import ConsumerCounts, LastRun, RunCounts
-from troupe_runtime.workflow.projection import RunState
+from troupe_runtime.contract.run_state import RunState
 
 READY = "Ready"
 SECRETS_RESOLVED = "SecretsResolved"

@@ -1,6 +1,6 @@
 """An Agent spec → its runtime config, ConfigMap, ServiceAccount and Deployment.
 
-The runtime config is the runtime's own model (``troupe_runtime.config``); the
+The runtime config is the runtime's own model (``troupe_runtime.contract.agent_config``); the
 ConfigMap carries its JSON, which reaches the container as ``TROUPE_CONFIG_JSON``,
 and its hash annotates the pod template so that any change rolls the pods. What the
 agents' pods share with the workflow engines' is in ``builders.pods``.
@@ -15,8 +15,8 @@ from troupe_operator.api import AgentSpec
 from troupe_operator.api.agent import AgentRuntime
 from troupe_operator.builders import pods
 from troupe_operator.builders.pods import FIELD_MANAGER, Owner, SecretReference
-from troupe_runtime.config import CONFIG_JSON_ENV, RuntimeConfig
-from troupe_runtime.handlers import llm
+from troupe_runtime.contract import llm, pod
+from troupe_runtime.contract.agent_config import CONFIG_JSON_ENV, RuntimeConfig
 
 AGENT_LABEL = "troupe.dev/agent"
 
@@ -106,7 +106,7 @@ def _runtime_container(
         pods.Container(
             image=runtime.image,
             image_pull_policy=runtime.image_pull_policy,
-            command=["python", "-m", "troupe_runtime"],
+            command=list(pod.AGENT_COMMAND),
             config_env=CONFIG_JSON_ENV,
             config_map=config_map_name(owner.name),
             health_port=config.health_port,
@@ -131,17 +131,12 @@ def llm_env(runtime: AgentRuntime) -> list[dict[str, Any]]:
     secret = runtime.handler.secret_name
     if runtime.handler.type != "llm" or secret is None:
         return []
-    keys = (
-        (llm.BASE_URL_ENV, "baseUrl", False),
-        (llm.API_KEY_ENV, "apiKey", False),
-        (llm.MODEL_ENV, "model", True),
-    )
     return [
         {
             "name": env,
             "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}},
         }
-        for env, key, optional in keys
+        for env, key, optional in llm.SECRET_KEYS
     ]
 
 

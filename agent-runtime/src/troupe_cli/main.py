@@ -1,0 +1,365 @@
+"""``troupe``: the command line. Parses arguments, calls ``nats_ops``, prints ``render``'s output.
+
+Exit codes: 0 when the command did what was asked, 1 when it failed (a
+``CliError``, a failed run, a replay that failed), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from troupe_cli import render
+from troupe_cli.errors import CliError
+from troupe_cli.nats_ops import Ops, connected
+from troupe_cli.views import agent_loads, timeline
+from troupe_runtime.contract import envelope
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.run_events import RUN_ID_PATTERN
+from troupe_runtime.contract.run_state import replay
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+CLEAR_SCREEN = "\x1b[H\x1b[J"
+
+Command = Callable[[Ops, argparse.Namespace], Awaitable[int]]
+
+
+def _emit(args: argparse.Namespace, text: str, document: Any) -> None:
+    print(render.dumps(document) if args.output == "json" else text, flush=True)
+
+
+def _emit_line(args: argparse.Namespace, text: str, document: Any) -> None:
+    """One line per item, for commands that stream: JSON Lines under ``-o json``."""
+    line = json.dumps(document, ensure_ascii=False) if args.output == "json" else text
+    print(line, flush=True)
+
+
+def parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise CliError(
+            f"{what} is not JSON ({error}); quote text as a JSON string, e.g. '\"hello\"'"
+        ) from error
+
+
+def _run_input(args: argparse.Namespace) -> Any:
+    if args.input_file is not None:
+        source = "standard input" if args.input_file == "-" else args.input_file
+        try:
+            text = sys.stdin.read() if args.input_file == "-" else Path(source).read_text()
+        except OSError as error:
+            raise CliError(f"cannot read the run input from {source}: {error}") from error
+        return parse_json(text, f"the run input in {source}")
+    return None if args.input is None else parse_json(args.input, "--input")
+
+
+async def run_workflow(ops: Ops, args: argparse.Namespace) -> int:
+    run_id = args.id or uuid.uuid4().hex
+    if not RUN_ID_PATTERN.match(run_id):
+        raise CliError(
+            f"run id {run_id!r} is not valid: use 1 to 200 letters, digits, '-', '_' or '='"
+        )
+    data = _run_input(args)
+    duplicate = await ops.start_run(args.workflow, run_id, data, args.priority)
+    if not args.wait:
+        _emit(
+            args,
+            render.started_text(args.workflow, run_id, duplicate),
+            render.started_json(args.workflow, run_id, duplicate),
+        )
+        return 0
+    result = await ops.wait_result(args.workflow, run_id, args.timeout)
+    if result is None:
+        raise CliError(
+            f"run {run_id} of workflow {args.workflow} has no result after {args.timeout:g}s; "
+            f"follow it with `troupe runs show {args.workflow} {run_id}`"
+        )
+    _emit(args, render.result_text(result), render.result_json(result))
+    return 0 if result.succeeded else 1
+
+
+async def list_runs(ops: Ops, args: argparse.Namespace) -> int:
+    runs = await ops.runs(args.workflow)
+    _emit(args, render.runs_text(runs), render.runs_json(runs))
+    return 0
+
+
+async def show_run(ops: Ops, args: argparse.Namespace) -> int:
+    """The log is the truth: the state is replayed from it, the KV projection is a fallback."""
+    events = await ops.run_events(args.workflow, args.run)
+    state = replay(events) or await ops.run_projection(args.workflow, args.run)
+    if state is None:
+        raise CliError(
+            f"workflow {args.workflow} has no run {args.run}: "
+            f"list runs with `troupe runs list {args.workflow}`"
+        )
+    attempts = timeline(events)
+    _emit(args, render.run_text(state, attempts), render.run_json(state, attempts))
+    return 0
+
+
+async def send(ops: Ops, args: argparse.Namespace) -> int:
+    data = None if args.data is None else parse_json(args.data, "--data")
+    event = CloudEvent(
+        id=args.id or uuid.uuid4().hex,
+        source="/troupe-cli",
+        type=args.type,
+        datacontenttype=envelope.JSON_CONTENT_TYPE,
+        priority=args.priority,
+        data=data,
+    )
+    subject, stream, sequence = await ops.send(args.agent, event, args.priority)
+    _emit(
+        args,
+        render.sent_text(event.id, subject, stream, sequence),
+        render.sent_json(event.id, subject, stream, sequence),
+    )
+    return 0
+
+
+async def list_dead_letters(ops: Ops, args: argparse.Namespace) -> int:
+    letters = await ops.dead_letters(args.agent, args.limit)
+    _emit(args, render.dead_letters_text(letters), render.dead_letters_json(letters))
+    return 0
+
+
+async def show_dead_letter(ops: Ops, args: argparse.Namespace) -> int:
+    letter = await ops.dead_letter(args.agent, args.seq)
+    _emit(args, render.dead_letter_text(letter), render.dead_letter_json(letter))
+    return 0
+
+
+async def replay_dead_letters(ops: Ops, args: argparse.Namespace) -> int:
+    """Replays each letter on its own: one that fails is reported, the others still go."""
+    if args.all == bool(args.seqs):
+        raise CliError("name the dead letters to replay by sequence, or pass --all (not both)")
+    sequences = await ops.dead_letter_sequences(args.agent) if args.all else args.seqs
+    replayed, failed = [], []
+    for sequence in sequences:
+        try:
+            subject = await ops.replay(args.agent, sequence)
+        except CliError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed.append(sequence)
+            continue
+        replayed.append({"sequence": sequence, "subject": subject})
+    text = "\n".join(f"replayed {r['sequence']} to {r['subject']}" for r in replayed)
+    _emit(args, text or "nothing replayed", {"replayed": replayed, "failed": failed})
+    return 1 if failed else 0
+
+
+async def purge_dead_letters(ops: Ops, args: argparse.Namespace) -> int:
+    purged = await ops.purge_dead_letters(args.agent)
+    _emit(
+        args,
+        f"purged {purged} dead letters of agent {args.agent}",
+        {"agent": args.agent, "purged": purged},
+    )
+    return 0
+
+
+async def get_state(ops: Ops, args: argparse.Namespace) -> int:
+    entry = await ops.get(args.bucket, args.key)
+    _emit(
+        args,
+        render.dumps(entry.value),
+        render.value_json(args.bucket, args.key, entry.revision, entry.value),
+    )
+    return 0
+
+
+async def put_state(ops: Ops, args: argparse.Namespace) -> int:
+    value = parse_json(args.value, f"the value for {args.bucket}/{args.key}")
+    revision = await (await ops.bucket(args.bucket)).put(args.key, value)
+    _emit(
+        args,
+        f"put {args.bucket}/{args.key} at revision {revision}",
+        render.value_json(args.bucket, args.key, revision, value),
+    )
+    return 0
+
+
+async def watch_state(ops: Ops, args: argparse.Namespace) -> int:
+    """Current values first, then every change, until ``--count`` changes or Ctrl-C."""
+    seen = 0
+    async with (await ops.bucket(args.bucket)).watch(args.pattern) as changes:
+        async for change in changes:
+            _emit_line(args, render.change_text(change), render.change_json(change))
+            seen += 1
+            if seen == args.count:
+                break
+    return 0
+
+
+async def top(ops: Ops, args: argparse.Namespace) -> int:
+    """Two samples ``--interval`` apart make one table; without ``--once``, repeat."""
+    loop = asyncio.get_running_loop()
+    before, at = await ops.sample_agents(), loop.time()
+    while True:
+        await asyncio.sleep(args.interval)
+        after, now = await ops.sample_agents(), loop.time()
+        loads = agent_loads(before, after, now - at)
+        if args.once:
+            _emit(args, render.loads_text(loads), render.loads_json(loads))
+            return 0
+        if args.output == "text" and sys.stdout.isatty():
+            print(CLEAR_SCREEN, end="")
+        _emit_line(args, render.loads_text(loads), render.loads_json(loads))
+        before, at = after, now
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of seconds")
+    return number
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return number
+
+    return parse
+
+
+def _global_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    parser.add_argument(
+        "--nats-url",
+        default=defaults.get("nats_url", argparse.SUPPRESS),
+        help="NATS server (default: $NATS_URL or nats://127.0.0.1:4222)",
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        default=defaults.get("namespace", argparse.SUPPRESS),
+        help="Kubernetes namespace (default: default)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default=defaults.get("output", argparse.SUPPRESS),
+        help="text for people (default), json for scripts",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="troupe", description="Drive and inspect Troupe workflows, agents and state."
+    )
+    _global_flags(
+        parser,
+        {
+            "nats_url": os.environ.get("NATS_URL", DEFAULT_NATS_URL),
+            "namespace": "default",
+            "output": "text",
+        },
+    )
+    # The same flags after the command (``troupe runs list wf -o json``) override these.
+    flags = argparse.ArgumentParser(add_help=False)
+    _global_flags(flags, {})
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        group: Any, name: str, handler: Command, description: str
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=description, parents=[flags])
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = command(commands, "run", run_workflow, "start a workflow run")
+    run.add_argument("workflow")
+    given = run.add_mutually_exclusive_group()
+    given.add_argument("--input", help="the run's input, as JSON")
+    given.add_argument("--input-file", help="a file holding the input JSON ('-': stdin)")
+    run.add_argument("--id", help="the run id (default: a new one); the same id never runs twice")
+    run.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    run.add_argument(
+        "--priority",
+        type=_at_least(0),
+        default=None,
+        help="the run's priority: its steps go to their agents' inbox of that level",
+    )
+    run.add_argument("--timeout", type=_positive, default=300.0, help="seconds --wait waits")
+
+    runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
+        dest="runs_command", required=True, metavar="COMMAND"
+    )
+    command(runs, "list", list_runs, "list a workflow's runs").add_argument("workflow")
+    show = command(runs, "show", show_run, "show a run's step timeline")
+    show.add_argument("workflow")
+    show.add_argument("run")
+
+    send_ = command(commands, "send", send, "send a message to an agent")
+    send_.add_argument("agent")
+    send_.add_argument("--data", help="the message data, as JSON")
+    send_.add_argument(
+        "--priority", type=_at_least(0), default=0, help="0 (the default) is the lowest"
+    )
+    send_.add_argument("--type", default="troupe.cli.message", help="the CloudEvent type")
+    send_.add_argument("--id", help="the CloudEvent id (default: a new one)")
+
+    dlq = commands.add_parser("dlq", help="an agent's dead letters").add_subparsers(
+        dest="dlq_command", required=True, metavar="COMMAND"
+    )
+    listing = command(dlq, "list", list_dead_letters, "list dead letters, oldest first")
+    listing.add_argument("agent")
+    listing.add_argument("--limit", type=_at_least(1), default=100)
+    shown = command(dlq, "show", show_dead_letter, "show one dead letter")
+    shown.add_argument("agent")
+    shown.add_argument("seq", type=int)
+    replays = command(dlq, "replay", replay_dead_letters, "send dead letters back, then delete")
+    replays.add_argument("agent")
+    replays.add_argument("seqs", type=int, nargs="*", metavar="SEQ")
+    replays.add_argument("--all", action="store_true")
+    command(dlq, "purge", purge_dead_letters, "delete all dead letters").add_argument("agent")
+
+    state = commands.add_parser("state", help="shared state buckets").add_subparsers(
+        dest="state_command", required=True, metavar="COMMAND"
+    )
+    get = command(state, "get", get_state, "print a key's value")
+    get.add_argument("bucket")
+    get.add_argument("key")
+    put = command(state, "put", put_state, "set a key to a JSON value")
+    put.add_argument("bucket")
+    put.add_argument("key")
+    put.add_argument("value", metavar="JSON")
+    watch = command(state, "watch", watch_state, "print values, then every change")
+    watch.add_argument("bucket")
+    watch.add_argument("pattern", nargs="?", default=">", metavar="KEY_PATTERN")
+    watch.add_argument("--count", type=_at_least(1), help="stop after this many")
+
+    top_ = command(commands, "top", top, "throughput, lag and errors per agent")
+    top_.add_argument("--interval", type=_positive, default=2.0, help="seconds between samples")
+    top_.add_argument("--once", action="store_true", help="print one table and exit")
+    return parser
+
+
+async def amain(argv: Sequence[str] | None = None) -> int:
+    """The CLI inside a running event loop (tests run it beside an engine)."""
+    args = build_parser().parse_args(argv)
+    try:
+        async with connected(args.nats_url, args.namespace) as ops:
+            code: int = await args.handler(ops, args)
+            return code
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return asyncio.run(amain(argv))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,323 @@
+"""The only CLI module that talks to NATS: one namespace's workflows, agents and state.
+
+Every missing stream or bucket becomes a ``CliError`` naming it and the likely
+cause, so that ``main`` prints a sentence, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.errors import NoServersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import Header, RawStreamMsg, StreamInfo
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from troupe_cli.errors import CliError
+from troupe_cli.views import (
+    AgentSample,
+    ConsumerCounters,
+    DeadLetter,
+    RunResult,
+    replay_headers,
+)
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.run_events import Event
+from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.nats.streams import read_events
+from troupe_runtime.state.kv import KeyValueRevisions
+from troupe_runtime.state.policies import Entry
+
+CONNECT_TIMEOUT_SECONDS = 3
+
+
+async def _quiet(error: Exception) -> None:
+    """Silences nats-py's own error log: the CLI reports a failure once, as a ``CliError``."""
+
+
+@asynccontextmanager
+async def connected(url: str, namespace: str) -> AsyncIterator[Ops]:
+    """Connect without retrying: a person waiting at a prompt wants the error now."""
+    try:
+        nc = await nats.connect(
+            servers=[url],
+            name="troupe-cli",
+            allow_reconnect=False,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            error_cb=_quiet,
+        )
+    except (NoServersError, OSError, NatsTimeoutError) as error:
+        raise CliError(
+            f"cannot reach NATS at {url} ({error}); set --nats-url or NATS_URL"
+        ) from error
+    try:
+        yield Ops(nc, namespace)
+    except NatsError as error:
+        raise CliError(f"NATS at {url} failed a request: {error}") from error
+    finally:
+        await nc.close()
+
+
+class Ops:
+    """The reads and writes behind every command, in one namespace."""
+
+    def __init__(self, nc: Client, namespace: str) -> None:
+        self._js: JetStreamContext = nc.jetstream()
+        self.namespace = namespace
+
+    # Workflows
+
+    async def start_run(
+        self, workflow: str, run_id: str, data: Any, priority: int | None = None
+    ) -> bool:
+        """Publish the run's start event; True if JetStream had it already (same run id)."""
+        await self._workflow_stream(workflow)
+        event = CloudEvent(
+            id=run_id,
+            source="/troupe-cli",
+            type="troupe.workflow.start",
+            datacontenttype=envelope.JSON_CONTENT_TYPE,
+            priority=priority,
+            data=data,
+        )
+        headers, payload = envelope.to_binary(event)
+        ack = await self._js.publish(
+            naming.workflow_subject(self.namespace, workflow, "start", run_id),
+            payload,
+            headers={**headers, Header.MSG_ID.value: run_id},
+        )
+        return bool(ack.duplicate)
+
+    async def wait_result(self, workflow: str, run_id: str, within: float) -> RunResult | None:
+        """The run's result, read from the stream so a run that already ended is found too."""
+        subject = naming.workflow_subject(self.namespace, workflow, "results", run_id)
+        subscription = await self._js.subscribe(subject, ordered_consumer=True)
+        try:
+            msg = await subscription.next_msg(within)
+        except NatsTimeoutError:
+            return None
+        finally:
+            await subscription.unsubscribe()
+        body = json.loads(msg.data or b"{}")
+        return RunResult(run_id, body.get("status", ""), body.get("output"), body.get("error"))
+
+    async def runs(self, workflow: str) -> list[RunState]:
+        """Every run's projection, read in one pass over the runs bucket."""
+        kv = await self._runs_bucket(workflow)
+        watcher = await kv.watch(">", ignore_deletes=True)
+        states = []
+        try:
+            while True:
+                entry = await watcher.updates(CONNECT_TIMEOUT_SECONDS)  # type: ignore[no-untyped-call]
+                if entry is None:  # the end of the current values
+                    break
+                if entry.value:
+                    states.append(RunState.model_validate_json(entry.value))
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py lacks hints
+        return sorted(states, key=lambda state: state.started_at)
+
+    async def run_projection(self, workflow: str, run_id: str) -> RunState | None:
+        kv = await self._runs_bucket(workflow)
+        try:
+            entry = await kv.get(run_id)
+        except NotFoundError:
+            return None
+        return RunState.model_validate_json(entry.value) if entry.value else None
+
+    async def run_events(self, workflow: str, run_id: str) -> list[Event]:
+        stream = await self._workflow_stream(workflow)
+        subject = naming.workflow_subject(self.namespace, workflow, "events", run_id)
+        return await read_events(self._js, stream, subject)
+
+    async def _workflow_stream(self, workflow: str) -> str:
+        stream = naming.workflow_stream(self.namespace, workflow)
+        try:
+            await self._js.stream_info(stream)
+        except NotFoundError as error:
+            raise CliError(
+                f"workflow {workflow} has no stream {stream} in namespace {self.namespace}: "
+                f"is its engine running?"
+            ) from error
+        return stream
+
+    async def _runs_bucket(self, workflow: str) -> KeyValue:
+        bucket = naming.workflow_runs_bucket(self.namespace, workflow)
+        try:
+            return await self._js.key_value(bucket)
+        except BucketNotFoundError as error:
+            raise CliError(
+                f"workflow {workflow} has no runs bucket {bucket} in namespace "
+                f"{self.namespace}: is its engine running?"
+            ) from error
+
+    # Agents
+
+    async def send(self, agent: str, event: CloudEvent, priority: int) -> tuple[str, str, int]:
+        """Publish to the agent's inbox; return the subject, stream and sequence."""
+        stream = naming.inbox_stream(self.namespace, agent)
+        consumer = naming.consumer_name(agent, priority)
+        try:
+            await self._js.stream_info(stream)
+        except NotFoundError as error:
+            raise CliError(
+                f"agent {agent} has no inbox stream {stream}: is the Agent deployed in "
+                f"namespace {self.namespace}?"
+            ) from error
+        try:
+            await self._js.consumer_info(stream, consumer)
+        except NotFoundError as error:
+            raise CliError(
+                f"agent {agent} has no consumer {consumer} for priority {priority}: "
+                f"use a priority below the Agent's messaging.priorityLevels"
+            ) from error
+        subject = naming.inbox_subject(self.namespace, agent, priority)
+        headers, payload = envelope.to_binary(event)
+        ack = await self._js.publish(subject, payload, headers=headers)
+        return subject, ack.stream, ack.seq
+
+    async def sample_agents(self) -> list[AgentSample]:
+        """Consumer counters and dead-letter depth of every agent in the namespace."""
+        streams = {info.config.name: info for info in await self._streams()}
+        prefix = naming.inbox_stream(self.namespace, "")
+        samples = []
+        for name, info in streams.items():
+            agent = _inbox_agent(info, self.namespace)
+            if name is None or not name.startswith(prefix) or agent is None:
+                continue
+            consumers = tuple(
+                ConsumerCounters(
+                    pending=consumer.num_pending or 0,
+                    ack_pending=consumer.num_ack_pending or 0,
+                    redelivered=consumer.num_redelivered or 0,
+                    ack_floor=consumer.ack_floor.consumer_seq if consumer.ack_floor else 0,
+                )
+                for consumer in await self._js.consumers_info(name)
+            )
+            dead = streams.get(naming.dead_letter_stream(self.namespace, agent))
+            samples.append(AgentSample(agent, consumers, dead.state.messages if dead else None))
+        return samples
+
+    async def _streams(self) -> list[StreamInfo]:
+        """Every stream of the account; the server pages the listing."""
+        found: list[StreamInfo] = []
+        while page := await self._js.streams_info(offset=len(found)):
+            found.extend(page)
+        return found
+
+    # Dead letters
+
+    async def dead_letters(self, agent: str, limit: int) -> list[DeadLetter]:
+        stream = await self._dead_letter_stream(agent)
+        subject = naming.dead_letter_subject(self.namespace, agent)
+        letters = []
+        async for msg in self._stored(stream, subject):
+            letters.append(_dead_letter(msg))
+            if len(letters) == limit:
+                break
+        return letters
+
+    async def dead_letter(self, agent: str, sequence: int) -> DeadLetter:
+        stream = await self._dead_letter_stream(agent)
+        try:
+            return _dead_letter(await self._js.get_msg(stream, sequence))
+        except NotFoundError as error:
+            raise CliError(
+                f"agent {agent} has no dead letter {sequence} in {stream}: "
+                f"list them with `troupe dlq list {agent}`"
+            ) from error
+
+    async def replay(self, agent: str, sequence: int) -> str:
+        """Publish the dead letter to its original subject, then delete it; return the subject.
+
+        Published first: a crash in between leaves a copy behind, never a loss.
+        """
+        letter = await self.dead_letter(agent, sequence)
+        if letter.original_subject is None:
+            raise CliError(
+                f"dead letter {sequence} of agent {agent} has no Troupe-Original-Subject "
+                f"header, so it cannot be replayed; inspect it with "
+                f"`troupe dlq show {agent} {sequence}`"
+            )
+        stream = naming.dead_letter_stream(self.namespace, agent)
+        await self._js.publish(
+            letter.original_subject, letter.data, headers=replay_headers(letter, stream)
+        )
+        await self._js.delete_msg(stream, sequence)
+        return letter.original_subject
+
+    async def dead_letter_sequences(self, agent: str) -> list[int]:
+        stream = await self._dead_letter_stream(agent)
+        subject = naming.dead_letter_subject(self.namespace, agent)
+        return [msg.seq async for msg in self._stored(stream, subject) if msg.seq is not None]
+
+    async def purge_dead_letters(self, agent: str) -> int:
+        """Empty the agent's dead-letter stream; return how many letters it held."""
+        stream = await self._dead_letter_stream(agent)
+        held = (await self._js.stream_info(stream)).state.messages
+        await self._js.purge_stream(stream)
+        return held
+
+    async def _dead_letter_stream(self, agent: str) -> str:
+        stream = naming.dead_letter_stream(self.namespace, agent)
+        try:
+            await self._js.stream_info(stream)
+        except NotFoundError as error:
+            raise CliError(
+                f"agent {agent} has no dead-letter stream {stream}: is the Agent deployed in "
+                f"namespace {self.namespace} with deadLetter.enabled?"
+            ) from error
+        return stream
+
+    async def _stored(self, stream: str, subject: str) -> AsyncIterator[RawStreamMsg]:
+        """The messages of one subject, oldest first, skipping gaps left by deletions."""
+        sequence = 1
+        while True:
+            try:
+                msg = await self._js.get_msg(stream, sequence, subject=subject, next=True)
+            except NotFoundError:
+                return
+            yield msg
+            sequence = (msg.seq or sequence) + 1
+
+    # Shared state
+
+    async def bucket(self, name: str) -> KeyValueRevisions:
+        bucket = naming.kv_bucket(self.namespace, name)
+        try:
+            kv = await self._js.key_value(bucket)
+        except BucketNotFoundError as error:
+            raise CliError(
+                f"state bucket {name} has no JetStream bucket {bucket}: does an Agent in "
+                f"namespace {self.namespace} declare it in spec.state?"
+            ) from error
+        return KeyValueRevisions(kv, name, None)
+
+    async def get(self, name: str, key: str) -> Entry:
+        entry = (await (await self.bucket(name)).snapshot(key)).entry
+        if entry is None:
+            raise CliError(f"state bucket {name} has no key {key!r} in namespace {self.namespace}")
+        return entry
+
+
+def _inbox_agent(info: StreamInfo, namespace: str) -> str | None:
+    """The agent whose inbox this is, from its one subject ``troupe.<ns>.<agent>.in.>``."""
+    subjects = info.config.subjects or []
+    parts = subjects[0].split(".") if len(subjects) == 1 else []
+    if len(parts) != 5:
+        return None
+    return parts[2] if subjects[0] == naming.inbox_wildcard(namespace, parts[2]) else None
+
+
+def _dead_letter(msg: RawStreamMsg) -> DeadLetter:
+    assert msg.seq is not None
+    return DeadLetter(msg.seq, msg.time, dict(msg.headers or {}), msg.data or b"")

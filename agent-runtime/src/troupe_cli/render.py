@@ -1,0 +1,299 @@
+"""Pure output of every command: aligned tables for people, plain JSON for scripts.
+
+Each view has a ``*_text`` and a ``*_json`` function; the JSON forms use ISO
+times and seconds so that ``-o json`` output parses without Troupe's models.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from troupe_cli.views import AgentLoad, DeadLetter, RunResult, StepAttempt, readable_data
+from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.state import Change
+
+MAX_CELL = 60
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, the header in capitals."""
+    cells = [[name.upper() for name in header], *([_cell(value) for value in row] for row in rows)]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _cell(value: str) -> str:
+    flat = " ".join(value.split())
+    return flat if len(flat) <= MAX_CELL else flat[: MAX_CELL - 1] + "…"
+
+
+def when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def duration(seconds: float | None) -> str:
+    """Short and exact enough to compare steps: ``12ms``, ``3.25s``, ``2m05s``, ``1h02m``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{rest:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def offset(moment: datetime | None, start: datetime) -> str:
+    """A time within a run, relative to its start, so a timeline reads at a glance."""
+    return "-" if moment is None else f"+{duration((moment - start).total_seconds())}"
+
+
+def _run_seconds(state: RunState) -> float | None:
+    if state.finished_at is None:
+        return None
+    return (state.finished_at - state.started_at).total_seconds()
+
+
+def started_text(workflow: str, run_id: str, duplicate: bool) -> str:
+    if duplicate:
+        return f"run {run_id} of workflow {workflow} was already started; nothing new started"
+    return f"started run {run_id} of workflow {workflow}"
+
+
+def started_json(workflow: str, run_id: str, duplicate: bool) -> dict[str, Any]:
+    return {"workflow": workflow, "run": run_id, "duplicate": duplicate}
+
+
+def result_text(result: RunResult) -> str:
+    lines = [f"run {result.run_id}: {result.status}"]
+    if result.error:
+        lines.append(f"error: {result.error}")
+    if result.output is not None:
+        lines.append(dumps(result.output))
+    return "\n".join(lines)
+
+
+def result_json(result: RunResult) -> dict[str, Any]:
+    return {
+        "run": result.run_id,
+        "status": result.status,
+        "output": result.output,
+        "error": result.error,
+    }
+
+
+def runs_text(runs: Sequence[RunState]) -> str:
+    if not runs:
+        return "no runs"
+    rows = [
+        [
+            run.run_id,
+            run.status,
+            when(run.started_at),
+            when(run.finished_at),
+            duration(_run_seconds(run)),
+        ]
+        for run in runs
+    ]
+    return table(["run", "status", "started", "finished", "duration"], rows)
+
+
+def runs_json(runs: Sequence[RunState]) -> list[dict[str, Any]]:
+    return [
+        {
+            "run": run.run_id,
+            "status": run.status,
+            "started": iso(run.started_at),
+            "finished": iso(run.finished_at),
+            "durationSeconds": _run_seconds(run),
+        }
+        for run in runs
+    ]
+
+
+def _attempt_label(attempt: StepAttempt) -> str:
+    return "compensate" if attempt.attempt is None else str(attempt.attempt)
+
+
+def run_text(state: RunState, attempts: Sequence[StepAttempt]) -> str:
+    lines = [
+        f"run:       {state.run_id}",
+        f"status:    {state.status}",
+        f"started:   {when(state.started_at)}",
+        f"finished:  {when(state.finished_at)}",
+        f"duration:  {duration(_run_seconds(state))}",
+        "",
+    ]
+    if attempts:
+        rows = [
+            [
+                attempt.step,
+                _attempt_label(attempt),
+                attempt.status,
+                offset(attempt.dispatched_at, state.started_at),
+                offset(attempt.finished_at, state.started_at),
+                duration(attempt.seconds),
+                attempt.error or "",
+            ]
+            for attempt in attempts
+        ]
+        header = ["step", "attempt", "status", "dispatched", "finished", "duration", "error"]
+        lines += [table(header, rows), ""]
+    else:
+        lines += ["no steps dispatched yet", ""]
+    if state.error:
+        lines.append(f"error: {state.error}")
+    if state.output is not None:
+        lines += ["output:", dumps(state.output)]
+    return "\n".join(lines).rstrip()
+
+
+def run_json(state: RunState, attempts: Sequence[StepAttempt]) -> dict[str, Any]:
+    return {
+        "run": state.run_id,
+        "status": state.status,
+        "started": iso(state.started_at),
+        "finished": iso(state.finished_at),
+        "durationSeconds": _run_seconds(state),
+        "input": state.input,
+        "output": state.output,
+        "error": state.error,
+        "steps": [
+            {
+                "step": attempt.step,
+                "attempt": attempt.attempt,
+                "compensation": attempt.compensation,
+                "status": attempt.status,
+                "dispatched": iso(attempt.dispatched_at),
+                "finished": iso(attempt.finished_at),
+                "durationSeconds": attempt.seconds,
+                "error": attempt.error,
+            }
+            for attempt in attempts
+        ],
+    }
+
+
+def sent_text(event_id: str, subject: str, stream: str, sequence: int) -> str:
+    return f"sent {event_id} to {subject} (stream {stream}, sequence {sequence})"
+
+
+def sent_json(event_id: str, subject: str, stream: str, sequence: int) -> dict[str, Any]:
+    return {"id": event_id, "subject": subject, "stream": stream, "sequence": sequence}
+
+
+def dead_letters_text(letters: Sequence[DeadLetter]) -> str:
+    if not letters:
+        return "no dead letters"
+    rows = [
+        [
+            str(letter.sequence),
+            when(letter.time),
+            letter.reason,
+            "-" if letter.attempts is None else str(letter.attempts),
+            letter.original_subject or "-",
+            letter.error,
+        ]
+        for letter in letters
+    ]
+    return table(["seq", "time", "reason", "attempts", "subject", "error"], rows)
+
+
+def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "sequence": letter.sequence,
+        "time": iso(letter.time),
+        "reason": letter.reason,
+        "error": letter.error,
+        "attempts": letter.attempts,
+        "originalSubject": letter.original_subject,
+        "eventId": letter.event_id,
+        "headers": letter.headers,
+        "data": readable_data(letter.data, letter.content_type),
+    }
+
+
+def dead_letters_json(letters: Sequence[DeadLetter]) -> list[dict[str, Any]]:
+    return [dead_letter_json(letter) for letter in letters]
+
+
+def dead_letter_text(letter: DeadLetter) -> str:
+    lines = [
+        f"sequence:  {letter.sequence}",
+        f"time:      {when(letter.time)}",
+        f"reason:    {letter.reason}",
+        f"attempts:  {'-' if letter.attempts is None else letter.attempts}",
+        f"subject:   {letter.original_subject or '-'}",
+        f"error:     {letter.error}",
+        "headers:",
+        *(f"  {key}: {value}" for key, value in sorted(letter.headers.items())),
+        "data:",
+        dumps(readable_data(letter.data, letter.content_type)),
+    ]
+    return "\n".join(lines)
+
+
+def loads_text(loads: Sequence[AgentLoad]) -> str:
+    if not loads:
+        return "no agents"
+    rows = [
+        [
+            load.agent,
+            f"{load.throughput:.1f}",
+            str(load.lag),
+            str(load.ack_pending),
+            str(load.redelivered),
+            "-" if load.dead_letters is None else str(load.dead_letters),
+        ]
+        for load in loads
+    ]
+    return table(["agent", "msg/s", "lag", "ack pending", "redelivered", "dlq"], rows)
+
+
+def loads_json(loads: Sequence[AgentLoad]) -> list[dict[str, Any]]:
+    return [
+        {
+            "agent": load.agent,
+            "throughput": load.throughput,
+            "lag": load.lag,
+            "ackPending": load.ack_pending,
+            "redelivered": load.redelivered,
+            "deadLetters": load.dead_letters,
+        }
+        for load in loads
+    ]
+
+
+def value_json(bucket: str, key: str, revision: int, value: Any) -> dict[str, Any]:
+    return {"bucket": bucket, "key": key, "revision": revision, "value": value}
+
+
+def change_text(change: Change) -> str:
+    if change.deleted:
+        return f"{change.revision}  DEL  {change.key}"
+    return f"{change.revision}  PUT  {change.key}  {json.dumps(change.value, ensure_ascii=False)}"
+
+
+def change_json(change: Change) -> dict[str, Any]:
+    return {
+        "key": change.key,
+        "revision": change.revision,
+        "deleted": change.deleted,
+        "value": change.value,
+    }

@@ -1,0 +1,65 @@
+"""The handler SDK: what a handler receives, and the errors it may raise.
+
+A handler is ``async def handle(ctx: Context) -> data | None`` (or a plain
+function, run in a thread). Its return value, when not None, is published as
+one output event; ``await ctx.publish(...)`` publishes more, at once, each
+with an id derived from the input's, so a redelivered input republishes the
+same ids and JetStream drops the duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.state import StateStore
+
+Publisher = Callable[[Any, str | None, str | None], Awaitable[None]]
+
+
+class AgentError(Exception):
+    """Raise to fail with one of the contract's named error states.
+
+    A state declared ``retryable: false`` sends the message straight to the
+    dead-letter stream; any other error is retried.
+    """
+
+    def __init__(self, state: str, message: str = "") -> None:
+        super().__init__(f"{state}: {message}" if message else state)
+        self.state = state
+
+
+class Context:
+    """One message's view of the runtime."""
+
+    def __init__(
+        self,
+        event: CloudEvent,
+        *,
+        attempt: int,
+        state: StateStore,
+        logger: logging.Logger,
+        publisher: Publisher,
+        progress: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.event = event
+        self.attempt = attempt
+        self.state = state
+        self.logger = logger
+        self._publisher = publisher
+        self._progress = progress
+
+    async def publish(
+        self, data: Any, *, type: str | None = None, subject: str | None = None
+    ) -> None:
+        """Publish an output event now, to ``subject`` or to every output subject."""
+        await self._publisher(data, type, subject)
+
+    async def progress(self) -> None:
+        """Tell JetStream and the timeout that the handler is still working."""
+        await self._progress()
+
+
+HandlerFn = Callable[[Context], Awaitable[Any]]

@@ -1,0 +1,51 @@
+"""Handlers: what processes each message, chosen by the Agent's ``handler.type``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from troupe_runtime.agent.context import HandlerFn
+from troupe_runtime.agent.handlers.echo import echo
+from troupe_runtime.agent.handlers.http import HttpHandler
+from troupe_runtime.agent.handlers.llm import LlmHandler, LlmSettings
+from troupe_runtime.agent.handlers.python import load_callable
+from troupe_runtime.contract.policies import Handler
+
+
+async def _nothing_to_close() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class LoadedHandler:
+    """A ready handler and how to release what it holds (HTTP connections)."""
+
+    call: HandlerFn
+    close: Callable[[], Awaitable[None]] = _nothing_to_close
+
+
+def _http_client() -> httpx.AsyncClient:
+    # No client timeout: the runtime's per-message timeout is the one bound.
+    return httpx.AsyncClient(timeout=None)
+
+
+def load_handler(handler: Handler, env: Mapping[str, str] = os.environ) -> LoadedHandler:
+    """Build the handler the Agent declares; a bad declaration fails here, at start-up."""
+    if handler.type == "echo":
+        return LoadedHandler(echo)
+    if handler.type == "python":
+        if handler.entrypoint is None:
+            raise ValueError("handler.entrypoint (module:function) is required for type python")
+        return LoadedHandler(load_callable(handler.entrypoint))
+    if handler.type == "http":
+        if handler.url is None:
+            raise ValueError("handler.url is required for type http")
+        client = _http_client()
+        return LoadedHandler(HttpHandler(handler.url, client), client.aclose)
+    settings = LlmSettings.from_env(env, model=handler.model)
+    client = _http_client()
+    return LoadedHandler(LlmHandler(settings, client), client.aclose)

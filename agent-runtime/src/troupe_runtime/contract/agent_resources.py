@@ -1,0 +1,142 @@
+"""Pure builders: an agent's runtime config → the JetStream resources it needs.
+
+The operator applies these (``troupe_runtime.nats.provision``); tests of the runtime
+apply the very same ones, so both agree on every stream and consumer setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.agent_config import RuntimeConfig
+
+DUPLICATE_WINDOW_SECONDS = 120.0
+EVENT_LOG_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class AgentResources:
+    """Everything one agent needs in JetStream."""
+
+    inbox: StreamConfig
+    consumers: list[ConsumerConfig]
+    advisories: StreamConfig
+    rescuer: ConsumerConfig
+    dead_letters: StreamConfig | None
+    buckets: list[KeyValueConfig]
+    event_log: StreamConfig
+
+
+def build_inbox_stream(config: RuntimeConfig) -> StreamConfig:
+    """A work queue: a message leaves the inbox once a replica acknowledged it."""
+    return StreamConfig(
+        name=config.inbox_stream,
+        subjects=[naming.inbox_wildcard(config.namespace, config.agent)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        description=f"Inbox of agent {config.namespace}/{config.agent}",
+    )
+
+
+def build_consumer(config: RuntimeConfig, priority: int, replicas: int) -> ConsumerConfig:
+    """The durable pull consumer for one priority level, shared by all replicas.
+
+    The retry backoff is applied by the runtime (NAK with a delay), not by the
+    server's ``backoff`` list: a server backoff replaces ``ack_wait`` even for
+    the first delivery, which would cut slow handlers short. ``ack_wait`` stays
+    the bound on how long a crashed replica holds a message.
+    """
+    return ConsumerConfig(
+        durable_name=config.consumer_name(priority),
+        filter_subject=config.inbox_subject(priority),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=config.messaging.ack_wait.total_seconds(),
+        max_deliver=config.retry.max_attempts,
+        max_ack_pending=config.messaging.max_in_flight * max(replicas, 1),
+        description=f"Priority {priority} of agent {config.namespace}/{config.agent}",
+    )
+
+
+def build_advisory_stream(config: RuntimeConfig) -> StreamConfig:
+    """A work queue of the inbox's MAX_DELIVERIES advisories, kept until a replica
+    rescues the message they name (the server publishes them only once)."""
+    return StreamConfig(
+        name=naming.advisory_stream(config.namespace, config.agent),
+        subjects=[naming.max_deliveries_advisory(config.inbox_stream, "*")],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_age=config.dead_letter.retention.total_seconds(),
+        description=f"Undeliverable-message advisories of agent {config.namespace}/{config.agent}",
+    )
+
+
+def build_rescuer(config: RuntimeConfig) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=naming.RESCUER_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=config.messaging.ack_wait.total_seconds(),
+    )
+
+
+def build_dead_letter_stream(config: RuntimeConfig) -> StreamConfig | None:
+    if not config.dead_letter.enabled:
+        return None
+    return StreamConfig(
+        name=config.dead_letter_stream,
+        subjects=[config.dead_letter_subject],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=config.dead_letter.retention.total_seconds(),
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        description=f"Dead letters of agent {config.namespace}/{config.agent}",
+    )
+
+
+def build_buckets(config: RuntimeConfig) -> list[KeyValueConfig]:
+    buckets = [
+        KeyValueConfig(bucket=config.bucket(b.name), history=b.history, storage=StorageType.FILE)
+        for b in config.state
+    ]
+    if config.rate_limit is not None and config.rate_limit.scope == "global":
+        buckets.append(KeyValueConfig(bucket=naming.rate_limit_bucket(config.namespace)))
+    return buckets
+
+
+def build_event_log_stream(namespace: str) -> StreamConfig:
+    """Per-namespace append-only event logs, one subject per correlation id."""
+    return StreamConfig(
+        name=naming.event_log_stream(namespace),
+        subjects=[naming.event_log_subject(namespace, "*")],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=EVENT_LOG_MAX_AGE_SECONDS,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+
+
+def build_agent_resources(config: RuntimeConfig, replicas: int = 1) -> AgentResources:
+    return AgentResources(
+        inbox=build_inbox_stream(config),
+        consumers=[
+            build_consumer(config, priority, replicas)
+            for priority in range(config.messaging.priority_levels)
+        ],
+        advisories=build_advisory_stream(config),
+        rescuer=build_rescuer(config),
+        dead_letters=build_dead_letter_stream(config),
+        buckets=build_buckets(config),
+        event_log=build_event_log_stream(config.namespace),
+    )

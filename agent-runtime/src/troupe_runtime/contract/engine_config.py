@@ -1,0 +1,97 @@
+"""The engine's configuration: a Workflow resolved by the operator.
+
+Like ``RuntimeConfig`` for agents, this is what the operator writes into the
+engine's ConfigMap; steps name the inbox subjects of their agents instead of
+agent references, so the engine needs no Kubernetes access.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.agent_config import NatsSettings
+from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.policies import DeadLetterPolicy, RetryPolicy, WireModel
+
+DEFAULT_STEP_TIMEOUT = timedelta(minutes=5)
+# The env var through which the operator hands the engine its config inline.
+CONFIG_JSON_ENV = "TROUPE_ENGINE_CONFIG_JSON"
+
+
+class EngineCompensation(WireModel):
+    """The agent that undoes a step, and the input it gets."""
+
+    subject: str
+    input: dict[str, str] = Field(default_factory=dict)
+
+
+class EngineStep(WireModel):
+    """One DAG node, with its agent's inbox subject resolved."""
+
+    name: str
+    agent: str
+    subject: str
+    depends_on: list[str] = Field(default_factory=list)
+    input: dict[str, str] = Field(default_factory=dict)
+    timeout: Duration = DEFAULT_STEP_TIMEOUT
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(max_attempts=1, backoff=[]))
+    on_failure: Literal["fail", "continue", "compensate"] = "fail"
+    compensation: EngineCompensation | None = None
+    priority_levels: int = Field(
+        default=1, ge=1, le=10, description="The agent's priority levels; runs keep theirs."
+    )
+
+
+class EngineConfig(WireModel):
+    """Everything one workflow's engine needs."""
+
+    workflow: str
+    namespace: str
+    trigger_subject: str
+    steps: list[EngineStep]
+    deadline: Duration | None = None
+    max_concurrent_runs: int = Field(default=10, ge=1)
+    dead_letter: DeadLetterPolicy = Field(default_factory=DeadLetterPolicy)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    health_port: int = Field(default=8080, ge=1, le=65535)
+
+    def step_subject(self, name: str, priority: int | None) -> str:
+        """The step's agent inbox for a run of ``priority`` (its highest level at most)."""
+        step = self.step(name)
+        if not priority or step.priority_levels == 1:
+            return step.subject
+        level = min(priority, step.priority_levels - 1)
+        return naming.inbox_subject(self.namespace, step.agent, level)
+
+    def step(self, name: str) -> EngineStep:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    @property
+    def stream(self) -> str:
+        return naming.workflow_stream(self.namespace, self.workflow)
+
+    @property
+    def runs_bucket(self) -> str:
+        return naming.workflow_runs_bucket(self.namespace, self.workflow)
+
+    @property
+    def dead_letter_stream(self) -> str:
+        return naming.workflow_dead_letter_stream(self.namespace, self.workflow)
+
+    def subject(self, kind: str, run_id: str = "*") -> str:
+        return naming.workflow_subject(self.namespace, self.workflow, kind, run_id)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)
+
+    @classmethod
+    def load(cls, path: Path) -> EngineConfig:
+        return cls.model_validate_json(path.read_text())

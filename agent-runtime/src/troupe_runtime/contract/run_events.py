@@ -1,0 +1,120 @@
+"""What happens in a run. A run's log is the ordered list of these events.
+
+Each event carries a deterministic ``key`` used as its ``Nats-Msg-Id``, so an
+engine that crashes and re-appends the same transition is de-duplicated by
+JetStream instead of recording it twice.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from troupe_runtime.contract.policies import WireModel
+
+# A run id is the id of the event that started it; it becomes a subject token and a KV key.
+RUN_ID_PATTERN = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
+
+
+class _Event(WireModel):
+    run_id: str
+    at: datetime
+
+
+class RunStarted(_Event):
+    kind: Literal["RunStarted"] = "RunStarted"
+    input: Any = None
+    priority: int | None = None
+    traceparent: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:started"
+
+
+class StepDispatched(_Event):
+    kind: Literal["StepDispatched"] = "StepDispatched"
+    step: str
+    attempt: int
+    input: Any = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:dispatched:{self.step}:{self.attempt}"
+
+
+class StepSucceeded(_Event):
+    kind: Literal["StepSucceeded"] = "StepSucceeded"
+    step: str
+    attempt: int
+    output: Any = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:finished:{self.step}:{self.attempt}"
+
+
+class StepFailed(_Event):
+    kind: Literal["StepFailed"] = "StepFailed"
+    step: str
+    attempt: int
+    error: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:finished:{self.step}:{self.attempt}"
+
+
+class CompensationDispatched(_Event):
+    kind: Literal["CompensationDispatched"] = "CompensationDispatched"
+    step: str
+    input: Any = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:compensating:{self.step}"
+
+
+class CompensationFinished(_Event):
+    kind: Literal["CompensationFinished"] = "CompensationFinished"
+    step: str
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:compensated:{self.step}"
+
+
+class RunFinished(_Event):
+    kind: Literal["RunFinished"] = "RunFinished"
+    status: Literal["Succeeded", "Failed"]
+    output: Any = None
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:finished"
+
+
+Event = Annotated[
+    RunStarted
+    | StepDispatched
+    | StepSucceeded
+    | StepFailed
+    | CompensationDispatched
+    | CompensationFinished
+    | RunFinished,
+    Field(discriminator="kind"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    return event.model_dump_json(by_alias=True).encode()
+
+
+def decode_event(data: bytes) -> Event:
+    return EVENT_ADAPTER.validate_json(data)

@@ -1,0 +1,135 @@
+"""A run's current state, folded from its events (pure).
+
+The engine keeps this projection in KV for fast reads (``troupe runs``), but
+the log is the truth: after a crash the projection is rebuilt by replaying it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from troupe_runtime.contract.policies import WireModel
+from troupe_runtime.contract.run_events import (
+    CompensationDispatched,
+    CompensationFinished,
+    Event,
+    RunFinished,
+    RunStarted,
+    StepDispatched,
+    StepFailed,
+    StepSucceeded,
+)
+
+StepStatus = Literal["Pending", "Running", "Succeeded", "Failed"]
+RunStatus = Literal["Running", "Compensating", "Succeeded", "Failed"]
+
+
+class StepState(WireModel):
+    status: StepStatus = "Pending"
+    attempt: int = 0
+    input: Any = None
+    output: Any = None
+    error: str | None = None
+    dispatched_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class CompensationState(WireModel):
+    status: Literal["Running", "Done", "Failed"] = "Running"
+    dispatched_at: datetime
+    finished_at: datetime | None = None
+
+
+class RunState(WireModel):
+    run_id: str
+    status: RunStatus = "Running"
+    input: Any = None
+    priority: int | None = None
+    traceparent: str | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    steps: dict[str, StepState] = Field(default_factory=dict)
+    succeeded_order: list[str] = Field(default_factory=list)
+    compensations: dict[str, CompensationState] = Field(default_factory=dict)
+    output: Any = None
+    error: str | None = None
+    events: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("Succeeded", "Failed")
+
+
+def _step(state: RunState, name: str) -> StepState:
+    return state.steps.get(name, StepState())
+
+
+def _awaited(state: RunState, step: str, attempt: int) -> bool:
+    """Whether a reply for ``step``/``attempt`` is the one the run is waiting for."""
+    current = _step(state, step)
+    return current.status == "Running" and current.attempt == attempt
+
+
+def apply(state: RunState | None, event: Event) -> RunState:
+    """Fold one event into the state; events of a finished run change nothing."""
+    if state is None:
+        if not isinstance(event, RunStarted):
+            raise ValueError(f"run {event.run_id} has no RunStarted before {event.kind}")
+        return RunState(
+            run_id=event.run_id,
+            input=event.input,
+            priority=event.priority,
+            traceparent=event.traceparent,
+            started_at=event.at,
+            events=1,
+        )
+    if state.terminal:
+        return state
+    steps = dict(state.steps)
+    update: dict[str, Any] = {"events": state.events + 1}
+    match event:
+        case StepDispatched():
+            steps[event.step] = StepState(
+                status="Running", attempt=event.attempt, input=event.input, dispatched_at=event.at
+            )
+        case StepSucceeded() if _awaited(state, event.step, event.attempt):
+            steps[event.step] = _step(state, event.step).model_copy(
+                update={"status": "Succeeded", "output": event.output, "finished_at": event.at}
+            )
+            update["succeeded_order"] = [*state.succeeded_order, event.step]
+        case StepFailed() if _awaited(state, event.step, event.attempt):
+            steps[event.step] = _step(state, event.step).model_copy(
+                update={"status": "Failed", "error": event.error, "finished_at": event.at}
+            )
+        case CompensationDispatched():
+            update["status"] = "Compensating"
+            update["compensations"] = {
+                **state.compensations,
+                event.step: CompensationState(dispatched_at=event.at),
+            }
+        case CompensationFinished() if (
+            event.step in state.compensations
+            and state.compensations[event.step].status == "Running"
+        ):
+            done = state.compensations[event.step].model_copy(
+                update={"status": "Failed" if event.error else "Done", "finished_at": event.at}
+            )
+            update["compensations"] = {**state.compensations, event.step: done}
+        case RunFinished():
+            update.update(
+                status=event.status, output=event.output, error=event.error, finished_at=event.at
+            )
+        case _:
+            pass  # A duplicate or late reply for an attempt no longer awaited changes nothing.
+    update["steps"] = steps
+    return state.model_copy(update=update)
+
+
+def replay(events: list[Event]) -> RunState | None:
+    state: RunState | None = None
+    for event in events:
+        state = apply(state, event)
+    return state

@@ -1,0 +1,220 @@
+"""The only module that talks to NATS: pooled connections, provisioning and counts.
+
+It wraps ``troupe_runtime.nats.provision`` (the one applier of JetStream resources, for
+agents and workflow engines alike), reads the engines' run projections from KV,
+and turns every NATS failure into ``MessagingUnavailable``, so the handlers
+report it in status and retry instead of crashing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+from nats.aio.client import Client, RawCredentials
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from troupe_operator.api.status import ConsumerCounts
+from troupe_runtime.contract.agent_resources import AgentResources
+from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.workflow_resources import WorkflowResources
+from troupe_runtime.nats.provision import (
+    ProvisionReport,
+    delete_agent_resources,
+    ensure_agent_resources,
+    ensure_workflow_resources,
+)
+
+CONNECT_TIMEOUT_SECONDS = 2
+REQUEST_TIMEOUT_SECONDS = 5.0
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+async def _delete_streams(js: JetStreamContext, streams: list[str]) -> list[str]:
+    """Delete the named streams; return those that existed."""
+    deleted = []
+    for stream in streams:
+        try:
+            await js.delete_stream(stream)
+        except NotFoundError:
+            continue
+        deleted.append(f"stream/{stream}")
+    return deleted
+
+
+class MessagingUnavailable(Exception):
+    """NATS could not be reached or refused a JetStream request."""
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM data from an agent's TLS Secret."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+
+
+@dataclass(frozen=True)
+class NatsTarget:
+    """One NATS server as a set of agents reach it; equal targets share a connection."""
+
+    url: str
+    credentials: str | None = None
+    tls: TlsMaterial | None = None
+
+
+@dataclass(frozen=True)
+class Counts:
+    consumers: ConsumerCounts
+    dead_letters: int
+
+
+def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=tls.ca.decode())
+    if tls.cert and tls.key:
+        # load_cert_chain reads files only; the PEMs live no longer than this call.
+        with tempfile.TemporaryDirectory() as directory:
+            cert, key = Path(directory, "tls.crt"), Path(directory, "tls.key")
+            cert.write_bytes(tls.cert)
+            key.write_bytes(tls.key)
+            context.load_cert_chain(cert, key)
+    return context
+
+
+async def _log_error(error: Exception) -> None:
+    logger.warning("NATS connection error: %s", error or type(error).__name__)
+
+
+class NatsPool:
+    """Connections by target, opened on first use and reopened once closed."""
+
+    def __init__(self, default_credentials: Path | None = None) -> None:
+        self._default_credentials = default_credentials
+        self._connections: dict[NatsTarget, Client] = {}
+        self._lock = asyncio.Lock()
+
+    async def _connect(self, target: NatsTarget) -> Client:
+        credentials: RawCredentials | Path | None = self._default_credentials
+        if target.credentials is not None:
+            credentials = RawCredentials(target.credentials)
+        return await nats.connect(
+            target.url,
+            user_credentials=credentials,
+            tls=_ssl_context(target.tls) if target.tls else None,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            # A dropped connection closes; the next pass opens a new one. Reconnect loops
+            # would hide an unreachable server from status behind a hanging request.
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=1,
+            error_cb=_log_error,
+            name="troupe-operator",
+        )
+
+    async def jetstream(self, target: NatsTarget) -> JetStreamContext:
+        async with self._lock:
+            client = self._connections.get(target)
+            if client is None or client.is_closed:
+                client = await self._connect(target)
+                self._connections[target] = client
+        if not client.is_connected:
+            raise MessagingUnavailable(f"disconnected from {target.url}, reconnecting")
+        return client.jetstream(timeout=REQUEST_TIMEOUT_SECONDS)
+
+    async def close(self) -> None:
+        async with self._lock:
+            for client in self._connections.values():
+                await client.close()
+            self._connections.clear()
+
+    async def _call(
+        self, target: NatsTarget, action: Callable[[JetStreamContext], Awaitable[T]]
+    ) -> T:
+        try:
+            return await action(await self.jetstream(target))
+        except MessagingUnavailable:
+            raise
+        except (nats.errors.Error, OSError, TimeoutError) as error:
+            raise MessagingUnavailable(str(error) or type(error).__name__) from error
+
+    async def provision(self, target: NatsTarget, resources: AgentResources) -> ProvisionReport:
+        """Create or update the agent's streams, consumers and buckets to match ``resources``."""
+        return await self._call(target, lambda js: ensure_agent_resources(js, resources))
+
+    async def counts(self, target: NatsTarget, resources: AgentResources) -> Counts:
+        """The consumers' pending, ack-pending and redelivered sums, and the dead-letter depth."""
+
+        async def count(js: JetStreamContext) -> Counts:
+            assert resources.inbox.name is not None
+            pending = ack_pending = redelivered = 0
+            for consumer in resources.consumers:
+                assert consumer.durable_name is not None
+                info = await js.consumer_info(resources.inbox.name, consumer.durable_name)
+                pending += info.num_pending or 0
+                ack_pending += info.num_ack_pending or 0
+                redelivered += info.num_redelivered or 0
+            depth = 0
+            if resources.dead_letters is not None and resources.dead_letters.name is not None:
+                depth = (await js.stream_info(resources.dead_letters.name)).state.messages
+            return Counts(
+                ConsumerCounts(pending=pending, ack_pending=ack_pending, redelivered=redelivered),
+                depth,
+            )
+
+        return await self._call(target, count)
+
+    async def delete(
+        self, target: NatsTarget, resources: AgentResources, shared_streams: list[str]
+    ) -> list[str]:
+        """Delete the agent's own streams and the shared ones (KV buckets) nobody else uses."""
+
+        async def delete(js: JetStreamContext) -> list[str]:
+            return [
+                *await delete_agent_resources(js, resources),
+                *await _delete_streams(js, shared_streams),
+            ]
+
+        return await self._call(target, delete)
+
+    async def provision_workflow(
+        self, target: NatsTarget, resources: WorkflowResources
+    ) -> ProvisionReport:
+        """Create or update a workflow's stream, engine consumers, runs bucket, dead letters."""
+        return await self._call(target, lambda js: ensure_workflow_resources(js, resources))
+
+    async def runs(self, target: NatsTarget, resources: WorkflowResources) -> list[RunState]:
+        """Every run projection in the workflow's runs bucket (the latest value of each key)."""
+
+        async def read(js: JetStreamContext) -> list[RunState]:
+            name = resources.runs.bucket
+            watcher = await (await js.key_value(name)).watchall(ignore_deletes=True)
+            runs = []
+            try:
+                # The watcher yields every key's latest entry, then None.
+                while (entry := await watcher.updates(REQUEST_TIMEOUT_SECONDS)) is not None:  # type: ignore[no-untyped-call]
+                    try:
+                        runs.append(RunState.model_validate_json(entry.value or b""))
+                    except ValidationError as error:
+                        logger.warning("run %s in %s unreadable: %s", entry.key, name, error)
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            return runs
+
+        return await self._call(target, read)
+
+    async def delete_streams(self, target: NatsTarget, streams: list[str]) -> list[str]:
+        """Delete the named streams (a KV bucket is stream ``KV_<bucket>``); return those that
+        existed."""
+
+        return await self._call(target, lambda js: _delete_streams(js, streams))
