@@ -1,4 +1,4 @@
-"""``python -m troupe_runtime`` as the container runs it: crashes and graceful stops."""
+"""``python -m troupe_runtime.agent`` as the container runs it: crashes and graceful stops."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tests.integration.runtime_harness import (
     stream_count,
 )
 from troupe_devcluster.layout import free_port
+from troupe_runtime.contract import pod
 from troupe_runtime.contract.agent_config import RuntimeConfig
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -36,10 +37,10 @@ def runtime_process(config: RuntimeConfig, workdir: Path) -> Iterator[subprocess
     """The runtime in a process of its own; killed at the end if still running."""
     config_file = workdir / "config.json"
     config_file.write_text(config.to_json())
-    env = {**os.environ, EFFECTS_ENV: str(workdir / "effects"), "POD_IP": "127.0.0.1"}
+    env = {**os.environ, EFFECTS_ENV: str(workdir / "effects"), pod.POD_IP_ENV: "127.0.0.1"}
     with (workdir / "runtime.log").open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "troupe_runtime", "--config", str(config_file), "--grace", "5"],
+            [sys.executable, *pod.AGENT_COMMAND[1:], "--config", str(config_file), "--grace", "5"],
             cwd=REPOSITORY,
             env=env,
             stdout=log,

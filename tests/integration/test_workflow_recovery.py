@@ -30,6 +30,7 @@ from tests.integration.workflow_harness import (
 )
 from troupe_devcluster.layout import free_port
 from troupe_runtime.agent.context import Context, HandlerFn
+from troupe_runtime.contract import pod
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
 from troupe_runtime.nats.provision import ensure_workflow_resources
@@ -48,10 +49,10 @@ def engine_process(config: EngineConfig, directory: Path) -> Iterator[subprocess
     path.write_text(config.to_json())
     log = (directory / "engine.log").open("ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "troupe_runtime.workflow", "--config", str(path)],
+        [sys.executable, *pod.ENGINE_COMMAND[1:], "--config", str(path)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "POD_IP": "127.0.0.1"},
+        env={**os.environ, pod.POD_IP_ENV: "127.0.0.1"},
     )
     try:
         yield process
