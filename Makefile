@@ -3,20 +3,26 @@ SHELL := /usr/bin/env bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
+include tools/versions.env
+
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONTROLPLANE_STAMP := $(VENV)/.controlplane
+VERSION := $(shell cat VERSION)
 PACKAGES := agent-runtime operator tools/devcluster
-SOURCES := operator/src agent-runtime/src tools/devcluster/src tools/agent_metrics.py tests bench examples/research-team/handlers examples/support-triage/handlers
+SOURCES := operator/src agent-runtime/src tools/devcluster/src tools/devcluster/tests tools/agent_metrics.py tests bench examples/research-team/handlers examples/support-triage/handlers
+CRD_DIRS := crds charts/troupe/crds
+# The bundle generator is handed helm and the Kubernetes version: it knows nothing of tools/.
+BUNDLE_ARGS = --chart charts/troupe --out deploy --helm "$$(tools/build-controlplane.sh)/helm" --kube-version $(K8S_VERSION)
 PYTEST_ARGS ?=
 
 .PHONY: help
 help: ## Show this help.
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+$(STAMP): VERSION requirements.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Troupe needs Python 3.11 or newer")'
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
@@ -31,45 +37,49 @@ $(CONTROLPLANE_STAMP): tools/build-controlplane.sh tools/versions.env tools/cont
 setup: $(STAMP) $(CONTROLPLANE_STAMP) ## Create .venv, install everything, build the control plane (idempotent).
 
 .PHONY: lint
-lint: setup ## Ruff, mypy --strict and hadolint.
+lint: $(STAMP) ## Ruff, import-linter's layer contracts, mypy --strict and hadolint.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy --strict $(SOURCES)
 	$(BIN)/hadolint Dockerfile
 
 .PHONY: format
-format: setup ## Apply ruff's fixes and formatting.
+format: $(STAMP) ## Apply ruff's fixes and formatting.
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-CRD_DIRS := crds charts/troupe/crds
-
 .PHONY: crds
-crds: setup ## Regenerate the CRDs (crds/, the chart's copy, deploy/) from the API models.
+crds: setup ## Regenerate every generated file: chart version, CRDs, API reference, deploy/.
+	$(BIN)/python -m troupe_operator.gen.version write charts/troupe/Chart.yaml
 	$(BIN)/python -m troupe_operator.gen.crds write $(CRD_DIRS)
 	$(BIN)/python -m troupe_operator.gen.apidoc write docs/api-reference.md
-	$(BIN)/python -m troupe_operator.gen.bundle write
+	$(BIN)/python -m troupe_operator.gen.bundle write $(BUNDLE_ARGS)
 
 .PHONY: verify
-verify: setup ## Fail when the committed CRDs or deploy/ bundle differ from what generates them.
+verify: setup ## Fail when a generated file differs from what generates it.
+	$(BIN)/python -m troupe_operator.gen.version check charts/troupe/Chart.yaml
 	$(BIN)/python -m troupe_operator.gen.crds check $(CRD_DIRS)
 	$(BIN)/python -m troupe_operator.gen.apidoc check docs/api-reference.md
-	$(BIN)/python -m troupe_operator.gen.bundle check
+	$(BIN)/python -m troupe_operator.gen.bundle check $(BUNDLE_ARGS)
 
 .PHONY: bundle
 bundle: setup ## Render the chart with default values into the plain install bundle deploy/.
-	$(BIN)/python -m troupe_operator.gen.bundle write
-
-IMAGE_TAG ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/troupe/Chart.yaml)
+	$(BIN)/python -m troupe_operator.gen.bundle write $(BUNDLE_ARGS)
 
 .PHONY: images
-images: ## Build troupe/operator and troupe/runtime with Docker, tagged IMAGE_TAG (the appVersion).
-	docker build --target operator -t troupe/operator:$(IMAGE_TAG) .
-	docker build --target runtime -t troupe/runtime:$(IMAGE_TAG) .
+images: ## Build troupe/operator and troupe/runtime with Docker, tagged with VERSION.
+	docker build --build-arg TROUPE_VERSION=$(VERSION) --target operator -t troupe/operator:$(VERSION) .
+	docker build --build-arg TROUPE_VERSION=$(VERSION) --target runtime -t troupe/runtime:$(VERSION) .
 
 .PHONY: test
-test: lint verify ## Lint, check the CRDs, then every test against a real control plane and NATS.
+test: lint verify ## Lint, check generated files, then every test against a real control plane and NATS.
 	$(BIN)/pytest $(PYTEST_ARGS) tests
+	$(BIN)/pytest $(PYTEST_ARGS) tools/devcluster/tests
+
+.PHONY: test-unit
+test-unit: setup ## The fast lane: the tests that need no cluster and no NATS.
+	$(BIN)/pytest $(PYTEST_ARGS) tests/unit tools/devcluster/tests --ignore=tools/devcluster/tests/test_process_node.py
 
 .PHONY: cluster-up
 cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS.
@@ -89,6 +99,10 @@ demo: setup ## Run the whole system: cluster, operator from its chart, research 
 
 .PHONY: demo-down
 demo-down: cluster-down ## Remove everything the demo started.
+
+.PHONY: pre-commit
+pre-commit: $(STAMP) ## Install the git hook that runs `make lint verify` before each commit.
+	$(BIN)/pre-commit install
 
 .PHONY: clean
 clean: ## Remove the venv and caches inside the repository.

@@ -15,7 +15,9 @@ import yaml
 from troupe_devcluster.__main__ import build_binaries
 from troupe_operator.gen import bundle
 
-CHART = bundle.CHART
+REPOSITORY = Path(__file__).resolve().parents[1]
+CHART = REPOSITORY / "charts" / "troupe"
+DEPLOY = REPOSITORY / "deploy"
 RELEASE = bundle.RELEASE
 NAMESPACE = bundle.NAMESPACE
 OPERATOR = f"{RELEASE}-operator"
@@ -26,6 +28,14 @@ ALL_OPTIONS: dict[str, Any] = {
     "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
     "grafanaDashboard": {"enabled": True},
 }
+
+
+def kube_version() -> str:
+    """The Kubernetes version the chart is rendered for: the local control plane's."""
+    for line in (REPOSITORY / "tools" / "versions.env").read_text().splitlines():
+        if line.startswith("K8S_VERSION="):
+            return line.split("=", 1)[1].strip().removeprefix("v")
+    raise ValueError("tools/versions.env names no K8S_VERSION")
 
 
 @functools.cache
@@ -55,7 +65,7 @@ def render_text(
             "--namespace",
             namespace,
             "--kube-version",
-            bundle.kube_version(),
+            kube_version(),
             "--values",
             file.name,
             *extra,

@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 
 from tests.chart_support import run_helm
 from tests.integration.operator_support import stream_names
-from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace, wait_for
+from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace, wait_for
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.e2e import install_support as e2e
-from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
+from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 
 PATHS = ["chart", "bundle", "gitops"]
 IN_FLIGHT_RUNS = 30

@@ -20,13 +20,14 @@ import yaml
 from tests.chart_support import (
     ALL_OPTIONS,
     CHART,
+    DEPLOY,
     OPERATOR,
     documents,
     of_kind,
     render_text,
 )
+from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace
 from troupe_devcluster.kube import core_v1
-from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace
 from troupe_operator.gen import bundle
 
 RESTRICTED = {
@@ -180,10 +181,10 @@ def test_plain_bundle_applies_like_the_chart(cluster: ClusterEndpoints) -> None:
     the bundle's namespace created for real: a dry-run creates nothing to put objects in)."""
     namespace = f"namespace/{bundle.NAMESPACE}"
     cluster.kubectl("wait", "--for=delete", namespace, f"--timeout={NAMESPACE_GONE_SECONDS}s")
-    cluster.kubectl("apply", "-f", str(bundle.DEPLOY / "crds.yaml"))
+    cluster.kubectl("apply", "-f", str(DEPLOY / "crds.yaml"))
     cluster.kubectl("apply", "-f", "-", stdin=bundle.namespace_manifest())
     try:
-        output = cluster.kubectl("apply", "--dry-run=server", "-k", str(bundle.DEPLOY))
+        output = cluster.kubectl("apply", "--dry-run=server", "-k", str(DEPLOY))
     finally:
         cluster.kubectl("delete", namespace, f"--timeout={NAMESPACE_GONE_SECONDS}s")
     assert f"deployment.apps/{OPERATOR}" in output

@@ -12,7 +12,6 @@ from typing import Any
 import nats
 import pytest
 from nats.js import JetStreamContext
-from troupe_cli.main import amain
 
 from tests.integration.runtime_harness import DEADLINE, eventually, stored, stream_count
 from tests.integration.workflow_harness import (
@@ -22,6 +21,7 @@ from tests.integration.workflow_harness import (
     engine_config,
     new_namespace,
 )
+from troupe_cli.main import amain
 from troupe_runtime.agent.context import Context, HandlerFn
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_resources import build_agent_resources

@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from tests.integration.workflow_harness import agents, engine, engine_config, new_namespace, result
-from troupe_devcluster.pytest_plugin import ClusterEndpoints
+from troupe_devcluster.fixtures import ClusterEndpoints
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 

@@ -18,10 +18,10 @@ from nats.js.api import StreamConfig
 from nats.js.errors import KeyWrongLastSequenceError
 
 from tests.integration import manifests
+from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace, wait_for
 from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_devcluster.layout import PROCESS_NODE_NAME
 from troupe_devcluster.processes import alive
-from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace, wait_for
 
 DEADLINE = 60.0
 

@@ -26,7 +26,7 @@ from tests.integration.operator_support import (
     workflow,
 )
 from troupe_devcluster.kube import apps_v1, core_v1
-from troupe_devcluster.pytest_plugin import ClusterEndpoints, create_namespace, wait_for
+from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace, wait_for
 
 DEADLINE = 45.0
 CONFIG_HASH = "troupe.dev/config-hash"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.integration.operator_support import agent, install_crds, workflow
-from troupe_devcluster.pytest_plugin import ClusterEndpoints
+from troupe_devcluster.fixtures import ClusterEndpoints
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from tests.integration.operator_support import (
     workflow,
 )
 from troupe_devcluster.kube import apps_v1, core_v1
-from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
+from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 

@@ -20,7 +20,7 @@ from tests.integration.runtime_harness import (
     stream_count,
 )
 from troupe_runtime.agent.handlers import load_handler
-from troupe_runtime.agent.handlers.llm import API_KEY_ENV, BASE_URL_ENV, MODEL_ENV
+from troupe_runtime.contract.llm import API_KEY_ENV, BASE_URL_ENV, MODEL_ENV
 from troupe_runtime.contract.policies import Handler
 
 Recorded = list[tuple[str, dict[str, str], bytes]]

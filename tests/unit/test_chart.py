@@ -14,6 +14,7 @@ import pytest
 from tests.chart_support import (
     ALL_OPTIONS,
     CHART,
+    DEPLOY,
     NAMESPACE,
     OPERATOR,
     container_env,
@@ -25,7 +26,6 @@ from tests.chart_support import (
     run_helm,
 )
 from troupe_operator import metrics as operator_metrics
-from troupe_operator.gen import bundle
 from troupe_runtime.serving.metrics import RuntimeMetrics
 from troupe_runtime.workflow import service as engine_service
 
@@ -260,8 +260,8 @@ def test_bundle_is_the_default_rendering() -> None:
     """deploy/ holds exactly the chart's default rendering (CRDs included), plus the
     operator's namespace."""
     rendered = documents(render_text(None, NAMESPACE, "--include-crds"))
-    crds = documents((bundle.DEPLOY / "crds.yaml").read_text())
-    rest = documents((bundle.DEPLOY / "troupe.yaml").read_text())
+    crds = documents((DEPLOY / "crds.yaml").read_text())
+    rest = documents((DEPLOY / "troupe.yaml").read_text())
     assert rest[0]["kind"] == "Namespace"
     assert rest[0]["metadata"]["name"] == NAMESPACE
     assert {crd["kind"] for crd in crds} == {"CustomResourceDefinition"}

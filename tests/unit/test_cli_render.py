@@ -16,7 +16,6 @@ from troupe_cli.views import (
     replay_headers,
     timeline,
 )
-
 from troupe_runtime.contract import dead_letters
 from troupe_runtime.contract.run_events import (
     CompensationDispatched,

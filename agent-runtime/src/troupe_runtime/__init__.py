@@ -1,3 +1,5 @@
 """Troupe agent runtime: the process that runs an agent's handler on NATS JetStream."""
 
-__version__ = "0.1.0"
+from troupe_runtime.contract.version import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -1,3 +1,5 @@
-"""Troupe operator: reconciles Agent and Workflow resources into running agents."""
+"""Troupe operator: reconciles Agents and Workflows into Deployments wired to NATS JetStream."""
 
-__version__ = "0.1.0"
+from troupe_runtime.contract.version import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -93,8 +93,8 @@ def _compensation_plan(config: EngineConfig, state: RunState, reason: str) -> li
     return [Finish("Failed", error=reason)]
 
 
-def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
-    """The actions that move ``state`` forward at ``now``."""
+def _winding_down(config: EngineConfig, state: RunState, now: datetime) -> Plan | None:
+    """The plan of a run that is over, past its deadline or compensating; else None."""
     if state.terminal:
         return Plan()
     expired = config.deadline is not None and now >= state.started_at + config.deadline
@@ -107,6 +107,13 @@ def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
             if step.status == "Failed"
         )
         return Plan(_compensation_plan(config, state, failed))
+    return None
+
+
+def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
+    """The actions that move ``state`` forward at ``now``."""
+    if (settled := _winding_down(config, state, now)) is not None:
+        return settled
 
     actions: list[Action] = []
     wake_at = state.started_at + config.deadline if config.deadline is not None else None

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, WithJsonSchema
 
 from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
+from troupe_runtime.contract import version
 from troupe_runtime.contract.durations import Duration
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
@@ -24,7 +25,7 @@ from troupe_runtime.contract.policies import (
     StateBucket,
 )
 
-DEFAULT_RUNTIME_IMAGE = "troupe/runtime:0.1.0"
+DEFAULT_RUNTIME_IMAGE = version.DEFAULT_RUNTIME_IMAGE
 
 Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
 """A Kubernetes resource quantity (``500m``, ``1Gi`` or a plain number)."""

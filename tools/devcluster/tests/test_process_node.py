@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
+from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_devcluster.kube import core_v1
 from troupe_devcluster.processes import alive
 from troupe_devcluster.processnode.mountexec import Mount
 from troupe_devcluster.processnode.process import ContainerProcess, CreateContainerError
-from troupe_devcluster.pytest_plugin import ClusterEndpoints, wait_for
 
 DEADLINE = 60.0
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

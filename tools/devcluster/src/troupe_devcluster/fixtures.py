@@ -2,7 +2,8 @@
 
 Set ``TROUPE_TEST_KUBECONFIG`` and ``TROUPE_TEST_NATS_URL`` to run the tests
 against an existing cluster (kind, say) instead. A cluster that cannot start
-fails the tests; nothing here ever skips.
+fails the tests; nothing here ever skips. The suites name the fixtures they use
+in their own conftest.py, so a reader sees where each comes from.
 """
 
 from __future__ import annotations

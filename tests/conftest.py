@@ -1,0 +1,19 @@
+"""The fixtures every Troupe test can ask for, and where they come from.
+
+The real cluster (kube-apiserver, etcd, controller-manager, scheduler, kwok,
+the process node) and the real nats-server are started by the development
+cluster's launcher, once per session and only when a test asks for one:
+``make test-unit`` runs without either.
+
+- ``cluster``: the running control plane's endpoints, with ``kubectl``;
+- ``kubeconfig``: its admin kubeconfig file;
+- ``api_client``: a kubernetes client for it;
+- ``nats_url``: a JetStream-enabled nats-server;
+- ``namespace``: a fresh namespace, deleted after the test.
+"""
+
+from __future__ import annotations
+
+from troupe_devcluster.fixtures import api_client, cluster, kubeconfig, namespace, nats_url
+
+__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url"]

@@ -1,0 +1,7 @@
+"""The development cluster's own tests use the same session fixtures as Troupe's."""
+
+from __future__ import annotations
+
+from troupe_devcluster.fixtures import api_client, cluster, kubeconfig, namespace, nats_url
+
+__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url"]
