@@ -1,20 +1,24 @@
 # syntax=docker/dockerfile:1
 # Troupe's two images, one target each (`make images` builds both):
-#   docker build --target operator -t troupe/operator:0.1.0 .
-#   docker build --target runtime  -t troupe/runtime:0.1.0 .
+#   docker build --build-arg TROUPE_VERSION="$(cat VERSION)" --target operator -t troupe/operator:"$(cat VERSION)" .
+#   docker build --build-arg TROUPE_VERSION="$(cat VERSION)" --target runtime  -t troupe/runtime:"$(cat VERSION)" .
 # Every dependency is a wheel built once, from the exact pins of requirements.txt, in a
 # stage of its own; the final stages install those wheels from a bind mount, so neither
 # the wheels nor any build tool ends up in an image. Both run as the unprivileged user
-# 10001, the user the chart's restricted pod security context names.
+# 10001, the user the chart's restricted pod security context names. The packages take
+# their version from VERSION (each package's VERSION links to it); the label takes it
+# from the build argument.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG TROUPE_VERSION=0.1.0
+# Required: `make images` passes VERSION; the pinned installs below fail without it.
+ARG TROUPE_VERSION
 
 FROM ${PYTHON_IMAGE} AS wheels
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY requirements.txt ./
 RUN pip wheel --wheel-dir /wheels --requirement requirements.txt
+COPY VERSION ./
 COPY agent-runtime/ agent-runtime/
 COPY operator/ operator/
 RUN pip wheel --no-deps --wheel-dir /wheels ./agent-runtime ./operator

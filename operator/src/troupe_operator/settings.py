@@ -10,7 +10,7 @@ TROUPE_LOG_FORMAT          ``plain`` or ``json``                        plain
 TROUPE_RESYNC_SECONDS      how often status and drift are re-checked    30
 TROUPE_METRICS_PORT        Prometheus metrics port; 0 turns them off    9090
 TROUPE_HEALTH_PORT         the liveness endpoint's port (/healthz)      8081
-TROUPE_RUNTIME_IMAGE       the image of workflow engines                troupe/runtime:0.1.0
+TROUPE_RUNTIME_IMAGE       the image of workflow engines                troupe/runtime:<VERSION>
 =========================  ===========================================  =======================
 """
 
