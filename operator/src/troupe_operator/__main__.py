@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peering_priority(peering: str | None, given: int | None) -> int:
-    """kopf pauses every peer when several share the top priority, and a Deployment
-    cannot give its replicas different flags: so each process draws its own."""
+    """Draw a peering priority: kopf pauses every peer when several share the top one,
+    and a Deployment cannot give its replicas different flags, so each process draws."""
     if given is not None:
         return given
     if peering is None:
@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.PLAIN,
     )
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, config)
+    handlers.register(registry)
     asyncio.run(
         kopf.operator(
             registry=registry,
+            memo=handlers.new_memo(config),
             standalone=True if args.standalone else None,
             peering_name=args.peering,
             priority=peering_priority(args.peering, args.priority),

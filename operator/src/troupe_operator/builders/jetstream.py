@@ -21,12 +21,12 @@ def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec
     """Streams of shared resources ``spec`` uses that none of ``others`` (staying Agents) use."""
     kept = {bucket.name for other in others for bucket in other.state}
     streams = [
-        f"KV_{naming.kv_bucket(namespace, bucket.name)}"
+        naming.kv_stream(naming.kv_bucket(namespace, bucket.name))
         for bucket in spec.state
         if bucket.name not in kept
     ]
     if _uses_global_rate_limit(spec) and not any(map(_uses_global_rate_limit, others)):
-        streams.append(f"KV_{naming.rate_limit_bucket(namespace)}")
+        streams.append(naming.kv_stream(naming.rate_limit_bucket(namespace)))
     if not others:
         streams.append(naming.event_log_stream(namespace))
     return streams

@@ -2,7 +2,9 @@
 
 The kubernetes client is synchronous, so every call runs in a worker thread;
 responses are read as plain JSON dicts (``_preload_content=False``), which is
-what the pure builders produce and what is cheap to parse at scale.
+what the pure builders produce and what is cheap to parse at scale. Every call
+has a request timeout: without one, a stalled API server connection would hang a
+pass, and the lock it holds, for good.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from troupe_operator.builders.pods import FIELD_MANAGER
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 CONNECTION_POOL_SIZE = 32
+REQUEST_TIMEOUT_SECONDS = (5.0, 30.0)
+"""(connect, read): how long a call may wait to connect, then between bytes of the answer."""
 
 
 class Conflict(Exception):
@@ -55,7 +59,13 @@ class Kube:
         self._custom: Any = client.CustomObjectsApi(api_client)
 
     async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-        response = await asyncio.to_thread(method, *args, _preload_content=False, **kwargs)
+        response = await asyncio.to_thread(
+            method,
+            *args,
+            _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            **kwargs,
+        )
         return _json(response)
 
     async def _read_or_none(
@@ -97,13 +107,6 @@ class Kube:
             "Deployment": self._apps.delete_namespaced_deployment,
         }
         await self._read_or_none(deleters[kind], name, namespace, propagation_policy="Background")
-
-    async def pods_exist(self, namespace: str, label_selector: str) -> bool:
-        """Whether any pod of the namespace matches ``label_selector``."""
-        listing = await self._call(
-            self._core.list_namespaced_pod, namespace, label_selector=label_selector, limit=1
-        )
-        return bool(listing["items"])
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """The Secret's decoded data, or None when it does not exist."""

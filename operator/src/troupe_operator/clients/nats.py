@@ -12,6 +12,7 @@ import asyncio
 import logging
 import ssl
 import tempfile
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,22 @@ async def _log_error(error: Exception) -> None:
 
 
 class NatsPool:
-    """Connections by target, opened on first use and reopened once closed."""
+    """Connections by target, opened on first use and reopened once closed.
+
+    Each target has a lock of its own, so one unreachable server (a connect waits up to
+    ``CONNECT_TIMEOUT_SECONDS``) holds up only the passes that use it. Locks are weakly
+    held: one lives while a caller holds or awaits it.
+    """
 
     def __init__(self, default_credentials: Path | None = None) -> None:
         self._default_credentials = default_credentials
         self._connections: dict[NatsTarget, Client] = {}
-        self._lock = asyncio.Lock()
+        self._locks: weakref.WeakValueDictionary[NatsTarget, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _lock(self, target: NatsTarget) -> asyncio.Lock:
+        return self._locks.setdefault(target, asyncio.Lock())
 
     async def _connect(self, target: NatsTarget) -> Client:
         credentials: RawCredentials | Path | None = self._default_credentials
@@ -123,7 +134,7 @@ class NatsPool:
         )
 
     async def jetstream(self, target: NatsTarget) -> JetStreamContext:
-        async with self._lock:
+        async with self._lock(target):
             client = self._connections.get(target)
             if client is None or client.is_closed:
                 client = await self._connect(target)
@@ -133,10 +144,11 @@ class NatsPool:
         return client.jetstream(timeout=REQUEST_TIMEOUT_SECONDS)
 
     async def close(self) -> None:
-        async with self._lock:
-            for client in self._connections.values():
-                await client.close()
-            self._connections.clear()
+        for target in list(self._connections):
+            async with self._lock(target):
+                client = self._connections.pop(target, None)
+                if client is not None:
+                    await client.close()
 
     async def _call(
         self, target: NatsTarget, action: Callable[[JetStreamContext], Awaitable[T]]
@@ -214,7 +226,6 @@ class NatsPool:
         return await self._call(target, read)
 
     async def delete_streams(self, target: NatsTarget, streams: list[str]) -> list[str]:
-        """Delete the named streams (a KV bucket is stream ``KV_<bucket>``); return those that
-        existed."""
-
+        """Delete the named streams (a KV bucket's is ``naming.kv_stream(bucket)``); return
+        those that existed."""
         return await self._call(target, lambda js: _delete_streams(js, streams))

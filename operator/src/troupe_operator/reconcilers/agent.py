@@ -1,0 +1,121 @@
+"""Agents: what a pass over one plans, and what deleting one removes from NATS.
+
+An Agent leads to its runtime ConfigMap, ServiceAccount (when asked for) and
+Deployment, and to its JetStream streams, consumers and buckets; its status
+carries the consumers' counts. Deleting it deletes its own streams and the shared
+ones (KV buckets, the namespace's event log) that no remaining Agent uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from troupe_operator.api import AgentSpec, AgentStatus
+from troupe_operator.builders import status, workload
+from troupe_operator.builders.jetstream import orphaned_streams
+from troupe_operator.builders.pods import Owner
+from troupe_operator.builders.status import WorkloadObservation
+from troupe_operator.clients.nats import Counts, NatsPool, NatsTarget
+from troupe_operator.reconcilers.common import (
+    JetStreamStep,
+    Kind,
+    Operator,
+    Plan,
+    Seen,
+    required_target,
+)
+from troupe_runtime.contract.agent_resources import build_agent_resources
+
+
+class AgentKind(Kind[AgentSpec, AgentStatus]):
+    name = "Agent"
+    plural = "agents"
+    label = workload.AGENT_LABEL
+
+    def spec(self, body: Mapping[str, Any]) -> AgentSpec:
+        return AgentSpec.model_validate(body)
+
+    def status(self, body: Mapping[str, Any]) -> AgentStatus:
+        return AgentStatus.model_validate(body)
+
+    async def plan(
+        self, operator: Operator, owner: Owner, spec: AgentSpec, generation: int
+    ) -> Plan[AgentStatus, Counts]:
+        config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
+        resources = build_agent_resources(config, spec.runtime.replicas)
+        config_hash = workload.config_hash(config)
+
+        async def jetstream(nats: NatsPool, target: NatsTarget) -> Counts:
+            await nats.provision(target, resources)
+            return await nats.counts(target, resources)
+
+        def next_status(seen: Seen[AgentStatus, Counts]) -> AgentStatus:
+            messaging = seen.messaging
+            if messaging is not None and seen.jetstream is not None:
+                counts = seen.jetstream
+                messaging = dataclasses.replace(
+                    messaging, counts=counts.consumers, dead_letters=counts.dead_letters
+                )
+            return status.agent_status(
+                seen.previous,
+                generation,
+                seen.now,
+                seen.workload,
+                messaging=messaging,
+                missing_secrets=seen.missing_secrets,
+                config_hash=config_hash,
+            )
+
+        manifests = [
+            workload.build_config_map(owner, config),
+            workload.build_service_account(owner, spec),
+            workload.build_deployment(owner, spec, config),
+        ]
+        return Plan(
+            next_status,
+            apply=[manifest for manifest in manifests if manifest is not None],
+            secrets=workload.referenced_secrets(spec),
+            jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
+            workload=self.workload(owner.name),
+        )
+
+    def workload(self, name: str) -> str:
+        return name
+
+    def refreshable(self, previous: AgentStatus) -> bool:
+        return previous.observed_generation != 0
+
+    def refreshed(
+        self, previous: AgentStatus, workload: WorkloadObservation, now: datetime
+    ) -> AgentStatus:
+        return status.agent_status(previous, previous.observed_generation, now, workload)
+
+    async def delete(
+        self, operator: Operator, namespace: str, name: str, spec: AgentSpec
+    ) -> list[str]:
+        """Remove the agent's streams, and the shared ones no remaining Agent uses."""
+        owner = Owner(namespace, name, uid="")
+        config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
+        target = await required_target(operator, namespace, spec.nats, config.nats.url)
+        staying = await self._staying(operator, namespace, name)
+        resources = build_agent_resources(config, spec.runtime.replicas)
+        shared = orphaned_streams(namespace, spec, staying)
+        return await operator.nats.delete(target, resources, shared)
+
+    async def _staying(self, operator: Operator, namespace: str, leaving: str) -> list[AgentSpec]:
+        """The other Agents of the namespace that keep their NATS resources: not being
+        deleted, or deleted with deletionPolicy Retain."""
+        staying = []
+        for agent in await operator.kube.list_custom(self.plural, namespace):
+            if agent["metadata"]["name"] == leaving:
+                continue
+            spec = self.spec(agent["spec"])
+            if "deletionTimestamp" not in agent["metadata"] or spec.deletion_policy == "Retain":
+                staying.append(spec)
+        return staying
+
+
+AGENT = AgentKind()

@@ -1,0 +1,139 @@
+"""Workflows: what a pass over one plans, and what deleting one removes from NATS.
+
+A Workflow gets an engine only while it is valid (acyclic, every agent present): an
+invalid one has its engine deleted, not scaled to zero, so that "no engine
+Deployment" always means "nothing can run"; its runs wait in JetStream and resume
+when it is fixed. Only the operator provisions the workflow's JetStream resources,
+so deleting a Workflow need not wait for its engine to be gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from troupe_operator.api import WorkflowSpec, WorkflowStatus
+from troupe_operator.builders import dag, engine, pods, status
+from troupe_operator.builders.pods import Owner
+from troupe_operator.builders.status import RunObservation, WorkloadObservation
+from troupe_operator.clients.nats import NatsPool, NatsTarget
+from troupe_operator.reconcilers.agent import AGENT
+from troupe_operator.reconcilers.common import (
+    JetStreamStep,
+    Kind,
+    Operator,
+    Plan,
+    Seen,
+    required_target,
+)
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.workflow_resources import build_workflow_resources
+
+ENGINE_OBJECTS = ("Deployment", "ConfigMap")
+
+
+class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
+    name = "Workflow"
+    plural = "workflows"
+    label = engine.WORKFLOW_LABEL
+
+    def spec(self, body: Mapping[str, Any]) -> WorkflowSpec:
+        return WorkflowSpec.model_validate(body)
+
+    def status(self, body: Mapping[str, Any]) -> WorkflowStatus:
+        return WorkflowStatus.model_validate(body)
+
+    async def plan(
+        self, operator: Operator, owner: Owner, spec: WorkflowSpec, generation: int
+    ) -> Plan[WorkflowStatus, Any]:
+        priority_levels = {
+            agent["metadata"]["name"]: AGENT.spec(agent["spec"]).messaging.priority_levels
+            for agent in await operator.kube.list_custom(AGENT.plural, owner.namespace)
+        }
+        graph = status.DagObservation(
+            len(spec.steps),
+            dag.workflow_cycles(spec),
+            dag.unknown_agents(spec, set(priority_levels)),
+        )
+        if not graph.valid:
+
+            def stopped(seen: Seen[WorkflowStatus, None]) -> WorkflowStatus:
+                return status.workflow_status(
+                    seen.previous, generation, seen.now, dag=graph, workload=status.ENGINE_STOPPED
+                )
+
+            return Plan[WorkflowStatus, None](stopped, remove=self._engine_objects(owner.name))
+
+        config = engine.build_engine_config(
+            owner, spec, operator.settings.nats_url, priority_levels
+        )
+        resources = build_workflow_resources(config)
+
+        async def jetstream(nats: NatsPool, target: NatsTarget) -> RunObservation:
+            await nats.provision_workflow(target, resources)
+            return status.summarize_runs(await nats.runs(target, resources))
+
+        def next_status(seen: Seen[WorkflowStatus, RunObservation]) -> WorkflowStatus:
+            return status.workflow_status(
+                seen.previous,
+                generation,
+                seen.now,
+                dag=graph,
+                workload=seen.workload,
+                messaging=seen.messaging,
+                missing_secrets=seen.missing_secrets,
+                runs=seen.jetstream,
+            )
+
+        return Plan(
+            next_status,
+            apply=[
+                engine.build_engine_config_map(owner, config),
+                engine.build_engine_deployment(
+                    owner, spec, config, operator.settings.runtime_image
+                ),
+            ],
+            secrets=pods.nats_secrets(spec.nats),
+            jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
+            workload=self.workload(owner.name),
+        )
+
+    def workload(self, name: str) -> str:
+        return engine.engine_name(name)
+
+    def refreshable(self, previous: WorkflowStatus) -> bool:
+        """Also not while the workflow is invalid: its engine is on its way out."""
+        return previous.observed_generation != 0 and not any(
+            c.type in status.DAG_CONDITIONS and c.status != "True" for c in previous.conditions
+        )
+
+    def refreshed(
+        self, previous: WorkflowStatus, workload: WorkloadObservation, now: datetime
+    ) -> WorkflowStatus:
+        return status.workflow_status(
+            previous, previous.observed_generation, now, workload=workload
+        )
+
+    async def delete(
+        self, operator: Operator, namespace: str, name: str, spec: WorkflowSpec
+    ) -> list[str]:
+        """Stop the engine, then delete the workflow's stream, runs bucket and dead letters.
+
+        The engine goes first so that it does not fail over its streams' loss; it never
+        creates them, so there is no need to wait for its pods to be gone.
+        """
+        for kind, object_name in self._engine_objects(name):
+            await operator.kube.delete(kind, namespace, object_name)
+        config = engine.build_engine_config(
+            Owner(namespace, name, uid="", kind=self.name), spec, operator.settings.nats_url
+        )
+        target = await required_target(operator, namespace, spec.nats, config.nats.url)
+        streams = [config.stream, naming.kv_stream(config.runs_bucket), config.dead_letter_stream]
+        return await operator.nats.delete_streams(target, streams)
+
+    def _engine_objects(self, name: str) -> list[tuple[str, str]]:
+        return [(kind, engine.engine_name(name)) for kind in ENGINE_OBJECTS]
+
+
+WORKFLOW = WorkflowKind()
