@@ -10,8 +10,8 @@ from nats.aio.client import Client as NATS
 
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.policies import StateBucket
+from troupe_runtime.contract.state_codec import decode, encode
 from troupe_runtime.state import ConflictError, InvalidValueError, StateStore, Tuning
-from troupe_runtime.state.codec import decode, encode
 from troupe_runtime.state.policies import backoff_delay
 
 

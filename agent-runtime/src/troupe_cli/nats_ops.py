@@ -33,9 +33,9 @@ from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_events import Event
 from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.state_entries import Entry
+from troupe_runtime.nats.kv import KeyValueRevisions
 from troupe_runtime.nats.streams import read_events
-from troupe_runtime.state.kv import KeyValueRevisions
-from troupe_runtime.state.policies import Entry
 
 CONNECT_TIMEOUT_SECONDS = 3
 

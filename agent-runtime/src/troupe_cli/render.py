@@ -13,7 +13,7 @@ from typing import Any
 
 from troupe_cli.views import AgentLoad, DeadLetter, RunResult, StepAttempt, readable_data
 from troupe_runtime.contract.run_state import RunState
-from troupe_runtime.state import Change
+from troupe_runtime.nats.kv import Change
 
 MAX_CELL = 60
 

@@ -4,7 +4,8 @@
 is re-exported here.
 """
 
-from troupe_runtime.state.errors import (
+from troupe_runtime.contract.state_entries import Entry
+from troupe_runtime.contract.state_errors import (
     BucketNotProvisionedError,
     ConflictError,
     InvalidValueError,
@@ -14,10 +15,10 @@ from troupe_runtime.state.errors import (
     StateError,
     UnknownBucketError,
 )
-from troupe_runtime.state.events import Event, EventLog, Follow
-from troupe_runtime.state.kv import Change, Watch
+from troupe_runtime.nats.event_log import Event, EventLog, Follow
+from troupe_runtime.nats.kv import Change, Watch
 from troupe_runtime.state.merge import MergeFunction
-from troupe_runtime.state.policies import Entry, Tuning, UpdateFunction
+from troupe_runtime.state.policies import Tuning, UpdateFunction
 from troupe_runtime.state.store import Bucket, StateStore
 
 __all__ = [

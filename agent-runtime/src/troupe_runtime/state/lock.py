@@ -16,9 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from troupe_runtime.state.errors import ConflictError, KeyExistsError, LockTimeoutError
+from troupe_runtime.contract.state_entries import LEASE_PREFIX, Entry
+from troupe_runtime.contract.state_errors import ConflictError, KeyExistsError, LockTimeoutError
 from troupe_runtime.state.policies import (
-    Entry,
     Revisions,
     Tuning,
     UpdateFunction,
@@ -26,7 +26,6 @@ from troupe_runtime.state.policies import (
     update_once,
 )
 
-LEASE_PREFIX = "__lock__."
 HOLDER = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 

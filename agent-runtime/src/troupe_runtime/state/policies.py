@@ -13,36 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from troupe_runtime.state.errors import ConflictError
+from troupe_runtime.contract.state_entries import Entry, Snapshot
+from troupe_runtime.contract.state_errors import ConflictError
 from troupe_runtime.state.merge import MergeFunction
 
 UpdateFunction = Callable[[Any], Any]
 """``fn(current) -> new``: current is the key's JSON value, or None when it is absent."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A key's value (JSON, decoded) at a revision."""
-
-    key: str
-    value: Any
-    revision: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What a compare-and-set must expect: the current entry, or the revision of its absence.
-
-    ``revision`` is 0 for a key never written and the tombstone's revision for a
-    deleted one, because JetStream checks the subject's last sequence, tombstones included.
-    """
-
-    entry: Entry | None
-    revision: int
-
-    @property
-    def value(self) -> Any:
-        return None if self.entry is None else self.entry.value
 
 
 @dataclass(frozen=True)

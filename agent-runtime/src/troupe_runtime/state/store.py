@@ -16,17 +16,17 @@ from nats.js.errors import BucketNotFoundError
 
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.policies import StateBucket
-from troupe_runtime.state.errors import (
+from troupe_runtime.contract.state_entries import Entry
+from troupe_runtime.contract.state_errors import (
     BucketNotProvisionedError,
     ReadOnlyBucketError,
     UnknownBucketError,
 )
-from troupe_runtime.state.events import EventLog
-from troupe_runtime.state.kv import KeyValueRevisions, Watch
+from troupe_runtime.nats.event_log import EventLog
+from troupe_runtime.nats.kv import KeyValueRevisions, Watch
 from troupe_runtime.state.lock import update_locked
 from troupe_runtime.state.merge import MergeFunction, three_way_merge
 from troupe_runtime.state.policies import (
-    Entry,
     Tuning,
     UpdateFunction,
     update_last_writer_wins,

@@ -1,6 +1,6 @@
 """The only state code that talks to a NATS KV bucket: revision-checked JSON reads and writes.
 
-It turns nats-py's errors into the typed ones of ``troupe_runtime.state.errors``
+It turns nats-py's errors into the typed ones of ``troupe_runtime.contract.state_errors``
 and counts every lost compare-and-set through ``on_conflict``.
 """
 
@@ -15,10 +15,9 @@ from typing import Any
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from troupe_runtime.state import codec
-from troupe_runtime.state.errors import ConflictError, KeyExistsError
-from troupe_runtime.state.lock import LEASE_PREFIX
-from troupe_runtime.state.policies import Entry, Snapshot
+from troupe_runtime.contract import state_codec as codec
+from troupe_runtime.contract.state_entries import LEASE_PREFIX, Entry, Snapshot
+from troupe_runtime.contract.state_errors import ConflictError, KeyExistsError
 
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 """JetStream's error codes for a failed expected-last-subject-sequence check."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from troupe_runtime.state.errors import InvalidValueError
+from troupe_runtime.contract.state_errors import InvalidValueError
 
 
 def encode(value: Any) -> bytes:

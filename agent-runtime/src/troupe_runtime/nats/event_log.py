@@ -18,7 +18,7 @@ from nats.js.api import DeliverPolicy, Header
 from nats.js.errors import NotFoundError
 
 from troupe_runtime.contract import naming
-from troupe_runtime.state import codec
+from troupe_runtime.contract import state_codec as codec
 
 EVENT_TYPE_HEADER = "Troupe-Event-Type"
 
