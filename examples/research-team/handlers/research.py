@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from troupe_runtime.agent.context import AgentError, Context
+from troupe_runtime.agent import AgentError, Context
 
 LIBRARY: dict[str, list[dict[str, Any]]] = {
     "jetstream": [

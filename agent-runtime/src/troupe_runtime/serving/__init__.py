@@ -1,1 +1,1 @@
-"""serving."""
+"""What a Troupe process serves and emits besides messages: health, metrics, logs, traces."""
