@@ -26,8 +26,8 @@ from nats.js.errors import NotFoundError
 from tests.integration.manifests import KWOK_TOLERATION
 from tests.integration.workflow_handlers import NAME_ENV
 from troupe_devcluster import processes
-from troupe_devcluster.layout import free_port
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
+from troupe_devcluster.layout import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"

@@ -25,8 +25,8 @@ from tests.integration.operator_support import (
     wait_ready,
     workflow,
 )
-from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace, wait_for
+from troupe_devcluster.kube import apps_v1, core_v1
 
 DEADLINE = 45.0
 CONFIG_HASH = "troupe.dev/config-hash"

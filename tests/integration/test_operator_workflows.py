@@ -29,8 +29,8 @@ from tests.integration.operator_support import (
     wait_ready,
     workflow,
 )
-from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
+from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 
