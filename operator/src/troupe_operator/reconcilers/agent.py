@@ -9,9 +9,12 @@ ones (KV buckets, the namespace's event log) that no remaining Agent uses.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+
+from pydantic import ValidationError
 
 from troupe_operator.api import AgentSpec, AgentStatus
 from troupe_operator.builders import status, workload
@@ -28,6 +31,8 @@ from troupe_operator.reconcilers.common import (
     required_target,
 )
 from troupe_runtime.contract.agent_resources import build_agent_resources
+
+logger = logging.getLogger(__name__)
 
 
 class AgentKind(Kind[AgentSpec, AgentStatus]):
@@ -102,17 +107,29 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         target = await required_target(operator, namespace, spec.nats, config.nats.url)
         staying = await self._staying(operator, namespace, name)
         resources = build_agent_resources(config, spec.runtime.replicas)
-        shared = orphaned_streams(namespace, spec, staying)
+        # An Agent whose spec cannot be read may use any shared resource: keep them all.
+        shared = [] if staying is None else orphaned_streams(namespace, spec, staying)
         return await operator.nats.delete(target, resources, shared)
 
-    async def _staying(self, operator: Operator, namespace: str, leaving: str) -> list[AgentSpec]:
+    async def _staying(
+        self, operator: Operator, namespace: str, leaving: str
+    ) -> list[AgentSpec] | None:
         """The other Agents of the namespace that keep their NATS resources: not being
-        deleted, or deleted with deletionPolicy Retain."""
+        deleted, or deleted with deletionPolicy Retain. None when one of them has a spec
+        the models refuse, so that its resources are never taken for orphans."""
         staying = []
         for agent in await operator.kube.list_custom(self.plural, namespace):
             if agent["metadata"]["name"] == leaving:
                 continue
-            spec = self.spec(agent["spec"])
+            try:
+                spec = self.spec(agent.get("spec") or {})
+            except ValidationError:
+                logger.warning(
+                    "Agent %s/%s has an invalid spec; keeping the shared NATS resources",
+                    namespace,
+                    agent["metadata"]["name"],
+                )
+                return None
             if "deletionTimestamp" not in agent["metadata"] or spec.deletion_policy == "Retain":
                 staying.append(spec)
         return staying

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from troupe_operator.api import WorkflowSpec, WorkflowStatus
 from troupe_operator.builders import dag, engine, pods, status
 from troupe_operator.builders.pods import Owner
@@ -28,6 +30,7 @@ from troupe_operator.reconcilers.common import (
     required_target,
 )
 from troupe_runtime.contract import naming
+from troupe_runtime.contract.policies import Messaging
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
 
 ENGINE_OBJECTS = ("Deployment", "ConfigMap")
@@ -48,7 +51,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
         self, operator: Operator, owner: Owner, spec: WorkflowSpec, generation: int
     ) -> Plan[WorkflowStatus, Any]:
         priority_levels = {
-            agent["metadata"]["name"]: AGENT.spec(agent["spec"]).messaging.priority_levels
+            agent["metadata"]["name"]: _priority_levels(agent)
             for agent in await operator.kube.list_custom(AGENT.plural, owner.namespace)
         }
         graph = status.DagObservation(
@@ -137,3 +140,12 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
 
 
 WORKFLOW = WorkflowKind()
+
+
+def _priority_levels(agent: Mapping[str, Any]) -> int:
+    """The priority levels an Agent declares; the default when its spec cannot be read, so
+    one broken Agent does not stop every Workflow of its namespace (its own status says why)."""
+    try:
+        return AGENT.spec(agent.get("spec") or {}).messaging.priority_levels
+    except ValidationError:
+        return Messaging().priority_levels
