@@ -101,7 +101,7 @@ def test_a_linear_workflow_applied_with_kubectl_runs_end_to_end_and_is_cleaned_u
     manifest = workflow("pipeline", LINEAR_STEPS)
     trigger = manifest["spec"]["trigger"]["subject"]
     stream = naming.workflow_stream(namespace, "pipeline")
-    runs_bucket = naming.kv_stream(naming.workflow_runs_bucket(namespace, 'pipeline'))
+    runs_bucket = naming.kv_stream(naming.workflow_runs_bucket(namespace, "pipeline"))
     with explained(cluster, namespace, operator):
         for name in "abc":
             apply(cluster, namespace, running_agent(name))
