@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -39,12 +37,8 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
     name = "Agent"
     plural = "agents"
     label = workload.AGENT_LABEL
-
-    def spec(self, body: Mapping[str, Any]) -> AgentSpec:
-        return AgentSpec.model_validate(body)
-
-    def status(self, body: Mapping[str, Any]) -> AgentStatus:
-        return AgentStatus.model_validate(body)
+    spec_model = AgentSpec
+    status_model = AgentStatus
 
     async def plan(
         self, operator: Operator, owner: Owner, spec: AgentSpec, generation: int

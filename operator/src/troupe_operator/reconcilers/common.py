@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
 from pydantic import BaseModel
 
@@ -48,6 +48,9 @@ class Spec(Protocol):
 
     @property
     def deletion_policy(self) -> Literal["Delete", "Retain"]: ...
+
+    @classmethod
+    def model_validate(cls, obj: Any) -> Self: ...
 
 
 SpecT = TypeVar("SpecT", bound=Spec)
@@ -120,12 +123,14 @@ class Kind(ABC, Generic[SpecT, StatusT]):
     plural: ClassVar[str]
     label: ClassVar[str]
     """The label on the object's Deployment whose value is the object's name."""
+    spec_model: type[SpecT]
+    status_model: type[StatusT]
 
-    @abstractmethod
-    def spec(self, body: Mapping[str, Any]) -> SpecT: ...
+    def spec(self, body: Mapping[str, Any]) -> SpecT:
+        return self.spec_model.model_validate(body)
 
-    @abstractmethod
-    def status(self, body: Mapping[str, Any]) -> StatusT: ...
+    def status(self, body: Mapping[str, Any]) -> StatusT:
+        return self.status_model.model_validate(body)
 
     @abstractmethod
     async def plan(

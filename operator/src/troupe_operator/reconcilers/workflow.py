@@ -40,12 +40,8 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
     name = "Workflow"
     plural = "workflows"
     label = engine.WORKFLOW_LABEL
-
-    def spec(self, body: Mapping[str, Any]) -> WorkflowSpec:
-        return WorkflowSpec.model_validate(body)
-
-    def status(self, body: Mapping[str, Any]) -> WorkflowStatus:
-        return WorkflowStatus.model_validate(body)
+    spec_model = WorkflowSpec
+    status_model = WorkflowStatus
 
     async def plan(
         self, operator: Operator, owner: Owner, spec: WorkflowSpec, generation: int
