@@ -52,7 +52,10 @@ class Runtime:
         self.config = config
         self.metrics = RuntimeMetrics(registry)
         self.health = HealthServer(self.metrics.registry, self.ready)
-        self._handler = handler or load_handler(config.handler)
+        self._handler = handler or load_handler(
+            config.handler, threads=config.messaging.max_in_flight
+        )
+        self.metrics.handler_stuck_threads.set_function(self._handler.stuck_threads)
         self._host = host
         self._port = config.health_port if port is None else port
         self._grace = grace

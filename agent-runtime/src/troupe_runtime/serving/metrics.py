@@ -43,6 +43,12 @@ class RuntimeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.handler_stuck_threads = Gauge(
+            "troupe_handler_stuck_threads",
+            "Sync handler threads still running after their call timed out (never reclaimed "
+            "until the process restarts).",
+            registry=self.registry,
+        )
         self.state_conflicts = Counter(
             "troupe_state_conflicts",
             "Compare-and-set conflicts on shared state, by bucket.",

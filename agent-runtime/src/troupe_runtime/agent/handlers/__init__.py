@@ -12,7 +12,8 @@ from troupe_runtime.agent.context import HandlerFn
 from troupe_runtime.agent.handlers.echo import echo
 from troupe_runtime.agent.handlers.http import HttpHandler
 from troupe_runtime.agent.handlers.llm import LlmHandler, LlmSettings
-from troupe_runtime.agent.handlers.python import load_callable
+from troupe_runtime.agent.handlers.python import SyncHandler, load_callable
+from troupe_runtime.agent.handlers.threads import HandlerThreads
 from troupe_runtime.contract.policies import Handler
 
 
@@ -27,20 +28,39 @@ class LoadedHandler:
     call: HandlerFn
     close: Callable[[], Awaitable[None]] = _nothing_to_close
 
+    @property
+    def threads(self) -> HandlerThreads | None:
+        """The threads a plain Python function runs on; None for every other handler."""
+        return self.call.threads if isinstance(self.call, SyncHandler) else None
+
+    def stuck_threads(self) -> int:
+        """Handler threads still running after their call timed out (a gauge's value)."""
+        return 0 if self.threads is None else self.threads.stuck
+
+    def wedged(self) -> bool:
+        """True when every thread a sync handler may use is stuck: only a restart helps."""
+        return self.threads is not None and self.threads.wedged()
+
 
 def _http_client() -> httpx.AsyncClient:
     # No client timeout: the runtime's per-message timeout is the one bound.
     return httpx.AsyncClient(timeout=None)
 
 
-def load_handler(handler: Handler, env: Mapping[str, str] = os.environ) -> LoadedHandler:
-    """Build the handler the Agent declares; a bad declaration fails here, at start-up."""
+def load_handler(
+    handler: Handler, env: Mapping[str, str] = os.environ, *, threads: int = 1
+) -> LoadedHandler:
+    """Build the handler the Agent declares; a bad declaration fails here, at start-up.
+
+    ``threads`` is how many calls of a plain Python function may run at once
+    (the Agent's ``maxInFlight``).
+    """
     if handler.type == "echo":
         return LoadedHandler(echo)
     if handler.type == "python":
         if handler.entrypoint is None:
             raise ValueError("handler.entrypoint (module:function) is required for type python")
-        return LoadedHandler(load_callable(handler.entrypoint))
+        return LoadedHandler(load_callable(handler.entrypoint, threads))
     if handler.type == "http":
         if handler.url is None:
             raise ValueError("handler.url is required for type http")

@@ -1,17 +1,37 @@
-"""Python handlers: ``module:function``, async or plain (a plain one runs in a thread)."""
+"""Python handlers: ``module:function``, async or plain (a plain one runs on a thread).
+
+Plain functions run through ``HandlerThreads``: bounded capacity, and a thread
+left running past its timeout is counted as stuck instead of holding a slot.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from troupe_runtime.agent.context import Context, HandlerFn
+from troupe_runtime.agent.handlers.threads import HandlerThreads
 
 
-def load_callable(entrypoint: str) -> HandlerFn:
+class SyncHandler:
+    """A plain handler function, called on the runtime's handler threads."""
+
+    def __init__(self, target: Callable[[Context], Any], threads: HandlerThreads) -> None:
+        self.threads = threads
+        self._target = target
+        functools.update_wrapper(self, target)
+
+    async def __call__(self, ctx: Context) -> Any:
+        # A thread cannot be cancelled: on timeout the message is retried while
+        # the thread runs on, counted as stuck, to its end.
+        return await self.threads.call(self._target, ctx)
+
+
+def load_callable(entrypoint: str, threads: int = 1) -> HandlerFn:
+    """The function ``entrypoint`` names; a plain one gets ``threads`` threads to run on."""
     module_name, _, name = entrypoint.partition(":")
     target = getattr(importlib.import_module(module_name), name, None)
     if not callable(target):
@@ -19,11 +39,4 @@ def load_callable(entrypoint: str) -> HandlerFn:
     if inspect.iscoroutinefunction(target):
         coroutine_function: HandlerFn = target
         return coroutine_function
-
-    @functools.wraps(target)
-    async def in_thread(ctx: Context) -> Any:
-        # A thread cannot be cancelled: on timeout the message is retried while
-        # the thread runs on to its end.
-        return await asyncio.to_thread(target, ctx)
-
-    return in_thread
+    return SyncHandler(target, HandlerThreads(threads))
