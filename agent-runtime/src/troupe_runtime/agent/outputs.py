@@ -4,6 +4,16 @@ Every follow-up event is derived from the input (``CloudEvent.follow_up``) by
 its index, and published with a ``Nats-Msg-Id`` derived from its id, so a
 redelivered input publishes the same events again and JetStream drops the
 duplicates.
+
+Targets are on an allow-list. Outputs go only to ``contract.outputSubjects``;
+a reply goes only to a workflow engine's reply subject in the agent's own
+namespace (``naming.workflow_replies_wildcard``), never to the server's own
+``$`` subjects (the JetStream API, system events) or another namespace: a
+message carrying any other ``replyto`` is refused before its handler runs
+(``reply_refusal``). What cannot be stored, an event too large for the
+server with its headers or a subject no stream stores, raises
+``Undeliverable``: the message is dead-lettered with that reason at once,
+since another attempt would re-run the handler for the same end.
 """
 
 from __future__ import annotations
@@ -16,13 +26,48 @@ from nats.js import JetStreamContext
 from nats.js.api import Header
 
 from troupe_runtime.agent.schemas import ContractChecker
-from troupe_runtime.contract import envelope
+from troupe_runtime.contract import envelope, naming, wire
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.envelope import OUTPUT_TYPE_SUFFIX, CloudEvent
+from troupe_runtime.nats.publish import NoStream, max_payload, publish_stored
 from troupe_runtime.serving import tracing
 
 # Follow-up index of the one reply an event with ``replyto`` gets; outputs count from 0.
 REPLY_INDEX = -1
+
+
+class Undeliverable(Exception):
+    """An output or reply that can never be stored; retrying would only re-run the handler."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def reply_refusal(config: RuntimeConfig, replyto: str | None) -> str | None:
+    """Why the agent will not reply to ``replyto``, or None when it may (or need not)."""
+    if replyto is None:
+        return None
+    allowed = naming.workflow_replies_wildcard(config.namespace)
+    if naming.subject_matches(allowed, replyto):
+        return None
+    return (
+        f"replyto {replyto!r} is not a workflow reply subject of namespace "
+        f"{config.namespace!r} ({allowed}); agent {config.agent} replies only there"
+    )
+
+
+def output_refusal(config: RuntimeConfig, subject: str) -> str | None:
+    """Why a handler may not publish to ``subject``, or None when it may."""
+    subjects = config.contract.output_subjects
+    if subject not in subjects:
+        return f"subject {subject!r} is not in contract.outputSubjects {subjects}; declare it"
+    if subject.startswith(naming.RESERVED_SUBJECT_PREFIX) or not naming.is_literal_subject(subject):
+        return (
+            f"contract.outputSubjects entry {subject!r} is a server subject or not a literal "
+            "subject; outputs go to subjects a stream stores"
+        )
+    return None
 
 
 def output_msg_id(event_id: str, subject: str) -> str:
@@ -57,16 +102,20 @@ async def publish_follow_up(
         traceparent=tracing.outgoing(cause.traceparent),
     )
     headers, payload = envelope.to_binary(event)
-    await asyncio.gather(
-        *(
-            js.publish(
-                subject,
-                payload,
-                headers={**headers, Header.MSG_ID.value: msg_id(event.id, subject)},
-            )
-            for subject in subjects
+    copies = {
+        subject: {**headers, Header.MSG_ID.value: msg_id(event.id, subject)} for subject in subjects
+    }
+    limit = max_payload(js)
+    for subject, subject_headers in copies.items():
+        reason = wire.oversize_reason(f"the {type} event", subject, payload, subject_headers, limit)
+        if reason is not None:
+            raise Undeliverable(reason)
+    try:
+        await asyncio.gather(
+            *(publish_stored(js, subject, payload, copy) for subject, copy in copies.items())
         )
-    )
+    except NoStream as error:
+        raise Undeliverable(str(error)) from error
 
 
 class Outputs:
@@ -92,10 +141,9 @@ class Outputs:
     async def publish(self, data: Any, type: str | None, subject: str | None) -> None:
         """Check ``data`` against the contract, then publish it to ``subject`` or to all."""
         subjects = self._config.contract.output_subjects
-        if subject is not None and subject not in subjects:
-            raise ValueError(
-                f"subject {subject!r} is not in contract.outputSubjects {subjects}; declare it"
-            )
+        for target in subjects if subject is None else [subject]:
+            if (refusal := output_refusal(self._config, target)) is not None:
+                raise Undeliverable(refusal)
         self._checker.check_output(data)
         index = self._count
         self._count += 1
@@ -116,8 +164,9 @@ async def send_reply(
 ) -> None:
     """Tell whoever set ``replyto`` (a workflow engine) how ``cause`` ended.
 
-    The reply's id is deterministic, so a redelivered input replies once."""
-    if cause.replyto is None:
+    The reply's id is deterministic, so a redelivered input replies once. A
+    ``replyto`` off the allow-list gets nothing (its message was refused)."""
+    if cause.replyto is None or reply_refusal(config, cause.replyto) is not None:
         return
     await publish_follow_up(
         js,

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 
 from troupe_runtime.agent.context import AgentError, Context, HandlerFn
 from troupe_runtime.agent.deadletter import DeadLetters
-from troupe_runtime.agent.outputs import Outputs, send_reply
+from troupe_runtime.agent.outputs import Outputs, Undeliverable, reply_refusal, send_reply
 from troupe_runtime.agent.schemas import ContractChecker, SchemaViolation
 from troupe_runtime.agent.settle import (
     Ack,
@@ -36,6 +36,7 @@ from troupe_runtime.agent.settle import (
     Policy,
     Settlement,
     Succeeded,
+    Undelivered,
     decide,
 )
 from troupe_runtime.contract import envelope
@@ -106,6 +107,8 @@ class Processor:
             self._checker.check_input(event.data)
         except SchemaViolation as error:
             return event, InvalidInput(error.reason)
+        if (refusal := reply_refusal(self._config, event.replyto)) is not None:
+            return event, InvalidInput(refusal)
         return event, await self._handle(msg, event, attempt)
 
     async def _handle(self, msg: Msg, event: CloudEvent, attempt: int) -> Outcome:
@@ -122,6 +125,8 @@ class Processor:
                 )
         except SchemaViolation as error:
             return InvalidOutput(error.reason)
+        except Undeliverable as error:
+            return Undelivered(error.reason)
         except AgentError as error:
             return AgentFailed(error.state, describe(error), attempt)
         except Exception as error:
@@ -213,4 +218,7 @@ class Processor:
         if event is None:
             return  # without an envelope there is no replyto to answer
         data = {"error": error, "reason": reason.value}
-        await send_reply(self._js, self._config, event, ERROR_TYPE, data)
+        try:
+            await send_reply(self._js, self._config, event, ERROR_TYPE, data)
+        except Undeliverable as refused:  # the letter still matters more than the reply
+            logger.warning("the failure reply to %s was not sent: %s", event.replyto, refused)

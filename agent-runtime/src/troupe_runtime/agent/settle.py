@@ -74,7 +74,24 @@ class Failed:
     attempt: int
 
 
-Outcome = Succeeded | Malformed | Expired | InvalidInput | InvalidOutput | AgentFailed | Failed
+@dataclass(frozen=True)
+class Undelivered:
+    """An output or the reply can never be stored (too large for the server with its
+    headers, or no stream stores its subject); another attempt would re-run the handler."""
+
+    reason: str
+
+
+Outcome = (
+    Succeeded
+    | Malformed
+    | Expired
+    | InvalidInput
+    | InvalidOutput
+    | Undelivered
+    | AgentFailed
+    | Failed
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,8 @@ def decide(outcome: Outcome, policy: Policy) -> Settlement:
             return DeadLetter(DeadLetterReason.INVALID_INPUT, reason)
         case InvalidOutput(reason):
             return DeadLetter(DeadLetterReason.INVALID_OUTPUT, reason)
+        case Undelivered(reason):
+            return DeadLetter(DeadLetterReason.UNDELIVERABLE, reason)
         case AgentFailed(state, error) if not policy.retryable.get(state, True):
             return DeadLetter(DeadLetterReason.REJECTED, error)
         case AgentFailed(_, error, attempt) | Failed(error, attempt):

@@ -28,6 +28,7 @@ class DeadLetterReason(StrEnum):
     MALFORMED = "malformed"
     INVALID_INPUT = "invalid-input"
     INVALID_OUTPUT = "invalid-output"
+    UNDELIVERABLE = "undeliverable"
     EXPIRED = "expired"
     REJECTED = "rejected"
     EXHAUSTED = "exhausted"

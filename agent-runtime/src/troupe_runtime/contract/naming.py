@@ -104,3 +104,34 @@ def workflow_runs_bucket(namespace: str, workflow: str) -> str:
 
 def workflow_dead_letter_stream(namespace: str, workflow: str) -> str:
     return f"TROUPE_WF_DLQ_{_token(namespace)}_{_token(workflow)}"
+
+
+# Subjects of the server itself: the JetStream API, system events, KV and object stores.
+# Nothing a message asks for may be published there.
+RESERVED_SUBJECT_PREFIX = "$"
+
+
+def workflow_replies_wildcard(namespace: str) -> str:
+    """The reply subjects of every workflow engine in ``namespace``: where ``replyto`` may
+    point (``workflow_subject(namespace, <workflow>, "replies", <run>)``)."""
+    return workflow_subject(namespace, "*", "replies", "*")
+
+
+def is_literal_subject(subject: str) -> bool:
+    """A subject one can publish to: non-empty tokens, no wildcards, no whitespace."""
+    if not subject or any(char in subject for char in "*>") or not subject.isprintable():
+        return False
+    return all(token and not any(c.isspace() for c in token) for token in subject.split("."))
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS matching: ``*`` is one token, a final ``>`` one or more; ``subject`` is literal."""
+    if not is_literal_subject(subject):
+        return False
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">" and index == len(wanted) - 1:
+            return len(tokens) > index
+        if index >= len(tokens) or token not in ("*", tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
