@@ -101,6 +101,8 @@ async def test_a_sigkilled_engine_resumes_and_runs_each_step_once(
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     run = uuid.uuid4().hex
+    # Provisioned as the operator does: the engine only binds.
+    await ensure_workflow_resources(js, build_workflow_resources(config))
     async with agents(nats_url, ns, handlers):
         with engine_process(config, tmp_path) as first:
             await eventually(partial(engine_ready, config, first), "the first engine")
