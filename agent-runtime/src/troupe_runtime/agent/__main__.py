@@ -10,7 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from troupe_runtime import __version__
-from troupe_runtime.agent.runtime import DEFAULT_GRACE_SECONDS, Runtime
+from troupe_runtime.agent.runtime import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_LIVENESS_BOUND_SECONDS,
+    Runtime,
+)
 from troupe_runtime.contract.agent_config import CONFIG_FILE_NAME, CONFIG_JSON_ENV, RuntimeConfig
 from troupe_runtime.contract.pod import bind_host
 from troupe_runtime.serving import logs
@@ -26,8 +30,12 @@ def load_config(path: Path | None, env: Mapping[str, str]) -> RuntimeConfig:
     return RuntimeConfig.load(path or Path(env.get(CONFIG_ENV, DEFAULT_CONFIG)))
 
 
-async def serve(config: RuntimeConfig, grace: float) -> None:
-    runtime = Runtime(config, host=bind_host(os.environ), grace=grace)
+async def serve(
+    config: RuntimeConfig, grace: float, liveness_bound: float = DEFAULT_LIVENESS_BOUND_SECONDS
+) -> None:
+    runtime = Runtime(
+        config, host=bind_host(os.environ), grace=grace, liveness_bound=liveness_bound
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runtime.stop)
@@ -53,9 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_GRACE_SECONDS,
         help="seconds in-flight messages may take to finish after SIGTERM",
     )
+    parser.add_argument(
+        "--liveness-bound",
+        type=float,
+        default=DEFAULT_LIVENESS_BOUND_SECONDS,
+        help="seconds the runtime may be unable to process messages (NATS unreachable, "
+        "the fetch loop dead) before /healthz fails and Kubernetes restarts it",
+    )
     args = parser.parse_args(argv)
     logs.configure()
-    asyncio.run(serve(load_config(args.config, os.environ), args.grace))
+    asyncio.run(serve(load_config(args.config, os.environ), args.grace, args.liveness_bound))
     return 0
 
 

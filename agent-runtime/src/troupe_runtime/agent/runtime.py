@@ -4,13 +4,23 @@ The operator creates the streams and consumers; the runtime only binds to
 them, and waits (not ready) until they exist. Shutdown is ordered so that
 nothing is lost: stop fetching, let in-flight handlers finish within the
 grace period (hand the rest back to JetStream), then drain the connection.
+
+A connection nats-py closed for good (after the server reported a protocol
+error) or a fetch loop that ended is not the end of the replica: the session
+is torn down and a new connection is opened and bound again
+(``troupe_nats_reopened``). Messages in flight on the old connection cannot
+be acknowledged any more; JetStream redelivers them after ``ackWait``. While
+the replica cannot process messages, for longer than the liveness bound,
+``/healthz`` fails, so Kubernetes restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
+from enum import Enum
 from typing import TypeVar
 
 from nats.aio.client import Client
@@ -25,7 +35,7 @@ from troupe_runtime.agent.worker import Worker
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.nats.connection import connect
-from troupe_runtime.serving.health import HealthServer
+from troupe_runtime.serving.health import HealthServer, Liveness
 from troupe_runtime.serving.metrics import RuntimeMetrics
 from troupe_runtime.state import StateStore
 
@@ -34,6 +44,19 @@ T = TypeVar("T")
 
 DEFAULT_GRACE_SECONDS = 25.0
 BIND_RETRY_SECONDS = 2.0
+REOPEN_WAIT_SECONDS = 1.0
+DEFAULT_LIVENESS_BOUND_SECONDS = 60.0
+"""How long the replica may be unable to process messages before ``/healthz`` fails: longer
+than a NATS restart takes, so a restart of NATS does not restart every agent too."""
+
+
+class Phase(Enum):
+    """Where a replica is; only ``BINDING`` and ``SERVING`` count as able to work."""
+
+    CONNECTING = "connecting"
+    BINDING = "binding"
+    SERVING = "serving"
+    REOPENING = "reopening"
 
 
 class Runtime:
@@ -48,10 +71,13 @@ class Runtime:
         host: str = "0.0.0.0",
         port: int | None = None,
         grace: float = DEFAULT_GRACE_SECONDS,
+        liveness_bound: float = DEFAULT_LIVENESS_BOUND_SECONDS,
     ) -> None:
         self.config = config
         self.metrics = RuntimeMetrics(registry)
-        self.health = HealthServer(self.metrics.registry, self.ready)
+        self.liveness = Liveness(self.able, liveness_bound)
+        self.metrics.unable_seconds.set_function(self.liveness.unable_for)
+        self.health = HealthServer(self.metrics.registry, self.ready, self.liveness)
         self._handler = handler or load_handler(
             config.handler, threads=config.messaging.max_in_flight
         )
@@ -61,14 +87,27 @@ class Runtime:
         self._grace = grace
         self._stop = asyncio.Event()
         self._nc: Client | None = None
-        self._bound = False
+        self._phase = Phase.CONNECTING
+        self._fetching: asyncio.Task[None] | None = None
 
     def ready(self) -> bool:
         return (
-            self._bound
+            self._phase is Phase.SERVING
             and self._nc is not None
             and self._nc.is_connected
             and not self._stop.is_set()
+        )
+
+    def able(self) -> bool:
+        """Whether the replica can process messages (or wait for its consumers) now."""
+        if self._stop.is_set():
+            return True  # shutting down within the grace period is its work now
+        if self._phase not in (Phase.BINDING, Phase.SERVING):
+            return False
+        if self._nc is None or not self._nc.is_connected:
+            return False
+        return self._phase is Phase.BINDING or (
+            self._fetching is not None and not self._fetching.done()
         )
 
     def stop(self) -> None:
@@ -77,16 +116,42 @@ class Runtime:
     async def run(self) -> None:
         await self.health.start(self._host, self._port)
         try:
-            self._nc = await self._unless_stopped(
-                connect(self.config.nats, name=f"troupe-{self.config.agent}")
-            )
-            if self._nc is not None:
-                await self._serve(self._nc)
+            while not self._stop.is_set():
+                cause = await self._session()
+                if cause is None or self._stop.is_set():
+                    break
+                self._phase = Phase.REOPENING
+                self.metrics.reopened.labels(cause).inc()
+                logger.warning("opening a new NATS connection (%s)", cause)
+                await self._stopped_within(REOPEN_WAIT_SECONDS)
         finally:
-            if self._nc is not None and not self._nc.is_closed:
-                await self._nc.close()
             await self._handler.close()
             await self.health.stop()
+
+    async def _session(self) -> str | None:
+        """One connection, bound and served; why it ended when not stopped, else None."""
+        self._phase = Phase.CONNECTING
+        closed = asyncio.Event()
+
+        async def on_closed() -> None:
+            closed.set()
+
+        nc = await self._unless_stopped(
+            connect(self.config.nats, name=f"troupe-{self.config.agent}", closed_cb=on_closed)
+        )
+        if nc is None:
+            return None
+        self._nc = nc
+        try:
+            return await self._serve(nc, closed)
+        except Exception:
+            logger.exception("serving on the NATS connection failed")
+            return "failed"
+        finally:
+            self._fetching = None
+            if not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
 
     async def _unless_stopped(self, awaitable: Awaitable[T]) -> T | None:
         """The result of ``awaitable``, or None when stopped first (then it is cancelled)."""
@@ -100,11 +165,25 @@ class Runtime:
         await asyncio.gather(task, return_exceptions=True)
         return None
 
-    async def _serve(self, nc: Client) -> None:
+    async def _stopped_within(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _serve(self, nc: Client, closed: asyncio.Event) -> str | None:
         js = nc.jetstream()
-        if not await self._unless_stopped(self._bind(js)):
-            return
-        dead_letters = DeadLetters(nc, js, self.config)
+        self._phase = Phase.BINDING
+        binding = asyncio.create_task(self._bind(js))
+        stopping = asyncio.create_task(self._stop.wait())
+        ending = asyncio.create_task(closed.wait())
+        await asyncio.wait([binding, stopping, ending], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        ending.cancel()
+        if not binding.done():  # stopped, or the connection closed, first
+            binding.cancel()
+            await asyncio.gather(binding, return_exceptions=True)
+            return None if self._stop.is_set() else "closed"
+        binding.result()
+        dead_letters = DeadLetters(nc, js, self.config, self.metrics)
         await dead_letters.watch_max_deliveries()
         worker = Worker(
             nc=nc,
@@ -117,10 +196,24 @@ class Runtime:
             limiter=await self._limiter(js),
         )
         await worker.start()
-        self._bound = True
+        self._fetching = fetching = asyncio.create_task(worker.run())
+        self._phase = Phase.SERVING
         logger.info("bound to %s; handling messages", self.config.inbox_stream)
-        fetching = asyncio.create_task(worker.run())
-        await self._stop.wait()
+        stopping = asyncio.create_task(self._stop.wait())
+        ending = asyncio.create_task(closed.wait())
+        await asyncio.wait([stopping, ending, fetching], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        ending.cancel()
+        if self._stop.is_set():
+            await self._shut_down(nc, worker, fetching, dead_letters)
+            return None
+        cause = "closed" if closed.is_set() or nc.is_closed else "fetch_loop"
+        await self._abandon(nc, worker, fetching, dead_letters, cause)
+        return cause
+
+    async def _shut_down(
+        self, nc: Client, worker: Worker, fetching: asyncio.Task[None], dead_letters: DeadLetters
+    ) -> None:
         logger.info("stopping: finishing in-flight messages within %gs", self._grace)
         worker.stop()
         await fetching
@@ -129,10 +222,35 @@ class Runtime:
         await nc.drain()
         logger.info("stopped")
 
+    async def _abandon(
+        self,
+        nc: Client,
+        worker: Worker,
+        fetching: asyncio.Task[None],
+        dead_letters: DeadLetters,
+        cause: str,
+    ) -> None:
+        """Tear down a session that cannot go on; whatever it held, JetStream redelivers."""
+        if cause == "fetch_loop" and fetching.done() and not fetching.cancelled():
+            logger.error("the fetch loop ended: %r", fetching.exception())
+        else:
+            logger.error("the NATS connection was closed: %s", nc.last_error or "unknown cause")
+        self._phase = Phase.REOPENING
+        worker.stop()
+        fetching.cancel()
+        await asyncio.gather(fetching, return_exceptions=True)
+        # On a closed connection no message in flight can be settled any more.
+        grace = self._grace if nc.is_connected else 0.0
+        for step in (worker.finish(grace), dead_letters.stop()):
+            try:
+                await step
+            except Exception as error:
+                logger.info("tearing down the session: %s", error)
+
     def _count_conflict(self, bucket: str) -> None:
         self.metrics.state_conflicts.labels(bucket).inc()
 
-    async def _bind(self, js: JetStreamContext) -> bool:
+    async def _bind(self, js: JetStreamContext) -> None:
         """Wait until the operator has created every consumer."""
         stream = self.config.inbox_stream
         for priority in range(self.config.messaging.priority_levels):
@@ -144,7 +262,6 @@ class Runtime:
                 except NotFoundError:
                     logger.warning("consumer %s/%s does not exist yet; waiting", stream, name)
                     await asyncio.sleep(BIND_RETRY_SECONDS)
-        return True
 
     async def _limiter(self, js: JetStreamContext) -> Limiter | None:
         limit = self.config.rate_limit

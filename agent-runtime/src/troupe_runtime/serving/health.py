@@ -2,12 +2,19 @@
 
 Probes and scrapes send one small GET; a full web framework is not needed.
 Every response closes its connection.
+
+Liveness tells the truth: ``/healthz`` fails once the process has been unable
+to do its work (its NATS connection down or closed, its fetch loop dead) for
+longer than a bound, so Kubernetes restarts it; ``/readyz`` keeps meaning
+"ready for traffic now". A process that only waits for what a restart cannot
+bring (the operator creating its consumers) stays live.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -28,12 +35,54 @@ def _response(status: str, body: bytes, content_type: str = "text/plain") -> byt
     return head.encode() + body
 
 
-class HealthServer:
-    """Serves liveness (the loop answers), readiness (``ready()``) and metrics."""
+class Liveness:
+    """Live while ``able()``, and for ``bound`` seconds after it last was.
 
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+    Asked at every probe; the time unable is counted from the first probe
+    that finds it so, which errs towards a later restart, never a needless one.
+    """
+
+    def __init__(
+        self,
+        able: Callable[[], bool],
+        bound: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._able = able
+        self._bound = bound
+        self._clock = clock
+        self._unable_since: float | None = None
+
+    @property
+    def bound(self) -> float:
+        return self._bound
+
+    def unable_for(self) -> float:
+        """Seconds the process has been unable to work, as of now (0 when able)."""
+        now = self._clock()
+        if self._able():
+            self._unable_since = None
+            return 0.0
+        if self._unable_since is None:
+            self._unable_since = now
+        return now - self._unable_since
+
+    def __call__(self) -> bool:
+        return self.unable_for() <= self._bound
+
+
+class HealthServer:
+    """Serves liveness (``live()``, else: the loop answers), readiness (``ready()``) and metrics."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        live: Callable[[], bool] | None = None,
+    ) -> None:
         self._registry = registry
         self._ready = ready
+        self._live = live
         self._server: asyncio.Server | None = None
 
     @property
@@ -51,7 +100,9 @@ class HealthServer:
 
     def respond(self, path: str) -> bytes:
         if path == pod.HEALTH_PATH:
-            return _response("200 OK", b"ok\n")
+            if self._live is None or self._live():
+                return _response("200 OK", b"ok\n")
+            return _response("503 Service Unavailable", b"unable to process messages\n")
         if path == pod.READY_PATH:
             if self._ready():
                 return _response("200 OK", b"ready\n")

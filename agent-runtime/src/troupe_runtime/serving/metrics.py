@@ -55,3 +55,29 @@ class RuntimeMetrics:
             ["bucket"],
             registry=self.registry,
         )
+        self.reopened = Counter(
+            "troupe_nats_reopened",
+            "Times the runtime opened a new NATS connection and bound again, by cause "
+            "(closed: the connection was closed for good; fetch_loop: fetching ended; "
+            "failed: starting to serve failed).",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.unable_seconds = Gauge(
+            "troupe_unable_seconds",
+            "Seconds the runtime has been unable to process messages (0 when able); "
+            "past the liveness bound /healthz fails.",
+            registry=self.registry,
+        )
+        self.rescuer_restarts = Counter(
+            "troupe_rescuer_restarts",
+            "Times the MAX_DELIVERIES rescue loop ended unexpectedly and was started again.",
+            registry=self.registry,
+        )
+        self.advisories = Counter(
+            "troupe_advisories",
+            "Messages on the MAX_DELIVERIES advisory subject, by verdict (rescue, defer: "
+            "not proved yet, drop: handled already or forged, junk: not an advisory).",
+            ["verdict"],
+            registry=self.registry,
+        )
