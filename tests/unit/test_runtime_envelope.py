@@ -57,9 +57,8 @@ def test_structured_mode_is_accepted_with_base64_data() -> None:
     [
         (BINARY, b"{oops", "data is not valid JSON"),
         (None, b'{"hello": 1}', "not a CloudEvent: no ce-specversion header"),
-        (None, b"plain text", "not a CloudEvent: body is not JSON"),
+        (None, b"plain text", "not a CloudEvent: body is not valid JSON"),
         ({**BINARY, "ce-id": ""}, b"1", "not a CloudEvent: id: String should have at least"),
-        ({**BINARY, "ce-traceparent": "nope"}, b"1", "not a CloudEvent: traceparent"),
         ({**BINARY, "ce-deadline": "2030-01-01T00:00:00"}, b"1", "not a CloudEvent: deadline"),
     ],
 )

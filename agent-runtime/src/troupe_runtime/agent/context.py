@@ -5,6 +5,11 @@ function, run in a thread). Its return value, when not None, is published as
 one output event; ``await ctx.publish(...)`` publishes more, at once, each
 with an id derived from the input's, so a redelivered input republishes the
 same ids and JetStream drops the duplicates.
+
+``ctx.event.data`` is decoded by its content type (``ctx.content_type``): JSON
+as Python values, ``text/*`` as ``str``, anything else as ``bytes``. A handler
+that returns ``str`` or ``bytes`` in answer to non-JSON data publishes it with
+the input's content type, so an echo keeps ``text/plain`` as ``text/plain``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ class Context:
         self.logger = logger
         self._publisher = publisher
         self._progress = progress
+
+    @property
+    def content_type(self) -> str | None:
+        """The input's ``datacontenttype`` (None: JSON, Troupe's default)."""
+        return self.event.datacontenttype
 
     async def publish(
         self, data: Any, *, type: str | None = None, subject: str | None = None
