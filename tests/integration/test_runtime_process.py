@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+from nats.js import JetStreamContext
 
 from tests.integration.runtime_harness import (
     EFFECTS_ENV,
@@ -22,14 +24,17 @@ from tests.integration.runtime_harness import (
     output_stream,
     provisioned,
     send,
+    stored,
     stream_count,
 )
 from troupe_devcluster.layout import free_port
 from troupe_runtime.contract import pod
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.dead_letters import ERROR_HEADER, REASON_HEADER
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 HANDLERS = "tests.integration.runtime_harness"
+MISBEHAVING = "tests.integration.misbehaving_handlers"
 
 
 @contextmanager
@@ -112,3 +117,114 @@ async def test_sigterm_finishes_the_message_in_flight_and_exits_zero(
     assert exit_code == 0
     assert outputs == 1
     assert acknowledged
+
+
+async def letters(js: JetStreamContext, config: RuntimeConfig) -> list[tuple[str, str]]:
+    """Each dead letter's reason and error, oldest first."""
+    if not await stream_count(js, config.dead_letter_stream):
+        return []
+    return [
+        (letter.headers[REASON_HEADER], letter.headers[ERROR_HEADER])
+        for letter in await stored(js, config.dead_letter_stream)
+        if letter.headers is not None
+    ]
+
+
+async def stuck_threads(config: RuntimeConfig) -> float:
+    metrics = (await http_get(config.health_port, "/metrics")).text
+    [line] = [
+        line for line in metrics.splitlines() if line.startswith("troupe_handler_stuck_threads ")
+    ]
+    return float(line.split()[1])
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "data", "error"),
+    [
+        ("misbehave", "exit", "SystemExit: 3"),
+        ("misbehave_in_thread", "interrupt", "KeyboardInterrupt"),
+    ],
+)
+async def test_a_handler_that_exits_fails_its_attempts_and_the_process_keeps_working(
+    nats_url: str, tmp_path: Path, entrypoint: str, data: str, error: str
+) -> None:
+    config = make_config(
+        nats_url,
+        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:{entrypoint}"},
+        retry={"maxAttempts": 2, "backoff": ["50ms"]},
+        healthPort=free_port(),
+    )
+    async with provisioned(config) as (_, js):
+        with runtime_process(config, tmp_path) as process:
+            await eventually(lambda: ready(config), "the runtime to be ready")
+            await send(js, config, data)
+            await eventually(lambda: letters(js, config), "the dead letter")
+            await send(js, config, "good")
+            await eventually(lambda: stream_count(js, output_stream(config)), "the next output")
+            alive = process.poll() is None
+            still_ready = await ready(config)
+        [(reason, text)] = await letters(js, config)
+
+    assert (reason, text.partition(" (")[0]) == ("exhausted", error)
+    assert alive
+    assert still_ready
+
+
+async def test_sync_handlers_stuck_past_their_timeout_do_not_starve_the_next_message(
+    nats_url: str, tmp_path: Path
+) -> None:
+    # More stuck calls than a default executor has threads on a small node (cpus + 4).
+    blocked = min(32, (os.cpu_count() or 1) + 4) + 1
+    config = make_config(
+        nats_url,
+        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:misbehave_in_thread"},
+        timeout="200ms",
+        retry={"maxAttempts": 1},
+        messaging={"maxInFlight": blocked // 4 + 1},
+        healthPort=free_port(),
+    )
+    async with provisioned(config) as (_, js):
+        with runtime_process(config, tmp_path):
+            await eventually(lambda: ready(config), "the runtime to be ready")
+            for _ in range(blocked):
+                await send(js, config, "block")
+
+            async def all_dead_lettered() -> bool:
+                return await stream_count(js, config.dead_letter_stream) == blocked
+
+            await eventually(all_dead_lettered, "every blocked message dead-lettered")
+            await send(js, config, "good")
+            await eventually(lambda: stream_count(js, output_stream(config)), "the good output")
+            stuck = await stuck_threads(config)
+        reasons = {text.partition(":")[0] for _, text in await letters(js, config)}
+
+    assert reasons == {"HandlerTimeout"}
+    assert stuck == blocked
+
+
+async def test_sigterm_exits_although_a_sync_handler_thread_is_stuck(
+    nats_url: str, tmp_path: Path
+) -> None:
+    config = make_config(
+        nats_url,
+        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:misbehave_in_thread"},
+        timeout="200ms",
+        retry={"maxAttempts": 1},
+        healthPort=free_port(),
+    )
+    async with provisioned(config) as (_, js):
+        with runtime_process(config, tmp_path) as process:
+            await eventually(lambda: ready(config), "the runtime to be ready")
+            await send(js, config, "block")
+            await eventually(lambda: stream_count(js, config.dead_letter_stream), "the dead letter")
+            process.send_signal(signal.SIGTERM)
+            exit_code = await asyncio.to_thread(wait_for_exit, process, 15)
+
+    assert exit_code == 0
+
+
+def wait_for_exit(process: subprocess.Popen[bytes], seconds: float) -> int | None:
+    try:
+        return process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return None

@@ -5,6 +5,11 @@ under the timeout, publishes its outputs and the reply and waits for JetStream
 to store them, and describes how that ended as an ``Outcome``. ``settle.decide``
 says what to do about it; this module only does it: acknowledge, hand back
 with the delay, or dead-letter (answering ``replyto``) and acknowledge.
+
+Whatever handler code raises, ``SystemExit``, ``KeyboardInterrupt`` and its own
+``CancelledError`` included, is a failed attempt, never the end of the process.
+Only our own cancellation of the task (shutdown) passes through, so the worker
+hands the message back untouched.
 """
 
 from __future__ import annotations
@@ -53,6 +58,26 @@ logger = logging.getLogger(__name__)
 def describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def cancelled_by_us() -> bool:
+    """Whether the current task is being cancelled (shutdown), not merely seeing a CancelledError.
+
+    A handler may raise ``CancelledError`` itself, or get one from a task it
+    awaited; then nobody cancelled *this* task and ``cancelling()`` is 0. The
+    timeout's own cancellation is undone (and turned into ``TimeoutError``)
+    by ``asyncio.timeout`` before it gets here.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _contained(error: BaseException, attempt: int, why: str) -> Failed:
+    """A ``BaseException`` from handler code, as the failed attempt it is."""
+    logger.warning(
+        "attempt %d: the handler raised %s (%s)", attempt, describe(error), why, exc_info=error
+    )
+    return Failed(f"{describe(error)} ({why})", attempt)
 
 
 class HandlerTimeout(Exception):
@@ -131,6 +156,12 @@ class Processor:
             return AgentFailed(error.state, describe(error), attempt)
         except Exception as error:
             return Failed(describe(error), attempt)
+        except asyncio.CancelledError as error:
+            if cancelled_by_us():
+                raise  # shutdown: the worker hands the message back untouched
+            return _contained(error, attempt, "raised by the handler, not by a shutdown")
+        except BaseException as error:  # SystemExit, KeyboardInterrupt: never the process's end
+            return _contained(error, attempt, "contained; the runtime keeps running")
         self._metrics.handler_seconds.observe(time.perf_counter() - started)
         return Succeeded(outputs.count)
 

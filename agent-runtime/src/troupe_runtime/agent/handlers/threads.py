@@ -8,11 +8,11 @@ exit the interpreter waits for the stuck threads forever).
 
 So each call gets a daemon thread of its own, and the threads are counted:
 
-- at most ``capacity`` calls run at once (the Agent's ``maxInFlight``);
+- at most ``capacity`` calls run at once (the Agent's ``maxInFlight``, so a
+  call never waits for one);
 - a call whose awaiting task is cancelled (its timeout, or shutdown) gives its
   capacity back at once; its thread is *stuck* until the function returns;
-- at most ``stuck_limit`` stuck threads are tolerated. Beyond that a call is
-  refused with ``HandlerThreadsExhausted`` (a failed attempt, retried per the
+- once ``stuck_limit`` threads (4 per slot) are stuck, a new call is refused with ``HandlerThreadsExhausted`` (a failed attempt, retried per the
   retry policy), and ``wedged()`` is true: only a restart reclaims the threads,
   so the runtime should stop reporting live.
 
@@ -45,7 +45,7 @@ class HandlerThreads:
             raise ValueError("HandlerThreads capacity must be at least 1")
         self.capacity = capacity
         self.stuck_limit = capacity * STUCK_THREADS_PER_SLOT if stuck_limit is None else stuck_limit
-        self._slots = threading.BoundedSemaphore(capacity)
+        self._slots = asyncio.Semaphore(capacity)
         self._lock = threading.Lock()
         self._running = 0
         self._stuck = 0
@@ -75,11 +75,10 @@ class HandlerThreads:
                 f"(the limit is {self.stuck_limit}); the handler blocks without returning: "
                 "fix it or give it a timeout of its own, and restart the pod to reclaim them"
             )
-        if not self._slots.acquire(blocking=False):
-            raise HandlerThreadsExhausted(
-                f"all {self.capacity} sync handler threads are busy; the worker must not run "
-                "more calls than maxInFlight at once"
-            )
+        async with self._slots:
+            return await self._run(fn, *args)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         call = _Call()
@@ -103,7 +102,6 @@ class HandlerThreads:
             return await future
         finally:
             self._given_up_unless_done(call)
-            self._slots.release()
 
     def _given_up_unless_done(self, call: _Call) -> None:
         """The caller is done waiting; a thread still running from here on is stuck."""
