@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from troupe_cli import render
 from troupe_cli.main import build_parser
 from troupe_cli.views import (
@@ -262,3 +265,79 @@ def test_global_flags_are_accepted_before_and_after_the_command() -> None:
 
     assert (before.namespace, before.output) == (after.namespace, after.output) == ("ns", "json")
     assert (default.namespace, default.output) == ("default", "text")
+
+
+def test_an_attempts_header_that_is_not_a_plain_number_reads_as_unknown() -> None:
+    for value in ("²", "9" * 5000, "-1", "3.0", "x"):
+        assert dead_letter({dead_letters.ATTEMPTS_HEADER: value}).attempts is None
+
+
+def test_json_nested_too_deeply_to_print_is_shown_as_its_text() -> None:
+    deep = b"[" * 5000 + b"]" * 5000
+
+    assert readable_data(deep, "application/json") == deep.decode()
+    assert readable_data(b"[NaN, 1e400]", None) == "[NaN, 1e400]"
+    assert json.loads(render.dumps(readable_data(b'{"a": [1, {"b": "[{"}]}', None))) == {
+        "a": [1, {"b": "[{"}]
+    }
+
+
+def test_output_escapes_control_characters_and_lone_surrogates() -> None:
+    letter = dead_letter({dead_letters.ERROR_HEADER: "\x1b[2J wiped \ud800"}, b'"\\ud800"')
+
+    text = render.printable(render.dead_letter_text(letter))
+    document = render.dumps(render.dead_letter_json(letter))
+
+    assert "\x1b" not in text
+    assert "\\x1b[2J wiped" in text
+    text.encode("ascii", "backslashreplace").decode().encode("utf-8")
+    assert json.loads(document)["data"] == "\ud800"
+    document.encode("utf-8")
+
+
+_header_names = st.text(min_size=1, max_size=30).filter(lambda name: name.strip())
+_any_text = st.text(max_size=200) | st.sampled_from(["\ud800", "\x1b[31m", "²", "9" * 5000])
+_any_payload = st.binary(max_size=2000) | st.sampled_from(
+    [
+        b"[" * 3000 + b"]" * 3000,
+        b'{"a":' * 2000 + b"1" + b"}" * 2000,
+        b'"\\ud800"',
+        b"NaN",
+        b"1" * 5000,
+        b"\xed\xa0\x80",
+    ]
+)
+_letters = st.builds(
+    lambda headers, known, data: dead_letter({**headers, **known}, data),
+    st.dictionaries(_header_names, _any_text, max_size=5),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            dead_letters.REASON_HEADER: _any_text,
+            dead_letters.ERROR_HEADER: _any_text,
+            dead_letters.ATTEMPTS_HEADER: _any_text,
+            dead_letters.SUBJECT_HEADER: _any_text,
+            "content-type": st.sampled_from(["application/json", "text/plain", "+json", ""]),
+            "ce-id": _any_text,
+        },
+    ),
+    _any_payload,
+)
+
+
+@given(st.lists(_letters, max_size=3))
+def test_every_dead_letter_view_prints_whatever_a_letter_holds(letters: list[DeadLetter]) -> None:
+    """What ``dlq list``, ``dlq show`` and a replay make of any letter, in both outputs."""
+    outputs = [
+        render.printable(render.dead_letters_text(letters)),
+        render.dumps(render.dead_letters_json(letters)),
+        *(render.printable(render.dead_letter_text(letter)) for letter in letters),
+        *(render.dumps(render.dead_letter_json(letter)) for letter in letters),
+    ]
+
+    for output in outputs:
+        output.encode("utf-8")
+    for letter in letters:
+        assert json.loads(render.dumps(render.dead_letter_json(letter)))["sequence"] == 7
+        replayed = replay_headers(letter, "TROUPE_DLQ_ns_a")
+        assert all(isinstance(v, str) and "\n" not in v for v in replayed.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import sys
@@ -32,13 +33,18 @@ Command = Callable[[Ops, argparse.Namespace], Awaitable[int]]
 
 
 def _emit(args: argparse.Namespace, text: str, document: Any) -> None:
-    print(render.dumps(document) if args.output == "json" else text, flush=True)
+    """Print for people or for scripts; either is safe whatever the data holds."""
+    print(render.dumps(document) if args.output == "json" else render.printable(text), flush=True)
 
 
 def _emit_line(args: argparse.Namespace, text: str, document: Any) -> None:
     """One line per item, for commands that stream: JSON Lines under ``-o json``."""
-    line = json.dumps(document, ensure_ascii=False) if args.output == "json" else text
+    line = render.dumps(document, indent=None) if args.output == "json" else render.printable(text)
     print(line, flush=True)
+
+
+def _error(message: object) -> None:
+    print(f"error: {render.printable(str(message))}", file=sys.stderr)
 
 
 def parse_json(text: str, what: str) -> Any:
@@ -147,7 +153,7 @@ async def replay_dead_letters(ops: Ops, args: argparse.Namespace) -> int:
         try:
             subject = await ops.replay(args.agent, sequence)
         except CliError as error:
-            print(f"error: {error}", file=sys.stderr)
+            _error(error)
             failed.append(sequence)
             continue
         replayed.append({"sequence": sequence, "subject": subject})
@@ -354,11 +360,15 @@ async def amain(argv: Sequence[str] | None = None) -> int:
             code: int = await args.handler(ops, args)
             return code
     except CliError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _error(error)
         return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or pipe that cannot encode a character shows it escaped, not a traceback.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return asyncio.run(amain(argv))
     except KeyboardInterrupt:

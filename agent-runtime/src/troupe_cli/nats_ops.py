@@ -30,6 +30,7 @@ from troupe_cli.views import (
     replay_headers,
 )
 from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.dead_letters import header_map
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_events import Event
 from troupe_runtime.contract.run_state import RunState
@@ -38,6 +39,10 @@ from troupe_runtime.nats.kv import KeyValueRevisions
 from troupe_runtime.nats.streams import read_events
 
 CONNECT_TIMEOUT_SECONDS = 3
+# What the CRD allows for messaging.priorityLevels.
+MAX_LEVELS = 10
+# How much of a text taken from a dead letter an error message quotes.
+MAX_SHOWN = 200
 
 
 async def _quiet(error: Exception) -> None:
@@ -239,21 +244,54 @@ class Ops:
     async def replay(self, agent: str, sequence: int) -> str:
         """Publish the dead letter to its original subject, then delete it; return the subject.
 
-        Published first: a crash in between leaves a copy behind, never a loss.
+        Anyone may have written the letter, so the subject it names is used only if it
+        is one of the agent's own inbox subjects (a declared priority level): a replay
+        never publishes anywhere else. Published first: a crash in between leaves a
+        copy behind, never a loss.
         """
         letter = await self.dead_letter(agent, sequence)
-        if letter.original_subject is None:
+        show = f"inspect it with `troupe dlq show {agent} {sequence}`"
+        subject = letter.original_subject
+        if subject is None:
             raise CliError(
                 f"dead letter {sequence} of agent {agent} has no Troupe-Original-Subject "
-                f"header, so it cannot be replayed; inspect it with "
-                f"`troupe dlq show {agent} {sequence}`"
+                f"header, so it cannot be replayed; {show}"
+            )
+        inboxes = await self._inbox_subjects(agent)
+        if subject not in inboxes:
+            raise CliError(
+                f"dead letter {sequence} of agent {agent} names {subject[:MAX_SHOWN]!r} as its "
+                f"original subject, which is not one of the agent's inbox subjects "
+                f"({', '.join(sorted(inboxes))}), so it was not replayed; {show}"
+            )
+        if letter.dropped is not None:
+            raise CliError(
+                f"dead letter {sequence} of agent {agent} lacks {letter.dropped[:MAX_SHOWN]}, "
+                f"so it cannot be replayed as it was; {show}"
             )
         stream = naming.dead_letter_stream(self.namespace, agent)
-        await self._js.publish(
-            letter.original_subject, letter.data, headers=replay_headers(letter, stream)
-        )
+        try:
+            await self._js.publish(subject, letter.data, headers=replay_headers(letter, stream))
+        except NatsError as error:
+            raise CliError(
+                f"could not replay dead letter {sequence} of agent {agent} to {subject}: "
+                f"{error}; it is kept"
+            ) from error
         await self._js.delete_msg(stream, sequence)
-        return letter.original_subject
+        return subject
+
+    async def _inbox_subjects(self, agent: str) -> set[str]:
+        """The subjects the agent's inbox consumers read: one per declared priority level."""
+        stream = naming.inbox_stream(self.namespace, agent)
+        try:
+            consumers = await self._js.consumers_info(stream)
+        except NotFoundError as error:
+            raise CliError(
+                f"agent {agent} has no inbox stream {stream}: is the Agent deployed in "
+                f"namespace {self.namespace}?"
+            ) from error
+        levels = {naming.inbox_subject(self.namespace, agent, p) for p in range(MAX_LEVELS)}
+        return {c.config.filter_subject for c in consumers if c.config.filter_subject in levels}
 
     async def dead_letter_sequences(self, agent: str) -> list[int]:
         stream = await self._dead_letter_stream(agent)
@@ -310,14 +348,18 @@ class Ops:
 
 
 def _inbox_agent(info: StreamInfo, namespace: str) -> str | None:
-    """The agent whose inbox this is, from its one subject ``troupe.<ns>.<agent>.in.>``."""
+    """The agent whose inbox this is, from its subjects: ``troupe.<ns>.<agent>.in.p0`` and
+    on, one per priority level (or ``troupe.<ns>.<agent>.in.>``, as provisioned before)."""
     subjects = info.config.subjects or []
-    parts = subjects[0].split(".") if len(subjects) == 1 else []
+    parts = subjects[0].split(".") if subjects else []
     if len(parts) != 5:
         return None
-    return parts[2] if subjects[0] == naming.inbox_wildcard(namespace, parts[2]) else None
+    agent = parts[2]
+    levels = [naming.inbox_subject(namespace, agent, p) for p in range(len(subjects))]
+    legacy = [naming.inbox_wildcard(namespace, agent)]
+    return agent if subjects in (levels, legacy) else None
 
 
 def _dead_letter(msg: RawStreamMsg) -> DeadLetter:
     assert msg.seq is not None
-    return DeadLetter(msg.seq, msg.time, dict(msg.headers or {}), msg.data or b"")
+    return DeadLetter(msg.seq, msg.time, header_map(msg.headers), msg.data or b"")

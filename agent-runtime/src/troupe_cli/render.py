@@ -2,11 +2,14 @@
 
 Each view has a ``*_text`` and a ``*_json`` function; the JSON forms use ISO
 times and seconds so that ``-o json`` output parses without Troupe's models.
+What is printed may come from anyone (a dead letter, say): ``printable`` and
+``dumps`` make any of it safe to write to any terminal or pipe.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -16,10 +19,30 @@ from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.nats.kv import Change
 
 MAX_CELL = 60
+TOO_DEEP = "<nested too deeply to print>"
+# Control characters (but newline and tab) would move a terminal's cursor or worse.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
+def _encodable(text: str) -> str:
+    r"""Lone surrogates (from undecodable bytes) as ``\udXXX`` escapes: valid JSON, and
+    printable in any encoding."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def printable(text: str) -> str:
+    """Text for a terminal: control characters and lone surrogates escaped."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", _encodable(text))
+
+
+def dumps(value: Any, indent: int | None = 2) -> str:
+    """JSON that always encodes (one line without ``indent``); a value nested too deeply
+    to encode becomes ``TOO_DEEP``."""
+    try:
+        text = json.dumps(value, indent=indent, ensure_ascii=False)
+    except RecursionError:
+        text = json.dumps(TOO_DEEP)
+    return _encodable(text)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -287,7 +310,7 @@ def value_json(bucket: str, key: str, revision: int, value: Any) -> dict[str, An
 def change_text(change: Change) -> str:
     if change.deleted:
         return f"{change.revision}  DEL  {change.key}"
-    return f"{change.revision}  PUT  {change.key}  {json.dumps(change.value, ensure_ascii=False)}"
+    return f"{change.revision}  PUT  {change.key}  {dumps(change.value, indent=None)}"
 
 
 def change_json(change: Change) -> dict[str, Any]:

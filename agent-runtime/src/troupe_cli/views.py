@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from troupe_runtime.contract import dead_letters, envelope
+from troupe_runtime.contract.dead_letters import header_map
 from troupe_runtime.contract.run_events import (
     CompensationDispatched,
     CompensationFinished,
@@ -23,8 +24,12 @@ from troupe_runtime.contract.run_events import (
     StepSucceeded,
 )
 
+# Data nested deeper than this is shown as its text: printing it would recurse too far.
+MAX_SHOWN_DEPTH = 100
+MAX_ATTEMPTS_DIGITS = 18
 DEAD_LETTER_HEADERS = frozenset(
     {
+        dead_letters.DROPPED_HEADER,
         dead_letters.REASON_HEADER,
         dead_letters.ERROR_HEADER,
         dead_letters.ATTEMPTS_HEADER,
@@ -175,12 +180,19 @@ def agent_loads(
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A message in an agent's dead-letter stream, with the headers the runtime added."""
+    """A message in an agent's dead-letter stream, with the headers the runtime added.
+
+    Anyone may have written it, so nothing in it is trusted: the headers are
+    taken as plain one-line text (``header_map``), whatever nats-py parsed.
+    """
 
     sequence: int
     time: datetime | None
     headers: dict[str, str]
     data: bytes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", header_map(self.headers))
 
     @property
     def reason(self) -> str:
@@ -193,11 +205,17 @@ class DeadLetter:
     @property
     def attempts(self) -> int | None:
         value = self.headers.get(dead_letters.ATTEMPTS_HEADER, "")
-        return int(value) if value.isdigit() else None
+        ascii_digits = value.isascii() and value.isdecimal()
+        return int(value) if ascii_digits and len(value) <= MAX_ATTEMPTS_DIGITS else None
 
     @property
     def original_subject(self) -> str | None:
         return self.headers.get(dead_letters.SUBJECT_HEADER) or None
+
+    @property
+    def dropped(self) -> str | None:
+        """What the runtime left out to make the letter fit, if anything."""
+        return self.headers.get(dead_letters.DROPPED_HEADER) or None
 
     @property
     def content_type(self) -> str | None:
@@ -227,12 +245,43 @@ def replay_headers(dead: DeadLetter, dead_letter_stream: str) -> dict[str, str]:
     return {**kept, "Nats-Msg-Id": f"replay:{dead_letter_stream}:{dead.sequence}"}
 
 
+def json_depth(data: bytes) -> int:
+    """How deeply ``data`` nests arrays and objects, counted without parsing (so without
+    recursion); brackets inside strings do not count."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def readable_data(data: bytes, content_type: str | None) -> Any:
-    """A payload as a person should see it: JSON decoded, else text, else base64."""
-    if envelope.is_json(content_type):
+    """A payload as a person should see it: JSON decoded, else text, else base64.
+
+    JSON that only Python reads (NaN, Infinity) or that nests deeper than
+    ``MAX_SHOWN_DEPTH`` is shown as its text, so printing it always works.
+    """
+    if envelope.is_json(content_type) and json_depth(data) <= MAX_SHOWN_DEPTH:
         try:
-            return json.loads(data) if data else None
-        except ValueError:
+            return json.loads(data, parse_constant=_no_constant) if data else None
+        except (ValueError, RecursionError):
             pass
     try:
         return data.decode()

@@ -12,6 +12,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -19,10 +20,13 @@ from nats.js.api import (
 )
 
 from troupe_runtime.contract import naming
+from troupe_runtime.contract.advisories import MAX_ADVISORY_BYTES
 from troupe_runtime.contract.agent_config import RuntimeConfig
 
 DUPLICATE_WINDOW_SECONDS = 120.0
 EVENT_LOG_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+# Advisories waiting to be rescued or looked at again; a flood pushes out the oldest.
+ADVISORY_MAX_MSGS = 10_000
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,18 @@ class AgentResources:
     event_log: StreamConfig
 
 
+def inbox_subjects(config: RuntimeConfig) -> list[str]:
+    """Exactly the declared priority levels: a publish to any other subject under the
+    inbox gets "no responders" at once, instead of being stored where no consumer
+    ever reads it."""
+    return [config.inbox_subject(priority) for priority in range(config.messaging.priority_levels)]
+
+
 def build_inbox_stream(config: RuntimeConfig) -> StreamConfig:
     """A work queue: a message leaves the inbox once a replica acknowledged it."""
     return StreamConfig(
         name=config.inbox_stream,
-        subjects=[naming.inbox_wildcard(config.namespace, config.agent)],
+        subjects=inbox_subjects(config),
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
@@ -72,13 +83,22 @@ def build_consumer(config: RuntimeConfig, priority: int, replicas: int) -> Consu
 
 def build_advisory_stream(config: RuntimeConfig) -> StreamConfig:
     """A work queue of the inbox's MAX_DELIVERIES advisories, kept until a replica
-    rescues the message they name (the server publishes them only once)."""
+    rescues the message they name (the server publishes them only once).
+
+    Anyone allowed to publish there can, so it is bounded: messages larger than an
+    advisory are refused, and past ``ADVISORY_MAX_MSGS`` the oldest go first.
+    """
     return StreamConfig(
         name=naming.advisory_stream(config.namespace, config.agent),
         subjects=[naming.max_deliveries_advisory(config.inbox_stream, "*")],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
+        max_msgs=ADVISORY_MAX_MSGS,
+        max_bytes=ADVISORY_MAX_MSGS * MAX_ADVISORY_BYTES,
+        max_msg_size=MAX_ADVISORY_BYTES,
+        discard=DiscardPolicy.OLD,
         max_age=config.dead_letter.retention.total_seconds(),
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,  # the server's default, so no drift
         description=f"Undeliverable-message advisories of agent {config.namespace}/{config.agent}",
     )
 
