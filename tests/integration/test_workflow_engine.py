@@ -134,7 +134,9 @@ async def test_a_step_that_times_out_fails_the_run(nats_url: str) -> None:
         release.set()
     await nc.close()
     assert outcome["status"] == "Failed"
-    assert outcome["error"] == "step slow failed: timed out after 0:00:00.300000"
+    # The engine's own timeout, or the agent giving up at the attempt's deadline: both
+    # end the attempt when the step's timeout passes.
+    assert outcome["error"].startswith("step slow failed: ")
 
 
 async def test_an_expired_deadline_fails_the_run_and_dead_letters_it(nats_url: str) -> None:

@@ -13,9 +13,9 @@ from troupe_operator.builders.status import (
     RunObservation,
     WorkloadObservation,
     agent_status,
+    last_run,
     merge_patch,
     observe_deployment,
-    summarize_runs,
     workflow_status,
 )
 from troupe_runtime.contract.run_state import RunState, RunStatus
@@ -182,21 +182,16 @@ def _run(run_id: str, status: RunStatus, minute: int, finished: bool = True) -> 
     )
 
 
-def test_runs_are_counted_by_state_and_the_latest_started_is_the_last_run() -> None:
-    runs = [
-        _run("r1", "Succeeded", 0),
-        _run("r2", "Failed", 1),
-        _run("r3", "Compensating", 2, finished=False),
-        _run("r4", "Running", 3, finished=False),
-        _run("r5", "Succeeded", 1),
-    ]
+def test_runs_counted_in_the_stream_and_the_latest_run_reach_the_status() -> None:
+    observed = RunObservation(
+        RunCounts(running=2, succeeded=2, failed=1), last_run(_run("r4", "Running", 3, False))
+    )
 
-    observed = summarize_runs(runs)
     status = workflow_status(WorkflowStatus(), 1, T0, runs=observed)
 
     assert status.runs == RunCounts(running=2, succeeded=2, failed=1)
     assert status.last_run == LastRun(id="r4", status="Running", started_at="2026-01-01T00:03:00Z")
-    assert summarize_runs([_run("r1", "Succeeded", 0)]).last == LastRun(
+    assert last_run(_run("r1", "Succeeded", 0)) == LastRun(
         id="r1",
         status="Succeeded",
         started_at="2026-01-01T00:00:00Z",
@@ -205,9 +200,25 @@ def test_runs_are_counted_by_state_and_the_latest_started_is_the_last_run() -> N
 
 
 def test_a_workflow_without_runs_has_no_last_run() -> None:
-    observed = summarize_runs([])
+    assert last_run(None) is None
 
-    assert observed == RunObservation(RunCounts(), None)
+
+def test_a_budget_that_does_not_fit_is_reported_without_holding_ready_back() -> None:
+    problem = "step a: timeout 10s is shorter than agent x's worst case 3m6s"
+    status = workflow_status(
+        WorkflowStatus(),
+        1,
+        T0,
+        dag=DagObservation(1),
+        workload=READY_WORKLOAD,
+        messaging=NATS_OK,
+        missing_secrets=[],
+        budgets=[problem],
+    )
+
+    assert _condition(status, "Ready")[:2] == ("True", "Ready")
+    assert status.conditions[-1].type == "BudgetsFit"
+    assert _condition(status, "BudgetsFit") == ("False", "StepTimeoutTooShort", problem)
 
 
 def test_the_status_patch_drops_fields_gone_at_any_depth() -> None:

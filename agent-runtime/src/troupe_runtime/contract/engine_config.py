@@ -19,6 +19,7 @@ from troupe_runtime.contract.durations import Duration
 from troupe_runtime.contract.policies import DeadLetterPolicy, RetryPolicy, WireModel
 
 DEFAULT_STEP_TIMEOUT = timedelta(minutes=5)
+DEFAULT_RUN_RETENTION = timedelta(days=7)
 # The env var through which the operator hands the engine its config inline.
 CONFIG_JSON_ENV = "TROUPE_ENGINE_CONFIG_JSON"
 
@@ -47,6 +48,24 @@ class EngineStep(WireModel):
     )
 
 
+class RunRetention(WireModel):
+    """How long, and how many, finished runs are kept: their events, replies, results and
+    projections. Unfinished runs are never pruned by count; by age they are, so keep
+    ``maxAge`` longer than the longest run."""
+
+    max_age: Duration = Field(
+        default=DEFAULT_RUN_RETENTION,
+        description="Age after which a run's messages and projection are removed; default 7 days.",
+    )
+    max_runs: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Finished runs kept at most; the oldest finished run goes first. "
+        "Unset: no limit but maxAge.",
+    )
+
+
 class EngineConfig(WireModel):
     """Everything one workflow's engine needs."""
 
@@ -57,6 +76,7 @@ class EngineConfig(WireModel):
     deadline: Duration | None = None
     max_concurrent_runs: int = Field(default=10, ge=1)
     dead_letter: DeadLetterPolicy = Field(default_factory=DeadLetterPolicy)
+    retention: RunRetention = Field(default_factory=RunRetention)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     health_port: int = Field(default=8080, ge=1, le=65535)
 
@@ -88,6 +108,22 @@ class EngineConfig(WireModel):
 
     def subject(self, kind: str, run_id: str = "*") -> str:
         return naming.workflow_subject(self.namespace, self.workflow, kind, run_id)
+
+    @property
+    def lease_subject(self) -> str:
+        """Where the engine that owns the workflow's runs is recorded; its last sequence
+        is the fencing token every log append is checked against."""
+        return self.subject("lease", "owner")
+
+    @property
+    def probe_subject(self) -> str:
+        """Core NATS only (no stream stores it): the owner answers here while it lives."""
+        return self.subject("probe", "owner")
+
+    def tally_subject(self, status: str) -> str:
+        """One message per finished run of ``status``, in finish order: the count and the
+        pruning order, read without scanning runs."""
+        return self.subject("tally", status)
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)

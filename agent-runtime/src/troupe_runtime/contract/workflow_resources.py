@@ -2,8 +2,10 @@
 
 One stream holds the trigger subject (plus ``…wf.<name>.start.<run>``, which
 ``troupe run`` publishes to without knowing the user's trigger subject), every
-run's event log, the agents' replies and the results; two durable consumers
-feed the engine triggers and replies; a KV bucket keeps each run's projection.
+run's event log, the agents' replies and the results, the engine's lease, one
+``active.<run>`` marker per unfinished run and the tallies of finished runs; two
+durable consumers feed the engine triggers and replies; a KV bucket keeps each
+run's projection. ``retention.maxAge`` bounds the stream and the bucket alike.
 """
 
 from __future__ import annotations
@@ -45,10 +47,15 @@ def build_workflow_stream(config: EngineConfig) -> StreamConfig:
             config.subject("events"),
             config.subject("replies"),
             config.subject("results"),
+            config.subject("lease"),
+            config.subject("active"),
+            config.subject("tally"),
         ],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        max_age=config.retention.max_age.total_seconds(),
+        # The server refuses a duplicate window longer than the stream's max age.
+        duplicate_window=min(DUPLICATE_WINDOW_SECONDS, config.retention.max_age.total_seconds()),
         description=f"Runs of workflow {config.namespace}/{config.workflow}",
     )
 
@@ -75,7 +82,12 @@ def build_engine_consumers(config: EngineConfig) -> list[ConsumerConfig]:
 
 
 def build_runs_bucket(config: EngineConfig) -> KeyValueConfig:
-    return KeyValueConfig(bucket=config.runs_bucket, history=1, storage=StorageType.FILE)
+    return KeyValueConfig(
+        bucket=config.runs_bucket,
+        history=1,
+        storage=StorageType.FILE,
+        ttl=config.retention.max_age.total_seconds(),
+    )
 
 
 def build_workflow_dead_letters(config: EngineConfig) -> StreamConfig | None:

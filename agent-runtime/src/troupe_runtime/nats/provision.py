@@ -79,12 +79,12 @@ async def ensure_bucket(
         await js.create_key_value(config)
         report.created.append(f"bucket/{config.bucket}")
         return
-    if info.config.max_msgs_per_subject != config.history:
-        await js.update_stream(
-            StreamConfig.from_response(
-                {**info.config.as_dict(), "max_msgs_per_subject": config.history}
-            )
-        )
+    # A bucket's TTL is its stream's max age (0: none).
+    max_age = config.ttl or 0.0
+    actual_age = info.config.max_age or 0.0
+    if info.config.max_msgs_per_subject != config.history or actual_age != max_age:
+        changed = {"max_msgs_per_subject": config.history, "max_age": int(max_age * 1e9)}
+        await js.update_stream(StreamConfig.from_response({**info.config.as_dict(), **changed}))
         report.updated.append(f"bucket/{config.bucket}")
 
 

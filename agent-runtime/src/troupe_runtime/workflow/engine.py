@@ -5,7 +5,14 @@ Every decision comes from ``planner.plan`` over the run's projection, and every
 transition is appended to the run's log before it counts. Dispatches carry a
 deterministic ``Nats-Msg-Id`` and are published before their event is logged:
 after a crash the step is published again under the same id, and JetStream
-drops the copy, so a step reaches its agent once.
+drops the copy, so a step reaches its agent once. Each dispatch carries a
+``deadline`` (the step's timeout or the run's deadline, whichever comes first),
+past which the agent drops the attempt instead of working on for nobody.
+
+Only the engine holding the workflow's lease (``lease``) works: it pulls, ticks
+and acks, and the server refuses the log appends of any other. A message an engine
+handled without owning the runs is NAKed, never acked, so the owner gets it. Every
+loop is guarded: a failure is logged and the run is tried again a little later.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.aio.client import Client
@@ -45,6 +52,7 @@ from troupe_runtime.contract.run_events import (
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.nats.pull import Puller
 from troupe_runtime.workflow import planner
+from troupe_runtime.workflow.lease import Lease, LeaseLost
 from troupe_runtime.workflow.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -52,6 +60,11 @@ logger = logging.getLogger(__name__)
 TICK_SECONDS = 0.05
 PULL_WAIT_SECONDS = 1.0
 REPLY_BATCH = 256
+RETRY_SECONDS = 1.0
+"""How soon a run whose planning or acting failed is tried again, and a failed
+ownership period started over."""
+LEASE_CHECK_SECONDS = 1.0
+LEASE_RENEW_SECONDS = 3600.0
 STEP_EVENT_TYPE = "troupe.workflow.step"
 COMPENSATE = "compensate"
 # Run ids become KV keys and subject tokens.
@@ -93,19 +106,21 @@ def utcnow() -> datetime:
 
 
 class Engine:
-    """Runs one workflow until ``stop()``."""
+    """Runs one workflow until ``stop()``, while it owns the workflow's runs."""
 
     def __init__(
         self,
         nc: Client,
         js: JetStreamContext,
         log: RunLog,
+        lease: Lease,
         config: EngineConfig,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._nc = nc
         self._js = js
         self._log = log
+        self._lease = lease
         self._config = config
         self._clock = clock
         self._source = f"/{config.namespace}/workflows/{config.workflow}"
@@ -113,7 +128,11 @@ class Engine:
         self._wake: dict[str, datetime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._stop = asyncio.Event()
+        self._halt = asyncio.Event()
         self._capacity = asyncio.Event()
+        # Rounds of planning one call to _advance may take: each round changes the
+        # run, so a DAG needs a few per step; more means a bug, not progress.
+        self._advance_rounds = 4 * len(config.steps) + 16
         self.ready = False
 
     @property
@@ -122,9 +141,43 @@ class Engine:
 
     def stop(self) -> None:
         self._stop.set()
+        self._halt.set()
         self._capacity.set()
 
+    def _step_down(self) -> None:
+        """Another engine owns the runs now: stop working, keep nothing."""
+        if not self._halt.is_set():
+            logger.warning("engine %s no longer owns the runs; stepping down", self._lease.holder)
+        self._halt.set()
+        self._capacity.set()
+
+    @property
+    def _owning(self) -> bool:
+        return self._lease.held and not self._halt.is_set()
+
     async def run(self) -> None:
+        """Wait for the lease, work while it is ours; contend again after losing it."""
+        while not self._stop.is_set():
+            try:
+                if not await self._lease.acquire(self._stop.is_set):
+                    return
+                self._halt = asyncio.Event()
+                if self._stop.is_set():
+                    return
+                await self._own()
+            except LeaseLost as lost:
+                logger.warning("%s", lost)
+            except Exception:
+                logger.exception("the engine failed; starting over in %ss", RETRY_SECONDS)
+                await self._stopped_within(RETRY_SECONDS)
+            finally:
+                self.ready = False
+                self._runs.clear()
+                self._wake.clear()
+                self._locks.clear()
+                await self._lease.release()
+
+    async def _own(self) -> None:
         await self._recover()
         triggers = Puller(self._nc, self._config.stream, naming.TRIGGERS_CONSUMER)
         replies = Puller(self._nc, self._config.stream, naming.REPLIES_CONSUMER)
@@ -136,23 +189,51 @@ class Engine:
                 group.create_task(self._pump(triggers, self._on_trigger, self._free_slots))
                 group.create_task(self._pump(replies, self._on_reply, lambda: REPLY_BATCH))
                 group.create_task(self._tick())
+                group.create_task(self._keep_lease())
         finally:
             self.ready = False
             await triggers.stop()
             await replies.stop()
 
+    async def _keep_lease(self) -> None:
+        """Notice a lost lease soon, and renew ours before the stream's max age drops it."""
+        loop = asyncio.get_running_loop()
+        renew_every = min(LEASE_RENEW_SECONDS, self._config.retention.max_age.total_seconds() / 4)
+        renewed = loop.time()
+        while not self._halt.is_set():
+            await self._halted_within(LEASE_CHECK_SECONDS)
+            if self._halt.is_set():
+                return
+            try:
+                if loop.time() - renewed >= renew_every:
+                    await self._lease.renew()
+                    renewed = loop.time()
+                else:
+                    await self._lease.confirm()
+            except LeaseLost:
+                self._step_down()
+            except Exception:
+                logger.exception("checking the lease failed; trying again")
+
     async def _recover(self) -> None:
-        """Rebuild every unfinished run from its log, then carry it on."""
-        for run_id in await self._log.run_ids():
-            projected = await self._log.projected(run_id)
-            if projected is None or projected.terminal:
+        """Rebuild every unfinished run from its log (the active markers name them),
+        then carry it on; finished runs are never read."""
+        for run_id in await self._log.active_run_ids():
+            try:
+                state = await self._log.rebuild(run_id)
+            except LeaseLost:
+                raise
+            except Exception:
+                logger.exception("run %s: its log cannot be replayed; left as it is", run_id)
                 continue
-            state = await self._log.rebuild(run_id)
-            if state is not None and not state.terminal:
-                self._runs[run_id] = state
+            if state is None:
+                await self._log.forget_active(run_id)  # marked, then crashed before logging
+                continue
+            self._runs[run_id] = state
+            if not state.terminal:
                 logger.info("resuming run %s", run_id)
         for run_id in list(self._runs):
-            await self._advance(run_id)
+            await self._advance_safely(run_id)
 
     def _free_slots(self) -> int:
         return max(self._config.max_concurrent_runs - len(self._runs), 0)
@@ -160,7 +241,7 @@ class Engine:
     async def _pump(
         self, puller: Puller, handle: Callable[[Msg], Any], room: Callable[[], int]
     ) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             batch = room()
             if batch == 0:
                 self._capacity.clear()
@@ -171,31 +252,51 @@ class Engine:
                 messages = await puller.pull(batch) or await puller.pull(1, PULL_WAIT_SECONDS)
             except Exception:
                 logger.exception("pulling failed; trying again")
-                await self._stopped_within(PULL_WAIT_SECONDS)
+                await self._halted_within(PULL_WAIT_SECONDS)
                 continue
             await asyncio.gather(*(self._settle(handle, msg) for msg in messages))
 
     async def _settle(self, handle: Callable[[Msg], Any], msg: Msg) -> None:
+        """Ack only what this engine handled as the owner; NAK anything else."""
         try:
             await handle(msg)
+        except LeaseLost:
+            self._step_down()
+            await _nak(msg, 0.0)
+            return
         except Exception:
             logger.exception("handling %s failed; it will be redelivered", msg.subject)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1.0)
+            await _nak(msg, RETRY_SECONDS)
             return
-        await msg.ack()
+        if not self._owning:
+            await _nak(msg, 0.0)  # the owner gets it
+            return
+        try:
+            await msg.ack()
+        except Exception:
+            # Redelivered after ackWait, and handled again idempotently.
+            logger.warning("acking %s failed; it will be redelivered", msg.subject, exc_info=True)
 
     async def _stopped_within(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
+    async def _halted_within(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._halt.wait(), seconds)
+
     async def _tick(self) -> None:
-        while not self._stop.is_set():
-            await self._stopped_within(TICK_SECONDS)
+        while not self._halt.is_set():
+            await self._halted_within(TICK_SECONDS)
             now = self._clock()
             due = [run_id for run_id, at in self._wake.items() if at <= now]
             for run_id in due:
-                await self._advance(run_id)
+                if self._halt.is_set():
+                    return
+                try:
+                    await self._advance_safely(run_id)
+                except LeaseLost:
+                    self._step_down()
 
     async def _on_trigger(self, msg: Msg) -> None:
         try:
@@ -213,15 +314,18 @@ class Engine:
             return  # the same trigger again, for a run in progress
         async with self._lock(run_id):
             state = await self._start(run_id, event)
-            if state is None or state.terminal:
-                return
+            if state.terminal:
+                return  # the same trigger again, for a run that finished
             self._runs[run_id] = state
-        await self._advance(run_id)
+        await self._advance_safely(run_id)
 
-    async def _start(self, run_id: str, trigger: CloudEvent) -> RunState | None:
-        """The run's state: new, or rebuilt when a crash left it half-started."""
-        if await self._log.projected(run_id) is not None:
-            return await self._log.rebuild(run_id)
+    async def _start(self, run_id: str, trigger: CloudEvent) -> RunState:
+        """The run's state: new, or rebuilt when the log has it already (a trigger sent
+        again, or a crash that left the run half-started)."""
+        existing = await self._log.rebuild(run_id)
+        if existing is not None:
+            return existing
+        await self._log.mark_active(run_id)
         started = RunStarted(
             run_id=run_id,
             at=self._clock(),
@@ -229,11 +333,7 @@ class Engine:
             priority=trigger.priority,
             traceparent=trigger.traceparent,
         )
-        state = await self._log.append(None, started)
-        if state is None:
-            # Logged before a crash, but never projected: the log has the truth.
-            return await self._log.rebuild(run_id)
-        return state
+        return await self._log.append(None, started)
 
     async def _on_reply(self, msg: Msg) -> None:
         try:
@@ -242,10 +342,28 @@ class Engine:
             logger.warning("dropping a malformed reply on %s: %s", msg.subject, error.reason)
             return
         transition = reply_event(event, self._clock())
-        if transition is None or transition.run_id not in self._runs:
+        if transition is None or not RUN_ID_PATTERN.match(transition.run_id):
             return
+        if transition.run_id not in self._runs and not await self._adopt(transition.run_id):
+            return  # a late reply, for a run that finished or never was
         await self._record(transition)
-        await self._advance(transition.run_id)
+        await self._advance_safely(transition.run_id)
+
+    async def _adopt(self, run_id: str) -> bool:
+        """Take on an unfinished run this engine does not hold (its log says it is one
+        of ours); False for a finished or unknown run."""
+        async with self._lock(run_id):
+            if run_id in self._runs:
+                return True
+            projected = await self._log.projected(run_id)
+            if projected is not None and projected.terminal:
+                return False
+            state = await self._log.rebuild(run_id)
+            if state is None or state.terminal:
+                return False
+            logger.info("adopting run %s from its log", run_id)
+            self._runs[run_id] = state
+            return True
 
     def _lock(self, run_id: str) -> asyncio.Lock:
         return self._locks.setdefault(run_id, asyncio.Lock())
@@ -255,13 +373,29 @@ class Engine:
             state = self._runs.get(event.run_id)
             if state is None:
                 return
-            new_state = await self._log.append(state, event)
-            if new_state is not None:
-                self._runs[event.run_id] = new_state
+            self._runs[event.run_id] = await self._log.append(state, event)
+
+    async def _advance_safely(self, run_id: str) -> None:
+        """``_advance``, with a failure logged and the run tried again a little later."""
+        try:
+            await self._advance(run_id)
+        except LeaseLost:
+            raise
+        except Exception:
+            logger.exception("run %s: acting failed; trying again in %ss", run_id, RETRY_SECONDS)
+            if run_id in self._runs:
+                self._wake[run_id] = self._clock() + timedelta(seconds=RETRY_SECONDS)
 
     async def _advance(self, run_id: str) -> None:
-        """Plan and act until the run waits for something."""
-        while (state := self._runs.get(run_id)) is not None:
+        """Plan and act until the run waits for something, for a bounded number of rounds."""
+        for _ in range(self._advance_rounds):
+            state = self._runs.get(run_id)
+            if state is None:
+                return
+            if state.terminal:
+                await self._log.finished(state)
+                self._forget(run_id)
+                return
             result = planner.plan(self._config, state, self._clock())
             if result.wake_at is None:
                 self._wake.pop(run_id, None)
@@ -271,6 +405,13 @@ class Engine:
                 return
             for action in result.actions:
                 await self._act(run_id, action)
+        logger.error(
+            "run %s: still planning after %d rounds; trying again in %ss",
+            run_id,
+            self._advance_rounds,
+            RETRY_SECONDS,
+        )
+        self._wake[run_id] = self._clock() + timedelta(seconds=RETRY_SECONDS)
 
     async def _act(self, run_id: str, action: planner.Action) -> None:
         now = self._clock()
@@ -278,7 +419,8 @@ class Engine:
             case planner.Dispatch(step, attempt, payload):
                 run = self._runs[run_id]
                 target = self._config.step_subject(step, run.priority)
-                await self._send(target, dispatch_id(run_id, step, attempt), run, payload)
+                deadline = planner.attempt_deadline(self._config, run, step, now)
+                await self._send(target, dispatch_id(run_id, step, attempt), run, payload, deadline)
                 await self._record(
                     StepDispatched(run_id=run_id, at=now, step=step, attempt=attempt, input=payload)
                 )
@@ -305,9 +447,15 @@ class Engine:
                 await self._record(
                     RunFinished(run_id=run_id, at=now, status=status, output=output, error=error)
                 )
-                self._forget(run_id)
 
-    async def _send(self, subject: str, event_id: str, run: RunState, data: Any) -> None:
+    async def _send(
+        self,
+        subject: str,
+        event_id: str,
+        run: RunState,
+        data: Any,
+        deadline: datetime | None = None,
+    ) -> None:
         """A step's event: one trace and one priority for the whole run."""
         event = CloudEvent(
             id=event_id,
@@ -320,6 +468,7 @@ class Engine:
             priority=run.priority,
             traceparent=child_traceparent(run.traceparent),
             replyto=self._config.subject("replies", run.run_id),
+            deadline=deadline,
             data=data,
         )
         headers, payload = envelope.to_binary(event)
@@ -365,3 +514,10 @@ class Engine:
             payload,
             headers={**(headers or {}), ERROR_HEADER: header_safe(reason)},
         )
+
+
+async def _nak(msg: Msg, delay: float) -> None:
+    try:
+        await msg.nak(delay=delay or None)
+    except Exception:
+        logger.warning("NAKing %s failed; it comes back after ackWait", msg.subject)

@@ -110,6 +110,15 @@ def _winding_down(config: EngineConfig, state: RunState, now: datetime) -> Plan 
     return None
 
 
+def attempt_deadline(config: EngineConfig, state: RunState, step: str, now: datetime) -> datetime:
+    """When an attempt dispatched at ``now`` stops mattering: its step's timeout, or the
+    run's deadline if that comes first. The agent drops the attempt past it."""
+    expires = now + config.step(step).timeout
+    if config.deadline is None:
+        return expires
+    return min(expires, state.started_at + config.deadline)
+
+
 def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
     """The actions that move ``state`` forward at ``now``."""
     if (settled := _winding_down(config, state, now)) is not None:

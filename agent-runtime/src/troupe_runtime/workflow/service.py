@@ -3,7 +3,8 @@ engine loop, until ``stop()``.
 
 The engine only binds: the operator alone provisions a workflow's JetStream
 resources, as it does an agent's, so a Workflow being deleted has nobody
-recreating its streams. Until they exist the engine waits, not ready.
+recreating its streams. Until they exist the engine waits, not ready; so it does
+while another engine owns the workflow's runs (``lease``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.nats.connection import connect
 from troupe_runtime.serving.health import HealthServer
 from troupe_runtime.workflow.engine import Engine
+from troupe_runtime.workflow.lease import Lease
 from troupe_runtime.workflow.runlog import RunLog
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,8 @@ class EngineService:
             kv = await self._bind(js)
             if kv is None:
                 return
-            self._engine = Engine(nc, js, RunLog(js, kv, self.config), self.config)
+            lease = Lease(nc, js, self.config)
+            self._engine = Engine(nc, js, RunLog(js, kv, self.config, lease), lease, self.config)
             self._active.set_function(lambda: self._engine.active_runs if self._engine else 0)
             if self._stop.is_set():
                 return

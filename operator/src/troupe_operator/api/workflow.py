@@ -15,6 +15,7 @@ from pydantic import Field
 from troupe_operator.api.agent import NatsConnection
 from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
 from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.engine_config import RunRetention
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
     DeadLetterPolicy,
@@ -103,6 +104,10 @@ class WorkflowSpec(ApiModel):
     max_concurrent_runs: int = Field(default=10, ge=1, le=10_000)
     state: StateBucket | None = None
     dead_letter: DeadLetterPolicy = Field(default_factory=DeadLetterPolicy)
+    retention: RunRetention = Field(
+        default_factory=RunRetention,
+        description="How long and how many finished runs are kept (stream and runs bucket).",
+    )
     nats: NatsConnection = Field(default_factory=NatsConnection)
     deletion_policy: Literal["Delete", "Retain"] = Field(
         default="Delete",

@@ -4,8 +4,9 @@ Each valid Workflow runs in an engine of its own: one pod running
 ``python -m troupe_runtime.workflow``, reading the runtime's own ``EngineConfig``
 (JSON from the ConfigMap ``<workflow>-engine``, through ``TROUPE_ENGINE_CONFIG_JSON``).
 Steps carry their agents' inbox subjects, so the engine needs no Kubernetes access.
-The Deployment uses the ``Recreate`` strategy: the old engine is gone before the new
-one starts, so two engines never work the same runs at once. Its pods share the
+The Deployment uses the ``Recreate`` strategy, but that alone does not keep two engines
+apart (a deleted pod's successor starts while it terminates): the engines' lease, fenced
+by the server, does (``troupe_runtime.workflow.lease``). Its pods share the
 agents' restricted security context, probes and annotations (``builders.pods``).
 """
 
@@ -90,6 +91,7 @@ def build_engine_config(
         deadline=spec.deadline,
         max_concurrent_runs=spec.max_concurrent_runs,
         dead_letter=spec.dead_letter,
+        retention=spec.retention,
         nats=pods.nats_settings(spec.nats, default_nats_url),
     )
 

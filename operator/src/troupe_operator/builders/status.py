@@ -7,7 +7,6 @@ Ready and Reason printer columns say what is wrong.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -31,6 +30,9 @@ WORKFLOW_SUBCONDITIONS = (
     MESSAGING_READY,
     WORKLOAD_AVAILABLE,
 )
+BUDGETS_FIT = "BudgetsFit"
+WORKFLOW_ADVISORIES = (BUDGETS_FIT,)
+"""Reported after the sub-conditions, without holding Ready back: the workflow runs."""
 
 
 def timestamp(now: datetime) -> str:
@@ -103,10 +105,13 @@ def merge_conditions(
     order: tuple[str, ...],
     generation: int,
     now: datetime,
+    advisories: tuple[str, ...] = (),
 ) -> list[Condition]:
-    """Ready first, then the sub-conditions in ``order``; unobserved ones are kept as they were.
+    """Ready first, then the sub-conditions in ``order``, then ``advisories``; unobserved
+    ones are kept as they were.
 
-    Ready is False with the reason of the first sub-condition (in ``order``) that is not True.
+    Ready is False with the reason of the first sub-condition (in ``order``) that is not
+    True; advisories never hold it back.
     """
     by_type = {c.type: c for c in previous}
 
@@ -134,7 +139,7 @@ def merge_conditions(
         ready = Observation(READY, True, "Ready", "; ".join(c.message for c in subconditions))
     else:
         ready = Observation(READY, False, failing.reason, failing.message)
-    return [updated(ready), *subconditions]
+    return [updated(ready), *subconditions, *(by_type[t] for t in advisories if t in by_type)]
 
 
 def agent_status(
@@ -210,37 +215,31 @@ ENGINE_STOPPED = Observation(
 )
 
 
+def budgets_condition(problems: list[str]) -> Observation:
+    """``problems`` holds one sentence per nested time budget that does not fit."""
+    if problems:
+        return Observation(BUDGETS_FIT, False, "StepTimeoutTooShort", "; ".join(problems))
+    return Observation(
+        BUDGETS_FIT, True, "WithinBudgets", "every step's timeout covers its agent's retries"
+    )
+
+
 @dataclass(frozen=True)
 class RunObservation:
-    """The runs in the engine's KV bucket, by state, and the one started last."""
+    """The runs the workflow's stream keeps, by state, and the latest one."""
 
     counts: RunCounts
     last: LastRun | None
 
 
-def summarize_runs(runs: Iterable[RunState]) -> RunObservation:
-    """Count run projections by state; Compensating counts as running."""
-    running = succeeded = failed = 0
-    last: RunState | None = None
-    for run in runs:
-        if run.status == "Succeeded":
-            succeeded += 1
-        elif run.status == "Failed":
-            failed += 1
-        else:
-            running += 1
-        if last is None or (run.started_at, run.run_id) > (last.started_at, last.run_id):
-            last = run
-    return RunObservation(
-        RunCounts(running=running, succeeded=succeeded, failed=failed),
-        None
-        if last is None
-        else LastRun(
-            id=last.run_id,
-            status=last.status,
-            started_at=timestamp(last.started_at),
-            finished_at=timestamp(last.finished_at) if last.finished_at else None,
-        ),
+def last_run(run: RunState | None) -> LastRun | None:
+    if run is None:
+        return None
+    return LastRun(
+        id=run.run_id,
+        status=run.status,
+        started_at=timestamp(run.started_at),
+        finished_at=timestamp(run.finished_at) if run.finished_at else None,
     )
 
 
@@ -253,6 +252,7 @@ def workflow_status(
     messaging: MessagingObservation | None = None,
     missing_secrets: list[str] | None = None,
     runs: RunObservation | None = None,
+    budgets: list[str] | None = None,
 ) -> WorkflowStatus:
     """The next status; what this pass did not observe (``None``) is carried over.
 
@@ -265,10 +265,17 @@ def workflow_status(
         observed.append(messaging.condition())
     if workload is not None:
         observed.append(workload if isinstance(workload, Observation) else workload.condition())
+    if budgets is not None:
+        observed.append(budgets_condition(budgets))
     return WorkflowStatus(
         observed_generation=generation,
         conditions=merge_conditions(
-            previous.conditions, observed, WORKFLOW_SUBCONDITIONS, generation, now
+            previous.conditions,
+            observed,
+            WORKFLOW_SUBCONDITIONS,
+            generation,
+            now,
+            WORKFLOW_ADVISORIES,
         ),
         steps=dag.steps if dag is not None else previous.steps,
         runs=runs.counts if runs is not None else previous.runs,

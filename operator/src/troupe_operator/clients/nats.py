@@ -1,14 +1,16 @@
 """The only module that talks to NATS: pooled connections, provisioning and counts.
 
 It wraps ``troupe_runtime.nats.provision`` (the one applier of JetStream resources, for
-agents and workflow engines alike), reads the engines' run projections from KV,
-and turns every NATS failure into ``MessagingUnavailable``, so the handlers
-report it in status and retry instead of crashing.
+agents and workflow engines alike), counts a workflow's runs from its stream's subject
+index (the engine's active markers and tallies: no run is read), and turns every NATS
+failure into ``MessagingUnavailable``, so the handlers report it in status and retry
+instead of crashing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import tempfile
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 
 from troupe_operator.api.status import ConsumerCounts
 from troupe_runtime.contract.agent_resources import AgentResources
+from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.workflow_resources import WorkflowResources
 from troupe_runtime.nats.provision import (
@@ -73,6 +76,42 @@ class NatsTarget:
     url: str
     credentials: str | None = None
     tls: TlsMaterial | None = None
+
+
+async def _subject_counts(js: JetStreamContext, stream: str, subjects: str) -> dict[str, int]:
+    """Messages per subject matching ``subjects``, from the server's subject index."""
+    return dict((await js.stream_info(stream, subjects_filter=subjects)).state.subjects or {})
+
+
+async def _last_message(
+    js: JetStreamContext, stream: str, subject: str
+) -> tuple[int, bytes] | None:
+    try:
+        msg = await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return None
+    return msg.seq or 0, msg.data or b""
+
+
+@dataclass(frozen=True)
+class RunTally:
+    """A workflow's runs as its stream counts them, and its latest run's projection."""
+
+    running: int
+    succeeded: int
+    failed: int
+    last: RunState | None
+
+
+async def _projection(js: JetStreamContext, config: EngineConfig, marker: bytes) -> RunState | None:
+    """The projection of the run a marker or tally message names; None if unreadable."""
+    try:
+        run_id = str(json.loads(marker)["run"])
+        entry = await (await js.key_value(config.runs_bucket)).get(run_id)
+        return RunState.model_validate_json(entry.value or b"")
+    except (ValueError, KeyError, TypeError, NotFoundError, ValidationError) as error:
+        logger.warning("the latest run of %s is unreadable: %s", config.stream, error)
+        return None
 
 
 @dataclass(frozen=True)
@@ -205,25 +244,31 @@ class NatsPool:
         """Create or update a workflow's stream, engine consumers, runs bucket, dead letters."""
         return await self._call(target, lambda js: ensure_workflow_resources(js, resources))
 
-    async def runs(self, target: NatsTarget, resources: WorkflowResources) -> list[RunState]:
-        """Every run projection in the workflow's runs bucket (the latest value of each key)."""
+    async def runs(self, target: NatsTarget, config: EngineConfig) -> RunTally:
+        """The workflow's runs by state and its latest run, in a few requests whatever the
+        number of runs kept: unfinished runs are the ``active.<run>`` subjects, finished ones
+        the messages on ``tally.<status>``; only the latest run's projection is read."""
 
-        async def read(js: JetStreamContext) -> list[RunState]:
-            name = resources.runs.bucket
-            watcher = await (await js.key_value(name)).watchall(ignore_deletes=True)
-            runs = []
-            try:
-                # The watcher yields every key's latest entry, then None.
-                while (entry := await watcher.updates(REQUEST_TIMEOUT_SECONDS)) is not None:  # type: ignore[no-untyped-call]
-                    try:
-                        runs.append(RunState.model_validate_json(entry.value or b""))
-                    except ValidationError as error:
-                        logger.warning("run %s in %s unreadable: %s", entry.key, name, error)
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-            return runs
+        async def count(js: JetStreamContext) -> RunTally:
+            stream = config.stream
+            active = await _subject_counts(js, stream, config.subject("active"))
+            tallies = await _subject_counts(js, stream, config.subject("tally"))
+            # The newest unfinished run; with none, the run that finished last.
+            latest = await _last_message(js, stream, config.subject("active"))
+            if latest is None:
+                finished = [
+                    await _last_message(js, stream, config.tally_subject(status))
+                    for status in ("Succeeded", "Failed")
+                ]
+                latest = max((found for found in finished if found), default=None)
+            return RunTally(
+                running=len(active),
+                succeeded=tallies.get(config.tally_subject("Succeeded"), 0),
+                failed=tallies.get(config.tally_subject("Failed"), 0),
+                last=await _projection(js, config, latest[1]) if latest else None,
+            )
 
-        return await self._call(target, read)
+        return await self._call(target, count)
 
     async def delete_streams(self, target: NatsTarget, streams: list[str]) -> list[str]:
         """Delete the named streams (a KV bucket's is ``naming.kv_stream(bucket)``); return

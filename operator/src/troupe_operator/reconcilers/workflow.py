@@ -15,8 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from troupe_operator.api import WorkflowSpec, WorkflowStatus
-from troupe_operator.builders import dag, engine, pods, status
+from troupe_operator.api import AgentSpec, WorkflowSpec, WorkflowStatus
+from troupe_operator.api.status import RunCounts
+from troupe_operator.builders import budgets, dag, engine, pods, status
 from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.status import RunObservation, WorkloadObservation
 from troupe_operator.clients.nats import NatsPool, NatsTarget
@@ -46,10 +47,17 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
     async def plan(
         self, operator: Operator, owner: Owner, spec: WorkflowSpec, generation: int
     ) -> Plan[WorkflowStatus, Any]:
-        priority_levels = {
-            agent["metadata"]["name"]: _priority_levels(agent)
+        agent_specs = {
+            agent["metadata"]["name"]: _agent_spec(agent)
             for agent in await operator.kube.list_custom(AGENT.plural, owner.namespace)
         }
+        priority_levels = {
+            name: (agent.messaging if agent else Messaging()).priority_levels
+            for name, agent in agent_specs.items()
+        }
+        problems = budgets.budget_problems(
+            spec, {name: agent for name, agent in agent_specs.items() if agent is not None}
+        )
         graph = status.DagObservation(
             len(spec.steps),
             dag.workflow_cycles(spec),
@@ -71,7 +79,11 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
 
         async def jetstream(nats: NatsPool, target: NatsTarget) -> RunObservation:
             await nats.provision_workflow(target, resources)
-            return status.summarize_runs(await nats.runs(target, resources))
+            tally = await nats.runs(target, config)
+            return RunObservation(
+                RunCounts(running=tally.running, succeeded=tally.succeeded, failed=tally.failed),
+                status.last_run(tally.last),
+            )
 
         def next_status(seen: Seen[WorkflowStatus, RunObservation]) -> WorkflowStatus:
             return status.workflow_status(
@@ -83,6 +95,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
                 messaging=seen.messaging,
                 missing_secrets=seen.missing_secrets,
                 runs=seen.jetstream,
+                budgets=problems,
             )
 
         return Plan(
@@ -138,10 +151,11 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
 WORKFLOW = WorkflowKind()
 
 
-def _priority_levels(agent: Mapping[str, Any]) -> int:
-    """The priority levels an Agent declares; the default when its spec cannot be read, so
-    one broken Agent does not stop every Workflow of its namespace (its own status says why)."""
+def _agent_spec(agent: Mapping[str, Any]) -> AgentSpec | None:
+    """An Agent's spec; None when it cannot be read, so one broken Agent does not stop
+    every Workflow of its namespace (its own status says why): its priority levels are
+    then the default and its budgets unchecked."""
     try:
-        return AGENT.spec(agent.get("spec") or {}).messaging.priority_levels
+        return AGENT.spec(agent.get("spec") or {})
     except ValidationError:
-        return Messaging().priority_levels
+        return None
