@@ -358,3 +358,119 @@ async def test_the_installed_command_explains_a_workflow_without_an_engine(nats_
         f"error: workflow research has no stream TROUPE_WF_{ns}_research in namespace {ns}: "
         "is its engine running?"
     )
+
+
+async def forged_letter(
+    js: JetStreamContext, ns: str, agent: str, data: bytes, headers: dict[str, str]
+) -> None:
+    """A letter anyone allowed to publish on the dead-letter subject could store."""
+    await js.publish(naming.dead_letter_subject(ns, agent), data, headers=headers)
+
+
+async def test_dlq_replay_of_a_forged_letter_publishes_only_to_the_agents_own_inbox(
+    nats_url: str, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    await provision(js, ns, "worker")
+    await provision(js, ns, "victim")
+    victim = naming.inbox_stream(ns, "victim")
+    await js.publish(naming.inbox_subject(ns, "victim", 0), b"keep me")
+    for target in (
+        f"$JS.API.STREAM.PURGE.{victim}",
+        naming.inbox_subject(ns, "victim", 0),
+        naming.inbox_subject(f"{ns}x", "worker", 0),
+        naming.inbox_subject(ns, "worker", 5),
+    ):
+        await forged_letter(
+            js, ns, "worker", b'{"forged":true}', {"Troupe-Original-Subject": target}
+        )
+
+    code, out, err = await troupe(
+        capsys, nats_url, ns, "-o", "json", "dlq", "replay", "worker", "--all"
+    )
+
+    assert code == 1
+    assert json.loads(out) == {"replayed": [], "failed": [1, 2, 3, 4]}
+    assert err.count("is not one of the agent's inbox subjects") == 4
+    assert await stream_count(js, victim) == 1
+    assert await stream_count(js, naming.inbox_stream(ns, "worker")) == 0
+    assert await stream_count(js, naming.dead_letter_stream(ns, "worker")) == 4
+
+
+async def test_dlq_replay_of_a_forged_letter_naming_the_own_inbox_goes_there(
+    nats_url: str, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    await provision(js, ns, "worker", messaging={"priorityLevels": 2})
+    own = naming.inbox_subject(ns, "worker", 1)
+    await forged_letter(js, ns, "worker", b"{}", {"Troupe-Original-Subject": own})
+
+    code, out, _ = await troupe(capsys, nats_url, ns, "dlq", "replay", "worker", "1")
+
+    assert code == 0
+    assert out.strip() == f"replayed 1 to {own}"
+    (replayed,) = await stored(js, naming.inbox_stream(ns, "worker"))
+    assert replayed.subject == own
+
+
+async def test_every_dlq_command_survives_a_hostile_letter(
+    nats_url: str, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Deep JSON, a lone surrogate, control characters, undecodable header bytes, a
+    non-ASCII attempts count: listed, shown and refused for replay, never a traceback."""
+    ns = new_namespace()
+    await provision(js, ns, "worker")
+    await forged_letter(
+        js,
+        ns,
+        "worker",
+        b"[" * 20000 + b"]" * 20000,
+        {
+            "Troupe-Error": "\x1b[2J" + "e" * 20000,
+            "Troupe-Attempts": "²",
+            "content-type": "application/json",
+        },
+    )
+    await forged_letter(js, ns, "worker", b'{"text": "\\ud800"}', {"Troupe-Error": "lone"})
+    nc = await nats.connect(nats_url)
+    try:
+        header = b"NATS/1.0\r\nTroupe-Error: caf\xc3\xa9 \xff\xfe\r\nX-Fold: a\r\n b\r\n\r\n"
+        payload = b"\xed\xa0\x80 not utf-8"
+        subject = naming.dead_letter_subject(ns, "worker").encode()
+        size = len(header)
+        await nc._send_command(  # a raw HPUB: bytes no client library would write
+            b"HPUB %s %d %d\r\n" % (subject, size, size + len(payload)) + header + payload + b"\r\n"
+        )
+        await nc.flush()
+    finally:
+        await nc.close()
+    await eventually(
+        lambda: _count_is(stream_count(js, naming.dead_letter_stream(ns, "worker")), 3),
+        "three letters",
+    )
+
+    listed = await troupe(capsys, nats_url, ns, "dlq", "list", "worker")
+    listed_json = await troupe(capsys, nats_url, ns, "-o", "json", "dlq", "list", "worker")
+    shown = [await troupe(capsys, nats_url, ns, "dlq", "show", "worker", str(s)) for s in (1, 2, 3)]
+    shown_json = [
+        await troupe(capsys, nats_url, ns, "-o", "json", "dlq", "show", "worker", str(s))
+        for s in (1, 2, 3)
+    ]
+    replayed = await troupe(capsys, nats_url, ns, "dlq", "replay", "worker", "--all")
+
+    for code, out, _ in (listed, listed_json, *shown, *shown_json):
+        assert code == 0
+        assert "\x1b" not in out
+        out.encode("utf-8")
+    letters = json.loads(listed_json[1])
+    assert [letter["attempts"] for letter in letters] == [None, None, None]
+    assert letters[0]["data"] == "[" * 20000 + "]" * 20000
+    assert letters[1]["data"] == {"text": "\ud800"}
+    assert letters[2]["error"] == "café \ufffd\ufffd"
+    assert letters[2]["data"] == {"base64": "7aCAIG5vdCB1dGYtOA=="}
+    assert replayed[0] == 1
+    assert "has no Troupe-Original-Subject" in replayed[2]
+
+
+async def _count_is(count: Any, expected: int) -> bool:
+    return bool(await count == expected)
