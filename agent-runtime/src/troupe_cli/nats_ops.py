@@ -281,9 +281,11 @@ class Ops:
         return subject
 
     async def _inbox_subjects(self, agent: str) -> set[str]:
-        """The subjects the agent's inbox consumers read: one per declared priority level."""
+        """The agent's inbox subjects that its stream stores and a consumer reads: one per
+        declared priority level."""
         stream = naming.inbox_stream(self.namespace, agent)
         try:
+            info = await self._js.stream_info(stream)
             consumers = await self._js.consumers_info(stream)
         except NotFoundError as error:
             raise CliError(
@@ -291,6 +293,9 @@ class Ops:
                 f"namespace {self.namespace}?"
             ) from error
         levels = {naming.inbox_subject(self.namespace, agent, p) for p in range(MAX_LEVELS)}
+        stored = set(info.config.subjects or [])
+        if stored != {naming.inbox_wildcard(self.namespace, agent)}:  # as provisioned before
+            levels &= stored
         return {c.config.filter_subject for c in consumers if c.config.filter_subject in levels}
 
     async def dead_letter_sequences(self, agent: str) -> list[int]:
