@@ -72,6 +72,9 @@ async def test_engine_pods_deleted_repeatedly_during_load_leave_no_run_stuck(
         config = base.model_copy(update={"health_port": free_port()})
         return config, stack.enter_context(engine_process(config, tmp_path))
 
+    def progressed(threshold: int) -> bool:
+        return len(effects) >= threshold
+
     async def more_load() -> None:
         """New runs, so that each deletion lands while runs are in flight."""
         batch = [uuid.uuid4().hex for _ in range(RUNS_PER_ROTATION)]
@@ -86,10 +89,9 @@ async def test_engine_pods_deleted_repeatedly_during_load_leave_no_run_stuck(
                 successor_config, successor = pod()
                 await eventually(partial(live, successor_config, successor), "the new pod")
                 # The two overlap while runs start and move on, as the chaos run saw.
-                progress = len(effects)
                 await more_load()
                 await eventually(
-                    lambda p=progress: len(effects) >= p + OVERLAP_EFFECTS,
+                    partial(progressed, len(effects) + OVERLAP_EFFECTS),
                     "runs to make progress while both engines are up",
                 )
                 current.send_signal(signal.SIGTERM if rotation % 2 == 0 else signal.SIGKILL)

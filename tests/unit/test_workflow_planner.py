@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from troupe_runtime.contract.engine_config import EngineCompensation, EngineConfig, EngineStep
 from troupe_runtime.contract.policies import RetryPolicy
@@ -23,7 +25,14 @@ from troupe_runtime.contract.run_events import (
 )
 from troupe_runtime.contract.run_state import RunState, apply, replay
 from troupe_runtime.workflow.mapping import MappingError, map_input
-from troupe_runtime.workflow.planner import Compensate, Dispatch, FailStep, Finish, plan
+from troupe_runtime.workflow.planner import (
+    Compensate,
+    Dispatch,
+    FailStep,
+    Finish,
+    attempt_deadline,
+    plan,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -200,3 +209,27 @@ def test_a_runs_priority_picks_the_agents_inbox_level_at_most_its_highest() -> N
     assert config.step_subject("a", 2) == "troupe.ns.a.in.p2"
     assert config.step_subject("a", 7) == "troupe.ns.a.in.p2"
     assert config.step_subject("b", 2) == "in.b"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    timeout=st.integers(min_value=1, max_value=10_000),
+    started=st.integers(min_value=0, max_value=10_000),
+    run_deadline=st.none() | st.integers(min_value=1, max_value=20_000),
+)
+def test_an_attempts_deadline_is_the_earlier_of_its_timeout_and_the_runs_deadline(
+    timeout: int, started: int, run_deadline: int | None
+) -> None:
+    config = _config(
+        _step("a", timeout=timedelta(seconds=timeout)),
+        deadline=None if run_deadline is None else timedelta(seconds=run_deadline),
+    )
+    state = _run()
+    now = _at(started)
+
+    deadline = attempt_deadline(config, state, "a", now)
+
+    candidates = [now + timedelta(seconds=timeout)]
+    if run_deadline is not None:
+        candidates.append(T0 + timedelta(seconds=run_deadline))
+    assert deadline == min(candidates)
