@@ -147,3 +147,22 @@ async def test_a_runtime_that_cannot_reach_nats_past_the_bound_stops_reporting_l
     assert live_before == 200
     assert readyz == 503
     assert alive
+
+
+async def test_a_fetch_loop_that_ended_is_started_again_on_a_new_connection(
+    nats_url: str,
+) -> None:
+    config = make_config(nats_url)
+    async with provisioned(config) as (_, js), running(config, echo) as runtime:
+        fetching = runtime._fetching
+        assert fetching is not None
+        fetching.cancel()  # as if the loop had died of something it did not catch
+        await eventually(
+            lambda: sample(runtime, "troupe_nats_reopened_total", cause="fetch_loop"),
+            "the session to be reopened",
+        )
+        await eventually(runtime.ready, "the runtime to be ready again")
+        await send(js, config, "after the loop ended")
+        await eventually(lambda: stream_count(js, output_stream(config)), "the next output")
+
+    assert runtime._fetching is not fetching

@@ -2,7 +2,8 @@
 
 A pod may start before NATS (a fresh cluster, a NATS upgrade) and NATS may
 restart under a running pod: either way the runtime waits and reconnects,
-every ``RECONNECT_WAIT_SECONDS``, instead of crash-looping.
+every ``RECONNECT_WAIT_SECONDS``, instead of crash-looping (as long as the runtime's
+liveness bound allows: past it, ``/healthz`` fails and Kubernetes restarts the pod).
 
 The server answers a protocol violation, such as a message over its
 ``max_payload``, with an error and closes the connection, and nats-py then
