@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -15,11 +16,14 @@ from tests.integration.runtime_harness import (
     output_stream,
     provisioned,
     running,
+    sample,
     send,
     stored,
     stream_count,
 )
+from troupe_runtime.agent.context import Context
 from troupe_runtime.agent.handlers import load_handler
+from troupe_runtime.contract.dead_letters import ERROR_HEADER, REASON_HEADER
 from troupe_runtime.contract.llm import API_KEY_ENV, BASE_URL_ENV, MODEL_ENV
 from troupe_runtime.contract.policies import Handler
 
@@ -131,3 +135,47 @@ async def test_a_plain_python_function_runs_as_a_handler(nats_url: str) -> None:
         [output] = await stored(js, output_stream(config))
 
     assert json.loads(output.data or b"") == {"upper": "QUIET"}
+
+
+async def test_a_handler_raising_cancelled_error_fails_its_attempt_instead_of_requeueing(
+    nats_url: str,
+) -> None:
+    config = make_config(nats_url, retry={"maxAttempts": 2, "backoff": ["50ms"]})
+    attempts: list[int] = []
+
+    async def cancels(ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        raise asyncio.CancelledError
+
+    async with provisioned(config) as (_, js), running(config, cancels) as runtime:
+        await send(js, config, "go")
+        await eventually(lambda: stream_count(js, config.dead_letter_stream), "the dead letter")
+        [letter] = await stored(js, config.dead_letter_stream)
+        requeued = sample(runtime, "troupe_messages_total", outcome="requeued")
+        retried = sample(runtime, "troupe_messages_total", outcome="retried")
+
+    assert letter.headers is not None
+    assert letter.headers[REASON_HEADER] == "exhausted"
+    assert letter.headers[ERROR_HEADER].startswith("CancelledError (raised by the handler")
+    assert attempts == [1, 2]
+    assert (requeued, retried) == (0, 1)
+
+
+async def test_a_handler_still_running_at_shutdown_is_requeued_not_failed(
+    nats_url: str,
+) -> None:
+    config = make_config(nats_url)
+    started = asyncio.Event()
+
+    async def hangs(ctx: Context) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with provisioned(config) as (_, js):
+        async with running(config, hangs, grace=0.2) as runtime:
+            await send(js, config, "go")
+            await eventually(started.is_set, "the handler to start")
+        requeued = sample(runtime, "troupe_messages_total", outcome="requeued")
+        retried = sample(runtime, "troupe_retries_total")
+
+    assert (requeued, retried) == (1, 0)

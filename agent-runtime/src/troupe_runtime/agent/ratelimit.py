@@ -9,6 +9,8 @@ key and advance it with compare-and-set, so no update is lost under races.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +45,10 @@ def gcra(tat: float, now: float, rate: float, burst: int) -> Decision:
 
 class Limiter(Protocol):
     async def acquire(self) -> bool:
-        """Wait for a token; True when the caller had to wait (was throttled)."""
+        """Wait for a token; True when the caller had to wait (was throttled).
+
+        A shared limiter raises ``RateLimitUnavailable`` rather than wait forever.
+        """
         ...
 
 
@@ -66,11 +71,52 @@ class LocalLimiter:
             await asyncio.sleep(decision.wait)
 
 
+class RateLimitUnavailable(Exception):
+    """The shared rate-limit key could not be advanced in time; the message goes back."""
+
+
+MAX_CONFLICTS = 32
+"""Compare-and-set races one ``acquire`` may lose before it gives up."""
+CONFLICT_BACKOFF_BASE = 0.002
+CONFLICT_BACKOFF_CAP = 0.2
+MIN_DEADLINE_SECONDS = 30.0
+"""One ``acquire`` waits at most this long, or four token intervals if longer."""
+CLOCK_SKEW_SECONDS = 1.0
+"""How far ahead another replica's wall clock may plausibly be."""
+
+
+def conflict_backoff(conflicts: int, rng: random.Random) -> float:
+    """Full jitter, uniform in [0, min(cap, base·2^conflicts)], so racing replicas spread out."""
+    return rng.uniform(
+        0, min(CONFLICT_BACKOFF_CAP, CONFLICT_BACKOFF_BASE * 2.0 ** min(conflicts, 32))
+    )
+
+
+def plausible_tat(tat: float, now: float, rate: float, burst: int) -> float:
+    """The stored TAT, or ``now`` when no replica could have written it.
+
+    GCRA never moves the TAT further than ``burst`` intervals past the writer's
+    clock; a value beyond that (plus clock skew), or one that is not a finite
+    number, is junk and would otherwise throttle every replica for good.
+    """
+    if not math.isfinite(tat) or tat > now + burst / rate + CLOCK_SKEW_SECONDS:
+        return now
+    return tat
+
+
+def acquire_deadline(limit: RateLimit) -> float:
+    """Seconds one ``acquire`` may take: long enough for any fair wait, never forever."""
+    return max(MIN_DEADLINE_SECONDS, 4.0 / limit.rate)
+
+
 class GlobalLimiter:
     """One token bucket shared by every replica, in a KV key updated with compare-and-set.
 
     The TAT is wall-clock time, the only clock replicas share; NTP-level skew
-    between nodes shifts the shared rate by the skew, not more.
+    between nodes shifts the shared rate by the skew, not more. A lost race is
+    retried after a jittered backoff, at most ``MAX_CONFLICTS`` times, and one
+    ``acquire`` never takes longer than ``acquire_deadline``: then it raises
+    ``RateLimitUnavailable`` and the worker hands the message back.
     """
 
     def __init__(
@@ -80,19 +126,25 @@ class GlobalLimiter:
         limit: RateLimit,
         on_conflict: Callable[[], None],
         clock: Clock = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         self._kv = kv
         self._key = key
         self._limit = limit
         self._on_conflict = on_conflict
         self._clock = clock
+        self._rng = rng or random.Random()
 
     async def _read(self) -> tuple[float, int]:
         try:
             entry = await self._kv.get(self._key)
         except KeyNotFoundError:
             return 0.0, 0
-        return float(entry.value or b"0"), entry.revision or 0
+        try:
+            tat = float(entry.value or b"0")
+        except ValueError:
+            tat = math.nan  # junk: plausible_tat replaces it
+        return tat, entry.revision or 0
 
     async def _write(self, tat: float, revision: int) -> bool:
         value = repr(tat).encode()
@@ -105,12 +157,26 @@ class GlobalLimiter:
         return True
 
     async def acquire(self) -> bool:
-        throttled = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + acquire_deadline(self._limit)
+        rate, burst = self._limit.rate, self._limit.burst
+        throttled, conflicts = False, 0
         while True:
-            tat, revision = await self._read()
-            decision = gcra(tat, self._clock(), self._limit.rate, self._limit.burst)
-            if not decision.allowed:
+            stored, revision = await self._read()
+            now = self._clock()
+            decision = gcra(plausible_tat(stored, now, rate, burst), now, rate, burst)
+            if decision.allowed:
+                if await self._write(decision.tat, revision):
+                    return throttled
+                conflicts += 1
+                pause = conflict_backoff(conflicts, self._rng)
+            else:
                 throttled = True
-                await asyncio.sleep(decision.wait)
-            elif await self._write(decision.tat, revision):
-                return throttled
+                pause = decision.wait
+            if conflicts >= MAX_CONFLICTS or loop.time() + pause > deadline:
+                raise RateLimitUnavailable(
+                    f"global rate limit key {self._key!r}: no token after {conflicts} lost "
+                    f"compare-and-set races within {acquire_deadline(self._limit):g}s; the "
+                    "message is handed back (check the rate-limit KV bucket and its load)"
+                )
+            await asyncio.sleep(pause)

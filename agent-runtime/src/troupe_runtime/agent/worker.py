@@ -6,7 +6,10 @@ allots; only when every level is empty does it wait, on all levels at once.
 
 Each message is processed and settled by ``processing.Processor`` (what to do
 about how it ended is ``settle.decide``'s, a pure function). A message whose
-task is cancelled, or whose settling itself fails, is handed back to JetStream.
+task is cancelled, or whose settling itself fails, is handed back to JetStream;
+so is every fetched message not yet started when dispatching fails or stops.
+A message waiting for a rate-limit token is reported in progress meanwhile, so
+JetStream does not redeliver it elsewhere when the wait exceeds ``ackWait``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 1.0
 ERROR_BACKOFF_SECONDS = 1.0
+PROGRESS_SHARE = 0.3
+"""A message waiting for the rate limit is reported in progress every this share of ackWait."""
 
 
 async def _hand_back(msg: Msg, delay: float | None = None) -> None:
@@ -74,6 +79,7 @@ class Worker:
         ]
         self._scheduler = PriorityScheduler(levels)
         self._max_in_flight = config.messaging.max_in_flight
+        self._progress_every = config.messaging.ack_wait.total_seconds() * PROGRESS_SHARE
         self._slots = asyncio.Semaphore(self._max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._task_done = asyncio.Event()
@@ -99,7 +105,10 @@ class Worker:
         # Waiting requests may still bring a message; it is handled, not stranded.
         for task in self._waiting.values():
             await asyncio.wait([task])
-        await self._dispatch(self._collect_waiting())
+        try:
+            await self._dispatch(self._collect_waiting())
+        except Exception:
+            logger.exception("dispatching the last messages failed; they were handed back")
 
     async def finish(self, grace: float) -> None:
         """Let in-flight handlers finish within ``grace``; hand back the rest."""
@@ -174,12 +183,57 @@ class Worker:
         return messages
 
     async def _dispatch(self, messages: list[Msg]) -> None:
-        for msg in messages:
-            if self._limiter is not None and await self._limiter.acquire():
-                self._metrics.throttled.inc()
+        """Start one task per message; hand back, at once, every message not started.
+
+        A message is only ever handled or handed back: if waiting for the rate
+        limit fails (the KV bucket unreachable, say) or the worker is stopped
+        meanwhile, the messages not yet started are NAKed instead of waiting
+        out ``ackWait``.
+        """
+        for index, msg in enumerate(messages):
+            try:
+                started = self._limiter is None or await self._throttle(messages[index:])
+            except BaseException:
+                await asyncio.gather(
+                    *(_hand_back(rest, ERROR_BACKOFF_SECONDS) for rest in messages[index:])
+                )
+                raise
+            if not started:
+                await asyncio.gather(*(_hand_back(rest) for rest in messages[index:]))
+                return
             task = asyncio.create_task(self._handle(msg))
             self._tasks.add(task)
             task.add_done_callback(self._forget)
+
+    async def _throttle(self, pending: list[Msg]) -> bool:
+        """Wait for a rate-limit token; False when the worker is stopped first.
+
+        Meanwhile every pending message is reported in progress, so one that waits
+        longer than ``ackWait`` is not redelivered (to another replica).
+        """
+        assert self._limiter is not None
+        acquiring = asyncio.ensure_future(self._limiter.acquire())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {acquiring, stopping},
+                    timeout=self._progress_every,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if acquiring in done:
+                    if acquiring.result():
+                        self._metrics.throttled.inc()
+                    return True
+                if stopping in done:
+                    return False
+                for msg in pending:
+                    await msg.in_progress()
+        finally:
+            stopping.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+                await asyncio.gather(acquiring, return_exceptions=True)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

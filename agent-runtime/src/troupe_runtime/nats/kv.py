@@ -22,6 +22,9 @@ from troupe_runtime.contract.state_errors import ConflictError, KeyExistsError
 WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 """JetStream's error codes for a failed expected-last-subject-sequence check."""
 
+CREATE_ATTEMPTS = 3
+"""How often ``create`` tries a key that is present when written and gone when checked."""
+
 _ACTUAL_REVISION = re.compile(r"wrong last sequence: (\d+)")
 
 
@@ -63,14 +66,19 @@ class KeyValueRevisions:
         return await self._kv.put(key, codec.encode(value))
 
     async def create(self, key: str, value: Any, ttl: int | None = None) -> int:
-        try:
-            return await self._kv.create(key, codec.encode(value), msg_ttl=ttl)
-        except KeyWrongLastSequenceError as err:
-            raise KeyExistsError(self.bucket, key, actual_revision(err)) from err
-        except KeyNotFoundError:
-            # The key expired (a lease's TTL) between nats-py's failed create and its
-            # check for a tombstone: it is absent now, so create it again.
-            return await self.create(key, value, ttl)
+        encoded = codec.encode(value)
+        for _ in range(CREATE_ATTEMPTS):
+            try:
+                return await self._kv.create(key, encoded, msg_ttl=ttl)
+            except KeyWrongLastSequenceError as err:
+                raise KeyExistsError(self.bucket, key, actual_revision(err)) from err
+            except KeyNotFoundError as err:
+                # The key expired (a lease's TTL) between nats-py's failed create and its
+                # check for a tombstone: it is absent now, so create it again.
+                vanished = err
+        # Present at every write, absent at every check: to the caller the key exists
+        # (a lock waits for it, a handler's attempt fails), never an endless loop.
+        raise KeyExistsError(self.bucket, key, None) from vanished
 
     async def delete(self, key: str, expected: int | None = None) -> None:
         try:

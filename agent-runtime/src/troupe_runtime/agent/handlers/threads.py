@@ -12,9 +12,10 @@ So each call gets a daemon thread of its own, and the threads are counted:
   call never waits for one);
 - a call whose awaiting task is cancelled (its timeout, or shutdown) gives its
   capacity back at once; its thread is *stuck* until the function returns;
-- once ``stuck_limit`` threads (4 per slot) are stuck, a new call is refused with ``HandlerThreadsExhausted`` (a failed attempt, retried per the
-  retry policy), and ``wedged()`` is true: only a restart reclaims the threads,
-  so the runtime should stop reporting live.
+- once ``stuck_limit`` threads (4 per slot) are stuck, a new call is refused
+  with ``HandlerThreadsExhausted`` (a failed attempt, retried per the retry
+  policy), and ``wedged()`` is true: only a restart reclaims the threads, so
+  the runtime should stop reporting live.
 
 Daemon threads do not hold up the process's exit. ``stuck`` is exported as the
 ``troupe_handler_stuck_threads`` gauge.
@@ -101,13 +102,14 @@ class HandlerThreads:
         try:
             return await future
         finally:
-            self._given_up_unless_done(call)
+            # A future with its outcome means the function has returned: not stuck.
+            self._given_up_unless_done(call, answered=future.done() and not future.cancelled())
 
-    def _given_up_unless_done(self, call: _Call) -> None:
+    def _given_up_unless_done(self, call: _Call, *, answered: bool) -> None:
         """The caller is done waiting; a thread still running from here on is stuck."""
         with self._lock:
             self._running -= 1
-            if not call.finished:
+            if not call.finished and not answered:
                 call.abandoned = True
                 self._stuck += 1
 
