@@ -133,7 +133,7 @@ async def test_a_message_whose_token_cannot_be_taken_is_handed_back_at_once(
 
         async def pulled() -> bool:
             info = await js.consumer_info(config.inbox_stream, config.consumer_name(0))
-            return info.delivered.consumer_seq >= 1
+            return bool(info.delivered.consumer_seq >= 1)
 
         await eventually(pulled, "the message to be pulled while the bucket is gone")
         await ensure_agent_resources(js, build_agent_resources(config))
