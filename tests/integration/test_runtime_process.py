@@ -38,14 +38,24 @@ MISBEHAVING = "tests.integration.misbehaving_handlers"
 
 
 @contextmanager
-def runtime_process(config: RuntimeConfig, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def runtime_process(
+    config: RuntimeConfig, workdir: Path, *arguments: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """The runtime in a process of its own; killed at the end if still running."""
     config_file = workdir / "config.json"
     config_file.write_text(config.to_json())
     env = {**os.environ, EFFECTS_ENV: str(workdir / "effects"), pod.POD_IP_ENV: "127.0.0.1"}
     with (workdir / "runtime.log").open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, *pod.AGENT_COMMAND[1:], "--config", str(config_file), "--grace", "5"],
+            [
+                sys.executable,
+                *pod.AGENT_COMMAND[1:],
+                "--config",
+                str(config_file),
+                "--grace",
+                "5",
+                *arguments,
+            ],
             cwd=REPOSITORY,
             env=env,
             stdout=log,
@@ -200,6 +210,38 @@ async def test_sync_handlers_stuck_past_their_timeout_do_not_starve_the_next_mes
 
     assert reasons == {"HandlerTimeout"}
     assert stuck == blocked
+
+
+async def test_a_runtime_whose_sync_threads_are_all_stuck_stops_reporting_live(
+    nats_url: str, tmp_path: Path
+) -> None:
+    config = make_config(
+        nats_url,
+        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:misbehave_in_thread"},
+        timeout="200ms",
+        retry={"maxAttempts": 1},
+        messaging={"maxInFlight": 1},
+        healthPort=free_port(),
+    )
+    async with provisioned(config) as (_, js):
+        with runtime_process(config, tmp_path, "--liveness-bound", "1") as process:
+            await eventually(lambda: ready(config), "the runtime to be ready")
+            live_before = (await http_get(config.health_port, pod.HEALTH_PATH)).status_code
+            # Four stuck threads per maxInFlight slot wedge the handler: no call can start.
+            for _ in range(4):
+                await send(js, config, "block")
+
+            async def not_live() -> bool:
+                response = await http_get(config.health_port, pod.HEALTH_PATH)
+                return response.status_code == 503
+
+            await eventually(not_live, "/healthz to fail once every thread is stuck")
+            stuck = await stuck_threads(config)
+            alive = process.poll() is None
+
+    assert live_before == 200
+    assert stuck == 4
+    assert alive
 
 
 async def test_sigterm_exits_although_a_sync_handler_thread_is_stuck(

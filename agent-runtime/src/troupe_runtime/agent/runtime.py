@@ -102,6 +102,8 @@ class Runtime:
         """Whether the replica can process messages (or wait for its consumers) now."""
         if self._stop.is_set():
             return True  # shutting down within the grace period is its work now
+        if self._handler.wedged():
+            return False  # every sync-handler thread is stuck: only a restart frees them
         if self._phase not in (Phase.BINDING, Phase.SERVING):
             return False
         if self._nc is None or not self._nc.is_connected:
