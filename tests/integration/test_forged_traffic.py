@@ -74,7 +74,12 @@ async def test_a_forged_max_deliveries_advisory_for_a_message_in_flight_does_not
     async with provisioned(config) as (nc, js), running(config, slow) as runtime:
         await send(js, config, "in flight")
         await eventually(lambda: handled == [1], "the handler to start")
-        await nc.publish(advisory_subject(config), forged_advisory(config, 1, deliveries=2))
+        # As many deliveries as the consumer allows: the forgery's only tell is the message
+        # being in flight.
+        deliveries = config.retry.max_attempts + 1
+        await nc.publish(
+            advisory_subject(config), forged_advisory(config, 1, deliveries=deliveries)
+        )
         await eventually(
             lambda: sample(runtime, "troupe_advisories_total", verdict="defer") >= 1,
             "the rescuer to look at the advisory",

@@ -126,7 +126,7 @@ def test_spec_change_rolls_the_pods_and_updates_stream_and_consumer(
     replica_sets = apps_v1(api_client).list_namespaced_replica_set(namespace).items
     assert len(replica_sets) == 2
     consumer = consumer_config(cluster.nats_url, _inbox(namespace, "editor"), "editor_p0")
-    assert (consumer.ack_wait, consumer.max_deliver) == (45.0, 5)
+    assert (consumer.ack_wait, consumer.max_deliver) == (45.0, 5 + 1)  # attempts + 1
     assert stream_config(cluster.nats_url, f"TROUPE_DLQ_{namespace}_editor").max_age == 86400.0
 
 
@@ -284,7 +284,7 @@ def test_operator_killed_midway_converges_after_restart(
         )
     assert _deployment(api_client, namespace, "survivor").status.ready_replicas == 2
     consumer = consumer_config(cluster.nats_url, _inbox(namespace, "survivor"), "survivor_p0")
-    assert consumer.max_deliver == 7
+    assert consumer.max_deliver == 7 + 1  # attempts + the delivery that dead-letters
     assert consumer_config(cluster.nats_url, _inbox(namespace, "latecomer"), "latecomer_p0")
 
 

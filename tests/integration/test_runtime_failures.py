@@ -212,10 +212,11 @@ async def test_a_message_no_replica_survives_is_dead_lettered_from_the_stored_ad
 
     async with provisioned(config) as (nc, js):
         await send(js, config, "poison")
-        # Two replicas take the message and die before acknowledging it.
+        # Three replicas take the message and die before acknowledging it: the two
+        # attempts allowed, and the extra delivery a replica would dead-letter at once.
         crashed = Puller(nc, config.inbox_stream, config.consumer_name(0))
         await crashed.start()
-        for _ in range(2):
+        for _ in range(3):
             assert len(await crashed.pull(1, wait=3.0)) == 1
         # A third replica's pull makes the server give up (and advise); it dies too.
         assert await crashed.pull(1, wait=2.0) == []
@@ -230,5 +231,34 @@ async def test_a_message_no_replica_survives_is_dead_lettered_from_the_stored_ad
 
     assert called == []
     assert (letter.headers or {})[REASON_HEADER] == "max-deliveries"
-    assert (letter.headers or {})[ATTEMPTS_HEADER] == "2"
+    assert (letter.headers or {})[ATTEMPTS_HEADER] == "3"
     assert letter.data == b'"poison"'
+
+
+async def test_a_message_delivered_past_its_attempts_is_dead_lettered_by_the_next_replica(
+    nats_url: str,
+) -> None:
+    config = make_config(nats_url, retry={"maxAttempts": 2}, messaging={"ackWait": "1s"})
+    called: list[str] = []
+
+    async def record(ctx: Context) -> None:
+        called.append(ctx.event.id)
+
+    async with provisioned(config) as (nc, js):
+        await send(js, config, "poison")
+        # Both allowed attempts die before acknowledging (a crash, a hang, an OOM kill).
+        crashed = Puller(nc, config.inbox_stream, config.consumer_name(0))
+        await crashed.start()
+        for _ in range(2):
+            assert len(await crashed.pull(1, wait=3.0)) == 1
+        await crashed.stop()
+        async with running(config, record):
+            await eventually(lambda: stream_count(js, config.dead_letter_stream), "a dead letter")
+            await eventually(lambda: inbox_empty(js, config), "the inbox to be emptied")
+        [letter] = await stored(js, config.dead_letter_stream)
+        advisories = await stream_count(js, naming.advisory_stream(config.namespace, config.agent))
+
+    assert called == []
+    assert (letter.headers or {})[REASON_HEADER] == "max-deliveries"
+    assert (letter.headers or {})[ATTEMPTS_HEADER] == "3"
+    assert advisories == 0  # the server never gave up: no rescue was needed

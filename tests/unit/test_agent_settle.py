@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from troupe_runtime.agent.settle import (
     EXPIRED_ERROR,
+    OVERDELIVERED_ERROR,
     Ack,
     AgentFailed,
     DeadLetter,
@@ -17,6 +18,7 @@ from troupe_runtime.agent.settle import (
     Malformed,
     Nak,
     Outcome,
+    Overdelivered,
     Policy,
     Succeeded,
     decide,
@@ -54,6 +56,13 @@ def test_an_input_schema_violation_is_dead_lettered() -> None:
 def test_an_output_schema_violation_is_dead_lettered() -> None:
     assert decide(InvalidOutput("bad output"), POLICY) == DeadLetter(
         DeadLetterReason.INVALID_OUTPUT, "bad output"
+    )
+
+
+def test_a_delivery_past_the_allowed_attempts_is_dead_lettered_as_max_deliveries() -> None:
+    settlement = decide(Overdelivered(4), POLICY)
+    assert settlement == DeadLetter(
+        DeadLetterReason.MAX_DELIVERIES, OVERDELIVERED_ERROR.format(deliveries=4)
     )
 
 
@@ -140,6 +149,7 @@ outcomes: st.SearchStrategy[Outcome] = st.one_of(
     st.builds(Expired),
     st.builds(InvalidInput, errors),
     st.builds(InvalidOutput, errors),
+    st.builds(Overdelivered, attempts),
 )
 
 
@@ -202,6 +212,8 @@ def test_a_dead_letter_carries_the_outcome_error(outcome: Outcome, policy: Polic
             assert settlement.error == reason
         case Failed(error) | AgentFailed(_, error):
             assert settlement.error == error
+        case Overdelivered(deliveries):
+            assert settlement.error == OVERDELIVERED_ERROR.format(deliveries=deliveries)
         case _:
             assert settlement.error == EXPIRED_ERROR
 

@@ -38,6 +38,7 @@ from troupe_runtime.agent.settle import (
     Malformed,
     Nak,
     Outcome,
+    Overdelivered,
     Policy,
     Settlement,
     Succeeded,
@@ -126,6 +127,8 @@ class Processor:
             return None, Malformed(error.reason)
         logs.message_id.set(event.id)
         logs.correlation_id.set(event.run_id)
+        if attempt > self._policy.max_attempts:
+            return event, Overdelivered(attempt)
         if event.deadline is not None and event.deadline <= datetime.now(UTC):
             return event, Expired()
         try:

@@ -18,6 +18,10 @@ from troupe_runtime.contract.dead_letters import DeadLetterReason
 from troupe_runtime.contract.policies import retry_delay
 
 EXPIRED_ERROR = "deadline passed"
+OVERDELIVERED_ERROR = (
+    "delivered {deliveries} times without an acknowledgement; "
+    "the handler may crash or hang the process"
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,19 @@ class Malformed:
     """The message is not a usable CloudEvent; retrying cannot help."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class Overdelivered:
+    """Delivered more often than the Agent allows attempts: no earlier delivery was
+    settled (the process crashed or hung every time), so the handler must not run again.
+
+    The inbox consumers allow one delivery more than ``retry.maxAttempts`` for this: the
+    replica that gets it dead-letters the message itself, at once, whatever else it is
+    doing; the server's MAX_DELIVERIES advisory is only the fallback.
+    """
+
+    deliveries: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,7 @@ class Undelivered:
 Outcome = (
     Succeeded
     | Malformed
+    | Overdelivered
     | Expired
     | InvalidInput
     | InvalidOutput
@@ -145,6 +163,9 @@ def decide(outcome: Outcome, policy: Policy) -> Settlement:
             return Ack()
         case Malformed(reason):
             return DeadLetter(DeadLetterReason.MALFORMED, reason)
+        case Overdelivered(deliveries):
+            error = OVERDELIVERED_ERROR.format(deliveries=deliveries)
+            return DeadLetter(DeadLetterReason.MAX_DELIVERIES, error)
         case Expired():
             return DeadLetter(DeadLetterReason.EXPIRED, EXPIRED_ERROR)
         case InvalidInput(reason):

@@ -75,7 +75,9 @@ def build_consumer(config: RuntimeConfig, priority: int, replicas: int) -> Consu
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=config.messaging.ack_wait.total_seconds(),
-        max_deliver=config.retry.max_attempts,
+        # One delivery more than the attempts: the replica that gets it dead-letters the
+        # message (its earlier deliveries crashed or hung), with no advisory needed.
+        max_deliver=config.retry.max_attempts + 1,
         max_ack_pending=config.messaging.max_in_flight * max(replicas, 1),
         description=f"Priority {priority} of agent {config.namespace}/{config.agent}",
     )
