@@ -116,6 +116,15 @@ async def test_junk_on_the_advisory_subject_is_acked_and_the_runtime_stays_ready
         for data in junk:
             await nc.publish(advisory_subject(config), data)
         await nc.flush()
+
+        def judged() -> float:
+            return sum(
+                sample(runtime, "troupe_advisories_total", verdict=verdict)
+                for verdict in ("junk", "drop", "defer", "rescue")
+            )
+
+        # The stream is empty before the junk is stored too: wait for every verdict first.
+        await eventually(lambda: judged() >= len(junk), "a verdict on every junk message")
         await eventually(lambda: _empty(js, advisory_stream(config)), "every junk message acked")
         junk_count = sample(runtime, "troupe_advisories_total", verdict="junk")
         dropped = sample(runtime, "troupe_advisories_total", verdict="drop")
