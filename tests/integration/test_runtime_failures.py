@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tests.integration.runtime_harness import (
@@ -160,6 +160,22 @@ async def test_an_event_past_its_deadline_is_dead_lettered_unhandled(nats_url: s
 
     assert called == []
     assert (letter.headers or {})[REASON_HEADER] == "expired"
+
+
+async def test_a_handler_cut_short_by_the_events_deadline_says_so(nats_url: str) -> None:
+    config = make_config(nats_url, timeout="30s", retry={"maxAttempts": 1})
+
+    async def hang(ctx: Context) -> None:
+        await asyncio.Event().wait()
+
+    async with provisioned(config) as (_, js), running(config, hang):
+        deadline = datetime.now(UTC) + timedelta(milliseconds=500)
+        await send(js, config, "hurry", deadline=deadline)
+        await eventually(lambda: stream_count(js, config.dead_letter_stream), "a dead letter")
+        [letter] = await stored(js, config.dead_letter_stream)
+
+    error = (letter.headers or {})[ERROR_HEADER]
+    assert error.startswith("HandlerTimeout: handler did not finish before the event's deadline")
 
 
 async def test_an_output_that_violates_the_output_schema_is_dead_lettered(

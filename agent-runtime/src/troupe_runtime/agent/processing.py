@@ -193,6 +193,10 @@ class Processor:
                 return await self._handler(ctx)
         except TimeoutError as error:
             if scope.expired():
+                if loop.time() >= latest:
+                    raise HandlerTimeout(
+                        f"handler did not finish before the event's deadline {event.deadline}"
+                    ) from error
                 raise HandlerTimeout(
                     f"handler did not finish within {self._timeout:g}s "
                     "(call ctx.progress() to extend)"
