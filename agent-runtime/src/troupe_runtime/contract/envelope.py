@@ -297,14 +297,17 @@ def _no_constant(name: str) -> float:
 
 def _nests_deeper(value: Any, depth: int) -> bool:
     """Whether ``value`` has more than ``depth`` levels of arrays and objects (no recursion)."""
+    if depth < 1:
+        return True
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, level = stack.pop()
-        if level > depth:
-            return True
         for child in node.values() if isinstance(node, dict) else node:
             if isinstance(child, dict | list):
-                stack.append((child, level + 1))
+                if level >= depth:
+                    return True
+                if child:  # an empty one adds its level, checked above, and nothing below
+                    stack.append((child, level + 1))
     return False
 
 
