@@ -29,15 +29,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from troupe_runtime.contract import wire
+
 MAX_PAYLOAD_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADER_VALUE_BYTES = 4 * 1024
 MAX_JSON_DEPTH = 64
-
-# The header block on the wire: "NATS/1.0\r\n", one "key: value\r\n" a header, "\r\n".
-_STATUS_LINE_BYTES = len(b"NATS/1.0\r\n")
-_LINE_OVERHEAD_BYTES = len(b": \r\n")
-_END_BYTES = len(b"\r\n")
 
 
 @dataclass(frozen=True)
@@ -53,21 +50,6 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def text_bytes(text: str) -> int:
-    """UTF-8 size of ``text``; a lone surrogate counts as the three bytes it would take."""
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
-def header_block_bytes(headers: Mapping[str, str]) -> int:
-    """The size of a header block on the wire (0 without headers)."""
-    if not headers:
-        return 0
-    lines = sum(
-        text_bytes(key) + text_bytes(value) + _LINE_OVERHEAD_BYTES for key, value in headers.items()
-    )
-    return _STATUS_LINE_BYTES + lines + _END_BYTES
-
-
 def oversize(headers: Mapping[str, str], payload: bytes, limits: Limits) -> str | None:
     """Why a message is too large to be read, or None when it is within ``limits``."""
     if len(payload) > limits.payload_bytes:
@@ -76,13 +58,13 @@ def oversize(headers: Mapping[str, str], payload: bytes, limits: Limits) -> str 
             "send less data per message"
         )
     for key, value in headers.items():
-        size = text_bytes(value)
+        size = wire.utf8_size(value)
         if size > limits.header_value_bytes:
             return (
                 f"header {key} is {size} bytes, over the limit of "
                 f"{limits.header_value_bytes} bytes for one header value"
             )
-    total = header_block_bytes(headers)
+    total = wire.header_block_size(headers)
     if total > limits.header_bytes:
         return (
             f"headers are {total} bytes, over the limit of {limits.header_bytes} bytes "

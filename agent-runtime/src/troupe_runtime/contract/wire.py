@@ -28,8 +28,13 @@ def header_block_size(headers: Mapping[str, str] | None) -> int:
         if not name:
             continue
         line = value.strip().translate(_NEWLINES)
-        size += len(name.encode()) + len(HEADER_SEPARATOR) + len(line.encode()) + len(CRLF)
+        size += utf8_size(name) + len(HEADER_SEPARATOR) + utf8_size(line) + len(CRLF)
     return size
+
+
+def utf8_size(text: str) -> int:
+    """UTF-8 size of ``text``; a lone surrogate (from hostile input) counts as its 3 bytes."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def message_size(payload: bytes, headers: Mapping[str, str] | None) -> int:
