@@ -139,6 +139,8 @@ async def send(
 async def stored(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:
     """Every message a stream holds now, oldest first."""
     state = (await js.stream_info(stream)).state
+    if state.messages == 0:
+        return []  # a stream that never held a message reports first_seq 0
     messages = []
     for sequence in range(state.first_seq, state.last_seq + 1):
         try:

@@ -72,6 +72,14 @@ async def connected(url: str, namespace: str) -> AsyncIterator[Ops]:
         await nc.close()
 
 
+def _encode(event: CloudEvent) -> tuple[dict[str, str], bytes]:
+    """The event as NATS headers and payload, or a CLI error saying why it cannot be sent."""
+    try:
+        return envelope.to_binary(event)
+    except envelope.UnpublishableEvent as error:
+        raise CliError(f"cannot send this data: {error}") from error
+
+
 class Ops:
     """The reads and writes behind every command, in one namespace."""
 
@@ -94,7 +102,7 @@ class Ops:
             priority=priority,
             data=data,
         )
-        headers, payload = envelope.to_binary(event)
+        headers, payload = _encode(event)
         ack = await self._js.publish(
             naming.workflow_subject(self.namespace, workflow, "start", run_id),
             payload,
@@ -186,7 +194,7 @@ class Ops:
                 f"use a priority below the Agent's messaging.priorityLevels"
             ) from error
         subject = naming.inbox_subject(self.namespace, agent, priority)
-        headers, payload = envelope.to_binary(event)
+        headers, payload = _encode(event)
         ack = await self._js.publish(subject, payload, headers=headers)
         return subject, ack.stream, ack.seq
 
