@@ -6,6 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from nats.aio.client import Client
+
 from tests.integration.runtime_harness import (
     eventually,
     http_get,
@@ -22,6 +24,7 @@ from tests.integration.runtime_harness import (
 from troupe_runtime.agent.context import AgentError, Context
 from troupe_runtime.agent.handlers.echo import echo
 from troupe_runtime.contract import naming
+from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.dead_letters import (
     ATTEMPTS_HEADER,
     ERROR_HEADER,
@@ -217,6 +220,21 @@ async def test_a_non_retryable_error_state_is_dead_lettered_at_once(nats_url: st
     ] == "AgentError: Refused: this agent does not do that"
 
 
+async def die_on_deliveries(
+    nc: Client, config: RuntimeConfig, deliveries: int, *, last: bool = False
+) -> None:
+    """``deliveries`` replicas take the next message in turn and die before acknowledging it
+    (a crash, a hang, an OOM kill). With ``last``, that was the consumer's last delivery: one
+    more pull finds nothing, and the server gives up and advises."""
+    crashed = Puller(nc, config.inbox_stream, config.consumer_name(0))
+    await crashed.start()
+    for _ in range(deliveries):
+        assert len(await crashed.pull(1, wait=3.0)) == 1
+    if last:
+        assert await crashed.pull(1, wait=2.0) == []
+    await crashed.stop()
+
+
 async def test_a_message_no_replica_survives_is_dead_lettered_from_the_stored_advisory(
     nats_url: str,
 ) -> None:
@@ -228,15 +246,9 @@ async def test_a_message_no_replica_survives_is_dead_lettered_from_the_stored_ad
 
     async with provisioned(config) as (nc, js):
         await send(js, config, "poison")
-        # Three replicas take the message and die before acknowledging it: the two
-        # attempts allowed, and the extra delivery a replica would dead-letter at once.
-        crashed = Puller(nc, config.inbox_stream, config.consumer_name(0))
-        await crashed.start()
-        for _ in range(3):
-            assert len(await crashed.pull(1, wait=3.0)) == 1
-        # A third replica's pull makes the server give up (and advise); it dies too.
-        assert await crashed.pull(1, wait=2.0) == []
-        await crashed.stop()
+        # The two attempts allowed die, and so does the extra delivery a replica would
+        # dead-letter at once: the server gives up.
+        await die_on_deliveries(nc, config, 3, last=True)
         # No replica listened to the advisory: it waits in a stream of its own.
         advisories = naming.advisory_stream(config.namespace, config.agent)
         await eventually(lambda: stream_count(js, advisories), "the stored advisory")
@@ -262,12 +274,7 @@ async def test_a_message_delivered_past_its_attempts_is_dead_lettered_by_the_nex
 
     async with provisioned(config) as (nc, js):
         await send(js, config, "poison")
-        # Both allowed attempts die before acknowledging (a crash, a hang, an OOM kill).
-        crashed = Puller(nc, config.inbox_stream, config.consumer_name(0))
-        await crashed.start()
-        for _ in range(2):
-            assert len(await crashed.pull(1, wait=3.0)) == 1
-        await crashed.stop()
+        await die_on_deliveries(nc, config, 2)  # both allowed attempts
         async with running(config, record):
             await eventually(lambda: stream_count(js, config.dead_letter_stream), "a dead letter")
             await eventually(lambda: inbox_empty(js, config), "the inbox to be emptied")
