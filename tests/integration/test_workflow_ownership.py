@@ -14,12 +14,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import pytest
 
 from tests.integration.runtime_harness import eventually
-from tests.integration.test_workflow_recovery import LINEAR, engine_process, engine_ready, recording
+from tests.integration.test_workflow_recovery import (
+    LINEAR,
+    engine_answers,
+    engine_process,
+    recording,
+)
 from tests.integration.workflow_harness import (
     agents,
     engine_config,
@@ -29,6 +33,7 @@ from tests.integration.workflow_harness import (
     trigger,
 )
 from troupe_devcluster.layout import free_port
+from troupe_runtime.contract import pod
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.run_events import RunStarted, StepDispatched, encode_event
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
@@ -43,13 +48,7 @@ OVERLAP_EFFECTS = 12
 
 async def live(config: EngineConfig, process: subprocess.Popen[bytes]) -> bool:
     """The process serves /healthz: it is up and contending, though perhaps not owning."""
-    assert process.poll() is None, "the engine exited"
-    try:
-        async with httpx.AsyncClient() as client:
-            response = await client.get(f"http://127.0.0.1:{config.health_port}/healthz")
-    except httpx.TransportError:
-        return False
-    return response.status_code == 200
+    return await engine_answers(config, process, pod.HEALTH_PATH)
 
 
 async def test_engine_pods_deleted_repeatedly_during_load_leave_no_run_stuck(
@@ -84,7 +83,7 @@ async def test_engine_pods_deleted_repeatedly_during_load_leave_no_run_stuck(
     with ExitStack() as stack:
         async with agents(nats_url, ns, handlers):
             config, current = pod()
-            await eventually(partial(engine_ready, config, current), "the first engine")
+            await eventually(partial(engine_answers, config, current), "the first engine")
             for rotation in range(ROTATIONS):
                 successor_config, successor = pod()
                 await eventually(partial(live, successor_config, successor), "the new pod")
@@ -97,7 +96,7 @@ async def test_engine_pods_deleted_repeatedly_during_load_leave_no_run_stuck(
                 current.send_signal(signal.SIGTERM if rotation % 2 == 0 else signal.SIGKILL)
                 current.wait()
                 await eventually(
-                    partial(engine_ready, successor_config, successor), "the new pod to own"
+                    partial(engine_answers, successor_config, successor), "the new pod to own"
                 )
                 config, current = successor_config, successor
             outcomes = await asyncio.gather(*(result(js, base, r) for r in runs))
@@ -180,7 +179,7 @@ async def test_a_dispatch_that_fails_is_tried_again_and_the_run_finishes(
         return "done"
 
     with engine_process(config, tmp_path) as process:
-        await eventually(partial(engine_ready, config, process), "the engine")
+        await eventually(partial(engine_answers, config, process), "the engine")
         await trigger(js, config, None, run)
 
         async def started() -> bool:
@@ -189,7 +188,7 @@ async def test_a_dispatch_that_fails_is_tried_again_and_the_run_finishes(
         await eventually(started, "the run to start")
         async with agents(nats_url, ns, {"late": late}):
             outcome = await result(js, config, run)
-        assert await engine_ready(config, process)
+        assert await engine_answers(config, process)
     await nc.close()
     assert outcome["status"] == "Succeeded"
 
@@ -218,7 +217,7 @@ async def test_each_dispatch_carries_the_earlier_of_the_step_timeout_and_the_run
     run = uuid.uuid4().hex
     async with agents(nats_url, ns, {"quick": noting("quick"), "long": noting("long")}):
         with engine_process(config, tmp_path) as process:
-            await eventually(partial(engine_ready, config, process), "the engine")
+            await eventually(partial(engine_answers, config, process), "the engine")
             await trigger(js, config, None, run)
             await result(js, config, run)
         events = await run_events(js, config, run)

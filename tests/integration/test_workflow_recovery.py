@@ -63,11 +63,14 @@ def engine_process(config: EngineConfig, directory: Path) -> Iterator[subprocess
         log.close()
 
 
-async def engine_ready(config: EngineConfig, process: subprocess.Popen[bytes]) -> bool:
+async def engine_answers(
+    config: EngineConfig, process: subprocess.Popen[bytes], path: str = pod.READY_PATH
+) -> bool:
+    """The engine process answers 200 on ``path`` (readiness unless told otherwise)."""
     assert process.poll() is None, "the engine exited"
     try:
         async with httpx.AsyncClient() as client:
-            response = await client.get(f"http://127.0.0.1:{config.health_port}/readyz")
+            response = await client.get(f"http://127.0.0.1:{config.health_port}{path}")
     except httpx.TransportError:
         return False
     return response.status_code == 200
@@ -105,7 +108,7 @@ async def test_a_sigkilled_engine_resumes_and_runs_each_step_once(
     await ensure_workflow_resources(js, build_workflow_resources(config))
     async with agents(nats_url, ns, handlers):
         with engine_process(config, tmp_path) as first:
-            await eventually(partial(engine_ready, config, first), "the first engine")
+            await eventually(partial(engine_answers, config, first), "the first engine")
             await trigger(js, config, [], run)
 
             async def b_dispatched() -> bool:
@@ -119,7 +122,7 @@ async def test_a_sigkilled_engine_resumes_and_runs_each_step_once(
             first.wait()
         b_gate.set()  # b finishes while no engine runs; its reply waits in the stream
         with engine_process(config, tmp_path) as second:
-            await eventually(partial(engine_ready, config, second), "the restarted engine")
+            await eventually(partial(engine_answers, config, second), "the restarted engine")
             outcome = await result(js, config, run)
         events = await run_events(js, config, run)
     await nc.close()
@@ -153,12 +156,12 @@ async def test_runs_survive_repeated_engine_kills_with_exactly_once_effects(
         await asyncio.gather(*(trigger(js, config, [], r) for r in runs))
         for threshold in (total // 8, total // 3, total // 2):
             with engine_process(config, tmp_path) as process:
-                await eventually(partial(engine_ready, config, process), "the engine")
+                await eventually(partial(engine_answers, config, process), "the engine")
                 await eventually(partial(reached, threshold), f"{threshold} effects")
                 process.send_signal(signal.SIGKILL)
                 process.wait()
         with engine_process(config, tmp_path) as last:
-            await eventually(partial(engine_ready, config, last), "the final engine")
+            await eventually(partial(engine_answers, config, last), "the final engine")
             outcomes = await asyncio.gather(*(result(js, config, r) for r in runs))
     await nc.close()
     assert Counter(o["status"] for o in outcomes) == {"Succeeded": len(runs)}
