@@ -20,5 +20,5 @@ def decode(data: bytes | None, where: str) -> Any:
     """Decode the JSON at ``where`` (bucket/key or log/seq), for the error message."""
     try:
         return json.loads(data or b"null")
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise InvalidValueError(f"{where} does not hold JSON: {err}") from err

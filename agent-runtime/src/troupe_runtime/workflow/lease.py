@@ -112,11 +112,7 @@ class Lease:
             return None
         except NatsTimeoutError:
             return ""
-        try:
-            holder = json.loads(reply.data).get("holder")
-        except (ValueError, AttributeError):
-            holder = None
-        return holder if isinstance(holder, str) and holder else ""
+        return _holder(reply.data) or ""
 
     async def _take(self) -> bool:
         """Compare-and-set the lease subject; then answer probes, as the owner."""
@@ -202,9 +198,11 @@ class Lease:
 
 
 def _holder(data: bytes) -> str | None:
+    """The holder id a lease record or probe answer names; None for anything else, however
+    hostile (a probe answer can come from any client on the subject)."""
     try:
         holder = json.loads(data).get("holder")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return holder if isinstance(holder, str) else None
 

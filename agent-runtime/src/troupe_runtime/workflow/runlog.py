@@ -141,7 +141,7 @@ class RunLog:
             if not firsts:
                 return
             seq, data = min(firsts)
-            run_id = str(json.loads(data).get("run", ""))
+            run_id = _run_named(data)
             if run_id:
                 for kind in RUN_SUBJECT_KINDS:
                     await self._js.purge_stream(
@@ -181,3 +181,13 @@ class RunLog:
                 if stored is not None and stored.events >= state.events:
                     return
         raise RuntimeError(f"run {state.run_id}: its projection kept changing under the engine")
+
+
+def _run_named(data: bytes) -> str:
+    """The run id a tally message names; "" for anything else (any client can publish there)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return ""
+    run_id = body.get("run") if isinstance(body, dict) else None
+    return run_id if isinstance(run_id, str) else ""

@@ -109,7 +109,14 @@ async def _projection(js: JetStreamContext, config: EngineConfig, marker: bytes)
         run_id = str(json.loads(marker)["run"])
         entry = await (await js.key_value(config.runs_bucket)).get(run_id)
         return RunState.model_validate_json(entry.value or b"")
-    except (ValueError, KeyError, TypeError, NotFoundError, ValidationError) as error:
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        RecursionError,
+        NotFoundError,
+        ValidationError,
+    ) as error:
         logger.warning("the latest run of %s is unreadable: %s", config.stream, error)
         return None
 
