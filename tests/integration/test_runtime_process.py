@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -180,19 +181,24 @@ async def test_a_handler_that_exits_fails_its_attempts_and_the_process_keeps_wor
     assert still_ready
 
 
+def blocking_sync_agent(nats_url: str, **fields: Any) -> RuntimeConfig:
+    """An agent whose sync handler blocks on "block" past a 200 ms timeout, with one attempt."""
+    return make_config(
+        nats_url,
+        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:misbehave_in_thread"},
+        timeout="200ms",
+        retry={"maxAttempts": 1},
+        healthPort=free_port(),
+        **fields,
+    )
+
+
 async def test_sync_handlers_stuck_past_their_timeout_do_not_starve_the_next_message(
     nats_url: str, tmp_path: Path
 ) -> None:
     # More stuck calls than a default executor has threads on a small node (cpus + 4).
     blocked = min(32, (os.cpu_count() or 1) + 4) + 1
-    config = make_config(
-        nats_url,
-        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:misbehave_in_thread"},
-        timeout="200ms",
-        retry={"maxAttempts": 1},
-        messaging={"maxInFlight": blocked // 4 + 1},
-        healthPort=free_port(),
-    )
+    config = blocking_sync_agent(nats_url, messaging={"maxInFlight": blocked // 4 + 1})
     async with provisioned(config) as (_, js):
         with runtime_process(config, tmp_path):
             await eventually(lambda: ready(config), "the runtime to be ready")
@@ -215,14 +221,7 @@ async def test_sync_handlers_stuck_past_their_timeout_do_not_starve_the_next_mes
 async def test_a_runtime_whose_sync_threads_are_all_stuck_stops_reporting_live(
     nats_url: str, tmp_path: Path
 ) -> None:
-    config = make_config(
-        nats_url,
-        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:misbehave_in_thread"},
-        timeout="200ms",
-        retry={"maxAttempts": 1},
-        messaging={"maxInFlight": 1},
-        healthPort=free_port(),
-    )
+    config = blocking_sync_agent(nats_url, messaging={"maxInFlight": 1})
     async with provisioned(config) as (_, js):
         with runtime_process(config, tmp_path, "--liveness-bound", "1") as process:
             await eventually(lambda: ready(config), "the runtime to be ready")
@@ -247,13 +246,7 @@ async def test_a_runtime_whose_sync_threads_are_all_stuck_stops_reporting_live(
 async def test_sigterm_exits_although_a_sync_handler_thread_is_stuck(
     nats_url: str, tmp_path: Path
 ) -> None:
-    config = make_config(
-        nats_url,
-        handler={"type": "python", "entrypoint": f"{MISBEHAVING}:misbehave_in_thread"},
-        timeout="200ms",
-        retry={"maxAttempts": 1},
-        healthPort=free_port(),
-    )
+    config = blocking_sync_agent(nats_url)
     async with provisioned(config) as (_, js):
         with runtime_process(config, tmp_path) as process:
             await eventually(lambda: ready(config), "the runtime to be ready")

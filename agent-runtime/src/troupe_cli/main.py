@@ -47,14 +47,10 @@ def _error(message: object) -> None:
     print(f"error: {render.printable(str(message))}", file=sys.stderr)
 
 
-def _not_a_json_number(constant: str) -> Any:
-    raise ValueError(f"{constant} is not a JSON number")
-
-
 def parse_json(text: str, what: str) -> Any:
     """``text`` as strict JSON: NaN and Infinity, which Python would accept, are refused."""
     try:
-        return json.loads(text, parse_constant=_not_a_json_number)
+        return json.loads(text, parse_constant=envelope.refuse_json_constant)
     except (ValueError, RecursionError) as error:
         raise CliError(
             f"{what} is not JSON ({error}); quote text as a JSON string, e.g. '\"hello\"'"

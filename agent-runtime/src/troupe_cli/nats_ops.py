@@ -6,7 +6,6 @@ cause, so that ``main`` prints a sentence, not a traceback.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +26,7 @@ from troupe_cli.views import (
     ConsumerCounters,
     DeadLetter,
     RunResult,
+    readable_data,
     replay_headers,
 )
 from troupe_runtime.contract import envelope, naming
@@ -120,7 +120,9 @@ class Ops:
             return None
         finally:
             await subscription.unsubscribe()
-        body = json.loads(msg.data or b"{}")
+        body = readable_data(msg.data or b"{}", envelope.JSON_CONTENT_TYPE)
+        if not isinstance(body, dict):  # anyone may publish on the results subject
+            return RunResult(run_id, "", None, "the run's result is not a JSON object")
         return RunResult(run_id, body.get("status", ""), body.get("output"), body.get("error"))
 
     async def runs(self, workflow: str) -> list[RunState]:
@@ -154,14 +156,19 @@ class Ops:
 
     async def _workflow_stream(self, workflow: str) -> str:
         stream = naming.workflow_stream(self.namespace, workflow)
-        try:
-            await self._js.stream_info(stream)
-        except NotFoundError as error:
-            raise CliError(
-                f"workflow {workflow} has no stream {stream} in namespace {self.namespace}: "
-                f"is its engine running?"
-            ) from error
+        await self._existing(
+            stream,
+            f"workflow {workflow} has no stream {stream} in namespace {self.namespace}: "
+            "is its engine running?",
+        )
         return stream
+
+    async def _existing(self, stream: str, missing: str) -> StreamInfo:
+        """The stream's info; a CLI error saying ``missing`` when there is no such stream."""
+        try:
+            return await self._js.stream_info(stream)
+        except NotFoundError as error:
+            raise CliError(missing) from error
 
     async def _runs_bucket(self, workflow: str) -> KeyValue:
         bucket = naming.workflow_runs_bucket(self.namespace, workflow)
@@ -313,21 +320,22 @@ class Ops:
 
     async def purge_dead_letters(self, agent: str) -> int:
         """Empty the agent's dead-letter stream; return how many letters it held."""
-        stream = await self._dead_letter_stream(agent)
-        held = (await self._js.stream_info(stream)).state.messages
+        stream = naming.dead_letter_stream(self.namespace, agent)
+        held = (await self._dead_letter_info(agent)).state.messages
         await self._js.purge_stream(stream)
         return held
 
     async def _dead_letter_stream(self, agent: str) -> str:
+        await self._dead_letter_info(agent)
+        return naming.dead_letter_stream(self.namespace, agent)
+
+    async def _dead_letter_info(self, agent: str) -> StreamInfo:
         stream = naming.dead_letter_stream(self.namespace, agent)
-        try:
-            await self._js.stream_info(stream)
-        except NotFoundError as error:
-            raise CliError(
-                f"agent {agent} has no dead-letter stream {stream}: is the Agent deployed in "
-                f"namespace {self.namespace} with deadLetter.enabled?"
-            ) from error
-        return stream
+        return await self._existing(
+            stream,
+            f"agent {agent} has no dead-letter stream {stream}: is the Agent deployed in "
+            f"namespace {self.namespace} with deadLetter.enabled?",
+        )
 
     async def _stored(self, stream: str, subject: str) -> AsyncIterator[RawStreamMsg]:
         """The messages of one subject, oldest first, skipping gaps left by deletions."""

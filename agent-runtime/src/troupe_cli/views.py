@@ -268,10 +268,6 @@ def json_depth(data: bytes) -> int:
     return deepest
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def readable_data(data: bytes, content_type: str | None) -> Any:
     """A payload as a person should see it: JSON decoded, else text, else base64.
 
@@ -280,7 +276,7 @@ def readable_data(data: bytes, content_type: str | None) -> Any:
     """
     if envelope.is_json(content_type) and json_depth(data) <= MAX_SHOWN_DEPTH:
         try:
-            return json.loads(data, parse_constant=_no_constant) if data else None
+            return json.loads(data, parse_constant=envelope.refuse_json_constant) if data else None
         except (ValueError, RecursionError):
             pass
     try:

@@ -291,7 +291,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _no_constant(name: str) -> float:
+def refuse_json_constant(name: str) -> float:
+    """For ``json.loads``: NaN and Infinity, which Python reads, are not JSON."""
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -314,7 +315,7 @@ def _nests_deeper(value: Any, depth: int) -> bool:
 def decode_json(text: bytes, depth: int, what: str) -> Any:
     """Decode JSON ``text`` of at most ``depth`` levels; ``what`` names it in the reason."""
     try:
-        value = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        value = json.loads(text, parse_float=_finite_float, parse_constant=refuse_json_constant)
     except RecursionError:
         raise MalformedMessage(f"{what} nests deeper than the limit of {depth} levels") from None
     except ValueError as error:
