@@ -11,6 +11,7 @@ TROUPE_RESYNC_SECONDS      how often status and drift are re-checked    30
 TROUPE_METRICS_PORT        Prometheus metrics port; 0 turns them off    9090
 TROUPE_HEALTH_PORT         the liveness endpoint's port (/healthz)      8081
 TROUPE_RUNTIME_IMAGE       the image of workflow engines                troupe/runtime:<VERSION>
+TROUPE_FINALIZER_TIMEOUT   seconds deletion waits on NATS, then lets go  120
 =========================  ===========================================  =======================
 """
 
@@ -39,6 +40,8 @@ class OperatorSettings:
     metrics_port: int = 9090
     health_port: int = 8081
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    finalizer_timeout_seconds: float = 120.0
+    """How long deletion waits on NATS cleanup before it lets the object go (with an Event)."""
     # The pod's own IP (POD_IP) when set: replicas sharing a host must not clash.
     bind_address: str = "0.0.0.0"
 
@@ -77,5 +80,8 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSetting
         metrics_port=int(environ.get("TROUPE_METRICS_PORT", defaults.metrics_port)),
         health_port=int(environ.get("TROUPE_HEALTH_PORT", defaults.health_port)),
         runtime_image=environ.get("TROUPE_RUNTIME_IMAGE", defaults.runtime_image),
+        finalizer_timeout_seconds=float(
+            environ.get("TROUPE_FINALIZER_TIMEOUT", defaults.finalizer_timeout_seconds)
+        ),
         bind_address=environ.get("POD_IP") or defaults.bind_address,
     )

@@ -95,6 +95,15 @@ class SecretReference:
     key: str | None = None
 
 
+@dataclass(frozen=True)
+class ConfigMapReference:
+    """A ConfigMap a spec names (``field``), and the key it needs, if any."""
+
+    field: str
+    name: str
+    key: str | None = None
+
+
 def nats_secrets(connection: NatsConnection, field: str = "spec.nats") -> list[SecretReference]:
     """The Secrets a NATS connection names."""
     references = []

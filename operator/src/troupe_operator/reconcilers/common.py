@@ -26,7 +26,8 @@ from pydantic import BaseModel
 from troupe_operator import metrics
 from troupe_operator.api.agent import NatsConnection
 from troupe_operator.builders import pods, status
-from troupe_operator.builders.pods import Owner, SecretReference
+from troupe_operator.builders.pods import ConfigMapReference, Owner, SecretReference
+from troupe_operator.builders.problems import Problem
 from troupe_operator.builders.status import MessagingObservation, WorkloadObservation
 from troupe_operator.clients.kube import Conflict, Kube
 from troupe_operator.clients.nats import (
@@ -114,6 +115,10 @@ class Plan(Generic[StatusT, ReadT]):
     jetstream: JetStreamStep[ReadT] | None = None
     workload: str | None = None
     """The Deployment whose readiness status reports."""
+    problems: list[Problem] = field(default_factory=list)
+    """What is wrong with the spec: when any, the pass reports Stalled and converges nothing."""
+    config_maps: list[ConfigMapReference] = field(default_factory=list)
+    """ConfigMaps the spec names, checked to exist (with their keys) before pods wait on them."""
 
 
 class Kind(ABC, Generic[SpecT, StatusT]):
