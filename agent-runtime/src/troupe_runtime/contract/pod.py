@@ -16,6 +16,13 @@ METRICS_PATH = "/metrics"
 DEFAULT_HEALTH_PORT = 8080
 ANY_HOST = "0.0.0.0"
 
+RUNTIME_CONTAINER = "runtime"
+"""The container of an agent's or engine's pod that runs Troupe; a sidecar may not take it."""
+RESERVED_ENV_PREFIX = "TROUPE_"
+RESERVED_ENV_NAMES: tuple[str, ...] = (POD_IP_ENV, "POD_NAME", "PYTHONPATH")
+"""Variables the operator sets in the runtime container (with every ``TROUPE_`` one): a
+spec's ``env`` may not set them, or the pod would carry two values for one name."""
+
 AGENT_COMMAND: tuple[str, ...] = ("python", "-m", "troupe_runtime.agent")
 ENGINE_COMMAND: tuple[str, ...] = ("python", "-m", "troupe_runtime.workflow")
 

@@ -20,7 +20,7 @@ from troupe_runtime.contract.agent_config import CONFIG_FILE_NAME, NatsSettings
 
 FIELD_MANAGER = "troupe-operator"
 CONFIG_HASH_ANNOTATION = "troupe.dev/config-hash"
-RUNTIME_CONTAINER = "runtime"
+RUNTIME_CONTAINER = pod.RUNTIME_CONTAINER
 RUNTIME_USER = 10001
 NATS_SECRETS_DIR = Path("/var/run/troupe/nats")
 
