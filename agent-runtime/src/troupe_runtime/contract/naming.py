@@ -14,6 +14,8 @@ RESCUER_CONSUMER = "rescuer"
 TRIGGERS_CONSUMER = "engine_triggers"
 REPLIES_CONSUMER = "engine_replies"
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+ENGINE_SUFFIX = "-engine"
+"""A Workflow's engine objects are ``<workflow>-engine``: no Agent may be named so."""
 
 
 def _token(value: str) -> str:
