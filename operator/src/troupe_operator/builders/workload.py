@@ -14,7 +14,12 @@ from typing import Any
 from troupe_operator.api import AgentSpec
 from troupe_operator.api.agent import AgentRuntime
 from troupe_operator.builders import pods
-from troupe_operator.builders.pods import FIELD_MANAGER, Owner, SecretReference
+from troupe_operator.builders.pods import (
+    FIELD_MANAGER,
+    ConfigMapReference,
+    Owner,
+    SecretReference,
+)
 from troupe_runtime.contract import llm, pod
 from troupe_runtime.contract.agent_config import CONFIG_JSON_ENV, RuntimeConfig
 
@@ -73,6 +78,14 @@ def referenced_secrets(spec: AgentSpec) -> list[SecretReference]:
             SecretReference("spec.runtime.handler.secretName", spec.runtime.handler.secret_name)
         )
     return references
+
+
+def referenced_config_maps(spec: AgentSpec) -> list[ConfigMapReference]:
+    """Every ConfigMap the spec names, so a missing one is reported before pods wait on it."""
+    code = spec.runtime.code
+    return (
+        [] if code is None else [ConfigMapReference("spec.runtime.code.configMap", code.config_map)]
+    )
 
 
 def config_hash(config: RuntimeConfig) -> str:
