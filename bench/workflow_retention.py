@@ -57,7 +57,7 @@ def workflow(nats_url: str, name: str) -> EngineConfig:
             "workflow": name,
             "namespace": "bench",
             "triggerSubject": f"bench.{name}.start",
-            "steps": [{"name": "a", "agent": "a", "subject": "troupe.bench.a.in.p0"}],
+            "steps": [{"name": "a", "agent": "a", "subject": "troupe.bench.agents.a.in.p0"}],
             "nats": {"url": nats_url},
         }
     )

@@ -27,6 +27,7 @@ from tests.integration.operator_support import (
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace, wait_for
 from troupe_devcluster.kube import apps_v1, core_v1
+from troupe_runtime.contract import naming
 
 DEADLINE = 45.0
 CONFIG_HASH = "troupe.dev/config-hash"
@@ -82,12 +83,14 @@ def test_applied_agent_gets_its_objects_and_jetstream_resources_and_turns_ready(
         deployment = _deployment(api_client, namespace, "writer")
         assert deployment.status.ready_replicas == 2
         assert deployment.metadata.owner_references[0].kind == "Agent"
-        config_map = core_v1(api_client).read_namespaced_config_map("writer-runtime", namespace)
+        config_map = core_v1(api_client).read_namespaced_config_map(
+            naming.agent_config_map("writer"), namespace
+        )
         assert '"agent": "writer"' in config_map.data["config.json"]
         assert {
             _inbox(namespace, "writer"),
             f"TROUPE_DLQ_{namespace}_writer",
-            f"KV_troupe_{namespace}_notes",
+            naming.kv_stream(naming.kv_bucket(namespace, "notes")),
             f"TROUPE_EVENTS_{namespace}",
         } <= stream_names(cluster.nats_url)
         assert consumer_config(cluster.nats_url, _inbox(namespace, "writer"), "writer_p0")
@@ -141,7 +144,7 @@ def test_deleting_an_agent_removes_its_objects_and_nats_resources(
     ours = {
         _inbox(namespace, "reader"),
         f"TROUPE_DLQ_{namespace}_reader",
-        f"KV_troupe_{namespace}_cache",
+        naming.kv_stream(naming.kv_bucket(namespace, "cache")),
         f"TROUPE_EVENTS_{namespace}",
     }
     wait_for(
@@ -184,7 +187,7 @@ def test_retain_policy_keeps_the_streams_and_needs_no_finalizer(
 def test_a_shared_bucket_stays_until_the_last_agent_declaring_it_goes(
     cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
 ) -> None:
-    bucket = f"KV_troupe_{namespace}_shared"
+    bucket = naming.kv_stream(naming.kv_bucket(namespace, "shared"))
     for name in ("first", "second"):
         apply(cluster, namespace, agent(name, state=[{"name": "shared"}]))
     for name in ("first", "second"):

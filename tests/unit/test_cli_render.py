@@ -201,7 +201,9 @@ def dead_letter(headers: dict[str, str], data: bytes = b'{"x":1}') -> DeadLetter
 
 
 def test_a_replay_keeps_the_cloudevent_headers_and_drops_the_dead_letter_ones() -> None:
-    origin = dead_letters.Origin(subject="troupe.ns.a.in.p0", stream="TROUPE_ns_a", sequence=3)
+    origin = dead_letters.Origin(
+        subject="troupe.ns.agents.a.in.p0", stream="TROUPE_ns_a", sequence=3
+    )
     headers = dead_letters.dead_letter_headers(
         {"ce-id": "e1", "ce-type": "t", "content-type": "application/json"},
         reason=dead_letters.DeadLetterReason.EXHAUSTED,
@@ -226,7 +228,7 @@ def test_a_dead_letter_reads_its_reason_attempts_and_origin_from_headers() -> No
         {
             dead_letters.REASON_HEADER: "exhausted",
             dead_letters.ATTEMPTS_HEADER: "3",
-            dead_letters.SUBJECT_HEADER: "troupe.ns.a.in.p0",
+            dead_letters.SUBJECT_HEADER: "troupe.ns.agents.a.in.p0",
             "Ce-Id": "e1",
         }
     )
@@ -234,13 +236,13 @@ def test_a_dead_letter_reads_its_reason_attempts_and_origin_from_headers() -> No
     assert (letter.reason, letter.attempts, letter.original_subject, letter.event_id) == (
         "exhausted",
         3,
-        "troupe.ns.a.in.p0",
+        "troupe.ns.agents.a.in.p0",
         "e1",
     )
     assert render.dead_letters_text([letter]).splitlines()[1].split()[3:6] == [
         "exhausted",
         "3",
-        "troupe.ns.a.in.p0",
+        "troupe.ns.agents.a.in.p0",
     ]
 
 

@@ -31,7 +31,7 @@ from troupe_runtime.contract.wire import message_size
 
 STREAM, CONSUMER = "TROUPE_ns_a", "a_p0"
 SUBJECT = naming.max_deliveries_advisory(STREAM, CONSUMER)
-ORIGIN = Origin(subject="troupe.ns.a.in.p0", stream=STREAM, sequence=5)
+ORIGIN = Origin(subject="troupe.ns.agents.a.in.p0", stream=STREAM, sequence=5)
 
 
 def advisory_body(**fields: object) -> bytes:
@@ -107,7 +107,7 @@ ADVISORY = Advisory(STREAM, CONSUMER, sequence=5, deliveries=3)
         (state(ack_floor_stream_seq=5), ORIGIN.subject, Verdict.RESCUE),  # below the floor
         (state(ack_pending=0), ORIGIN.subject, Verdict.RESCUE),  # nothing is pending
         (state(ack_pending=0), None, Verdict.DROP),  # handled: no longer stored
-        (state(ack_pending=0), "troupe.ns.a.in.p1", Verdict.DROP),  # another consumer's
+        (state(ack_pending=0), "troupe.ns.agents.a.in.p1", Verdict.DROP),  # another consumer's
         (state(ack_pending=0, max_deliver=4), ORIGIN.subject, Verdict.DROP),  # too few
         (state(ack_pending=0, max_deliver=-1), ORIGIN.subject, Verdict.DROP),  # never gives up
         (state(ack_pending=0, delivered_stream_seq=4), ORIGIN.subject, Verdict.DROP),
@@ -156,9 +156,9 @@ def test_the_inbox_stream_takes_exactly_the_declared_priority_levels() -> None:
     )
 
     assert build_agent_resources(config).inbox.subjects == [
-        "troupe.ns.a.in.p0",
-        "troupe.ns.a.in.p1",
-        "troupe.ns.a.in.p2",
+        "troupe.ns.agents.a.in.p0",
+        "troupe.ns.agents.a.in.p1",
+        "troupe.ns.agents.a.in.p2",
     ]
 
 

@@ -70,7 +70,7 @@ def test_no_module_outside_the_contract_spells_a_nats_name(path: Path) -> None:
         'stream = f"KV_{config.bucket}"',
         'subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"',
         'name = f"TROUPE_DLQ_{namespace}_{agent}"',
-        'subject = f"troupe.{namespace}.{agent}.in.p0"',
+        'subject = f"troupe.{namespace}.agents.{agent}.in.p0"',
     ],
 )
 def test_the_name_check_catches_hand_built_names(line: str) -> None:

@@ -27,7 +27,7 @@ def test_a_self_loop_is_a_cycle() -> None:
 def test_workflow_spec_cycles_and_unknown_agents() -> None:
     spec = WorkflowSpec.model_validate(
         {
-            "trigger": {"subject": "troupe.research.start"},
+            "trigger": {"subject": "research.start"},
             "steps": [
                 {"name": "draft", "agentRef": "writer", "dependsOn": ["edit"]},
                 {"name": "edit", "agentRef": "editor", "dependsOn": ["draft"]},
@@ -43,7 +43,7 @@ def test_workflow_spec_cycles_and_unknown_agents() -> None:
 def test_a_compensation_naming_an_unknown_agent_is_reported_with_its_step() -> None:
     spec = WorkflowSpec.model_validate(
         {
-            "trigger": {"subject": "troupe.shop.order"},
+            "trigger": {"subject": "shop.order"},
             "steps": [
                 {
                     "name": "charge",

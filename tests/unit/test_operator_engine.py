@@ -68,13 +68,13 @@ def test_engine_deployment_matches_golden(spec: WorkflowSpec, config: EngineConf
 
 def test_steps_name_their_agents_inbox_subjects(config: EngineConfig) -> None:
     assert [(s.name, s.agent, s.subject) for s in config.steps] == [
-        ("reserve", "inventory", "troupe.shop.inventory.in.p0"),
-        ("charge", "payments", "troupe.shop.payments.in.p0"),
-        ("ship", "shipping", "troupe.shop.shipping.in.p0"),
+        ("reserve", "inventory", "troupe.shop.agents.inventory.in.p0"),
+        ("charge", "payments", "troupe.shop.agents.payments.in.p0"),
+        ("ship", "shipping", "troupe.shop.agents.shipping.in.p0"),
     ]
     charge = config.step("charge")
     assert charge.compensation is not None
-    assert charge.compensation.subject == "troupe.shop.refunds.in.p0"
+    assert charge.compensation.subject == "troupe.shop.agents.refunds.in.p0"
     assert charge.compensation.input == {"charge": "steps.charge.output"}
     assert (charge.depends_on, charge.on_failure) == (["reserve"], "compensate")
 

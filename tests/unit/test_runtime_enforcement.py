@@ -56,7 +56,9 @@ def test_dead_letter_headers_name_reason_error_attempts_agent_and_origin() -> No
         error="Traceback\n  line 1\r\n  ValueError: bad",
         attempts=3,
         agent="ns/agent",
-        origin=Origin(subject="troupe.ns.agent.in.p0", stream="TROUPE_ns_agent", sequence=42),
+        origin=Origin(
+            subject="troupe.ns.agents.agent.in.p0", stream="TROUPE_ns_agent", sequence=42
+        ),
     )
 
     assert headers == {
@@ -65,7 +67,7 @@ def test_dead_letter_headers_name_reason_error_attempts_agent_and_origin() -> No
         "Troupe-Error": "Traceback line 1 ValueError: bad",
         "Troupe-Attempts": "3",
         "Troupe-Agent": "ns/agent",
-        "Troupe-Original-Subject": "troupe.ns.agent.in.p0",
+        "Troupe-Original-Subject": "troupe.ns.agents.agent.in.p0",
         "Troupe-Original-Stream": "TROUPE_ns_agent",
         "Troupe-Original-Sequence": "42",
         "Nats-Msg-Id": "dlq:TROUPE_ns_agent:42",

@@ -98,8 +98,8 @@ def test_a_reply_to_any_workflow_engine_of_the_own_namespace_is_allowed(
         naming.workflow_subject("shop", "checkout", "replies", "r1") + ".deeper",
         naming.workflow_subject("shop", "checkout", "replies", "*"),
         naming.workflow_subject("shop", "checkout", "replies", ">"),
-        "troupe.shop.wf.checkout.replies.r 1",
-        "troupe.shop.wf..replies.r1",
+        "troupe.shop.workflows.checkout.replies.r 1",
+        "troupe.shop.workflows..replies.r1",
         "_INBOX.abc",
     ],
 )

@@ -206,8 +206,8 @@ def test_a_broken_expression_names_the_input_field() -> None:
 def test_a_runs_priority_picks_the_agents_inbox_level_at_most_its_highest() -> None:
     config = _config(_step("a", priority_levels=3), _step("b"))
     assert config.step_subject("a", None) == "in.a"
-    assert config.step_subject("a", 2) == "troupe.ns.a.in.p2"
-    assert config.step_subject("a", 7) == "troupe.ns.a.in.p2"
+    assert config.step_subject("a", 2) == "troupe.ns.agents.a.in.p2"
+    assert config.step_subject("a", 7) == "troupe.ns.agents.a.in.p2"
     assert config.step_subject("b", 2) == "in.b"
 
 

@@ -308,9 +308,7 @@ class Ops:
                 f"namespace {self.namespace}?"
             ) from error
         levels = {naming.inbox_subject(self.namespace, agent, p) for p in range(MAX_LEVELS)}
-        stored = set(info.config.subjects or [])
-        if stored != {naming.inbox_wildcard(self.namespace, agent)}:  # as provisioned before
-            levels &= stored
+        levels &= set(info.config.subjects or [])
         return {c.config.filter_subject for c in consumers if c.config.filter_subject in levels}
 
     async def dead_letter_sequences(self, agent: str) -> list[int]:
@@ -369,16 +367,14 @@ class Ops:
 
 
 def _inbox_agent(info: StreamInfo, namespace: str) -> str | None:
-    """The agent whose inbox this is, from its subjects: ``troupe.<ns>.<agent>.in.p0`` and
-    on, one per priority level (or ``troupe.<ns>.<agent>.in.>``, as provisioned before)."""
-    subjects = info.config.subjects or []
-    parts = subjects[0].split(".") if subjects else []
-    if len(parts) != 5:
+    """The agent whose inbox this is, from its stream's name and subjects: those are
+    ``naming.inbox_subject`` for priority 0 and on, one per level."""
+    owner = naming.stream_owner(info.config.name or "")
+    if owner is None or owner.kind != "Agent" or owner.namespace != namespace:
         return None
-    agent = parts[2]
-    levels = [naming.inbox_subject(namespace, agent, p) for p in range(len(subjects))]
-    legacy = [naming.inbox_wildcard(namespace, agent)]
-    return agent if subjects in (levels, legacy) else None
+    subjects = info.config.subjects or []
+    levels = [naming.inbox_subject(namespace, owner.name, p) for p in range(len(subjects))]
+    return owner.name if subjects and subjects == levels else None
 
 
 def _dead_letter(msg: RawStreamMsg) -> DeadLetter:

@@ -1,13 +1,42 @@
-"""NATS names derived from an agent's namespace and name.
+"""Every name Troupe derives from a namespace and an object's name: one grammar.
 
-Subjects are namespaced (``troupe.<namespace>.<agent>.…``) so that agents of
-different namespaces never see each other's traffic; stream, consumer and
-bucket names may not contain dots, so they join the parts with underscores.
+Subjects have a root per kind, so no Agent, Workflow or event log can reach another's
+traffic, whatever the names::
+
+    troupe.<ns>.agents.<agent>.in.p<N>        an agent's inbox, one per priority level
+    troupe.<ns>.agents.<agent>.dlq            its dead letters
+    troupe.<ns>.workflows.<wf>.<kind>.<run>   a workflow's runs (``WORKFLOW_KINDS``)
+    troupe.<ns>.logs.<id>                     the namespace's event logs
+
+Stream, consumer and bucket names may not contain dots, so they join the parts with
+underscores. Namespaces and Agent, Workflow and bucket names are DNS labels (no ``_``, no
+dots), which keeps the joined names apart (``troupe_<ns>_state_<bucket>`` is never
+``troupe_<ns>_ratelimits``) and lets ``stream_owner`` read a stream name back.
+Kubernetes objects cannot collide across kinds either: an Agent's ConfigMap ends in
+``-runtime``, a Workflow's objects in ``-engine``, and the CRD refuses an Agent named
+``…-engine``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 SUBJECT_ROOT = "troupe"
+AGENTS = "agents"
+WORKFLOWS = "workflows"
+LOGS = "logs"
+WORKFLOW_KINDS = (
+    "start",
+    "events",
+    "replies",
+    "results",
+    "failed",
+    "lease",
+    "probe",
+    "active",
+    "tally",
+)
+"""What a workflow's subjects carry (``workflow_subject``)."""
 
 # The durable consumers whose names are fixed by role rather than derived.
 RESCUER_CONSUMER = "rescuer"
@@ -16,19 +45,61 @@ REPLIES_CONSUMER = "engine_replies"
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 ENGINE_SUFFIX = "-engine"
 """A Workflow's engine objects are ``<workflow>-engine``: no Agent may be named so."""
+RUNTIME_SUFFIX = "-runtime"
+"""An Agent's runtime ConfigMap is ``<agent>-runtime``."""
+
+# Subjects of the server itself: the JetStream API, system events, KV and object stores.
+# Nothing a message asks for may be published there.
+RESERVED_SUBJECT_PREFIX = "$"
 
 
 def _token(value: str) -> str:
     return value.replace(".", "_")
 
 
+def _subject(namespace: str, root: str, *tokens: str) -> str:
+    return ".".join((SUBJECT_ROOT, _token(namespace), root, *tokens))
+
+
+# Kubernetes objects.
+
+
+def agent_deployment(agent: str) -> str:
+    return agent
+
+
+def agent_service_account(agent: str) -> str:
+    """The ServiceAccount Troupe creates for an Agent that asks for one."""
+    return agent
+
+
+def agent_config_map(agent: str) -> str:
+    return f"{agent}{RUNTIME_SUFFIX}"
+
+
+def engine_deployment(workflow: str) -> str:
+    return f"{workflow}{ENGINE_SUFFIX}"
+
+
+def engine_config_map(workflow: str) -> str:
+    return f"{workflow}{ENGINE_SUFFIX}"
+
+
+# Agents.
+
+
 def inbox_subject(namespace: str, agent: str, priority: int) -> str:
     """The subject a message of ``priority`` for the agent is published to."""
-    return f"{SUBJECT_ROOT}.{_token(namespace)}.{_token(agent)}.in.p{priority}"
+    return _subject(namespace, AGENTS, _token(agent), "in", f"p{priority}")
 
 
 def inbox_wildcard(namespace: str, agent: str) -> str:
-    return f"{SUBJECT_ROOT}.{_token(namespace)}.{_token(agent)}.in.>"
+    return _subject(namespace, AGENTS, _token(agent), "in", ">")
+
+
+def own_inbox_pattern(agent: str) -> str:
+    """The agent's inboxes in any namespace: an output subject there would be a loop."""
+    return inbox_wildcard("*", agent)
 
 
 def inbox_stream(namespace: str, agent: str) -> str:
@@ -41,7 +112,7 @@ def consumer_name(agent: str, priority: int) -> str:
 
 
 def dead_letter_subject(namespace: str, agent: str) -> str:
-    return f"{SUBJECT_ROOT}.{_token(namespace)}.{_token(agent)}.dlq"
+    return _subject(namespace, AGENTS, _token(agent), "dlq")
 
 
 def dead_letter_stream(namespace: str, agent: str) -> str:
@@ -70,13 +141,16 @@ def max_deliveries_advisory(stream: str, consumer: str) -> str:
 
 
 def kv_bucket(namespace: str, bucket: str) -> str:
-    """Buckets are shared by the agents of one namespace that declare the same name."""
-    return f"troupe_{_token(namespace)}_{_token(bucket)}"
+    """A state bucket, shared by the agents of one namespace that declare its name."""
+    return f"troupe_{_token(namespace)}_state_{_token(bucket)}"
 
 
 def rate_limit_bucket(namespace: str) -> str:
     """The KV bucket holding shared (GCRA) rate-limit state for a namespace's agents."""
     return f"troupe_{_token(namespace)}_ratelimits"
+
+
+# Event logs.
 
 
 def event_log_stream(namespace: str) -> str:
@@ -85,7 +159,10 @@ def event_log_stream(namespace: str) -> str:
 
 
 def event_log_subject(namespace: str, correlation_id: str) -> str:
-    return f"{SUBJECT_ROOT}.{_token(namespace)}.events.{_token(correlation_id)}"
+    return _subject(namespace, LOGS, _token(correlation_id))
+
+
+# Workflows.
 
 
 def workflow_stream(namespace: str, workflow: str) -> str:
@@ -94,9 +171,10 @@ def workflow_stream(namespace: str, workflow: str) -> str:
 
 
 def workflow_subject(namespace: str, workflow: str, kind: str, run_id: str = "*") -> str:
-    """``kind``: ``start`` (starts a run), ``events`` (a run's log), ``replies`` (from
-    agents), ``results`` (a run's outcome) or ``failed`` (dead-lettered runs)."""
-    return f"{SUBJECT_ROOT}.{_token(namespace)}.wf.{_token(workflow)}.{kind}.{_token(run_id)}"
+    """``kind``: one of ``WORKFLOW_KINDS``, e.g. ``start`` (starts a run), ``events`` (a
+    run's log), ``replies`` (from agents), ``results`` (a run's outcome) or ``failed``
+    (dead-lettered runs)."""
+    return _subject(namespace, WORKFLOWS, _token(workflow), kind, _token(run_id))
 
 
 def workflow_runs_bucket(namespace: str, workflow: str) -> str:
@@ -108,15 +186,58 @@ def workflow_dead_letter_stream(namespace: str, workflow: str) -> str:
     return f"TROUPE_WF_DLQ_{_token(namespace)}_{_token(workflow)}"
 
 
-# Subjects of the server itself: the JetStream API, system events, KV and object stores.
-# Nothing a message asks for may be published there.
-RESERVED_SUBJECT_PREFIX = "$"
-
-
 def workflow_replies_wildcard(namespace: str) -> str:
     """The reply subjects of every workflow engine in ``namespace``: where ``replyto`` may
     point (``workflow_subject(namespace, <workflow>, "replies", <run>)``)."""
     return workflow_subject(namespace, "*", "replies", "*")
+
+
+# Reading names back.
+
+
+@dataclass(frozen=True)
+class StreamOwner:
+    """The Troupe object a stream belongs to: ``kind`` Agent, Workflow or Namespace
+    (the namespace's event log, rate limits and state buckets, ``name`` the bucket's)."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        if self.kind == "Namespace":
+            return f"namespace {self.namespace} ({self.name})"
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def _label(value: str) -> bool:
+    return bool(value) and value == value.lower() and "_" not in value
+
+
+def stream_owner(stream: str) -> StreamOwner | None:
+    """Whose stream this is, read back from its name; None for a stream not Troupe's."""
+    parts = stream.split("_")
+    match parts:
+        case ["TROUPE", "EVENTS", namespace] if _label(namespace):
+            return StreamOwner("Namespace", namespace, "event log")
+        case ["TROUPE", "DLQ" | "ADV" | "WF", namespace, name] if _label(namespace) and _label(
+            name
+        ):
+            return StreamOwner("Workflow" if parts[1] == "WF" else "Agent", namespace, name)
+        case ["TROUPE", "WF", "DLQ", namespace, name] if _label(namespace) and _label(name):
+            return StreamOwner("Workflow", namespace, name)
+        case ["TROUPE", namespace, name] if _label(namespace) and _label(name):
+            return StreamOwner("Agent", namespace, name)
+        case ["KV", "troupe", namespace, "ratelimits"] if _label(namespace):
+            return StreamOwner("Namespace", namespace, "rate limits")
+        case ["KV", "troupe", namespace, "state", bucket] if _label(namespace) and _label(bucket):
+            return StreamOwner("Namespace", namespace, f"state bucket {bucket}")
+        case ["KV", "troupe", namespace, "wf", name, "runs"] if _label(namespace) and _label(name):
+            return StreamOwner("Workflow", namespace, name)
+    return None
+
+
+# Subject grammar.
 
 
 def is_literal_subject(subject: str) -> bool:

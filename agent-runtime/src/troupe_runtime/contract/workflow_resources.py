@@ -1,6 +1,6 @@
 """Pure builders: a workflow's engine config → the JetStream resources it needs.
 
-One stream holds the trigger subject (plus ``…wf.<name>.start.<run>``, which
+One stream holds the trigger subject (plus ``…workflows.<name>.start.<run>``, which
 ``troupe run`` publishes to without knowing the user's trigger subject), every
 run's event log, the agents' replies and the results, the engine's lease, one
 ``active.<run>`` marker per unfinished run and the tallies of finished runs; two

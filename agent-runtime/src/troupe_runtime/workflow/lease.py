@@ -1,6 +1,6 @@
 """Which engine owns a workflow's runs: a lease on the workflow's own stream, fenced.
 
-The lease is the last message on ``…wf.<name>.lease.owner``; its stream sequence is
+The lease is the last message on ``…workflows.<name>.lease.owner``; its stream sequence is
 the fencing token. Taking it is a compare-and-set on that subject
 (``Nats-Expected-Last-Subject-Sequence``), so two contenders never both win, and every
 append to a run's log carries the token (``…-Sequence-Subject`` names the lease

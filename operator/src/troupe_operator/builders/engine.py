@@ -31,7 +31,7 @@ WORKFLOW_LABEL = "troupe.dev/workflow"
 
 def engine_name(workflow: str) -> str:
     """The engine's Deployment and ConfigMap."""
-    return f"{workflow}-engine"
+    return naming.engine_deployment(workflow)
 
 
 def engine_labels(workflow: str) -> dict[str, str]:
@@ -98,7 +98,7 @@ def build_engine_config(
 
 def build_engine_config_map(owner: Owner, config: EngineConfig) -> dict[str, Any]:
     return pods.config_map(
-        owner, engine_name(owner.name), engine_labels(owner.name), config.to_json()
+        owner, naming.engine_config_map(owner.name), engine_labels(owner.name), config.to_json()
     )
 
 
@@ -113,7 +113,7 @@ def build_engine_deployment(
             image_pull_policy="IfNotPresent",
             command=list(pod.ENGINE_COMMAND),
             config_env=CONFIG_JSON_ENV,
-            config_map=engine_name(owner.name),
+            config_map=naming.engine_config_map(owner.name),
             health_port=config.health_port,
             extra_env=[],
             secret_mounts=secret_mounts,

@@ -20,7 +20,7 @@ from troupe_operator.builders.pods import (
     Owner,
     SecretReference,
 )
-from troupe_runtime.contract import llm, pod
+from troupe_runtime.contract import llm, naming, pod
 from troupe_runtime.contract.agent_config import CONFIG_JSON_ENV, RuntimeConfig
 
 AGENT_LABEL = "troupe.dev/agent"
@@ -41,7 +41,7 @@ def agent_labels(name: str) -> dict[str, str]:
 
 
 def config_map_name(agent: str) -> str:
-    return f"{agent}-runtime"
+    return naming.agent_config_map(agent)
 
 
 def service_account_name(owner: Owner, spec: AgentSpec) -> str | None:
@@ -49,7 +49,7 @@ def service_account_name(owner: Owner, spec: AgentSpec) -> str | None:
     runtime = spec.runtime
     if runtime.service_account_name:
         return runtime.service_account_name
-    return owner.name if runtime.create_service_account else None
+    return naming.agent_service_account(owner.name) if runtime.create_service_account else None
 
 
 def build_runtime_config(owner: Owner, spec: AgentSpec, default_nats_url: str) -> RuntimeConfig:
@@ -184,7 +184,7 @@ def build_deployment(owner: Owner, spec: AgentSpec, config: RuntimeConfig) -> di
         ]
     return pods.deployment(
         owner,
-        owner.name,
+        naming.agent_deployment(owner.name),
         agent_labels(owner.name),
         {AGENT_LABEL: owner.name},
         runtime.replicas,

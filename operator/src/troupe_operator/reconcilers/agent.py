@@ -28,6 +28,7 @@ from troupe_operator.reconcilers.common import (
     Seen,
     required_target,
 )
+from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import build_agent_resources
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         )
 
     def workload(self, name: str) -> str:
-        return name
+        return naming.agent_deployment(name)
 
     def refreshable(self, previous: AgentStatus) -> bool:
         return previous.observed_generation != 0

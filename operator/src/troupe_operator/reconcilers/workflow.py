@@ -34,8 +34,6 @@ from troupe_runtime.contract import naming
 from troupe_runtime.contract.policies import Messaging
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
 
-ENGINE_OBJECTS = ("Deployment", "ConfigMap")
-
 
 class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
     name = "Workflow"
@@ -112,7 +110,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
         )
 
     def workload(self, name: str) -> str:
-        return engine.engine_name(name)
+        return naming.engine_deployment(name)
 
     def refreshable(self, previous: WorkflowStatus) -> bool:
         """Also not while the workflow is invalid: its engine is on its way out."""
@@ -145,7 +143,10 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
         return await operator.nats.delete_streams(target, streams)
 
     def _engine_objects(self, name: str) -> list[tuple[str, str]]:
-        return [(kind, engine.engine_name(name)) for kind in ENGINE_OBJECTS]
+        return [
+            ("Deployment", naming.engine_deployment(name)),
+            ("ConfigMap", naming.engine_config_map(name)),
+        ]
 
 
 WORKFLOW = WorkflowKind()
