@@ -30,6 +30,7 @@ import nats
 from nats.js import JetStreamContext
 
 from troupe_devcluster import launcher
+from troupe_operator.builders.jetstream import workflow_spec_fields
 from troupe_operator.clients.nats import NatsPool, NatsTarget
 from troupe_runtime.contract import envelope
 from troupe_runtime.contract.engine_config import EngineConfig
@@ -94,7 +95,8 @@ async def seed(js: JetStreamContext, config: EngineConfig, runs: int) -> None:
 
 async def operator_pass(pool: NatsPool, target: NatsTarget, config: EngineConfig) -> float:
     started = time.perf_counter()
-    await pool.provision_workflow(target, build_workflow_resources(config))
+    resources = build_workflow_resources(config)
+    await pool.provision_workflow(target, resources, workflow_spec_fields(resources))
     tally = await pool.runs(target, config)
     elapsed = time.perf_counter() - started
     assert tally.last is not None

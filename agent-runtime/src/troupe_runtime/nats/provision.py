@@ -7,12 +7,14 @@ differs. Running it twice changes nothing the second time.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import AgentResources
@@ -31,6 +33,42 @@ class ProvisionReport:
         return bool(self.created or self.updated)
 
 
+# JetStream errors that say the server cannot serve now, whatever the config: no meta
+# leader, not enough resources or peers yet, JetStream off.
+UNAVAILABLE_ERROR_CODES = frozenset({10008, 10023, 10039, 10074, 10076})
+
+
+def refuses_config(error: APIError) -> bool:
+    """Whether the server refused the config itself (a person must change it), as opposed
+    to being unable to serve the request now."""
+    return (
+        error.err_code is not None
+        and error.code != 503
+        and error.err_code not in UNAVAILABLE_ERROR_CODES
+    )
+
+
+class ResourceRefused(Exception):
+    """JetStream refused the config of one resource (``stream/NAME``, ``consumer/STREAM/NAME``,
+    ``bucket/NAME``): retrying the same config cannot help."""
+
+    def __init__(self, resource: str, subjects: list[str], error: APIError) -> None:
+        super().__init__(f"{resource}: {error.description} (JetStream error {error.err_code})")
+        self.resource = resource
+        self.subjects = subjects
+        self.error = error
+
+
+@asynccontextmanager
+async def _refusal_of(resource: str, subjects: list[str] | None = None) -> AsyncIterator[None]:
+    try:
+        yield
+    except APIError as error:
+        if not refuses_config(error):
+            raise
+        raise ResourceRefused(resource, subjects or [], error) from error
+
+
 def drifted(desired: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """The keys whose desired value (when set) differs from the server's."""
     return sorted(
@@ -42,50 +80,59 @@ async def ensure_stream(
     js: JetStreamContext, config: StreamConfig, report: ProvisionReport
 ) -> None:
     assert config.name is not None
+    resource = f"stream/{config.name}"
     try:
         info = await js.stream_info(config.name)
     except NotFoundError:
-        await js.add_stream(config)
-        report.created.append(f"stream/{config.name}")
+        async with _refusal_of(resource, config.subjects):
+            await js.add_stream(config)
+        report.created.append(resource)
         return
     if drifted(config.as_dict(), info.config.as_dict()):
-        await js.update_stream(config)
-        report.updated.append(f"stream/{config.name}")
+        async with _refusal_of(resource, config.subjects):
+            await js.update_stream(config)
+        report.updated.append(resource)
 
 
 async def ensure_consumer(
     js: JetStreamContext, stream: str, config: ConsumerConfig, report: ProvisionReport
 ) -> None:
     assert config.durable_name is not None
+    resource = f"consumer/{stream}/{config.durable_name}"
     try:
         info = await js.consumer_info(stream, config.durable_name)
     except NotFoundError:
-        await js.add_consumer(stream, config)
-        report.created.append(f"consumer/{stream}/{config.durable_name}")
+        async with _refusal_of(resource):
+            await js.add_consumer(stream, config)
+        report.created.append(resource)
         return
     if drifted(config.as_dict(), info.config.as_dict()):
         # Creating a durable consumer that exists updates its editable settings.
-        await js.add_consumer(stream, config)
-        report.updated.append(f"consumer/{stream}/{config.durable_name}")
+        async with _refusal_of(resource):
+            await js.add_consumer(stream, config)
+        report.updated.append(resource)
 
 
 async def ensure_bucket(
     js: JetStreamContext, config: KeyValueConfig, report: ProvisionReport
 ) -> None:
     stream = naming.kv_stream(config.bucket)
+    resource = f"bucket/{config.bucket}"
     try:
         info = await js.stream_info(stream)
     except NotFoundError:
-        await js.create_key_value(config)
-        report.created.append(f"bucket/{config.bucket}")
+        async with _refusal_of(resource):
+            await js.create_key_value(config)
+        report.created.append(resource)
         return
     # A bucket's TTL is its stream's max age (0: none).
     max_age = config.ttl or 0.0
     actual_age = info.config.max_age or 0.0
     if info.config.max_msgs_per_subject != config.history or actual_age != max_age:
         changed = {"max_msgs_per_subject": config.history, "max_age": int(max_age * 1e9)}
-        await js.update_stream(StreamConfig.from_response({**info.config.as_dict(), **changed}))
-        report.updated.append(f"bucket/{config.bucket}")
+        async with _refusal_of(resource):
+            await js.update_stream(StreamConfig.from_response({**info.config.as_dict(), **changed}))
+        report.updated.append(resource)
 
 
 async def ensure_agent_resources(

@@ -33,6 +33,15 @@ class ConsumerCounts(ApiModel):
     redelivered: int = Field(default=0, description="Delivered more than once, unacknowledged.")
 
 
+class AgentSubjects(ApiModel):
+    """Where to publish to the agent, and where its dead letters go."""
+
+    inbox: list[str] = Field(
+        default_factory=list, description="One subject per priority level, from priority 0."
+    )
+    dead_letters: str = Field(default="", description="The dead-letter stream's subject.")
+
+
 class AgentStatus(ApiModel):
     """What the operator last observed of an agent."""
 
@@ -44,6 +53,9 @@ class AgentStatus(ApiModel):
     consumers: ConsumerCounts = Field(default_factory=ConsumerCounts)
     lag: int = Field(default=0, description="pending + ackPending: the Lag printer column.")
     dead_letters: int = Field(default=0, description="Messages in the dead-letter stream.")
+    subjects: AgentSubjects | None = Field(
+        default=None, description="The agent's NATS subjects, set by the first pass."
+    )
 
 
 class RunCounts(ApiModel):
@@ -63,6 +75,16 @@ class LastRun(ApiModel):
     finished_at: str | None = Field(default=None, description="RFC 3339; unset while running.")
 
 
+class WorkflowSubjects(ApiModel):
+    """Where to publish to start a run of the workflow."""
+
+    trigger: str = Field(default="", description="The trigger subject, as the spec names it.")
+    start: str = Field(
+        default="",
+        description="Where the troupe run command publishes: a run id replaces the last token.",
+    )
+
+
 class WorkflowStatus(ApiModel):
     """What the operator last observed of a workflow and its engine."""
 
@@ -71,3 +93,6 @@ class WorkflowStatus(ApiModel):
     steps: int = 0
     runs: RunCounts = Field(default_factory=RunCounts)
     last_run: LastRun | None = None
+    subjects: WorkflowSubjects | None = Field(
+        default=None, description="The workflow's NATS subjects, set by the first pass."
+    )

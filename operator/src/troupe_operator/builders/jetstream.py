@@ -1,16 +1,25 @@
-"""Which shared JetStream streams an Agent's deletion leaves without users.
+"""Pure JetStream decisions of the operator: shared settings, orphans, and which spec field
+a JetStream resource's settings come from.
 
 KV buckets are per namespace and shared by every Agent declaring the same name
 (``troupe_runtime.contract.naming.kv_bucket``), as are the namespace's event log and its
-global rate-limit bucket; each goes only with the last Agent that uses it.
+global rate-limit bucket. A shared bucket's settings are the namespace's, not one Agent's:
+every declarer provisions it alike (``shared_buckets``), so two Agents never undo each
+other on resync; each shared resource goes only with the last Agent that uses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from nats.js.api import KeyValueConfig, StorageType
 
 from troupe_operator.api import AgentSpec
 from troupe_runtime.contract import naming
+from troupe_runtime.contract.agent_resources import AgentResources
+from troupe_runtime.contract.workflow_resources import WorkflowResources
 
 
 def _uses_global_rate_limit(spec: AgentSpec) -> bool:
@@ -30,3 +39,111 @@ def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec
     if not others:
         streams.append(naming.event_log_stream(namespace))
     return streams
+
+
+def shared_buckets(namespace: str, declarers: Sequence[AgentSpec]) -> dict[str, KeyValueConfig]:
+    """The namespace's config of each state bucket, by bucket name: the most history any
+    declarer asks for, whatever the order the Agents are listed in."""
+    history: dict[str, int] = {}
+    for spec in declarers:
+        for bucket in spec.state:
+            history[bucket.name] = max(history.get(bucket.name, 1), bucket.history)
+    return {
+        name: KeyValueConfig(
+            bucket=naming.kv_bucket(namespace, name), history=kept, storage=StorageType.FILE
+        )
+        for name, kept in history.items()
+    }
+
+
+def with_shared_buckets(
+    resources: AgentResources, namespace: str, spec: AgentSpec, others: Sequence[AgentSpec]
+) -> AgentResources:
+    """The agent's resources with its state buckets configured as the namespace shares them
+    with ``others`` (the namespace's other Agents)."""
+    shared = {
+        config.bucket: config for config in shared_buckets(namespace, [spec, *others]).values()
+    }
+    return dataclasses.replace(
+        resources, buckets=[shared.get(bucket.bucket, bucket) for bucket in resources.buckets]
+    )
+
+
+@dataclass(frozen=True)
+class SpecFields:
+    """Which spec field a JetStream resource's settings come from, so that a refusal names
+    what to change. ``resources`` maps ``stream/NAME``, ``consumer/STREAM/NAME`` or
+    ``bucket/NAME`` to the field of each config key the server may name in its error
+    (``""``: any other key); ``subjects`` maps each subject to its field."""
+
+    resources: Mapping[str, Mapping[str, str]]
+    subjects: Mapping[str, str]
+    default: str
+
+    def of_subject(self, subject: str) -> str:
+        return self.subjects.get(subject, self.default)
+
+    def of_refusal(self, resource: str, description: str) -> str:
+        """The field behind the server's refusal ``description`` of ``resource``."""
+        fields = self.resources.get(resource, {})
+        for key, field in fields.items():
+            if key and key in description:
+                return field
+        return fields.get("", self.default)
+
+
+def agent_spec_fields(namespace: str, resources: AgentResources, spec: AgentSpec) -> SpecFields:
+    """Where each of an Agent's JetStream settings comes from in its spec."""
+    consumer_fields = {
+        "ack_wait": "spec.messaging.ackWait",
+        "max_deliver": "spec.retry.maxAttempts",
+        "max_ack_pending": "spec.messaging.maxInFlight",
+        "": "spec.messaging",
+    }
+    inbox = resources.inbox.name
+    retention = {"max_age": "spec.deadLetter.retention", "": "spec.deadLetter"}
+    fields: dict[str, Mapping[str, str]] = {
+        f"stream/{inbox}": {"": "spec.messaging.priorityLevels"},
+        f"stream/{resources.advisories.name}": retention,
+        f"consumer/{resources.advisories.name}/{resources.rescuer.durable_name}": {
+            "": "spec.messaging.ackWait"
+        },
+        f"stream/{resources.event_log.name}": {"": "metadata.namespace"},
+    }
+    for consumer in resources.consumers:
+        fields[f"consumer/{inbox}/{consumer.durable_name}"] = consumer_fields
+    if resources.dead_letters is not None:
+        fields[f"stream/{resources.dead_letters.name}"] = retention
+    for index, bucket in enumerate(spec.state):
+        bucket_field = f"spec.state[{index}]"
+        fields.setdefault(
+            f"bucket/{naming.kv_bucket(namespace, bucket.name)}",
+            {"history": f"{bucket_field}.history", "": f"{bucket_field}.name"},
+        )
+    fields[f"bucket/{naming.rate_limit_bucket(namespace)}"] = {"": "spec.rateLimit.scope"}
+    return SpecFields(fields, {}, "metadata.name")
+
+
+def workflow_spec_fields(resources: WorkflowResources) -> SpecFields:
+    """Where each of a Workflow's JetStream settings comes from in its spec: the trigger
+    is the one subject a person chose; the others follow from the names."""
+    retention = {
+        "max_age": "spec.retention.maxAge",
+        "duplicate_window": "spec.retention.maxAge",
+        "subject": "spec.trigger.subject",
+        "": "spec.trigger.subject",
+    }
+    stream = resources.stream.name
+    fields: dict[str, Mapping[str, str]] = {
+        f"stream/{stream}": retention,
+        f"bucket/{resources.runs.bucket}": {"": "spec.retention.maxAge"},
+    }
+    for consumer in resources.consumers:
+        fields[f"consumer/{stream}/{consumer.durable_name}"] = {
+            "max_ack_pending": "spec.maxConcurrentRuns",
+            "": "spec.trigger.subject",
+        }
+    if resources.dead_letters is not None:
+        fields[f"stream/{resources.dead_letters.name}"] = {"": "spec.deadLetter.retention"}
+    subjects = resources.stream.subjects or []
+    return SpecFields(fields, dict.fromkeys(subjects[:1], "spec.trigger.subject"), "metadata.name")

@@ -2,9 +2,11 @@
 
 It wraps ``troupe_runtime.nats.provision`` (the one applier of JetStream resources, for
 agents and workflow engines alike), counts a workflow's runs from its stream's subject
-index (the engine's active markers and tallies: no run is read), and turns every NATS
-failure into ``MessagingUnavailable``, so the handlers report it in status and retry
-instead of crashing.
+index (the engine's active markers and tallies: no run is read). It tells two failures
+apart: NATS unreachable (timeouts, refused connections, no responders) is
+``MessagingUnavailable``, retried; JetStream refusing a config (an API error with an error
+code: overlapping subjects, an invalid config, a duration it cannot represent) is
+``SpecRejected``, naming the spec field, since retrying the same config cannot help.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from troupe_operator.api.status import ConsumerCounts
+from troupe_operator.builders.jetstream import SpecFields
+from troupe_operator.builders.problems import Problem, SpecRejected
+from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import AgentResources
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.workflow_resources import WorkflowResources
 from troupe_runtime.nats.provision import (
     ProvisionReport,
+    ResourceRefused,
     delete_agent_resources,
     ensure_agent_resources,
     ensure_workflow_resources,
@@ -40,6 +46,8 @@ from troupe_runtime.nats.provision import (
 
 CONNECT_TIMEOUT_SECONDS = 2
 REQUEST_TIMEOUT_SECONDS = 5.0
+SUBJECTS_OVERLAP = 10065
+"""JetStream's error code for a stream whose subjects another stream already stores."""
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,54 @@ async def _delete_streams(js: JetStreamContext, streams: list[str]) -> list[str]
 
 
 class MessagingUnavailable(Exception):
-    """NATS could not be reached or refused a JetStream request."""
+    """NATS could not be reached, or could not serve a JetStream request now."""
+
+
+async def _conflicts(
+    js: JetStreamContext, refused: ResourceRefused, fields: SpecFields
+) -> list[Problem]:
+    """A problem for each refused subject that another stream stores, naming its owner."""
+    own = refused.resource.removeprefix("stream/")
+    problems = []
+    for subject in refused.subjects:
+        try:
+            other = await js.find_stream_name_by_subject(subject)
+        except NotFoundError:
+            continue
+        if other == own:
+            continue
+        owner = naming.stream_owner(other)
+        whose = f" of {owner}" if owner else ""
+        problems.append(
+            Problem(
+                fields.of_subject(subject),
+                "SubjectConflict",
+                f"subject {subject} overlaps stream {other}{whose}, which stores it already: "
+                "choose a subject no other stream stores",
+            )
+        )
+    return problems
+
+
+async def _rejection(
+    js: JetStreamContext, refused: ResourceRefused, fields: SpecFields
+) -> SpecRejected:
+    """What to tell a person about JetStream's refusal of one of the object's resources."""
+    error = refused.error
+    if error.err_code == SUBJECTS_OVERLAP:
+        conflicts = await _conflicts(js, refused, fields)
+        if conflicts:
+            return SpecRejected(conflicts)
+    description = error.description or "no reason given"
+    return SpecRejected(
+        [
+            Problem(
+                fields.of_refusal(refused.resource, description),
+                "StreamRejected",
+                f"JetStream refused {refused.resource}: {description} (error {error.err_code})",
+            )
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -206,9 +261,19 @@ class NatsPool:
         except (nats.errors.Error, OSError, TimeoutError) as error:
             raise MessagingUnavailable(str(error) or type(error).__name__) from error
 
-    async def provision(self, target: NatsTarget, resources: AgentResources) -> ProvisionReport:
-        """Create or update the agent's streams, consumers and buckets to match ``resources``."""
-        return await self._call(target, lambda js: ensure_agent_resources(js, resources))
+    async def provision(
+        self, target: NatsTarget, resources: AgentResources, fields: SpecFields
+    ) -> ProvisionReport:
+        """Create or update the agent's streams, consumers and buckets to match ``resources``;
+        a refused config raises ``SpecRejected`` naming its field among ``fields``."""
+
+        async def provision(js: JetStreamContext) -> ProvisionReport:
+            try:
+                return await ensure_agent_resources(js, resources)
+            except ResourceRefused as refused:
+                raise await _rejection(js, refused, fields) from refused
+
+        return await self._call(target, provision)
 
     async def counts(self, target: NatsTarget, resources: AgentResources) -> Counts:
         """The consumers' pending, ack-pending and redelivered sums, and the dead-letter depth."""
@@ -246,10 +311,18 @@ class NatsPool:
         return await self._call(target, delete)
 
     async def provision_workflow(
-        self, target: NatsTarget, resources: WorkflowResources
+        self, target: NatsTarget, resources: WorkflowResources, fields: SpecFields
     ) -> ProvisionReport:
-        """Create or update a workflow's stream, engine consumers, runs bucket, dead letters."""
-        return await self._call(target, lambda js: ensure_workflow_resources(js, resources))
+        """Create or update a workflow's stream, engine consumers, runs bucket, dead letters;
+        a refused config raises ``SpecRejected`` naming its field among ``fields``."""
+
+        async def provision(js: JetStreamContext) -> ProvisionReport:
+            try:
+                return await ensure_workflow_resources(js, resources)
+            except ResourceRefused as refused:
+                raise await _rejection(js, refused, fields) from refused
+
+        return await self._call(target, provision)
 
     async def runs(self, target: NatsTarget, config: EngineConfig) -> RunTally:
         """The workflow's runs by state and its latest run, in a few requests whatever the

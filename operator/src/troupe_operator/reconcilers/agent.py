@@ -15,7 +15,9 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from troupe_operator.api import AgentSpec, AgentStatus
-from troupe_operator.builders import status, workload
+from troupe_operator.api.status import AgentSubjects
+from troupe_operator.builders import jetstream as jetstream_builders
+from troupe_operator.builders import status, validation, workload
 from troupe_operator.builders.jetstream import orphaned_streams
 from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.status import WorkloadObservation
@@ -29,7 +31,7 @@ from troupe_operator.reconcilers.common import (
     required_target,
 )
 from troupe_runtime.contract import naming
-from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.contract.agent_resources import build_agent_resources, inbox_subjects
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +47,20 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         self, operator: Operator, owner: Owner, spec: AgentSpec, generation: int
     ) -> Plan[AgentStatus, Counts]:
         config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
-        resources = build_agent_resources(config, spec.runtime.replicas)
+        resources = jetstream_builders.with_shared_buckets(
+            build_agent_resources(config, spec.runtime.replicas),
+            owner.namespace,
+            spec,
+            await self._declarers(operator, owner.namespace, owner.name) if spec.state else [],
+        )
+        fields = jetstream_builders.agent_spec_fields(owner.namespace, resources, spec)
         config_hash = workload.config_hash(config)
+        subjects = AgentSubjects(
+            inbox=inbox_subjects(config), dead_letters=config.dead_letter_subject
+        )
 
         async def jetstream(nats: NatsPool, target: NatsTarget) -> Counts:
-            await nats.provision(target, resources)
+            await nats.provision(target, resources, fields)
             return await nats.counts(target, resources)
 
         def next_status(seen: Seen[AgentStatus, Counts]) -> AgentStatus:
@@ -67,7 +78,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
                 messaging=messaging,
                 missing_secrets=seen.missing_secrets,
                 config_hash=config_hash,
-            )
+            ).model_copy(update={"subjects": subjects})
 
         manifests = [
             workload.build_config_map(owner, config),
@@ -80,7 +91,23 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             secrets=workload.referenced_secrets(spec),
             jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
             workload=self.workload(owner.name),
+            problems=validation.agent_problems(spec),
+            config_maps=workload.referenced_config_maps(spec),
         )
+
+    async def _declarers(self, operator: Operator, namespace: str, name: str) -> list[AgentSpec]:
+        """The namespace's other Agents that keep their buckets: their declarations share
+        the buckets' settings. One whose spec the models refuse declares nothing."""
+        others = []
+        for agent in await operator.kube.list_custom(self.plural, namespace):
+            metadata = agent["metadata"]
+            if metadata["name"] == name or "deletionTimestamp" in metadata:
+                continue
+            try:
+                others.append(self.spec(agent.get("spec") or {}))
+            except ValidationError:
+                continue
+        return others
 
     def workload(self, name: str) -> str:
         return naming.agent_deployment(name)
@@ -91,7 +118,9 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
     def refreshed(
         self, previous: AgentStatus, workload: WorkloadObservation, now: datetime
     ) -> AgentStatus:
-        return status.agent_status(previous, previous.observed_generation, now, workload)
+        return status.agent_status(
+            previous, previous.observed_generation, now, workload
+        ).model_copy(update={"subjects": previous.subjects})
 
     async def delete(
         self, operator: Operator, namespace: str, name: str, spec: AgentSpec

@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from troupe_operator.api import AgentSpec, WorkflowSpec, WorkflowStatus
-from troupe_operator.api.status import RunCounts
-from troupe_operator.builders import budgets, dag, engine, pods, status
+from troupe_operator.api.status import RunCounts, WorkflowSubjects
+from troupe_operator.builders import budgets, dag, engine, pods, status, validation
+from troupe_operator.builders.jetstream import workflow_spec_fields
 from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.status import RunObservation, WorkloadObservation
 from troupe_operator.clients.nats import NatsPool, NatsTarget
@@ -56,6 +57,11 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
         problems = budgets.budget_problems(
             spec, {name: agent for name, agent in agent_specs.items() if agent is not None}
         )
+        subjects = WorkflowSubjects(
+            trigger=spec.trigger.subject,
+            start=naming.workflow_subject(owner.namespace, owner.name, "start"),
+        )
+        spec_problems = validation.workflow_problems(spec)
         graph = status.DagObservation(
             len(spec.steps),
             dag.workflow_cycles(spec),
@@ -66,17 +72,20 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
             def stopped(seen: Seen[WorkflowStatus, None]) -> WorkflowStatus:
                 return status.workflow_status(
                     seen.previous, generation, seen.now, dag=graph, workload=status.ENGINE_STOPPED
-                )
+                ).model_copy(update={"subjects": subjects})
 
-            return Plan[WorkflowStatus, None](stopped, remove=self._engine_objects(owner.name))
+            return Plan[WorkflowStatus, None](
+                stopped, remove=self._engine_objects(owner.name), problems=spec_problems
+            )
 
         config = engine.build_engine_config(
             owner, spec, operator.settings.nats_url, priority_levels
         )
         resources = build_workflow_resources(config)
+        fields = workflow_spec_fields(resources)
 
         async def jetstream(nats: NatsPool, target: NatsTarget) -> RunObservation:
-            await nats.provision_workflow(target, resources)
+            await nats.provision_workflow(target, resources, fields)
             tally = await nats.runs(target, config)
             return RunObservation(
                 RunCounts(running=tally.running, succeeded=tally.succeeded, failed=tally.failed),
@@ -94,7 +103,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
                 missing_secrets=seen.missing_secrets,
                 runs=seen.jetstream,
                 budgets=problems,
-            )
+            ).model_copy(update={"subjects": subjects})
 
         return Plan(
             next_status,
@@ -107,6 +116,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
             secrets=pods.nats_secrets(spec.nats),
             jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
             workload=self.workload(owner.name),
+            problems=spec_problems,
         )
 
     def workload(self, name: str) -> str:
@@ -123,7 +133,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
     ) -> WorkflowStatus:
         return status.workflow_status(
             previous, previous.observed_generation, now, workload=workload
-        )
+        ).model_copy(update={"subjects": previous.subjects})
 
     async def delete(
         self, operator: Operator, namespace: str, name: str, spec: WorkflowSpec
