@@ -15,6 +15,8 @@ from troupe_devcluster.layout import PROCESS_NODE_NAME, Layout
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 KWOK_NODE_LABEL = "type=kwok"
+# The node's Hostname is its name, which no resolver knows: dial its InternalIP.
+KUBELET_ADDRESS_TYPES = "InternalIP,Hostname"
 CONTROLLERS = (
     "garbage-collector-controller",
     "deployment-controller",
@@ -83,6 +85,12 @@ def kube_apiserver(bin_dir: Path, layout: Layout) -> Component:
             f"--tls-cert-file={pki.serving_cert}",
             f"--tls-private-key-file={pki.serving_key}",
             f"--client-ca-file={pki.ca_cert}",
+            # How `kubectl logs` reaches the process node: as a kubelet client that
+            # checks the node's serving certificate against the cluster's CA.
+            f"--kubelet-client-certificate={pki.kubelet_client_cert}",
+            f"--kubelet-client-key={pki.kubelet_client_key}",
+            f"--kubelet-certificate-authority={pki.ca_cert}",
+            f"--kubelet-preferred-address-types={KUBELET_ADDRESS_TYPES}",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-account-key-file={pki.sa_public}",
             f"--service-account-signing-key-file={pki.sa_private}",
@@ -183,6 +191,10 @@ def process_node(layout: Layout) -> Component:
             f"--kubeconfig={layout.kubeconfig}",
             f"--node-name={PROCESS_NODE_NAME}",
             f"--workdir={layout.root / 'process-node'}",
+            f"--kubelet-port={layout.ports.kubelet}",
+            f"--tls-cert-file={layout.pki.kubelet_cert}",
+            f"--tls-private-key-file={layout.pki.kubelet_key}",
+            f"--client-ca-file={layout.pki.ca_cert}",
         ],
         "",
     )

@@ -174,7 +174,7 @@ def up_nats(root: Path | None = None) -> Layout:
 
 def _up(bin_dir: Path, layout: Layout) -> None:
     deadline = time.monotonic() + START_DEADLINE_SECONDS
-    write_pki(layout.pki.ca_cert.parent)
+    write_pki(layout.pki.ca_cert.parent, kubelet_names=(PROCESS_NODE_NAME,))
 
     nats = components.nats_server(layout)
     etcd = components.etcd(bin_dir, layout)

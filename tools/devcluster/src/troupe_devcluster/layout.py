@@ -37,6 +37,8 @@ class Ports:
     kwok: int
     nats: int
     nats_monitor: int
+    # The process node's kubelet endpoint (container logs), on the node's address.
+    kubelet: int
 
     @classmethod
     def allocate(cls) -> Ports:

@@ -1,5 +1,8 @@
 """The cluster's PKI: a CA, the API server's serving certificate, service-account
-signing keys and an admin client certificate in ``system:masters``.
+signing keys, an admin client certificate in ``system:masters``, and the pair the
+API server and the process node's kubelet endpoint use on each other: the node's
+serving certificate (for its address) and the API server's kubelet client
+certificate (in ``system:masters``, so the endpoint's authorization check passes).
 
 Elliptic-curve keys keep generation in the milliseconds, which matters for a
 launcher that makes a fresh PKI on every start.
@@ -27,6 +30,9 @@ SERVING_DNS_NAMES = (
 SERVING_IPS = ("127.0.0.1", "10.96.0.1")
 ADMIN_USER = "troupe-admin"
 ADMIN_GROUP = "system:masters"
+# kubeadm's name for the API server's identity towards kubelets.
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
+KUBELET_SERVING_IPS = ("127.0.0.1",)
 _VALIDITY = datetime.timedelta(days=365)
 
 
@@ -42,6 +48,10 @@ class PKIPaths:
     sa_private: Path
     admin_cert: Path
     admin_key: Path
+    kubelet_cert: Path
+    kubelet_key: Path
+    kubelet_client_cert: Path
+    kubelet_client_key: Path
 
     @classmethod
     def under(cls, directory: Path) -> PKIPaths:
@@ -55,6 +65,10 @@ class PKIPaths:
             sa_private=directory / "sa.key",
             admin_cert=directory / "admin.crt",
             admin_key=directory / "admin.key",
+            kubelet_cert=directory / "kubelet.crt",
+            kubelet_key=directory / "kubelet.key",
+            kubelet_client_cert=directory / "apiserver-kubelet-client.crt",
+            kubelet_client_key=directory / "apiserver-kubelet-client.key",
         )
 
 
@@ -114,8 +128,38 @@ def _leaf(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def write_pki(directory: Path) -> PKIPaths:
-    """Generate a fresh PKI into ``directory`` and return the paths of its files."""
+def _load_ca(paths: PKIPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def issue_client_certificate(
+    paths: PKIPaths, user: str, groups: tuple[str, ...], cert: Path, key: Path
+) -> None:
+    """Sign a client certificate for ``user`` in ``groups`` with the cluster's CA.
+
+    Tests use it for identities the cluster does not ship, e.g. a user with no rights.
+    """
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, user)]
+    attributes += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, group) for group in groups]
+    leaf, leaf_key = _leaf(x509.Name(attributes), _load_ca(paths), ExtendedKeyUsageOID.CLIENT_AUTH)
+    _write({cert: _cert_pem(leaf), key: _key_pem(leaf_key)})
+
+
+def _write(files: dict[Path, bytes]) -> None:
+    for path, content in files.items():
+        path.write_bytes(content)
+        path.chmod(0o600)
+
+
+def write_pki(directory: Path, kubelet_names: tuple[str, ...] = ()) -> PKIPaths:
+    """Generate a fresh PKI into ``directory`` and return the paths of its files.
+
+    ``kubelet_names`` are the DNS names (the node's name) the kubelet serving
+    certificate covers besides its loopback address.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     paths = PKIPaths.under(directory)
 
@@ -150,6 +194,19 @@ def write_pki(directory: Path) -> PKIPaths:
     admin_cert, admin_key = _leaf(
         _name(ADMIN_USER, ADMIN_GROUP), (ca_cert, ca_key), ExtendedKeyUsageOID.CLIENT_AUTH
     )
+    kubelet_san = x509.SubjectAlternativeName(
+        [x509.DNSName(name) for name in kubelet_names]
+        + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in KUBELET_SERVING_IPS]
+    )
+    kubelet_cert, kubelet_key = _leaf(
+        _name("troupe-process-node"),
+        (ca_cert, ca_key),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        kubelet_san,
+    )
+    kubelet_client_cert, kubelet_client_key = _leaf(
+        _name(KUBELET_CLIENT_USER, ADMIN_GROUP), (ca_cert, ca_key), ExtendedKeyUsageOID.CLIENT_AUTH
+    )
     sa_key = _key()
 
     files = {
@@ -159,12 +216,14 @@ def write_pki(directory: Path) -> PKIPaths:
         paths.serving_key: _key_pem(serving_key),
         paths.admin_cert: _cert_pem(admin_cert),
         paths.admin_key: _key_pem(admin_key),
+        paths.kubelet_cert: _cert_pem(kubelet_cert),
+        paths.kubelet_key: _key_pem(kubelet_key),
+        paths.kubelet_client_cert: _cert_pem(kubelet_client_cert),
+        paths.kubelet_client_key: _key_pem(kubelet_client_key),
         paths.sa_private: _key_pem(sa_key),
         paths.sa_public: sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ),
     }
-    for path, content in files.items():
-        path.write_bytes(content)
-        path.chmod(0o600)
+    _write(files)
     return paths

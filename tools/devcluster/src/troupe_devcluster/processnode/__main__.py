@@ -4,6 +4,10 @@ On either signal it stops every pod process (SIGTERM, SIGKILL after
 ``--shutdown-grace``) and exits 0; the Node and the pods stay in the API, as
 they would when a kubelet stops.
 
+With ``--kubelet-port`` and the TLS files it also serves the kubelet's
+container-logs endpoint (``kubelet``) on the node's address, which the Node
+advertises so the API server can proxy ``kubectl logs`` to it.
+
 Pod IPs are handed out in order from a random point of ``--ip-range``: two
 clusters on one machine (parallel test runs) share the loopback, and starting
 both at 127.1.0.1 would make their pods fight over the same address and port.
@@ -24,9 +28,11 @@ from types import FrameType
 from troupe_devcluster.processnode import mountexec
 from troupe_devcluster.processnode.ipam import IPPool
 from troupe_devcluster.processnode.kube import Kube
+from troupe_devcluster.processnode.kubelet import Authorizer, KubeletServer
 from troupe_devcluster.processnode.node import NodeAgent, host_system
 from troupe_devcluster.processnode.pods import PodManager
 from troupe_devcluster.processnode.runtime import NodeContext
+from troupe_devcluster.processnode.status import NODE_IP
 
 log = logging.getLogger("troupe_devcluster.processnode")
 
@@ -49,12 +55,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="offset into --ip-range of the first pod IP (default: random; 0 is 127.1.0.1)",
     )
     parser.add_argument(
+        "--kubelet-port",
+        type=int,
+        default=0,
+        help="port of the kubelet endpoint on 127.0.0.1 (0: serve none)",
+    )
+    parser.add_argument("--tls-cert-file", type=Path, help="the endpoint's serving certificate")
+    parser.add_argument("--tls-private-key-file", type=Path, help="its key")
+    parser.add_argument(
+        "--client-ca-file", type=Path, help="the CA client certificates must be signed by"
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=5.0,
         help="seconds pod processes get between SIGTERM and SIGKILL when the node stops",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    tls = (args.tls_cert_file, args.tls_private_key_file, args.client_ca_file)
+    if args.kubelet_port and not all(tls):
+        parser.error("--kubelet-port needs the three TLS files: cert, key and client CA")
+    return args
 
 
 def mount_namespaces_work() -> bool:
@@ -103,8 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         api_server=kube.server,
         real_mounts=real_mounts,
     )
-    agent = NodeAgent(kube, args.node_name, host_system())
     pods = PodManager(context)
+    server: KubeletServer | None = None
+    if args.kubelet_port:
+        server = KubeletServer(
+            (NODE_IP, args.kubelet_port),
+            args.tls_cert_file,
+            args.tls_private_key_file,
+            args.client_ca_file,
+            pods,
+            Authorizer(kube, args.node_name).allowed,
+        )
+        server.start()
+    agent = NodeAgent(kube, args.node_name, host_system(), args.kubelet_port)
     threading.Thread(target=agent.run, args=(stop,), name="heartbeat", daemon=True).start()
     threading.Thread(target=pods.run, args=(stop,), name="pod-watch", daemon=True).start()
     log.info(
@@ -115,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     while not stop.wait(1.0):
         pass
+    if server is not None:
+        server.stop()
     pods.shutdown(args.shutdown_grace)
     log.info("process node %s stopped", args.node_name)
     return 0

@@ -72,10 +72,11 @@ def host_system() -> NodeSystem:
 class NodeAgent:
     """The node's registration and heartbeat."""
 
-    def __init__(self, kube: Kube, name: str, system: NodeSystem) -> None:
+    def __init__(self, kube: Kube, name: str, system: NodeSystem, kubelet_port: int = 0) -> None:
         self._kube = kube
         self._name = name
         self._system = system
+        self._kubelet_port = kubelet_port
         self._ready_since = datetime.now(UTC)
 
     def run(self, stop: threading.Event) -> None:
@@ -98,7 +99,9 @@ class NodeAgent:
 
     def _register(self) -> str:
         """Create the Node, or adopt an existing one of the same name; return its uid."""
-        body = build_node(self._name, self._system, datetime.now(UTC), self._ready_since)
+        body = build_node(
+            self._name, self._system, datetime.now(UTC), self._ready_since, self._kubelet_port
+        )
         try:
             created = self._kube.request("POST", "/api/v1/nodes", body=body)
             return str(created["metadata"]["uid"])
@@ -115,7 +118,13 @@ class NodeAgent:
         return str(updated["metadata"]["uid"])
 
     def _post_status(self) -> None:
-        status = node_status(self._system, datetime.now(UTC), self._ready_since)
+        status = node_status(
+            self._system,
+            datetime.now(UTC),
+            self._ready_since,
+            hostname=self._name,
+            kubelet_port=self._kubelet_port,
+        )
         node = self._kube.request(
             "PATCH",
             f"/api/v1/nodes/{self._name}/status",

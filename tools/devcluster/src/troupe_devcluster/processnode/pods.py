@@ -12,7 +12,7 @@ import logging
 import threading
 
 from troupe_devcluster.processnode.kube import EXPECTED_ERRORS, JSON, ApiError
-from troupe_devcluster.processnode.runtime import NodeContext, PodWorker
+from troupe_devcluster.processnode.runtime import LogSource, NodeContext, PodWorker
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,16 @@ class PodManager:
                 worker.start()
                 return
         worker.update(pod)
+
+    def container_log(self, namespace: str, name: str, container: str, previous: bool) -> LogSource:
+        """The log the kubelet endpoint serves; LookupError for a pod the node does not run."""
+        label = f"{namespace}/{name}"
+        with self._lock:
+            # The newest worker of that name: an older one may still be stopping.
+            worker = next((w for w in reversed(self._workers.values()) if w.label == label), None)
+        if worker is None:
+            raise LookupError(f'pod "{label}" does not exist')
+        return worker.log_source(container, previous)
 
     def _forget(self, uid: str) -> None:
         with self._lock:

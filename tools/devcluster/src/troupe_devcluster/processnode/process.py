@@ -10,6 +10,9 @@ them in a mount namespace of the container's own and then execs the
 container's argv (same pid). The start waits for that exec: a mount that
 fails raises ``CreateContainerError``, a program that cannot be run the same
 ``OSError`` a plain start raises.
+
+stdout and stderr are pipes a ``LogPump`` copies into the instance's CRI log
+(timestamped, per stream), as a container runtime does for the kubelet.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from troupe_devcluster.processnode import mountexec
+from troupe_devcluster.processnode.logs import LogPump
 from troupe_devcluster.processnode.mountexec import Mount
 
 # How long mountexec may take to make the mounts and exec before the start fails.
@@ -78,7 +82,8 @@ def _failure_error(report: bytes) -> Exception:
 
 
 class ContainerProcess:
-    """A started container process; its stdout and stderr go to ``log``."""
+    """A started container process; its stdout and stderr go to the CRI log ``log``
+    (and their raw bytes to ``plain_log``); ``logs`` is the pump writing them."""
 
     def __init__(
         self,
@@ -87,6 +92,7 @@ class ContainerProcess:
         cwd: Path,
         log: Path,
         mounts: Sequence[Mount] | None = None,
+        plain_log: Path | None = None,
     ) -> None:
         status_read: int | None = None
         pass_fds: tuple[int, ...] = ()
@@ -95,25 +101,30 @@ class ContainerProcess:
             status_read, status_write = os.pipe()
             pass_fds = (status_write,)
             command = mountexec.run_argv(sys.executable, mounts, argv, status_write)
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
         try:
-            with log.open("ab") as out:
-                self._popen = subprocess.Popen(
-                    command,
-                    env=dict(env),
-                    cwd=cwd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    pass_fds=pass_fds,
-                )
+            self._popen = subprocess.Popen(
+                command,
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out_write,
+                stderr=err_write,
+                start_new_session=True,
+                pass_fds=pass_fds,
+            )
         except BaseException:
-            if status_read is not None:
-                os.close(status_read)
+            for fd in (status_read, out_read, err_read):
+                if fd is not None:
+                    os.close(fd)
             raise
         finally:
-            for fd in pass_fds:
+            for fd in (*pass_fds, out_write, err_write):
                 os.close(fd)
+        # Started before the exec check, so what mountexec says on failure is logged too.
+        self.logs = LogPump(out_read, err_read, log, plain_log)
+        self.logs.start()
         if status_read is not None:
             self._await_exec(status_read)
         self.pid = self._popen.pid

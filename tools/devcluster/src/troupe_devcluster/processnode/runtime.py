@@ -17,7 +17,14 @@ is a mount namespace per container, where the node may make one):
 - The environment is ``env.base_env`` (with ``KUBERNETES_SERVICE_HOST`` and
   ``_PORT`` naming the real API server) + ``TROUPE_MOUNT_ROOT`` +
   ``TROUPE_VOLUME_*`` + the container's ``envFrom`` and ``env``.
-- stdout and stderr are appended to ``<pod dir>/<container>.log``.
+- stdout and stderr are kept per instance in the CRI log format
+  (``logs``), served by the node's kubelet endpoint to ``kubectl logs``, and
+  appended as they are to ``<pod dir>/<container>.log``.
+- ``terminationMessagePath`` (default /dev/termination-log) is a fresh file
+  per instance, ``<pod dir>/termination/<container>``, bind-mounted at that
+  path with real mounts and named by ``TROUPE_TERMINATION_MESSAGE_PATH``
+  either way. Its content (last 4 KiB), or with ``FallbackToLogsOnError`` and
+  a non-zero exit the log's tail, becomes the terminated state's message.
 - Restarts follow ``restartPolicy`` with a back-off of 1s doubling to 30s
   (the kubelet's 10s..5min, shortened for tests), reset after a run of 60s.
 - Init containers run one at a time to success before the app containers.
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from troupe_devcluster.processnode import mountexec, volumes
+from troupe_devcluster.processnode import logs, mountexec, volumes
 from troupe_devcluster.processnode.env import base_env, container_argv, container_env
 from troupe_devcluster.processnode.ipam import IPPool
 from troupe_devcluster.processnode.kube import EXPECTED_ERRORS, STRATEGIC_MERGE, ApiError, Kube
@@ -78,6 +85,24 @@ GONE_GRACE_SECONDS = 2.0
 # How long past SIGKILL to wait for a process before giving up on it.
 KILL_WAIT_SECONDS = 5.0
 TERMINAL_PHASES = ("Succeeded", "Failed")
+# How long an exited container's last output may take to reach its log file.
+LOG_DRAIN_SECONDS = 2.0
+# The kubelet's cap on a termination message file (it reads the file's end).
+MAX_TERMINATION_MESSAGE_BYTES = 4096
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_ENV = "TROUPE_TERMINATION_MESSAGE_PATH"
+
+
+class LogUnavailable(Exception):
+    """A container has no log to show (yet): the kubelet's 400 with this message."""
+
+
+@dataclass(frozen=True)
+class LogSource:
+    """One container instance's log file, and whether that instance has finished."""
+
+    path: Path
+    finished: Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -117,6 +142,31 @@ def should_restart(policy: str, exit_code: int) -> bool:
     return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
 
 
+def _read_end(path: Path, limit: int) -> str:
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(size - limit, 0))
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def termination_message(container: JSON, exit_code: int, message_file: Path, log: Path) -> str:
+    """What the kubelet reports as a terminated container's message.
+
+    The termination message file's content; when it is empty, a container
+    with ``FallbackToLogsOnError`` that failed gets the tail of its log.
+    """
+    written = _read_end(message_file, MAX_TERMINATION_MESSAGE_BYTES)
+    if written:
+        return written
+    policy = container.get("terminationMessagePolicy") or "File"
+    if policy == "FallbackToLogsOnError" and exit_code != 0:
+        return logs.last_lines(log)
+    return ""
+
+
 @dataclass
 class _Slot:
     """One container of the pod across all of its restarts."""
@@ -132,6 +182,9 @@ class _Slot:
     backoff: float = BACKOFF_INITIAL_SECONDS
     next_start: float = 0.0
     kill_message: str = ""
+    # The instances (restart counts) `kubectl logs` and `--previous` show, set
+    # as one tuple so the kubelet endpoint's threads read a consistent pair.
+    log_instances: tuple[int | None, int | None] = (None, None)
     probers: list[Prober] = field(default_factory=list)
     startup: ProbeTracker | None = None
     liveness: ProbeTracker | None = None
@@ -219,6 +272,7 @@ class PodWorker:
         self._next_resync = 0.0
         self._written: JSON | None = None
         self._tokens: dict[tuple[str | None, int], tuple[str, float]] = {}
+        self._pumps: dict[tuple[str, int], logs.LogPump] = {}
         # A pod already finished when the node first sees it (say, after a node
         # restart) is only watched for deletion: it must not run again.
         self._managed = status.get("phase") not in TERMINAL_PHASES
@@ -253,6 +307,31 @@ class PodWorker:
         with self._lock:
             self._shutdown_grace = grace
         self._wake.set()
+
+    def log_source(self, container: str, previous: bool) -> LogSource:
+        """The log of ``container``'s current instance, or of the one before with
+        ``previous``, chosen as the kubelet chooses; LogUnavailable otherwise."""
+        name = self.label.split("/", 1)[1]
+        slot = next((slot for slot in self._slots() if slot.name == container), None)
+        if slot is None:
+            raise LogUnavailable(f'container "{container}" not found in pod "{name}"')
+        current, earlier = slot.log_instances
+        index = earlier if previous else current
+        if index is None:
+            if previous:
+                message = f'previous terminated container "{container}" in pod "{name}" not found'
+                raise LogUnavailable(message)
+            state = slot.state
+            reason = state.reason if isinstance(state, Waiting) else "ContainerCreating"
+            raise LogUnavailable(
+                f'container "{container}" in pod "{name}" is waiting to start: {reason}'
+            )
+        path = logs.instance_log(self._directory, container, index)
+        if not path.exists():
+            raise LogUnavailable(f'the log of container "{container}" in pod "{name}" is gone')
+        with self._lock:
+            pump = self._pumps.get((container, index))
+        return LogSource(path, pump.done.is_set if pump is not None else lambda: True)
 
     def _current(self) -> tuple[JSON, bool, float | None]:
         with self._lock:
@@ -512,14 +591,26 @@ class PodWorker:
         assert process is not None
         exit_code, signal_number = exit_status(returncode)
         log.info("%s: container %s exited with %d", self.label, slot.name, exit_code)
+        finished_at = _now()
+        if not process.logs.wait(LOG_DRAIN_SECONDS):
+            log.warning("%s: container %s left its output open", self.label, slot.name)
+        index = slot.log_instances[0]
+        written = ""
+        if index is not None:
+            written = termination_message(
+                slot.spec,
+                exit_code,
+                self._termination_file(slot.name),
+                logs.instance_log(self._directory, slot.name, index),
+            )
         terminated = Terminated(
             exit_code=exit_code,
             reason="Completed" if exit_code == 0 else "Error",
-            finished_at=_now(),
+            finished_at=finished_at,
             started_at=process.started_at,
             pid=process.pid,
             signal=signal_number,
-            message=slot.kill_message,
+            message=": ".join(part for part in (slot.kill_message, written) if part),
         )
         slot.stop_probers()
         slot.process = None
@@ -539,6 +630,8 @@ class PodWorker:
         delay = slot.backoff
         slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_SECONDS)
         slot.last_terminated = terminated
+        # Backing off, the kubelet shows the instance that just ended for both.
+        slot.log_instances = (slot.log_instances[0], slot.log_instances[0])
         slot.next_start = time.monotonic() + delay
         slot.state = Waiting(
             "CrashLoopBackOff",
@@ -573,9 +666,28 @@ class PodWorker:
             log.warning("%s: cannot start container %s yet: %s", self.label, slot.name, error)
             slot.next_start = time.monotonic() + CONFIG_RETRY_SECONDS
             return
-        log_path = self._directory / f"{slot.name}.log"
+        index = slot.restart_count + (1 if slot.has_run else 0)
+        log_path = logs.instance_log(self._directory, slot.name, index)
         try:
-            process = ContainerProcess(argv, env, self._directory, log_path, mounts)
+            message_file = self._fresh_termination_file(slot.name)
+            env[TERMINATION_MESSAGE_ENV] = str(message_file)
+            if mounts is not None:
+                target = slot.spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
+                if all(mount.target != target for mount in mounts):
+                    mounts.append(
+                        mountexec.Mount(
+                            "termination-log", str(message_file), target, False, str(message_file)
+                        )
+                    )
+            logs.prune(self._directory, slot.name, index)
+            process = ContainerProcess(
+                argv,
+                env,
+                self._directory,
+                log_path,
+                mounts,
+                plain_log=self._directory / f"{slot.name}.log",
+            )
         except CreateContainerError as error:
             # Nothing ran: no restart is counted, and the next try backs off.
             log.info("%s: container %s cannot be created: %s", self.label, slot.name, error)
@@ -585,6 +697,7 @@ class PodWorker:
             return
         except (OSError, ValueError) as error:
             self._count_start(slot)
+            slot.log_instances = (index, slot.log_instances[1])
             log.info("%s: container %s failed to start: %s", self.label, slot.name, error)
             failed = Terminated(
                 exit_code=128, reason="StartError", finished_at=_now(), message=str(error)
@@ -593,6 +706,11 @@ class PodWorker:
             return
         self._count_start(slot)
         log.info("%s: started container %s as pid %d", self.label, slot.name, process.pid)
+        with self._lock:
+            self._pumps[(slot.name, index)] = process.logs
+            for key in [key for key in self._pumps if key[0] == slot.name and key[1] < index - 1]:
+                del self._pumps[key]
+        slot.log_instances = (index, slot.log_instances[1])
         slot.process = process
         slot.state = Running(process.pid, process.started_at)
         prefix: tuple[str, ...] = ()
@@ -601,6 +719,17 @@ class PodWorker:
             prefix = tuple(mountexec.enter_argv(sys.executable, process.pid, []))
         target = ProbeTarget(self._ip, container_ports(slot.spec), env, self._directory, prefix)
         self._start_probers(slot, target)
+
+    def _termination_file(self, container: str) -> Path:
+        return self._directory / "termination" / container
+
+    def _fresh_termination_file(self, container: str) -> Path:
+        """An empty termination message file for a new instance, writable by it."""
+        path = self._termination_file(container)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        path.chmod(0o666)
+        return path
 
     @staticmethod
     def _count_start(slot: _Slot) -> None:

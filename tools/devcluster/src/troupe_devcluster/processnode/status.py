@@ -304,8 +304,23 @@ def _node_condition(
     }
 
 
-def node_status(system: NodeSystem, now: datetime, ready_since: datetime) -> JSON:
-    """The Node's status: Ready, no pressure, fixed capacity, loopback address."""
+def node_status(
+    system: NodeSystem,
+    now: datetime,
+    ready_since: datetime,
+    *,
+    hostname: str = "",
+    kubelet_port: int = 0,
+) -> JSON:
+    """The Node's status: Ready, no pressure, fixed capacity, loopback address.
+
+    ``kubelet_port`` is where the API server reaches the node's kubelet
+    endpoint (``kubectl logs``), at the InternalIP; ``hostname`` is advertised
+    too, as a kubelet does, though nothing resolves it.
+    """
+    addresses = [{"type": "InternalIP", "address": NODE_IP}]
+    if hostname:
+        addresses.append({"type": "Hostname", "address": hostname})
     beat, since = timestamp(now), timestamp(ready_since)
     return {
         "conditions": [
@@ -337,10 +352,10 @@ def node_status(system: NodeSystem, now: datetime, ready_since: datetime) -> JSO
                 "Ready", "True", "KubeletReady", "process node is posting ready status", beat, since
             ),
         ],
-        "addresses": [{"type": "InternalIP", "address": NODE_IP}],
+        "addresses": addresses,
         "capacity": dict(NODE_CAPACITY),
         "allocatable": dict(NODE_CAPACITY),
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "nodeInfo": {
             "machineID": system.machine_id,
             "systemUUID": system.machine_id,
@@ -365,14 +380,16 @@ def node_labels(name: str, architecture: str) -> dict[str, str]:
     }
 
 
-def build_node(name: str, system: NodeSystem, now: datetime, ready_since: datetime) -> JSON:
+def build_node(
+    name: str, system: NodeSystem, now: datetime, ready_since: datetime, kubelet_port: int = 0
+) -> JSON:
     """The whole Node object to create; its status is also sent on every heartbeat."""
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": name, "labels": node_labels(name, system.architecture)},
         "spec": {},
-        "status": node_status(system, now, ready_since),
+        "status": node_status(system, now, ready_since, hostname=name, kubelet_port=kubelet_port),
     }
 
 
