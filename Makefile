@@ -79,7 +79,7 @@ test: lint verify ## Lint, check generated files, then every test against a real
 
 .PHONY: test-unit
 test-unit: setup ## The fast lane: the tests that need no cluster and no NATS.
-	$(BIN)/pytest $(PYTEST_ARGS) tests/unit tools/devcluster/tests --ignore=tools/devcluster/tests/test_process_node.py
+	$(BIN)/pytest $(PYTEST_ARGS) tests/unit tools/devcluster/tests --ignore=tools/devcluster/tests/test_process_node.py --ignore=tools/devcluster/tests/test_process_node_logs.py
 
 .PHONY: cluster-up
 cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS.

@@ -11,7 +11,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from troupe_devcluster import components, launcher
 from troupe_devcluster.layout import Layout, Ports
-from troupe_devcluster.pki import ADMIN_GROUP, write_pki
+from troupe_devcluster.pki import ADMIN_GROUP, KUBELET_CLIENT_USER, write_pki
 
 
 def _layout(tmp_path: Path) -> Layout:
@@ -46,6 +46,36 @@ def test_certificates_are_signed_by_the_generated_ca(tmp_path: Path) -> None:
     ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     for leaf_path in (paths.serving_cert, paths.admin_cert):
         x509.load_pem_x509_certificate(leaf_path.read_bytes()).verify_directly_issued_by(ca)
+
+
+def test_kubelet_serving_certificate_covers_the_node_address_and_name(tmp_path: Path) -> None:
+    paths = write_pki(tmp_path, kubelet_names=("process-node",))
+    cert = x509.load_pem_x509_certificate(paths.kubelet_cert.read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()))
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.DNSName) == ["process-node"]
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_the_apiserver_reaches_kubelets_with_a_client_certificate_and_checks_theirs(
+    tmp_path: Path,
+) -> None:
+    layout = _layout(tmp_path)
+    paths = write_pki(layout.pki.ca_cert.parent)
+    client = x509.load_pem_x509_certificate(paths.kubelet_client_cert.read_bytes())
+    assert client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
+        KUBELET_CLIENT_USER
+    )
+    argv = components.kube_apiserver(tmp_path, layout).argv
+    assert _flag(argv, "kubelet-client-certificate") == str(paths.kubelet_client_cert)
+    assert _flag(argv, "kubelet-client-key") == str(paths.kubelet_client_key)
+    assert _flag(argv, "kubelet-certificate-authority") == str(paths.ca_cert)
+    assert _flag(argv, "kubelet-preferred-address-types").startswith("InternalIP")
+    node = components.process_node(layout).argv
+    assert _flag(node, "kubelet-port") == str(layout.ports.kubelet)
+    assert _flag(node, "client-ca-file") == str(paths.ca_cert)
 
 
 def test_kubeconfig_inlines_the_ca_and_the_admin_credentials(tmp_path: Path) -> None:

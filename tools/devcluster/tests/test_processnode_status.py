@@ -197,7 +197,15 @@ def test_node_reports_fixed_capacity_and_loopback_address() -> None:
         "memory": "64Gi",
         "pods": "110",
     }
-    assert status["addresses"] == [{"type": "InternalIP", "address": "127.0.0.1"}]
+    assert status["addresses"] == [
+        {"type": "InternalIP", "address": "127.0.0.1"},
+        {"type": "Hostname", "address": "n"},
+    ]
+
+
+def test_node_advertises_its_kubelet_endpoint_port() -> None:
+    status = build_node("n", SYSTEM, T0, T0, kubelet_port=10250)["status"]
+    assert status["daemonEndpoints"] == {"kubeletEndpoint": {"Port": 10250}}
 
 
 def test_node_reports_the_troupe_kubelet_version() -> None:
