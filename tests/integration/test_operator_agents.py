@@ -114,6 +114,7 @@ def test_spec_change_rolls_the_pods_and_updates_stream_and_consumer(
     changed = agent(
         "editor",
         messaging={"ackWait": "45s"},
+        timeout="20s",  # timeout + 10s must fit into 70% of ackWait
         retry={"maxAttempts": 5},
         deadLetter={"retention": "24h"},
     )

@@ -22,7 +22,12 @@ def _workflow(**step: Any) -> WorkflowSpec:
 
 def _agent(timeout: str, attempts: int, backoff: list[str]) -> AgentSpec:
     return AgentSpec.model_validate(
-        {"role": "r", "timeout": timeout, "retry": {"maxAttempts": attempts, "backoff": backoff}}
+        {
+            "role": "r",
+            "timeout": timeout,
+            "messaging": {"ackWait": "1h"},  # room for any timeout the tests try
+            "retry": {"maxAttempts": attempts, "backoff": backoff},
+        }
     )
 
 

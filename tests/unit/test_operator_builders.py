@@ -45,7 +45,7 @@ FULL_SPEC: dict[str, Any] = {
     },
     "messaging": {"maxInFlight": 4, "ackWait": "45s", "priorityLevels": 2},
     "rateLimit": {"rate": 2.5, "burst": 5, "scope": "global"},
-    "timeout": "2m",
+    "timeout": "20s",
     "retry": {"maxAttempts": 4, "backoff": ["1s", "10s"]},
     "deadLetter": {"retention": "72h"},
     "state": [{"name": "notes", "history": 3}],

@@ -34,6 +34,7 @@ from troupe_runtime.agent.ratelimit import GlobalLimiter, Limiter, LocalLimiter
 from troupe_runtime.agent.worker import Worker
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.policies import PUBLISH_TIMEOUT
 from troupe_runtime.nats.connection import connect
 from troupe_runtime.serving.health import HealthServer, Liveness
 from troupe_runtime.serving.metrics import RuntimeMetrics
@@ -172,7 +173,7 @@ class Runtime:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _serve(self, nc: Client, closed: asyncio.Event) -> str | None:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=PUBLISH_TIMEOUT.total_seconds())
         self._phase = Phase.BINDING
         binding = asyncio.create_task(self._bind(js))
         stopping = asyncio.create_task(self._stop.wait())

@@ -29,6 +29,7 @@ from troupe_runtime.agent.processing import Processor, describe
 from troupe_runtime.agent.ratelimit import Limiter
 from troupe_runtime.agent.scheduling import PriorityScheduler
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.policies import PROGRESS_SHARE
 from troupe_runtime.nats.pull import Puller
 from troupe_runtime.serving.metrics import RuntimeMetrics
 from troupe_runtime.state import StateStore
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_SECONDS = 1.0
 ERROR_BACKOFF_SECONDS = 1.0
-PROGRESS_SHARE = 0.3
-"""A message waiting for the rate limit is reported in progress every this share of ackWait."""
 
 
 async def _hand_back(msg: Msg, delay: float | None = None) -> None:
@@ -79,7 +78,8 @@ class Worker:
         ]
         self._scheduler = PriorityScheduler(levels)
         self._max_in_flight = config.messaging.max_in_flight
-        self._progress_every = config.messaging.ack_wait.total_seconds() * PROGRESS_SHARE
+        # Part of the bound the Agent CRD's timeout rule rests on (policies.fits_ack_wait).
+        self._progress_every = config.messaging.ack_wait.total_seconds() * float(PROGRESS_SHARE)
         self._slots = asyncio.Semaphore(self._max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._task_done = asyncio.Event()

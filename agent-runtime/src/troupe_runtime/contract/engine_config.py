@@ -55,7 +55,8 @@ class RunRetention(WireModel):
 
     max_age: Duration = Field(
         default=DEFAULT_RUN_RETENTION,
-        description="Age after which a run's messages and projection are removed; default 7 days.",
+        description="Age after which a run's messages and projection are removed: a duration "
+        "such as 24h; default 168h (7 days).",
     )
     max_runs: int | None = Field(
         default=None,

@@ -9,13 +9,22 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, WithJsonSchema
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 
-from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
-from troupe_runtime.contract import version
+from troupe_operator.api.common import (
+    RETRY_BACKOFF_RULE,
+    ApiModel,
+    cel,
+    cel_list,
+    rule,
+    unique_rule,
+)
+from troupe_runtime.contract import grammar, naming, version
 from troupe_runtime.contract.durations import Duration
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
+    PROGRESS_SHARE,
+    SETTLE_ALLOWANCE,
     Contract,
     DeadLetterPolicy,
     Handler,
@@ -23,12 +32,55 @@ from troupe_runtime.contract.policies import (
     RateLimit,
     RetryPolicy,
     StateBucket,
+    fits_ack_wait,
 )
 
 DEFAULT_RUNTIME_IMAGE = version.DEFAULT_RUNTIME_IMAGE
+MAX_SIDECARS = 16
 
-Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
-"""A Kubernetes resource quantity (``500m``, ``1Gi`` or a plain number)."""
+
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, int) and value < 0:
+        raise ValueError("a quantity may not be negative")
+    if isinstance(value, str) and not (
+        len(value) <= grammar.QUANTITY_MAX and grammar.matches(grammar.QUANTITY_PATTERN, value)
+    ):
+        raise ValueError(f"{value!r} is not a quantity such as 500m, 2, 1Gi or 1.5")
+    return value
+
+
+def _resource_name(name: str) -> str:
+    if len(name) > grammar.RESOURCE_NAME_MAX or not grammar.is_resource_name(name):
+        raise ValueError(
+            f"{name!r} is not a container resource: cpu, memory, ephemeral-storage, "
+            "hugepages-<size> or <domain>/<name>"
+        )
+    return name
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_quantity),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "description": "A quantity such as 500m, 2, 1Gi or 1.5 (an integer or a string).",
+            "minimum": 0,
+            "maxLength": grammar.QUANTITY_MAX,
+            "pattern": grammar.QUANTITY_PATTERN,
+        }
+    ),
+]
+"""A Kubernetes resource quantity (500m, 1Gi or a plain number), never negative."""
+
+ResourceName = Annotated[str, AfterValidator(_resource_name)]
+
+RESOURCE_NAMES_RULE = rule(
+    f"self.all(k, k.matches(r'{grammar.RESOURCE_NAME_PATTERN}')"
+    f" && !k.contains('{grammar.NATIVE_DOMAIN}') && !k.startsWith('{grammar.QUOTA_PREFIX}'))",
+    "resource names are cpu, memory, ephemeral-storage, hugepages-<size> or an extended "
+    "resource <domain>/<name> (not under kubernetes.io)",
+)
 
 KubeObject = Annotated[
     dict[str, Any],
@@ -37,127 +89,499 @@ KubeObject = Annotated[
 """A core Kubernetes structure passed through verbatim; the API server validates it in the pod."""
 
 
+def _sidecar(container: dict[str, Any]) -> dict[str, Any]:
+    name, image = container.get("name"), container.get("image")
+    if not (
+        isinstance(name, str)
+        and len(name) <= grammar.DNS_LABEL_MAX
+        and grammar.matches(grammar.DNS_LABEL_PATTERN, name)
+    ):
+        raise ValueError("a sidecar needs a name that is a DNS label")
+    if not (
+        isinstance(image, str)
+        and len(image) <= grammar.IMAGE_MAX
+        and grammar.matches(grammar.IMAGE_PATTERN, image)
+    ):
+        raise ValueError("a sidecar needs an image without whitespace")
+    return container
+
+
+Sidecar = Annotated[
+    dict[str, Any],
+    AfterValidator(_sidecar),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "description": "A container, as in a pod spec, beside the runtime container.",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "required": ["name", "image"],
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "description": "The container's name: a DNS label, unique in the pod, "
+                    f"never {grammar.RUNTIME_CONTAINER}.",
+                    "maxLength": grammar.DNS_LABEL_MAX,
+                    "pattern": grammar.DNS_LABEL_PATTERN,
+                },
+                "image": {
+                    "type": "string",
+                    "description": "The container's image, without whitespace.",
+                    "maxLength": grammar.IMAGE_MAX,
+                    "pattern": grammar.IMAGE_PATTERN,
+                },
+            },
+        }
+    ),
+]
+"""A sidecar container: passed through verbatim but for the name and image the CRD checks."""
+
+
 class ResourceRequirements(ApiModel):
     """CPU and memory for the runtime container, as in a pod spec."""
 
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[ResourceName, Quantity] = Field(
+        default_factory=dict,
+        max_length=16,
+        json_schema_extra=cel(RESOURCE_NAMES_RULE),
+        description="What the scheduler reserves, such as {cpu: 100m, memory: 128Mi}.",
+    )
+    limits: dict[ResourceName, Quantity] = Field(
+        default_factory=dict,
+        max_length=16,
+        json_schema_extra=cel(RESOURCE_NAMES_RULE),
+        description="The most the container may use, such as {memory: 256Mi}.",
+    )
+
+
+TOLERATION_RULES = (
+    rule(
+        "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "an Exists toleration matches every value: leave value unset",
+        ".value",
+    ),
+    rule(
+        "has(self.key) || self.operator == 'Exists'",
+        "a toleration without a key must use operator Exists",
+        ".key",
+    ),
+    rule(
+        "!has(self.tolerationSeconds) || has(self.effect) && self.effect == 'NoExecute'",
+        "tolerationSeconds needs effect NoExecute",
+        ".tolerationSeconds",
+    ),
+)
 
 
 class Toleration(ApiModel):
     """A pod toleration, so agents can be placed on tainted nodes."""
 
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    model_config = ApiModel.model_config | {"json_schema_extra": cel(*TOLERATION_RULES)}
+
+    key: str | None = Field(
+        default=None,
+        pattern=grammar.QUALIFIED_NAME_PATTERN,
+        max_length=grammar.QUALIFIED_NAME_MAX,
+        description="The taint key to tolerate; unset (with operator Exists) tolerates all.",
+    )
+    operator: Literal["Exists", "Equal"] = Field(
+        default="Equal",
+        description="Equal matches the taint's value; Exists any value. Default Equal.",
+    )
+    value: str | None = Field(
+        default=None,
+        pattern=grammar.LABEL_VALUE_PATTERN,
+        max_length=grammar.LABEL_VALUE_MAX,
+        description="The taint value to match, for operator Equal.",
+    )
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="The taint effect to tolerate; unset: every effect."
+    )
+    toleration_seconds: int | None = Field(
+        default=None,
+        description="For NoExecute: how long the pod stays bound after the taint appears; "
+        "unset: forever.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("an Exists toleration matches every value: leave value unset")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
+
+
+RESERVED_ENV_RULE = rule(
+    f"!self.startsWith('{grammar.RESERVED_ENV_PREFIX}')"
+    f" && !(self in {cel_list(grammar.RESERVED_ENV_NAMES)})",
+    f"the operator sets this variable itself: names starting with "
+    f"{grammar.RESERVED_ENV_PREFIX} and {', '.join(grammar.RESERVED_ENV_NAMES)} are reserved",
+)
 
 
 class EnvVar(ApiModel):
-    """An environment variable of the runtime container: a value or a ``valueFrom`` source."""
+    """An environment variable of the runtime container: a value or a valueFrom source."""
 
-    name: str = Field(min_length=1)
-    value: str | None = None
-    value_from: KubeObject | None = None
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": cel(
+            rule(
+                "!has(self.valueFrom) || !has(self.value) || self.value == ''",
+                "set either value or valueFrom, not both",
+                ".valueFrom",
+            )
+        )
+    }
+
+    name: str = Field(
+        pattern=grammar.ENV_NAME_PATTERN,
+        max_length=grammar.ENV_NAME_MAX,
+        json_schema_extra=cel(RESERVED_ENV_RULE),
+        description="The variable's name: printable ASCII without =, not reserved (TROUPE_*, "
+        f"{', '.join(grammar.RESERVED_ENV_NAMES)}, and {grammar.CODE_ENV} when code is set).",
+    )
+    value: str | None = Field(default=None, description="The value; unset: empty or valueFrom.")
+    value_from: KubeObject | None = Field(
+        default=None,
+        description="A source for the value, as in a pod spec: secretKeyRef, configMapKeyRef, "
+        "fieldRef or resourceFieldRef.",
+    )
+
+    @model_validator(mode="after")
+    def _allowed(self) -> EnvVar:
+        if grammar.is_reserved_env(self.name):
+            raise ValueError(RESERVED_ENV_RULE["message"])
+        if self.value and self.value_from is not None:
+            raise ValueError("set either value or valueFrom, not both")
+        return self
 
 
 class HandlerCode(ApiModel):
     """Python modules shipped in a ConfigMap, so a handler needs no custom image."""
 
-    config_map: str = Field(pattern=NAME_PATTERN, max_length=253)
+    config_map: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=253,
+        description="The ConfigMap's name, in the Agent's namespace.",
+    )
+
+
+HANDLER_RULES = (
+    rule(
+        "!has(self.type) || self.type != 'python' || has(self.entrypoint)",
+        "a python handler needs an entrypoint (module:function)",
+        ".entrypoint",
+    ),
+    rule(
+        "!has(self.type) || self.type != 'http' || has(self.url)",
+        "an http handler needs a url",
+        ".url",
+    ),
+    rule(
+        "!has(self.type) || self.type != 'llm' || has(self.secretName)",
+        "an llm handler needs a secretName (a Secret with baseUrl and apiKey)",
+        ".secretName",
+    ),
+)
+
+
+def _handler_problem(handler: Handler) -> str | None:
+    """What ``HANDLER_RULES`` refuse, for the models."""
+    if handler.type == "python" and handler.entrypoint is None:
+        return HANDLER_RULES[0]["message"]
+    if handler.type == "http" and handler.url is None:
+        return HANDLER_RULES[1]["message"]
+    if handler.type == "llm" and handler.secret_name is None:
+        return HANDLER_RULES[2]["message"]
+    return None
+
+
+CODE_ENV_RULE = rule(
+    f"!has(self.code) || !has(self.env) || !self.env.exists(e, e.name == '{grammar.CODE_ENV}')",
+    f"with code set, the operator sets {grammar.CODE_ENV} itself: remove it from env",
+    ".env",
+)
 
 
 class AgentRuntime(ApiModel):
     """The pods that run the agent: image, handler, scale and placement."""
 
-    image: str = Field(default=DEFAULT_RUNTIME_IMAGE, min_length=1)
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    model_config = ApiModel.model_config | {"json_schema_extra": cel(CODE_ENV_RULE)}
+
+    image: str = Field(
+        default=DEFAULT_RUNTIME_IMAGE,
+        pattern=grammar.IMAGE_PATTERN,
+        max_length=grammar.IMAGE_MAX,
+        description=f"The runtime's image, without whitespace; default {DEFAULT_RUNTIME_IMAGE}.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="As in a pod spec; default IfNotPresent."
+    )
     handler: Handler = Field(
         default_factory=Handler,
-        json_schema_extra=cel(
-            rule(
-                "!has(self.type) || self.type != 'python' || has(self.entrypoint)",
-                "a python handler needs an entrypoint (module:function)",
-                ".entrypoint",
-            ),
-            rule(
-                "!has(self.type) || self.type != 'http' || has(self.url)",
-                "an http handler needs a url",
-                ".url",
-            ),
-        ),
+        json_schema_extra=cel(*HANDLER_RULES),
+        description="What processes each message; default echo.",
     )
     code: HandlerCode | None = Field(
         default=None,
         description="A ConfigMap whose files are mounted at /opt/troupe/code and put on "
         "PYTHONPATH, so entrypoint modules can live there. Roll the pods after changing it.",
     )
-    replicas: int = Field(default=1, ge=0, le=1000)
-    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
-    env: list[EnvVar] = Field(default_factory=list, max_length=256)
-    env_from: list[KubeObject] = Field(default_factory=list, max_length=64)
-    sidecars: list[KubeObject] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Containers beside the runtime, e.g. the server of an http handler.",
+    replicas: int = Field(
+        default=1, ge=0, le=1000, description="Pods running the agent; default 1."
     )
-    service_account_name: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63)
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements,
+        description="CPU and memory for the runtime container, as in a pod spec.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=256,
+        # A list map: the API server refuses a second entry of one name, at no CEL cost.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Extra environment variables of the runtime container, each name once.",
+    )
+    env_from: list[KubeObject] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Whole ConfigMaps or Secrets as environment variables, as in a pod spec "
+        "(configMapRef, secretRef, prefix).",
+    )
+    sidecars: list[Sidecar] = Field(
+        default_factory=list,
+        max_length=MAX_SIDECARS,
+        json_schema_extra=cel(
+            unique_rule("name", "sidecar names must be unique"),
+            rule(
+                f"self.all(c, c.name != '{grammar.RUNTIME_CONTAINER}')",
+                f"a sidecar may not be named {grammar.RUNTIME_CONTAINER}: "
+                "that is the runtime's own container",
+            ),
+        ),
+        description="Containers beside the runtime, e.g. the server of an http handler; each "
+        "needs a unique name and an image.",
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        max_length=63,
+        description="The pods' ServiceAccount; unset: the namespace's default one (or the "
+        "agent's name with createServiceAccount).",
+    )
     create_service_account: bool = Field(
         default=False,
-        description="Create the ServiceAccount (named serviceAccountName, else the agent).",
+        description="Create the ServiceAccount (named serviceAccountName, else the agent); "
+        "default false.",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must run on, as in a pod spec."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Taints the pods tolerate."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentRuntime:
+        if (problem := _handler_problem(self.handler)) is not None:
+            raise ValueError(problem)
+        names = [variable.name for variable in self.env]
+        if len(set(names)) != len(names):
+            raise ValueError("env names must be unique")
+        if self.code is not None and grammar.CODE_ENV in names:
+            raise ValueError(CODE_ENV_RULE["message"])
+        containers = [sidecar["name"] for sidecar in self.sidecars]
+        if len(set(containers)) != len(containers):
+            raise ValueError("sidecar names must be unique")
+        if grammar.RUNTIME_CONTAINER in containers:
+            raise ValueError(f"a sidecar may not be named {grammar.RUNTIME_CONTAINER}")
+        return self
 
 
 class SecretKeyReference(ApiModel):
     """A key of a Secret in the object's namespace."""
 
-    name: str = Field(pattern=NAME_PATTERN, max_length=253)
-    key: str = Field(default="nats.creds", min_length=1)
+    name: str = Field(
+        pattern=NAME_PATTERN, max_length=253, description="The Secret's name, in this namespace."
+    )
+    key: str = Field(
+        default="nats.creds",
+        min_length=1,
+        max_length=253,
+        description="The key holding the credentials file; default nats.creds.",
+    )
 
 
 class NatsTls(ApiModel):
-    """TLS to NATS from a Secret with ``ca.crt`` (and ``tls.crt``/``tls.key`` for mTLS)."""
+    """TLS to NATS from a Secret with ca.crt (and tls.crt and tls.key for mutual TLS)."""
 
-    secret_name: str = Field(pattern=NAME_PATTERN, max_length=253)
-    client_certificate: bool = Field(default=True, description="Present tls.crt and tls.key.")
+    secret_name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=253,
+        description="The Secret with ca.crt (and tls.crt, tls.key), in this namespace.",
+    )
+    client_certificate: bool = Field(
+        default=True, description="Present tls.crt and tls.key to the server; default true."
+    )
 
 
 class NatsConnection(ApiModel):
     """Which NATS to use; unset fields fall back to the operator's own settings."""
 
-    url: str | None = Field(default=None, pattern=r"^(nats|tls|ws|wss)://.+$")
-    credentials_secret: SecretKeyReference | None = None
-    tls: NatsTls | None = None
+    url: str | None = Field(
+        default=None,
+        pattern=r"^(nats|tls|ws|wss)://[\x21-\x7e]+$",
+        max_length=grammar.URL_MAX,
+        description="Server URL such as nats://nats.troupe:4222; unset: the operator's.",
+    )
+    credentials_secret: SecretKeyReference | None = Field(
+        default=None, description="A Secret key holding a NATS credentials (.creds) file."
+    )
+    tls: NatsTls | None = Field(default=None, description="TLS to the server.")
+
+
+def _timeout_rule() -> dict[str, str]:
+    """``fits_ack_wait`` in CEL: whole milliseconds, integer arithmetic only."""
+    allowance = SETTLE_ALLOWANCE // timedelta(milliseconds=1)
+    share = PROGRESS_SHARE
+    return rule(
+        "!has(self.timeout) || !has(self.messaging) || !has(self.messaging.ackWait)"
+        f" || (duration(self.timeout).getMilliseconds() + {allowance}) * {share.denominator}"
+        " <= duration(self.messaging.ackWait).getMilliseconds()"
+        f" * {share.denominator - share.numerator}",
+        TIMEOUT_MESSAGE,
+        ".timeout",
+    )
+
+
+TIMEOUT_MESSAGE = (
+    f"timeout + {SETTLE_ALLOWANCE.seconds}s must fit into "
+    f"{100 - int(PROGRESS_SHARE * 100)}% of messaging.ackWait, or JetStream redelivers the "
+    "message while the handler still runs: lower timeout or raise ackWait"
+)
 
 
 class AgentSpec(ApiModel):
-    """The desired state of one agent."""
+    """The desired state of one agent.
+
+    The handler's timeout must fit into ackWait (``policies.fits_ack_wait``): JetStream
+    redelivers a message ackWait after its last delivery or in-progress report. A message
+    waiting for a rate-limit token is reported every 30% of ackWait, so the handler may start
+    with 70% of it left; it then runs for up to timeout, and its result and reply take up to
+    two 5 s publishes before the acknowledgement. So timeout + 10s <= 70% of ackWait, and no
+    message is handed to a second replica while the first still works on it.
+    """
+
+    model_config = ApiModel.model_config | {"json_schema_extra": cel(_timeout_rule())}
 
     role: str = Field(min_length=1, max_length=256, description="What the agent does, briefly.")
-    description: str = Field(default="", max_length=4096)
-    contract: Contract = Field(default_factory=Contract)
-    runtime: AgentRuntime = Field(default_factory=AgentRuntime)
-    messaging: Messaging = Field(default_factory=Messaging)
-    rate_limit: RateLimit | None = None
-    timeout: Duration = Field(default=timedelta(seconds=60), description="Per message.")
-    retry: RetryPolicy = Field(
-        default_factory=RetryPolicy, json_schema_extra=cel(RETRY_BACKOFF_RULE)
+    description: str = Field(
+        default="", max_length=4096, description="More about the agent, for people."
     )
-    dead_letter: DeadLetterPolicy = Field(default_factory=DeadLetterPolicy)
+    contract: Contract = Field(
+        default_factory=Contract,
+        json_schema_extra=cel(
+            rule(
+                "!has(self.errorStates) || self.errorStates.all(a, "
+                "self.errorStates.exists_one(b, b.name == a.name))",
+                "error state names must be unique",
+                ".errorStates",
+            )
+        ),
+        description="What the agent accepts and produces: schemas, output subjects, errors.",
+    )
+    runtime: AgentRuntime = Field(
+        default_factory=AgentRuntime,
+        description="The pods that run the agent: image, handler, scale and placement.",
+    )
+    messaging: Messaging = Field(
+        default_factory=Messaging,
+        description="Flow control between JetStream and the handler.",
+    )
+    rate_limit: RateLimit | None = Field(
+        default=None,
+        description="A token bucket limiting messages per second; unset: no limit.",
+    )
+    timeout: Duration = Field(
+        default=timedelta(seconds=60),
+        description="How long the handler may take per message (ctx.progress() extends it): a "
+        "duration such as 30s or 1h30m; default 1m. timeout + 10s must fit into 70% of "
+        "messaging.ackWait.",
+    )
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy,
+        json_schema_extra=cel(RETRY_BACKOFF_RULE),
+        description="How often a failed message is tried, and the delays between tries.",
+    )
+    dead_letter: DeadLetterPolicy = Field(
+        default_factory=DeadLetterPolicy,
+        description="Where messages go when they cannot be processed.",
+    )
     state: list[StateBucket] = Field(
         default_factory=list,
         max_length=32,
-        json_schema_extra=cel(
-            rule(
-                "self.all(a, self.exists_one(b, b.name == a.name))",
-                "state bucket names must be unique",
-            )
-        ),
+        json_schema_extra=cel(unique_rule("name", "state bucket names must be unique")),
+        description="NATS KV buckets the handlers read or write, each name once.",
     )
-    nats: NatsConnection = Field(default_factory=NatsConnection)
+    nats: NatsConnection = Field(
+        default_factory=NatsConnection,
+        description="Which NATS to use; unset fields fall back to the operator's settings.",
+    )
     deletion_policy: Literal["Delete", "Retain"] = Field(
-        default="Delete", description="Whether deleting the Agent deletes its NATS resources."
+        default="Delete",
+        description="Whether deleting the Agent deletes its NATS resources (Delete) or keeps "
+        "them (Retain); default Delete.",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentSpec:
+        if not fits_ack_wait(self.timeout, self.messaging.ack_wait):
+            raise ValueError(TIMEOUT_MESSAGE)
+        buckets = [bucket.name for bucket in self.state]
+        if len(set(buckets)) != len(buckets):
+            raise ValueError("state bucket names must be unique")
+        return self
+
+
+def metadata_schema(kind: str) -> dict[str, Any]:
+    """metadata.name is a DNS label: it becomes label values, object names and subject tokens.
+
+    The API server lets a CRD say nothing else about metadata.
+    """
+    return {
+        "type": "object",
+        "properties": {
+            "name": {
+                "type": "string",
+                "description": f"The {kind}'s name: a DNS label (lowercase letters, digits and "
+                "-, at most 63, no dots), since it becomes a label value and a NATS subject "
+                "token.",
+                "maxLength": grammar.DNS_LABEL_MAX,
+                "pattern": grammar.DNS_LABEL_PATTERN,
+            }
+        },
+    }
+
+
+_TOKENS = "s.split('.')"
+AGENT_RULES = [
+    rule(
+        f"!self.metadata.name.endsWith('{naming.ENGINE_SUFFIX}')",
+        f"an Agent's name may not end in {naming.ENGINE_SUFFIX}: a Workflow's engine objects "
+        "are named so",
+        ".metadata.name",
+    ),
+    rule(
+        "!has(self.spec.contract) || !has(self.spec.contract.outputSubjects)"
+        " || self.spec.contract.outputSubjects.all(s, !("
+        f"s.startsWith('{grammar.TROUPE_ROOT}.') && {_TOKENS}.size() >= 5"
+        f" && {_TOKENS}[2] == '{grammar.AGENTS_TOKEN}' && {_TOKENS}[3] == self.metadata.name"
+        f" && {_TOKENS}[4] == 'in'))",
+        "an output subject may not be the agent's own inbox "
+        f"({grammar.TROUPE_ROOT}.<namespace>.{grammar.AGENTS_TOKEN}.<name>.in...): it would "
+        "feed the agent its own results",
+        ".spec.contract.outputSubjects",
+    ),
+]
+"""Rules on the whole object, where CEL can read metadata.name (``grammar.own_inbox_pattern``
+says the same as the second)."""

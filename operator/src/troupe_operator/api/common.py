@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from troupe_runtime.contract.durations import CEL_KEY as CEL_KEY
 from troupe_runtime.contract.policies import WireModel
 
 GROUP = "troupe.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-CEL_KEY = "x-kubernetes-validations"
 
 
 def cel(*rules: dict[str, str]) -> dict[str, Any]:
@@ -23,6 +23,16 @@ def rule(expression: str, message: str, field_path: str | None = None) -> dict[s
     if field_path is not None:
         entry["fieldPath"] = field_path
     return entry
+
+
+def cel_list(values: tuple[str, ...] | list[str]) -> str:
+    """A CEL list literal of strings."""
+    return "[" + ", ".join(f"'{value}'" for value in values) + "]"
+
+
+def unique_rule(key: str, message: str) -> dict[str, str]:
+    """A list whose items' ``key`` fields are all different."""
+    return rule(f"self.all(a, self.exists_one(b, b.{key} == a.{key}))", message)
 
 
 RETRY_BACKOFF_RULE = rule(

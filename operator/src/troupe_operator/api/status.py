@@ -17,12 +17,14 @@ from troupe_operator.api.common import ApiModel
 class Condition(ApiModel):
     """One observation about the object, as in ``metav1.Condition``."""
 
-    type: str = Field(min_length=1)
-    status: Literal["True", "False", "Unknown"]
+    type: str = Field(min_length=1, description="What is observed, such as Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(min_length=1, description="CamelCase, for machines.")
     message: str = Field(default="", description="For people: what is wrong and what to do.")
     last_transition_time: str = Field(description="RFC 3339; changes only with status.")
-    observed_generation: int = 0
+    observed_generation: int = Field(
+        default=0, description="The metadata.generation this condition was observed at."
+    )
 
 
 class ConsumerCounts(ApiModel):
@@ -45,11 +47,17 @@ class AgentSubjects(ApiModel):
 class AgentStatus(ApiModel):
     """What the operator last observed of an agent."""
 
-    observed_generation: int = 0
-    conditions: list[Condition] = Field(default_factory=list)
-    replicas: int = 0
-    ready_replicas: int = 0
-    config_hash: str = ""
+    observed_generation: int = Field(
+        default=0, description="The metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Reconciling, Stalled and what they rest on."
+    )
+    replicas: int = Field(default=0, description="Pods of the agent's Deployment.")
+    ready_replicas: int = Field(default=0, description="Of those, pods ready for messages.")
+    config_hash: str = Field(
+        default="", description="Hash of the runtime config the pods were started with."
+    )
     consumers: ConsumerCounts = Field(default_factory=ConsumerCounts)
     lag: int = Field(default=0, description="pending + ackPending: the Lag printer column.")
     dead_letters: int = Field(default=0, description="Messages in the dead-letter stream.")
@@ -62,15 +70,17 @@ class RunCounts(ApiModel):
     """Workflow runs by state, as the engine's projections in KV hold them."""
 
     running: int = Field(default=0, description="Running or compensating.")
-    succeeded: int = 0
-    failed: int = 0
+    succeeded: int = Field(default=0, description="Runs that succeeded.")
+    failed: int = Field(default=0, description="Runs that failed.")
 
 
 class LastRun(ApiModel):
     """The run started most recently."""
 
-    id: str
-    status: Literal["Running", "Compensating", "Succeeded", "Failed"]
+    id: str = Field(description="The run's id.")
+    status: Literal["Running", "Compensating", "Succeeded", "Failed"] = Field(
+        description="Running, Compensating, Succeeded or Failed."
+    )
     started_at: str = Field(description="RFC 3339.")
     finished_at: str | None = Field(default=None, description="RFC 3339; unset while running.")
 
@@ -88,9 +98,13 @@ class WorkflowSubjects(ApiModel):
 class WorkflowStatus(ApiModel):
     """What the operator last observed of a workflow and its engine."""
 
-    observed_generation: int = 0
-    conditions: list[Condition] = Field(default_factory=list)
-    steps: int = 0
+    observed_generation: int = Field(
+        default=0, description="The metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Reconciling, Stalled and what they rest on."
+    )
+    steps: int = Field(default=0, description="Steps in the DAG.")
     runs: RunCounts = Field(default_factory=RunCounts)
     last_run: LastRun | None = None
     subjects: WorkflowSubjects | None = Field(

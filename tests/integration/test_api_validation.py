@@ -1,0 +1,320 @@
+"""The API server refuses, at apply time and naming the field, every class of manifest the
+operator used to accept and then fail on; and ``kubectl`` explains the fields and shows the
+wide columns. Each case goes through the real API server with the CRDs that ship."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.integration.operator_support import agent, install_crds, workflow
+from troupe_devcluster.fixtures import ClusterEndpoints
+from troupe_runtime.contract.durations import MAX_DURATION, MAX_DURATION_TEXT, format_duration
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: ClusterEndpoints) -> None:
+    install_crds(cluster)
+
+
+def _workflow(name: str = "pipeline", **spec: Any) -> dict[str, Any]:
+    manifest = workflow(name, [{"name": "fetch", "agentRef": "fetcher"}])
+    manifest["spec"].update(spec)
+    return manifest
+
+
+def _step(**step: Any) -> dict[str, Any]:
+    return _workflow(steps=[{"name": "fetch", "agentRef": "fetcher", **step}])
+
+
+def _runtime(**runtime: Any) -> dict[str, Any]:
+    return agent("a", runtime=runtime)
+
+
+def _outputs(*subjects: str, name: str = "a") -> dict[str, Any]:
+    return agent(name, contract={"outputSubjects": list(subjects)})
+
+
+def _trigger(subject: str) -> dict[str, Any]:
+    return _workflow(trigger={"subject": subject})
+
+
+TOO_LONG = format_duration(MAX_DURATION + MAX_DURATION)
+
+REFUSED = [
+    # Durations: positive where zero makes no sense, within int64 nanoseconds, whole ms.
+    pytest.param(agent("a", timeout="0s"), ["spec.timeout", "greater than 0"], id="zero-timeout"),
+    pytest.param(
+        agent("a", messaging={"ackWait": "0ms"}),
+        ["spec.messaging.ackWait", "greater than 0"],
+        id="zero-ack-wait",
+    ),
+    pytest.param(
+        agent("a", deadLetter={"retention": TOO_LONG}),
+        ["spec.deadLetter.retention", "at most 2562047h47m16.854s"],
+        id="duration-beyond-int64-nanoseconds",
+    ),
+    pytest.param(
+        agent("a", timeout="1.0001s"), ["spec.timeout", "should match"], id="sub-millisecond"
+    ),
+    pytest.param(
+        agent("a", deadLetter={"retention": "0s"}),
+        ["spec.deadLetter.retention", "greater than 0"],
+        id="zero-retention",
+    ),
+    pytest.param(
+        _step(timeout="0s"), ["spec.steps[0].timeout", "greater than 0"], id="zero-step-timeout"
+    ),
+    pytest.param(_workflow(deadline="0m"), ["spec.deadline", "greater than 0"], id="zero-deadline"),
+    pytest.param(
+        _workflow(retention={"maxAge": "0h"}),
+        ["spec.retention.maxAge", "greater than 0"],
+        id="zero-run-retention",
+    ),
+    # The timeout fits into ackWait.
+    pytest.param(
+        agent("a", timeout="60s", messaging={"ackWait": "30s"}),
+        ["spec.timeout", "must fit into 70% of messaging.ackWait"],
+        id="timeout-longer-than-ack-wait",
+    ),
+    pytest.param(
+        agent("a", timeout="20s", messaging={"ackWait": "40s"}),
+        ["spec.timeout", "must fit into 70% of messaging.ackWait"],
+        id="timeout-without-room-to-settle",
+    ),
+    # Trigger subjects.
+    pytest.param(
+        _trigger("troupe.ns.agents.x.in.p0"),
+        ["spec.trigger.subject", "may not lie under troupe."],
+        id="trigger-under-troupe",
+    ),
+    pytest.param(_trigger("$JS.API.>"), ["spec.trigger.subject", "should match"], id="trigger-$"),
+    pytest.param(_trigger(">"), ["spec.trigger.subject", "should match"], id="trigger-everything"),
+    pytest.param(
+        _trigger("orders..new"), ["spec.trigger.subject", "should match"], id="trigger-empty-token"
+    ),
+    pytest.param(
+        _trigger("orders.>.new"), ["spec.trigger.subject", "should match"], id="trigger-inner->"
+    ),
+    # Output subjects.
+    pytest.param(
+        _outputs("results.*"),
+        ["spec.contract.outputSubjects[0]", "should match"],
+        id="output-wildcard",
+    ),
+    pytest.param(
+        _outputs("ok", "two words"),
+        ["spec.contract.outputSubjects[1]", "should match"],
+        id="output-whitespace",
+    ),
+    pytest.param(
+        _outputs("a..b"), ["spec.contract.outputSubjects[0]", "should match"], id="output-empty"
+    ),
+    pytest.param(
+        _outputs("$JS.API.STREAM.DELETE.x"),
+        ["spec.contract.outputSubjects[0]", "should match"],
+        id="output-jetstream-api",
+    ),
+    pytest.param(
+        _outputs("troupe.any.agents.looper.in.p0", name="looper"),
+        ["spec.contract.outputSubjects", "may not be the agent's own inbox"],
+        id="output-own-inbox",
+    ),
+    # Names.
+    pytest.param(agent("a.b"), ["metadata.name", "should match"], id="agent-name-with-dot"),
+    pytest.param(agent("a" * 64), ["metadata.name", "Too long"], id="agent-name-too-long"),
+    pytest.param(
+        agent("orders-engine"),
+        ["metadata.name", "may not end in -engine"],
+        id="agent-named-like-an-engine",
+    ),
+    pytest.param(_workflow("w.x"), ["metadata.name", "should match"], id="workflow-name-with-dot"),
+    # Env.
+    pytest.param(
+        _runtime(env=[{"name": "A=B", "value": "1"}]),
+        ["spec.runtime.env[0].name", "should match"],
+        id="env-name-with-equals",
+    ),
+    pytest.param(
+        _runtime(env=[{"name": "TROUPE_CONFIG_JSON", "value": "{}"}]),
+        ["spec.runtime.env[0].name", "the operator sets this variable itself"],
+        id="env-reserved-prefix",
+    ),
+    pytest.param(
+        _runtime(env=[{"name": "POD_IP", "value": "1.2.3.4"}]),
+        ["spec.runtime.env[0].name", "the operator sets this variable itself"],
+        id="env-reserved-name",
+    ),
+    pytest.param(
+        _runtime(code={"configMap": "c"}, env=[{"name": "PYTHONPATH", "value": "/x"}]),
+        ["spec.runtime.env", "the operator sets PYTHONPATH itself"],
+        id="env-pythonpath-with-code",
+    ),
+    pytest.param(
+        _runtime(env=[{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]),
+        ["spec.runtime.env[1]", "Duplicate value"],
+        id="env-duplicate",
+    ),
+    pytest.param(
+        _runtime(env=[{"name": "A", "value": "1", "valueFrom": {"fieldRef": {}}}]),
+        ["spec.runtime.env[0].valueFrom", "either value or valueFrom"],
+        id="env-value-and-value-from",
+    ),
+    # Sidecars.
+    pytest.param(
+        _runtime(sidecars=[{"image": "busybox"}]),
+        ["spec.runtime.sidecars[0].name", "Required value"],
+        id="sidecar-without-name",
+    ),
+    pytest.param(
+        _runtime(sidecars=[{"name": "runtime", "image": "busybox"}]),
+        ["spec.runtime.sidecars", "may not be named runtime"],
+        id="sidecar-named-runtime",
+    ),
+    pytest.param(
+        _runtime(sidecars=[{"name": "s", "image": "a"}, {"name": "s", "image": "b"}]),
+        ["spec.runtime.sidecars", "sidecar names must be unique"],
+        id="sidecar-duplicate",
+    ),
+    pytest.param(
+        _runtime(sidecars=[{"name": "Side_Car", "image": "busybox"}]),
+        ["spec.runtime.sidecars[0].name", "should match"],
+        id="sidecar-name-not-a-dns-label",
+    ),
+    # Resources.
+    pytest.param(
+        _runtime(resources={"limits": {"memory": "1 Gi"}}),
+        ["spec.runtime.resources.limits.memory", "should match"],
+        id="quantity-invalid",
+    ),
+    pytest.param(
+        _runtime(resources={"requests": {"cpu": -1}}),
+        ["spec.runtime.resources.requests.cpu", "greater than or equal to 0"],
+        id="quantity-negative",
+    ),
+    pytest.param(
+        _runtime(resources={"limits": {"gpu": "1"}}),
+        ["spec.runtime.resources.limits", "resource names are cpu, memory"],
+        id="resource-name-unknown",
+    ),
+    # Tolerations, images, handlers, error states.
+    pytest.param(
+        _runtime(tolerations=[{"key": "k", "operator": "Exists", "value": "v"}]),
+        ["spec.runtime.tolerations[0].value", "leave value unset"],
+        id="toleration-exists-with-value",
+    ),
+    pytest.param(
+        _runtime(tolerations=[{"operator": "Equal", "value": "v"}]),
+        ["spec.runtime.tolerations[0].key", "must use operator Exists"],
+        id="toleration-equal-without-key",
+    ),
+    pytest.param(
+        _runtime(image="troupe/runtime: 0.1"),
+        ["spec.runtime.image", "should match"],
+        id="image-with-space",
+    ),
+    pytest.param(
+        _runtime(handler={"type": "http", "url": "ftp://x/y"}),
+        ["spec.runtime.handler.url", "should match"],
+        id="http-url-not-http",
+    ),
+    pytest.param(
+        _runtime(handler={"type": "llm"}),
+        ["spec.runtime.handler.secretName", "an llm handler needs a secretName"],
+        id="llm-without-secret",
+    ),
+    pytest.param(
+        agent("a", contract={"errorStates": [{"name": "TooLong"}, {"name": "TooLong"}]}),
+        ["spec.contract.errorStates", "error state names must be unique"],
+        id="duplicate-error-states",
+    ),
+]
+
+
+def _apply(cluster: ClusterEndpoints, namespace: str, manifest: dict[str, Any]) -> str:
+    return cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest), check=False
+    )
+
+
+@pytest.mark.parametrize(("manifest", "expected"), REFUSED)
+def test_the_api_server_refuses_the_manifest_naming_the_field(
+    cluster: ClusterEndpoints,
+    namespace: str,
+    crds: None,
+    manifest: dict[str, Any],
+    expected: list[str],
+) -> None:
+    refusal = _apply(cluster, namespace, manifest)
+
+    for fragment in expected:
+        assert fragment in refusal, refusal
+    assert not cluster.kubectl("get", "agents,workflows", "-n", namespace, "-o", "name").strip()
+
+
+def test_the_edges_of_what_is_valid_are_accepted(
+    cluster: ClusterEndpoints, namespace: str, crds: None
+) -> None:
+    manifests = [
+        agent(
+            "edges",
+            timeout="11s",
+            messaging={"ackWait": "30s"},  # 11s + 10s = 70% of 30s exactly
+            retry={"maxAttempts": 2, "backoff": ["0s"]},
+            deadLetter={"retention": MAX_DURATION_TEXT},
+            contract={"outputSubjects": ["troupe.other.agents.edges-two.in.p0", "x.$y"]},
+            runtime={
+                "env": [{"name": "my var.1", "value": "x"}],
+                "sidecars": [{"name": "server", "image": "busybox", "command": ["sleep"]}],
+                "resources": {"requests": {"cpu": "0.5", "example.com/gpu": 1}},
+                "tolerations": [{"operator": "Exists"}],
+                "handler": {"type": "http", "url": "https://localhost:8443/x"},
+            },
+        ),
+        _workflow("edges", trigger={"subject": "orders.*.created.>"}, deadline="1.5m"),
+    ]
+    for manifest in manifests:
+        assert "created" in _apply(cluster, namespace, manifest)
+
+    stored = json.loads(cluster.kubectl("get", "agent/edges", "-n", namespace, "-o", "json"))
+    assert stored["spec"]["deadLetter"]["retention"] == "2562047h47m16.854s"
+
+
+def test_one_millisecond_past_the_largest_duration_is_refused(
+    cluster: ClusterEndpoints, namespace: str, crds: None
+) -> None:
+    refusal = _apply(cluster, namespace, agent("a", deadLetter={"retention": "2562047h47m16.855s"}))
+
+    assert "spec.deadLetter.retention" in refusal
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("agents.spec.timeout", "a duration such as 30s or 1h30m; default 1m"),
+        ("agents.spec.messaging.ackWait", "default 2m"),
+        ("agents.spec.runtime.sidecars.name", "never runtime"),
+        ("workflows.spec.trigger.subject", "not under troupe."),
+        ("workflows.spec.steps.timeout", "default 5m"),
+    ],
+)
+def test_kubectl_explain_shows_the_description(
+    cluster: ClusterEndpoints, crds: None, field: str, expected: str
+) -> None:
+    explained = " ".join(cluster.kubectl("explain", field).split())
+
+    assert expected in explained, explained
+
+
+def test_wide_output_shows_dead_letters_and_redeliveries(
+    cluster: ClusterEndpoints, namespace: str, crds: None
+) -> None:
+    _apply(cluster, namespace, agent("wide"))
+
+    plain = cluster.kubectl("get", "agents", "-n", namespace).splitlines()[0].split()
+    wide = cluster.kubectl("get", "agents", "-n", namespace, "-o", "wide").splitlines()[0].split()
+
+    assert "DEADLETTERS" not in plain
+    assert {"DEADLETTERS", "REDELIVERED"} <= set(wide)
