@@ -175,6 +175,8 @@ def test_the_own_inbox_pattern_matches_exactly_the_agents_inbox_subjects(
 ) -> None:
     namespace = namespace.replace(".", "") or "ns"
     own = re.compile(grammar.own_inbox_pattern(agent))
+    assert own.fullmatch(naming.inbox_subject(namespace, agent, 3))
+    assert not own.fullmatch(naming.dead_letter_subject(namespace, agent))
     assert own.fullmatch(f"troupe.{namespace}.agents.{agent}.in.p0")
     assert own.fullmatch(f"troupe.{namespace}.agents.{agent}.in")
     assert not own.fullmatch(f"troupe.{namespace}.agents.{agent}x.in.p0")

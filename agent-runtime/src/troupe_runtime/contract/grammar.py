@@ -37,8 +37,8 @@ TRIGGER_SUBJECT_PATTERN = f"^{_FIRST_TOKEN}(\\.({_TOKEN}|\\*))*(\\.>)?$"
 leading wildcard would overlap Troupe's and the server's subjects)."""
 TROUPE_ROOT = naming.SUBJECT_ROOT
 """No trigger subject may start with this token: the subjects under it are Troupe's."""
-AGENTS_TOKEN = "agents"
-"""The second token after the namespace in an agent's subjects: ``troupe.<ns>.agents.<agent>``."""
+AGENTS_TOKEN = naming.AGENTS
+"""The token after the namespace in an agent's subjects: ``troupe.<ns>.agents.<agent>``."""
 
 
 def own_inbox_pattern(agent: str) -> str:
