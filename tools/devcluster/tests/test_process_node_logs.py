@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import threading
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,12 @@ def test_logs_of_a_running_pod_by_container_and_tail(
     assert shown == "line 1\nline 2\nline 3\nline 4\nline 5\n"
     assert _logs(cluster, namespace, "talker", "-c", "main", "--tail=2") == "line 4\nline 5\n"
     assert _logs(cluster, namespace, "talker", "-c", "side") == "from the side\n"
+    assert _logs(cluster, namespace, "talker", "-c", "main", "--limit-bytes=9") == "line 1\nli"
     stamped = _logs(cluster, namespace, "talker", "-c", "main", "--tail=1", "--timestamps")
     assert stamped.endswith("Z line 5\n")
+    later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert _logs(cluster, namespace, "talker", "-c", "main", f"--since-time={later}") == ""
+    assert _logs(cluster, namespace, "talker", "-c", "main", "--since=1h") == shown
 
 
 def test_previous_shows_the_instance_before_the_restart(

@@ -4,6 +4,7 @@ without a cluster: what the kubelet endpoint serves and what a failed container 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -17,6 +18,15 @@ from troupe_devcluster.processnode.logs import LogOptions, LogPump, OptionError
 from troupe_devcluster.processnode.runtime import termination_message
 
 T0 = 1_764_000_000 * 1_000_000_000
+QUERY_KEYS = (
+    "tailLines",
+    "limitBytes",
+    "timestamps",
+    "follow",
+    "previous",
+    "sinceSeconds",
+    "sinceTime",
+)
 
 
 def _cri(*lines: str, stream: str = "stdout", at: int = T0) -> bytes:
@@ -165,6 +175,34 @@ def test_any_output_reads_back_as_written(chunks: list[bytes]) -> None:
         shown.append(rendered)
     expected = written if not written or written.endswith(b"\n") else written + b"\n"
     assert b"".join(shown) == expected
+
+
+@given(
+    st.lists(st.text(alphabet="ab \t", max_size=8), max_size=15),
+    st.none() | st.integers(min_value=0, max_value=20),
+    st.none() | st.integers(min_value=0, max_value=80),
+)
+def test_tail_and_limit_show_the_end_of_the_log_cut_to_the_limit(
+    lines: list[str], tail: int | None, limit: int | None
+) -> None:
+    """``tailLines`` keeps the last lines, ``limitBytes`` then cuts what is shown."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "0.log"
+        path.write_bytes(_cri(*lines))
+        shown = _read(path, LogOptions(tail_lines=tail, limit_bytes=limit))
+    kept = lines if tail is None else lines[len(lines) - min(tail, len(lines)) :]
+    expected = "".join(f"{line}\n" for line in kept).encode()
+    assert shown == (expected if limit is None else expected[:limit])
+
+
+@given(st.dictionaries(st.sampled_from(QUERY_KEYS), st.text(max_size=12), max_size=4))
+def test_any_query_is_parsed_or_refused_as_a_bad_request(query: dict[str, str]) -> None:
+    try:
+        options = logs.parse_options(query, 1_000.0)
+    except OptionError:
+        return
+    assert options.tail_lines is None or options.tail_lines >= 0
+    assert options.limit_bytes is None or options.limit_bytes >= 0
 
 
 def _files(tmp_path: Path, message: bytes, output: str) -> tuple[Path, Path]:

@@ -284,6 +284,10 @@ class PodWorker:
         ]
         earlier = status.get("containerStatuses") or []
         self._containers = [_slot(c, waiting, earlier) for c in spec["containers"]]
+        for slot in self._slots():
+            # The last instance an earlier node process ran is still on disk: show it.
+            if slot.has_run and slot.restart_count in logs.instances(self._directory, slot.name):
+                slot.log_instances = (slot.restart_count, slot.restart_count)
 
     def start(self) -> None:
         self._thread.start()
