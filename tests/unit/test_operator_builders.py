@@ -125,21 +125,25 @@ def test_deployment_complies_with_the_restricted_pod_security_profile(
         "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    assert all(volume.keys() & {"emptyDir", "secret"} for volume in pod["volumes"])
+    assert all(volume.keys() & {"emptyDir", "secret", "configMap"} for volume in pod["volumes"])
 
 
-def test_deployment_reads_config_from_env_and_probes_the_health_port(
+def test_deployment_mounts_the_config_read_only_and_probes_the_health_port(
     spec: AgentSpec, config: RuntimeConfig
 ) -> None:
-    (runtime, *_) = workload.build_deployment(OWNER, spec, config)["spec"]["template"]["spec"][
-        "containers"
-    ]
+    pod = workload.build_deployment(OWNER, spec, config)["spec"]["template"]["spec"]
+    (runtime, *_) = pod["containers"]
     env = {e["name"]: e for e in runtime["env"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in runtime["volumeMounts"]}
 
-    assert env["TROUPE_CONFIG_JSON"]["valueFrom"]["configMapKeyRef"] == {
+    assert volumes[mounts["/etc/troupe"]["name"]]["configMap"] == {
         "name": "summariser-runtime",
-        "key": "config.json",
+        "items": [{"key": "config.json", "path": "config.json"}],
     }
+    assert mounts["/etc/troupe"]["readOnly"] is True
+    assert not any(name.startswith("TROUPE_CONFIG") for name in env)
+    assert runtime["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert runtime["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     assert runtime["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -185,7 +189,9 @@ def test_no_service_account_is_built_unless_asked_for() -> None:
 def test_referenced_secrets_name_the_fields_that_reference_them(spec: AgentSpec) -> None:
     assert [(s.field, s.name, s.key) for s in workload.referenced_secrets(spec)] == [
         ("spec.nats.credentialsSecret", "nats-user", "nats.creds"),
-        ("spec.nats.tls.secretName", "nats-tls", None),
+        ("spec.nats.tls.secretName", "nats-tls", "ca.crt"),
+        ("spec.nats.tls.secretName", "nats-tls", "tls.crt"),
+        ("spec.nats.tls.secretName", "nats-tls", "tls.key"),
     ]
 
 
@@ -235,3 +241,30 @@ def test_an_llm_handler_gets_its_endpoint_key_and_model_from_its_secret() -> Non
     }
     assert from_secret["TROUPE_LLM_API_KEY"]["key"] == "apiKey"
     assert from_secret["TROUPE_LLM_MODEL"] == {"name": "openai", "key": "model", "optional": True}
+
+
+def test_a_tls_secret_without_a_client_certificate_needs_only_the_ca() -> None:
+    spec = AgentSpec.model_validate(
+        {"role": "r", "nats": {"tls": {"secretName": "ca", "clientCertificate": False}}}
+    )
+
+    assert [(s.name, s.key) for s in workload.referenced_secrets(spec)] == [("ca", "ca.crt")]
+
+
+@pytest.mark.parametrize(
+    ("handler", "keys"),
+    [
+        ({"type": "llm", "secretName": "openai"}, ["baseUrl", "apiKey", "model"]),
+        ({"type": "llm", "secretName": "openai", "model": "gpt-x"}, ["baseUrl", "apiKey"]),
+    ],
+)
+def test_an_llm_handlers_secret_must_hold_every_key_the_runtime_cannot_start_without(
+    handler: dict[str, Any], keys: list[str]
+) -> None:
+    spec = AgentSpec.model_validate({"role": "chat", "runtime": {"handler": handler}})
+
+    references = workload.referenced_secrets(spec)
+
+    assert [(s.field, s.name, s.key) for s in references] == [
+        ("spec.runtime.handler.secretName", "openai", key) for key in keys
+    ]

@@ -135,13 +135,17 @@ def test_engine_runs_the_workflow_module_with_its_config_from_the_config_map(
     pod = engine.build_engine_deployment(OWNER, spec, config, IMAGE)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (config_mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/troupe"]
 
     assert container["command"] == ["python", "-m", "troupe_runtime.workflow"]
     assert container["image"] == IMAGE
-    assert env["TROUPE_ENGINE_CONFIG_JSON"]["valueFrom"]["configMapKeyRef"] == {
+    assert volumes[config_mount["name"]]["configMap"] == {
         "name": "checkout-engine",
-        "key": "config.json",
+        "items": [{"key": "config.json", "path": "config.json"}],
     }
+    assert config_mount["readOnly"] is True
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     credentials = {"secretName": "shop-nats", "defaultMode": 0o440}

@@ -94,6 +94,7 @@ class Processor:
         js: JetStreamContext,
         config: RuntimeConfig,
         handler: HandlerFn,
+        checker: ContractChecker,
         state: StateStore,
         metrics: RuntimeMetrics,
         dead_letters: DeadLetters,
@@ -104,7 +105,7 @@ class Processor:
         self._state = state
         self._metrics = metrics
         self._dead_letters = dead_letters
-        self._checker = ContractChecker(config.contract)
+        self._checker = checker
         self._policy = Policy.of(config)
         self._timeout = config.timeout.total_seconds()
 

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from troupe_runtime.agent.deadletter import DeadLetters
 from troupe_runtime.agent.handlers import LoadedHandler, load_handler
 from troupe_runtime.agent.ratelimit import GlobalLimiter, Limiter, LocalLimiter
+from troupe_runtime.agent.schemas import ContractChecker
 from troupe_runtime.agent.worker import Worker
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
@@ -75,6 +76,8 @@ class Runtime:
         liveness_bound: float = DEFAULT_LIVENESS_BOUND_SECONDS,
     ) -> None:
         self.config = config
+        # Compiled here, not on connecting: a schema the runtime cannot run stops it at once.
+        self._checker = ContractChecker(config.contract)
         self.metrics = RuntimeMetrics(registry)
         self.liveness = Liveness(self.able, liveness_bound)
         self.metrics.unable_seconds.set_function(self.liveness.unable_for)
@@ -193,6 +196,7 @@ class Runtime:
             js=js,
             config=self.config,
             handler=self._handler.call,
+            checker=self._checker,
             state=StateStore(js, self.config, on_conflict=self._count_conflict),
             metrics=self.metrics,
             dead_letters=dead_letters,

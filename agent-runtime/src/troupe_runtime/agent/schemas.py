@@ -15,7 +15,10 @@ Validation cannot run away, because everything in it is linear in the data:
   The price is RE2's syntax, a subset of ECMA-262 without lookaround or
   backreferences: a schema using those is refused at start-up, with the pattern
   named. ``unevaluatedProperties`` beside ``patternProperties`` is refused too,
-  since jsonschema matches those patterns with ``re`` internally;
+  since jsonschema matches those patterns with ``re`` internally. What a schema
+  must be is judged in ``contract.schema_rules``, which the operator calls too;
+- ``$ref`` resolves within the schema and to the metaschemas only: validating a
+  message never waits on the network (``contract.schema_rules`` says why);
 - ``uniqueItems`` compares hashable forms of the items (linear) instead of
   jsonschema's pairwise fallback (quadratic in the array for objects);
 - the data is at most ``limits.MAX_JSON_DEPTH`` deep (the envelope refuses
@@ -29,35 +32,33 @@ import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import re2  # type: ignore[import-untyped]
-from jsonschema import SchemaError, ValidationError
+from jsonschema import ValidationError
 from jsonschema.exceptions import best_match
 from jsonschema.protocols import Validator
-from jsonschema.validators import extend, validator_for
+from jsonschema.validators import extend
 
 from troupe_runtime.contract.envelope import SchemaViolation, json_problem
 from troupe_runtime.contract.policies import Contract
+from troupe_runtime.contract.schema_rules import (
+    OFFLINE_REGISTRY,
+    compile_pattern,
+    dialect,
+    schema_problem,
+)
 
 __all__ = ["ContractChecker", "SchemaViolation", "compile_schema"]
 
 # A violation's text goes into a dead letter's header: the gist, not a megabyte of repr.
 MAX_REASON_CHARS = 1000
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False
-
-
-@functools.lru_cache(maxsize=1024)
-def _regex(pattern: str) -> Any:
-    return re2.compile(pattern, _RE2_OPTIONS)
 
 
 def _search(pattern: str, text: str) -> bool:
     """Whether ``pattern`` matches somewhere in ``text``, in time linear in ``text``."""
     try:
-        return _regex(pattern).search(text) is not None
+        return compile_pattern(pattern).search(text) is not None
     except UnicodeEncodeError:  # a lone surrogate, from a JSON "\ud800" escape
         safe = text.encode("utf-8", "replace").decode("utf-8")
-        return _regex(pattern).search(safe) is not None
+        return compile_pattern(pattern).search(safe) is not None
 
 
 def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
@@ -136,48 +137,6 @@ _LINEAR_KEYWORDS = {
 }
 
 
-def _walk(schema: Any) -> Iterator[Mapping[str, Any]]:
-    """Every object in a schema document (no recursion: schemas may nest deeply)."""
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Mapping):
-            yield node
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
-def _pattern_problem(schema: Any) -> str | None:
-    """Why RE2 cannot run this schema's patterns, or None."""
-    found_unevaluated = found_pattern_properties = False
-    for node in _walk(schema):
-        patterns: list[Any] = []
-        if isinstance(node.get("pattern"), str):
-            patterns.append(node["pattern"])
-        if isinstance(node.get("patternProperties"), Mapping):
-            patterns.extend(node["patternProperties"])
-            found_pattern_properties = True
-        found_unevaluated = found_unevaluated or "unevaluatedProperties" in node
-        for pattern in patterns:
-            try:
-                _regex(pattern)
-            except (re2.error, UnicodeEncodeError, TypeError) as error:
-                detail = error.args[0] if error.args else error
-                if isinstance(detail, bytes):
-                    detail = detail.decode(errors="replace")
-                return (
-                    f"pattern {pattern!r} is not supported ({detail}); the runtime matches "
-                    "patterns with RE2, which has no lookaround or backreferences"
-                )
-    if found_unevaluated and found_pattern_properties:
-        return (
-            "unevaluatedProperties together with patternProperties is not supported; "
-            "use additionalProperties (the runtime matches patterns in linear time only there)"
-        )
-    return None
-
-
 @functools.cache
 def _linear(cls: Any) -> Any:
     """``cls`` with the linear-time keywords in place of jsonschema's own."""
@@ -186,16 +145,14 @@ def _linear(cls: Any) -> Any:
 
 
 def compile_schema(schema: dict[str, Any] | None, field: str) -> Validator | None:
+    """A validator for ``schema``; raises ``ValueError`` naming the problem, if it has one."""
     if schema is None:
         return None
-    cls = validator_for(schema)
-    try:
-        cls.check_schema(schema)
-    except SchemaError as error:
-        raise ValueError(f"contract.{field} is not a valid JSON Schema: {error.message}") from error
-    if (problem := _pattern_problem(schema)) is not None:
-        raise ValueError(f"contract.{field}: {problem}")
-    validator: Validator = _linear(cls)(schema)
+    if (problem := schema_problem(schema)) is not None:
+        raise ValueError(f"contract.{field}: {problem.sentence()}")
+    cls = dialect(schema)
+    assert cls is not None, "schema_problem refuses an unknown dialect"
+    validator: Validator = _linear(cls)(schema, registry=OFFLINE_REGISTRY)
     return validator
 
 

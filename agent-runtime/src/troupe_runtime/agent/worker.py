@@ -28,6 +28,7 @@ from troupe_runtime.agent.deadletter import DeadLetters
 from troupe_runtime.agent.processing import Processor, describe
 from troupe_runtime.agent.ratelimit import Limiter
 from troupe_runtime.agent.scheduling import PriorityScheduler
+from troupe_runtime.agent.schemas import ContractChecker
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.policies import PROGRESS_SHARE
 from troupe_runtime.nats.pull import Puller
@@ -56,6 +57,7 @@ class Worker:
         js: JetStreamContext,
         config: RuntimeConfig,
         handler: HandlerFn,
+        checker: ContractChecker,
         state: StateStore,
         metrics: RuntimeMetrics,
         dead_letters: DeadLetters,
@@ -67,6 +69,7 @@ class Worker:
             js=js,
             config=config,
             handler=handler,
+            checker=checker,
             state=state,
             metrics=metrics,
             dead_letters=dead_letters,

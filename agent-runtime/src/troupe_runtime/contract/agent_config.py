@@ -25,12 +25,6 @@ from troupe_runtime.contract.policies import (
     WireModel,
 )
 
-CONFIG_FILE_NAME = "config.json"
-# The env var through which the operator hands the config to the runtime
-# inline (from the agent's ConfigMap): it works on any node, where a mounted
-# file needs a real kubelet.
-CONFIG_JSON_ENV = "TROUPE_CONFIG_JSON"
-
 
 class NatsSettings(WireModel):
     """How the runtime reaches NATS."""
@@ -81,9 +75,6 @@ class RuntimeConfig(WireModel):
         return naming.kv_bucket(self.namespace, name)
 
     def to_json(self) -> str:
-        """The ConfigMap payload: camelCase, defaults included, so nothing is implicit."""
-        return self.model_dump_json(by_alias=True, indent=2)
-
-    @classmethod
-    def load(cls, path: Path) -> RuntimeConfig:
-        return cls.model_validate_json(path.read_text())
+        """The ConfigMap payload: compact camelCase JSON (a ConfigMap holds 1 MiB),
+        defaults included, so nothing is implicit."""
+        return self.model_dump_json(by_alias=True)

@@ -8,7 +8,6 @@ agent references, so the engine needs no Kubernetes access.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -20,8 +19,6 @@ from troupe_runtime.contract.policies import DeadLetterPolicy, RetryPolicy, Wire
 
 DEFAULT_STEP_TIMEOUT = timedelta(minutes=5)
 DEFAULT_RUN_RETENTION = timedelta(days=7)
-# The env var through which the operator hands the engine its config inline.
-CONFIG_JSON_ENV = "TROUPE_ENGINE_CONFIG_JSON"
 
 
 class EngineCompensation(WireModel):
@@ -127,8 +124,5 @@ class EngineConfig(WireModel):
         return self.subject("tally", status)
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, indent=2)
-
-    @classmethod
-    def load(cls, path: Path) -> EngineConfig:
-        return cls.model_validate_json(path.read_text())
+        """The ConfigMap payload: compact camelCase JSON, defaults included."""
+        return self.model_dump_json(by_alias=True)

@@ -2,7 +2,7 @@
 
 Each valid Workflow runs in an engine of its own: one pod running
 ``python -m troupe_runtime.workflow``, reading the runtime's own ``EngineConfig``
-(JSON from the ConfigMap ``<workflow>-engine``, through ``TROUPE_ENGINE_CONFIG_JSON``).
+(JSON from the ConfigMap ``<workflow>-engine``, mounted as a file at ``pod.CONFIG_PATH``).
 Steps carry their agents' inbox subjects, so the engine needs no Kubernetes access.
 The Deployment uses the ``Recreate`` strategy, but that alone does not keep two engines
 apart (a deleted pod's successor starts while it terminates): the engines' lease, fenced
@@ -20,7 +20,6 @@ from troupe_operator.builders import pods
 from troupe_operator.builders.pods import FIELD_MANAGER, Owner
 from troupe_runtime.contract import naming, pod
 from troupe_runtime.contract.engine_config import (
-    CONFIG_JSON_ENV,
     EngineCompensation,
     EngineConfig,
     EngineStep,
@@ -112,8 +111,6 @@ def build_engine_deployment(
             image=image,
             image_pull_policy="IfNotPresent",
             command=list(pod.ENGINE_COMMAND),
-            config_env=CONFIG_JSON_ENV,
-            config_map=naming.engine_config_map(owner.name),
             health_port=config.health_port,
             extra_env=[],
             secret_mounts=secret_mounts,
@@ -127,6 +124,6 @@ def build_engine_deployment(
         1,
         config.to_json(),
         config.health_port,
-        pods.restricted_pod_spec([container], secret_volumes),
+        pods.restricted_pod_spec([container], naming.engine_config_map(owner.name), secret_volumes),
         strategy={"type": "Recreate"},
     )

@@ -1,9 +1,11 @@
 """What every pod the operator runs shares, agents' runtimes and workflows' engines alike.
 
 Object metadata with a controller owner reference; a container that reads its config
-from a ConfigMap key through an env var, binds to ``$POD_IP`` and is probed on its
-health port; the restricted Pod Security profile; NATS Secrets mounted read-only; the
-config-hash and Prometheus annotations on the pod template; the Deployment around it.
+from its ConfigMap, mounted read-only as a file (``pod.CONFIG_PATH``: an env var would cap
+it at 128 KiB), binds to ``$POD_IP``, is probed on its health port and, when it dies,
+leaves its log's tail as the termination message; the restricted Pod Security profile;
+NATS Secrets mounted read-only; the config-hash and Prometheus annotations on the pod
+template; the Deployment around it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ from typing import Any, Literal
 from troupe_operator.api import API_VERSION
 from troupe_operator.api.agent import NatsConnection
 from troupe_runtime.contract import pod
-from troupe_runtime.contract.agent_config import CONFIG_FILE_NAME, NatsSettings
+from troupe_runtime.contract.agent_config import NatsSettings
 
 FIELD_MANAGER = "troupe-operator"
 CONFIG_HASH_ANNOTATION = "troupe.dev/config-hash"
 RUNTIME_CONTAINER = pod.RUNTIME_CONTAINER
 RUNTIME_USER = 10001
 NATS_SECRETS_DIR = Path("/var/run/troupe/nats")
+CONFIG_VOLUME = "config"
+
+CONFIG_MAP_LIMIT_BYTES = 1024 * 1024
+"""The API server refuses a ConfigMap whose data passes 1 MiB."""
+CONFIG_RESERVE_BYTES = 4096
+"""What the operator adds to a spec's content in its config, beyond what validation can
+measure from the spec alone: the NATS URL it defaults to, and the key."""
+CONFIG_BUDGET_BYTES = CONFIG_MAP_LIMIT_BYTES - CONFIG_RESERVE_BYTES
+"""The largest config, in bytes of compact JSON, that validation lets through."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ def config_map(owner: Owner, name: str, labels: dict[str, str], text: str) -> di
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(owner, name, labels),
-        "data": {CONFIG_FILE_NAME: text},
+        "data": {pod.CONFIG_FILE_NAME: text},
     }
 
 
@@ -80,9 +91,9 @@ def nats_settings(connection: NatsConnection, default_url: str) -> NatsSettings:
             if connection.credentials_secret
             else None
         ),
-        tls_ca_file=tls_dir / "ca.crt" if tls else None,
-        tls_cert_file=tls_dir / "tls.crt" if client_cert else None,
-        tls_key_file=tls_dir / "tls.key" if client_cert else None,
+        tls_ca_file=tls_dir / TLS_CA_KEY if tls else None,
+        tls_cert_file=tls_dir / TLS_CERT_KEY if client_cert else None,
+        tls_key_file=tls_dir / TLS_KEY_KEY if client_cert else None,
     )
 
 
@@ -104,14 +115,23 @@ class ConfigMapReference:
     key: str | None = None
 
 
+TLS_CA_KEY = "ca.crt"
+TLS_CERT_KEY = "tls.crt"
+TLS_KEY_KEY = "tls.key"
+
+
 def nats_secrets(connection: NatsConnection, field: str = "spec.nats") -> list[SecretReference]:
-    """The Secrets a NATS connection names."""
+    """The Secrets a NATS connection names, one reference per key the pods read."""
     references = []
     if connection.credentials_secret:
         secret = connection.credentials_secret
         references.append(SecretReference(f"{field}.credentialsSecret", secret.name, secret.key))
     if connection.tls:
-        references.append(SecretReference(f"{field}.tls.secretName", connection.tls.secret_name))
+        tls = connection.tls
+        keys = [TLS_CA_KEY, *([TLS_CERT_KEY, TLS_KEY_KEY] if tls.client_certificate else [])]
+        references.extend(
+            SecretReference(f"{field}.tls.secretName", tls.secret_name, key) for key in keys
+        )
     return references
 
 
@@ -143,20 +163,20 @@ class Container:
     image: str
     image_pull_policy: str
     command: list[str]
-    config_env: str
-    config_map: str
     health_port: int
     extra_env: list[dict[str, Any]]
     secret_mounts: list[dict[str, Any]]
 
 
+def config_volume(config_map: str) -> dict[str, Any]:
+    """The ConfigMap holding the config, as a volume of just that file."""
+    item = {"key": pod.CONFIG_FILE_NAME, "path": pod.CONFIG_FILE_NAME}
+    return {"name": CONFIG_VOLUME, "configMap": {"name": config_map, "items": [item]}}
+
+
 def runtime_container(spec: Container) -> dict[str, Any]:
-    """The restricted, probed container that reads its config from ``spec.config_env``."""
+    """The restricted, probed container that reads its config from the mounted ConfigMap."""
     env: list[dict[str, Any]] = [
-        {
-            "name": spec.config_env,
-            "valueFrom": {"configMapKeyRef": {"name": spec.config_map, "key": CONFIG_FILE_NAME}},
-        },
         {"name": pod.POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         *spec.extra_env,
@@ -184,14 +204,22 @@ def runtime_container(spec: Container) -> dict[str, Any]:
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *spec.secret_mounts],
+        # A runtime that refuses its config says why in its last log line; this makes that
+        # line the pod's termination message, which the status reports.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": CONFIG_VOLUME, "mountPath": str(pod.CONFIG_DIR), "readOnly": True},
+            *spec.secret_mounts,
+        ],
     }
 
 
 def restricted_pod_spec(
-    containers: list[dict[str, Any]], secret_volumes: list[dict[str, Any]]
+    containers: list[dict[str, Any]], config_map: str, secret_volumes: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """A pod spec that passes the restricted Pod Security profile; ``/tmp`` is an emptyDir."""
+    """A pod spec that passes the restricted Pod Security profile; ``/tmp`` is an emptyDir,
+    ``config_map`` the config volume."""
     return {
         "automountServiceAccountToken": False,
         "securityContext": {
@@ -202,7 +230,11 @@ def restricted_pod_spec(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": containers,
-        "volumes": [{"name": "tmp", "emptyDir": {}}, *secret_volumes],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            config_volume(config_map),
+            *secret_volumes,
+        ],
     }
 
 

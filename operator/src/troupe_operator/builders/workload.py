@@ -1,7 +1,7 @@
 """An Agent spec → its runtime config, ConfigMap, ServiceAccount and Deployment.
 
 The runtime config is the runtime's own model (``troupe_runtime.contract.agent_config``); the
-ConfigMap carries its JSON, which reaches the container as ``TROUPE_CONFIG_JSON``,
+ConfigMap carries its JSON, mounted into the container as a file (``pod.CONFIG_PATH``),
 and its hash annotates the pod template so that any change rolls the pods. What the
 agents' pods share with the workflow engines' is in ``builders.pods``.
 """
@@ -21,7 +21,7 @@ from troupe_operator.builders.pods import (
     SecretReference,
 )
 from troupe_runtime.contract import llm, naming, pod
-from troupe_runtime.contract.agent_config import CONFIG_JSON_ENV, RuntimeConfig
+from troupe_runtime.contract.agent_config import RuntimeConfig
 
 AGENT_LABEL = "troupe.dev/agent"
 
@@ -71,13 +71,30 @@ def build_runtime_config(owner: Owner, spec: AgentSpec, default_nats_url: str) -
 
 
 def referenced_secrets(spec: AgentSpec) -> list[SecretReference]:
-    """Every Secret the spec names, so a missing one is reported before pods wait on it."""
+    """Every Secret the spec names, one reference per key the pods need, so that a missing
+    Secret or key is reported before pods wait on it."""
     references = pods.nats_secrets(spec.nats)
-    if spec.runtime.handler.secret_name:
-        references.append(
-            SecretReference("spec.runtime.handler.secretName", spec.runtime.handler.secret_name)
+    handler = spec.runtime.handler
+    if handler.secret_name:
+        keys: list[str | None] = [*llm_secret_keys(spec)] or [None]
+        references.extend(
+            SecretReference("spec.runtime.handler.secretName", handler.secret_name, key)
+            for key in keys
         )
     return references
+
+
+def llm_secret_keys(spec: AgentSpec) -> list[str]:
+    """The keys an llm handler's Secret must have: the non-optional ones, and the model's
+    when ``handler.model`` does not name one (the runtime refuses to start without)."""
+    handler = spec.runtime.handler
+    if handler.type != "llm":
+        return []
+    return [
+        key
+        for env, key, optional in llm.SECRET_KEYS
+        if not optional or (env == llm.MODEL_ENV and handler.model is None)
+    ]
 
 
 def referenced_config_maps(spec: AgentSpec) -> list[ConfigMapReference]:
@@ -120,8 +137,6 @@ def _runtime_container(
             image=runtime.image,
             image_pull_policy=runtime.image_pull_policy,
             command=list(pod.AGENT_COMMAND),
-            config_env=CONFIG_JSON_ENV,
-            config_map=config_map_name(owner.name),
             health_port=config.health_port,
             extra_env=[
                 *([{"name": "PYTHONPATH", "value": str(CODE_DIR)}] if runtime.code else []),
@@ -171,6 +186,7 @@ def build_deployment(owner: Owner, spec: AgentSpec, config: RuntimeConfig) -> di
     secret_volumes, secret_mounts = secret_volumes + code_volumes, secret_mounts + code_mounts
     pod_spec = pods.restricted_pod_spec(
         [_runtime_container(owner, spec, config, secret_mounts), *runtime.sidecars],
+        config_map_name(owner.name),
         secret_volumes,
     )
     account = service_account_name(owner, spec)

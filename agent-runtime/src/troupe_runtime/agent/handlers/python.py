@@ -33,7 +33,13 @@ class SyncHandler:
 def load_callable(entrypoint: str, threads: int = 1) -> HandlerFn:
     """The function ``entrypoint`` names; a plain one gets ``threads`` threads to run on."""
     module_name, _, name = entrypoint.partition(":")
-    target = getattr(importlib.import_module(module_name), name, None)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's module: anything it raises means it cannot load
+        raise ValueError(
+            f"handler.entrypoint {entrypoint!r} cannot be imported: {type(error).__name__}: {error}"
+        ) from error
+    target = getattr(module, name, None)
     if not callable(target):
         raise ValueError(f"handler.entrypoint {entrypoint!r} does not name a function")
     if inspect.iscoroutinefunction(target):
