@@ -1,4 +1,4 @@
-"""What a JSON Schema must be for the runtime to run it: one judgement, shared.
+r"""What a JSON Schema must be for the runtime to run it: one judgement, shared.
 
 The runtime compiles an Agent's schemas when it starts (``troupe_runtime.agent.schemas``)
 and the operator judges them before it writes anything (``builders.validation``); both call
@@ -7,15 +7,16 @@ passes when, checked in this order:
 
 - its ``$schema`` names a dialect jsonschema knows (an unknown one falls back to the latest
   draft with a deprecation warning today, and will be an error tomorrow); none means 2020-12;
-- it is valid against that dialect's metaschema (which also compiles ``pattern`` with
-  Python's ``re``, through the ``regex`` format);
 - every pattern compiles with RE2, the linear-time engine the runtime matches with, and
   ``unevaluatedProperties`` never sits beside ``patternProperties`` (jsonschema would match
   those patterns with ``re``);
+- it is valid against that dialect's metaschema, whose ``regex`` format is RE2's too (not
+  Python's ``re``, which would refuse ``\\p{L}`` and accept lookarounds);
 - every ``$ref`` and ``$dynamicRef`` resolves inside the schema or to an official metaschema.
   Nothing is fetched over the network: validation that depends on a remote server is slow,
   fails when that server does, and lets a manifest make every pod send requests anywhere;
-- it nests shallowly enough to be checked at all.
+- it nests at most ``MAX_SCHEMA_DEPTH`` levels: a fixed bound, so that the operator and
+  the runtime agree whatever their stacks (Python's recursion limit would not).
 
 Each problem carries the JSON pointer (RFC 6901) of the place inside the schema at fault.
 """
@@ -30,12 +31,16 @@ from typing import Any
 import jsonschema_specifications  # type: ignore[import-untyped]
 import re2  # type: ignore[import-untyped]
 import referencing.jsonschema
-from jsonschema import SchemaError
+from jsonschema import FormatChecker
+from jsonschema.exceptions import best_match
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 
+MAX_SCHEMA_DEPTH = 64
+"""Nested objects and arrays in a schema document, as for data (``limits.MAX_JSON_DEPTH``):
+far beyond a real schema, far below where checking it would hit the recursion limit."""
 MAX_DETAIL_CHARS = 300
 """A metaschema error can quote a whole subschema; a status message needs the gist."""
 
@@ -83,10 +88,17 @@ def schema_problem(schema: dict[str, Any]) -> SchemaProblem | None:
     try:
         return _problem(schema)
     except RecursionError:
-        return SchemaProblem("", "nests too deep to be checked; flatten it, e.g. with $defs")
+        return SchemaProblem(
+            "", "nests too deep to be checked; flatten it, e.g. with $defs and $ref"
+        )
 
 
 def _problem(schema: dict[str, Any]) -> SchemaProblem | None:
+    if (deep := _too_deep(schema)) is not None:
+        return SchemaProblem(
+            pointer(deep),
+            f"nests deeper than {MAX_SCHEMA_DEPTH} levels; flatten it, e.g. with $defs and $ref",
+        )
     cls = dialect(schema)
     if cls is None:
         return SchemaProblem(
@@ -94,17 +106,48 @@ def _problem(schema: dict[str, Any]) -> SchemaProblem | None:
             f"$schema {schema['$schema']!r} is not a JSON Schema dialect the runtime knows; "
             "use e.g. https://json-schema.org/draft/2020-12/schema",
         )
-    try:
-        cls.check_schema(schema)
-    except SchemaError as error:
+    if (problem := _pattern_problem(schema)) is not None:
+        return problem
+    if (error := best_match(_metaschema_validator(cls).iter_errors(schema))) is not None:
         return SchemaProblem(
             pointer(list(error.path)), f"not a valid JSON Schema: {_shortened(error.message)}"
         )
-    return _pattern_problem(schema) or _reference_problem(schema, cls)
+    return _reference_problem(schema, cls)
+
+
+def _is_re2(instance: object) -> bool:
+    if isinstance(instance, str):
+        compile_pattern(instance)
+    return True
+
+
+@functools.cache
+def _metaschema_validator(cls: type[Validator]) -> Validator:
+    """What ``cls.check_schema`` uses, but with ``regex`` meaning what the runtime runs."""
+    checker = FormatChecker(formats=())
+    checker.checkers = {
+        **cls.FORMAT_CHECKER.checkers,
+        "regex": (_is_re2, (re2.error, UnicodeEncodeError, TypeError)),
+    }
+    return validator_for(cls.META_SCHEMA)(cls.META_SCHEMA, format_checker=checker)
 
 
 def _shortened(text: str) -> str:
     return text if len(text) <= MAX_DETAIL_CHARS else f"{text[:MAX_DETAIL_CHARS]}..."
+
+
+def _too_deep(schema: Any) -> tuple[Any, ...] | None:
+    """The path to the first container nested deeper than ``MAX_SCHEMA_DEPTH``, if any."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), schema)]
+    while stack:
+        path, node = stack.pop()
+        children = node.items() if isinstance(node, Mapping) else enumerate(node)
+        if len(path) >= MAX_SCHEMA_DEPTH:
+            return path
+        stack.extend(
+            ((*path, key), child) for key, child in children if isinstance(child, dict | list)
+        )
+    return None
 
 
 def _walk(schema: Any) -> Iterator[tuple[tuple[Any, ...], Mapping[str, Any]]]:

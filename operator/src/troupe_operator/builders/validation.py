@@ -34,9 +34,9 @@ from troupe_runtime.contract.expressions import expression_problem
 from troupe_runtime.contract.schema_rules import schema_problem
 
 _LONGEST_NAME = "x" * 63
-# Names as long as a DNS label can be, so that the size measured is the largest any
-# namespace and object name could make it.
-_WORST_OWNER = Owner(_LONGEST_NAME, _LONGEST_NAME, uid="")
+WORST_CASE_OWNER = Owner(_LONGEST_NAME, _LONGEST_NAME, uid="")
+"""Names as long as a DNS label can be: the config measured is the largest any namespace
+and object name could make it."""
 
 # Where the config's top-level fields come from in the spec, where the names differ.
 _AGENT_FIELDS = {"handler": "runtime.handler"}
@@ -53,8 +53,10 @@ def agent_problems(spec: AgentSpec) -> list[Problem]:
         )
         if schema is not None and (problem := schema_problem(schema)) is not None
     ]
-    config = workload.build_runtime_config(_WORST_OWNER, spec, "")
-    return problems + _size_problems(config.to_json(), _AGENT_FIELDS)
+    if problems:  # a schema nested too deep cannot even be serialised: fix that first
+        return problems
+    config = workload.build_runtime_config(WORST_CASE_OWNER, spec, "")
+    return _size_problems(config.to_json(), _AGENT_FIELDS)
 
 
 def workflow_problems(spec: WorkflowSpec) -> list[Problem]:
@@ -70,7 +72,7 @@ def workflow_problems(spec: WorkflowSpec) -> list[Problem]:
             for key, expression in expressions.items()
             if (problem := expression_problem(expression)) is not None
         )
-    config = engine.build_engine_config(_WORST_OWNER, spec, "")
+    config = engine.build_engine_config(WORST_CASE_OWNER, spec, "")
     return problems + _size_problems(config.to_json(), _ENGINE_FIELDS)
 
 
