@@ -11,9 +11,9 @@ from typing import Any
 
 from troupe_runtime.agent.context import Context
 
-NAME_ENV = "TROUPE_TEST_APPEND"
+NAME_ENV = "TEST_APPEND_NAME"
 
 
 async def append_name(ctx: Context) -> Any:
-    """The input list with this agent's name (from ``$TROUPE_TEST_APPEND``) appended."""
+    """The input list with this agent's name (from ``$TEST_APPEND_NAME``) appended."""
     return [*(ctx.event.data or []), os.environ[NAME_ENV]]
