@@ -10,6 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONTROLPLANE_STAMP := $(VENV)/.controlplane
+KSTATUS_STAMP := $(VENV)/.kstatus
 VERSION := $(shell cat VERSION)
 PACKAGES := agent-runtime operator tools/devcluster
 SOURCES := operator/src agent-runtime/src tools/devcluster/src tools/devcluster/tests tools/agent_metrics.py tests bench examples/research-team/handlers examples/support-triage/handlers
@@ -33,8 +34,13 @@ $(CONTROLPLANE_STAMP): tools/build-controlplane.sh tools/versions.env tools/cont
 	tools/build-controlplane.sh >/dev/null
 	touch $@
 
+# After the control plane, whose build leaves the k8s.io packages it shares in Go's cache.
+$(KSTATUS_STAMP): $(CONTROLPLANE_STAMP) tools/build-kstatus.sh $(wildcard tools/kstatus/*)
+	tools/build-kstatus.sh >/dev/null
+	touch $@
+
 .PHONY: setup
-setup: $(STAMP) $(CONTROLPLANE_STAMP) ## Create .venv, install everything, build the control plane (idempotent).
+setup: $(STAMP) $(CONTROLPLANE_STAMP) $(KSTATUS_STAMP) ## Create .venv, install everything, build the control plane and kstatus (idempotent).
 
 .PHONY: lint
 lint: $(STAMP) ## Ruff, import-linter's layer contracts, mypy --strict and hadolint.
