@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds the kstatus checker (tools/kstatus, on sigs.k8s.io/cli-utils) from Go
-# modules into a cache outside the repository, keyed by its sources, so a
-# second run costs nothing.
+# modules into a cache outside the repository, keyed by its sources and this
+# script, so a second run costs nothing.
 #
 #   tools/build-kstatus.sh        # prints the path of the binary on stdout
 set -euo pipefail
 
-mod="$(cd "$(dirname "$0")" && pwd)/kstatus"
-key=$(cd "$mod" && cat go.mod go.sum main.go | sha256sum | cut -c1-16)
+here=$(cd "$(dirname "$0")" && pwd)
+mod="$here/kstatus"
+key=$(cat "$mod/go.mod" "$mod/go.sum" "$mod/main.go" "$here/build-kstatus.sh" | sha256sum | cut -c1-16)
 bin="${TROUPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/troupe}/kstatus-$key/bin/kstatus"
 
 if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
