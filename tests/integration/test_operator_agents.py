@@ -259,10 +259,7 @@ def test_a_missing_secret_is_reported_by_name(
         return ready if ready and ready["reason"] == "SecretNotFound" else None
 
     ready = wait_for(not_found, DEADLINE, "Ready=False with reason SecretNotFound")
-    assert (
-        "Secret nats-user (named by spec.nats.credentialsSecret) does not exist"
-        in (ready["message"])
-    )
+    assert "spec.nats.credentialsSecret: Secret nats-user does not exist" in ready["message"]
 
 
 def test_operator_killed_midway_converges_after_restart(

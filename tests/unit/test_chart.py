@@ -42,9 +42,8 @@ NAMESPACED_GRANTS: set[Grant] = {
         ("apps", "deployments", v, "")
         for v in ("get", "list", "watch", "create", "patch", "delete")
     },
-    *{("", "configmaps", v, "") for v in ("create", "patch", "delete")},
-    ("", "serviceaccounts", "create", ""),
-    ("", "serviceaccounts", "patch", ""),
+    *{("", "configmaps", v, "") for v in ("get", "create", "patch", "delete")},
+    *{("", "serviceaccounts", v, "") for v in ("get", "create", "patch")},
     ("", "secrets", "get", ""),
     ("", "pods", "list", ""),
     ("", "events", "create", ""),

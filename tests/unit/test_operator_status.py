@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from troupe_operator.api import AgentStatus, WorkflowStatus
 from troupe_operator.api.status import ConsumerCounts, LastRun, RunCounts
+from troupe_operator.builders.problems import Problem
 from troupe_operator.builders.status import (
     ENGINE_STOPPED,
     DagObservation,
@@ -38,6 +39,8 @@ def test_agent_is_ready_when_secrets_messaging_and_workload_are() -> None:
     assert _condition(status, "Ready")[:2] == ("True", "Ready")
     assert [c.type for c in status.conditions] == [
         "Ready",
+        "Reconciling",
+        "Stalled",
         "SecretsResolved",
         "MessagingReady",
         "WorkloadAvailable",
@@ -57,6 +60,8 @@ def test_unreachable_nats_makes_ready_false_with_reason_messaging_unavailable() 
     assert reason == "MessagingUnavailable"
     assert "nats://nowhere:4222" in message
     assert "no servers available" in message
+    assert _condition(status, "Reconciling")[:2] == ("True", "MessagingUnavailable")
+    assert _condition(status, "Stalled")[0] == "False"
 
 
 def test_missing_secret_outranks_other_failures_in_ready() -> None:
@@ -65,14 +70,15 @@ def test_missing_secret_outranks_other_failures_in_ready() -> None:
         1,
         T0,
         WorkloadObservation(1, 0, 1, current_generation=True),
-        missing_secrets=["Secret nats-user (named by spec.nats.credentialsSecret) does not exist"],
+        missing_secrets=[
+            Problem("spec.nats.credentialsSecret", "SecretNotFound", "Secret nats-user is absent")
+        ],
     )
 
-    assert _condition(status, "Ready") == (
-        "False",
-        "SecretNotFound",
-        "Secret nats-user (named by spec.nats.credentialsSecret) does not exist",
-    )
+    expected = ("SecretNotFound", "spec.nats.credentialsSecret: Secret nats-user is absent")
+    assert _condition(status, "Ready") == ("False", *expected)
+    assert _condition(status, "Stalled") == ("True", *expected)
+    assert _condition(status, "Reconciling")[0] == "False"
 
 
 def test_transition_time_changes_only_when_status_changes() -> None:
@@ -128,6 +134,7 @@ def test_workflow_with_a_cycle_and_unknown_agents_names_them() -> None:
         "no such Agent in the namespace: writer (step draft, edit)",
     )
     assert _condition(status, "Ready")[:2] == ("False", "CycleDetected")
+    assert _condition(status, "Stalled")[:2] == ("True", "CycleDetected")
     assert _condition(status, "WorkloadAvailable")[:2] == ("False", "EngineStopped")
     assert not graph.valid
 
@@ -145,6 +152,8 @@ def test_valid_workflow_is_ready_once_its_engine_and_messaging_are() -> None:
     assert _condition(status, "Ready")[:2] == ("True", "Ready")
     assert [c.type for c in status.conditions] == [
         "Ready",
+        "Reconciling",
+        "Stalled",
         "DagValid",
         "AgentsFound",
         "SecretsResolved",

@@ -6,7 +6,11 @@ the event's resource. Create, update and resume run a full pass; a pass blocked 
 NATS or a missing Secret is retried with exponential backoff. A background resync
 (``reconcilers.resync``) repeats every pass periodically. Events of the agents' and
 engines' Deployments refresh readiness at once. The finalizer exists only for objects
-whose NATS resources must be deleted (deletionPolicy Delete).
+whose NATS resources must be deleted (deletionPolicy Delete), read from the raw spec so
+that a spec the models refuse never blocks deletion; the cleanup is retried until
+``finalizer_timeout_seconds`` after the deletion request, then given up with a Warning
+Event naming what was left behind. Every log record is redacted (URLs lose their
+secrets) before any handler, kopf's Event poster included, sees it.
 
 The startup handler builds the ``Operator`` from the settings in kopf's memo (put
 there by ``__main__``) and keeps it in the memo, which kopf hands to every handler;
@@ -18,25 +22,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from troupe_operator import metrics
 from troupe_operator.api import GROUP, VERSION
 from troupe_operator.clients.kube import Kube, new_api_client
-from troupe_operator.clients.nats import MessagingUnavailable, NatsPool
+from troupe_operator.clients.nats import NatsPool
 from troupe_operator.reconcilers.agent import AGENT
-from troupe_operator.reconcilers.common import Kind, Operator, refresh, run_pass
+from troupe_operator.reconcilers.common import (
+    Kind,
+    Operator,
+    refresh,
+    regarding,
+    run_pass,
+)
 from troupe_operator.reconcilers.resync import resync_forever
 from troupe_operator.reconcilers.workflow import WORKFLOW
 from troupe_operator.settings import OperatorSettings
+from troupe_runtime.contract.redact import redact
 
 FINALIZER = "troupe.dev/nats-cleanup"
 MAX_RETRY_DELAY_SECONDS = 60.0
 KUBE_THREADS = 32
 KINDS: dict[str, Kind[Any, Any]] = {kind.plural: kind for kind in (AGENT, WORKFLOW)}
+CLEANUP_ABANDONED = "CleanupAbandoned"
 
 
 def retry_delay(retry: int) -> float:
@@ -62,7 +78,35 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
+def redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """A log record factory whose records carry no URL secrets: message and traceback are
+    rendered and redacted at once, so no handler or formatter sees the originals."""
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        record.msg, record.args = redact(message), None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)))
+        return record
+
+    return make
+
+
+def redact_logs() -> None:
+    """Redact every log record from now on (idempotent)."""
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "redacts", False):
+        made = redacting(factory)
+        made.redacts = True  # type: ignore[attr-defined]
+        logging.setLogRecordFactory(made)
+
+
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    redact_logs()
     config = memo.get("settings")
     assert isinstance(config, OperatorSettings), "run the operator with new_memo(settings)"
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(KUBE_THREADS))
@@ -93,9 +137,17 @@ async def changed(
         raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
 
 
-def _deletes_nats_resources(spec: kopf.Spec, resource: kopf.Resource, **_: Any) -> bool:
-    policy: str = KINDS[resource.plural].spec(dict(spec)).deletion_policy
-    return policy == "Delete"
+def _deletes_nats_resources(spec: kopf.Spec, **_: Any) -> bool:
+    """Read raw: a spec the models refuse must still be deletable."""
+    return bool(spec.get("deletionPolicy", "Delete") != "Retain")
+
+
+def _waited(deletion_timestamp: str | None) -> float:
+    """Seconds since deletion was requested."""
+    if not deletion_timestamp:
+        return 0.0
+    requested = datetime.fromisoformat(deletion_timestamp.replace("Z", "+00:00"))
+    return (datetime.now(UTC) - requested).total_seconds()
 
 
 async def deleted(
@@ -107,17 +159,36 @@ async def deleted(
     **_: Any,
 ) -> None:
     kind = KINDS[resource.plural]
+    operator = operator_of(memo)
     meta = body.metadata
+    namespace, name = str(meta.namespace), str(meta.name)
+    raw_spec = dict(body.spec)
     try:
-        removed = await kind.delete(
-            operator_of(memo), str(meta.namespace), str(meta.name), kind.spec(dict(body.spec))
+        spec = kind.spec(raw_spec)
+    except ValidationError:
+        spec = None
+    try:
+        removed = await kind.delete(operator, namespace, name, spec, raw_spec)
+    except Exception as error:
+        waited = _waited(meta.deletion_timestamp)
+        timeout = operator.settings.finalizer_timeout_seconds
+        said = redact(str(error) or type(error).__name__)
+        if waited < timeout:
+            raise kopf.TemporaryError(
+                f"cannot delete the NATS resources yet ({said}); retrying until {timeout:.0f}s"
+                f" after deletion, then letting the {kind.name} go; set deletionPolicy: Retain"
+                " to keep them and let it go now",
+                delay=max(1.0, min(retry_delay(retry), timeout - waited)),
+            ) from error
+        message = (
+            f"gave up deleting the NATS resources after {waited:.0f}s ({said}); left behind:"
+            f" {', '.join(f'stream/{stream}' for stream in kind.leftovers(namespace, name))}"
         )
-    except MessagingUnavailable as error:
-        raise kopf.TemporaryError(
-            f"cannot delete the NATS resources yet ({error}); set deletionPolicy: Retain"
-            f" to keep them and let the {kind.name} go",
-            delay=retry_delay(retry),
-        ) from error
+        await operator.kube.create_event(
+            regarding(kind.name, dict(body)), "Warning", CLEANUP_ABANDONED, redact(message)
+        )
+        logger.info("%s", message)
+        return
     logger.info("deleted %s", ", ".join(removed) or "nothing: already gone")
 
 

@@ -44,8 +44,8 @@ class AgentSubjects(ApiModel):
     dead_letters: str = Field(default="", description="The dead-letter stream's subject.")
 
 
-class AgentStatus(ApiModel):
-    """What the operator last observed of an agent."""
+class ObjectStatus(ApiModel):
+    """What every kind's status starts with: the generation observed and the conditions."""
 
     observed_generation: int = Field(
         default=0, description="The metadata.generation this status describes."
@@ -53,6 +53,11 @@ class AgentStatus(ApiModel):
     conditions: list[Condition] = Field(
         default_factory=list, description="Ready, Reconciling, Stalled and what they rest on."
     )
+
+
+class AgentStatus(ObjectStatus):
+    """What the operator last observed of an agent."""
+
     replicas: int = Field(default=0, description="Pods of the agent's Deployment.")
     ready_replicas: int = Field(default=0, description="Of those, pods ready for messages.")
     config_hash: str = Field(
@@ -95,15 +100,9 @@ class WorkflowSubjects(ApiModel):
     )
 
 
-class WorkflowStatus(ApiModel):
+class WorkflowStatus(ObjectStatus):
     """What the operator last observed of a workflow and its engine."""
 
-    observed_generation: int = Field(
-        default=0, description="The metadata.generation this status describes."
-    )
-    conditions: list[Condition] = Field(
-        default_factory=list, description="Ready, Reconciling, Stalled and what they rest on."
-    )
     steps: int = Field(default=0, description="Steps in the DAG.")
     runs: RunCounts = Field(default_factory=RunCounts)
     last_run: LastRun | None = None

@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+import uuid
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -28,8 +32,53 @@ REQUEST_TIMEOUT_SECONDS = (5.0, 30.0)
 """(connect, read): how long a call may wait to connect, then between bytes of the answer."""
 
 
+REJECTION_STATUSES = frozenset({400, 413, 422})
+"""What the API server answers when the object itself is at fault, not the operator."""
+EVENT_COMPONENT = "troupe-operator"
+logger = logging.getLogger(__name__)
+
+
 class Conflict(Exception):
     """The object changed since it was read: read it again and recompute."""
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One field the API server refused, as ``metav1.StatusCause``."""
+
+    field: str
+    message: str
+
+
+@dataclass
+class Rejected(Exception):
+    """The API server refused an object as invalid (400, 413, 422): its message, and the
+    fields it named."""
+
+    kind: str
+    name: str
+    message: str
+    causes: list[Cause] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"the API server refused {self.kind} {self.name}: {self.message}"
+
+
+def _rejected(kind: str, name: str, error: ApiException) -> Rejected:
+    try:
+        body = json.loads(error.body or "{}")
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    details = body.get("details") or {}
+    causes = [
+        Cause(str(cause.get("field") or ""), str(cause.get("message") or ""))
+        for cause in details.get("causes") or []
+        if isinstance(cause, dict)
+    ]
+    message = str(body.get("message") or error.reason or f"HTTP {error.status}")
+    return Rejected(kind, name, message, causes)
 
 
 def new_api_client() -> client.ApiClient:
@@ -79,25 +128,92 @@ class Kube:
             raise
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``manifest`` as the operator's field manager; return the object."""
+        """Server-side apply ``manifest`` as the operator's field manager; return the object.
+
+        ``Rejected`` when the API server refuses the object as invalid.
+        """
         patchers = {
             "ConfigMap": self._core.patch_namespaced_config_map,
             "ServiceAccount": self._core.patch_namespaced_service_account,
             "Deployment": self._apps.patch_namespaced_deployment,
         }
         metadata = manifest["metadata"]
-        return await self._call(
-            patchers[manifest["kind"]],
-            metadata["name"],
-            metadata["namespace"],
-            manifest,
-            field_manager=FIELD_MANAGER,
-            force=True,
-            _content_type=APPLY_PATCH,
+        try:
+            return await self._call(
+                patchers[manifest["kind"]],
+                metadata["name"],
+                metadata["namespace"],
+                manifest,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type=APPLY_PATCH,
+            )
+        except ApiException as error:
+            if error.status in REJECTION_STATUSES:
+                raise _rejected(manifest["kind"], metadata["name"], error) from error
+            raise
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A ConfigMap, ServiceAccount or Deployment the operator would write, or None."""
+        readers = {
+            "ConfigMap": self._core.read_namespaced_config_map,
+            "ServiceAccount": self._core.read_namespaced_service_account,
+            "Deployment": self._apps.read_namespaced_deployment,
+        }
+        return await self._read_or_none(readers[kind], name, namespace)
+
+    async def config_map_keys(self, namespace: str, name: str) -> set[str] | None:
+        """The keys of a ConfigMap (``data`` and ``binaryData``), or None when it does not
+        exist."""
+        found = await self.read("ConfigMap", namespace, name)
+        if found is None:
+            return None
+        return {*(found.get("data") or {}), *(found.get("binaryData") or {})}
+
+    async def list_pods(self, namespace: str, match_labels: dict[str, str]) -> list[dict[str, Any]]:
+        selector = ",".join(f"{key}={value}" for key, value in sorted(match_labels.items()))
+        listing = await self._call(
+            self._core.list_namespaced_pod, namespace, label_selector=selector
         )
+        items: list[dict[str, Any]] = listing["items"]
+        return items
+
+    async def create_event(
+        self,
+        regarding: dict[str, str],
+        type: Literal["Normal", "Warning"],
+        reason: str,
+        message: str,
+    ) -> None:
+        """Record a core v1 Event about ``regarding`` (apiVersion, kind, name, namespace,
+        uid), for ``kubectl describe``. An Event that cannot be written is logged, never
+        raised: it must not fail the pass it reports on."""
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = regarding["namespace"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{regarding['name']}.{uuid.uuid4().hex[:16]}",
+                "namespace": namespace,
+            },
+            "involvedObject": regarding,
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": EVENT_COMPONENT},
+            "reportingComponent": EVENT_COMPONENT,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._call(self._core.create_namespaced_event, namespace, event)
+        except ApiException as error:
+            logger.warning("could not record Event %s on %s: %s", reason, regarding, error.reason)
 
     async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._read_or_none(self._apps.read_namespaced_deployment, name, namespace)
+        return await self.read("Deployment", namespace, name)
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
         """Delete a ConfigMap or Deployment; one already gone is fine. Dependents go in the

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,6 +30,7 @@ from troupe_operator.reconcilers.common import (
     Operator,
     Plan,
     Seen,
+    raw_connection,
     required_target,
 )
 from troupe_runtime.contract import naming
@@ -42,6 +45,8 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
     label = workload.AGENT_LABEL
     spec_model = AgentSpec
     status_model = AgentStatus
+    subconditions = status.AGENT_SUBCONDITIONS
+    advisories = status.AGENT_ADVISORIES
 
     async def plan(
         self, operator: Operator, owner: Owner, spec: AgentSpec, generation: int
@@ -123,9 +128,23 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         ).model_copy(update={"subjects": previous.subjects})
 
     async def delete(
-        self, operator: Operator, namespace: str, name: str, spec: AgentSpec
+        self,
+        operator: Operator,
+        namespace: str,
+        name: str,
+        spec: AgentSpec | None,
+        raw_spec: Mapping[str, Any],
     ) -> list[str]:
-        """Remove the agent's streams, and the shared ones no remaining Agent uses."""
+        """Remove the agent's streams, and the shared ones no remaining Agent uses.
+
+        With a spec the models refuse, only the streams its name derives: the shared ones
+        it may have used cannot be told, so they stay.
+        """
+        if spec is None:
+            connection = raw_connection(raw_spec)
+            url = connection.url or operator.settings.nats_url
+            target = await required_target(operator, namespace, connection, url)
+            return await operator.nats.delete_streams(target, self.leftovers(namespace, name))
         owner = Owner(namespace, name, uid="")
         config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
         target = await required_target(operator, namespace, spec.nats, config.nats.url)
@@ -134,6 +153,13 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         # An Agent whose spec cannot be read may use any shared resource: keep them all.
         shared = [] if staying is None else orphaned_streams(namespace, spec, staying)
         return await operator.nats.delete(target, resources, shared)
+
+    def leftovers(self, namespace: str, name: str) -> list[str]:
+        return [
+            naming.inbox_stream(namespace, name),
+            naming.advisory_stream(namespace, name),
+            naming.dead_letter_stream(namespace, name),
+        ]
 
     async def _staying(
         self, operator: Operator, namespace: str, leaving: str

@@ -29,6 +29,7 @@ from troupe_operator.reconcilers.common import (
     Operator,
     Plan,
     Seen,
+    raw_connection,
     required_target,
 )
 from troupe_runtime.contract import naming
@@ -42,6 +43,8 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
     label = engine.WORKFLOW_LABEL
     spec_model = WorkflowSpec
     status_model = WorkflowStatus
+    subconditions = status.WORKFLOW_SUBCONDITIONS
+    advisories = status.WORKFLOW_ADVISORIES
 
     async def plan(
         self, operator: Operator, owner: Owner, spec: WorkflowSpec, generation: int
@@ -136,21 +139,32 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
         ).model_copy(update={"subjects": previous.subjects})
 
     async def delete(
-        self, operator: Operator, namespace: str, name: str, spec: WorkflowSpec
+        self,
+        operator: Operator,
+        namespace: str,
+        name: str,
+        spec: WorkflowSpec | None,
+        raw_spec: Mapping[str, Any],
     ) -> list[str]:
         """Stop the engine, then delete the workflow's stream, runs bucket and dead letters.
 
         The engine goes first so that it does not fail over its streams' loss; it never
-        creates them, so there is no need to wait for its pods to be gone.
+        creates them, so there is no need to wait for its pods to be gone. Every name
+        derives from the Workflow's, so a spec the models refuse deletes the same.
         """
         for kind, object_name in self._engine_objects(name):
             await operator.kube.delete(kind, namespace, object_name)
-        config = engine.build_engine_config(
-            Owner(namespace, name, uid="", kind=self.name), spec, operator.settings.nats_url
-        )
-        target = await required_target(operator, namespace, spec.nats, config.nats.url)
-        streams = [config.stream, naming.kv_stream(config.runs_bucket), config.dead_letter_stream]
-        return await operator.nats.delete_streams(target, streams)
+        connection = spec.nats if spec is not None else raw_connection(raw_spec)
+        url = connection.url or operator.settings.nats_url
+        target = await required_target(operator, namespace, connection, url)
+        return await operator.nats.delete_streams(target, self.leftovers(namespace, name))
+
+    def leftovers(self, namespace: str, name: str) -> list[str]:
+        return [
+            naming.workflow_stream(namespace, name),
+            naming.kv_stream(naming.workflow_runs_bucket(namespace, name)),
+            naming.workflow_dead_letter_stream(namespace, name),
+        ]
 
     def _engine_objects(self, name: str) -> list[tuple[str, str]]:
         return [
