@@ -549,31 +549,32 @@ async def converge(
 ) -> str | None:
     """Carry ``plan`` out: Secrets and ConfigMaps, objects, JetStream, then status.
 
-    A plan with problems converges nothing and reports them. Returns what blocks the object
+    A plan with problems writes nothing (no object, no NATS) and reports them, stalled,
+    with what it reads (Secrets, the Deployment). Returns what blocks the object
     for the caller to retry with backoff (NATS unreachable), or None: stalled objects wait
     for their spec or the objects it names to change (the resync rechecks). ``settled``:
     the last pass saw this generation, so an apply that changes an object corrects drift.
     """
     kube, namespace = operator.kube, owner.namespace
-    if plan.problems:
-        observed = status.problem_observations(plan.problems, clear=(status.SPEC_VALID,))
-        await report(operator, kind, owner, generation, observed)
-        return None
+    # A spec with problems changes nothing: it is only read about and reported.
+    writes = not plan.problems
 
     phase.condition = status.SECRETS_RESOLVED
     missing, secrets = await missing_secrets(kube, namespace, plan.secrets)
     missing += await missing_config_maps(kube, namespace, plan.config_maps)
 
     phase.condition = status.WORKLOAD_AVAILABLE
-    specs = [raw_spec, _dumped(raw_spec, kind)]
-    applied = await apply_objects(kube, owner, plan.apply, specs)
-    await remove_objects(kube, owner, plan.remove)
+    applied = Applied()
+    if writes:
+        specs = [raw_spec, _dumped(raw_spec, kind)]
+        applied = await apply_objects(kube, owner, plan.apply, specs)
+        await remove_objects(kube, owner, plan.remove)
 
     phase.condition = status.MESSAGING_READY
     messaging: MessagingObservation | None = None
     read: Any = None
     rejected: list[Problem] = []
-    step = plan.jetstream
+    step = plan.jetstream if writes else None
     target = None if step is None else nats_target(step.connection, step.url, secrets)
     if step is not None and target is not None:
         try:
@@ -586,7 +587,7 @@ async def converge(
             messaging = MessagingObservation(redact(target.url))
 
     phase.condition = status.WORKLOAD_AVAILABLE
-    problems = [*applied.problems, *rejected]
+    problems = [*plan.problems, *applied.problems, *rejected]
 
     async def compute(body: dict[str, Any]) -> StatusT:
         now = datetime.now(UTC)
