@@ -19,13 +19,14 @@ from troupe_operator.builders.rejections import (
 )
 
 OWNER = Owner("team", "writer", "uid-1")
+# Values the models accept; the tests pretend the API server refused them.
 RAW: dict[str, Any] = {
     "role": "writes",
     "runtime": {
-        "env": [{"name": "GOOD", "value": "1"}, {"name": "A=B", "value": "x"}],
-        "sidecars": [{"name": "proxy", "image": "envoy"}, {"name": "runtime", "image": "x"}],
-        "resources": {"limits": {"cpu": "lots"}},
-        "tolerations": [{"key": "k", "operator": "Exists", "value": "v"}],
+        "env": [{"name": "GOOD", "value": "1"}, {"name": "ODD", "value": "x"}],
+        "sidecars": [{"name": "proxy", "image": "envoy"}, {"name": "odd", "image": "x"}],
+        "resources": {"limits": {"cpu": "64"}},
+        "tolerations": [{"key": "k", "value": "v"}],
     },
 }
 
@@ -45,7 +46,7 @@ def _index_of(containers: list[dict[str, Any]], name: str, image: str) -> int:
 def test_a_sidecar_is_named_by_its_place_in_the_spec() -> None:
     deployment, specs = _built()
     containers = deployment["spec"]["template"]["spec"]["containers"]
-    index = _index_of(containers, "runtime", "x")
+    index = _index_of(containers, "odd", "x")
 
     field = spec_field(deployment, specs, f"spec.template.spec.containers[{index}].name")
 
@@ -55,7 +56,7 @@ def test_a_sidecar_is_named_by_its_place_in_the_spec() -> None:
 def test_an_env_var_is_named_by_its_place_in_the_spec() -> None:
     deployment, specs = _built()
     env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    index = next(i for i, e in enumerate(env) if e["name"] == "A=B")
+    index = next(i for i, e in enumerate(env) if e["name"] == "ODD")
 
     field = spec_field(deployment, specs, f"spec.template.spec.containers[0].env[{index}].name")
 
