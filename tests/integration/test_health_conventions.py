@@ -1,7 +1,8 @@
 """What Argo CD and kstatus (Flux, kpt) conclude from real Agents and Workflows, read back
 from the API server while the real operator reconciles them: Healthy and Current once
 Ready, Progressing and InProgress while the operator converges or has not yet seen the
-latest spec, then Healthy and Current again. The argocd-cm snippet patches in as documented."""
+latest spec, Degraded and Failed when a person must act, then Healthy and Current again. The
+argocd-cm snippet patches in as documented."""
 
 from __future__ import annotations
 
@@ -163,4 +164,36 @@ def test_a_ready_workflow_is_healthy_and_current(
 
     body = _ready_at_generation(cluster, namespace, "workflow", "article")
 
+    assert _verdicts(body) == ("Healthy", "Current")
+
+
+def test_a_workflow_with_a_cycle_is_degraded_and_failed(
+    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
+) -> None:
+    apply(cluster, namespace, agent("worker"))
+    steps: list[dict[str, Any]] = [
+        {"name": "left", "agentRef": "worker", "dependsOn": ["right"]},
+        {"name": "right", "agentRef": "worker", "dependsOn": ["left"]},
+    ]
+    apply(cluster, namespace, workflow("loop", steps))
+
+    body = _with_ready_reason(cluster, namespace, "workflow", "loop", "CycleDetected")
+
+    assert _verdicts(body) == ("Degraded", "Failed")
+    assert "cycle" in argocd_health(body).message
+    assert kstatus(body).message == argocd_health(body).message
+
+
+def test_a_workflow_missing_an_agent_is_degraded_and_failed_until_the_agent_exists(
+    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
+) -> None:
+    apply(cluster, namespace, workflow("orphan", [{"name": "only", "agentRef": "absent"}]))
+
+    body = _with_ready_reason(cluster, namespace, "workflow", "orphan", "AgentNotFound")
+
+    assert _verdicts(body) == ("Degraded", "Failed")
+    assert "absent (step only)" in argocd_health(body).message
+
+    apply(cluster, namespace, agent("absent"))
+    body = _ready_at_generation(cluster, namespace, "workflow", "orphan")
     assert _verdicts(body) == ("Healthy", "Current")
