@@ -5,12 +5,14 @@ wide columns. Each case goes through the real API server with the CRDs that ship
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from tests.integration.operator_support import agent, install_crds, workflow
 from troupe_devcluster.fixtures import ClusterEndpoints
+from troupe_operator.api import AgentSpec, WorkflowSpec
 from troupe_runtime.contract.durations import MAX_DURATION, MAX_DURATION_TEXT, format_duration
 
 
@@ -158,7 +160,9 @@ REFUSED = [
         id="env-duplicate",
     ),
     pytest.param(
-        _runtime(env=[{"name": "A", "value": "1", "valueFrom": {"fieldRef": {}}}]),
+        _runtime(
+            env=[{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "spec.x"}}}]
+        ),
         ["spec.runtime.env[0].valueFrom", "either value or valueFrom"],
         id="env-value-and-value-from",
     ),
@@ -198,6 +202,52 @@ REFUSED = [
         _runtime(resources={"limits": {"gpu": "1"}}),
         ["spec.runtime.resources.limits", "resource names are cpu, memory"],
         id="resource-name-unknown",
+    ),
+    pytest.param(
+        _runtime(resources={"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}),
+        ["spec.runtime.resources.requests", "a request may not exceed its limit"],
+        id="request-above-limit",
+    ),
+    pytest.param(
+        _runtime(resources={"requests": {"example.com/gpu": 1}}),
+        ["spec.runtime.resources.requests", "cannot be overcommitted"],
+        id="extended-resource-without-limit",
+    ),
+    pytest.param(
+        _runtime(resources={"limits": {"example.com/gpu": "500m"}}),
+        ["spec.runtime.resources.limits", "whole units"],
+        id="extended-resource-fraction",
+    ),
+    # Node selectors and env sources.
+    pytest.param(
+        _runtime(nodeSelector={"bad key": "x"}),
+        ["spec.runtime.nodeSelector", "qualified names"],
+        id="node-selector-key",
+    ),
+    pytest.param(
+        _runtime(nodeSelector={"pool": "not a value"}),
+        ["spec.runtime.nodeSelector.pool", "should match"],
+        id="node-selector-value",
+    ),
+    pytest.param(
+        _runtime(envFrom=[{"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}]),
+        ["spec.runtime.envFrom[0]", "exactly one of configMapRef and secretRef"],
+        id="env-from-two-sources",
+    ),
+    pytest.param(
+        _runtime(envFrom=[{"secretRef": {"name": "k"}, "prefix": "A="}]),
+        ["spec.runtime.envFrom[0].prefix", "should match"],
+        id="env-from-prefix-with-equals",
+    ),
+    pytest.param(
+        _runtime(env=[{"name": "A", "valueFrom": {"secretKeyRef": {"name": "keys"}}}]),
+        ["spec.runtime.env[0].valueFrom.secretKeyRef.key", "Required value"],
+        id="value-from-without-key",
+    ),
+    pytest.param(
+        _runtime(env=[{"name": "A", "valueFrom": {}}]),
+        ["spec.runtime.env[0].valueFrom", "exactly one of fieldRef"],
+        id="value-from-empty",
     ),
     # Tolerations, images, handlers, error states.
     pytest.param(
@@ -266,9 +316,18 @@ def test_the_edges_of_what_is_valid_are_accepted(
             deadLetter={"retention": MAX_DURATION_TEXT},
             contract={"outputSubjects": ["troupe.other.agents.edges-two.in.p0", "x.$y"]},
             runtime={
-                "env": [{"name": "my var.1", "value": "x"}],
+                "env": [
+                    {"name": "my var.1", "value": "x"},
+                    {"name": "PYTHONPATH", "value": "/app"},
+                    {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                ],
+                "envFrom": [{"secretRef": {"name": "keys.v1"}, "prefix": "KEYS_"}],
+                "nodeSelector": {"kubernetes.io/arch": "amd64", "pool": ""},
                 "sidecars": [{"name": "server", "image": "busybox", "command": ["sleep"]}],
-                "resources": {"requests": {"cpu": "0.5", "example.com/gpu": 1}},
+                "resources": {
+                    "requests": {"cpu": "0.5", "example.com/gpu": 1},
+                    "limits": {"cpu": "500m", "example.com/gpu": "1"},
+                },
                 "tolerations": [{"operator": "Exists"}],
                 "handler": {"type": "http", "url": "https://localhost:8443/x"},
             },
@@ -280,6 +339,10 @@ def test_the_edges_of_what_is_valid_are_accepted(
 
     stored = json.loads(cluster.kubectl("get", "agent/edges", "-n", namespace, "-o", "json"))
     assert stored["spec"]["deadLetter"]["retention"] == "2562047h47m16.854s"
+    # What the API server stored, defaults included, the operator's models parse.
+    assert AgentSpec.model_validate(stored["spec"]).dead_letter.retention == MAX_DURATION
+    flow = json.loads(cluster.kubectl("get", "workflow/edges", "-n", namespace, "-o", "json"))
+    assert WorkflowSpec.model_validate(flow["spec"]).deadline == timedelta(seconds=90)
 
 
 def test_one_millisecond_past_the_largest_duration_is_refused(

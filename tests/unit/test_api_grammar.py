@@ -4,6 +4,7 @@ operator's parse. Values are generated from the very patterns the CRD carries.""
 
 from __future__ import annotations
 
+import decimal
 import re
 from datetime import timedelta
 from typing import Any
@@ -306,3 +307,80 @@ def test_handlers_need_what_their_type_uses() -> None:
 
 def test_duplicate_error_states_are_refused() -> None:
     assert not _accepts(Contract, {"errorStates": [{"name": "TooLong"}, {"name": "TooLong"}]})
+
+
+# Requests and limits, node selectors, env sources.
+
+
+@pytest.mark.parametrize(
+    ("resources", "accepted"),
+    [
+        ({"requests": {"cpu": "500m"}, "limits": {"cpu": "1"}}, True),
+        ({"requests": {"cpu": "1.5"}, "limits": {"cpu": "1500m"}}, True),
+        ({"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}, False),
+        ({"requests": {"cpu": 2}, "limits": {"cpu": "1999m"}}, False),
+        ({"requests": {"example.com/gpu": 1}, "limits": {"example.com/gpu": "1"}}, True),
+        ({"requests": {"example.com/gpu": 1}}, False),
+        ({"requests": {"example.com/gpu": 1}, "limits": {"example.com/gpu": 2}}, False),
+        ({"limits": {"example.com/gpu": "500m"}}, False),
+        ({"limits": {"example.com/gpu": "2e0"}}, True),
+    ],
+)
+def test_requests_fit_their_limits_and_extended_resources_are_whole_and_not_overcommitted(
+    resources: dict[str, Any], accepted: bool
+) -> None:
+    assert _accepts(AgentRuntime, {"resources": resources}) == accepted
+
+
+@given(_from(grammar.QUANTITY_PATTERN, grammar.QUANTITY_MAX))
+def test_quantities_are_valued_as_kubernetes_values_them(quantity: str) -> None:
+    with decimal.localcontext() as context:
+        context.prec = 400  # exact: the client computes in the current decimal context
+        expected = parse_quantity(quantity)  # type: ignore[no-untyped-call]
+    assert grammar.quantity_value(quantity) == expected
+
+
+@given(
+    _from(grammar.QUALIFIED_NAME_PATTERN, grammar.QUALIFIED_NAME_MAX),
+    _from(grammar.LABEL_VALUE_PATTERN, grammar.LABEL_VALUE_MAX),
+)
+def test_a_crd_valid_node_selector_is_accepted(key: str, value: str) -> None:
+    assert _accepts(AgentRuntime, {"nodeSelector": {key: value}})
+
+
+@pytest.mark.parametrize("selector", [{"bad key": "x"}, {"k": "bad value"}, {"-k": "v"}])
+def test_invalid_node_selectors_are_refused(selector: dict[str, str]) -> None:
+    assert not _accepts(AgentRuntime, {"nodeSelector": selector})
+
+
+@pytest.mark.parametrize(
+    ("source", "accepted"),
+    [
+        ({"configMapRef": {"name": "settings"}}, True),
+        ({"secretRef": {"name": "keys.v1", "optional": True}, "prefix": "KEYS_"}, True),
+        ({}, False),
+        ({"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}, False),
+        ({"secretRef": {}}, False),
+        ({"secretRef": {"name": "Keys"}}, False),
+        ({"secretRef": {"name": "k"}, "prefix": "A="}, False),
+        ({"secretRef": {"name": "k"}, "extra": 1}, False),
+    ],
+)
+def test_an_env_from_entry_names_one_valid_source(source: dict[str, Any], accepted: bool) -> None:
+    assert _accepts(AgentRuntime, {"envFrom": [source]}) == accepted
+
+
+@pytest.mark.parametrize(
+    ("source", "accepted"),
+    [
+        ({"secretKeyRef": {"name": "keys", "key": "api.key"}}, True),
+        ({"fieldRef": {"fieldPath": "metadata.namespace"}}, True),
+        ({"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}, True),
+        ({"secretKeyRef": {"name": "keys"}}, False),
+        ({"secretKeyRef": {"name": "k", "key": "a"}, "fieldRef": {"fieldPath": "x"}}, False),
+        ({}, False),
+        ({"resourceFieldRef": {"resource": "limits.cpu", "divisor": "-1"}}, False),
+    ],
+)
+def test_value_from_names_one_complete_source(source: dict[str, Any], accepted: bool) -> None:
+    assert _accepts(EnvVar, {"name": "A", "valueFrom": source}) == accepted

@@ -14,6 +14,8 @@ explicit ASCII classes.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
+from fractions import Fraction
 
 from troupe_runtime.contract import naming, pod
 
@@ -54,6 +56,12 @@ def is_troupe_subject(subject: str) -> bool:
 ENV_NAME_PATTERN = r"^[ -<>-~]+$"
 """The API server's own rule for env names: printable ASCII other than ``=``."""
 ENV_NAME_MAX = 256
+ENV_PREFIX_PATTERN = r"^[ -<>-~]*$"
+"""An envFrom prefix: what an env name may hold, possibly nothing."""
+CONFIG_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+"""A key of a ConfigMap or Secret."""
+FIELD_PATH_PATTERN = r"^[\x21-\x7e]+$"
+"""A pod field path (metadata.labels['x'], status.podIP): printable, no whitespace."""
 RESERVED_ENV_PREFIX = pod.RESERVED_ENV_PREFIX
 CODE_ENV = "PYTHONPATH"
 """Set by the operator only for a handler whose code comes from a ConfigMap; otherwise the
@@ -70,12 +78,37 @@ RUNTIME_CONTAINER = pod.RUNTIME_CONTAINER
 
 QUANTITY_PATTERN = (
     r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?[0-9]+))?$"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?[0-9]{1,2}))?$"
 )
 """Kubernetes' quantity syntax (``500m``, ``1Gi``, ``2e3``) as its parser reads it: no sign a
 pod refuses, and an exponent that is a whole number (the usual CRD pattern lets ``1e0.5``
-through, which the parser then refuses)."""
+through, which the parser then refuses) of at most two digits (no pod needs more)."""
 QUANTITY_MAX = 64
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+_QUANTITY_PARTS = re.compile(r"\+?([0-9.]+)(.*)")
+
+
+def quantity_value(quantity: int | str) -> Fraction:
+    """The exact value of a quantity matching ``QUANTITY_PATTERN`` (as CEL's ``quantity()``)."""
+    if isinstance(quantity, int):
+        return Fraction(quantity)
+    parts = _QUANTITY_PARTS.fullmatch(quantity)
+    if parts is None:
+        raise ValueError(f"{quantity!r} is not a quantity")
+    number, suffix = parts.groups()
+    value = Fraction(Decimal(number))
+    if suffix in _BINARY:
+        return value * _BINARY[suffix]
+    exponent = _DECIMAL[suffix] if suffix in _DECIMAL else int(suffix[1:])
+    return value * Fraction(10) ** exponent
+
+
+def is_extended_resource(name: str) -> bool:
+    """An extended resource (``<domain>/<name>``): whole numbers only, never overcommitted."""
+    return "/" in name
+
+
 _NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 RESOURCE_NAME_PATTERN = (

@@ -6,17 +6,20 @@ unchanged, so the CRD, the operator and the runtime share one set of field names
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 
 from troupe_operator.api.common import (
+    CEL_KEY,
     RETRY_BACKOFF_RULE,
     ApiModel,
     cel,
     cel_list,
     rule,
+    schema_problem,
     unique_rule,
 )
 from troupe_runtime.contract import grammar, naming, version
@@ -82,62 +85,226 @@ RESOURCE_NAMES_RULE = rule(
     "resource <domain>/<name> (not under kubernetes.io)",
 )
 
-KubeObject = Annotated[
-    dict[str, Any],
-    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
-]
-"""A core Kubernetes structure passed through verbatim; the API server validates it in the pod."""
+
+def _string(description: str, pattern: str, max_length: int) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "description": description,
+        "maxLength": max_length,
+        "pattern": pattern,
+    }
 
 
-def _sidecar(container: dict[str, Any]) -> dict[str, Any]:
-    name, image = container.get("name"), container.get("image")
-    if not (
-        isinstance(name, str)
-        and len(name) <= grammar.DNS_LABEL_MAX
-        and grammar.matches(grammar.DNS_LABEL_PATTERN, name)
-    ):
-        raise ValueError("a sidecar needs a name that is a DNS label")
-    if not (
-        isinstance(image, str)
-        and len(image) <= grammar.IMAGE_MAX
-        and grammar.matches(grammar.IMAGE_PATTERN, image)
-    ):
-        raise ValueError("a sidecar needs an image without whitespace")
-    return container
+def _checked_against(
+    schema: dict[str, Any], *rules: Callable[[dict[str, Any]], str | None]
+) -> AfterValidator:
+    """For a structure handed to the pod verbatim: check it against ``schema`` (which the CRD
+    carries) and ``rules`` (the models' copy of its CEL rules)."""
+
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        for problem in (schema_problem(schema, value), *(r(value) for r in rules)):
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
 
 
+def _exactly_one(keys: tuple[str, ...], message: str) -> tuple[dict[str, str], Any]:
+    """A CEL rule that exactly one of ``keys`` is set, and its check for the models."""
+    expression = "[" + ", ".join(f"has(self.{key})" for key in keys) + "]"
+    cel_rule = rule(f"{expression}.filter(x, x).size() == 1", message)
+
+    def check(value: dict[str, Any]) -> str | None:
+        return None if sum(key in value for key in keys) == 1 else message
+
+    return cel_rule, check
+
+
+_OBJECT_NAME = "a DNS subdomain"
+_REF_NAME = _string(
+    f"The object's name ({_OBJECT_NAME}).", grammar.DNS_SUBDOMAIN_PATTERN, grammar.DNS_SUBDOMAIN_MAX
+)
+_OPTIONAL = {"type": "boolean", "description": "Start the pod even if it does not exist."}
+
+
+def _reference(what: str, keyed: bool) -> dict[str, Any]:
+    key = _string(f"The {what}'s key.", grammar.CONFIG_KEY_PATTERN, grammar.DNS_SUBDOMAIN_MAX)
+    return {
+        "type": "object",
+        "description": f"A {what} in the Agent's namespace"
+        + (", and one key of it." if keyed else "."),
+        "required": ["name", "key"] if keyed else ["name"],
+        "properties": {"name": _REF_NAME, **({"key": key} if keyed else {}), "optional": _OPTIONAL},
+    }
+
+
+SIDECAR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A container, as in a pod spec, beside the runtime container.",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "required": ["name", "image"],
+    "properties": {
+        "name": _string(
+            "The container's name: a DNS label, unique in the pod, never "
+            f"{grammar.RUNTIME_CONTAINER}.",
+            grammar.DNS_LABEL_PATTERN,
+            grammar.DNS_LABEL_MAX,
+        ),
+        "image": _string(
+            "The container's image, without whitespace.", grammar.IMAGE_PATTERN, grammar.IMAGE_MAX
+        ),
+    },
+}
 Sidecar = Annotated[
-    dict[str, Any],
-    AfterValidator(_sidecar),
-    WithJsonSchema(
-        {
-            "type": "object",
-            "description": "A container, as in a pod spec, beside the runtime container.",
-            "x-kubernetes-preserve-unknown-fields": True,
-            "required": ["name", "image"],
-            "properties": {
-                "name": {
-                    "type": "string",
-                    "description": "The container's name: a DNS label, unique in the pod, "
-                    f"never {grammar.RUNTIME_CONTAINER}.",
-                    "maxLength": grammar.DNS_LABEL_MAX,
-                    "pattern": grammar.DNS_LABEL_PATTERN,
-                },
-                "image": {
-                    "type": "string",
-                    "description": "The container's image, without whitespace.",
-                    "maxLength": grammar.IMAGE_MAX,
-                    "pattern": grammar.IMAGE_PATTERN,
-                },
-            },
-        }
-    ),
+    dict[str, Any], _checked_against(SIDECAR_SCHEMA), WithJsonSchema(SIDECAR_SCHEMA)
 ]
 """A sidecar container: passed through verbatim but for the name and image the CRD checks."""
+
+_ENV_SOURCES = ("configMapRef", "secretRef")
+ENV_FROM_RULE, _env_from_check = _exactly_one(
+    _ENV_SOURCES, "an envFrom entry names exactly one of configMapRef and secretRef"
+)
+ENV_FROM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Every key of a ConfigMap or Secret as an environment variable.",
+    "properties": {
+        "prefix": _string(
+            "Put before each key's name: printable ASCII without =.",
+            grammar.ENV_PREFIX_PATTERN,
+            grammar.ENV_NAME_MAX,
+        ),
+        "configMapRef": _reference("ConfigMap", keyed=False),
+        "secretRef": _reference("Secret", keyed=False),
+    },
+    CEL_KEY: [ENV_FROM_RULE],
+}
+EnvFromSource = Annotated[
+    dict[str, Any],
+    _checked_against(ENV_FROM_SCHEMA, _env_from_check),
+    WithJsonSchema(ENV_FROM_SCHEMA),
+]
+
+_VALUE_SOURCES = ("fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef")
+VALUE_FROM_RULE, _value_from_check = _exactly_one(
+    _VALUE_SOURCES,
+    "valueFrom names exactly one of fieldRef, resourceFieldRef, configMapKeyRef and secretKeyRef",
+)
+VALUE_FROM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A source for the value, as in a pod spec: exactly one of secretKeyRef, "
+    "configMapKeyRef, fieldRef or resourceFieldRef.",
+    "properties": {
+        "fieldRef": {
+            "type": "object",
+            "description": "A field of the pod, such as metadata.namespace or status.podIP.",
+            "required": ["fieldPath"],
+            "properties": {
+                "fieldPath": _string("The field's path.", grammar.FIELD_PATH_PATTERN, 256),
+                "apiVersion": _string("Its schema version; default v1.", r"^[a-z0-9./]+$", 64),
+            },
+        },
+        "resourceFieldRef": {
+            "type": "object",
+            "description": "A resource request or limit of a container, such as limits.memory.",
+            "required": ["resource"],
+            "properties": {
+                "resource": _string("Such as limits.cpu.", grammar.FIELD_PATH_PATTERN, 256),
+                "containerName": _string(
+                    "The container; default this one.",
+                    grammar.DNS_LABEL_PATTERN,
+                    grammar.DNS_LABEL_MAX,
+                ),
+                "divisor": {
+                    "x-kubernetes-int-or-string": True,
+                    "description": "The unit to divide by, such as 1Mi; default 1.",
+                    "minimum": 0,
+                    "maxLength": grammar.QUANTITY_MAX,
+                    "pattern": grammar.QUANTITY_PATTERN,
+                },
+            },
+        },
+        "configMapKeyRef": _reference("ConfigMap", keyed=True),
+        "secretKeyRef": _reference("Secret", keyed=True),
+    },
+    CEL_KEY: [VALUE_FROM_RULE],
+}
+ValueFrom = Annotated[
+    dict[str, Any],
+    _checked_against(VALUE_FROM_SCHEMA, _value_from_check),
+    WithJsonSchema(VALUE_FROM_SCHEMA),
+]
+
+LABEL_KEYS_RULE = rule(
+    f"self.all(k, k.matches(r'{grammar.QUALIFIED_NAME_PATTERN}'))",
+    "node label keys are qualified names such as kubernetes.io/arch or example.com/pool",
+)
+
+
+def _label_key(name: str) -> str:
+    if len(name) > grammar.QUALIFIED_NAME_MAX or not grammar.matches(
+        grammar.QUALIFIED_NAME_PATTERN, name
+    ):
+        raise ValueError(LABEL_KEYS_RULE["message"])
+    return name
+
+
+LabelKey = Annotated[str, AfterValidator(_label_key)]
+LabelValue = Annotated[
+    str, Field(pattern=grammar.LABEL_VALUE_PATTERN, max_length=grammar.LABEL_VALUE_MAX)
+]
+
+
+def _q(value: str) -> str:
+    return f"quantity(string({value}))"
+
+
+RESOURCE_RULES = (
+    rule(
+        "!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits)"
+        f" || {_q('self.requests[k]')}.compareTo({_q('self.limits[k]')}) <= 0)",
+        "a request may not exceed its limit",
+        ".requests",
+    ),
+    rule(
+        "!has(self.requests) || self.requests.all(k, !k.contains('/') || has(self.limits)"
+        f" && k in self.limits && {_q('self.requests[k]')}.compareTo({_q('self.limits[k]')}) == 0)",
+        "an extended resource (<domain>/<name>) cannot be overcommitted: its request needs an "
+        "equal limit",
+        ".requests",
+    ),
+    rule(
+        "!has(self.limits) || self.limits.all(k, !k.contains('/')"
+        f" || {_q('self.limits[k]')}.isInteger())",
+        "an extended resource (<domain>/<name>) is counted in whole units",
+        ".limits",
+    ),
+)
+
+
+def _resource_problem(requests: dict[str, int | str], limits: dict[str, int | str]) -> str | None:
+    """What ``RESOURCE_RULES`` refuse, for the models."""
+    value = grammar.quantity_value
+    if any(name in limits and value(q) > value(limits[name]) for name, q in requests.items()):
+        return RESOURCE_RULES[0]["message"]
+    if any(
+        grammar.is_extended_resource(name)
+        and (name not in limits or value(q) != value(limits[name]))
+        for name, q in requests.items()
+    ):
+        return RESOURCE_RULES[1]["message"]
+    if any(
+        grammar.is_extended_resource(name) and value(q).denominator != 1
+        for name, q in limits.items()
+    ):
+        return RESOURCE_RULES[2]["message"]
+    return None
 
 
 class ResourceRequirements(ApiModel):
     """CPU and memory for the runtime container, as in a pod spec."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": cel(*RESOURCE_RULES)}
 
     requests: dict[ResourceName, Quantity] = Field(
         default_factory=dict,
@@ -151,6 +318,12 @@ class ResourceRequirements(ApiModel):
         json_schema_extra=cel(RESOURCE_NAMES_RULE),
         description="The most the container may use, such as {memory: 256Mi}.",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResourceRequirements:
+        if (problem := _resource_problem(self.requests, self.limits)) is not None:
+            raise ValueError(problem)
+        return self
 
 
 TOLERATION_RULES = (
@@ -242,11 +415,7 @@ class EnvVar(ApiModel):
         f"{', '.join(grammar.RESERVED_ENV_NAMES)}, and {grammar.CODE_ENV} when code is set).",
     )
     value: str | None = Field(default=None, description="The value; unset: empty or valueFrom.")
-    value_from: KubeObject | None = Field(
-        default=None,
-        description="A source for the value, as in a pod spec: secretKeyRef, configMapKeyRef, "
-        "fieldRef or resourceFieldRef.",
-    )
+    value_from: ValueFrom | None = Field(default=None)
 
     @model_validator(mode="after")
     def _allowed(self) -> EnvVar:
@@ -342,7 +511,7 @@ class AgentRuntime(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
         description="Extra environment variables of the runtime container, each name once.",
     )
-    env_from: list[KubeObject] = Field(
+    env_from: list[EnvFromSource] = Field(
         default_factory=list,
         max_length=64,
         description="Whole ConfigMaps or Secrets as environment variables, as in a pod spec "
@@ -374,8 +543,11 @@ class AgentRuntime(ApiModel):
         description="Create the ServiceAccount (named serviceAccountName, else the agent); "
         "default false.",
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the pods must run on, as in a pod spec."
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        json_schema_extra=cel(LABEL_KEYS_RULE),
+        description="Node labels the pods must run on, as in a pod spec.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=64, description="Taints the pods tolerate."
