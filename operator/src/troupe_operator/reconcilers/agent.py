@@ -56,7 +56,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             build_agent_resources(config, spec.runtime.replicas),
             owner.namespace,
             spec,
-            await self._declarers(operator, owner.namespace, owner.name) if spec.state else [],
+            await self._declarers(operator, owner, spec) if spec.state else [],
         )
         fields = jetstream_builders.agent_spec_fields(owner.namespace, resources, spec)
         config_hash = workload.config_hash(config)
@@ -100,18 +100,23 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             config_maps=workload.referenced_config_maps(spec),
         )
 
-    async def _declarers(self, operator: Operator, namespace: str, name: str) -> list[AgentSpec]:
-        """The namespace's other Agents that keep their buckets: their declarations share
-        the buckets' settings. One whose spec the models refuse declares nothing."""
+    async def _declarers(
+        self, operator: Operator, owner: Owner, spec: AgentSpec
+    ) -> list[AgentSpec]:
+        """The namespace's other Agents on the same NATS that are not being deleted: their
+        declarations share the buckets' settings. One whose spec the models refuse
+        declares nothing."""
         others = []
-        for agent in await operator.kube.list_custom(self.plural, namespace):
+        for agent in await operator.kube.list_custom(self.plural, owner.namespace):
             metadata = agent["metadata"]
-            if metadata["name"] == name or "deletionTimestamp" in metadata:
+            if metadata["name"] == owner.name or "deletionTimestamp" in metadata:
                 continue
             try:
-                others.append(self.spec(agent.get("spec") or {}))
+                other = self.spec(agent.get("spec") or {})
             except ValidationError:
                 continue
+            if other.nats == spec.nats:
+                others.append(other)
         return others
 
     def workload(self, name: str) -> str:
