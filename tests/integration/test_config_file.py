@@ -63,13 +63,15 @@ def big_schema(size: int) -> dict[str, Any]:
     """A valid schema of about ``size`` bytes: an array of strings, with many definitions
     whose patterns RE2 compiles."""
     definitions: dict[str, Any] = {}
-    index = 0
-    while len(json.dumps(definitions, separators=(",", ":"))) < size:
-        definitions[f"field{index:05d}"] = {
+    index = written = 0
+    while written < size:
+        definition = {
             "type": "string",
             "pattern": rf"^\p{{L}}[a-z0-9]{{0,{index % 40 + 1}}}$",
             "description": f"definition {index} of a schema large enough to need a file",
         }
+        definitions[f"field{index:05d}"] = definition
+        written += len(json.dumps(definition, separators=(",", ":"))) + 14
         index += 1
     return {"type": "array", "items": {"type": "string"}, "$defs": definitions}
 
