@@ -62,9 +62,12 @@ def _healthy(url: str) -> bool:
 class OperatorProcess:
     """``python -m troupe_operator --standalone --all-namespaces`` against the test cluster."""
 
-    def __init__(self, cluster: ClusterEndpoints, log: Path) -> None:
+    def __init__(
+        self, cluster: ClusterEndpoints, log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self._cluster = cluster
         self._log = log
+        self._env = dict(env or {})
         self._process: subprocess.Popen[bytes] | None = None
         self.health_port = free_port()
         self.metrics_port = free_port()
@@ -77,6 +80,7 @@ class OperatorProcess:
             "TROUPE_RESYNC_SECONDS": str(RESYNC_SECONDS),
             "TROUPE_HEALTH_PORT": str(self.health_port),
             "TROUPE_METRICS_PORT": str(self.metrics_port),
+            **self._env,
         }
         with self._log.open("ab") as log:
             self._process = subprocess.Popen(
@@ -129,11 +133,14 @@ class OperatorProcess:
 
 
 @contextmanager
-def running_operator(cluster: ClusterEndpoints, log: Path) -> Iterator[OperatorProcess]:
-    """The operator, with the shipped CRDs installed; on the way out it finalizes the
-    Agents and Workflows of the namespaces the tests deleted before it stops."""
+def running_operator(
+    cluster: ClusterEndpoints, log: Path, env: dict[str, str] | None = None
+) -> Iterator[OperatorProcess]:
+    """The operator (``env`` added to its environment), with the shipped CRDs installed; on
+    the way out it finalizes the Agents and Workflows of the namespaces the tests deleted
+    before it stops."""
     install_crds(cluster)
-    process = OperatorProcess(cluster, log)
+    process = OperatorProcess(cluster, log, env)
     process.start()
     try:
         yield process
