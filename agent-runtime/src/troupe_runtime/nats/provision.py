@@ -33,9 +33,9 @@ class ProvisionReport:
         return bool(self.created or self.updated)
 
 
-# JetStream errors that say the server cannot serve now, whatever the config: no meta
-# leader, not enough resources or peers yet, JetStream off.
-UNAVAILABLE_ERROR_CODES = frozenset({10008, 10023, 10039, 10074, 10076})
+# JetStream errors that say the server cannot serve now, whatever the config (besides
+# every 503): no peers for placement while a cluster forms, no meta leader, a RAFT error.
+UNAVAILABLE_ERROR_CODES = frozenset({10005, 10009, 10041})
 
 
 def refuses_config(error: APIError) -> bool:
