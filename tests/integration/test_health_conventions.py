@@ -156,6 +156,22 @@ def test_a_spec_the_operator_has_not_observed_is_progressing_and_in_progress(
     assert _verdicts(body) == ("Healthy", "Current")
 
 
+def test_an_agent_naming_a_missing_secret_is_degraded_and_failed_until_it_names_none(
+    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
+) -> None:
+    apply(cluster, namespace, agent("secretive", nats={"credentialsSecret": {"name": "gone"}}))
+
+    body = _with_ready_reason(cluster, namespace, "agent", "secretive", "SecretNotFound")
+
+    assert _verdicts(body) == ("Degraded", "Failed")
+    assert "Secret gone does not exist" in argocd_health(body).message
+    assert kstatus(body).message == argocd_health(body).message
+
+    apply(cluster, namespace, agent("secretive"))
+    body = _ready_at_generation(cluster, namespace, "agent", "secretive")
+    assert _verdicts(body) == ("Healthy", "Current")
+
+
 def test_a_ready_workflow_is_healthy_and_current(
     cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
 ) -> None:
