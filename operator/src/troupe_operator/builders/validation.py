@@ -56,7 +56,7 @@ def agent_problems(spec: AgentSpec) -> list[Problem]:
     if problems:  # a schema nested too deep cannot even be serialised: fix that first
         return problems
     config = workload.build_runtime_config(WORST_CASE_OWNER, spec, "")
-    return _size_problems(config.to_json(), _AGENT_FIELDS)
+    return _size_problems("runtime", config.to_json(), _AGENT_FIELDS)
 
 
 def workflow_problems(spec: WorkflowSpec) -> list[Problem]:
@@ -73,10 +73,10 @@ def workflow_problems(spec: WorkflowSpec) -> list[Problem]:
             if (problem := expression_problem(expression)) is not None
         )
     config = engine.build_engine_config(WORST_CASE_OWNER, spec, "")
-    return problems + _size_problems(config.to_json(), _ENGINE_FIELDS)
+    return problems + _size_problems("engine", config.to_json(), _ENGINE_FIELDS)
 
 
-def _size_problems(config_json: str, renamed: dict[str, str]) -> list[Problem]:
+def _size_problems(whose: str, config_json: str, renamed: dict[str, str]) -> list[Problem]:
     """ConfigTooLarge, naming the biggest field, when the config would overflow its
     ConfigMap once the operator adds what it resolves (``pods.CONFIG_RESERVE_BYTES``)."""
     size = len(config_json.encode())
@@ -87,7 +87,7 @@ def _size_problems(config_json: str, renamed: dict[str, str]) -> list[Problem]:
         Problem(
             field,
             "ConfigTooLarge",
-            f"the runtime config would be {size} bytes, over the {pods.CONFIG_BUDGET_BYTES} "
+            f"the {whose} config would be {size} bytes, over the {pods.CONFIG_BUDGET_BYTES} "
             f"a ConfigMap can hold ({pods.CONFIG_MAP_LIMIT_BYTES} bytes, less "
             f"{pods.CONFIG_RESERVE_BYTES} for what the operator adds); {field} is the "
             f"biggest part ({field_size} bytes): shrink it",
