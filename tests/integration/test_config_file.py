@@ -21,6 +21,7 @@ from nats.js.errors import NotFoundError
 
 from tests.integration.operator_support import (
     OperatorProcess,
+    agent,
     jetstream,
     pod_logs,
     running_agent,
@@ -128,6 +129,22 @@ def test_an_agent_with_a_200_kb_schema_becomes_ready_and_handles_a_message(
         await js.delete_stream(stream)
 
     jetstream(cluster.nats_url, remove_output_stream)
+
+
+def test_an_agent_whose_schema_outgrows_the_annotations_limit_is_ready_and_deletable(
+    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
+) -> None:
+    # kopf keeps the last handled spec in an annotation; all of an object's annotations
+    # hold 256 KiB. With the schema copied there, every patch kopf made was refused, so the
+    # finalizer stayed forever.
+    manifest = agent("large", contract={"inputSchema": big_schema(500 * 1024)})
+    with explained(cluster, namespace, operator):
+        _apply_server_side(cluster, namespace, manifest)
+        wait_ready(cluster, namespace, "agent", "large")
+
+        cluster.kubectl("delete", "-n", namespace, "agent/large", "--timeout=60s")
+
+        assert not cluster.kubectl("get", "-n", namespace, "agents", "-o", "name").strip()
 
 
 def _config_map_data(cluster: ClusterEndpoints, namespace: str, name: str) -> dict[str, str]:

@@ -113,7 +113,7 @@ def test_a_config_too_large_for_its_config_map_stalls_naming_the_field_and_the_l
     # object stays under etcd's 1.5 MiB request limit. Client-side apply would copy the
     # object into an annotation (256 KiB at most).
     huge = {"type": "object", "description": "x" * (1024 * 1024)}
-    manifest = agent("huge", contract={"inputSchema": huge}, deletionPolicy="Retain")
+    manifest = agent("huge", contract={"inputSchema": huge})
     cluster.kubectl(
         "apply", "--server-side", "-n", namespace, "-f", "-", stdin=json.dumps(manifest)
     )
@@ -122,6 +122,7 @@ def test_a_config_too_large_for_its_config_map_stalls_naming_the_field_and_the_l
 
     assert "spec.contract.inputSchema" in ready["message"]
     assert "1048576" in ready["message"]
+    cluster.kubectl("delete", "-n", namespace, "agent/huge", "--timeout=60s")
 
 
 def test_a_config_the_runtime_refuses_at_start_up_is_in_status_in_its_own_words(

@@ -35,6 +35,7 @@ from troupe_operator import metrics
 from troupe_operator.api import GROUP, VERSION
 from troupe_operator.clients.kube import Kube, new_api_client
 from troupe_operator.clients.nats import NatsPool
+from troupe_operator.diffbase import DigestedDiffBaseStorage
 from troupe_operator.reconcilers.agent import AGENT
 from troupe_operator.reconcilers.common import (
     Kind,
@@ -112,7 +113,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(KUBE_THREADS))
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = DigestedDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING
     operator = Operator(Kube(new_api_client()), NatsPool(config.nats_credentials), config)
     memo.operator = operator
