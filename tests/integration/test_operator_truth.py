@@ -21,6 +21,7 @@ from tests.integration.operator_support import (
     running_agent,
     running_operator,
     stream_names,
+    workflow,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_devcluster.kube import apps_v1, core_v1
@@ -110,30 +111,38 @@ def _loosened(crd: dict[str, Any]) -> dict[str, Any]:
     return loose
 
 
-def test_a_spec_the_models_refuse_gets_a_status_naming_the_field_and_is_deletable(
-    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+def _store_under_a_looser_crd(
+    cluster: ClusterEndpoints, namespace: str, plural: str, manifest: dict[str, Any]
 ) -> None:
-    # Stored under a looser CRD, as after an upgrade that tightened validation: the API
-    # server does not revalidate stored objects, so the operator meets specs it refuses.
-    shipped = json.loads(cluster.kubectl("get", "crd", "agents.troupe.dev", "-o", "json"))
+    """Store ``manifest`` as an older, looser CRD would have, then restore the shipped CRD:
+    the API server does not revalidate stored objects, so the operator meets specs its
+    models refuse, as after an upgrade that tightened validation."""
+    crd = f"{plural}.troupe.dev"
+    shipped = json.loads(cluster.kubectl("get", "crd", crd, "-o", "json"))
     cluster.kubectl("replace", "-f", "-", stdin=json.dumps(_loosened(shipped)))
     try:
-        # A pattern the shipped CRD checks (so updates of the stored object ratchet), which
-        # the models refuse as well.
-        broken = agent("relic", runtime={"env": [{"name": "A=B", "value": "x"}]})
         wait_for(
             lambda: (
                 not cluster.kubectl(
-                    "apply", "-n", namespace, "-f", "-", stdin=json.dumps(broken), check=False
+                    "apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest), check=False
                 ).startswith("Error")
             ),
             DEADLINE,
-            "the loose CRD to accept the relic",
+            f"the loose CRD to accept {manifest['metadata']['name']}",
         )
     finally:
         restored = _loosened(shipped)
         restored["spec"] = shipped["spec"]
         cluster.kubectl("replace", "-f", "-", stdin=json.dumps(restored))
+
+
+def test_a_spec_the_models_refuse_gets_a_status_naming_the_field_and_is_deletable(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    # A pattern the shipped CRD checks too (so updates of the stored object ratchet: kopf
+    # can still remove its finalizer).
+    relic = agent("relic", runtime={"env": [{"name": "A=B", "value": "x"}]})
+    _store_under_a_looser_crd(cluster, namespace, "agents", relic)
 
     stalled = _stalled(cluster, namespace, "relic", "SpecInvalid")
     assert "spec.runtime.env[0].name" in stalled["message"]
@@ -143,6 +152,27 @@ def test_a_spec_the_models_refuse_gets_a_status_naming_the_field_and_is_deletabl
     assert _event(api_client, namespace, "relic", "SpecInvalid").type == "Warning"
 
     _delete(cluster, namespace, "relic")
+
+
+def test_a_workflow_spec_the_models_refuse_gets_a_status_and_is_deletable(
+    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
+) -> None:
+    relic = workflow("old-flow", [{"name": "Not A Label", "agentRef": "someone"}])
+    _store_under_a_looser_crd(cluster, namespace, "workflows", relic)
+
+    def stalled() -> dict[str, Any] | None:
+        found = condition(get(cluster, namespace, "workflow", "old-flow"), "Stalled")
+        return found if found is not None and found["reason"] == "SpecInvalid" else None
+
+    found = wait_for(stalled, DEADLINE, "Stalled=True SpecInvalid on the Workflow")
+    assert "spec.steps[0].name" in found["message"]
+
+    cluster.kubectl("delete", "-n", namespace, "workflow", "old-flow", "--wait=false")
+    wait_for(
+        lambda: not cluster.kubectl("get", "-n", namespace, "workflows", "-o", "name").strip(),
+        DEADLINE,
+        "the Workflow to be deleted",
+    )
 
 
 def test_an_object_the_api_server_refuses_is_reported_with_its_message_and_field(

@@ -436,6 +436,16 @@ def owned_by(found: Mapping[str, Any], uid: str) -> bool:
     )
 
 
+def controlled_by(found: Mapping[str, Any], kind: str, name: str) -> bool:
+    """Whether ``found``'s controller is the ``kind`` called ``name`` (any incarnation: for
+    deletion, which no longer knows the uid it wrote)."""
+    return any(
+        reference.get("controller")
+        and (reference.get("kind"), reference.get("name")) == (kind, name)
+        for reference in (found.get("metadata") or {}).get("ownerReferences") or []
+    )
+
+
 def _version(found: Mapping[str, Any]) -> Any:
     """What changes when an object's content does: a Deployment's generation (its status
     changes the resourceVersion all the time), else the resourceVersion."""

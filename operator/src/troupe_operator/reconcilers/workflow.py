@@ -29,6 +29,7 @@ from troupe_operator.reconcilers.common import (
     Operator,
     Plan,
     Seen,
+    controlled_by,
     raw_connection,
     required_target,
 )
@@ -150,10 +151,13 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
 
         The engine goes first so that it does not fail over its streams' loss; it never
         creates them, so there is no need to wait for its pods to be gone. Every name
-        derives from the Workflow's, so a spec the models refuse deletes the same.
+        derives from the Workflow's, so a spec the models refuse deletes the same. An
+        object of that name that is not this Workflow's stays.
         """
         for kind, object_name in self._engine_objects(name):
-            await operator.kube.delete(kind, namespace, object_name)
+            found = await operator.kube.read(kind, namespace, object_name)
+            if found is not None and controlled_by(found, self.name, name):
+                await operator.kube.delete(kind, namespace, object_name)
         connection = spec.nats if spec is not None else raw_connection(raw_spec)
         url = connection.url or operator.settings.nats_url
         target = await required_target(operator, namespace, connection, url)
