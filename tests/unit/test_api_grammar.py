@@ -44,6 +44,8 @@ def _accepts(model: type[Any], data: dict[str, Any]) -> bool:
     return True
 
 
+FAST = settings(max_examples=40)
+"""Enough to cover each pattern's branches while the unit lane stays fast."""
 ASCII = st.text(st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=40)
 ANY_TEXT = st.one_of(ASCII, st.text(max_size=20))
 
@@ -51,6 +53,7 @@ ANY_TEXT = st.one_of(ASCII, st.text(max_size=20))
 # Durations.
 
 
+@FAST
 @given(_from(DURATION_PATTERN, DURATION_MAX_LENGTH))
 def test_a_crd_valid_duration_parses_to_its_exact_value(text: str) -> None:
     total = nanoseconds(text)
@@ -73,6 +76,7 @@ def _parses(parse: Any, text: str) -> bool:
     return True
 
 
+@FAST
 @given(ANY_TEXT)
 def test_text_outside_the_duration_pattern_is_refused(text: str) -> None:
     assert _parses(parse_delay, text) == (
@@ -104,6 +108,7 @@ def test_zero_durations_are_refused_where_zero_makes_no_sense() -> None:
 # The timeout fits into ackWait.
 
 
+@FAST
 @given(st.integers(1, 10**7), st.integers(1, 10**7))
 def test_timeout_fits_exactly_when_timeout_plus_ten_seconds_is_within_seventy_percent(
     timeout_ms: int, ack_wait_ms: int
@@ -127,6 +132,7 @@ def test_the_defaults_fit() -> None:
 # Subjects.
 
 
+@FAST
 @given(_from(grammar.OUTPUT_SUBJECT_PATTERN, grammar.SUBJECT_MAX))
 def test_a_crd_valid_output_subject_is_accepted_and_publishable(subject: str) -> None:
     assert _accepts(Contract, {"outputSubjects": [subject]})
@@ -134,6 +140,7 @@ def test_a_crd_valid_output_subject_is_accepted_and_publishable(subject: str) ->
     assert not subject.startswith(naming.RESERVED_SUBJECT_PREFIX)
 
 
+@FAST
 @given(ASCII)
 def test_an_output_subject_is_accepted_exactly_when_it_is_literal_and_not_the_servers(
     subject: str,
@@ -153,6 +160,7 @@ def test_wildcard_blank_empty_token_and_server_output_subjects_are_refused(subje
     assert not _accepts(Contract, {"outputSubjects": [subject]})
 
 
+@FAST
 @given(_from(grammar.TRIGGER_SUBJECT_PATTERN, grammar.SUBJECT_MAX))
 def test_a_crd_valid_trigger_subject_is_accepted_unless_it_is_troupes(subject: str) -> None:
     assert _accepts(Trigger, {"subject": subject}) == (not grammar.is_troupe_subject(subject))
@@ -170,6 +178,7 @@ def test_trigger_subjects_under_troupe_the_server_or_a_leading_wildcard_are_refu
     assert not _accepts(Trigger, {"subject": subject})
 
 
+@FAST
 @given(_from(grammar.DNS_LABEL_PATTERN, grammar.DNS_LABEL_MAX), ASCII)
 def test_the_own_inbox_pattern_matches_exactly_the_agents_inbox_subjects(
     agent: str, namespace: str
@@ -187,6 +196,7 @@ def test_the_own_inbox_pattern_matches_exactly_the_agents_inbox_subjects(
 # Names, env, containers, resources, tolerations, images, URLs.
 
 
+@FAST
 @given(_from(grammar.ENV_NAME_PATTERN, grammar.ENV_NAME_MAX))
 def test_an_env_name_is_accepted_exactly_when_it_is_not_reserved(name: str) -> None:
     assert _accepts(EnvVar, {"name": name}) == (not grammar.is_reserved_env(name))
@@ -208,6 +218,7 @@ def test_duplicate_env_names_and_value_beside_value_from_are_refused() -> None:
     assert not _accepts(EnvVar, {"name": "A", "value": "x", "valueFrom": {"fieldRef": {}}})
 
 
+@FAST
 @given(_from(grammar.DNS_LABEL_PATTERN, grammar.DNS_LABEL_MAX))
 def test_a_sidecar_named_by_a_dns_label_is_accepted_unless_it_is_the_runtime(name: str) -> None:
     sidecar = {"name": name, "image": "busybox", "command": ["sleep", "1"]}
@@ -230,7 +241,7 @@ def test_nameless_misnamed_duplicate_runtime_or_blank_image_sidecars_are_refused
     assert not _accepts(AgentRuntime, {"sidecars": sidecars})
 
 
-@settings(max_examples=200)
+@FAST
 @given(_from(grammar.QUANTITY_PATTERN, grammar.QUANTITY_MAX))
 def test_a_crd_valid_quantity_is_accepted_and_is_a_kubernetes_quantity(quantity: str) -> None:
     assert _accepts(AgentRuntime, {"resources": {"limits": {"cpu": quantity}}})
@@ -242,6 +253,7 @@ def test_invalid_or_negative_quantities_are_refused(quantity: Any) -> None:
     assert not _accepts(AgentRuntime, {"resources": {"requests": {"memory": quantity}}})
 
 
+@FAST
 @given(_from(grammar.RESOURCE_NAME_PATTERN, grammar.RESOURCE_NAME_MAX))
 def test_a_crd_valid_resource_name_is_accepted_unless_kubernetes_reserves_it(name: str) -> None:
     expected = grammar.NATIVE_DOMAIN not in name and not name.startswith(grammar.QUOTA_PREFIX)
@@ -253,6 +265,7 @@ def test_unknown_resource_names_are_refused(name: str) -> None:
     assert not _accepts(AgentRuntime, {"resources": {"limits": {name: "1"}}})
 
 
+@FAST
 @given(
     st.one_of(st.none(), _from(grammar.QUALIFIED_NAME_PATTERN, grammar.QUALIFIED_NAME_MAX)),
     st.sampled_from(["Exists", "Equal"]),
@@ -273,6 +286,7 @@ def test_a_toleration_is_accepted_exactly_when_the_pod_would_be(
     assert _accepts(Toleration, {k: v for k, v in data.items() if v is not None}) == expected
 
 
+@FAST
 @given(_from(grammar.IMAGE_PATTERN, grammar.IMAGE_MAX))
 def test_an_image_without_whitespace_is_accepted(image: str) -> None:
     assert _accepts(AgentRuntime, {"image": image})
@@ -332,6 +346,7 @@ def test_requests_fit_their_limits_and_extended_resources_are_whole_and_not_over
     assert _accepts(AgentRuntime, {"resources": resources}) == accepted
 
 
+@FAST
 @given(_from(grammar.QUANTITY_PATTERN, grammar.QUANTITY_MAX))
 def test_quantities_are_valued_as_kubernetes_values_them(quantity: str) -> None:
     with decimal.localcontext() as context:
@@ -340,6 +355,7 @@ def test_quantities_are_valued_as_kubernetes_values_them(quantity: str) -> None:
     assert grammar.quantity_value(quantity) == expected
 
 
+@FAST
 @given(
     _from(grammar.QUALIFIED_NAME_PATTERN, grammar.QUALIFIED_NAME_MAX),
     _from(grammar.LABEL_VALUE_PATTERN, grammar.LABEL_VALUE_MAX),
