@@ -183,7 +183,7 @@ _LEAVES = st.one_of(
     st.fixed_dictionaries({"enum": st.lists(st.integers(), max_size=3)}),
     st.just({}),
 )
-_SCHEMAS = st.recursive(
+SCHEMAS = st.recursive(
     _LEAVES,
     lambda children: st.one_of(
         st.fixed_dictionaries(
@@ -207,7 +207,7 @@ def _runtime_refuses(spec: AgentSpec) -> bool:
 
 
 @settings(max_examples=150, deadline=None)
-@given(_SCHEMAS)
+@given(SCHEMAS)
 def test_the_runtime_starts_on_every_schema_with_no_problem_and_refuses_every_other(
     schema: dict[str, Any],
 ) -> None:
@@ -238,7 +238,7 @@ def _re2_compiles(pattern: str) -> bool:
 
 
 @settings(max_examples=150, deadline=None)
-@given(_SCHEMAS)
+@given(SCHEMAS)
 def test_any_schema_the_metaschema_accepts_whose_patterns_re2_compiles_is_no_problem(
     schema: dict[str, Any],
 ) -> None:

@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
+from tests.unit.test_validation import SCHEMAS
+from troupe_operator.api import AgentSpec
+from troupe_operator.builders import validation, workload
+from troupe_operator.builders.pods import Owner
 from troupe_runtime.agent import __main__ as agent_main
 from troupe_runtime.agent.runtime import Runtime
 from troupe_runtime.contract import pod
@@ -131,3 +136,25 @@ def test_the_engine_loads_a_config_whose_expressions_compile(tmp_path: Path) -> 
 def test_an_unreadable_config_names_its_path(tmp_path: Path) -> None:
     with pytest.raises(InvalidConfig, match=str(tmp_path / "nope.json")):
         engine_main.load_config(tmp_path / "nope.json", {})
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(schema=SCHEMAS)
+def test_the_runtime_starts_from_the_config_file_of_every_agent_with_no_problem(
+    tmp_path: Path, schema: dict[str, Any]
+) -> None:
+    spec = AgentSpec.model_validate({"role": "r", "contract": {"inputSchema": schema}})
+    problems = validation.agent_problems(spec)
+    config = workload.build_runtime_config(Owner("n", "a", uid="u"), spec, "nats://nats:4222")
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+
+    try:
+        agent_main.build_runtime(path, {}, grace=1.0, liveness_bound=10.0)
+        started = True
+    except InvalidConfig:
+        started = False
+
+    assert started == (not problems)
