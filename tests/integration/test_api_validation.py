@@ -1,6 +1,7 @@
 """The API server refuses, at apply time and naming the field, every class of manifest the
-operator used to accept and then fail on; and ``kubectl`` explains the fields and shows the
-wide columns. Each case goes through the real API server with the CRDs that ship."""
+operator used to accept and then fail on; it and the models accept exactly the same values;
+and ``kubectl`` explains the fields and shows the wide columns. Each case goes through the
+real API server with the CRDs that ship."""
 
 from __future__ import annotations
 
@@ -9,11 +10,24 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from tests.integration.operator_support import agent, install_crds, workflow
 from troupe_devcluster.fixtures import ClusterEndpoints
 from troupe_operator.api import AgentSpec, WorkflowSpec
-from troupe_runtime.contract.durations import MAX_DURATION, MAX_DURATION_TEXT, format_duration
+from troupe_operator.api.common import GROUP, VERSION
+from troupe_runtime.contract import grammar
+from troupe_runtime.contract.durations import (
+    DURATION_MAX_LENGTH,
+    DURATION_PATTERN,
+    MAX_DURATION,
+    MAX_DURATION_TEXT,
+    format_duration,
+)
 
 
 @pytest.fixture(scope="module")
@@ -381,3 +395,115 @@ def test_wide_output_shows_dead_letters_and_redeliveries(
 
     assert "DEADLETTERS" not in plain
     assert {"DEADLETTERS", "REDELIVERED"} <= set(wide)
+
+
+def _either(pattern: str, max_size: int) -> st.SearchStrategy[str]:
+    """A value the pattern allows, or any short printable-ASCII text (mostly refused)."""
+    return st.one_of(
+        st.from_regex(pattern, fullmatch=True).filter(lambda s: len(s) <= max_size),
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12),
+    )
+
+
+AGENT_VALUES = st.fixed_dictionaries(
+    {},
+    optional={
+        "timeout": _either(DURATION_PATTERN, DURATION_MAX_LENGTH),
+        "ackWait": _either(DURATION_PATTERN, DURATION_MAX_LENGTH),
+        "output": _either(grammar.OUTPUT_SUBJECT_PATTERN, grammar.SUBJECT_MAX),
+        "env": _either(grammar.ENV_NAME_PATTERN, grammar.ENV_NAME_MAX),
+        "image": _either(grammar.IMAGE_PATTERN, grammar.IMAGE_MAX),
+        "quantity": _either(grammar.QUANTITY_PATTERN, grammar.QUANTITY_MAX),
+        "resource": _either(grammar.RESOURCE_NAME_PATTERN, grammar.RESOURCE_NAME_MAX),
+        "label": _either(grammar.QUALIFIED_NAME_PATTERN, grammar.QUALIFIED_NAME_MAX),
+        "sidecar": _either(grammar.DNS_LABEL_PATTERN, grammar.DNS_LABEL_MAX),
+    },
+)
+
+
+def _agent_spec(drawn: dict[str, str]) -> dict[str, Any]:
+    runtime: dict[str, Any] = {}
+    spec: dict[str, Any] = {"role": "judged", "runtime": runtime}
+    if "timeout" in drawn:
+        spec["timeout"] = drawn["timeout"]
+    if "ackWait" in drawn:
+        spec["messaging"] = {"ackWait": drawn["ackWait"]}
+    if "output" in drawn:
+        spec["contract"] = {"outputSubjects": [drawn["output"]]}
+    if "env" in drawn:
+        runtime["env"] = [{"name": drawn["env"], "value": "x"}]
+    if "image" in drawn:
+        runtime["image"] = drawn["image"]
+    if "quantity" in drawn or "resource" in drawn:
+        name, amount = drawn.get("resource", "cpu"), drawn.get("quantity", "1")
+        runtime["resources"] = {"requests": {name: amount}, "limits": {name: amount}}
+    if "label" in drawn:
+        runtime["nodeSelector"] = {drawn["label"]: "v"}
+    if "sidecar" in drawn:
+        runtime["sidecars"] = [{"name": drawn["sidecar"], "image": "busybox"}]
+    return spec
+
+
+def _model_accepts(model: type[Any], spec: dict[str, Any]) -> bool:
+    try:
+        model.model_validate(spec)
+    except ValidationError:
+        return False
+    return True
+
+
+def _server_accepts(api_client: Any, namespace: str, kind: str, spec: dict[str, Any]) -> bool:
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": kind,
+        "metadata": {"name": "judged"},
+        "spec": spec,
+    }
+    try:
+        client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, f"{kind.lower()}s", manifest, dry_run="All"
+        )
+    except ApiException as refusal:
+        if refusal.status != 422:
+            raise
+        return False
+    return True
+
+
+JUDGED = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@JUDGED
+@given(drawn=AGENT_VALUES)
+def test_the_api_server_and_the_models_accept_the_same_agents(
+    api_client: Any, namespace: str, crds: None, drawn: dict[str, str]
+) -> None:
+    spec = _agent_spec(drawn)
+
+    assert _server_accepts(api_client, namespace, "Agent", spec) == _model_accepts(
+        AgentSpec, spec
+    ), spec
+
+
+@JUDGED
+@given(
+    subject=_either(grammar.TRIGGER_SUBJECT_PATTERN, grammar.SUBJECT_MAX),
+    deadline=_either(DURATION_PATTERN, DURATION_MAX_LENGTH),
+)
+def test_the_api_server_and_the_models_accept_the_same_workflows(
+    api_client: Any, namespace: str, crds: None, subject: str, deadline: str
+) -> None:
+    spec = {
+        "trigger": {"subject": subject},
+        "deadline": deadline,
+        "steps": [{"name": "a", "agentRef": "a", "timeout": deadline}],
+    }
+
+    assert _server_accepts(api_client, namespace, "Workflow", spec) == _model_accepts(
+        WorkflowSpec, spec
+    ), spec
