@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from troupe_operator.builders.problems import Problem
+from troupe_operator.builders.status import OBJECT_REJECTED
 
-OBJECT_REJECTED = "ObjectRejected"
 SEGMENT = re.compile(r"\[([^\]]*)\]|([^.\[\]]+)")
 PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Path = tuple[str | int, ...]

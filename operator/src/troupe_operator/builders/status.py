@@ -25,7 +25,6 @@ from troupe_runtime.contract.run_state import RunState
 READY = "Ready"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
-TOP_CONDITIONS = (READY, RECONCILING, STALLED)
 SPEC_VALID = "SpecValid"
 SECRETS_RESOLVED = "SecretsResolved"
 MESSAGING_READY = "MessagingReady"

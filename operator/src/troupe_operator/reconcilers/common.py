@@ -3,9 +3,12 @@
 A pass is level-based and idempotent: a kind (``agent``, ``workflow``) reads what it
 must and plans purely, through ``builders``, what the object should lead to; the
 skeleton here then converges the world the same way for every kind: it resolves the
-Secrets, server-side applies (and deletes) objects, runs the kind's JetStream step
-through ``troupe_runtime.nats.provision`` (which corrects drift), and writes status with
-optimistic concurrency so concurrent writers never lose an observation. Kinds differ
+Secrets and ConfigMaps, server-side applies (and deletes) the objects the object owns
+and only those, runs the kind's JetStream step through ``troupe_runtime.nats.provision``
+(which corrects drift), and writes status with optimistic concurrency so concurrent
+writers never lose an observation, with an Event for each condition that changed. A spec
+the models refuse, a plan's problems, an object refused or owned by someone else and an
+unexpected exception all end in a status too: no object is left without one. Kinds differ
 only in what they plan and how they turn what was seen into status; writing the
 skeleton once keeps Agents and Workflows from drifting apart.
 ``handlers`` calls these from kopf; they know nothing of kopf.
