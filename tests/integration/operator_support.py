@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,19 +60,30 @@ def _healthy(url: str) -> bool:
 
 
 class OperatorProcess:
-    """``python -m troupe_operator --standalone --all-namespaces`` against the test cluster."""
+    """``python -m troupe_operator --standalone --all-namespaces`` (or ``args``) against the
+    test cluster."""
 
     def __init__(
-        self, cluster: ClusterEndpoints, log: Path, env: dict[str, str] | None = None
+        self,
+        cluster: ClusterEndpoints,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = ("--standalone", "--all-namespaces"),
     ) -> None:
         self._cluster = cluster
         self._log = log
+        self._args = list(args)
         self._env = dict(env or {})
         self._process: subprocess.Popen[bytes] | None = None
         self.health_port = free_port()
         self.metrics_port = free_port()
 
     def start(self) -> None:
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (to start several at once)."""
         env = {
             **os.environ,
             "KUBECONFIG": str(self._cluster.kubeconfig),
@@ -84,11 +95,13 @@ class OperatorProcess:
         }
         with self._log.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "troupe_operator", "--standalone", "--all-namespaces"],
+                [sys.executable, "-m", "troupe_operator", *self._args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def wait_started(self) -> None:
         wait_for(
             lambda: self._alive_or_fail() and _healthy(self.health_url),
             START_DEADLINE,
@@ -117,6 +130,15 @@ class OperatorProcess:
         assert self._process is not None
         self._process.send_signal(signal.SIGKILL)
         self._process.wait(STOP_DEADLINE)
+
+    def exit_code(self) -> int | None:
+        """The exit status once the process has ended (negative: killed by that signal)."""
+        assert self._process is not None
+        return self._process.poll()
+
+    def signal(self, signum: signal.Signals) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
 
     def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:

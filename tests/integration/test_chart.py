@@ -2,7 +2,7 @@
 accepted by a server-side dry-run (schemas, admission, RBAC escalation checks), and the pods
 they would run are admitted by a namespace that enforces the restricted Pod Security profile.
 
-The CRDs that ship (Troupe's and kopf's peering CRDs) are applied for real first, so the
+The CRDs that ship are applied for real first, so the
 custom objects validate against them. prometheus-operator's CRDs are not part of Troupe: a
 minimal stand-in (its group, kinds and scope, any spec) is installed so the API server can
 place the ServiceMonitor and PodMonitor; their fields are checked by the unit tests.
@@ -125,7 +125,7 @@ def test_default_rendering_is_accepted_by_the_api_server(
 ) -> None:
     output = server_dry_run(cluster, render_text(None, namespace))
     assert f"deployment.apps/{OPERATOR} created (server dry run)" in output
-    assert "clusterkopfpeering.kopf.dev/troupe" in output
+    assert f"role.rbac.authorization.k8s.io/{OPERATOR}-election created (server dry run)" in output
 
 
 @pytest.mark.usefixtures("crds")
@@ -146,8 +146,8 @@ def test_every_option_is_accepted_by_the_api_server(
     ):
         assert f"{kind}/" in output, output
     created = [line.split("/")[0] for line in output.splitlines()]
-    assert created.count("kopfpeering.kopf.dev") == len(watched)
-    assert created.count("rolebinding.rbac.authorization.k8s.io") == len(watched)
+    # One RoleBinding per watched namespace, and the Lease's in the release namespace.
+    assert created.count("rolebinding.rbac.authorization.k8s.io") == len(watched) + 1
 
 
 @pytest.mark.usefixtures("crds")
@@ -188,4 +188,4 @@ def test_plain_bundle_applies_like_the_chart(cluster: ClusterEndpoints) -> None:
     finally:
         cluster.kubectl("delete", namespace, f"--timeout={NAMESPACE_GONE_SECONDS}s")
     assert f"deployment.apps/{OPERATOR}" in output
-    assert "clusterkopfpeering.kopf.dev/troupe" in output
+    assert f"rolebinding.rbac.authorization.k8s.io/{OPERATOR}-election" in output

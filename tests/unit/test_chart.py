@@ -51,9 +51,11 @@ NAMESPACED_GRANTS: set[Grant] = {
 CLUSTER_WIDE_GRANTS: set[Grant] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
-    ("kopf.dev", "clusterkopfpeerings", "list", ""),
-    ("kopf.dev", "clusterkopfpeerings", "watch", ""),
-    ("kopf.dev", "clusterkopfpeerings", "patch", "troupe"),
+}
+# Leader election (clients/lease.py): the one Lease, in the release namespace only.
+ELECTION_GRANTS: set[Grant] = {
+    ("coordination.k8s.io", "leases", "create", ""),
+    *{("coordination.k8s.io", "leases", v, OPERATOR) for v in ("get", "update", "patch")},
 }
 WATCHED = ["team-a", "team-b"]
 
@@ -71,15 +73,29 @@ def grants(role: dict[str, Any]) -> set[Grant]:
 
 def operator_grants(objects: list[dict[str, Any]]) -> set[Grant]:
     """Everything the operator's ServiceAccount is bound to, in the cluster or a namespace."""
-    roles = {role["metadata"]["name"]: role for role in of_kind(objects, "ClusterRole")}
+    roles = {
+        (role["kind"], role["metadata"]["name"]): role
+        for role in of_kind(objects, "ClusterRole") + of_kind(objects, "Role")
+    }
     bindings = of_kind(objects, "ClusterRoleBinding") + of_kind(objects, "RoleBinding")
     bound = {
-        binding["roleRef"]["name"]
+        (binding["roleRef"]["kind"], binding["roleRef"]["name"])
         for binding in bindings
         if {"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAMESPACE}
         in binding["subjects"]
     }
     return set().union(*(grants(roles[name]) for name in bound))
+
+
+def grants_in(objects: list[dict[str, Any]], namespace: str) -> set[Grant]:
+    """What the operator's Roles grant in ``namespace`` (not its ClusterRoles)."""
+    return set().union(
+        *(
+            grants(role)
+            for role in of_kind(objects, "Role")
+            if role["metadata"]["namespace"] == namespace
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,19 +118,17 @@ def test_no_role_has_a_wildcard(values: dict[str, Any]) -> None:
 
 
 def test_cluster_wide_operator_gets_exactly_what_it_uses() -> None:
-    assert operator_grants(render()) == NAMESPACED_GRANTS | CLUSTER_WIDE_GRANTS
+    objects = render()
+    assert operator_grants(objects) == NAMESPACED_GRANTS | CLUSTER_WIDE_GRANTS | ELECTION_GRANTS
+    assert grants_in(objects, NAMESPACE) == ELECTION_GRANTS, "the Lease is the release's own"
 
 
 def test_namespaced_operator_is_bound_only_in_the_watched_namespaces() -> None:
     objects = render({"watchNamespaces": WATCHED})
-    bindings = of_kind(objects, "RoleBinding")
+    bindings = [b for b in of_kind(objects, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"]
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == WATCHED
     namespaced_role = one(objects, "ClusterRole", bindings[0]["roleRef"]["name"])
-    assert grants(namespaced_role) == NAMESPACED_GRANTS | {
-        ("kopf.dev", "kopfpeerings", "list", ""),
-        ("kopf.dev", "kopfpeerings", "watch", ""),
-        ("kopf.dev", "kopfpeerings", "patch", "troupe"),
-    }
+    assert grants(namespaced_role) == NAMESPACED_GRANTS
     cluster_bindings = of_kind(objects, "ClusterRoleBinding")
     assert len(cluster_bindings) == 1, "only kopf's cluster-scoped reads are cluster-wide"
     cluster_role = one(objects, "ClusterRole", cluster_bindings[0]["roleRef"]["name"])
@@ -126,14 +140,10 @@ def test_namespaced_operator_is_bound_only_in_the_watched_namespaces() -> None:
     }
 
 
-def test_namespaced_operator_peers_in_each_watched_namespace() -> None:
+def test_namespaced_operator_elects_through_the_lease_in_its_own_namespace() -> None:
     objects = render({"watchNamespaces": WATCHED})
-    assert not of_kind(objects, "ClusterKopfPeering")
-    peerings = of_kind(objects, "KopfPeering")
-    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
-        ("team-a", "troupe"),
-        ("team-b", "troupe"),
-    ]
+    assert not {obj["kind"] for obj in objects} & {"ClusterKopfPeering", "KopfPeering"}
+    assert grants_in(objects, NAMESPACE) == ELECTION_GRANTS
     container = one(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]
     assert container_env(container)["TROUPE_WATCH_NAMESPACES"] == "team-a,team-b"
 
@@ -150,20 +160,48 @@ def test_aggregated_roles_extend_the_built_in_view_and_edit_roles() -> None:
     assert status_verbs == {"get", "list", "watch"}, "status stays the operator's"
 
 
-def test_operator_runs_two_peered_replicas_with_a_liveness_probe() -> None:
+def test_operator_runs_two_elected_replicas_with_liveness_and_readiness_probes() -> None:
     deployment = one(render(), "Deployment", OPERATOR)
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"] == ["python", "-m", "troupe_operator"]
-    assert container["args"] == ["--peering", "troupe"]
-    probe = container["livenessProbe"]["httpGet"]
+    assert "args" not in container, "leader election is the default"
+    env = container_env(container)
+    assert env["TROUPE_LEASE_NAME"] == OPERATOR
+    assert (env["TROUPE_LEASE_DURATION"], env["TROUPE_RENEW_DEADLINE"]) == ("10", "7")
+    assert env["TROUPE_RETRY_PERIOD"] == "2"
+    fields = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container["env"]
+        if "valueFrom" in e
+    }
+    assert fields == {
+        "POD_IP": "status.podIP",
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+    }
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert probe["path"] == "/healthz"
-    assert str(ports[probe["port"]]) == container_env(container)["TROUPE_HEALTH_PORT"] == "8081"
-    assert str(ports["metrics"]) == container_env(container)["TROUPE_METRICS_PORT"] == "9090"
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"]["path"] == path
+        assert (
+            str(ports[container[probe]["httpGet"]["port"]]) == env["TROUPE_HEALTH_PORT"] == "8081"
+        )
+    assert str(ports["metrics"]) == env["TROUPE_METRICS_PORT"] == "9090"
     assert pod["serviceAccountName"] == OPERATOR
-    assert one(render(), "ClusterKopfPeering", "troupe")
+
+
+def test_a_standalone_operator_is_one_replica_without_a_lease() -> None:
+    objects = render({"operator": {"replicas": 1, "leaderElection": {"enabled": False}}})
+    (container,) = one(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["--standalone"]
+    assert "readinessProbe" not in container
+    assert not of_kind(objects, "Role")
+
+
+def test_several_standalone_replicas_are_refused() -> None:
+    with pytest.raises(AssertionError, match=r"needs operator\.leaderElection\.enabled"):
+        render({"operator": {"leaderElection": {"enabled": False}}})
 
 
 def test_values_reach_the_operators_environment() -> None:

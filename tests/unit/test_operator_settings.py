@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from troupe_operator.__main__ import parse_args, peering_priority
+from troupe_operator.__main__ import configure, identity, parse_args
+from troupe_operator.builders.lease import ElectionTimings
 from troupe_operator.settings import OperatorSettings, from_environment
 
 
@@ -58,12 +59,46 @@ def test_help_describes_the_operator(capsys: pytest.CaptureFixture[str]) -> None
     assert "--all-namespaces" in capsys.readouterr().out
 
 
-def test_peers_draw_distinct_priorities_unless_one_is_given() -> None:
-    drawn = {peering_priority("troupe", None) for _ in range(20)}
-    assert len(drawn) > 1
-    assert all(priority > 0 for priority in drawn)
-    assert peering_priority("troupe", 7) == 7
-    assert peering_priority(None, None) == 0
+def test_election_defaults_fail_over_within_seconds() -> None:
+    settings = from_environment({"POD_NAMESPACE": "troupe-system", "POD_NAME": "op-7f9c"})
+
+    assert settings.election == ElectionTimings(10, 7.0, 2.0)
+    assert (settings.lease_namespace, settings.lease_name) == ("troupe-system", "troupe-operator")
+    assert settings.pod_name == "op-7f9c"
+
+
+def test_election_settings_come_from_the_environment_and_flags_win() -> None:
+    environ = {
+        "TROUPE_LEASE_NAME": "ops",
+        "TROUPE_LEASE_NAMESPACE": "infra",
+        "POD_NAMESPACE": "ignored",
+        "TROUPE_LEASE_DURATION": "15",
+        "TROUPE_RENEW_DEADLINE": "10",
+        "TROUPE_RETRY_PERIOD": "3",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in environ.items():
+            patch.setenv(key, value)
+        from_env = configure(parse_args([]))
+        flagged = configure(parse_args(["--lease-duration", "20", "--lease-name", "other"]))
+
+    assert from_env.election == ElectionTimings(15, 10.0, 3.0)
+    assert (from_env.lease_namespace, from_env.lease_name) == ("infra", "ops")
+    assert flagged.election == ElectionTimings(20, 10.0, 3.0)
+    assert flagged.lease_name == "other"
+
+
+def test_timings_that_could_make_two_holders_are_refused() -> None:
+    with pytest.raises(ValueError, match="renew deadline < lease duration"):
+        from_environment({"TROUPE_LEASE_DURATION": "5"})
+
+
+def test_each_process_gets_its_own_identity_named_after_its_pod() -> None:
+    first, second = identity("op-7f9c"), identity("op-7f9c")
+
+    assert first != second
+    assert first.startswith("op-7f9c_")
+    assert identity("")
 
 
 def test_the_operator_binds_to_its_pod_ip_when_it_has_one() -> None:

@@ -17,6 +17,10 @@
 {{- printf "%s-operator" (include "troupe.fullname" .) -}}
 {{- end -}}
 
+{{- define "troupe.leaseName" -}}
+{{- default (include "troupe.operatorName" .) .Values.operator.leaderElection.leaseName -}}
+{{- end -}}
+
 {{- define "troupe.natsName" -}}
 {{- printf "%s-nats" (include "troupe.fullname" .) -}}
 {{- end -}}

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECONCILES = Counter(
     "troupe_operator_reconciles_total", "Reconcile passes, by kind and result.", ["kind", "result"]
@@ -19,6 +19,11 @@ ERRORS = Counter(
 DURATION = Histogram(
     "troupe_operator_reconcile_duration_seconds", "Time of one reconcile pass.", ["kind"]
 )
+LEADER = Gauge(
+    "troupe_operator_leader",
+    "1 while this replica holds the operator's Lease and reconciles, 0 while it stands by.",
+)
+_serving: set[int] = set()
 
 
 @contextmanager
@@ -38,6 +43,8 @@ def reconcile_timer(kind: str) -> Iterator[None]:
 
 
 def serve(port: int, address: str = "0.0.0.0") -> None:
-    """Serve /metrics on ``port`` in a background thread (0 turns metrics off)."""
-    if port:
+    """Serve /metrics on ``port`` in a background thread (0 turns metrics off); a second call
+    is a no-op, so a standby can serve them before it leads and starts the handlers."""
+    if port and port not in _serving:
         start_http_server(port, addr=address)
+        _serving.add(port)

@@ -9,21 +9,33 @@ TROUPE_WATCH_NAMESPACES    comma-separated namespaces; empty = all      (all)
 TROUPE_LOG_FORMAT          ``plain`` or ``json``                        plain
 TROUPE_RESYNC_SECONDS      how often status and drift are re-checked    30
 TROUPE_METRICS_PORT        Prometheus metrics port; 0 turns them off    9090
-TROUPE_HEALTH_PORT         the liveness endpoint's port (/healthz)      8081
+TROUPE_HEALTH_PORT         the /healthz (and /readyz) endpoint's port   8081
 TROUPE_RUNTIME_IMAGE       the image of workflow engines                troupe/runtime:<VERSION>
 TROUPE_FINALIZER_TIMEOUT   seconds deletion waits on NATS, then lets go  120
+TROUPE_LEASE_NAME          the Lease replicas elect the active one by   troupe-operator
+TROUPE_LEASE_NAMESPACE     that Lease's namespace                       POD_NAMESPACE, default
+TROUPE_LEASE_DURATION      seconds a standby waits on a silent holder   10
+TROUPE_RENEW_DEADLINE      seconds unrenewed before the holder exits    7
+TROUPE_RETRY_PERIOD        seconds between tries to acquire or renew    2
+POD_NAME                   the replica's identity in the Lease          the host name
 =========================  ===========================================  =======================
+
+The election's defaults fail over within seconds yet tolerate a slow API server: the holder
+renews every 2 s, so it has three tries before its 7 s deadline, and exits 3 s before any
+standby may take over (10 s after it last saw a renewal), which covers the time a dying
+holder needs to stop and clocks that run at slightly different rates.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from troupe_operator.api.agent import DEFAULT_RUNTIME_IMAGE
+from troupe_operator.builders.lease import ElectionTimings
 
 LogFormat = Literal["plain", "json"]
 
@@ -44,6 +56,11 @@ class OperatorSettings:
     """How long deletion waits on NATS cleanup before it lets the object go (with an Event)."""
     # The pod's own IP (POD_IP) when set: replicas sharing a host must not clash.
     bind_address: str = "0.0.0.0"
+    lease_name: str = "troupe-operator"
+    lease_namespace: str = "default"
+    election: ElectionTimings = field(default_factory=ElectionTimings)
+    pod_name: str = ""
+    """The replica's name (POD_NAME); empty: the host name. A random suffix makes it unique."""
 
     @property
     def all_namespaces(self) -> bool:
@@ -84,4 +101,20 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSetting
             environ.get("TROUPE_FINALIZER_TIMEOUT", defaults.finalizer_timeout_seconds)
         ),
         bind_address=environ.get("POD_IP") or defaults.bind_address,
+        lease_name=environ.get("TROUPE_LEASE_NAME") or defaults.lease_name,
+        lease_namespace=(
+            environ.get("TROUPE_LEASE_NAMESPACE")
+            or environ.get("POD_NAMESPACE")
+            or defaults.lease_namespace
+        ),
+        election=ElectionTimings(
+            lease_duration=int(
+                environ.get("TROUPE_LEASE_DURATION", defaults.election.lease_duration)
+            ),
+            renew_deadline=float(
+                environ.get("TROUPE_RENEW_DEADLINE", defaults.election.renew_deadline)
+            ),
+            retry_period=float(environ.get("TROUPE_RETRY_PERIOD", defaults.election.retry_period)),
+        ),
+        pod_name=environ.get("POD_NAME", defaults.pod_name),
     )

@@ -3,8 +3,8 @@
 ``deploy/crds.yaml`` holds the chart's CRDs and ``deploy/troupe.yaml`` the operator's
 namespace and everything else the chart renders with its default values, so
 ``kubectl apply`` of the two gives what ``helm install`` gives. They are two files because
-``kubectl apply`` resolves every object's kind before it creates any: a custom object (the
-ClusterKopfPeering) in the same apply as its CRD fails on a fresh cluster.
+``kubectl apply`` resolves every object's kind before it creates any: a custom object (an
+Agent, say) in the same apply as its CRD fails on a fresh cluster.
 
     python -m troupe_operator.gen.bundle write|check \
         --chart charts/troupe --out deploy --helm PATH --kube-version 1.36.3
