@@ -87,6 +87,11 @@ test: lint verify ## Lint, check generated files, then every test against a real
 test-unit: setup ## The fast lane: the tests that need no cluster and no NATS.
 	$(BIN)/pytest $(PYTEST_ARGS) tests/unit tools/devcluster/tests --ignore=tools/devcluster/tests/test_process_node.py --ignore=tools/devcluster/tests/test_process_node_logs.py
 
+BENCH ?= operator_failover
+.PHONY: bench
+bench: setup ## Run one benchmark, bench/$(BENCH).py (default operator_failover), with ARGS.
+	$(BIN)/python bench/$(BENCH).py $(ARGS)
+
 .PHONY: cluster-up
 cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS.
 	$(BIN)/python -m troupe_devcluster up

@@ -153,9 +153,12 @@ async def run_leading(config: settings.OperatorSettings, stop: asyncio.Event) ->
     await kopf.run_tasks(tasks, ignored=existing)
 
 
-async def serve_probes(config: settings.OperatorSettings, elector: LeaderElector) -> web.AppRunner:
+async def serve_probes(
+    config: settings.OperatorSettings, elector: LeaderElector, preloaded: asyncio.Future[None]
+) -> web.AppRunner:
     """/healthz answers while the event loop does, leading or not (liveness); /readyz while
-    this replica leads or can reach the API server to take over (readiness)."""
+    this replica leads, or could take over at once: it has loaded what the handlers need and
+    reaches the API server (readiness)."""
 
     def state() -> dict[str, object]:
         role = "leader" if elector.leading else "standby"
@@ -165,7 +168,7 @@ async def serve_probes(config: settings.OperatorSettings, elector: LeaderElector
         return web.json_response(state())
 
     async def readyz(_: web.Request) -> web.Response:
-        ready = elector.leading or elector.in_contact()
+        ready = elector.leading or (preloaded.done() and elector.in_contact())
         return web.json_response(state(), status=200 if ready else 503)
 
     app = web.Application()
@@ -204,11 +207,11 @@ async def run_elected(config: settings.OperatorSettings, elector: LeaderElector)
         loop.add_signal_handler(signum, stop.set)
     metrics.serve(config.metrics_port, config.bind_address)
     metrics.LEADER.set(0)
-    probes = await serve_probes(config, elector)
+    preloading = loop.run_in_executor(None, preload_api_classes)
+    probes = await serve_probes(config, elector, preloading)
     lease = f"{config.lease_namespace}/{config.lease_name}"
     try:
         logger.info("standing by for the lease %s as %s", lease, elector.identity)
-        preloading = loop.run_in_executor(None, preload_api_classes)
         if not await _until_stopped(elector.acquire(), stop):
             logger.info("stopped while standing by")
             return
