@@ -4,6 +4,7 @@ killed operator converges after a restart."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -86,7 +87,7 @@ def test_applied_agent_gets_its_objects_and_jetstream_resources_and_turns_ready(
         config_map = core_v1(api_client).read_namespaced_config_map(
             naming.agent_config_map("writer"), namespace
         )
-        assert '"agent": "writer"' in config_map.data["config.json"]
+        assert json.loads(config_map.data["config.json"])["agent"] == "writer"
         assert {
             _inbox(namespace, "writer"),
             f"TROUPE_DLQ_{namespace}_writer",
