@@ -5,7 +5,6 @@ must get a status and be deletable, each within a deadline."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import string
 from collections.abc import Iterator
@@ -34,14 +33,23 @@ MAP_KEYS = st.sampled_from(
 )
 """Keys of free-form maps: the CRD's CEL rules judge them, so offer ones it may accept."""
 FREE_FORM = st.sampled_from([{}, {"type": "object"}, {"type": "string", "maxLength": 8}])
-_names = itertools.count()
+
+
+def _properties(kind: str) -> dict[str, Any]:
+    crd = yaml.safe_load((CRDS / f"{kind}s.{GROUP}.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    properties: dict[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]
+    return properties
 
 
 def _schema(kind: str) -> dict[str, Any]:
-    crd = yaml.safe_load((CRDS / f"{kind}s.{GROUP}.yaml").read_text())
-    (version,) = crd["spec"]["versions"]
-    spec: dict[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec: dict[str, Any] = _properties(kind)["spec"]
     return spec
+
+
+def _metadata(kind: str) -> dict[str, Any]:
+    metadata: dict[str, Any] = _properties(kind)["metadata"]
+    return metadata
 
 
 def values(node: dict[str, Any]) -> st.SearchStrategy[Any]:
@@ -88,6 +96,12 @@ def _strings(node: dict[str, Any]) -> st.SearchStrategy[str]:
     return st.text(alphabet, min_size=node.get("minLength", 0), max_size=min(longest, 24))
 
 
+NAMES = st.one_of(
+    values(_metadata("agent")["properties"]["name"]),
+    st.from_regex(r"^[a-z][a-z0-9]{56,62}$", fullmatch=True),
+)
+"""Names as the CRD allows them, up to 63 characters: they become object names, labels and
+subject tokens."""
 AGENT_SPECS = values(_schema("agent"))
 WORKFLOW_SPECS = values(_schema("workflow"))
 
@@ -108,9 +122,14 @@ def _objects(api_client: Any) -> Any:
 
 
 def _applied_answered_and_deleted(
-    api_client: Any, namespace: str, kind: str, spec: dict[str, Any], operator: OperatorProcess
+    api_client: Any,
+    namespace: str,
+    kind: str,
+    name: str,
+    spec: dict[str, Any],
+    operator: OperatorProcess,
 ) -> None:
-    plural, name = f"{kind.lower()}s", f"p{next(_names)}-{kind.lower()}"
+    plural = f"{kind.lower()}s"
     manifest = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": kind,
@@ -167,16 +186,16 @@ PROPERTY_SETTINGS = settings(
 
 
 @PROPERTY_SETTINGS
-@given(spec=AGENT_SPECS)
+@given(name=NAMES, spec=AGENT_SPECS)
 def test_every_stored_agent_gets_a_status_and_can_be_deleted(
-    api_client: Any, namespace: str, operator: OperatorProcess, spec: dict[str, Any]
+    api_client: Any, namespace: str, operator: OperatorProcess, name: str, spec: dict[str, Any]
 ) -> None:
-    _applied_answered_and_deleted(api_client, namespace, "Agent", spec, operator)
+    _applied_answered_and_deleted(api_client, namespace, "Agent", name, spec, operator)
 
 
 @PROPERTY_SETTINGS
-@given(spec=WORKFLOW_SPECS)
+@given(name=NAMES, spec=WORKFLOW_SPECS)
 def test_every_stored_workflow_gets_a_status_and_can_be_deleted(
-    api_client: Any, namespace: str, operator: OperatorProcess, spec: dict[str, Any]
+    api_client: Any, namespace: str, operator: OperatorProcess, name: str, spec: dict[str, Any]
 ) -> None:
-    _applied_answered_and_deleted(api_client, namespace, "Workflow", spec, operator)
+    _applied_answered_and_deleted(api_client, namespace, "Workflow", name, spec, operator)
