@@ -6,8 +6,8 @@ Two operator processes run with election on, in a namespace of their own, on a c
 started here (or the one given by --kubeconfig and --nats-url). Each round waits until the
 standby is ready (/readyz: it has loaded what the handlers need and reaches the API
 server), stops the holder, creates an Agent (placed on kwok nodes: Ready at once, nothing
-runs), and times the Lease's new holder and the Agent's Ready condition; then it restarts
-the stopped replica as the next standby.
+runs), and times the Lease's new holder, the Agent's first status (the new holder's pass)
+and its Ready condition; then it restarts the stopped replica as the next standby.
 
     .venv/bin/python bench/operator_failover.py --kills 5 --terms 3
 """
@@ -34,6 +34,7 @@ from kubernetes import client, config
 
 from troupe_devcluster import launcher
 from troupe_devcluster.__main__ import build_binaries
+from troupe_devcluster.components import venv_bin
 from troupe_devcluster.layout import free_port
 from troupe_operator.builders.lease import ElectionTimings
 
@@ -147,11 +148,19 @@ class Cluster:
             "troupe.dev", "v1alpha1", self.namespace, "agents", body
         )
 
-    def ready(self, name: str) -> bool:
-        body = self.custom.get_namespaced_custom_object(
+    def _agent(self, name: str) -> Any:
+        return self.custom.get_namespaced_custom_object(
             "troupe.dev", "v1alpha1", self.namespace, "agents", name
         )
-        conditions = (body.get("status") or {}).get("conditions", [])
+
+    def reconciled(self, name: str) -> bool:
+        """A pass has written the Agent's status for its current generation."""
+        body = self._agent(name)
+        observed = (body.get("status") or {}).get("observedGeneration")
+        return bool(observed == body["metadata"]["generation"])
+
+    def ready(self, name: str) -> bool:
+        conditions = (self._agent(name).get("status") or {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
@@ -168,9 +177,8 @@ def cluster(kubeconfig: Path | None, nats_url: str | None) -> Iterator[tuple[Pat
 
 
 def kubectl(kubeconfig: Path, *args: str) -> str:
-    kubectl_path = build_binaries() / "kubectl"
     result = subprocess.run(
-        [str(kubectl_path), f"--kubeconfig={kubeconfig}", *args],
+        [str(venv_bin() / "kubectl"), f"--kubeconfig={kubeconfig}", *args],
         capture_output=True,
         text=True,
         check=True,
@@ -180,9 +188,9 @@ def kubectl(kubeconfig: Path, *args: str) -> str:
 
 def one_round(
     kube: Cluster, replicas: dict[str, Replica], signum: signal.Signals, agent: str
-) -> tuple[float, float]:
-    """Stop the holder with ``signum``; the seconds until the standby holds the Lease, and
-    until the Agent created right after the stop is Ready."""
+) -> tuple[float, float, float]:
+    """Stop the holder with ``signum``; the seconds until the standby holds the Lease, until
+    it has reconciled the Agent created right after the stop, and until that is Ready."""
     poll(lambda: kube.holder() in replicas, "holder")
     holder = kube.holder()
     (standby,) = set(replicas) - {holder}
@@ -193,17 +201,19 @@ def one_round(
     kube.create_agent(agent)
     poll(lambda: kube.holder() == standby, f"{standby} holding the Lease")
     held = time.monotonic() - stopped_at
-    poll(lambda: kube.ready(agent), f"Agent {agent} Ready")
+    poll(lambda: kube.reconciled(agent), f"Agent {agent} reconciled")
     reconciled = time.monotonic() - stopped_at
+    poll(lambda: kube.ready(agent), f"Agent {agent} Ready")
+    ready = time.monotonic() - stopped_at
     replicas[holder].reap()
     replicas[holder].start()
-    return held, reconciled
+    return held, reconciled, ready
 
 
 def summary(label: str, figures: list[float], bound: float) -> str:
     low, median, high = min(figures), statistics.median(figures), max(figures)
     return (
-        f"{label:<28} min {low:6.2f}s  median {median:6.2f}s  max {high:6.2f}s"
+        f"{label:<32} min {low:6.2f}s  median {median:6.2f}s  max {high:6.2f}s"
         f"   median/lease {median / bound:5.2f}  max/lease {high / bound:5.2f}"
     )
 
@@ -223,8 +233,8 @@ def main() -> int:
     args = parser.parse_args()
     timings = ElectionTimings(args.lease_duration, args.renew_deadline, args.retry_period)
     namespace = f"bench-failover-{uuid.uuid4().hex[:6]}"
-    kills: list[tuple[float, float]] = []
-    terms: list[tuple[float, float]] = []
+    kills: list[tuple[float, float, float]] = []
+    terms: list[tuple[float, float, float]] = []
     with cluster(args.kubeconfig, args.nats_url) as (kubeconfig, nats_url):
         kubectl(kubeconfig, "apply", "-f", str(REPO / "crds"))
         kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/agents.troupe.dev")
@@ -239,10 +249,18 @@ def main() -> int:
                 replica.start()
             for i in range(args.kills):
                 kills.append(one_round(kube, replicas, signal.SIGKILL, f"kill-{i}"))
-                print(f"SIGKILL {i}: lease {kills[-1][0]:.2f}s, Ready {kills[-1][1]:.2f}s")
+                print(
+                    "SIGKILL {}: lease {:.2f}s, reconciled {:.2f}s, Ready {:.2f}s".format(
+                        i, *kills[-1]
+                    )
+                )
             for i in range(args.terms):
                 terms.append(one_round(kube, replicas, signal.SIGTERM, f"term-{i}"))
-                print(f"SIGTERM {i}: lease {terms[-1][0]:.2f}s, Ready {terms[-1][1]:.2f}s")
+                print(
+                    "SIGTERM {}: lease {:.2f}s, reconciled {:.2f}s, Ready {:.2f}s".format(
+                        i, *terms[-1]
+                    )
+                )
             kubectl(kubeconfig, "delete", "agents", "--all", "-n", namespace, "--timeout=120s")
         finally:
             for replica in replicas.values():
@@ -255,12 +273,10 @@ def main() -> int:
         f"lease duration {timings.lease_duration}s (the bound), renew deadline"
         f" {timings.renew_deadline}s, retry period {timings.retry_period}s"
     )
-    if kills:
-        print(summary(f"SIGKILL ({len(kills)}): Lease held", [k[0] for k in kills], bound))
-        print(summary(f"SIGKILL ({len(kills)}): Agent Ready", [k[1] for k in kills], bound))
-    if terms:
-        print(summary(f"SIGTERM ({len(terms)}): Lease held", [t[0] for t in terms], bound))
-        print(summary(f"SIGTERM ({len(terms)}): Agent Ready", [t[1] for t in terms], bound))
+    for label, rounds in ((f"SIGKILL ({len(kills)})", kills), (f"SIGTERM ({len(terms)})", terms)):
+        for column, what in enumerate(("Lease held", "Agent reconciled", "Agent Ready")):
+            if rounds:
+                print(summary(f"{label}: {what}", [r[column] for r in rounds], bound))
     print(json.dumps({"kills": kills, "terms": terms, "timings": timings.__dict__}))
     return 0
 
