@@ -4,6 +4,7 @@ a written status and an Event, against an in-memory API."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from datetime import datetime
@@ -17,7 +18,7 @@ from troupe_operator.builders.status import WorkloadObservation
 from troupe_operator.clients.kube import Cause, Kube, Rejected
 from troupe_operator.clients.nats import NatsPool
 from troupe_operator.handlers import redact_logs
-from troupe_operator.reconcilers.common import Kind, Operator, Plan, Seen, run_pass
+from troupe_operator.reconcilers.common import Kind, Operator, Plan, Seen, refresh, run_pass
 from troupe_operator.settings import OperatorSettings
 
 UID = "uid-1"
@@ -258,3 +259,26 @@ def test_log_records_are_redacted(caplog: Any) -> None:
         logging.getLogger("troupe.test").info("NATS at %s failed", "nats://u:pw@h:4222")
 
     assert caplog.records[-1].getMessage() == "NATS at nats://***@h:4222 failed"
+
+
+async def test_a_refresh_during_a_pass_waits_for_it_instead_of_being_lost() -> None:
+    """A Deployment event while a first pass runs must see that pass's status, not none."""
+    kube = FakeKube(_body({"role": "writes"}))
+    reads: list[str] = []
+    read_custom = kube.read_custom
+
+    async def counted(plural: str, namespace: str, name: str) -> dict[str, Any]:
+        reads.append(name)
+        return await read_custom(plural, namespace, name)
+
+    kube.read_custom = counted  # type: ignore[method-assign]
+    operator = _operator(kube)
+    kind = ScriptedKind(Plan(_agent_status))
+    async with operator.lock(kind.name, "team", "writer"):
+        waiting = asyncio.create_task(refresh(operator, kind, "team", "writer"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert reads == []
+        assert not waiting.done()
+    await asyncio.wait_for(waiting, timeout=5)
+    assert reads == ["writer"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 from pathlib import Path
 
 from cryptography import x509
@@ -153,3 +154,13 @@ def test_shutdown_order_stops_every_component_the_launcher_starts(tmp_path: Path
     }
     ordered = [name for group in launcher.SHUTDOWN_ORDER for name in group]
     assert sorted(ordered) == sorted(started)
+
+
+def test_a_state_file_from_before_the_kubelet_port_still_loads(tmp_path: Path) -> None:
+    """`down` must still stop a cluster started by an older checkout."""
+    layout = Layout(root=tmp_path, ports=Ports.allocate(), pids={"etcd": 42})
+    data = json.loads(layout.to_json())
+    del data["ports"]["kubelet"]
+    loaded = Layout.from_json(json.dumps(data))
+    assert loaded.pids == {"etcd": 42}
+    assert loaded.ports.kubelet == 0

@@ -711,7 +711,11 @@ def _workload_reports(previous: ObjectStatus) -> bool:
 
 
 async def refresh(operator: Operator, kind: Kind[Any, StatusT], namespace: str, name: str) -> None:
-    """Update only what the object's Deployment reports (readiness), keeping the rest."""
+    """Update only what the object's Deployment reports (readiness), keeping the rest.
+
+    Serialised with the object's passes: a Deployment event that arrives while a first pass
+    runs would otherwise find no status to refresh and be lost until the next resync.
+    """
 
     async def compute(body: dict[str, Any]) -> StatusT | None:
         previous = kind.status(body.get("status") or {})
@@ -720,5 +724,6 @@ async def refresh(operator: Operator, kind: Kind[Any, StatusT], namespace: str, 
         workload = await observe_workload(operator.kube, namespace, kind.workload(name))
         return kind.refreshed(previous, workload, datetime.now(UTC))
 
-    written = await write_status(operator.kube, kind.plural, namespace, name, compute)
+    async with operator.lock(kind.name, namespace, name):
+        written = await write_status(operator.kube, kind.plural, namespace, name, compute)
     await announce(operator.kube, kind.name, written)

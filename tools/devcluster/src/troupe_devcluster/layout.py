@@ -93,4 +93,7 @@ class Layout:
     @classmethod
     def from_json(cls, text: str) -> Layout:
         data = json.loads(text)
-        return cls(root=Path(data["root"]), ports=Ports(**data["ports"]), pids=data["pids"])
+        # A cluster started before the kubelet endpoint existed has none: 0 says so, and
+        # `down` still finds its processes.
+        ports = Ports(**{"kubelet": 0, **data["ports"]})
+        return cls(root=Path(data["root"]), ports=ports, pids=data["pids"])
