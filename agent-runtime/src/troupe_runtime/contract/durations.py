@@ -96,12 +96,21 @@ POSITIVE_MESSAGE = f"must be a duration greater than 0 and at most {MAX_DURATION
 NON_NEGATIVE_MESSAGE = f"must be a duration of at most {MAX_DURATION_TEXT}"
 
 
+def cel_matches(field: str) -> str:
+    """A CEL test that ``field`` is duration text; guard ``duration(field)`` with it."""
+    return f"{field}.matches(r'{DURATION_PATTERN}')"
+
+
 def _schema(positive: bool) -> dict[str, Any]:
-    # duration() fails on what Go cannot represent; the rule's message then says why.
+    # duration() fails on what Go cannot represent; the rule's message then says why. Text
+    # the pattern refuses is left to the pattern: converting it would be an evaluation error,
+    # which the API server never ratchets, so an object stored under an older, looser CRD
+    # could not even lose its finalizer.
+    guard = f"!{cel_matches('self')} || "
     rule = (
-        {"rule": "duration(self) > duration('0s')", "message": POSITIVE_MESSAGE}
+        {"rule": guard + "duration(self) > duration('0s')", "message": POSITIVE_MESSAGE}
         if positive
-        else {"rule": "duration(self) >= duration('0s')", "message": NON_NEGATIVE_MESSAGE}
+        else {"rule": guard + "duration(self) >= duration('0s')", "message": NON_NEGATIVE_MESSAGE}
     )
     return {
         "type": "string",

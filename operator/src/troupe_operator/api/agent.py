@@ -23,7 +23,7 @@ from troupe_operator.api.common import (
     unique_rule,
 )
 from troupe_runtime.contract import grammar, naming, version
-from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.durations import Duration, cel_matches
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
     PROGRESS_SHARE,
@@ -618,6 +618,7 @@ def _timeout_rule() -> dict[str, str]:
     share = PROGRESS_SHARE
     return rule(
         "!has(self.timeout) || !has(self.messaging) || !has(self.messaging.ackWait)"
+        f" || !{cel_matches('self.timeout')} || !{cel_matches('self.messaging.ackWait')}"
         f" || (duration(self.timeout).getMilliseconds() + {allowance}) * {share.denominator}"
         " <= duration(self.messaging.ackWait).getMilliseconds()"
         f" * {share.denominator - share.numerator}",
