@@ -45,7 +45,7 @@ from troupe_operator.reconcilers.common import (
     run_pass,
 )
 from troupe_operator.reconcilers.resync import resync_forever
-from troupe_operator.reconcilers.workflow import WORKFLOW
+from troupe_operator.reconcilers.workflow import WORKFLOW, wake_waiting
 from troupe_operator.settings import OperatorSettings
 from troupe_runtime.contract.redact import redact
 
@@ -54,6 +54,7 @@ MAX_RETRY_DELAY_SECONDS = 60.0
 KUBE_THREADS = 32
 KINDS: dict[str, Kind[Any, Any]] = {kind.plural: kind for kind in (AGENT, WORKFLOW)}
 CLEANUP_ABANDONED = "CleanupAbandoned"
+logger = logging.getLogger(__name__)
 
 
 def retry_delay(retry: int) -> float:
@@ -133,9 +134,21 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def changed(
     body: kopf.Body, retry: int, resource: kopf.Resource, memo: kopf.Memo, **_: Any
 ) -> None:
-    blocked_by = await run_pass(operator_of(memo), KINDS[resource.plural], dict(body))
+    operator = operator_of(memo)
+    blocked_by = await run_pass(operator, KINDS[resource.plural], dict(body))
+    if resource.plural == AGENT.plural:
+        await _wake_workflows(operator, str(body.metadata.namespace), str(body.metadata.name))
     if blocked_by is not None:
         raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+
+async def _wake_workflows(operator: Operator, namespace: str, agent: str) -> None:
+    """Workflows waiting for this Agent get their pass now; their failure is theirs, not
+    the Agent's, so it is logged and the resync retries it."""
+    try:
+        await wake_waiting(operator, namespace, agent)
+    except Exception:
+        logger.exception("passes of the Workflows waiting for Agent %s/%s failed", namespace, agent)
 
 
 def _deletes_nats_resources(spec: kopf.Spec, **_: Any) -> bool:

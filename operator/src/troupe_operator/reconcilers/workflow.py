@@ -32,6 +32,7 @@ from troupe_operator.reconcilers.common import (
     controlled_by,
     raw_connection,
     required_target,
+    run_pass,
 )
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.policies import Messaging
@@ -188,3 +189,38 @@ def _agent_spec(agent: Mapping[str, Any]) -> AgentSpec | None:
         return AGENT.spec(agent.get("spec") or {})
     except ValidationError:
         return None
+
+
+def waits_for(workflow: Mapping[str, Any], agent: str) -> bool:
+    """Whether ``workflow`` (a raw body) last found ``agent`` missing and a step names it.
+
+    Read raw and tolerantly: any Workflow, even one whose spec the models refuse, may ask.
+    """
+    conditions = _field(_field(workflow, "status"), "conditions")
+    steps = _field(_field(workflow, "spec"), "steps")
+    missing = isinstance(conditions, list) and any(
+        isinstance(c, Mapping)
+        and c.get("type") == status.AGENTS_FOUND
+        and c.get("status") != "True"
+        for c in conditions
+    )
+    named = isinstance(steps, list) and any(
+        isinstance(s, Mapping) and s.get("agentRef") == agent for s in steps
+    )
+    return missing and named
+
+
+def _field(holder: Any, key: str) -> Any:
+    return holder.get(key) if isinstance(holder, Mapping) else None
+
+
+async def wake_waiting(operator: Operator, namespace: str, agent: str) -> list[str]:
+    """Run a pass over every Workflow of ``namespace`` that waits for ``agent``, so one
+    applied before its Agents turns Ready as they appear, not at the next resync (Flux and
+    Argo CD read the Stalled it showed meanwhile as a failure). Returns their names."""
+    woken = []
+    for body in await operator.kube.list_custom(WORKFLOW.plural, namespace):
+        if waits_for(body, agent) and "deletionTimestamp" not in body["metadata"]:
+            await run_pass(operator, WORKFLOW, body)
+            woken.append(body["metadata"]["name"])
+    return woken
