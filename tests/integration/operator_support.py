@@ -307,3 +307,16 @@ def stream_config(nats_url: str, stream: str) -> Any:
             return None
 
     return jetstream(nats_url, read)
+
+
+@contextmanager
+def explained(
+    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
+) -> Iterator[None]:
+    """On failure, print the pods' and the operator's logs (pytest shows them)."""
+    try:
+        yield
+    except BaseException:
+        print(pod_logs(cluster, namespace))
+        print(f"--- operator\n{operator.log_tail(80)}")
+        raise

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -22,10 +20,9 @@ from nats.js.errors import NotFoundError
 from tests.integration.operator_support import (
     OperatorProcess,
     agent,
+    explained,
     jetstream,
-    pod_logs,
     running_agent,
-    running_operator,
     wait_ready,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
@@ -37,27 +34,6 @@ from troupe_runtime.contract.envelope import CloudEvent
 DEADLINE = 60.0
 ENV_STRING_LIMIT = 128 * 1024
 """Linux's MAX_ARG_STRLEN: the longest one ``NAME=value`` string may be."""
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
-
-
-@contextmanager
-def explained(
-    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
-) -> Iterator[None]:
-    """On failure, print the pods' and the operator's logs (pytest shows them)."""
-    try:
-        yield
-    except BaseException:
-        print(pod_logs(cluster, namespace))
-        print(f"--- operator\n{operator.log_tail(80)}")
-        raise
 
 
 def big_schema(size: int) -> dict[str, Any]:

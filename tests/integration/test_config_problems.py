@@ -8,7 +8,6 @@ field, instead of a pod crashing (or never starting) with the reason in its log.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,21 +19,12 @@ from tests.integration.operator_support import (
     condition,
     get,
     running_agent,
-    running_operator,
     wait_ready,
     workflow,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 
 DEADLINE = 45.0
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
 
 
 def _stalled(

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +16,8 @@ from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.integration.operator_support import CRDS, OperatorProcess, running_operator
-from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
+from tests.integration.operator_support import CRDS, OperatorProcess
+from troupe_devcluster.fixtures import wait_for
 from troupe_operator.api.common import GROUP, VERSION
 
 STATUS_DEADLINE = 30.0
@@ -107,14 +105,8 @@ WORKFLOW_SPECS = values(_schema("workflow"))
 
 
 @pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TROUPE_FINALIZER_TIMEOUT", FINALIZER_TIMEOUT)
-        log: Path = tmp_path_factory.mktemp("operator") / "operator.log"
-        with running_operator(cluster, log) as process:
-            yield process
+def operator_env() -> dict[str, str]:
+    return {"TROUPE_FINALIZER_TIMEOUT": FINALIZER_TIMEOUT}
 
 
 def _objects(api_client: Any) -> Any:

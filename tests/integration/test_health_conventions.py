@@ -6,7 +6,6 @@ argocd-cm snippet patches in as documented."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,20 +17,11 @@ from tests.integration.operator_support import (
     apply,
     condition,
     get,
-    running_operator,
     workflow,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 
 DEADLINE = 45.0
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
 
 
 def _verdicts(body: dict[str, Any]) -> tuple[str, str]:

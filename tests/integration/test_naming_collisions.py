@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 
 import nats
-import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError
 
@@ -20,7 +18,6 @@ from tests.integration.operator_support import (
     apply,
     get,
     jetstream,
-    running_operator,
     stream_config,
     stream_names,
     wait_ready,
@@ -31,14 +28,6 @@ from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 
 DEADLINE = 45.0
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
 
 
 def _stored_by(nats_url: str, subject: str) -> str:

@@ -22,7 +22,6 @@ from tests.integration.operator_support import (
     condition,
     get,
     jetstream,
-    running_operator,
     wait_ready,
     workflow,
 )
@@ -32,14 +31,6 @@ from troupe_runtime.contract import naming
 
 DEADLINE = 45.0
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "research-team" / "workflow.yaml"
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
 
 
 @pytest.fixture

@@ -5,30 +5,18 @@ the engine stays the Workflow's."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from tests.integration.operator_support import (
     OperatorProcess,
     agent,
     apply,
-    running_operator,
     wait_ready,
     workflow,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints
 from troupe_devcluster.kube import apps_v1
 from troupe_runtime.contract import naming
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
 
 
 def test_an_agent_named_like_an_engine_is_refused_and_the_engine_stays_the_workflows(

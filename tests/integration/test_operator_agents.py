@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from nats.js import JetStreamContext
 
 from tests.integration.operator_support import (
@@ -20,7 +18,6 @@ from tests.integration.operator_support import (
     consumer_config,
     get,
     jetstream,
-    running_operator,
     stream_config,
     stream_names,
     wait_ready,
@@ -32,14 +29,6 @@ from troupe_runtime.contract import naming
 
 DEADLINE = 45.0
 CONFIG_HASH = "troupe.dev/config-hash"
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
 
 
 def _inbox(namespace: str, name: str) -> str:

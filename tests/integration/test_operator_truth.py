@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from tests.integration.operator_support import (
     condition,
     get,
     running_agent,
-    running_operator,
     stream_names,
     workflow,
 )
@@ -34,13 +32,8 @@ UNREACHABLE = "nats://127.0.0.1:1"
 
 
 @pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    env = {"TROUPE_FINALIZER_TIMEOUT": str(FINALIZER_TIMEOUT)}
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    with running_operator(cluster, log, env) as op:
-        yield op
+def operator_env() -> dict[str, str]:
+    return {"TROUPE_FINALIZER_TIMEOUT": str(FINALIZER_TIMEOUT)}
 
 
 def _condition_with(

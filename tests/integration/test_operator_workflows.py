@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -20,11 +17,10 @@ from tests.integration.operator_support import (
     OperatorProcess,
     apply,
     condition,
+    explained,
     get,
     jetstream,
-    pod_logs,
     running_agent,
-    running_operator,
     stream_names,
     wait_ready,
     workflow,
@@ -40,27 +36,6 @@ LINEAR_STEPS: list[dict[str, Any]] = [
     {"name": "second", "agentRef": "b", "dependsOn": ["first"]},
     {"name": "third", "agentRef": "c", "dependsOn": ["second"]},
 ]
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    with running_operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log") as op:
-        yield op
-
-
-@contextmanager
-def explained(
-    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
-) -> Iterator[None]:
-    """On failure, print the pods' and the operator's logs (pytest shows them)."""
-    try:
-        yield
-    except BaseException:
-        print(pod_logs(cluster, namespace))
-        print(f"--- operator\n{operator.log_tail(80)}")
-        raise
 
 
 def _deployment_exists(api_client: Any, namespace: str, name: str) -> bool:

@@ -4,8 +4,6 @@ here is an hour away, so only the Agent's pass waking its Workflows can explain 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from tests.integration.operator_support import (
@@ -14,7 +12,6 @@ from tests.integration.operator_support import (
     apply,
     condition,
     get,
-    running_operator,
     workflow,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
@@ -23,12 +20,8 @@ DEADLINE = 45.0
 
 
 @pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    with running_operator(cluster, log, env={"TROUPE_RESYNC_SECONDS": "3600"}) as process:
-        yield process
+def operator_env() -> dict[str, str]:
+    return {"TROUPE_RESYNC_SECONDS": "3600"}
 
 
 def _agents_found(cluster: ClusterEndpoints, namespace: str, name: str) -> str | None:
