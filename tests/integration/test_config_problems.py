@@ -45,6 +45,13 @@ def _stalled(
     return ready
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 @pytest.mark.parametrize(
     ("schema", "pointer"),
     [
@@ -54,6 +61,8 @@ def _stalled(
         ),
         ({"properties": {"x": {"$ref": "#/$defs/missing"}}}, "/properties/x/$ref"),
         ({"properties": {"n": {"type": "integr"}}}, "/properties/n/type"),
+        # Deeper than pydantic can serialise: the plan must report it, not fail building.
+        (_nested(300), "/properties/a/properties/a"),
     ],
 )
 def test_a_schema_the_runtime_cannot_run_stalls_naming_the_field_and_the_place(

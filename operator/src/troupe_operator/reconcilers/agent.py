@@ -22,6 +22,7 @@ from troupe_operator.builders import jetstream as jetstream_builders
 from troupe_operator.builders import status, validation, workload
 from troupe_operator.builders.jetstream import orphaned_streams
 from troupe_operator.builders.pods import Owner
+from troupe_operator.builders.problems import Problem
 from troupe_operator.builders.status import WorkloadObservation
 from troupe_operator.clients.nats import Counts, NatsPool, NatsTarget
 from troupe_operator.reconcilers.common import (
@@ -51,6 +52,11 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
     async def plan(
         self, operator: Operator, owner: Owner, spec: AgentSpec, generation: int
     ) -> Plan[AgentStatus, Counts]:
+        problems = validation.agent_problems(spec)
+        if problems:
+            # Nothing is built from a spec with problems: it is only reported (and building
+            # may itself fail, e.g. on a schema nested too deep to serialise).
+            return self._refused(owner, spec, generation, problems)
         config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
         resources = jetstream_builders.with_shared_buckets(
             build_agent_resources(config, spec.runtime.replicas),
@@ -96,7 +102,28 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             secrets=workload.referenced_secrets(spec),
             jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
             workload=self.workload(owner.name),
-            problems=validation.agent_problems(spec),
+            config_maps=workload.referenced_config_maps(spec),
+        )
+
+    def _refused(
+        self, owner: Owner, spec: AgentSpec, generation: int, problems: list[Problem]
+    ) -> Plan[AgentStatus, Counts]:
+        """A plan that writes nothing and reports ``problems``, Secrets and the workload."""
+
+        def next_status(seen: Seen[AgentStatus, Counts]) -> AgentStatus:
+            return status.agent_status(
+                seen.previous,
+                generation,
+                seen.now,
+                seen.workload,
+                missing_secrets=seen.missing_secrets,
+            ).model_copy(update={"subjects": seen.previous.subjects})
+
+        return Plan(
+            next_status,
+            secrets=workload.referenced_secrets(spec),
+            workload=self.workload(owner.name),
+            problems=problems,
             config_maps=workload.referenced_config_maps(spec),
         )
 
