@@ -25,15 +25,13 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
 
-from troupe_devcluster import launcher
-from troupe_devcluster.__main__ import build_binaries
+from troupe_devcluster.__main__ import cluster
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.layout import free_port
 from troupe_operator.builders.lease import ElectionTimings
@@ -162,18 +160,6 @@ class Cluster:
     def ready(self, name: str) -> bool:
         conditions = (self._agent(name).get("status") or {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-
-@contextmanager
-def cluster(kubeconfig: Path | None, nats_url: str | None) -> Iterator[tuple[Path, str]]:
-    if kubeconfig and nats_url:
-        yield kubeconfig, nats_url
-        return
-    layout = launcher.up(build_binaries())
-    try:
-        yield layout.kubeconfig, layout.nats_url
-    finally:
-        launcher.down(layout)
 
 
 def kubectl(kubeconfig: Path, *args: str) -> str:

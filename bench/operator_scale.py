@@ -24,8 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from troupe_devcluster import launcher
-from troupe_devcluster.__main__ import build_binaries
+from troupe_devcluster.__main__ import cluster
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.layout import free_port
 from troupe_operator.api import AgentSpec
@@ -120,18 +119,6 @@ def healthy(url: str) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
-
-
-@contextmanager
-def cluster(kubeconfig: Path | None, nats_url: str | None) -> Iterator[tuple[Path, str]]:
-    if kubeconfig and nats_url:
-        yield kubeconfig, nats_url
-        return
-    layout = launcher.up(build_binaries())
-    try:
-        yield layout.kubeconfig, layout.nats_url
-    finally:
-        launcher.down(layout)
 
 
 @contextmanager

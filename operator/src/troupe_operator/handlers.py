@@ -132,11 +132,18 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 async def changed(
-    body: kopf.Body, retry: int, resource: kopf.Resource, memo: kopf.Memo, **_: Any
+    body: kopf.Body,
+    retry: int,
+    resource: kopf.Resource,
+    reason: str,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     operator = operator_of(memo)
     blocked_by = await run_pass(operator, KINDS[resource.plural], dict(body))
-    if resource.plural == AGENT.plural:
+    # Only a new Agent can end a Workflow's AgentNotFound; waking on every resume would
+    # list the namespace's Workflows once per Agent at each operator start.
+    if resource.plural == AGENT.plural and reason == kopf.Reason.CREATE:
         await _wake_workflows(operator, str(body.metadata.namespace), str(body.metadata.name))
     if blocked_by is not None:
         raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))

@@ -261,19 +261,30 @@ class NatsPool:
         except (nats.errors.Error, OSError, TimeoutError) as error:
             raise MessagingUnavailable(str(error) or type(error).__name__) from error
 
+    async def _provision(
+        self,
+        target: NatsTarget,
+        ensure: Callable[[JetStreamContext], Awaitable[ProvisionReport]],
+        fields: SpecFields,
+    ) -> ProvisionReport:
+        """Run ``ensure``; a config JetStream refuses becomes ``SpecRejected`` naming its field."""
+
+        async def provision(js: JetStreamContext) -> ProvisionReport:
+            try:
+                return await ensure(js)
+            except ResourceRefused as refused:
+                raise await _rejection(js, refused, fields) from refused
+
+        return await self._call(target, provision)
+
     async def provision(
         self, target: NatsTarget, resources: AgentResources, fields: SpecFields
     ) -> ProvisionReport:
         """Create or update the agent's streams, consumers and buckets to match ``resources``;
         a refused config raises ``SpecRejected`` naming its field among ``fields``."""
-
-        async def provision(js: JetStreamContext) -> ProvisionReport:
-            try:
-                return await ensure_agent_resources(js, resources)
-            except ResourceRefused as refused:
-                raise await _rejection(js, refused, fields) from refused
-
-        return await self._call(target, provision)
+        return await self._provision(
+            target, lambda js: ensure_agent_resources(js, resources), fields
+        )
 
     async def counts(self, target: NatsTarget, resources: AgentResources) -> Counts:
         """The consumers' pending, ack-pending and redelivered sums, and the dead-letter depth."""
@@ -315,14 +326,9 @@ class NatsPool:
     ) -> ProvisionReport:
         """Create or update a workflow's stream, engine consumers, runs bucket, dead letters;
         a refused config raises ``SpecRejected`` naming its field among ``fields``."""
-
-        async def provision(js: JetStreamContext) -> ProvisionReport:
-            try:
-                return await ensure_workflow_resources(js, resources)
-            except ResourceRefused as refused:
-                raise await _rejection(js, refused, fields) from refused
-
-        return await self._call(target, provision)
+        return await self._provision(
+            target, lambda js: ensure_workflow_resources(js, resources), fields
+        )
 
     async def runs(self, target: NatsTarget, config: EngineConfig) -> RunTally:
         """The workflow's runs by state and its latest run, in a few requests whatever the

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from troupe_devcluster import launcher, processes
@@ -23,6 +25,19 @@ def build_binaries() -> Path:
     script = REPO / "tools" / "build-controlplane.sh"
     result = subprocess.run([str(script)], check=True, stdout=subprocess.PIPE, text=True)
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def cluster(kubeconfig: Path | None, nats_url: str | None) -> Iterator[tuple[Path, str]]:
+    """The cluster given (kubeconfig and NATS URL), else a fresh local one for the duration."""
+    if kubeconfig and nats_url:
+        yield kubeconfig, nats_url
+        return
+    layout = launcher.up(build_binaries())
+    try:
+        yield layout.kubeconfig, layout.nats_url
+    finally:
+        launcher.down(layout)
 
 
 def _load(state: Path) -> Layout | None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from troupe_devcluster import launcher
-from troupe_devcluster.__main__ import build_binaries
+from troupe_devcluster.__main__ import cluster as running_cluster
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.kube import core_v1, new_api_client
 
@@ -53,15 +53,9 @@ class ClusterEndpoints:
 def cluster() -> Iterator[ClusterEndpoints]:
     """A running control plane and nats-server for the whole session."""
     kubeconfig = os.environ.get("TROUPE_TEST_KUBECONFIG")
-    nats_url = os.environ.get("TROUPE_TEST_NATS_URL")
-    if kubeconfig and nats_url:
-        yield ClusterEndpoints(Path(kubeconfig), nats_url)
-        return
-    layout = launcher.up(build_binaries())
-    try:
-        yield ClusterEndpoints(layout.kubeconfig, layout.nats_url)
-    finally:
-        launcher.down(layout)
+    given = Path(kubeconfig) if kubeconfig else None
+    with running_cluster(given, os.environ.get("TROUPE_TEST_NATS_URL")) as (path, nats_url):
+        yield ClusterEndpoints(path, nats_url)
 
 
 @pytest.fixture(scope="session")
