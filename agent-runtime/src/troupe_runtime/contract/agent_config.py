@@ -13,6 +13,7 @@ from pydantic import Field
 
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.llm import LlmRuntime
 from troupe_runtime.contract.pod import DEFAULT_HEALTH_PORT
 from troupe_runtime.contract.policies import (
     Contract,
@@ -52,6 +53,8 @@ class RuntimeConfig(WireModel):
     state: list[StateBucket] = Field(default_factory=list)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     health_port: int = Field(default=DEFAULT_HEALTH_PORT, ge=1, le=65535)
+    llm: LlmRuntime | None = None
+    """The LLM agent (``spec.llm``), resolved; None for every other handler."""
 
     @property
     def inbox_stream(self) -> str:

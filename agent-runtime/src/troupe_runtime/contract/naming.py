@@ -19,6 +19,7 @@ Kubernetes objects cannot collide across kinds either: an Agent's ConfigMap ends
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 SUBJECT_ROOT = "troupe"
@@ -160,6 +161,46 @@ def event_log_stream(namespace: str) -> str:
 
 def event_log_subject(namespace: str, correlation_id: str) -> str:
     return _subject(namespace, LOGS, _token(correlation_id))
+
+
+# LLM agents.
+
+STREAMS = "streams"
+"""Core-NATS (not JetStream) subjects carrying an LLM agent's token deltas."""
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+def token_stream_subject(namespace: str, run_id: str, event_id: str) -> str:
+    """Where the deltas of the answer to event ``event_id`` of run ``run_id`` go (core NATS)."""
+    return _subject(namespace, STREAMS, _digest(run_id), _digest(event_id))
+
+
+def token_stream_wildcard(namespace: str, run_id: str) -> str:
+    """Every answer's deltas in run ``run_id``: what ``troupe run --stream`` subscribes to."""
+    return _subject(namespace, STREAMS, _digest(run_id), ">")
+
+
+def conversation_log_id(agent: str, event_id: str) -> str:
+    """The event-log correlation id of one message's model loop (its turns and tool calls)."""
+    return f"llm-{_token(agent)}-{_digest(event_id)}"
+
+
+def llm_object_store(namespace: str) -> str:
+    """The Object Store bucket holding tool results too large to keep in the log."""
+    return f"troupe_{_token(namespace)}_llm_blobs"
+
+
+def usage_bucket(namespace: str) -> str:
+    """The KV bucket where LLM agents count tokens and cost per agent, model and minute."""
+    return f"troupe_{_token(namespace)}_llm_usage"
+
+
+def provider_limit_key(provider: str, kind: str) -> str:
+    """The rate-limit bucket key of a provider's requests (``rpm``) or tokens (``tpm``)."""
+    return f"provider.{_token(provider)}.{kind}"
 
 
 # Workflows.
