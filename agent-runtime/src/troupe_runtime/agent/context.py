@@ -10,6 +10,11 @@ same ids and JetStream drops the duplicates.
 as Python values, ``text/*`` as ``str``, anything else as ``bytes``. A handler
 that returns ``str`` or ``bytes`` in answer to non-JSON data publishes it with
 the input's content type, so an echo keeps ``text/plain`` as ``text/plain``.
+
+``ctx.attempt`` counts attempts, not deliveries: a delivery an LLM agent
+deferred (``DeferMessage``, a 429) burns none. A handler that knows its
+message's earlier deferrals (the loop, from its journal) says so with
+``ctx.set_deferrals``, before it does anything the attempt limit should stop.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from troupe_runtime.agent.settle import effective_attempt
 from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.policies import RetryPolicy
 from troupe_runtime.state import StateStore
 
 Publisher = Callable[[Any, str | None, str | None], Awaitable[None]]
@@ -36,6 +43,19 @@ class AgentError(Exception):
         self.state = state
 
 
+class AttemptsExhausted(Exception):
+    """Raised by ``Context.set_deferrals`` when, deferrals aside, every attempt was made:
+    the earlier deliveries crashed or hung. Let it propagate; the message is dead-lettered
+    as ``max-deliveries`` without running the rest of the handler."""
+
+    def __init__(self, deliveries: int, deferrals: int) -> None:
+        super().__init__(
+            f"delivered {deliveries} times, {deferrals} of them deferred: no attempt is left"
+        )
+        self.deliveries = deliveries
+        self.deferrals = deferrals
+
+
 class Context:
     """One message's view of the runtime."""
 
@@ -48,9 +68,14 @@ class Context:
         logger: logging.Logger,
         publisher: Publisher,
         progress: Callable[[], Awaitable[None]],
+        max_attempts: int = RetryPolicy().max_attempts,
     ) -> None:
         self.event = event
-        self.attempt = attempt
+        self.deliveries = attempt
+        """How often JetStream delivered the message, this time included."""
+        self.max_attempts = max_attempts
+        """The Agent's ``retry.maxAttempts``."""
+        self._deferrals = 0
         self.state = state
         self.logger = logger
         self._publisher = publisher
@@ -58,6 +83,28 @@ class Context:
         self.attributes: dict[str, Any] = {}
         """Extension attributes put on every output and the reply of this message (an LLM
         agent's token usage); set them before returning."""
+
+    @property
+    def attempt(self) -> int:
+        """This delivery's attempt, from 1: deliveries less the deferred ones."""
+        return effective_attempt(self.deliveries, self._deferrals)
+
+    @property
+    def deferrals(self) -> int:
+        """Earlier deliveries of this message that were deferred, as the handler said."""
+        return self._deferrals
+
+    def set_deferrals(self, count: int) -> None:
+        """Say how often this message was deferred before (an LLM agent's journal knows);
+        raises ``AttemptsExhausted`` when that leaves no attempt for this delivery."""
+        if not 0 <= count < self.deliveries:
+            raise ValueError(
+                f"{count} earlier deferrals: a message delivered {self.deliveries} times "
+                f"has between 0 and {self.deliveries - 1}"
+            )
+        self._deferrals = count
+        if self.attempt > self.max_attempts:
+            raise AttemptsExhausted(self.deliveries, count)
 
     @property
     def content_type(self) -> str | None:

@@ -14,12 +14,19 @@ message carrying any other ``replyto`` is refused before its handler runs
 server with its headers or a subject no stream stores, raises
 ``Undeliverable``: the message is dead-lettered with that reason at once,
 since another attempt would re-run the handler for the same end.
+
+Extension attributes a handler sets in ``ctx.attributes`` (an LLM agent's
+token usage) go on every output and on the reply, the failure reply
+included. They come from handler code, so one that is not a valid
+CloudEvents extension (``envelope.extension_problem``) is logged and
+dropped, never a reason to fail the message.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -34,6 +41,25 @@ from troupe_runtime.serving import tracing
 
 # Follow-up index of the one reply an event with ``replyto`` gets; outputs count from 0.
 REPLY_INDEX = -1
+
+logger = logging.getLogger(__name__)
+
+
+def valid_extensions(
+    attributes: Mapping[Any, Any], reported: set[str] | None = None
+) -> dict[str, Any]:
+    """The attributes that are valid CloudEvents extensions; the others are logged (once
+    per name in ``reported``, when given) and dropped."""
+    kept: dict[str, Any] = {}
+    for name, value in attributes.items():
+        problem = envelope.extension_problem(name, value)
+        if problem is None:
+            kept[name] = value
+        elif reported is None or repr(name) not in reported:
+            logger.warning("ctx.attributes: %s; the attribute is not published", problem)
+            if reported is not None:
+                reported.add(repr(name))
+    return kept
 
 
 class Undeliverable(Exception):
@@ -90,6 +116,7 @@ async def publish_follow_up(
     index: int,
     subjects: Sequence[str],
     msg_id: Callable[[str, str], str],
+    extensions: Mapping[str, Any] | None = None,
 ) -> None:
     """Publish the ``index``-th event ``cause`` causes to ``subjects``; returns once stored."""
     scope = f"{config.namespace}/{config.agent}"
@@ -100,6 +127,7 @@ async def publish_follow_up(
         index=index,
         scope=scope,
         traceparent=tracing.outgoing(cause.traceparent),
+        extensions=extensions,
     )
     headers, payload = envelope.to_binary(event)
     copies = {
@@ -127,16 +155,30 @@ class Outputs:
         config: RuntimeConfig,
         checker: ContractChecker,
         cause: CloudEvent,
+        attributes: Callable[[], Mapping[Any, Any]] = dict,
     ) -> None:
         self._js = js
         self._config = config
         self._checker = checker
         self._cause = cause
+        self._attributes = attributes
+        self._reported: set[str] = set()
         self._count = 0
 
     @property
     def count(self) -> int:
         return self._count
+
+    def extensions(self) -> dict[str, Any]:
+        """The handler's ``ctx.attributes`` as they are now, the invalid ones dropped."""
+        try:
+            attributes = self._attributes()
+            return valid_extensions(attributes, self._reported)
+        except Exception as error:  # handler code replaced the dict with anything at all
+            if "" not in self._reported:
+                self._reported.add("")
+                logger.warning("ctx.attributes is unusable (%r); none are published", error)
+            return {}
 
     async def publish(self, data: Any, type: str | None, subject: str | None) -> None:
         """Check ``data`` against the contract, then publish it to ``subject`` or to all."""
@@ -156,16 +198,23 @@ class Outputs:
             index=index,
             subjects=[subject] if subject is not None else subjects,
             msg_id=output_msg_id,
+            extensions=self.extensions(),
         )
 
 
 async def send_reply(
-    js: JetStreamContext, config: RuntimeConfig, cause: CloudEvent, type: str, data: Any
+    js: JetStreamContext,
+    config: RuntimeConfig,
+    cause: CloudEvent,
+    type: str,
+    data: Any,
+    extensions: Mapping[str, Any] | None = None,
 ) -> None:
     """Tell whoever set ``replyto`` (a workflow engine) how ``cause`` ended.
 
     The reply's id is deterministic, so a redelivered input replies once. A
-    ``replyto`` off the allow-list gets nothing (its message was refused)."""
+    ``replyto`` off the allow-list gets nothing (its message was refused).
+    ``extensions`` must be valid already (``Outputs.extensions``)."""
     if cause.replyto is None or reply_refusal(config, cause.replyto) is not None:
         return
     await publish_follow_up(
@@ -177,4 +226,5 @@ async def send_reply(
         index=REPLY_INDEX,
         subjects=[cause.replyto],
         msg_id=reply_msg_id,
+        extensions=extensions,
     )

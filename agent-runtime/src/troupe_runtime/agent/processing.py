@@ -6,6 +6,12 @@ to store them, and describes how that ended as an ``Outcome``. ``settle.decide``
 says what to do about it; this module only does it: acknowledge, hand back
 with the delay, or dead-letter (answering ``replyto``) and acknowledge.
 
+A model failure that escapes an LLM agent's loop is classified here
+(``model_outcome``): a refusal is dead-lettered as ``rejected`` with the
+provider's message, an answer still invalid after the repair turn as
+``invalid-output``, an unavailable or rate-limited chain retried with
+jitter. ``DeferMessage`` is a deferral, which burns no attempt (``settle``).
+
 Whatever handler code raises, ``SystemExit``, ``KeyboardInterrupt`` and its own
 ``CancelledError`` included, is a failed attempt, never the end of the process.
 Only our own cancellation of the task (shutdown) passes through, so the worker
@@ -17,25 +23,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, assert_never
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from troupe_runtime.agent.context import AgentError, Context, HandlerFn
+from troupe_runtime.agent.context import AgentError, AttemptsExhausted, Context, HandlerFn
 from troupe_runtime.agent.deadletter import DeadLetters
+from troupe_runtime.agent.llm.types import (
+    DeferMessage,
+    InvalidModelOutput,
+    ModelError,
+    ModelRejected,
+    RateLimited,
+)
 from troupe_runtime.agent.outputs import Outputs, Undeliverable, reply_refusal, send_reply
 from troupe_runtime.agent.schemas import ContractChecker, SchemaViolation
 from troupe_runtime.agent.settle import (
     Ack,
     AgentFailed,
     DeadLetter,
+    Deferred,
     Expired,
     Failed,
     InvalidInput,
     InvalidOutput,
     Malformed,
+    ModelFailed,
+    ModelRefused,
     Nak,
     Outcome,
     Overdelivered,
@@ -44,6 +62,7 @@ from troupe_runtime.agent.settle import (
     Succeeded,
     Undelivered,
     decide,
+    effective_attempt,
 )
 from troupe_runtime.contract import envelope
 from troupe_runtime.contract.agent_config import RuntimeConfig
@@ -85,6 +104,75 @@ class HandlerTimeout(Exception):
     """The handler ran past its deadline and was cancelled."""
 
 
+class _Deadline:
+    """The handler's deadline: the timeout from its start, never past the event's own
+    deadline; ``progress`` tells JetStream and pushes the timeout back."""
+
+    def __init__(self, msg: Msg, timeout: float, event_deadline: datetime | None) -> None:
+        self._msg = msg
+        self._timeout = timeout
+        self._event_deadline = event_deadline
+        self._loop = asyncio.get_running_loop()
+        self._latest = float("inf")
+        if event_deadline is not None:
+            remaining = (event_deadline - datetime.now(UTC)).total_seconds()
+            self._latest = self._loop.time() + remaining
+        self._scope: asyncio.Timeout | None = None
+
+    def _next(self) -> float:
+        return min(self._loop.time() + self._timeout, self._latest)
+
+    async def progress(self) -> None:
+        await self._msg.in_progress()
+        if self._scope is not None:
+            self._scope.reschedule(self._next())
+
+    async def run(self, handling: Awaitable[Any]) -> Any:
+        """Await ``handling`` under the deadline; ``HandlerTimeout`` when it passes."""
+        try:
+            async with asyncio.timeout_at(self._next()) as scope:
+                self._scope = scope
+                return await handling
+        except TimeoutError as error:
+            if scope.expired():
+                if self._loop.time() >= self._latest:
+                    raise HandlerTimeout(
+                        f"handler did not finish before the event's deadline {self._event_deadline}"
+                    ) from error
+                raise HandlerTimeout(
+                    f"handler did not finish within {self._timeout:g}s "
+                    "(call ctx.progress() to extend)"
+                ) from error
+            raise
+        finally:
+            self._scope = None
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How processing ended, with what the settlement still needs of it."""
+
+    outcome: Outcome
+    event: CloudEvent | None = None
+    """The parsed envelope; None when malformed."""
+    extensions: dict[str, Any] = field(default_factory=dict)
+    """The handler's valid ``ctx.attributes``, for the failure reply."""
+
+
+def model_outcome(error: ModelError, attempt: int) -> Outcome:
+    """A model failure the handler let escape, as the outcome it is."""
+    match error:
+        case ModelRejected():
+            status = f" (HTTP {error.status})" if error.status is not None else ""
+            return ModelRefused(f"the model rejected the request{status}: {error}")
+        case InvalidModelOutput():
+            return InvalidOutput(f"the model's answer is not valid output: {error}")
+        case RateLimited(retry_after=retry_after):
+            return ModelFailed(describe(error), attempt, not_before=retry_after or 0.0)
+        case _:  # ModelUnavailable, or any other model failure: it may pass later
+            return ModelFailed(describe(error), attempt)
+
+
 class Processor:
     """Processes and settles one message at a time; the worker runs many at once."""
 
@@ -112,120 +200,122 @@ class Processor:
     async def process(self, msg: Msg) -> str:
         """Process ``msg`` and settle it; returns the outcome label for the metrics."""
         metadata = msg.metadata
-        attempt = metadata.num_delivered
+        deliveries = metadata.num_delivered
         origin = Origin(msg.subject, metadata.stream, metadata.sequence.stream)
         logs.message_id.set(f"{origin.stream}:{origin.sequence}")
-        event, outcome = await self._outcome(msg, attempt)
+        ended = await self._outcome(msg, deliveries)
         return await self._apply(
-            msg, decide(outcome, self._policy), outcome, attempt, origin, event
+            msg, decide(ended.outcome, self._policy), ended, deliveries, origin
         )
 
-    async def _outcome(self, msg: Msg, attempt: int) -> tuple[CloudEvent | None, Outcome]:
-        """How processing ended, with the parsed envelope (None when malformed)."""
+    async def _outcome(self, msg: Msg, deliveries: int) -> Ended:
+        """How processing ended."""
         try:
             event = envelope.parse(msg.headers, msg.data)
         except envelope.MalformedMessage as error:
-            return None, Malformed(error.reason)
+            return Ended(Malformed(error.reason))
         logs.message_id.set(event.id)
         logs.correlation_id.set(event.run_id)
-        if attempt > self._policy.max_attempts:
-            return event, Overdelivered(attempt)
+        if self._policy.overdelivered(deliveries):
+            return Ended(Overdelivered(deliveries), event)
         if event.deadline is not None and event.deadline <= datetime.now(UTC):
-            return event, Expired()
+            return Ended(Expired(), event)
         try:
             self._checker.check_input(event.data)
         except SchemaViolation as error:
-            return event, InvalidInput(error.reason)
+            return Ended(InvalidInput(error.reason), event)
         if (refusal := reply_refusal(self._config, event.replyto)) is not None:
-            return event, InvalidInput(refusal)
-        return event, await self._handle(msg, event, attempt)
+            return Ended(InvalidInput(refusal), event)
+        return await self._handle(msg, event, deliveries)
 
-    async def _handle(self, msg: Msg, event: CloudEvent, attempt: int) -> Outcome:
-        """Run the handler, publish its outputs and reply; what failed, if anything."""
+    async def _handle(self, msg: Msg, event: CloudEvent, deliveries: int) -> Ended:
+        """Run the handler, publish its outputs and reply; what failed, if anything.
+
+        The attempt is read from the context once the handler is done: only the
+        handler knows (``ctx.set_deferrals``) how many earlier deliveries were deferred.
+        """
         started = time.perf_counter()
-        outputs = Outputs(self._js, self._config, self._checker, event)
+        deadline = _Deadline(msg, self._timeout, event.deadline)
+        outputs = Outputs(self._js, self._config, self._checker, event, lambda: ctx.attributes)
+        ctx = Context(
+            event,
+            attempt=deliveries,
+            max_attempts=self._policy.max_attempts,
+            state=self._state,
+            logger=logging.getLogger(f"troupe.agent.{self._config.agent}"),
+            publisher=outputs.publish,
+            progress=deadline.progress,
+        )
+        outcome = await self._run(ctx, outputs, deadline)
+        if isinstance(outcome, Succeeded):
+            self._metrics.handler_seconds.observe(time.perf_counter() - started)
+        return Ended(outcome, event, outputs.extensions())
+
+    async def _run(self, ctx: Context, outputs: Outputs, deadline: _Deadline) -> Outcome:
+        event = ctx.event
         try:
             with tracing.handling(event, self._config.agent):
-                result = await self._run_handler(msg, event, attempt, outputs)
+                result = await deadline.run(self._handler(ctx))
                 if result is not None:
                     await outputs.publish(result, None, None)
                 await send_reply(
-                    self._js, self._config, event, f"{event.type}.{RESULT_TYPE_SUFFIX}", result
+                    self._js,
+                    self._config,
+                    event,
+                    f"{event.type}.{RESULT_TYPE_SUFFIX}",
+                    result,
+                    outputs.extensions(),
                 )
         except SchemaViolation as error:
             return InvalidOutput(error.reason)
         except Undeliverable as error:
             return Undelivered(error.reason)
         except AgentError as error:
-            return AgentFailed(error.state, describe(error), attempt)
+            return AgentFailed(error.state, describe(error), ctx.attempt)
+        except AttemptsExhausted as error:
+            return Overdelivered(error.deliveries, error.deferrals)
+        except DeferMessage as error:
+            # This delivery is a deferral, beside the earlier ones; no more than delivered.
+            deferrals = min(max(error.deferrals, ctx.deferrals + 1), ctx.deliveries)
+            attempt = effective_attempt(ctx.deliveries, deferrals - 1)
+            return Deferred(error.delay, deferrals, describe(error), attempt)
+        except ModelError as error:
+            return model_outcome(error, ctx.attempt)
         except Exception as error:
-            return Failed(describe(error), attempt)
+            return Failed(describe(error), ctx.attempt)
         except asyncio.CancelledError as error:
             if cancelled_by_us():
                 raise  # shutdown: the worker hands the message back untouched
-            return _contained(error, attempt, "raised by the handler, not by a shutdown")
+            return _contained(error, ctx.attempt, "raised by the handler, not by a shutdown")
         except BaseException as error:  # SystemExit, KeyboardInterrupt: never the process's end
-            return _contained(error, attempt, "contained; the runtime keeps running")
-        self._metrics.handler_seconds.observe(time.perf_counter() - started)
+            return _contained(error, ctx.attempt, "contained; the runtime keeps running")
         return Succeeded(outputs.count)
 
-    async def _run_handler(
-        self, msg: Msg, event: CloudEvent, attempt: int, outputs: Outputs
-    ) -> Any:
-        loop = asyncio.get_running_loop()
-        latest = float("inf")
-        if event.deadline is not None:
-            latest = loop.time() + (event.deadline - datetime.now(UTC)).total_seconds()
-        try:
-            async with asyncio.timeout_at(min(loop.time() + self._timeout, latest)) as scope:
-
-                async def progress() -> None:
-                    await msg.in_progress()
-                    scope.reschedule(min(loop.time() + self._timeout, latest))
-
-                ctx = Context(
-                    event,
-                    attempt=attempt,
-                    state=self._state,
-                    logger=logging.getLogger(f"troupe.agent.{self._config.agent}"),
-                    publisher=outputs.publish,
-                    progress=progress,
-                )
-                return await self._handler(ctx)
-        except TimeoutError as error:
-            if scope.expired():
-                if loop.time() >= latest:
-                    raise HandlerTimeout(
-                        f"handler did not finish before the event's deadline {event.deadline}"
-                    ) from error
-                raise HandlerTimeout(
-                    f"handler did not finish within {self._timeout:g}s "
-                    "(call ctx.progress() to extend)"
-                ) from error
-            raise
-
     async def _apply(
-        self,
-        msg: Msg,
-        settlement: Settlement,
-        outcome: Outcome,
-        attempt: int,
-        origin: Origin,
-        event: CloudEvent | None,
+        self, msg: Msg, settlement: Settlement, ended: Ended, deliveries: int, origin: Origin
     ) -> str:
         match settlement:
             case Ack():
                 await msg.ack()
-                if isinstance(outcome, Succeeded):
-                    logger.debug("handled with %d outputs", outcome.outputs)
+                if isinstance(ended.outcome, Succeeded):
+                    logger.debug("handled with %d outputs", ended.outcome.outputs)
                 return "succeeded"
+            case Nak(delay, error, counted=False):
+                logger.warning(
+                    "delivery %d deferred (%s); again in %gs, no attempt burnt",
+                    deliveries,
+                    error,
+                    delay,
+                )
+                await msg.nak(delay=delay)
+                return "deferred"
             case Nak(delay, error):
-                logger.warning("attempt %d failed (%s); retrying in %gs", attempt, error, delay)
+                logger.warning("delivery %d failed (%s); retrying in %gs", deliveries, error, delay)
                 await msg.nak(delay=delay)
                 self._metrics.retries.inc()
                 return "retried"
             case DeadLetter(reason, error):
-                await self._dead_letter(msg, reason, error, attempt, origin, event)
+                await self._dead_letter(msg, reason, error, deliveries, origin, ended)
                 return "dead_lettered"
             case _:
                 assert_never(settlement)
@@ -235,15 +325,20 @@ class Processor:
         msg: Msg,
         reason: DeadLetterReason,
         error: str,
-        attempt: int,
+        deliveries: int,
         origin: Origin,
-        event: CloudEvent | None,
+        ended: Ended,
     ) -> None:
-        """Dead-letter ``msg``; ``event`` is its parsed envelope, None when malformed."""
-        await self._reply_failure(event, reason, error)
+        """Dead-letter ``msg``, telling ``replyto`` first when the envelope parsed."""
+        await self._reply_failure(ended, reason, error)
         if self._dead_letters.enabled:
             await self._dead_letters.send(
-                msg.data, msg.headers, reason=reason, error=error, attempts=attempt, origin=origin
+                msg.data,
+                msg.headers,
+                reason=reason,
+                error=error,
+                attempts=deliveries,
+                origin=origin,
             )
             self._metrics.dead_lettered.labels(reason.value).inc()
             logger.warning("dead-lettered (%s): %s", reason.value, error)
@@ -251,13 +346,12 @@ class Processor:
             logger.warning("dropped, dead letters are disabled (%s): %s", reason.value, error)
         await msg.ack()
 
-    async def _reply_failure(
-        self, event: CloudEvent | None, reason: DeadLetterReason, error: str
-    ) -> None:
+    async def _reply_failure(self, ended: Ended, reason: DeadLetterReason, error: str) -> None:
+        event = ended.event
         if event is None:
             return  # without an envelope there is no replyto to answer
         data = {"error": error, "reason": reason.value}
         try:
-            await send_reply(self._js, self._config, event, ERROR_TYPE, data)
+            await send_reply(self._js, self._config, event, ERROR_TYPE, data, ended.extensions)
         except Undeliverable as refused:  # the letter still matters more than the reply
             logger.warning("the failure reply to %s was not sent: %s", event.replyto, refused)

@@ -3,17 +3,45 @@
 The worker describes the end of one message's processing as an ``Outcome``;
 ``decide`` turns it, with the Agent's retry policy, into a ``Settlement``:
 acknowledge, hand back with a delay, or dead-letter with a reason. No I/O
-happens here, so the same outcome and policy always yield the same settlement,
-and the retry rules can be tested without a server.
+happens here (jitter comes from an injected random source), so the same
+outcome, policy and draw always yield the same settlement, and the retry rules
+can be tested without a server.
+
+Attempts and deliveries. An LLM agent may *defer* a message (a 429 whose
+Retry-After outlasts the handler's time): it is handed back after the delay
+and that delivery burns no attempt, so the effective attempt is
+``deliveries - deferrals``. Only the handler knows the deferrals (the loop
+journals them): it says so with ``DeferMessage(deferrals=k)``, or, on a
+redelivery it resumes, with ``Context.set_deferrals(k)``, which also refuses
+to go on once no attempt is left (``AttemptsExhausted``: the message is
+dead-lettered as ``max-deliveries`` without calling the model again).
+Before the handler runs, deferrals are unknown, so the runtime can only check
+raw deliveries against the worst case, ``maxAttempts + max_deferrals``
+(``maxAttempts`` for every agent that cannot defer); the consumers allow one
+delivery more (``max_deliveries``), on which the message is dead-lettered
+without running the handler. Past ``MAX_DEFERRALS`` deferrals the message
+is dead-lettered as ``rate-limited``: a provider that throttles it twenty
+times will not serve it soon.
+
+An agent that cannot defer (no ``spec.llm``: its consumers have no spare
+deliveries) treats ``DeferMessage`` as an ordinary failed attempt, retried no
+sooner than the delay asked for.
+
+Model failures: ``ModelFailed`` (unavailable, or rate limited with no usable
+Retry-After) is retried with the declared backoff, jittered by ±20% so a
+provider's outage does not come back as one synchronised wave of retries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.agent_resources import max_deferrals
 from troupe_runtime.contract.dead_letters import DeadLetterReason
 from troupe_runtime.contract.policies import retry_delay
 
@@ -22,6 +50,23 @@ OVERDELIVERED_ERROR = (
     "delivered {deliveries} times without an acknowledgement; "
     "the handler may crash or hang the process"
 )
+DEFERRED_ERROR = (
+    "deferred {deferrals} times, more than the {allowed} an LLM agent allows "
+    "(each a 429 with Retry-After from every model of the chain); last: {error}"
+)
+CANNOT_DEFER_ERROR = "{error} (not deferred: only an LLM agent's inbox has deliveries to spare)"
+JITTER = 0.2
+"""Model-failure retries wait the declared backoff times a factor in [1 - JITTER, 1 + JITTER]."""
+MAX_DEFER_SECONDS = 3600.0
+"""The longest a deferral waits, whatever Retry-After says."""
+
+Random = Callable[[], float]
+"""A draw from [0, 1): ``random.random``, or a fixed one in tests."""
+
+
+def effective_attempt(deliveries: int, deferrals: int) -> int:
+    """The attempt a delivery is, when ``deferrals`` earlier deliveries were deferred."""
+    return deliveries - deferrals
 
 
 @dataclass(frozen=True)
@@ -50,6 +95,38 @@ class Overdelivered:
     """
 
     deliveries: int
+    deferrals: int = 0
+    """Of those, how many were deferred (known once the handler read its journal)."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """The handler asked to be run again after ``delay`` seconds, burning no attempt
+    (an LLM agent's 429); ``deferrals`` counts this message's deferrals, this one included."""
+
+    delay: float
+    deferrals: int
+    error: str
+    attempt: int
+    """The effective attempt this delivery would have been."""
+
+
+@dataclass(frozen=True)
+class ModelRefused:
+    """The model refused the request (400, 401, 403, 404, 413, context length): the same
+    request fails again. ``error`` is the provider's message, redacted."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class ModelFailed:
+    """Every model tried was unavailable (5xx, timeouts) or rate limited with no usable
+    Retry-After: worth another attempt later, jittered; never sooner than ``not_before``."""
+
+    error: str
+    attempt: int
+    not_before: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +186,9 @@ Outcome = (
     | Undelivered
     | AgentFailed
     | Failed
+    | Deferred
+    | ModelRefused
+    | ModelFailed
 )
 
 
@@ -121,6 +201,8 @@ class Policy:
     """Seconds before each redelivery; the last entry repeats, none means 0."""
     retryable: Mapping[str, bool] = field(default_factory=dict)
     """Error states by name; a state not declared is retryable."""
+    max_deferrals: int = 0
+    """Deferrals a message may take; ``MAX_DEFERRALS`` for an LLM agent, else none."""
 
     @classmethod
     def of(cls, config: RuntimeConfig) -> Policy:
@@ -128,7 +210,17 @@ class Policy:
             max_attempts=config.retry.max_attempts,
             backoff=tuple(delay.total_seconds() for delay in config.retry.backoff),
             retryable={state.name: state.retryable for state in config.contract.error_states},
+            max_deferrals=max_deferrals(config),
         )
+
+    def overdelivered(self, deliveries: int) -> bool:
+        """Whether a delivery is past every attempt and every deferral the message may
+        take, whatever its deferrals turn out to be: the handler must not run."""
+        return deliveries > self.max_attempts + self.max_deferrals
+
+    def exhausted(self, deliveries: int, deferrals: int) -> bool:
+        """Whether a delivery, knowing its earlier deferrals, leaves no attempt to run."""
+        return effective_attempt(deliveries, deferrals) > self.max_attempts
 
 
 @dataclass(frozen=True)
@@ -143,6 +235,8 @@ class Nak:
     delay: float
     error: str
     """What failed this attempt, for the log."""
+    counted: bool = True
+    """False for a deferral: the delivery burnt no attempt."""
 
 
 @dataclass(frozen=True)
@@ -156,15 +250,18 @@ class DeadLetter:
 Settlement = Ack | Nak | DeadLetter
 
 
-def decide(outcome: Outcome, policy: Policy) -> Settlement:
-    """The settlement of a message whose processing ended in ``outcome``."""
+def decide(outcome: Outcome, policy: Policy, draw: Random = random.random) -> Settlement:
+    """The settlement of a message whose processing ended in ``outcome``; ``draw`` jitters
+    the retries of model failures."""
     match outcome:
         case Succeeded():
             return Ack()
         case Malformed(reason):
             return DeadLetter(DeadLetterReason.MALFORMED, reason)
-        case Overdelivered(deliveries):
+        case Overdelivered(deliveries, deferrals):
             error = OVERDELIVERED_ERROR.format(deliveries=deliveries)
+            if deferrals:
+                error += f" ({deferrals} of them deferred, which burn no attempt)"
             return DeadLetter(DeadLetterReason.MAX_DELIVERIES, error)
         case Expired():
             return DeadLetter(DeadLetterReason.EXPIRED, EXPIRED_ERROR)
@@ -178,12 +275,50 @@ def decide(outcome: Outcome, policy: Policy) -> Settlement:
             return DeadLetter(DeadLetterReason.REJECTED, error)
         case AgentFailed(_, error, attempt) | Failed(error, attempt):
             return _retry(error, attempt, policy)
+        case ModelRefused(error):
+            return DeadLetter(DeadLetterReason.REJECTED, error)
+        case ModelFailed(error, attempt, not_before):
+            return _retry(error, attempt, policy, jitter=draw, not_before=not_before)
+        case Deferred():
+            return _defer(outcome, policy)
         case _:
             assert_never(outcome)
 
 
-def _retry(error: str, attempt: int, policy: Policy) -> Settlement:
-    """Another attempt with the declared backoff, unless this was the last one allowed."""
+def _defer(outcome: Deferred, policy: Policy) -> Settlement:
+    """Hand back for the delay asked, burning no attempt, while deferrals are left."""
+    delay = _bounded(outcome.delay)
+    if policy.max_deferrals == 0:
+        error = CANNOT_DEFER_ERROR.format(error=outcome.error)
+        return _retry(error, outcome.attempt, policy, not_before=delay)
+    if outcome.deferrals > policy.max_deferrals:
+        error = DEFERRED_ERROR.format(
+            deferrals=outcome.deferrals, allowed=policy.max_deferrals, error=outcome.error
+        )
+        return DeadLetter(DeadLetterReason.RATE_LIMITED, error)
+    return Nak(delay, outcome.error, counted=False)
+
+
+def _bounded(delay: float) -> float:
+    """A delay from a provider's Retry-After, as JetStream can wait it."""
+    if not math.isfinite(delay) or delay < 0:
+        return 0.0
+    return min(delay, MAX_DEFER_SECONDS)
+
+
+def _retry(
+    error: str,
+    attempt: int,
+    policy: Policy,
+    *,
+    jitter: Random | None = None,
+    not_before: float = 0.0,
+) -> Settlement:
+    """Another attempt with the declared backoff (jittered when ``jitter`` draws), no
+    sooner than ``not_before``, unless this was the last attempt allowed."""
     if attempt >= policy.max_attempts:
         return DeadLetter(DeadLetterReason.EXHAUSTED, error)
-    return Nak(retry_delay(policy.backoff, attempt), error)
+    delay = retry_delay(policy.backoff, attempt)
+    if jitter is not None:
+        delay *= 1 - JITTER + 2 * JITTER * jitter()
+    return Nak(max(delay, _bounded(not_before)), error)

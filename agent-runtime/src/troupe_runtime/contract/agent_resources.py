@@ -22,6 +22,7 @@ from nats.js.api import (
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.advisories import MAX_ADVISORY_BYTES
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.llm import MAX_DEFERRALS
 
 DUPLICATE_WINDOW_SECONDS = 120.0
 EVENT_LOG_MAX_AGE_SECONDS = 7 * 24 * 3600.0
@@ -61,6 +62,18 @@ def build_inbox_stream(config: RuntimeConfig) -> StreamConfig:
     )
 
 
+def max_deferrals(config: RuntimeConfig) -> int:
+    """429 deferrals a message may take: only an LLM agent defers (``DeferMessage``)."""
+    return MAX_DEFERRALS if config.llm is not None else 0
+
+
+def max_deliveries(config: RuntimeConfig) -> int:
+    """The inbox consumers' ``max_deliver``: every attempt, every deferral, and one more,
+    on which the replica that gets it dead-letters the message (its earlier deliveries
+    crashed or hung), with no advisory needed."""
+    return config.retry.max_attempts + max_deferrals(config) + 1
+
+
 def build_consumer(config: RuntimeConfig, priority: int, replicas: int) -> ConsumerConfig:
     """The durable pull consumer for one priority level, shared by all replicas.
 
@@ -75,9 +88,7 @@ def build_consumer(config: RuntimeConfig, priority: int, replicas: int) -> Consu
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=config.messaging.ack_wait.total_seconds(),
-        # One delivery more than the attempts: the replica that gets it dead-letters the
-        # message (its earlier deliveries crashed or hung), with no advisory needed.
-        max_deliver=config.retry.max_attempts + 1,
+        max_deliver=max_deliveries(config),
         max_ack_pending=config.messaging.max_in_flight * max(replicas, 1),
         description=f"Priority {priority} of agent {config.namespace}/{config.agent}",
     )

@@ -51,6 +51,14 @@ _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
 class DeadLetterReason(StrEnum):
+    """Why a message was dead-lettered; kebab-case like the rest, on the wire and in metrics.
+
+    ``rejected`` covers both a non-retryable error state and a model that refused the
+    request (400, 401, 403, 404, 413, context length): either way the same input fails
+    again, and the error names which. ``rate-limited``: an LLM agent's message deferred
+    more often than ``MAX_DEFERRALS`` by 429s.
+    """
+
     MALFORMED = "malformed"
     INVALID_INPUT = "invalid-input"
     INVALID_OUTPUT = "invalid-output"
@@ -59,6 +67,7 @@ class DeadLetterReason(StrEnum):
     REJECTED = "rejected"
     EXHAUSTED = "exhausted"
     MAX_DELIVERIES = "max-deliveries"
+    RATE_LIMITED = "rate-limited"
 
 
 @dataclass(frozen=True)

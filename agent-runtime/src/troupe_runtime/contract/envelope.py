@@ -79,6 +79,12 @@ _ZERO_SPAN = "0" * 16
 # CloudEvents attribute names: lower-case letters and digits (spec, "Attribute Naming").
 _ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
 _STRUCTURED_DATA_KEYS = frozenset({"data", "data_base64"})
+MAX_EXTENSION_NAME_LENGTH = 20
+"""CloudEvents: extension names "SHOULD NOT exceed 20 characters"."""
+MAX_EXTENSION_VALUE_BYTES = 1024
+"""A string extension's UTF-8 size; percent-encoded it stays well inside a header value."""
+_INTEGER_RANGE = range(-(2**31), 2**31)
+"""The CloudEvents Integer type: a signed 32-bit number."""
 # The CloudEvents type system forbids control characters and surrogates in strings.
 _FORBIDDEN_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _MEDIA_TYPE = re.compile(r"[\x20-\x7e]+")
@@ -173,6 +179,34 @@ def _forbidden(name: str, value: str) -> str | None:
     )
 
 
+def extension_problem(name: object, value: object) -> str | None:
+    """Why ``name: value`` cannot be an extension attribute of an event Troupe emits, or None.
+
+    Names are lower-case letters and digits, at most 20, and not an attribute the envelope
+    already sets; values are strings (no control characters, at most
+    ``MAX_EXTENSION_VALUE_BYTES``), 32-bit integers or booleans."""
+    if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
+        return f"extension name {name!r} is not lower-case letters and digits"
+    if len(name) > MAX_EXTENSION_NAME_LENGTH:
+        return f"extension name {name!r} is longer than {MAX_EXTENSION_NAME_LENGTH} characters"
+    if name in CloudEvent.model_fields or name in _STRUCTURED_DATA_KEYS:
+        return f"extension name {name!r} is an attribute the runtime sets itself"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if value not in _INTEGER_RANGE:
+            return f"extension {name}: {value} does not fit a CloudEvents 32-bit integer"
+        return None
+    if isinstance(value, str):
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_EXTENSION_VALUE_BYTES:
+            return f"extension {name}: longer than {MAX_EXTENSION_VALUE_BYTES} bytes"
+        return _forbidden(name, value)
+    return (
+        f"extension {name} is a {type(value).__name__}; extensions are strings, integers "
+        "or booleans (a decimal as a string)"
+    )
+
+
 class CloudEvent(BaseModel):
     """One CloudEvent; ``data`` is decoded JSON, ``str`` for text, ``bytes`` for the rest."""
 
@@ -236,6 +270,7 @@ class CloudEvent(BaseModel):
         index: int,
         scope: str,
         traceparent: str | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> CloudEvent:
         """The ``index``-th event caused by this one, with a deterministic id.
 
@@ -243,7 +278,11 @@ class CloudEvent(BaseModel):
         and id, and ``index``: a redelivered input yields the same ids again.
         ``traceparent`` defaults to a new span in this event's trace. Text or
         bytes in answer to non-JSON data keep the input's content type.
+        ``extensions`` are extension attributes (see ``extension_problem``).
         """
+        for name, value in (extensions or {}).items():
+            if (problem := extension_problem(name, value)) is not None:
+                raise UnpublishableEvent(problem)
         digest = hashlib.sha256(f"{scope}\n{self.source}\n{self.id}\n{index}".encode())
         if traceparent is None or not valid_traceparent(traceparent):
             traceparent = child_traceparent(self.traceparent)
@@ -260,6 +299,7 @@ class CloudEvent(BaseModel):
                 deadline=self.deadline,
                 traceparent=traceparent,
                 data=data,
+                **(extensions or {}),
             )
         except ValidationError as error:
             raise UnpublishableEvent(

@@ -156,3 +156,18 @@ class ModelRejected(ModelError):
 
 class InvalidModelOutput(ModelError):
     """The final answer violates the output schema even after the repair turn."""
+
+
+class DeferMessage(Exception):
+    """Hand the message back for ``delay`` seconds without burning an attempt.
+
+    The loop raises it when a 429's Retry-After outlasts the handler's remaining time.
+    ``deferrals`` counts this message's deferrals so far, this one included (the loop
+    reads the earlier ones from its journal): the runtime allows ``MAX_DEFERRALS``
+    (``contract/llm.py``), then dead-letters the message as ``rate-limited``.
+    """
+
+    def __init__(self, message: str, *, delay: float, deferrals: int) -> None:
+        super().__init__(message)
+        self.delay = delay
+        self.deferrals = deferrals
