@@ -9,11 +9,19 @@ cluster's launcher, once per session and only when a test asks for one:
 - ``kubeconfig``: its admin kubeconfig file;
 - ``api_client``: a kubernetes client for it;
 - ``nats_url``: a JetStream-enabled nats-server;
-- ``namespace``: a fresh namespace, deleted after the test.
+- ``namespace``: a fresh namespace, deleted after the test;
+- ``scripted_llm``: a scripted OpenAI-compatible server (one per test).
 """
 
 from __future__ import annotations
 
-from troupe_devcluster.fixtures import api_client, cluster, kubeconfig, namespace, nats_url
+from troupe_devcluster.fixtures import (
+    api_client,
+    cluster,
+    kubeconfig,
+    namespace,
+    nats_url,
+    scripted_llm,
+)
 
-__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url"]
+__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url", "scripted_llm"]

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from troupe_devcluster.fixtures import api_client, cluster, kubeconfig, namespace, nats_url
+from troupe_devcluster.fixtures import (
+    api_client,
+    cluster,
+    kubeconfig,
+    namespace,
+    nats_url,
+    scripted_llm,
+)
 
-__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url"]
+__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url", "scripted_llm"]

@@ -23,6 +23,7 @@ from troupe_devcluster import launcher
 from troupe_devcluster.__main__ import cluster as running_cluster
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.kube import core_v1, new_api_client
+from troupe_devcluster.scripted_llm import ScriptedLlm
 
 NAMESPACE_DEADLINE_SECONDS = 30.0
 
@@ -115,3 +116,10 @@ def namespace(api_client: Any) -> Iterator[str]:
     name = create_namespace(api_client)
     yield name
     core_v1(api_client).delete_namespace(name)
+
+
+@pytest.fixture
+def scripted_llm() -> Iterator[ScriptedLlm]:
+    """A scripted OpenAI-compatible server for one test (``.base_url``, ``.script``)."""
+    with ScriptedLlm() as server:
+        yield server

@@ -1,0 +1,383 @@
+"""A scripted OpenAI-compatible server: the deterministic model behind the LLM tests.
+
+A real HTTP server on 127.0.0.1 (a free port, a background thread) that answers
+``POST /v1/chat/completions`` (JSON, or SSE with ``stream: true``) and ``GET /v1/models``
+from a script: a queue of replies, each a text answer, a tool-call answer (raw argument
+text, so malformed JSON can be scripted), an HTTP error, or raw bytes. Every request is
+recorded, body and headers, so a test asserts on what the client really sent.
+
+A real local model answers too slowly and too loosely for 429s, malformed tool calls or a
+missing ``usage``; this server answers exactly what the test says.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_MODEL = "scripted-model"
+DEFAULT_USAGE = (11, 7)
+"""(prompt_tokens, completion_tokens) a reply reports unless told otherwise."""
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScriptedToolCall:
+    """One tool call in an answer; ``arguments`` is sent as is, valid JSON or not."""
+
+    name: str
+    arguments: str = "{}"
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Text:
+    """An assistant answer with ``content``; streamed in ``chunks`` (default: word by word).
+
+    ``usage`` is (prompt_tokens, completion_tokens), or None to send no usage at all;
+    streamed, it goes in a last chunk only when the request asked with
+    ``stream_options.include_usage``, as OpenAI does.
+    """
+
+    content: str
+    usage: tuple[int, int] | None = DEFAULT_USAGE
+    finish_reason: str = "stop"
+    chunks: Sequence[str] | None = None
+    delay: float = 0.0
+    """Seconds before the response starts (a slow or hung model)."""
+    chunk_delay: float = 0.0
+    """Seconds between streamed chunks."""
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """An assistant answer asking for tools; streamed as tool_call deltas by index."""
+
+    calls: Sequence[ScriptedToolCall]
+    content: str | None = None
+    usage: tuple[int, int] | None = DEFAULT_USAGE
+    finish_reason: str = "tool_calls"
+    argument_chunk: int = 4
+    """Characters of the arguments per streamed delta."""
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """An error response: ``status``, a JSON ``body`` (OpenAI's error shape by default)."""
+
+    status: int
+    message: str = "scripted error"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    """Sent as JSON instead of ``{"error": {"message": ...}}`` when set."""
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Bytes sent exactly as given: a hostile or broken provider."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+Reply = Text | ToolCalls | HttpError | Raw
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the server received; ``headers`` with lower-case names."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    """The parsed JSON body, or None when it was not JSON."""
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        body = self.body if isinstance(self.body, dict) else {}
+        messages = body.get("messages")
+        return messages if isinstance(messages, list) else []
+
+
+class ScriptedLlm:
+    """The server: ``script(...)`` queues replies, ``requests`` lists what came in.
+
+    Replies are taken in order; a reply queued for a model (``script(..., model=M)``) is
+    taken first by requests for that model. With nothing queued it answers 500, naming
+    the request, so an unscripted call fails loudly.
+    """
+
+    def __init__(self, models: Sequence[str] = (DEFAULT_MODEL,), api_key: str | None = None):
+        self.models = list(models)
+        self.api_key = api_key
+        """When set, requests without ``Authorization: Bearer <api_key>`` get a 401."""
+        self._lock = threading.Lock()
+        self._queue: deque[Reply] = deque()
+        self._by_model: dict[str, deque[Reply]] = {}
+        self._requests: list[RecordedRequest] = []
+        self._closing = threading.Event()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
+        self._httpd.daemon_threads = True
+        # A short poll so close() returns at once (shutdown waits for the next poll).
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.05,), name="scripted-llm", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """What a ModelProvider's ``baseUrl`` would be: ``http://127.0.0.1:<port>/v1``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *replies: Reply, model: str | None = None) -> ScriptedLlm:
+        """Queue ``replies``, for any model or only for requests naming ``model``."""
+        with self._lock:
+            queue = self._queue if model is None else self._by_model.setdefault(model, deque())
+            queue.extend(replies)
+        return self
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request so far, oldest first (a copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def completions(self) -> list[RecordedRequest]:
+        """The chat completion requests so far."""
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    @property
+    def pending(self) -> int:
+        """Replies scripted and not yet taken."""
+        with self._lock:
+            return len(self._queue) + sum(len(q) for q in self._by_model.values())
+
+    def close(self) -> None:
+        self._closing.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> ScriptedLlm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Called from the server's threads.
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+    def _next(self, model: str | None) -> Reply | None:
+        with self._lock:
+            queue = self._by_model.get(model) if model is not None else None
+            if queue:
+                return queue.popleft()
+            return self._queue.popleft() if self._queue else None
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; False when the server is closing meanwhile."""
+        return seconds <= 0 or not self._closing.wait(seconds)
+
+
+def _handler_class(server: ScriptedLlm) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        scripted = server
+
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    scripted: ScriptedLlm
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests read ``requests``, not a log."""
+
+    def do_GET(self) -> None:
+        self._receive(b"")
+        if not self._authorised():
+            return
+        if self.path.rstrip("/").endswith("/models"):
+            models = [
+                {"id": m, "object": "model", "owned_by": "scripted"} for m in self.scripted.models
+            ]
+            self._json(200, {"object": "list", "data": models})
+        else:
+            self._json(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(min(length, MAX_REQUEST_BYTES))
+        body = self._receive(raw)
+        if not self._authorised():
+            return
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self._json(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        request = body if isinstance(body, dict) else {}
+        model = request.get("model") if isinstance(request.get("model"), str) else None
+        reply = self.scripted._next(model)
+        if reply is None:
+            self._json(500, {"error": {"message": f"scripted_llm: nothing scripted for {model}"}})
+            return
+        if not self.scripted._pause(reply.delay):
+            return
+        if isinstance(reply, HttpError):
+            payload = (
+                reply.body if reply.body is not None else {"error": {"message": reply.message}}
+            )
+            self._json(reply.status, payload, reply.headers)
+        elif isinstance(reply, Raw):
+            self._send(reply.status, reply.body, reply.content_type, reply.headers)
+        elif request.get("stream") is True:
+            options = request.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            self._stream(reply, model or DEFAULT_MODEL, include_usage)
+        else:
+            self._json(200, _completion(reply, model or DEFAULT_MODEL))
+
+    def _receive(self, raw: bytes) -> Any:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        self.scripted._record(RecordedRequest(self.command, self.path, headers, body))
+        return body
+
+    def _authorised(self) -> bool:
+        key = self.scripted.api_key
+        if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+            return True
+        self._json(
+            401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}
+        )
+        return False
+
+    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", headers or {})
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, reply: Text | ToolCalls, model: str, include_usage: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunks = list(_chunks(reply, model, include_usage))
+        for index, chunk in enumerate(chunks):
+            if index and not self.scripted._pause(reply.chunk_delay):
+                return
+            self._write_chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+        self._write_chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+def _usage(usage: tuple[int, int]) -> dict[str, int]:
+    return {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+
+
+def _tool_call_id(call: ScriptedToolCall, index: int) -> str:
+    return call.id or f"call_{index}"
+
+
+def _completion(reply: Text | ToolCalls, model: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if isinstance(reply, ToolCalls):
+        message["tool_calls"] = [
+            {
+                "id": _tool_call_id(call, index),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for index, call in enumerate(reply.calls)
+        ]
+    body: dict[str, Any] = {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
+    }
+    if reply.usage is not None:
+        body["usage"] = _usage(reply.usage)
+    return body
+
+
+def _chunks(reply: Text | ToolCalls, model: str, include_usage: bool) -> Iterator[dict[str, Any]]:
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    yield chunk({"role": "assistant", "content": ""})
+    if isinstance(reply, Text):
+        pieces = reply.chunks if reply.chunks is not None else _words(reply.content)
+        for piece in pieces:
+            yield chunk({"content": piece})
+    else:
+        if reply.content:
+            yield chunk({"content": reply.content})
+        for index, call in enumerate(reply.calls):
+            head = {"index": index, "id": _tool_call_id(call, index), "type": "function"}
+            yield chunk(
+                {"tool_calls": [{**head, "function": {"name": call.name, "arguments": ""}}]}
+            )
+            step = max(1, reply.argument_chunk)
+            for start in range(0, len(call.arguments), step):
+                piece = call.arguments[start : start + step]
+                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+    yield chunk({}, reply.finish_reason)
+    if include_usage and reply.usage is not None:
+        yield {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [],
+            "usage": _usage(reply.usage),
+        }
+
+
+def _words(text: str) -> list[str]:
+    """``"a b c"`` → ``["a", " b", " c"]``: pieces that join back to the text."""
+    words = text.split(" ")
+    return [words[0], *(" " + word for word in words[1:])] if text else []
