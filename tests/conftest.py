@@ -10,7 +10,9 @@ cluster's launcher, once per session and only when a test asks for one:
 - ``api_client``: a kubernetes client for it;
 - ``nats_url``: a JetStream-enabled nats-server;
 - ``namespace``: a fresh namespace, deleted after the test;
-- ``scripted_llm``: a scripted OpenAI-compatible server (one per test).
+- ``scripted_llm``: a scripted OpenAI-compatible server (one per test);
+- ``local_model``: the real local model (SmolLM2 on llama-cpp-python's OpenAI-compatible
+  server), started once per session when a test asks for it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ from troupe_devcluster.fixtures import (
     api_client,
     cluster,
     kubeconfig,
+    local_model,
     namespace,
     nats_url,
     scripted_llm,
 )
 
-__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url", "scripted_llm"]
+__all__ = [
+    "api_client",
+    "cluster",
+    "kubeconfig",
+    "local_model",
+    "namespace",
+    "nats_url",
+    "scripted_llm",
+]

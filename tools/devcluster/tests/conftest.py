@@ -6,9 +6,18 @@ from troupe_devcluster.fixtures import (
     api_client,
     cluster,
     kubeconfig,
+    local_model,
     namespace,
     nats_url,
     scripted_llm,
 )
 
-__all__ = ["api_client", "cluster", "kubeconfig", "namespace", "nats_url", "scripted_llm"]
+__all__ = [
+    "api_client",
+    "cluster",
+    "kubeconfig",
+    "local_model",
+    "namespace",
+    "nats_url",
+    "scripted_llm",
+]

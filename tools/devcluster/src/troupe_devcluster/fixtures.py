@@ -2,7 +2,8 @@
 
 Set ``TROUPE_TEST_KUBECONFIG`` and ``TROUPE_TEST_NATS_URL`` to run the tests
 against an existing cluster (kind, say) instead. A cluster that cannot start
-fails the tests; nothing here ever skips. The suites name the fixtures they use
+fails the tests; nothing here ever skips. ``local_model`` is the real local
+model (llama-cpp-python's server on SmolLM2), one per session. The suites name the fixtures they use
 in their own conftest.py, so a reader sees where each comes from.
 """
 
@@ -23,6 +24,8 @@ from troupe_devcluster import launcher
 from troupe_devcluster.__main__ import cluster as running_cluster
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.kube import core_v1, new_api_client
+from troupe_devcluster.model_server import ModelServer, start_model_server, stop_model_server
+from troupe_devcluster.processes import ComponentError
 from troupe_devcluster.scripted_llm import ScriptedLlm
 
 NAMESPACE_DEADLINE_SECONDS = 30.0
@@ -82,6 +85,21 @@ def nats_url() -> Iterator[str]:
 def api_client(cluster: ClusterEndpoints) -> Any:
     """A kubernetes ApiClient authenticated as the cluster admin."""
     return new_api_client(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def local_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """The real local model behind an OpenAI-compatible API (``.base_url``, ``.model``);
+    one that cannot start fails the tests that ask for it, with its log's tail."""
+    log = tmp_path_factory.mktemp("model-server") / "server.log"
+    try:
+        server = start_model_server(log)
+    except (ComponentError, FileNotFoundError) as error:
+        pytest.fail(f"the local model did not start: {error}", pytrace=False)
+    try:
+        yield server
+    finally:
+        stop_model_server(server.process)
 
 
 def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
