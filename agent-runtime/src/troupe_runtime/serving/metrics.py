@@ -18,7 +18,8 @@ class RuntimeMetrics:
         self.registry = registry or CollectorRegistry()
         self.messages = Counter(
             "troupe_messages",
-            "Messages finished, by outcome (succeeded, retried, dead_lettered, requeued).",
+            "Messages finished, by outcome "
+            "(succeeded, retried, deferred, dead_lettered, requeued).",
             ["outcome"],
             registry=self.registry,
         )
