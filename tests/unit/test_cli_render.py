@@ -127,6 +127,7 @@ def test_the_run_json_is_plain_json_with_iso_times_and_seconds() -> None:
         "finished": "2025-01-02T03:04:05.240000Z",
         "durationSeconds": 0.01,
         "error": None,
+        "usage": None,
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from troupe_cli.views import AgentLoad, DeadLetter, RunResult, StepAttempt, readable_data
 from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.usage import Usage
 from troupe_runtime.nats.kv import Change
 
 MAX_CELL = 60
@@ -87,6 +88,25 @@ def offset(moment: datetime | None, start: datetime) -> str:
     return "-" if moment is None else f"+{duration((moment - start).total_seconds())}"
 
 
+def dollars(cost: float) -> str:
+    """Enough places for a small model's fractions of a cent: ``$0.000125``, ``$1.5``."""
+    return "$" + (f"{cost:.6f}".rstrip("0").rstrip(".") or "0")
+
+
+def tokens(usage: Usage | None) -> str:
+    return "-" if usage is None else f"{usage.tokens_in}/{usage.tokens_out}"
+
+
+def cost(usage: Usage | None) -> str:
+    return "-" if usage is None else dollars(usage.cost_usd)
+
+
+def usage_json(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    return {"tokensIn": usage.tokens_in, "tokensOut": usage.tokens_out, "costUsd": usage.cost_usd}
+
+
 def _run_seconds(state: RunState) -> float | None:
     if state.finished_at is None:
         return None
@@ -124,6 +144,8 @@ def result_json(result: RunResult) -> dict[str, Any]:
 def runs_text(runs: Sequence[RunState]) -> str:
     if not runs:
         return "no runs"
+    # Token columns only where some run counted: runs of plain agents stay as narrow as ever.
+    counted = any(run.usage is not None for run in runs)
     rows = [
         [
             run.run_id,
@@ -131,10 +153,12 @@ def runs_text(runs: Sequence[RunState]) -> str:
             when(run.started_at),
             when(run.finished_at),
             duration(_run_seconds(run)),
+            *([tokens(run.usage), cost(run.usage)] if counted else []),
         ]
         for run in runs
     ]
-    return table(["run", "status", "started", "finished", "duration"], rows)
+    header = ["run", "status", "started", "finished", "duration"]
+    return table([*header, *(["tokens in/out", "cost"] if counted else [])], rows)
 
 
 def runs_json(runs: Sequence[RunState]) -> list[dict[str, Any]]:
@@ -145,6 +169,7 @@ def runs_json(runs: Sequence[RunState]) -> list[dict[str, Any]]:
             "started": iso(run.started_at),
             "finished": iso(run.finished_at),
             "durationSeconds": _run_seconds(run),
+            "usage": usage_json(run.usage),
         }
         for run in runs
     ]
@@ -161,8 +186,11 @@ def run_text(state: RunState, attempts: Sequence[StepAttempt]) -> str:
         f"started:   {when(state.started_at)}",
         f"finished:  {when(state.finished_at)}",
         f"duration:  {duration(_run_seconds(state))}",
-        "",
     ]
+    counted = state.usage is not None or any(a.usage is not None for a in attempts)
+    if counted:
+        lines += [f"tokens:    {tokens(state.usage)} (in/out)", f"cost:      {cost(state.usage)}"]
+    lines.append("")
     if attempts:
         rows = [
             [
@@ -172,11 +200,13 @@ def run_text(state: RunState, attempts: Sequence[StepAttempt]) -> str:
                 offset(attempt.dispatched_at, state.started_at),
                 offset(attempt.finished_at, state.started_at),
                 duration(attempt.seconds),
+                *([tokens(attempt.usage), cost(attempt.usage)] if counted else []),
                 attempt.error or "",
             ]
             for attempt in attempts
         ]
-        header = ["step", "attempt", "status", "dispatched", "finished", "duration", "error"]
+        header = ["step", "attempt", "status", "dispatched", "finished", "duration"]
+        header += [*(["tokens in/out", "cost"] if counted else []), "error"]
         lines += [table(header, rows), ""]
     else:
         lines += ["no steps dispatched yet", ""]
@@ -197,6 +227,7 @@ def run_json(state: RunState, attempts: Sequence[StepAttempt]) -> dict[str, Any]
         "input": state.input,
         "output": state.output,
         "error": state.error,
+        "usage": usage_json(state.usage),
         "steps": [
             {
                 "step": attempt.step,
@@ -207,6 +238,7 @@ def run_json(state: RunState, attempts: Sequence[StepAttempt]) -> dict[str, Any]
                 "finished": iso(attempt.finished_at),
                 "durationSeconds": attempt.seconds,
                 "error": attempt.error,
+                "usage": usage_json(attempt.usage),
             }
             for attempt in attempts
         ],

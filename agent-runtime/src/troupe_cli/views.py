@@ -23,6 +23,7 @@ from troupe_runtime.contract.run_events import (
     StepFailed,
     StepSucceeded,
 )
+from troupe_runtime.contract.usage import Usage
 
 # Data nested deeper than this is shown as its text: printing it would recurse too far.
 MAX_SHOWN_DEPTH = 100
@@ -65,6 +66,8 @@ class StepAttempt:
     dispatched_at: datetime
     finished_at: datetime | None = None
     error: str | None = None
+    usage: Usage | None = None
+    """The tokens and cost the agent's reply reported; None when it reported none."""
 
     @property
     def compensation(self) -> bool:
@@ -107,6 +110,7 @@ def timeline(events: list[Event]) -> list[StepAttempt]:
                     started.dispatched_at,
                     event.at,
                     None if isinstance(event, StepSucceeded) else event.error,
+                    event.usage,
                 )
     return list(attempts.values())
 

@@ -14,9 +14,24 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter
 
 from troupe_runtime.contract.policies import WireModel
+from troupe_runtime.contract.usage import Usage
 
 # A run id is the id of the event that started it; it becomes a subject token and a KV key.
 RUN_ID_PATTERN = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
+COMPENSATE = "compensate"
+"""The attempt token of a compensation's dispatch id."""
+
+
+def dispatch_id(run_id: str, step: str, attempt: int | str) -> str:
+    """The event id of a step's dispatch (``attempt`` or ``COMPENSATE``): the agent's reply
+    names it as its cause, and its answer streams on ``naming.token_stream_subject(ns,
+    run_id, dispatch_id(...))``, which is how the CLI tells steps' deltas apart."""
+    return f"{run_id}/{step}/{attempt}"
+
+
+def parse_dispatch_id(value: str) -> tuple[str, str, str] | None:
+    parts = value.rsplit("/", 2)
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
 
 class _Event(WireModel):
@@ -51,6 +66,8 @@ class StepSucceeded(_Event):
     step: str
     attempt: int
     output: Any = None
+    usage: Usage | None = None
+    """What the agent's reply said the attempt cost; None when it said nothing."""
 
     @property
     def key(self) -> str:
@@ -62,6 +79,7 @@ class StepFailed(_Event):
     step: str
     attempt: int
     error: str
+    usage: Usage | None = None
 
     @property
     def key(self) -> str:
@@ -82,6 +100,7 @@ class CompensationFinished(_Event):
     kind: Literal["CompensationFinished"] = "CompensationFinished"
     step: str
     error: str | None = None
+    usage: Usage | None = None
 
     @property
     def key(self) -> str:

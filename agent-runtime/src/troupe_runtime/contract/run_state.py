@@ -22,6 +22,7 @@ from troupe_runtime.contract.run_events import (
     StepFailed,
     StepSucceeded,
 )
+from troupe_runtime.contract.usage import Usage
 
 StepStatus = Literal["Pending", "Running", "Succeeded", "Failed"]
 RunStatus = Literal["Running", "Compensating", "Succeeded", "Failed"]
@@ -35,6 +36,8 @@ class StepState(WireModel):
     error: str | None = None
     dispatched_at: datetime | None = None
     finished_at: datetime | None = None
+    usage: Usage | None = None
+    """What the step's attempts cost so far, as their replies said; None if none said."""
 
 
 class CompensationState(WireModel):
@@ -57,10 +60,25 @@ class RunState(WireModel):
     output: Any = None
     error: str | None = None
     events: int = 0
+    usage: Usage | None = None
+    """The run's tokens and cost: every attempt's and compensation's that said. None when
+    none did (no LLM agent among the steps, or a run recorded before Troupe counted)."""
 
     @property
     def terminal(self) -> bool:
         return self.status in ("Succeeded", "Failed")
+
+
+def add_usage(total: Usage | None, more: Usage | None) -> Usage | None:
+    """``total`` plus ``more``, where None is "nothing reported", not zero."""
+    if more is None:
+        return total
+    return more if total is None else total + more
+
+
+def run_usage(state: RunState) -> Usage:
+    """The run's tokens and cost, zero when nothing was reported: what a status shows."""
+    return state.usage or Usage()
 
 
 def _step(state: RunState, name: str) -> StepState:
@@ -71,6 +89,15 @@ def _awaited(state: RunState, step: str, attempt: int) -> bool:
     """Whether a reply for ``step``/``attempt`` is the one the run is waiting for."""
     current = _step(state, step)
     return current.status == "Running" and current.attempt == attempt
+
+
+def _finished(
+    state: RunState, step: str, usage: Usage | None, at: datetime, **changes: Any
+) -> StepState:
+    current = _step(state, step)
+    return current.model_copy(
+        update={**changes, "finished_at": at, "usage": add_usage(current.usage, usage)}
+    )
 
 
 def apply(state: RunState | None, event: Event) -> RunState:
@@ -93,17 +120,23 @@ def apply(state: RunState | None, event: Event) -> RunState:
     match event:
         case StepDispatched():
             steps[event.step] = StepState(
-                status="Running", attempt=event.attempt, input=event.input, dispatched_at=event.at
+                status="Running",
+                attempt=event.attempt,
+                input=event.input,
+                dispatched_at=event.at,
+                usage=_step(state, event.step).usage,  # earlier attempts' cost stays the step's
             )
         case StepSucceeded() if _awaited(state, event.step, event.attempt):
-            steps[event.step] = _step(state, event.step).model_copy(
-                update={"status": "Succeeded", "output": event.output, "finished_at": event.at}
+            steps[event.step] = _finished(
+                state, event.step, event.usage, status="Succeeded", output=event.output, at=event.at
             )
             update["succeeded_order"] = [*state.succeeded_order, event.step]
+            update["usage"] = add_usage(state.usage, event.usage)
         case StepFailed() if _awaited(state, event.step, event.attempt):
-            steps[event.step] = _step(state, event.step).model_copy(
-                update={"status": "Failed", "error": event.error, "finished_at": event.at}
+            steps[event.step] = _finished(
+                state, event.step, event.usage, status="Failed", error=event.error, at=event.at
             )
+            update["usage"] = add_usage(state.usage, event.usage)
         case CompensationDispatched():
             update["status"] = "Compensating"
             update["compensations"] = {
@@ -118,6 +151,7 @@ def apply(state: RunState | None, event: Event) -> RunState:
                 update={"status": "Failed" if event.error else "Done", "finished_at": event.at}
             )
             update["compensations"] = {**state.compensations, event.step: done}
+            update["usage"] = add_usage(state.usage, event.usage)
         case RunFinished():
             update.update(
                 status=event.status, output=event.output, error=event.error, finished_at=event.at

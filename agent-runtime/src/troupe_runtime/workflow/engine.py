@@ -39,6 +39,7 @@ from troupe_runtime.contract.envelope import (
     child_traceparent,
 )
 from troupe_runtime.contract.run_events import (
+    COMPENSATE,
     RUN_ID_PATTERN,
     CompensationDispatched,
     CompensationFinished,
@@ -48,8 +49,11 @@ from troupe_runtime.contract.run_events import (
     StepDispatched,
     StepFailed,
     StepSucceeded,
+    dispatch_id,
+    parse_dispatch_id,
 )
 from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.usage import Usage
 from troupe_runtime.nats.pull import Puller
 from troupe_runtime.workflow import planner
 from troupe_runtime.workflow.lease import Lease, LeaseLost
@@ -66,33 +70,29 @@ ownership period started over."""
 LEASE_CHECK_SECONDS = 1.0
 LEASE_RENEW_SECONDS = 3600.0
 STEP_EVENT_TYPE = "troupe.workflow.step"
-COMPENSATE = "compensate"
-# Run ids become KV keys and subject tokens.
-
-
-def dispatch_id(run_id: str, step: str, attempt: int | str) -> str:
-    return f"{run_id}/{step}/{attempt}"
-
-
-def parse_dispatch_id(value: str) -> tuple[str, str, str] | None:
-    parts = value.rsplit("/", 2)
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+MAX_ATTEMPT_DIGITS = 9
 
 
 def reply_event(event: CloudEvent, now: datetime) -> Event | None:
-    """Turn an agent's reply into the run event it stands for (None if unrelated)."""
+    """Turn an agent's reply into the run event it stands for (None if unrelated), with
+    the tokens and cost its usage attributes report (``Usage.from_attributes``)."""
     parsed = parse_dispatch_id(event.causationid or "")
     if parsed is None:
         return None
     run_id, step, attempt = parsed
     error = _error_text(event) if event.type == ERROR_TYPE else None
+    usage = Usage.from_attributes(event.model_extra or {})
     if attempt == COMPENSATE:
-        return CompensationFinished(run_id=run_id, at=now, step=step, error=error)
-    if not attempt.isdigit():
-        return None
+        return CompensationFinished(run_id=run_id, at=now, step=step, error=error, usage=usage)
+    if not (attempt.isascii() and attempt.isdecimal()) or len(attempt) > MAX_ATTEMPT_DIGITS:
+        return None  # anyone may reply: "²" is a digit to str.isdigit, not to int()
     if error is not None:
-        return StepFailed(run_id=run_id, at=now, step=step, attempt=int(attempt), error=error)
-    return StepSucceeded(run_id=run_id, at=now, step=step, attempt=int(attempt), output=event.data)
+        return StepFailed(
+            run_id=run_id, at=now, step=step, attempt=int(attempt), error=error, usage=usage
+        )
+    return StepSucceeded(
+        run_id=run_id, at=now, step=step, attempt=int(attempt), output=event.data, usage=usage
+    )
 
 
 def _error_text(event: CloudEvent) -> str:
