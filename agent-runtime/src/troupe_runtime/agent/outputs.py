@@ -7,13 +7,15 @@ duplicates.
 
 Targets are on an allow-list. Outputs go only to ``contract.outputSubjects``;
 a reply goes only to a workflow engine's reply subject in the agent's own
-namespace (``naming.workflow_replies_wildcard``), never to the server's own
-``$`` subjects (the JetStream API, system events) or another namespace: a
-message carrying any other ``replyto`` is refused before its handler runs
-(``reply_refusal``). What cannot be stored, an event too large for the
-server with its headers or a subject no stream stores, raises
-``Undeliverable``: the message is dead-lettered with that reason at once,
-since another attempt would re-run the handler for the same end.
+namespace (``naming.workflow_replies_wildcard``) or to an LLM agent's tool
+call (``naming.agent_call_reply_subject``, stored on the namespace's event
+log), never to the server's own ``$`` subjects (the JetStream API, system
+events) or another namespace: a message carrying any other ``replyto`` is
+refused before its handler runs (``reply_refusal``). What cannot be stored,
+an event too large for the server with its headers or a subject no stream
+stores, raises ``Undeliverable``: the message is dead-lettered with that
+reason at once, since another attempt would re-run the handler for the same
+end.
 
 Extension attributes a handler sets in ``ctx.attributes`` (an LLM agent's
 token usage) go on every output and on the reply, the failure reply
@@ -77,9 +79,13 @@ def reply_refusal(config: RuntimeConfig, replyto: str | None) -> str | None:
     allowed = naming.workflow_replies_wildcard(config.namespace)
     if naming.subject_matches(allowed, replyto):
         return None
+    if naming.is_agent_call_reply_subject(config.namespace, replyto):
+        return None  # an LLM agent calling this one as a tool
+    calls = naming.event_log_subject(config.namespace, f"{naming.AGENT_CALL_LOG_PREFIX}...")
     return (
         f"replyto {replyto!r} is not a workflow reply subject of namespace "
-        f"{config.namespace!r} ({allowed}); agent {config.agent} replies only there"
+        f"{config.namespace!r} ({allowed}) nor an agent call's ({calls}); agent "
+        f"{config.agent} replies only there"
     )
 
 

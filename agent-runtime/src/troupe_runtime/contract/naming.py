@@ -188,6 +188,26 @@ def conversation_log_id(agent: str, event_id: str) -> str:
     return f"llm-{_token(agent)}-{_digest(event_id)}"
 
 
+AGENT_CALL_LOG_PREFIX = "call-"
+"""Event-log ids of agents-as-tools replies; no conversation log (``llm-``) begins so."""
+
+
+def agent_call_reply_subject(namespace: str, caller: str, request_id: str) -> str:
+    """Where the callee of an LLM agent's tool call replies: a subject of the namespace's
+    event log, so the reply is stored and a redelivered caller finds one given while it was
+    down."""
+    return event_log_subject(
+        namespace, f"{AGENT_CALL_LOG_PREFIX}{_token(caller)}-{_digest(request_id)}"
+    )
+
+
+def is_agent_call_reply_subject(namespace: str, subject: str) -> bool:
+    """Whether ``subject`` is an ``agent_call_reply_subject`` of ``namespace``."""
+    if not subject_matches(event_log_subject(namespace, "*"), subject):
+        return False
+    return subject.rsplit(".", 1)[1].startswith(AGENT_CALL_LOG_PREFIX)
+
+
 def llm_object_store(namespace: str) -> str:
     """The Object Store bucket holding tool results too large to keep in the log."""
     return f"troupe_{_token(namespace)}_llm_blobs"
