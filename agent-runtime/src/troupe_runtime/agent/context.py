@@ -96,7 +96,11 @@ class Context:
 
     def set_deferrals(self, count: int) -> None:
         """Say how often this message was deferred before (an LLM agent's journal knows);
-        raises ``AttemptsExhausted`` when that leaves no attempt for this delivery."""
+        raises ``AttemptsExhausted`` when that leaves no attempt for this delivery.
+
+        Call it on every redelivery, with 0 too, before anything costly: it is what stops a
+        message whose earlier deliveries crashed, since the runtime alone cannot tell
+        them from deferrals (it allows every delivery a deferral might have taken)."""
         if not 0 <= count < self.deliveries:
             raise ValueError(
                 f"{count} earlier deferrals: a message delivered {self.deliveries} times "
