@@ -19,6 +19,13 @@ from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.nats.provision import ensure_agent_resources
 
 TOLERANCE = 0.10
+"""How far above the limit the measured rate may be (clock jitter over a short run).
+
+A limit is a ceiling, so the bound above is tight; below, a loaded machine may run slower
+than the limit without a fault, so the floor (``FLOOR`` of the rate) only catches a limiter
+that throttles far too hard. Unlimited, the same runs go hundreds of messages a second.
+"""
+FLOOR = 0.5
 
 
 def measured_rate(times: list[float]) -> float:
@@ -40,7 +47,7 @@ async def test_a_replica_rate_limit_holds(nats_url: str) -> None:
             await eventually(lambda: len(times) == 41, "41 messages handled")
             throttled = runtime.metrics.registry.get_sample_value("troupe_throttled_total")
 
-    assert abs(measured_rate(times) - 20) <= 20 * TOLERANCE
+    assert 20 * FLOOR <= measured_rate(times) <= 20 * (1 + TOLERANCE)
     assert throttled is not None
     assert throttled >= 35
 
@@ -68,7 +75,7 @@ async def test_a_global_rate_limit_holds_across_three_replicas(nats_url: str) ->
             await eventually(lambda: sum(map(len, times.values())) == 51, "51 messages handled")
 
     everything = [t for replica in times.values() for t in replica]
-    assert abs(measured_rate(everything) - 25) <= 25 * TOLERANCE
+    assert 25 * FLOOR <= measured_rate(everything) <= 25 * (1 + TOLERANCE)
     assert all(times.values()), "every replica handled messages"
 
 
