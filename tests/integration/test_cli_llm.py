@@ -15,9 +15,17 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
-from tests.integration.workflow_harness import agent_config, engine, engine_config, new_namespace
+from tests.integration.workflow_harness import (
+    agent_config,
+    agents,
+    engine,
+    engine_config,
+    new_namespace,
+)
 from troupe_cli.main import amain
+from troupe_runtime.agent.context import Context
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.contract.envelope import CloudEvent
@@ -32,6 +40,21 @@ async def troupe(capsys: pytest.CaptureFixture[str], nats_url: str, ns: str, *ar
     code = await amain(["--nats-url", nats_url, "-n", ns, *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture
+async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(nats_url)
+    yield nc.jetstream()
+    await nc.close()
+
+
+async def echo(ctx: Context) -> Any:
+    return ctx.event.data
+
+
+async def broken(ctx: Context) -> Any:
+    raise RuntimeError("the disk is full")
 
 
 @asynccontextmanager
@@ -66,8 +89,8 @@ async def wire_agent(nats_url: str, ns: str, agent: str, answer: Answer) -> Asyn
                     **attributes,
                 )
                 headers, payload = envelope.to_binary(reply)
-                assert event.replyto is not None
-                await js.publish(event.replyto, payload, headers=headers)
+                if event.replyto is not None:  # a workflow's step; a plain send has none
+                    await js.publish(event.replyto, payload, headers=headers)
                 await msg.ack()
 
     task = asyncio.create_task(serve())
@@ -133,3 +156,150 @@ async def test_a_reply_with_garbage_usage_still_moves_the_run_on_and_counts_noth
     assert ran[0] == 0, ran
     run = json.loads(shown[1])
     assert (run["status"], run["usage"], run["steps"][0]["usage"]) == ("Succeeded", None, None)
+
+
+GARBAGE = [
+    b"not json",
+    b"\xff\xfe",
+    b"[1, 2]",
+    b'{"delta": 5}',
+    b'{"tool": ["x"]}',
+    b'{"done": "yes", "final": true}',
+    b"[" * 50000,
+    b'{"delta": "' + b"x" * 200_000 + b'"}',
+]
+
+
+def streaming(ns: str, chunks: list[dict[str, Any] | bytes]) -> Answer:
+    """An agent that streams ``chunks`` on its answer's subject, then replies."""
+
+    async def answer(nc: Client, event: CloudEvent) -> Any:
+        subject = naming.token_stream_subject(ns, event.run_id, event.id)
+        for chunk in chunks:
+            data = chunk if isinstance(chunk, bytes) else json.dumps(chunk).encode()
+            await nc.publish(subject, data)
+        await nc.flush()
+        return {}, "done"
+
+    return answer
+
+
+def answer_chunks(first_turn: list[str], last: str = " world") -> list[dict[str, Any] | bytes]:
+    """Deltas of a turn that calls a tool, then a final turn; garbage before each chunk."""
+    script: list[dict[str, Any]] = [
+        *({"delta": text, "turn": 1} for text in first_turn),
+        {"tool": "search\x1b[2J", "turn": 1},
+        {"done": True, "turn": 1, "final": False},
+        {"delta": last, "turn": 2},
+        {"done": True, "turn": 2, "final": True},
+    ]
+    chunks: list[dict[str, Any] | bytes] = []
+    for index, chunk in enumerate(script):
+        chunks += [GARBAGE[index % len(GARBAGE)], chunk]
+    return chunks
+
+
+async def test_send_stream_prints_the_deltas_in_order_skipping_garbage_until_the_final_turn(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    chunks = answer_chunks(["Hel", "\x1b[31mlo\x1b[0m\x1b]0;pwned\x07"])
+    async with wire_agent(nats_url, ns, "analyst", streaming(ns, chunks)):
+        code, out, err = await troupe(
+            capsys, nats_url, ns, "send", "analyst", "--data", '"hi"', "--id", "q1", "--stream"
+        )
+
+    assert code == 0, err
+    inbox = naming.inbox_subject(ns, "analyst", 0)
+    assert out == (
+        "Hello\n[tool: search]\n world\n"
+        f"sent q1 to {inbox} (stream {naming.inbox_stream(ns, 'analyst')}, sequence 1)\n"
+    )
+    assert "warning: ignored 6 stream messages that were not deltas" in err
+
+
+async def test_send_stream_as_json_gives_one_sanitised_chunk_a_line_then_the_send(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    chunks = answer_chunks(["a\x07b"])
+    async with wire_agent(nats_url, ns, "analyst", streaming(ns, chunks)):
+        code, out, _ = await troupe(
+            capsys, nats_url, ns, "-o", "json", "send", "analyst", "--id", "q1", "--stream"
+        )
+
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[:-1] == [
+        {"delta": "ab", "turn": 1},
+        {"tool": "search", "turn": 1},
+        {"done": True, "turn": 1, "final": False},
+        {"delta": " world", "turn": 2},
+        {"done": True, "turn": 2, "final": True},
+    ]
+    assert lines[-1]["id"] == "q1"
+
+
+async def test_send_stream_ends_when_an_agent_that_does_not_stream_has_handled_it(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    async with agents(nats_url, ns, {"echo": echo}):
+        code, out, err = await troupe(capsys, nats_url, ns, "send", "echo", "--stream")
+
+    assert code == 0
+    assert out.startswith("sent ")
+    assert "without a final streamed turn" in err
+
+
+async def test_send_stream_fails_with_the_reason_when_the_agent_dead_letters_the_message(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    async with agents(nats_url, ns, {"broken": broken}):
+        code, _, err = await troupe(
+            capsys, nats_url, ns, "send", "broken", "--id", "q9", "--stream", "--timeout", "20"
+        )
+
+    assert code == 1
+    assert "agent broken dead-lettered q9 (exhausted): " in err
+    assert "the disk is full" in err
+
+
+async def test_send_stream_gives_up_after_its_timeout(
+    nats_url: str, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    config = agent_config(nats_url, ns, "idle")
+    await ensure_agent_resources(js, build_agent_resources(config))
+
+    code, _, err = await troupe(capsys, nats_url, ns, "send", "idle", "--stream", "--timeout", "1")
+
+    assert code == 1
+    assert "agent idle streamed no final answer" in err
+
+
+async def test_run_stream_names_each_steps_deltas_then_prints_the_result(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [{"name": "a"}, {"name": "b", "dependsOn": ["a"]}])
+    async with (
+        wire_agent(nats_url, ns, "a", streaming(ns, answer_chunks(["one\ntwo"], " A"))),
+        wire_agent(nats_url, ns, "b", streaming(ns, answer_chunks(["three"], " B"))),
+        engine(config),
+    ):
+        code, out, err = await troupe(capsys, nats_url, ns, "run", "wf", "--id", "r1", "--stream")
+
+    assert code == 0, err
+    assert out.splitlines() == [
+        "[a] one",
+        "[a] two",
+        "[a] [tool: search]",
+        "[a]  A",
+        "[b] three",
+        "[b] [tool: search]",
+        "[b]  B",
+        "run r1: Succeeded",
+        '"done"',
+    ]

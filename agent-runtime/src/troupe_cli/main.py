@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -18,16 +19,33 @@ from pathlib import Path
 from typing import Any
 
 from troupe_cli import render
+from troupe_cli.deltas import (
+    Chunk,
+    Shown,
+    StepStreams,
+    StreamLayout,
+    TurnDone,
+    chunk_json,
+    parse_chunk,
+)
 from troupe_cli.errors import CliError
-from troupe_cli.nats_ops import Ops, connected
-from troupe_cli.views import agent_loads, timeline
-from troupe_runtime.contract import envelope
+from troupe_cli.nats_ops import Heard, Ops, connected
+from troupe_cli.views import DeadLetter, RunResult, agent_loads, timeline
+from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
-from troupe_runtime.contract.run_events import RUN_ID_PATTERN
+from troupe_runtime.contract.run_events import RUN_ID_PATTERN, decode_event
 from troupe_runtime.contract.run_state import replay
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 CLEAR_SCREEN = "\x1b[H\x1b[J"
+HANDLED_POLL_SECONDS = 0.5
+"""How often ``send --stream`` asks whether the agent acknowledged the message, so an
+agent that streams nothing (not an LLM agent, or one with ``stream: false``) ends it."""
+DRAIN_SECONDS = 0.2
+"""After the end, how long a message the server already sent may take to reach the queue."""
+HOLD_SECONDS = 1.0
+"""How long ``run --stream`` holds a stream's deltas waiting for the run's log to name its
+step (the engine logs a dispatch just after sending it)."""
 
 Command = Callable[[Ops, argparse.Namespace], Awaitable[int]]
 
@@ -45,6 +63,10 @@ def _emit_line(args: argparse.Namespace, text: str, document: Any) -> None:
 
 def _error(message: object) -> None:
     print(f"error: {render.printable(str(message))}", file=sys.stderr)
+
+
+def _warn(message: object) -> None:
+    print(f"warning: {render.printable(str(message))}", file=sys.stderr)
 
 
 def parse_json(text: str, what: str) -> Any:
@@ -75,6 +97,8 @@ async def run_workflow(ops: Ops, args: argparse.Namespace) -> int:
             f"run id {run_id!r} is not valid: use 1 to 200 letters, digits, '-', '_' or '='"
         )
     data = _run_input(args)
+    if args.stream:
+        return await _run_streaming(ops, args, run_id, data)
     duplicate = await ops.start_run(args.workflow, run_id, data, args.priority)
     if not args.wait:
         _emit(
@@ -84,13 +108,108 @@ async def run_workflow(ops: Ops, args: argparse.Namespace) -> int:
         )
         return 0
     result = await ops.wait_result(args.workflow, run_id, args.timeout)
+    return _result(args, run_id, result)
+
+
+def _result(args: argparse.Namespace, run_id: str, result: RunResult | None) -> int:
+    """Print the run's result; after a stream, as one more JSON line under ``-o json``."""
     if result is None:
         raise CliError(
             f"run {run_id} of workflow {args.workflow} has no result after {args.timeout:g}s; "
             f"follow it with `troupe runs show {args.workflow} {run_id}`"
         )
-    _emit(args, render.result_text(result), render.result_json(result))
+    emit = _emit_line if args.stream else _emit
+    emit(args, render.result_text(result), render.result_json(result))
     return 0 if result.succeeded else 1
+
+
+class _Streamed:
+    """Prints stream chunks as they come: text laid out, or one JSON line each."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._json = args.output == "json"
+        self._layout = StreamLayout()
+        self.ignored = 0
+
+    def show(self, data: bytes, label: str | None = None) -> Chunk | None:
+        chunk = parse_chunk(data)
+        if chunk is None:
+            self.ignored += 1
+            return None
+        if self._json:
+            print(render.dumps(chunk_json(chunk, label), indent=None), flush=True)
+        else:
+            print(self._layout.text(chunk, label), end="", flush=True)
+        return chunk
+
+    def close(self) -> None:
+        if not self._json:
+            print(self._layout.end_line(), end="", flush=True)
+        if self.ignored:
+            _warn(f"ignored {self.ignored} stream messages that were not deltas")
+
+
+async def _drain(ops: Ops, heard: asyncio.Queue[Heard]) -> list[Heard]:
+    """What the server sent before now and is still on its way to the queue."""
+    await ops.caught_up()
+    late = []
+    while True:
+        try:
+            late.append(await asyncio.wait_for(heard.get(), DRAIN_SECONDS))
+        except TimeoutError:
+            return late
+
+
+async def _run_streaming(ops: Ops, args: argparse.Namespace, run_id: str, data: Any) -> int:
+    """Listen to every answer of the run, and to its log, before starting it; print the
+    deltas named by step (``StepStreams``), then the result: ``--stream`` implies ``--wait``."""
+    streamed = _Streamed(args)
+    steps = StepStreams(ops.namespace, run_id, HOLD_SECONDS)
+    loop = asyncio.get_running_loop()
+    subjects = {
+        "stream": naming.token_stream_wildcard(ops.namespace, run_id),
+        "log": naming.workflow_subject(ops.namespace, args.workflow, "events", run_id),
+    }
+
+    def show(shown: list[Shown]) -> None:
+        for label, data in shown:
+            streamed.show(data, label)
+
+    def take(message: Heard) -> None:
+        if message.tag == "stream":
+            show(steps.take(message.subject, message.data, loop.time()))
+            return
+        # Anyone may publish on a run's log subject; the engine's appends decode.
+        with contextlib.suppress(ValueError):
+            show(steps.learn(decode_event(message.data)))
+
+    async with ops.listening(subjects) as heard:
+        await ops.start_run(args.workflow, run_id, data, args.priority)
+        for event in await ops.run_events(args.workflow, run_id):  # a run already going
+            show(steps.learn(event))
+        result = asyncio.create_task(ops.wait_result(args.workflow, run_id, args.timeout))
+        try:
+            while not result.done():
+                expiry = steps.next_expiry()
+                message = asyncio.ensure_future(heard.get())
+                await asyncio.wait(
+                    {message, result},
+                    timeout=None if expiry is None else max(expiry - loop.time(), 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if message.done():
+                    take(message.result())
+                else:
+                    message.cancel()
+                show(steps.expired(loop.time()))
+            for late in await _drain(ops, heard):
+                take(late)
+            show(steps.release_all())
+            outcome = await result
+        finally:
+            result.cancel()
+    streamed.close()
+    return _result(args, run_id, outcome)
 
 
 async def list_runs(ops: Ops, args: argparse.Namespace) -> int:
@@ -123,6 +242,8 @@ async def send(ops: Ops, args: argparse.Namespace) -> int:
         priority=args.priority,
         data=data,
     )
+    if args.stream:
+        return await _send_streaming(ops, args, event)
     subject, stream, sequence = await ops.send(args.agent, event, args.priority)
     _emit(
         args,
@@ -130,6 +251,67 @@ async def send(ops: Ops, args: argparse.Namespace) -> int:
         render.sent_json(event.id, subject, stream, sequence),
     )
     return 0
+
+
+async def _send_streaming(ops: Ops, args: argparse.Namespace, event: CloudEvent) -> int:
+    """Listen to the answer's stream (and the agent's dead letters) before sending, print
+    the deltas until the final turn ends, then what ``send`` prints. An agent that
+    acknowledges the message without a final turn (it does not stream) ends it too; one
+    that dead-letters it fails it, with the letter's reason."""
+    streamed = _Streamed(args)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.timeout
+    subjects = {
+        "stream": naming.token_stream_subject(ops.namespace, event.run_id, event.id),
+        "dead": naming.dead_letter_subject(ops.namespace, args.agent),
+    }
+    async with ops.listening(subjects) as heard:
+        subject, stream, sequence = await ops.send(args.agent, event, args.priority)
+        ended = False
+        while not ended:
+            if loop.time() >= deadline:
+                raise CliError(
+                    f"agent {args.agent} streamed no final answer to {event.id} within "
+                    f"{args.timeout:g}s; look for it with `troupe dlq list {args.agent}`"
+                )
+            try:
+                message = await asyncio.wait_for(heard.get(), HANDLED_POLL_SECONDS)
+            except TimeoutError:
+                if await ops.handled(args.agent, args.priority, sequence):
+                    ended = _ended(streamed, await _drain(ops, heard), event, args.agent)
+                    if not ended:
+                        _error(
+                            f"agent {args.agent} handled {event.id} without a final streamed turn"
+                        )
+                        break
+                continue
+            ended = _ended(streamed, [message], event, args.agent)
+    streamed.close()
+    _emit_line(
+        args,
+        render.sent_text(event.id, subject, stream, sequence),
+        render.sent_json(event.id, subject, stream, sequence),
+    )
+    return 0
+
+
+def _ended(streamed: _Streamed, messages: list[Heard], event: CloudEvent, agent: str) -> bool:
+    """Show ``messages``; True once the final turn is done. A dead letter of this event
+    ends it as a failure."""
+    for message in messages:
+        if message.tag == "dead":
+            letter = DeadLetter(0, None, message.headers, message.data)
+            if letter.event_id == event.id:
+                streamed.close()
+                raise CliError(
+                    f"agent {agent} dead-lettered {event.id} ({letter.reason}): "
+                    f"{letter.error[:200]}; see `troupe dlq list {agent}`"
+                )
+            continue
+        chunk = streamed.show(message.data)
+        if isinstance(chunk, TurnDone) and chunk.final:
+            return True
+    return False
 
 
 async def list_dead_letters(ops: Ops, args: argparse.Namespace) -> int:
@@ -298,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the run's priority: its steps go to their agents' inbox of that level",
     )
+    run.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the LLM agents' answers as they stream, by step, then the result (waits)",
+    )
     run.add_argument("--timeout", type=_positive, default=300.0, help="seconds --wait waits")
 
     runs = commands.add_parser("runs", help="list and inspect runs").add_subparsers(
@@ -316,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send_.add_argument("--type", default="troupe.cli.message", help="the CloudEvent type")
     send_.add_argument("--id", help="the CloudEvent id (default: a new one)")
+    send_.add_argument(
+        "--stream", action="store_true", help="print the LLM agent's answer as it streams"
+    )
+    send_.add_argument(
+        "--timeout", type=_positive, default=300.0, help="seconds --stream waits for the answer"
+    )
 
     dlq = commands.add_parser("dlq", help="an agent's dead letters").add_subparsers(
         dest="dlq_command", required=True, metavar="COMMAND"

@@ -6,12 +6,15 @@ cause, so that ``main`` prints a sentence, not a traceback.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -43,6 +46,21 @@ CONNECT_TIMEOUT_SECONDS = 3
 MAX_LEVELS = 10
 # How much of a text taken from a dead letter an error message quotes.
 MAX_SHOWN = 200
+# What a token-stream listener holds before the server counts it a slow consumer and
+# drops the excess: a flood costs messages, never the CLI's memory.
+HEARD_QUEUE = 1024
+PENDING_MESSAGES = 4096
+PENDING_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Heard:
+    """A core-NATS message a listener received, tagged with the subscription it came by."""
+
+    tag: str
+    subject: str
+    data: bytes
+    headers: dict[str, str]
 
 
 async def _quiet(error: Exception) -> None:
@@ -84,8 +102,53 @@ class Ops:
     """The reads and writes behind every command, in one namespace."""
 
     def __init__(self, nc: Client, namespace: str) -> None:
+        self._nc = nc
         self._js: JetStreamContext = nc.jetstream()
         self.namespace = namespace
+
+    # Token streams (core NATS)
+
+    @asynccontextmanager
+    async def listening(self, subjects: Mapping[str, str]) -> AsyncIterator[asyncio.Queue[Heard]]:
+        """Subscribe to ``subjects`` (tag to subject) and yield their messages in one
+        queue, once the server has the subscriptions: whatever is published after the
+        block starts is heard."""
+        heard: asyncio.Queue[Heard] = asyncio.Queue(HEARD_QUEUE)
+
+        def deliver(tag: str) -> Any:
+            async def callback(msg: Msg) -> None:
+                await heard.put(Heard(tag, msg.subject, msg.data or b"", msg.headers or {}))
+
+            return callback
+
+        subscriptions = []
+        try:
+            for tag, subject in subjects.items():
+                subscriptions.append(
+                    await self._nc.subscribe(
+                        subject,
+                        cb=deliver(tag),
+                        pending_msgs_limit=PENDING_MESSAGES,
+                        pending_bytes_limit=PENDING_BYTES,
+                    )
+                )
+            await self.caught_up()
+            yield heard
+        finally:
+            for subscription in subscriptions:
+                await subscription.unsubscribe()
+
+    async def caught_up(self) -> None:
+        """One round trip to the server: everything it sent before has been read."""
+        await self._nc.flush(CONNECT_TIMEOUT_SECONDS)
+
+    async def handled(self, agent: str, priority: int, sequence: int) -> bool:
+        """Whether the agent has acknowledged the inbox message at ``sequence`` (answered
+        it, or dead-lettered it)."""
+        info = await self._js.consumer_info(
+            naming.inbox_stream(self.namespace, agent), naming.consumer_name(agent, priority)
+        )
+        return info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= sequence
 
     # Workflows
 
