@@ -1,0 +1,162 @@
+"""One ToolBox over all of an agent's tools: functions, Agents, then MCP servers.
+
+Tool names are unique across kinds, since the model calls a tool by name alone: two tools
+with one name are a start-up error naming both. An MCP server reached only later that lists
+a taken name has that tool skipped, with an error in the log.
+
+``build_toolbox`` runs once per process (MCP sessions are shared by every message);
+``for_message`` binds the result to the message being answered, which Agent tools need for
+their requests' ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from troupe_runtime.agent.handlers.threads import HandlerThreads
+from troupe_runtime.agent.llm.tools.agents import AgentToolBox, Callee
+from troupe_runtime.agent.llm.tools.base import ToolNameClash, error_result
+from troupe_runtime.agent.llm.tools.functions import FunctionToolBox, PythonTool
+from troupe_runtime.agent.llm.tools.mcp import DEFAULT_BACKOFF, Backoff, McpToolBox
+from troupe_runtime.agent.llm.types import ToolCall, ToolResult, ToolSpec
+from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.llm import LlmRuntime
+
+logger = logging.getLogger(__name__)
+
+
+class _Kind(Protocol):
+    async def specs(self) -> list[ToolSpec]: ...
+
+    def has(self, name: str) -> bool: ...
+
+    async def call(self, call: ToolCall, arguments: dict[str, Any]) -> ToolResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+class CompositeToolBox:
+    """Every tool of one agent; the first kind that has a name answers for it."""
+
+    def __init__(
+        self,
+        functions: FunctionToolBox,
+        agents: AgentToolBox | None,
+        mcp: McpToolBox,
+        *,
+        owner: bool = True,
+    ) -> None:
+        self._functions = functions
+        self._agents = agents
+        self._mcp = mcp
+        self._owner = owner
+
+    def _kinds(self) -> list[_Kind]:
+        kinds: list[_Kind] = [self._functions]
+        if self._agents is not None:
+            kinds.append(self._agents)
+        kinds.append(self._mcp)
+        return kinds
+
+    def for_message(self, cause: CloudEvent) -> CompositeToolBox:
+        """The same tools, calling Agents on behalf of ``cause``; its ``aclose`` closes nothing."""
+        agents = None if self._agents is None else self._agents.bound(cause)
+        return CompositeToolBox(self._functions, agents, self._mcp, owner=False)
+
+    async def check_names(self) -> None:
+        """``ToolNameClash`` when two tools answer to one name."""
+        seen: dict[str, str] = {}
+        for kind in self._kinds():
+            for spec in await kind.specs():
+                if spec.name in seen:
+                    raise ToolNameClash(
+                        f"two tools are named {spec.name!r} ({seen[spec.name]} and "
+                        f"{_label(kind)}); rename one in spec.llm.tools (name) or leave it off "
+                        "the MCP server's allow list"
+                    )
+                seen[spec.name] = _label(kind)
+
+    async def specs(self) -> list[ToolSpec]:
+        specs: list[ToolSpec] = []
+        taken: set[str] = set()
+        for kind in self._kinds():
+            for spec in await kind.specs():
+                if spec.name in taken:
+                    logger.error(
+                        "tool %r of %s is skipped: the name is taken", spec.name, _label(kind)
+                    )
+                    continue
+                taken.add(spec.name)
+                specs.append(spec)
+        return specs
+
+    async def call(self, call: ToolCall, arguments: dict[str, Any]) -> ToolResult:
+        raw: object = arguments  # the model's: typed as a dict, not trusted to be one
+        if not isinstance(raw, dict):
+            return error_result(f"{call.name}: arguments must be a JSON object")
+        for kind in self._kinds():
+            if kind.has(call.name):
+                return await kind.call(call, arguments)
+        return error_result(f"{call.name!r} is not a tool of this agent")
+
+    async def aclose(self) -> None:
+        if self._owner:
+            for kind in self._kinds():
+                await kind.aclose()
+
+
+def _label(kind: _Kind) -> str:
+    if isinstance(kind, FunctionToolBox):
+        return "a function"
+    if isinstance(kind, AgentToolBox):
+        return "an Agent"
+    return "an MCP server"
+
+
+async def build_toolbox(
+    runtime: LlmRuntime,
+    *,
+    config: RuntimeConfig,
+    nc: NATS | None,
+    js: JetStreamContext | None,
+    threads: HandlerThreads | None = None,
+    backoff: Backoff = DEFAULT_BACKOFF,
+) -> CompositeToolBox:
+    """The agent's tools, once per process: functions loaded, MCP servers tried once.
+
+    Raises ``ValueError`` (``ToolNameClash`` among them) naming what is wrong: a function
+    that cannot be loaded, an Agent with no resolved inbox, two tools with one name. An
+    unreachable MCP server is only a warning. ``nc``/``js`` may be None when the agent
+    calls no Agents. ``threads`` run plain functions (default: ``maxInFlight`` of them).
+    """
+    tools = runtime.policy.tools
+    functions = FunctionToolBox(
+        [PythonTool.load(policy) for policy in tools.functions],
+        threads or HandlerThreads(config.messaging.max_in_flight),
+    )
+    agents = None
+    if tools.agents:
+        if nc is None or js is None:
+            raise ValueError("spec.llm.tools.agents needs a NATS connection to call the Agents")
+        resolved = {tool.name: tool for tool in runtime.agents}
+        callees = [
+            Callee.resolve(
+                policy, resolved.get(policy.name or policy.agent) or resolved.get(policy.agent)
+            )
+            for policy in tools.agents
+        ]
+        agents = AgentToolBox(callees, nc=nc, js=js, config=config)
+    mcp = McpToolBox.from_policy(tools.mcp, runtime.mcp, backoff)
+    toolbox = CompositeToolBox(functions, agents, mcp)
+    try:
+        await mcp.start()
+        await toolbox.check_names()
+    except BaseException:
+        await toolbox.aclose()
+        raise
+    return toolbox

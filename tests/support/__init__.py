@@ -1,0 +1,1 @@
+"""Support code for the tests: servers they run, helpers they share."""
