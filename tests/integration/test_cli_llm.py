@@ -29,6 +29,7 @@ from troupe_runtime.agent.context import Context
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.run_state import RunState, run_usage
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.nats.provision import ensure_agent_resources
 
@@ -141,6 +142,33 @@ async def test_runs_show_gives_the_tokens_and_cost_each_step_reported_and_the_to
     assert out.splitlines()[1].split()[-2:] == ["107/23", "$0.0013"]
 
 
+def counted(tokens_in: int) -> Any:
+    async def handle(ctx: Context) -> Any:
+        ctx.attributes.update(Usage(tokens_in=tokens_in, tokens_out=1, cost_usd=0.5).attributes())
+        return [*(ctx.event.data or []), tokens_in]
+
+    return handle
+
+
+async def test_usage_a_real_agent_puts_on_its_reply_reaches_the_run_and_its_projection(
+    nats_url: str, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real runtime (ctx.attributes on the reply) and the real engine: the runs
+    bucket's projection, which the operator reads for the Workflow's status, has the total."""
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [{"name": "a"}, {"name": "b", "dependsOn": ["a"]}])
+    async with agents(nats_url, ns, {"a": counted(10), "b": counted(20)}), engine(config):
+        ran = await troupe(capsys, nats_url, ns, "run", "wf", "--id", "r1", "--wait")
+        shown = await troupe(capsys, nats_url, ns, "-o", "json", "runs", "show", "wf", "r1")
+
+    assert ran[0] == 0, ran
+    run = json.loads(shown[1])
+    assert run["usage"] == {"tokensIn": 30, "tokensOut": 2, "costUsd": 1.0}
+    entry = await (await js.key_value(config.runs_bucket)).get("r1")
+    projected = RunState.model_validate_json(entry.value or b"")
+    assert run_usage(projected) == Usage(tokens_in=30, tokens_out=2, cost_usd=1.0)
+
+
 async def test_a_reply_with_garbage_usage_still_moves_the_run_on_and_counts_nothing(
     nats_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -170,7 +198,7 @@ GARBAGE = [
 ]
 
 
-def streaming(ns: str, chunks: list[dict[str, Any] | bytes]) -> Answer:
+def streaming(ns: str, chunks: list[dict[str, Any] | bytes], usage: Usage | None = None) -> Answer:
     """An agent that streams ``chunks`` on its answer's subject, then replies."""
 
     async def answer(nc: Client, event: CloudEvent) -> Any:
@@ -179,7 +207,7 @@ def streaming(ns: str, chunks: list[dict[str, Any] | bytes]) -> Answer:
             data = chunk if isinstance(chunk, bytes) else json.dumps(chunk).encode()
             await nc.publish(subject, data)
         await nc.flush()
-        return {}, "done"
+        return ({} if usage is None else usage.attributes()), "done"
 
     return answer
 
@@ -204,7 +232,8 @@ async def test_send_stream_prints_the_deltas_in_order_skipping_garbage_until_the
 ) -> None:
     ns = new_namespace()
     chunks = answer_chunks(["Hel", "\x1b[31mlo\x1b[0m\x1b]0;pwned\x07"])
-    async with wire_agent(nats_url, ns, "analyst", streaming(ns, chunks)):
+    usage = Usage(tokens_in=5, tokens_out=2, cost_usd=0.001)
+    async with wire_agent(nats_url, ns, "analyst", streaming(ns, chunks, usage)):
         code, out, err = await troupe(
             capsys, nats_url, ns, "send", "analyst", "--data", '"hi"', "--id", "q1", "--stream"
         )
@@ -213,7 +242,9 @@ async def test_send_stream_prints_the_deltas_in_order_skipping_garbage_until_the
     inbox = naming.inbox_subject(ns, "analyst", 0)
     assert out == (
         "Hello\n[tool: search]\n world\n"
-        f"sent q1 to {inbox} (stream {naming.inbox_stream(ns, 'analyst')}, sequence 1)\n"
+        f"analyst answered q1 (sent to {inbox}, sequence 1)\n"
+        "tokens: 5/2 (in/out), cost $0.001\n"
+        '"done"\n'
     )
     assert "warning: ignored 6 stream messages that were not deltas" in err
 
@@ -237,33 +268,36 @@ async def test_send_stream_as_json_gives_one_sanitised_chunk_a_line_then_the_sen
         {"delta": " world", "turn": 2},
         {"done": True, "turn": 2, "final": True},
     ]
-    assert lines[-1]["id"] == "q1"
+    assert (lines[-1]["id"], lines[-1]["reply"]["data"]) == ("q1", "done")
 
 
-async def test_send_stream_ends_when_an_agent_that_does_not_stream_has_handled_it(
+async def test_send_stream_prints_the_reply_of_an_agent_that_does_not_stream(
     nats_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ns = new_namespace()
     async with agents(nats_url, ns, {"echo": echo}):
-        code, out, err = await troupe(capsys, nats_url, ns, "send", "echo", "--stream")
+        code, out, err = await troupe(
+            capsys, nats_url, ns, "send", "echo", "--id", "q1", "--data", '{"x": 1}', "--stream"
+        )
 
-    assert code == 0
-    assert out.startswith("sent ")
-    assert "without a final streamed turn" in err
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].startswith("echo answered q1 (sent to ")
+    assert json.loads("\n".join(lines[1:])) == {"x": 1}
 
 
-async def test_send_stream_fails_with_the_reason_when_the_agent_dead_letters_the_message(
+async def test_send_stream_exits_1_with_the_failure_when_the_agent_dead_letters_the_message(
     nats_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ns = new_namespace()
     async with agents(nats_url, ns, {"broken": broken}):
-        code, _, err = await troupe(
+        code, out, _ = await troupe(
             capsys, nats_url, ns, "send", "broken", "--id", "q9", "--stream", "--timeout", "20"
         )
 
     assert code == 1
-    assert "agent broken dead-lettered q9 (exhausted): " in err
-    assert "the disk is full" in err
+    assert out.startswith("broken failed q9 (sent to ")
+    assert "the disk is full" in out
 
 
 async def test_send_stream_gives_up_after_its_timeout(
@@ -276,7 +310,7 @@ async def test_send_stream_gives_up_after_its_timeout(
     code, _, err = await troupe(capsys, nats_url, ns, "send", "idle", "--stream", "--timeout", "1")
 
     assert code == 1
-    assert "agent idle streamed no final answer" in err
+    assert "agent idle did not answer" in err
 
 
 async def test_run_stream_names_each_steps_deltas_then_prints_the_result(

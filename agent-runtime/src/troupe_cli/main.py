@@ -24,13 +24,12 @@ from troupe_cli.deltas import (
     Shown,
     StepStreams,
     StreamLayout,
-    TurnDone,
     chunk_json,
     parse_chunk,
 )
 from troupe_cli.errors import CliError
 from troupe_cli.nats_ops import Heard, Ops, connected
-from troupe_cli.views import DeadLetter, RunResult, agent_loads, timeline
+from troupe_cli.views import RunResult, agent_loads, timeline
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_events import RUN_ID_PATTERN, decode_event
@@ -38,9 +37,8 @@ from troupe_runtime.contract.run_state import replay
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 CLEAR_SCREEN = "\x1b[H\x1b[J"
-HANDLED_POLL_SECONDS = 0.5
-"""How often ``send --stream`` asks whether the agent acknowledged the message, so an
-agent that streams nothing (not an LLM agent, or one with ``stream: false``) ends it."""
+CLI_CALLER = "troupe-cli"
+"""Who ``send --stream`` calls an agent as: the reply subject's caller token."""
 DRAIN_SECONDS = 0.2
 """After the end, how long a message the server already sent may take to reach the queue."""
 HOLD_SECONDS = 1.0
@@ -234,12 +232,18 @@ async def show_run(ops: Ops, args: argparse.Namespace) -> int:
 
 async def send(ops: Ops, args: argparse.Namespace) -> int:
     data = None if args.data is None else parse_json(args.data, "--data")
+    event_id = args.id or uuid.uuid4().hex
     event = CloudEvent(
-        id=args.id or uuid.uuid4().hex,
+        id=event_id,
         source="/troupe-cli",
         type=args.type,
         datacontenttype=envelope.JSON_CONTENT_TYPE,
         priority=args.priority,
+        # With --stream the CLI waits for the answer: the agent replies as to an agent's
+        # tool call, on the namespace's event log, where the reply is stored.
+        replyto=naming.agent_call_reply_subject(ops.namespace, CLI_CALLER, event_id)
+        if args.stream
+        else None,
         data=data,
     )
     if args.stream:
@@ -254,64 +258,55 @@ async def send(ops: Ops, args: argparse.Namespace) -> int:
 
 
 async def _send_streaming(ops: Ops, args: argparse.Namespace, event: CloudEvent) -> int:
-    """Listen to the answer's stream (and the agent's dead letters) before sending, print
-    the deltas until the final turn ends, then what ``send`` prints. An agent that
-    acknowledges the message without a final turn (it does not stream) ends it too; one
-    that dead-letters it fails it, with the letter's reason."""
+    """Listen to the answer's token stream and to the reply subject before sending; print
+    the deltas as they come, then the reply (the agent's answer, or its failure: exit 1).
+    Every handled message gets a reply, an agent that does not stream included."""
+    assert event.replyto is not None
     streamed = _Streamed(args)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout
     subjects = {
         "stream": naming.token_stream_subject(ops.namespace, event.run_id, event.id),
-        "dead": naming.dead_letter_subject(ops.namespace, args.agent),
+        "reply": event.replyto,
     }
     async with ops.listening(subjects) as heard:
         subject, stream, sequence = await ops.send(args.agent, event, args.priority)
-        ended = False
-        while not ended:
-            if loop.time() >= deadline:
-                raise CliError(
-                    f"agent {args.agent} streamed no final answer to {event.id} within "
-                    f"{args.timeout:g}s; look for it with `troupe dlq list {args.agent}`"
-                )
+        reply: CloudEvent | None = None
+        while reply is None:
             try:
-                message = await asyncio.wait_for(heard.get(), HANDLED_POLL_SECONDS)
+                message = await asyncio.wait_for(heard.get(), max(deadline - loop.time(), 0))
             except TimeoutError:
-                if await ops.handled(args.agent, args.priority, sequence):
-                    ended = _ended(streamed, await _drain(ops, heard), event, args.agent)
-                    if not ended:
-                        _error(
-                            f"agent {args.agent} handled {event.id} without a final streamed turn"
-                        )
-                        break
-                continue
-            ended = _ended(streamed, [message], event, args.agent)
+                raise CliError(
+                    f"agent {args.agent} did not answer {event.id} within {args.timeout:g}s; "
+                    f"look for it with `troupe dlq list {args.agent}`"
+                ) from None
+            if message.tag == "stream":
+                streamed.show(message.data)
+            else:
+                reply = _reply_to(event, message)
+        for late in await _drain(ops, heard):
+            if late.tag == "stream":
+                streamed.show(late.data)
     streamed.close()
+    failed = reply.type == envelope.ERROR_TYPE
     _emit_line(
         args,
-        render.sent_text(event.id, subject, stream, sequence),
-        render.sent_json(event.id, subject, stream, sequence),
+        render.reply_text(args.agent, reply, subject, sequence),
+        {
+            **render.sent_json(event.id, subject, stream, sequence),
+            "reply": render.reply_json(reply),
+        },
     )
-    return 0
+    return 1 if failed else 0
 
 
-def _ended(streamed: _Streamed, messages: list[Heard], event: CloudEvent, agent: str) -> bool:
-    """Show ``messages``; True once the final turn is done. A dead letter of this event
-    ends it as a failure."""
-    for message in messages:
-        if message.tag == "dead":
-            letter = DeadLetter(0, None, message.headers, message.data)
-            if letter.event_id == event.id:
-                streamed.close()
-                raise CliError(
-                    f"agent {agent} dead-lettered {event.id} ({letter.reason}): "
-                    f"{letter.error[:200]}; see `troupe dlq list {agent}`"
-                )
-            continue
-        chunk = streamed.show(message.data)
-        if isinstance(chunk, TurnDone) and chunk.final:
-            return True
-    return False
+def _reply_to(event: CloudEvent, message: Heard) -> CloudEvent | None:
+    """The agent's reply to ``event``; None for anything else on the reply subject."""
+    try:
+        reply = envelope.parse(message.headers, message.data)
+    except envelope.MalformedMessage:
+        return None
+    return reply if reply.causationid == event.id else None
 
 
 async def list_dead_letters(ops: Ops, args: argparse.Namespace) -> int:

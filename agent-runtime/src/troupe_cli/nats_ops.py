@@ -142,14 +142,6 @@ class Ops:
         """One round trip to the server: everything it sent before has been read."""
         await self._nc.flush(CONNECT_TIMEOUT_SECONDS)
 
-    async def handled(self, agent: str, priority: int, sequence: int) -> bool:
-        """Whether the agent has acknowledged the inbox message at ``sequence`` (answered
-        it, or dead-lettered it)."""
-        info = await self._js.consumer_info(
-            naming.inbox_stream(self.namespace, agent), naming.consumer_name(agent, priority)
-        )
-        return info.ack_floor is not None and (info.ack_floor.stream_seq or 0) >= sequence
-
     # Workflows
 
     async def start_run(

@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from troupe_cli.views import AgentLoad, DeadLetter, RunResult, StepAttempt, readable_data
+from troupe_runtime.contract import envelope
+from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.nats.kv import Change
@@ -251,6 +253,29 @@ def sent_text(event_id: str, subject: str, stream: str, sequence: int) -> str:
 
 def sent_json(event_id: str, subject: str, stream: str, sequence: int) -> dict[str, Any]:
     return {"id": event_id, "subject": subject, "stream": stream, "sequence": sequence}
+
+
+def reply_text(agent: str, reply: CloudEvent, subject: str, sequence: int) -> str:
+    """An agent's reply to ``troupe send --stream``: its outcome, tokens and data."""
+    usage = Usage.from_attributes(reply.model_extra or {})
+    outcome = "failed" if reply.type == envelope.ERROR_TYPE else "answered"
+    lines = [f"{agent} {outcome} {reply.causationid} (sent to {subject}, sequence {sequence})"]
+    if usage is not None:
+        lines.append(f"tokens: {tokens(usage)} (in/out), cost {cost(usage)}")
+    if reply.data is not None:
+        lines.append(dumps(reply.data))
+    return "\n".join(lines)
+
+
+def reply_json(reply: CloudEvent) -> dict[str, Any]:
+    return {
+        "type": reply.type,
+        "failed": reply.type == envelope.ERROR_TYPE,
+        "usage": usage_json(Usage.from_attributes(reply.model_extra or {})),
+        "data": reply.data
+        if not isinstance(reply.data, bytes)
+        else readable_data(reply.data, None),
+    }
 
 
 def dead_letters_text(letters: Sequence[DeadLetter]) -> str:
