@@ -19,7 +19,9 @@ from nats.js import JetStreamContext
 from tests.integration.runtime_harness import make_config, provisioned, running
 from troupe_runtime.agent.context import AgentError, Context
 from troupe_runtime.agent.llm.tools import CompositeToolBox, build_toolbox
+from troupe_runtime.agent.llm.tools.agents import build_request
 from troupe_runtime.agent.llm.types import ToolCall
+from troupe_runtime.contract import envelope
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.llm import LlmRuntime
@@ -232,3 +234,46 @@ def test_arbitrary_arguments_never_crash_an_agent_call(nats_url: str, arguments:
         assert isinstance(result.content, str)
 
     asyncio.run(attempt())
+
+
+async def test_a_reply_given_after_the_caller_gave_up_answers_the_same_call_later(
+    team: Team,
+) -> None:
+    """A caller redelivered after a crash asks again with the same ids: the stored reply
+    answers it, and the callee does not run a second time."""
+    cause = message()
+    impatient = await team.toolbox(wait="200ms")
+    try:
+        gave_up = await impatient.for_message(cause).call(*ask({"topic": "slow"}))
+    finally:
+        await impatient.aclose()
+    assert gave_up.is_error
+    patient = await team.toolbox(wait="10s")
+    try:
+        later = await patient.for_message(cause).call(*ask({"topic": "slow"}))
+    finally:
+        await patient.aclose()
+    assert json.loads(later.content) == {"findings": "about slow"}
+    assert len(team.researcher.seen) == 1
+
+
+async def test_a_reply_from_another_agent_is_not_taken_for_the_callees(team: Team) -> None:
+    cause = message()
+    tools = await team.toolbox(wait="10s")
+    call, arguments = ask({"topic": "slow"})
+    forged_for = build_request(team.caller, cause, call, arguments)
+    forged = CloudEvent(
+        id="forged",
+        source=f"/{team.callee.namespace}/intruder",
+        type="troupe.tool.call.result",
+        causationid=forged_for.id,
+        data={"findings": "forged"},
+    )
+    headers, payload = envelope.to_binary(forged)
+    assert forged_for.replyto is not None
+    await team.js.publish(forged_for.replyto, payload, headers=headers)
+    try:
+        result = await tools.for_message(cause).call(call, arguments)
+    finally:
+        await tools.aclose()
+    assert json.loads(result.content) == {"findings": "about slow"}

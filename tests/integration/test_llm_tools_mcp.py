@@ -113,6 +113,25 @@ async def test_a_tool_slower_than_its_timeout_is_an_error_and_the_next_call_work
     assert not after.is_error
 
 
+async def test_one_connection_per_server_serves_every_call_even_concurrent_ones(
+    mcp_server: McpTestServer,
+) -> None:
+    box = toolbox(mcp_server, allow=["lookup"])
+    await box.start()
+    try:
+        for key in ("a", "b"):
+            assert (await box.call(call("lookup"), {"key": key})).content == f"value of {key}"
+        keys = [f"k{n}" for n in range(5)]
+        results = await asyncio.gather(*(box.call(call("lookup"), {"key": k}) for k in keys))
+    finally:
+        await box.aclose()
+    assert [result.content for result in results] == [f"value of {k}" for k in keys]
+    posts = [line for line in mcp_server.log.read_text().splitlines() if "POST /mcp" in line]
+    first_clients = {line.split()[1] for line in posts[:4]}
+    assert len(posts) >= 7
+    assert len(first_clients) == 1, posts
+
+
 async def test_a_huge_result_is_capped_before_it_reaches_the_loop(
     mcp_server: McpTestServer,
 ) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -88,13 +87,12 @@ class Callee:
 
 
 def build_request(
-    config: RuntimeConfig,
-    cause: CloudEvent,
-    call: ToolCall,
-    arguments: dict[str, Any],
-    timeout: float,
+    config: RuntimeConfig, cause: CloudEvent, call: ToolCall, arguments: dict[str, Any]
 ) -> CloudEvent:
-    """The request for one tool call: its id is the same for the same message and call."""
+    """The request for one tool call: its id is the same for the same message and call.
+
+    It keeps the cause's deadline, not one of the tool's timeout: a caller that gave up (or
+    died) and asks again later finds the answer stored instead of an expired request."""
     scope = f"{config.namespace}/{config.agent}/tools/{call.id}"
     request = cause.follow_up(
         source=f"/{config.namespace}/{config.agent}",
@@ -104,11 +102,8 @@ def build_request(
         scope=scope,
         traceparent=tracing.outgoing(cause.traceparent),
     )
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-    if cause.deadline is not None:
-        deadline = min(deadline, cause.deadline)
     replyto = naming.agent_call_reply_subject(config.namespace, config.agent, request.id)
-    return request.model_copy(update={"replyto": replyto, "deadline": deadline})
+    return request.model_copy(update={"replyto": replyto})
 
 
 def reply_result(agent: str, reply: CloudEvent) -> ToolResult:
@@ -161,17 +156,18 @@ class AgentToolBox:
         if self._cause is None:
             return error_result(f"{call.name}: no message is being answered to call it for")
         try:
-            request = build_request(self._config, self._cause, call, arguments, callee.timeout)
+            request = build_request(self._config, self._cause, call, arguments)
         except envelope.SchemaViolation as error:
             return error_result(f"{call.name}: the request cannot be sent: {error.reason}")
         return await self._ask(callee, request)
 
     async def _ask(self, callee: Callee, request: CloudEvent) -> ToolResult:
         assert request.replyto is not None
+        source = f"/{self._config.namespace}/{callee.agent}"  # as the callee's outputs.py sets it
         subscription = await self._nc.subscribe(request.replyto)
         try:
             stored = await self._stored_reply(request.replyto)
-            if stored is not None and (reply := _reply_to(request, stored)) is not None:
+            if stored is not None and (reply := _reply_to(request, source, stored)) is not None:
                 return reply_result(callee.agent, reply)
             headers, payload = envelope.to_binary(request)
             headers[Header.MSG_ID.value] = request.id
@@ -188,7 +184,7 @@ class AgentToolBox:
                     msg = await subscription.next_msg(timeout=left)
                 except (NatsTimeoutError, TimeoutError):
                     break
-                if (reply := _reply_to(request, msg)) is not None:
+                if (reply := _reply_to(request, source, msg)) is not None:
                     return reply_result(callee.agent, reply)
             return error_result(f"agent {callee.agent} did not answer within {callee.timeout:g}s")
         finally:
@@ -206,11 +202,14 @@ class AgentToolBox:
         return None
 
 
-def _reply_to(request: CloudEvent, msg: Msg | RawStreamMsg) -> CloudEvent | None:
-    """``msg`` as the reply to ``request``, or None when it is not one (forged, malformed)."""
+def _reply_to(request: CloudEvent, source: str, msg: Msg | RawStreamMsg) -> CloudEvent | None:
+    """``msg`` as the reply from ``source`` to ``request``, or None when it is not (malformed,
+    or another agent's: whoever may publish to an inbox may aim a reply here)."""
     headers = dict(msg.headers or {})
     try:
         reply = envelope.parse(headers, msg.data or b"")
     except MalformedMessage:
         return None
-    return reply if reply.causationid == request.id else None
+    if reply.causationid != request.id or reply.source != source:
+        return None
+    return reply
