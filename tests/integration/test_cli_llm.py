@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from tests.integration.runtime_harness import DEADLINE
 from tests.integration.workflow_harness import (
     agent_config,
     agents,
@@ -337,3 +338,36 @@ async def test_run_stream_names_each_steps_deltas_then_prints_the_result(
         "run r1: Succeeded",
         '"done"',
     ]
+
+
+async def test_send_stream_ends_on_the_reply_while_garbage_keeps_pouring_in(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    flooding: list[asyncio.Task[None]] = []
+
+    async def flood(nc: Client, subject: str) -> None:
+        while True:
+            await nc.publish(subject, b"\x1b[2J garbage")
+            await asyncio.sleep(0.001)
+
+    async def answer(nc: Client, event: CloudEvent) -> Any:
+        subject = naming.token_stream_subject(ns, event.run_id, event.id)
+        flooding.append(asyncio.create_task(flood(nc, subject)))
+        await nc.publish(subject, json.dumps({"delta": "still here", "turn": 1}).encode())
+        return {}, "ok"
+
+    try:
+        async with wire_agent(nats_url, ns, "analyst", answer):
+            code, out, err = await asyncio.wait_for(
+                troupe(capsys, nats_url, ns, "send", "analyst", "--id", "q1", "--stream"),
+                DEADLINE,
+            )
+    finally:
+        for task in flooding:
+            task.cancel()
+
+    assert code == 0, err
+    assert out.startswith("still here\nanalyst answered q1")
+    assert "\x1b" not in out
+    assert "stream messages that were not deltas" in err

@@ -28,7 +28,7 @@ from troupe_cli.deltas import (
     parse_chunk,
 )
 from troupe_cli.errors import CliError
-from troupe_cli.nats_ops import Heard, Ops, connected
+from troupe_cli.nats_ops import HEARD_QUEUE, Heard, Ops, connected
 from troupe_cli.views import RunResult, agent_loads, timeline
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
@@ -148,14 +148,16 @@ class _Streamed:
 
 
 async def _drain(ops: Ops, heard: asyncio.Queue[Heard]) -> list[Heard]:
-    """What the server sent before now and is still on its way to the queue."""
+    """What the server sent before now and is still on its way to the queue; at most
+    ``HEARD_QUEUE`` messages, so a publisher that never stops cannot keep the CLI here."""
     await ops.caught_up()
-    late = []
-    while True:
+    late: list[Heard] = []
+    while len(late) < HEARD_QUEUE:
         try:
             late.append(await asyncio.wait_for(heard.get(), DRAIN_SECONDS))
         except TimeoutError:
-            return late
+            break
+    return late
 
 
 async def _run_streaming(ops: Ops, args: argparse.Namespace, run_id: str, data: Any) -> int:
