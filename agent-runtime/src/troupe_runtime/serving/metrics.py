@@ -82,3 +82,39 @@ class RuntimeMetrics:
             ["verdict"],
             registry=self.registry,
         )
+        self.llm = LlmMetrics(self.registry)
+
+
+class LlmMetrics:
+    """An LLM agent's model calls: tokens and dollars by model, outcomes, fallbacks."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.tokens = Counter(
+            "troupe_llm_tokens",
+            "Tokens of model calls, by agent, provider, model and direction (in: prompt, "
+            "out: completion); estimated at about 4 characters per token when the provider "
+            "reports none.",
+            ["agent", "provider", "model", "direction"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "troupe_llm_cost_usd",
+            "Dollars of model calls at the ModelProvider's prices, by agent, provider, model.",
+            ["agent", "provider", "model"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "troupe_llm_requests",
+            "Model calls of the loop, by outcome (succeeded, rate_limited, unavailable, "
+            "rejected, failed); a failed call is counted on the chain's first model.",
+            ["agent", "provider", "model", "outcome"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "troupe_llm_fallbacks",
+            "Models passed over for the next one of the chain, by reason (rate_limited, "
+            "unavailable, timeout, circuit_open).",
+            ["agent", "from_model", "to_model", "reason"],
+            registry=registry,
+        )

@@ -1,0 +1,202 @@
+"""The conversation journal: one message's model turns and tool calls, on the event log.
+
+Every step the loop must not repeat is appended to the namespace event log under the
+correlation id ``naming.conversation_log_id(agent, event.id)``, with a deterministic id:
+
+- ``turn-<n>``: the model's answer to turn ``n`` (its assistant message, usage, provider,
+  model) and the messages added to the history since the turn before (the system prompt and
+  the user input on turn 0, a repair request later): each turn's *new* messages, never the
+  whole history, so the log grows with the conversation, not with its square;
+- ``tool-start-<n>-<callid>``: before a non-idempotent tool runs;
+- ``tool-<n>-<callid>``: the tool's result, as the model sees it (offloaded when large);
+- ``fallback-<n>-<k>``: the ``k``-th model passed over on turn ``n``, and why;
+- ``deferred-<k>``: the message's ``k``-th deferral (a 429 outlasting the handler's time).
+
+A redelivered message replays its journal and ``resume`` (pure) folds the records into
+where the loop stands. The first delivery reads nothing: there is nothing to read, and the
+hot path stays one append per turn. Replaying first and then appending only what is missing
+keeps the log right past JetStream's duplicate window too (a record seen twice, by id, counts
+once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from troupe_runtime.agent.llm.types import Completion, Fallback, Message
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.usage import Usage
+from troupe_runtime.nats.event_log import Event, EventLog
+
+TURN = "llm.turn"
+TOOL_START = "llm.tool-start"
+TOOL_RESULT = "llm.tool"
+FALLBACK = "llm.fallback"
+DEFERRED = "llm.deferred"
+
+
+def turn_id(turn: int) -> str:
+    return f"turn-{turn}"
+
+
+def tool_start_id(turn: int, call_id: str) -> str:
+    return f"tool-start-{turn}-{call_id}"
+
+
+def tool_result_id(turn: int, call_id: str) -> str:
+    return f"tool-{turn}-{call_id}"
+
+
+def fallback_id(turn: int, index: int) -> str:
+    return f"fallback-{turn}-{index}"
+
+
+def deferred_id(index: int) -> str:
+    return f"deferred-{index}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One journal record as replayed: its deterministic id, its type and its data."""
+
+    id: str
+    type: str
+    data: Any
+
+
+@dataclass
+class ResumeState:
+    """Where a conversation stands after the records replayed so far."""
+
+    messages: list[Message] = field(default_factory=list)
+    """The history: every turn's new messages and answer, every tool result, in order."""
+    next_turn: int = 0
+    completed: dict[str, Message] = field(default_factory=dict)
+    """Tool messages by call id, for the calls that finished."""
+    started: set[str] = field(default_factory=set)
+    """Call ids of non-idempotent calls started but never finished: never run again."""
+    usage: Usage = field(default_factory=Usage)
+    deferrals: int = 0
+    repairs: int = 0
+    """Repair turns asked so far (an invalid final answer gets one)."""
+    last_answer: Message | None = None
+    """The assistant message of the last turn, whose tool calls may be unfinished."""
+    last_model: str | None = None
+    """The model that answered the last turn."""
+    opening: int = 0
+    """How many messages opened the conversation (system prompt, user input): never elided."""
+
+    @property
+    def fresh(self) -> bool:
+        return self.next_turn == 0
+
+
+def _usage(data: Mapping[str, Any]) -> Usage:
+    try:
+        return Usage.model_validate(data.get("usage") or {})
+    except ValueError:
+        return Usage()
+
+
+def resume(records: Iterable[Record]) -> ResumeState:
+    """The state the loop resumes from, given the records in log order (pure).
+
+    A record whose id was seen before is skipped (an append repeated past the duplicate
+    window); a turn record out of sequence is skipped too, so a broken log cannot make the
+    loop skip a turn.
+    """
+    state = ResumeState()
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen or not isinstance(record.data, dict):
+            continue
+        seen.add(record.id)
+        data = record.data
+        if record.type == TURN and data.get("turn") == state.next_turn:
+            new = [m for m in data.get("new", []) if isinstance(m, dict)]
+            answer = data.get("answer")
+            if not isinstance(answer, dict):
+                continue
+            if state.next_turn == 0:
+                state.opening = len(new)
+            state.messages.extend(new)
+            state.messages.append(answer)
+            state.last_answer = answer
+            state.last_model = data.get("model") if isinstance(data.get("model"), str) else None
+            state.next_turn += 1
+            state.usage = state.usage + _usage(data)
+            state.repairs += 1 if data.get("repair") else 0
+        elif record.type == TOOL_START and isinstance(data.get("callId"), str):
+            state.started.add(data["callId"])
+        elif record.type == TOOL_RESULT and isinstance(data.get("message"), dict):
+            call_id = data.get("callId")
+            if isinstance(call_id, str) and call_id not in state.completed:
+                state.completed[call_id] = data["message"]
+                state.started.discard(call_id)
+                state.messages.append(data["message"])
+        elif record.type == DEFERRED:
+            state.deferrals += 1
+    return state
+
+
+def turn_record(
+    turn: int, new: list[Message], completion: Completion, *, repair: bool
+) -> dict[str, Any]:
+    return {
+        "turn": turn,
+        "new": new,
+        "answer": completion.message,
+        "finishReason": completion.finish_reason,
+        "usage": completion.usage.model_dump(by_alias=True),
+        "provider": completion.provider,
+        "model": completion.model,
+        "repair": repair,
+    }
+
+
+class Journal:
+    """Appends one conversation's records; replays them on a redelivery."""
+
+    def __init__(self, js: JetStreamContext, namespace: str, agent: str, event_id: str) -> None:
+        self.correlation_id = naming.conversation_log_id(agent, event_id)
+        self._log = EventLog(js, namespace, self.correlation_id)
+
+    async def replay(self) -> ResumeState:
+        events: list[Event] = await self._log.replay()
+        return resume(Record(event.id, event.type, event.data) for event in events)
+
+    async def turn(
+        self, turn: int, new: list[Message], completion: Completion, *, repair: bool
+    ) -> None:
+        await self._log.append(
+            TURN, turn_record(turn, new, completion, repair=repair), turn_id(turn)
+        )
+
+    async def fallbacks(self, turn: int, fallbacks: Iterable[Fallback]) -> None:
+        for index, passed in enumerate(fallbacks):
+            data = {
+                "turn": turn,
+                "provider": passed.provider,
+                "model": passed.model,
+                "reason": passed.reason,
+                "error": passed.error,
+            }
+            await self._log.append(FALLBACK, data, fallback_id(turn, index))
+
+    async def tool_started(self, turn: int, call_id: str, name: str) -> None:
+        data = {"turn": turn, "callId": call_id, "name": name}
+        await self._log.append(TOOL_START, data, tool_start_id(turn, call_id))
+
+    async def tool_finished(
+        self, turn: int, call_id: str, message: Message, offloaded: str | None
+    ) -> None:
+        data = {"turn": turn, "callId": call_id, "message": message, "object": offloaded}
+        await self._log.append(TOOL_RESULT, data, tool_result_id(turn, call_id))
+
+    async def deferred(self, index: int, delay: float, error: str) -> None:
+        data = {"deferral": index, "delay": delay, "error": error}
+        await self._log.append(DEFERRED, data, deferred_id(index))
