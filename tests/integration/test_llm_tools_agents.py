@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from tests.integration.runtime_harness import make_config, provisioned, running
 from troupe_runtime.agent.context import AgentError, Context
-from troupe_runtime.agent.llm.tools import CompositeToolBox, build_toolbox
+from troupe_runtime.agent.llm.tools import CompositeToolBox, toolbox_factory
 from troupe_runtime.agent.llm.tools.agents import build_request
 from troupe_runtime.agent.llm.types import ToolCall
 from troupe_runtime.contract import envelope
@@ -77,7 +77,8 @@ class Team:
                 ],
             }
         )
-        return await build_toolbox(runtime, config=self.caller, nc=self.nc, js=self.js)
+        config = self.caller.model_copy(update={"llm": runtime})
+        return await toolbox_factory(config)(self.nc, self.js)
 
 
 @pytest.fixture

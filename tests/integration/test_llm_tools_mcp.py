@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.runtime_harness import eventually
-from tests.support.mcp_servers import McpTestServer, mcp_server
+from tests.support.mcp_servers import McpTestServer, hostile_mcp_server, mcp_server
 from troupe_runtime.agent.llm.tools import MAX_RESULT_BYTES, Backoff, ToolNameClash
 from troupe_runtime.agent.llm.tools.mcp import McpToolBox
 from troupe_runtime.agent.llm.types import ToolCall
 from troupe_runtime.contract.llm_policy import McpServer
 
-__all__ = ["mcp_server"]
+__all__ = ["hostile_mcp_server", "mcp_server"]
 
 FAST = Backoff(first=0.05, most=0.2)
 
@@ -261,6 +261,27 @@ async def test_two_servers_listing_one_allowed_name_are_a_start_up_error_naming_
             await box.start()
     finally:
         await box.aclose()
+
+
+async def test_a_paged_listing_is_followed_and_tools_a_model_must_not_get_are_skipped(
+    hostile_mcp_server: McpTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = toolbox(hostile_mcp_server)
+    with caplog.at_level(logging.WARNING):
+        await box.start()
+    try:
+        specs = {spec.name: spec for spec in await box.specs()}
+        answered = await box.call(call("hinted"), {"q": "x"})
+        refused = await box.call(call("lookbehind"), {"q": "x"})
+    finally:
+        await box.aclose()
+    assert sorted(specs) == ["good", "hinted"]
+    assert specs["hinted"].idempotent
+    assert answered.content == "hinted ran"
+    assert refused.is_error
+    assert hostile_mcp_server.calls("lookbehind") == []
+    for name in ("bad.name", "not_a_schema", "too_large", "lookbehind"):
+        assert f"tool {name!r}" in caplog.text
 
 
 JSON = st.recursive(

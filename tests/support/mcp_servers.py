@@ -11,6 +11,11 @@ survives restarts, so a test sees which tools ran and how often:
 - ``picture()``: an image block and a text block;
 - ``forbidden()``: for allow lists: a test that allows it not must never see it run.
 
+``--hostile`` serves, with the SDK's low-level ``Server`` instead, a listing in two pages
+(``tools/list`` cursors) of tools a client must not trust: a name models refuse, schemas that
+are no valid JSON Schema, too large, or use a pattern the runtime cannot run in linear time;
+beside ``good`` and ``hinted``, which are fine.
+
 Run ``python -m tests.support.mcp_servers --port P --effects FILE``; the fixture
 ``McpTestServer`` starts it in a subprocess on a free loopback port and fails, never skips,
 when it does not answer.
@@ -29,11 +34,24 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ImageContent, TextContent, ToolAnnotations
+from mcp_types import (
+    CallToolRequestParams,
+    CallToolResult,
+    ImageContent,
+    ListToolsResult,
+    PaginatedRequestParams,
+    TextContent,
+    Tool,
+    ToolAnnotations,
+)
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 START_SECONDS = 30.0
@@ -92,6 +110,41 @@ def build_server(effects: Path) -> MCPServer:
     return server
 
 
+OBJECT: dict[str, Any] = {"type": "object", "properties": {"q": {"type": "string"}}}
+HOSTILE_PAGES: list[list[tuple[str, dict[str, Any], ToolAnnotations | None]]] = [
+    [("good", OBJECT, None)],
+    [
+        ("bad.name", OBJECT, None),
+        ("not_a_schema", {"type": "object", "properties": {"q": {"type": 7}}}, None),
+        ("too_large", {"type": "object", "description": "x" * 100_000}, None),
+        ("lookbehind", {"type": "object", "properties": {"q": {"pattern": "(?<=a)b"}}}, None),
+        ("hinted", OBJECT, ToolAnnotations(idempotent_hint=True)),
+    ],
+]
+
+
+def build_hostile_server(effects: Path) -> Server[Any]:
+    async def list_tools(
+        ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        page = int(params.cursor) if params is not None and params.cursor else 0
+        tools = [
+            Tool(name=name, input_schema=schema, annotations=annotations)
+            for name, schema, annotations in HOSTILE_PAGES[page]
+        ]
+        more = str(page + 1) if page + 1 < len(HOSTILE_PAGES) else None
+        return ListToolsResult(tools=tools, next_cursor=more)
+
+    async def call_tool(
+        ctx: ServerRequestContext[Any], params: CallToolRequestParams
+    ) -> CallToolResult:
+        with effects.open("a") as file:
+            file.write(f"{params.name} -\n")
+        return CallToolResult(content=[TextContent(type="text", text=f"{params.name} ran")])
+
+    return Server("troupe-hostile-tools", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -102,7 +155,8 @@ def free_port() -> int:
 class McpTestServer:
     """The test server in a subprocess; ``stop`` and ``start`` again keep its port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, hostile: bool = False) -> None:
+        self.hostile = hostile
         self.port = free_port()
         self.effects = directory / "effects.txt"
         self.effects.touch()
@@ -121,6 +175,7 @@ class McpTestServer:
     def start(self) -> None:
         command = [sys.executable, "-m", "tests.support.mcp_servers"]
         args = ["--port", str(self.port), "--effects", str(self.effects)]
+        args += ["--hostile"] if self.hostile else []
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
                 [*command, *args],
@@ -153,8 +208,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--effects", type=Path, required=True)
+    parser.add_argument("--hostile", action="store_true")
     args = parser.parse_args()
-    build_server(args.effects).run("streamable-http", host="127.0.0.1", port=args.port)
+    if not args.hostile:
+        build_server(args.effects).run("streamable-http", host="127.0.0.1", port=args.port)
+        return
+    app = build_hostile_server(args.effects).streamable_http_app(host="127.0.0.1")
+    uvicorn.run(app, host="127.0.0.1", port=args.port)
 
 
 if __name__ == "__main__":
@@ -165,6 +225,17 @@ if __name__ == "__main__":
 def mcp_server(tmp_path: Path) -> Iterator[McpTestServer]:
     """The test MCP server, running on a free loopback port; fails if it cannot start."""
     server = McpTestServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def hostile_mcp_server(tmp_path: Path) -> Iterator[McpTestServer]:
+    """A server listing, in two pages, tools a client must refuse, beside good ones."""
+    server = McpTestServer(tmp_path, hostile=True)
     server.start()
     try:
         yield server

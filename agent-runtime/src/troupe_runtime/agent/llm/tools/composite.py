@@ -12,6 +12,7 @@ their requests' ids.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
@@ -160,3 +161,17 @@ async def build_toolbox(
         await toolbox.aclose()
         raise
     return toolbox
+
+
+def toolbox_factory(
+    config: RuntimeConfig, backoff: Backoff = DEFAULT_BACKOFF
+) -> Callable[[NATS, JetStreamContext], Awaitable[CompositeToolBox]]:
+    """``build_toolbox`` for ``config.llm``, called with each NATS session the agent binds."""
+    runtime = config.llm
+    if runtime is None:
+        raise ValueError("tools need spec.llm (RuntimeConfig.llm)")
+
+    async def build(nc: NATS, js: JetStreamContext) -> CompositeToolBox:
+        return await build_toolbox(runtime, config=config, nc=nc, js=js, backoff=backoff)
+
+    return build
