@@ -47,6 +47,7 @@ def install_crds(cluster: ClusterEndpoints) -> None:
         "--for=condition=Established",
         "crd/agents.troupe.dev",
         "crd/workflows.troupe.dev",
+        "crd/modelproviders.troupe.dev",
         "--timeout=30s",
     )
 

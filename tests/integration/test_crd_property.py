@@ -61,7 +61,8 @@ def values(node: dict[str, Any]) -> st.SearchStrategy[Any]:
     if kind == "string":
         return _strings(node)
     if kind == "integer":
-        return st.integers(node.get("minimum", 0), min(node.get("maximum", 100), 100))
+        low = node.get("minimum", 0)
+        return st.integers(low, min(node.get("maximum", low + 100), max(low, 100)))
     if kind == "number":
         return st.floats(0.01, 100, allow_nan=False, allow_infinity=False)
     if kind == "boolean":

@@ -80,6 +80,7 @@ def test_the_argocd_cm_snippet_patches_both_checks_into_argocd_cm(
         "url": "https://cd.test",
         "resource.customizations.health.troupe.dev_Agent": script,
         "resource.customizations.health.troupe.dev_Workflow": script,
+        "resource.customizations.health.troupe.dev_ModelProvider": script,
     }
 
 

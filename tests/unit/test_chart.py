@@ -33,11 +33,15 @@ Grant = tuple[str, str, str, str]  # API group, resource, verb, resource name ("
 
 # What the operator does in a watched namespace; kube.py, reconcile.py and kopf are the source.
 NAMESPACED_GRANTS: set[Grant] = {
-    *{("troupe.dev", r, v, "") for r in ("agents", "workflows") for v in ("get", "list", "watch")},
-    ("troupe.dev", "agents", "patch", ""),
-    ("troupe.dev", "workflows", "patch", ""),
-    ("troupe.dev", "agents/status", "patch", ""),
-    ("troupe.dev", "workflows/status", "patch", ""),
+    *{
+        ("troupe.dev", r, v, "")
+        for r in ("agents", "workflows", "modelproviders")
+        for v in ("get", "list", "watch", "patch")
+    },
+    *{
+        ("troupe.dev", f"{r}/status", "patch", "")
+        for r in ("agents", "workflows", "modelproviders")
+    },
     *{
         ("apps", "deployments", v, "")
         for v in ("get", "list", "watch", "create", "patch", "delete")

@@ -64,7 +64,7 @@ def test_crd_has_status_subresource_printer_columns_and_names(
 
 
 def test_agent_columns_show_replicas_and_lag() -> None:
-    (agent, _) = crdgen.RESOURCES
+    (agent, *_) = crdgen.RESOURCES
     columns = {c["name"]: c["jsonPath"] for c in _version(agent)["additionalPrinterColumns"]}
 
     assert columns["Replicas"] == ".status.readyReplicas"
@@ -72,7 +72,7 @@ def test_agent_columns_show_replicas_and_lag() -> None:
 
 
 def test_defaults_reach_nested_fields_through_empty_objects() -> None:
-    (agent, _) = crdgen.RESOURCES
+    (agent, *_) = crdgen.RESOURCES
     spec = _version(agent)["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
 
     assert spec["messaging"]["default"] == {}
@@ -83,7 +83,7 @@ def test_defaults_reach_nested_fields_through_empty_objects() -> None:
 
 
 def test_optional_fields_are_plain_optional_properties() -> None:
-    (agent, _) = crdgen.RESOURCES
+    (agent, *_) = crdgen.RESOURCES
     spec = _version(agent)["schema"]["openAPIV3Schema"]["properties"]["spec"]
 
     assert spec["required"] == ["role"]
@@ -92,7 +92,7 @@ def test_optional_fields_are_plain_optional_properties() -> None:
 
 
 def test_cel_rules_are_attached_where_the_models_declare_them() -> None:
-    (agent, workflow) = crdgen.RESOURCES
+    (agent, workflow, _) = crdgen.RESOURCES
     agent_spec = _version(agent)["schema"]["openAPIV3Schema"]["properties"]["spec"]
     workflow_spec = _version(workflow)["schema"]["openAPIV3Schema"]["properties"]["spec"]
 
@@ -113,7 +113,7 @@ def test_cel_rules_are_attached_where_the_models_declare_them() -> None:
 
 
 def test_free_form_json_schemas_are_preserved() -> None:
-    (agent, _) = crdgen.RESOURCES
+    (agent, *_) = crdgen.RESOURCES
     spec = _version(agent)["schema"]["openAPIV3Schema"]["properties"]["spec"]
     contract = spec["properties"]["contract"]["properties"]
 

@@ -2,8 +2,11 @@
 
 Agents and Workflows get the same handlers, registered by one helper: they differ
 only in their ``Kind`` (``reconcilers.agent``, ``reconcilers.workflow``), found from
-the event's resource. Create, update and resume run a full pass; a pass blocked by
-NATS or a missing Secret is retried with exponential backoff. A background resync
+the event's resource. ModelProviders own nothing and need no finalizer: create, update and
+resume probe them (``reconcilers.model_provider``); a new or changed one wakes the Agents
+naming it, and so does a new Agent the LLM Agents call as a tool. Create, update and
+resume run a full pass; a pass blocked by NATS or a missing Secret is retried with
+exponential backoff. A background resync
 (``reconcilers.resync``) repeats every pass periodically. Events of the agents' and
 engines' Deployments refresh readiness at once. The finalizer exists only for objects
 whose NATS resources must be deleted (deletionPolicy Delete), read from the raw spec so
@@ -36,7 +39,8 @@ from troupe_operator.api import GROUP, VERSION
 from troupe_operator.clients.kube import Kube, new_api_client
 from troupe_operator.clients.nats import NatsPool
 from troupe_operator.diffbase import DigestedDiffBaseStorage
-from troupe_operator.reconcilers.agent import AGENT
+from troupe_operator.reconcilers import model_provider
+from troupe_operator.reconcilers.agent import AGENT, wake_agents
 from troupe_operator.reconcilers.common import (
     Kind,
     Operator,
@@ -144,7 +148,9 @@ async def changed(
     # Only a new Agent can end a Workflow's AgentNotFound; waking on every resume would
     # list the namespace's Workflows once per Agent at each operator start.
     if resource.plural == AGENT.plural and reason == kopf.Reason.CREATE:
-        await _wake_workflows(operator, str(body.metadata.namespace), str(body.metadata.name))
+        namespace, name = str(body.metadata.namespace), str(body.metadata.name)
+        await _wake_workflows(operator, namespace, name)
+        await _wake_agents(operator, namespace, callee=name)
     if blocked_by is not None:
         raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
 
@@ -156,6 +162,31 @@ async def _wake_workflows(operator: Operator, namespace: str, agent: str) -> Non
         await wake_waiting(operator, namespace, agent)
     except Exception:
         logger.exception("passes of the Workflows waiting for Agent %s/%s failed", namespace, agent)
+
+
+async def _wake_agents(
+    operator: Operator, namespace: str, provider: str | None = None, callee: str | None = None
+) -> None:
+    """LLM Agents naming this provider or Agent get their pass now: their config embeds it,
+    and one waiting for it turns Ready. Their failure is theirs: logged, the resync retries."""
+    try:
+        await wake_agents(operator, namespace, provider=provider, callee=callee)
+    except Exception:
+        logger.exception("passes of the Agents naming %s/%s failed", namespace, provider or callee)
+
+
+async def provider_changed(
+    body: kopf.Body, retry: int, reason: str, memo: kopf.Memo, **_: Any
+) -> None:
+    """A ModelProvider appeared or changed (or the operator resumed): probe it; a new or
+    changed one wakes the Agents naming it. Unreachable retries with backoff."""
+    operator = operator_of(memo)
+    blocked_by = await model_provider.provider_pass(operator, dict(body))
+    if reason in (kopf.Reason.CREATE, kopf.Reason.UPDATE):
+        namespace, name = str(body.metadata.namespace), str(body.metadata.name)
+        await _wake_agents(operator, namespace, provider=name)
+    if blocked_by is not None:
+        raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
 
 
 def _deletes_nats_resources(spec: kopf.Spec, **_: Any) -> bool:
@@ -248,6 +279,13 @@ def register(registry: kopf.OperatorRegistry) -> None:
     kopf.on.cleanup(registry=registry, id="cleanup")(cleanup)
     for kind in KINDS.values():
         register_kind(registry, kind)
+    providers: dict[str, Any] = {
+        "group": GROUP,
+        "version": VERSION,
+        "plural": model_provider.PLURAL,
+    }
+    for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        on(registry=registry, id="probe", **providers)(provider_changed)
     kopf.on.event(
         "apps", "v1", "deployments", registry=registry, id="readiness", when=_is_workload
     )(workload_changed)

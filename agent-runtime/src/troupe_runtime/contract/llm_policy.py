@@ -97,7 +97,8 @@ class McpServer(WireModel):
         description="The tools the model may call; unset: every tool the server lists.",
     )
     timeout: Duration = Field(
-        default=timedelta(seconds=30), description="Per tool call; default 30s."
+        default=timedelta(seconds=30),
+        description="Per tool call: a duration such as 30s or 2m; default 30s.",
     )
     idempotent: list[str] = Field(
         default_factory=list,
@@ -126,7 +127,8 @@ class AgentTool(WireModel):
         default=None, max_length=4096, description="For the model; default the Agent's role."
     )
     timeout: Duration = Field(
-        default=timedelta(seconds=30), description="How long to wait for its reply; default 30s."
+        default=timedelta(seconds=30),
+        description="How long to wait for its reply: a duration such as 30s or 2m; default 30s.",
     )
     idempotent: bool = Field(
         default=True,
@@ -145,15 +147,30 @@ class FunctionTool(WireModel):
         default=None, pattern=TOOL_NAME_PATTERN, description="Default the function's name."
     )
     idempotent: bool = Field(default=False, description="Safe to run twice; default false.")
-    timeout: Duration = Field(default=timedelta(seconds=30), description="Default 30s.")
+    timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="How long a call may run: a duration such as 30s or 2m; default 30s.",
+    )
 
 
 class Tools(WireModel):
     """What the model may call."""
 
-    mcp: list[McpServer] = Field(default_factory=list, max_length=32)
-    agents: list[AgentTool] = Field(default_factory=list, max_length=64)
-    functions: list[FunctionTool] = Field(default_factory=list, max_length=64)
+    mcp: list[McpServer] = Field(
+        default_factory=list,
+        max_length=32,
+        description="MCP servers (streamable HTTP) whose tools the model may call.",
+    )
+    agents: list[AgentTool] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Agents of this namespace called as tools, through their inbox.",
+    )
+    functions: list[FunctionTool] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Python functions of the agent's code called as tools.",
+    )
 
 
 class HistoryPolicy(WireModel):

@@ -44,10 +44,10 @@ class Pricing(WireModel):
     """What a model costs, in US dollars per million tokens."""
 
     input_per_million: float = Field(
-        default=0.0, ge=0, le=1_000_000, description="Dollars per million input tokens."
+        default=0.0, ge=0, le=1_000_000, description="Dollars per million input tokens; default 0."
     )
     output_per_million: float = Field(
-        default=0.0, ge=0, le=1_000_000, description="Dollars per million output tokens."
+        default=0.0, ge=0, le=1_000_000, description="Dollars per million output tokens; default 0."
     )
 
     def cost(self, tokens_in: int, tokens_out: int) -> float:

@@ -6,6 +6,7 @@ operator parses every spec it reconciles with them.
 
 from troupe_operator.api.agent import AgentSpec
 from troupe_operator.api.common import API_VERSION, GROUP, VERSION
+from troupe_operator.api.model_provider import ModelProviderSpec, ModelProviderStatus
 from troupe_operator.api.status import AgentStatus, Condition, WorkflowStatus
 from troupe_operator.api.workflow import WorkflowSpec, WorkflowStep
 
@@ -16,6 +17,8 @@ __all__ = [
     "AgentSpec",
     "AgentStatus",
     "Condition",
+    "ModelProviderSpec",
+    "ModelProviderStatus",
     "WorkflowSpec",
     "WorkflowStatus",
     "WorkflowStep",

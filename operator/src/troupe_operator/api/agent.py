@@ -24,6 +24,7 @@ from troupe_operator.api.common import (
 )
 from troupe_runtime.contract import grammar, naming, version
 from troupe_runtime.contract.durations import Duration, cel_matches
+from troupe_runtime.contract.llm_policy import LlmPolicy
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
     PROGRESS_SHARE,
@@ -447,11 +448,6 @@ HANDLER_RULES = (
         "an http handler needs a url",
         ".url",
     ),
-    rule(
-        "!has(self.type) || self.type != 'llm' || has(self.secretName)",
-        "an llm handler needs a secretName (a Secret with baseUrl and apiKey)",
-        ".secretName",
-    ),
 )
 
 
@@ -461,8 +457,6 @@ def _handler_problem(handler: Handler) -> str | None:
         return HANDLER_RULES[0]["message"]
     if handler.type == "http" and handler.url is None:
         return HANDLER_RULES[1]["message"]
-    if handler.type == "llm" and handler.secret_name is None:
-        return HANDLER_RULES[2]["message"]
     return None
 
 
@@ -634,6 +628,42 @@ TIMEOUT_MESSAGE = (
 )
 
 
+_LLM_HANDLER = (
+    "has(self.runtime) && has(self.runtime.handler) && has(self.runtime.handler.type)"
+    " && self.runtime.handler.type == 'llm'"
+)
+LLM_MESSAGE = (
+    "an llm handler needs exactly one of runtime.handler.secretName (a Secret with baseUrl "
+    "and apiKey: one call per message) and llm (a ModelProvider's model, a prompt and tools)"
+)
+LLM_ONLY_MESSAGE = "llm needs runtime.handler.type llm"
+LLM_RULES = (
+    rule(
+        f"!({_LLM_HANDLER}) || has(self.runtime.handler.secretName) != has(self.llm)",
+        LLM_MESSAGE,
+        ".runtime.handler",
+    ),
+    rule(f"!has(self.llm) || ({_LLM_HANDLER})", LLM_ONLY_MESSAGE, ".llm"),
+)
+"""Which llm handler an Agent has: the legacy Secret or ``spec.llm``, never both."""
+
+LLM_POLICY_RULES = (
+    rule(
+        "!has(self.systemPrompt) || has(self.systemPrompt.text) != "
+        "has(self.systemPrompt.configMapKeyRef)",
+        "systemPrompt needs exactly one of text and configMapKeyRef",
+        ".systemPrompt",
+    ),
+    rule(
+        "!has(self.tools) || !has(self.tools.mcp) || self.tools.mcp.all(m, has(m.url) != "
+        "has(m.service))",
+        "an MCP server needs exactly one of url and service",
+        ".tools.mcp",
+    ),
+)
+"""What the contract's ``LlmPolicy`` validators refuse, in CEL."""
+
+
 class AgentSpec(ApiModel):
     """The desired state of one agent.
 
@@ -645,7 +675,7 @@ class AgentSpec(ApiModel):
     message is handed to a second replica while the first still works on it.
     """
 
-    model_config = ApiModel.model_config | {"json_schema_extra": cel(_timeout_rule())}
+    model_config = ApiModel.model_config | {"json_schema_extra": cel(_timeout_rule(), *LLM_RULES)}
 
     role: str = Field(min_length=1, max_length=256, description="What the agent does, briefly.")
     description: str = Field(
@@ -700,6 +730,13 @@ class AgentSpec(ApiModel):
         default_factory=NatsConnection,
         description="Which NATS to use; unset fields fall back to the operator's settings.",
     )
+    llm: LlmPolicy | None = Field(
+        default=None,
+        json_schema_extra=cel(*LLM_POLICY_RULES),
+        description="An LLM agent (runtime.handler.type llm): a model of a ModelProvider in "
+        "this namespace, fallbacks, a system prompt, sampling and tools (MCP servers, other "
+        "Agents, Python functions). Unset: the llm handler's Secret, one call per message.",
+    )
     deletion_policy: Literal["Delete", "Retain"] = Field(
         default="Delete",
         description="Whether deleting the Agent deletes its NATS resources (Delete) or keeps "
@@ -713,6 +750,11 @@ class AgentSpec(ApiModel):
         buckets = [bucket.name for bucket in self.state]
         if len(set(buckets)) != len(buckets):
             raise ValueError("state bucket names must be unique")
+        handler = self.runtime.handler
+        if handler.type == "llm" and (handler.secret_name is None) == (self.llm is None):
+            raise ValueError(LLM_MESSAGE)
+        if handler.type != "llm" and self.llm is not None:
+            raise ValueError(LLM_ONLY_MESSAGE)
         return self
 
 

@@ -44,6 +44,18 @@ class AgentSubjects(ApiModel):
     dead_letters: str = Field(default="", description="The dead-letter stream's subject.")
 
 
+class AgentUsage(ApiModel):
+    """Tokens and dollars of an LLM agent's completions over the last hour, all replicas."""
+
+    tokens_in: int = Field(default=0, description="Input (prompt) tokens.")
+    tokens_out: int = Field(default=0, description="Output (completion) tokens.")
+    tokens: int = Field(default=0, description="tokensIn + tokensOut: the Tokens column.")
+    cost_usd: float = Field(
+        default=0.0, description="Dollars, at the prices of the ModelProviders' models."
+    )
+    window: str = Field(default="1h", description="The window summed: the last hour.")
+
+
 class ObjectStatus(ApiModel):
     """What every kind's status starts with: the generation observed and the conditions."""
 
@@ -68,6 +80,11 @@ class AgentStatus(ObjectStatus):
     dead_letters: int = Field(default=0, description="Messages in the dead-letter stream.")
     subjects: AgentSubjects | None = Field(
         default=None, description="The agent's NATS subjects, set by the first pass."
+    )
+    usage: AgentUsage | None = Field(
+        default=None,
+        description="LLM agents (spec.llm): tokens and cost over the last hour, summed on "
+        "each pass from the namespace's usage bucket.",
     )
 
 

@@ -14,16 +14,54 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 
 from troupe_operator.api import AgentSpec
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import AgentResources
 from troupe_runtime.contract.workflow_resources import WorkflowResources
 
+USAGE_TTL_SECONDS = 2 * 3600.0
+"""How long a minute's usage record lives: the Agent status sums the last hour."""
+OBJECT_STORE_PREFIX = "OBJ_"
+"""The stream JetStream keeps an Object Store bucket in."""
+
 
 def _uses_global_rate_limit(spec: AgentSpec) -> bool:
     return spec.rate_limit is not None and spec.rate_limit.scope == "global"
+
+
+def _is_llm_agent(spec: AgentSpec) -> bool:
+    return spec.llm is not None
+
+
+def usage_bucket(namespace: str) -> KeyValueConfig:
+    """The namespace's LLM usage counters, one key per agent, provider, model and minute."""
+    return KeyValueConfig(
+        bucket=naming.usage_bucket(namespace), ttl=USAGE_TTL_SECONDS, storage=StorageType.FILE
+    )
+
+
+def llm_object_stores(namespace: str, spec: AgentSpec) -> list[ObjectStoreConfig]:
+    """The Object Store an LLM agent offloads large tool results to (shared per namespace)."""
+    if not _is_llm_agent(spec):
+        return []
+    return [
+        ObjectStoreConfig(
+            bucket=naming.llm_object_store(namespace),
+            description=f"Large tool results of the LLM agents of namespace {namespace}",
+            storage=StorageType.FILE,
+        )
+    ]
+
+
+def with_llm(resources: AgentResources, namespace: str, spec: AgentSpec) -> AgentResources:
+    """An LLM agent's resources: the namespace's usage bucket too, which it writes to. (Its
+    inbox consumers' extra deliveries for 429 deferrals are the contract's,
+    ``agent_resources.max_deliveries``.)"""
+    if not _is_llm_agent(spec):
+        return resources
+    return dataclasses.replace(resources, buckets=[*resources.buckets, usage_bucket(namespace)])
 
 
 def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec]) -> list[str]:
@@ -36,6 +74,9 @@ def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec
     ]
     if _uses_global_rate_limit(spec) and not any(map(_uses_global_rate_limit, others)):
         streams.append(naming.kv_stream(naming.rate_limit_bucket(namespace)))
+    if _is_llm_agent(spec) and not any(map(_is_llm_agent, others)):
+        streams.append(naming.kv_stream(naming.usage_bucket(namespace)))
+        streams.append(OBJECT_STORE_PREFIX + naming.llm_object_store(namespace))
     if not others:
         streams.append(naming.event_log_stream(namespace))
     return streams
@@ -121,6 +162,9 @@ def agent_spec_fields(namespace: str, resources: AgentResources, spec: AgentSpec
             {"history": f"{bucket_field}.history", "": f"{bucket_field}.name"},
         )
     fields[f"bucket/{naming.rate_limit_bucket(namespace)}"] = {"": "spec.rateLimit.scope"}
+    fields[f"bucket/{naming.usage_bucket(namespace)}"] = {"": "spec.llm"}
+    fields[f"objects/{naming.llm_object_store(namespace)}"] = {"": "spec.llm"}
+
     return SpecFields(fields, {}, "metadata.name")
 
 

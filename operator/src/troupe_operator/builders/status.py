@@ -29,7 +29,18 @@ SPEC_VALID = "SpecValid"
 SECRETS_RESOLVED = "SecretsResolved"
 MESSAGING_READY = "MessagingReady"
 WORKLOAD_AVAILABLE = "WorkloadAvailable"
-AGENT_SUBCONDITIONS = (SPEC_VALID, SECRETS_RESOLVED, MESSAGING_READY, WORKLOAD_AVAILABLE)
+LLM_RESOLVED = "LlmResolved"
+"""LLM agents only: the ModelProviders, models and agent tools ``spec.llm`` names exist."""
+AGENT_SUBCONDITIONS = (
+    SPEC_VALID,
+    LLM_RESOLVED,
+    SECRETS_RESOLVED,
+    MESSAGING_READY,
+    WORKLOAD_AVAILABLE,
+)
+ENDPOINT_REACHABLE = "EndpointReachable"
+"""ModelProviders: the endpoint answered the probe with a model list."""
+PROVIDER_SUBCONDITIONS = (SPEC_VALID, SECRETS_RESOLVED, ENDPOINT_REACHABLE)
 DAG_VALID = "DagValid"
 AGENTS_FOUND = "AgentsFound"
 DAG_CONDITIONS = (DAG_VALID, AGENTS_FOUND)
@@ -63,6 +74,7 @@ PROGRESSING_REASONS = frozenset(
         "MessagingUnavailable",
         "EngineStopped",
         "ObjectLeaving",
+        "Unreachable",
         RECONCILE_FAILED,
     }
 )
@@ -81,6 +93,10 @@ PROBLEM_CONDITIONS = {
     PODS_CRASHING: WORKLOAD_AVAILABLE,
     "CycleDetected": DAG_VALID,
     "AgentNotFound": AGENTS_FOUND,
+    "ProviderMissing": LLM_RESOLVED,
+    "ProviderInvalid": LLM_RESOLVED,
+    "ModelNotServed": LLM_RESOLVED,
+    "AgentToolMissing": LLM_RESOLVED,
 }
 """The sub-condition a problem of each reason is reported on; any other reason: SpecValid."""
 
@@ -157,6 +173,12 @@ def reconcile_failed(type: str, message: str) -> Observation:
 
 
 SPEC_VALID_OK = Observation(SPEC_VALID, True, "SpecValid", "the spec is valid")
+LLM_RESOLVED_OK = Observation(
+    LLM_RESOLVED,
+    True,
+    "Resolved",
+    "every ModelProvider, model and agent tool spec.llm names exists",
+)
 SECRETS_OK = Observation(
     SECRETS_RESOLVED, True, "SecretsFound", "every referenced Secret and ConfigMap exists"
 )
@@ -265,9 +287,10 @@ def merge_conditions(
     generation: int,
     now: datetime,
     advisories: tuple[str, ...] = (),
+    ready_reason: str = READY,
 ) -> list[Condition]:
     """Ready, Reconciling and Stalled, then the sub-conditions in ``order``, then
-    ``advisories``; unobserved ones are kept as they were.
+    ``advisories``; unobserved ones are kept as they were. A Ready True has ``ready_reason``.
 
     Ready is False with the reason of the first sub-condition (in ``order``) that is not
     True, and so is Stalled (that one stalls) or Reconciling (it does not); advisories
@@ -300,7 +323,7 @@ def merge_conditions(
     if failing is None:
         message = "; ".join(c.message for c in subconditions)
         top = [
-            Observation(READY, True, "Ready", message),
+            Observation(READY, True, ready_reason, message),
             Observation(RECONCILING, False, "Reconciled", "nothing left to do"),
             Observation(STALLED, False, "Reconciled", "nothing left to do"),
         ]
@@ -337,10 +360,13 @@ def with_observations(
     generation: int,
     now: datetime,
     advisories: tuple[str, ...] = (),
+    ready_reason: str = READY,
 ) -> StatusT:
     """``previous`` with ``observed`` merged in and everything else kept: the status of a
     pass that got no further (a spec the models refuse, a problem, a failure)."""
-    conditions = merge_conditions(previous.conditions, observed, order, generation, now, advisories)
+    conditions = merge_conditions(
+        previous.conditions, observed, order, generation, now, advisories, ready_reason
+    )
     return previous.model_copy(update={"observed_generation": generation, "conditions": conditions})
 
 
@@ -410,9 +436,13 @@ def agent_status(
     messaging: MessagingObservation | None = None,
     missing_secrets: Sequence[Problem] | None = None,
     config_hash: str | None = None,
+    llm_resolved: bool = False,
 ) -> AgentStatus:
-    """The next status; what this pass did not observe (``None``) is carried over."""
+    """The next status; what this pass did not observe (``None``) is carried over.
+    ``llm_resolved``: an LLM agent whose ``spec.llm`` resolved (``LlmResolved`` True)."""
     observed = [workload.condition()]
+    if llm_resolved:
+        observed.append(LLM_RESOLVED_OK)
     if missing_secrets is not None:
         observed.append(secrets_condition(missing_secrets))
     counts, dead_letters = previous.consumers, previous.dead_letters
@@ -545,6 +575,17 @@ def workflow_status(
             "runs": runs.counts if runs is not None else previous.runs,
             "last_run": runs.last if runs is not None else previous.last_run,
         }
+    )
+
+
+def without_condition(previous: StatusT, type: str) -> StatusT:
+    """``previous`` without the condition ``type``: one that no longer applies (an Agent
+    that dropped ``spec.llm`` has nothing to resolve)."""
+    kept = [c for c in previous.conditions if c.type != type]
+    return (
+        previous
+        if len(kept) == len(previous.conditions)
+        else previous.model_copy(update={"conditions": kept})
     )
 
 

@@ -30,6 +30,7 @@ from troupe_operator.api import AgentSpec, WorkflowSpec
 from troupe_operator.builders import engine, pods, workload
 from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.problems import Problem
+from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.expressions import expression_problem
 from troupe_runtime.contract.schema_rules import schema_problem
 
@@ -56,6 +57,12 @@ def agent_problems(spec: AgentSpec) -> list[Problem]:
     if problems:  # a schema nested too deep cannot even be serialised: fix that first
         return problems
     config = workload.build_runtime_config(WORST_CASE_OWNER, spec, "")
+    return _size_problems("runtime", config.to_json(), _AGENT_FIELDS)
+
+
+def config_problems(config: RuntimeConfig) -> list[Problem]:
+    """ConfigTooLarge for a config the operator resolved (an LLM agent's embeds the specs
+    of its ModelProviders)."""
     return _size_problems("runtime", config.to_json(), _AGENT_FIELDS)
 
 

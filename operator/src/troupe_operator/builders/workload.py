@@ -13,6 +13,7 @@ from typing import Any
 
 from troupe_operator.api import AgentSpec
 from troupe_operator.api.agent import AgentRuntime
+from troupe_operator.builders import llm as llm_builders
 from troupe_operator.builders import pods
 from troupe_operator.builders.pods import (
     FIELD_MANAGER,
@@ -22,6 +23,7 @@ from troupe_operator.builders.pods import (
 )
 from troupe_runtime.contract import llm, naming, pod
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.llm import LlmRuntime
 
 AGENT_LABEL = "troupe.dev/agent"
 
@@ -52,8 +54,11 @@ def service_account_name(owner: Owner, spec: AgentSpec) -> str | None:
     return naming.agent_service_account(owner.name) if runtime.create_service_account else None
 
 
-def build_runtime_config(owner: Owner, spec: AgentSpec, default_nats_url: str) -> RuntimeConfig:
-    """The runtime's config: the spec's policies, unchanged, plus what the operator resolved."""
+def build_runtime_config(
+    owner: Owner, spec: AgentSpec, default_nats_url: str, llm_runtime: LlmRuntime | None = None
+) -> RuntimeConfig:
+    """The runtime's config: the spec's policies, unchanged, plus what the operator resolved
+    (``llm_runtime``: ``spec.llm`` with its providers and tools, ``builders.llm.resolve``)."""
     return RuntimeConfig(
         agent=owner.name,
         namespace=owner.namespace,
@@ -67,6 +72,7 @@ def build_runtime_config(owner: Owner, spec: AgentSpec, default_nats_url: str) -
         dead_letter=spec.dead_letter,
         state=spec.state,
         nats=pods.nats_settings(spec.nats, default_nats_url),
+        llm=llm_runtime,
     )
 
 
@@ -100,9 +106,10 @@ def llm_secret_keys(spec: AgentSpec) -> list[str]:
 def referenced_config_maps(spec: AgentSpec) -> list[ConfigMapReference]:
     """Every ConfigMap the spec names, so a missing one is reported before pods wait on it."""
     code = spec.runtime.code
-    return (
+    references = (
         [] if code is None else [ConfigMapReference("spec.runtime.code.configMap", code.config_map)]
     )
+    return references + llm_builders.prompt_config_maps(spec.llm)
 
 
 def config_hash(config: RuntimeConfig) -> str:
@@ -141,6 +148,7 @@ def _runtime_container(
             extra_env=[
                 *([{"name": "PYTHONPATH", "value": str(CODE_DIR)}] if runtime.code else []),
                 *llm_env(runtime),
+                *llm_builders.key_env(config.llm),
                 *(e.model_dump(by_alias=True, exclude_none=True) for e in runtime.env),
             ],
             secret_mounts=secret_mounts,
@@ -183,7 +191,9 @@ def build_deployment(owner: Owner, spec: AgentSpec, config: RuntimeConfig) -> di
     runtime = spec.runtime
     secret_volumes, secret_mounts = pods.nats_secret_volumes(spec.nats)
     code_volumes, code_mounts = code_volume(runtime)
-    secret_volumes, secret_mounts = secret_volumes + code_volumes, secret_mounts + code_mounts
+    prompt_volumes, prompt_mounts = llm_builders.prompt_volume(config.llm)
+    secret_volumes = secret_volumes + code_volumes + prompt_volumes
+    secret_mounts = secret_mounts + code_mounts + prompt_mounts
     pod_spec = pods.restricted_pod_spec(
         [_runtime_container(owner, spec, config, secret_mounts), *runtime.sidecars],
         config_map_name(owner.name),

@@ -17,18 +17,21 @@ import logging
 import ssl
 import tempfile
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 import nats
 from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.api import ObjectStoreConfig
+from nats.js.errors import APIError, NotFoundError
 from pydantic import ValidationError
 
-from troupe_operator.api.status import ConsumerCounts
+from troupe_operator.api.status import AgentUsage, ConsumerCounts
+from troupe_operator.builders import usage as usage_builders
 from troupe_operator.builders.jetstream import SpecFields
 from troupe_operator.builders.problems import Problem, SpecRejected
 from troupe_runtime.contract import naming
@@ -42,6 +45,7 @@ from troupe_runtime.nats.provision import (
     delete_agent_resources,
     ensure_agent_resources,
     ensure_workflow_resources,
+    refuses_config,
 )
 
 CONNECT_TIMEOUT_SECONDS = 2
@@ -180,6 +184,51 @@ async def _projection(js: JetStreamContext, config: EngineConfig, marker: bytes)
 class Counts:
     consumers: ConsumerCounts
     dead_letters: int
+    usage: AgentUsage | None = None
+    """LLM agents: tokens and cost over the last hour."""
+
+
+async def _ensure_object_store(
+    js: JetStreamContext, config: ObjectStoreConfig, report: ProvisionReport
+) -> None:
+    """Create the Object Store bucket when it is missing (its settings never change)."""
+    assert config.bucket is not None
+    try:
+        await js.object_store(config.bucket)
+        return
+    except NotFoundError:
+        pass
+    try:
+        await js.create_object_store(config.bucket, config)
+    except APIError as error:
+        if refuses_config(error):
+            raise ResourceRefused(f"objects/{config.bucket}", [], error) from error
+        raise
+    report.created.append(f"objects/{config.bucket}")
+
+
+async def _usage(js: JetStreamContext, bucket: str, agent: str, now: datetime) -> AgentUsage:
+    """The agent's usage records of the last hour, summed; zero while there are none.
+
+    The keys come from the bucket stream's subject index in one request (filtered to the
+    agent's), and only the last hour's values are read."""
+    prefix = f"$KV.{bucket}."
+    try:
+        subjects = await _subject_counts(
+            js, naming.kv_stream(bucket), prefix + usage_builders.key_filter(agent)
+        )
+        kv = await js.key_value(bucket)
+    except NotFoundError:
+        return usage_builders.summed({})
+    keys = [subject.removeprefix(prefix) for subject in subjects]
+    values: dict[str, bytes] = {}
+    for key in usage_builders.recent_keys(keys, agent, now):
+        try:
+            entry = await kv.get(key)
+        except NotFoundError:
+            continue  # expired or deleted since it was listed
+        values[key] = entry.value or b""
+    return usage_builders.summed(values)
 
 
 def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
@@ -278,13 +327,27 @@ class NatsPool:
         return await self._call(target, provision)
 
     async def provision(
-        self, target: NatsTarget, resources: AgentResources, fields: SpecFields
+        self,
+        target: NatsTarget,
+        resources: AgentResources,
+        fields: SpecFields,
+        object_stores: Sequence[ObjectStoreConfig] = (),
     ) -> ProvisionReport:
-        """Create or update the agent's streams, consumers and buckets to match ``resources``;
-        a refused config raises ``SpecRejected`` naming its field among ``fields``."""
-        return await self._provision(
-            target, lambda js: ensure_agent_resources(js, resources), fields
-        )
+        """Create or update the agent's streams, consumers and buckets to match ``resources``,
+        and create its ``object_stores``; a refused config raises ``SpecRejected`` naming its
+        field among ``fields``."""
+
+        async def ensure(js: JetStreamContext) -> ProvisionReport:
+            report = await ensure_agent_resources(js, resources)
+            for store in object_stores:
+                await _ensure_object_store(js, store, report)
+            return report
+
+        return await self._provision(target, ensure, fields)
+
+    async def usage(self, target: NatsTarget, bucket: str, agent: str, now: datetime) -> AgentUsage:
+        """The agent's tokens and cost over the hour before ``now``, from ``bucket``."""
+        return await self._call(target, lambda js: _usage(js, bucket, agent, now))
 
     async def counts(self, target: NatsTarget, resources: AgentResources) -> Counts:
         """The consumers' pending, ack-pending and redelivered sums, and the dead-letter depth."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from troupe_operator.api import AgentSpec, AgentStatus
+from troupe_operator.api import AgentSpec, AgentStatus, ModelProviderSpec
 from troupe_operator.api.status import AgentSubjects
 from troupe_operator.builders import jetstream as jetstream_builders
+from troupe_operator.builders import llm as llm_builders
 from troupe_operator.builders import status, validation, workload
 from troupe_operator.builders.jetstream import orphaned_streams
 from troupe_operator.builders.pods import Owner
@@ -33,9 +34,11 @@ from troupe_operator.reconcilers.common import (
     Seen,
     raw_connection,
     required_target,
+    run_pass,
 )
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import build_agent_resources, inbox_subjects
+from troupe_runtime.contract.llm_policy import LlmPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +60,26 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             # Nothing is built from a spec with problems: it is only reported (and building
             # may itself fail, e.g. on a schema nested too deep to serialise).
             return self._refused(owner, spec, generation, problems)
-        config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
+        resolution = (
+            await self._resolve_llm(operator, owner, spec.llm)
+            if spec.llm is not None
+            else llm_builders.Resolution(None, [])
+        )
+        if resolution.problems:
+            return self._refused(owner, spec, generation, resolution.problems)
+        config = workload.build_runtime_config(
+            owner, spec, operator.settings.nats_url, resolution.runtime
+        )
+        if spec.llm is not None and (too_large := validation.config_problems(config)):
+            return self._refused(owner, spec, generation, too_large)
         resources = jetstream_builders.with_shared_buckets(
             build_agent_resources(config, spec.runtime.replicas),
             owner.namespace,
             spec,
             await self._declarers(operator, owner, spec) if spec.state else [],
         )
+        resources = jetstream_builders.with_llm(resources, owner.namespace, spec)
+        object_stores = jetstream_builders.llm_object_stores(owner.namespace, spec)
         fields = jetstream_builders.agent_spec_fields(owner.namespace, resources, spec)
         config_hash = workload.config_hash(config)
         subjects = AgentSubjects(
@@ -71,25 +87,33 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         )
 
         async def jetstream(nats: NatsPool, target: NatsTarget) -> Counts:
-            await nats.provision(target, resources, fields)
-            return await nats.counts(target, resources)
+            await nats.provision(target, resources, fields, object_stores)
+            counts = await nats.counts(target, resources)
+            if spec.llm is None:
+                return counts
+            bucket = naming.usage_bucket(owner.namespace)
+            used = await nats.usage(target, bucket, owner.name, datetime.now(UTC))
+            return dataclasses.replace(counts, usage=used)
 
         def next_status(seen: Seen[AgentStatus, Counts]) -> AgentStatus:
             messaging = seen.messaging
+            usage = seen.previous.usage if spec.llm is not None else None
             if messaging is not None and seen.jetstream is not None:
                 counts = seen.jetstream
                 messaging = dataclasses.replace(
                     messaging, counts=counts.consumers, dead_letters=counts.dead_letters
                 )
+                usage = counts.usage if spec.llm is not None else None
             return status.agent_status(
-                seen.previous,
+                _applicable(seen.previous, spec),
                 generation,
                 seen.now,
                 seen.workload,
                 messaging=messaging,
                 missing_secrets=seen.missing_secrets,
                 config_hash=config_hash,
-            ).model_copy(update={"subjects": subjects})
+                llm_resolved=spec.llm is not None,
+            ).model_copy(update={"subjects": subjects, "usage": usage})
 
         manifests = [
             workload.build_config_map(owner, config),
@@ -99,7 +123,10 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         return Plan(
             next_status,
             apply=[manifest for manifest in manifests if manifest is not None],
-            secrets=workload.referenced_secrets(spec),
+            secrets=[
+                *workload.referenced_secrets(spec),
+                *llm_builders.provider_secrets(resolution.runtime),
+            ],
             jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
             workload=self.workload(owner.name),
             config_maps=workload.referenced_config_maps(spec),
@@ -112,7 +139,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
 
         def next_status(seen: Seen[AgentStatus, Counts]) -> AgentStatus:
             return status.agent_status(
-                seen.previous,
+                _applicable(seen.previous, spec),
                 generation,
                 seen.now,
                 seen.workload,
@@ -126,6 +153,25 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             problems=problems,
             config_maps=workload.referenced_config_maps(spec),
         )
+
+    async def _resolve_llm(
+        self, operator: Operator, owner: Owner, policy: LlmPolicy
+    ) -> llm_builders.Resolution:
+        """Read the ModelProviders and the Agents ``policy`` names, then resolve it."""
+        providers = {
+            name: _parsed(
+                ModelProviderSpec,
+                await operator.kube.read_custom("modelproviders", owner.namespace, name),
+            )
+            for name in llm_builders.provider_names(policy)
+        }
+        callees = {
+            name: _parsed(
+                AgentSpec, await operator.kube.read_custom(self.plural, owner.namespace, name)
+            )
+            for name in llm_builders.callee_names(policy)
+        }
+        return llm_builders.resolve(owner.namespace, policy, providers, callees)
 
     async def _declarers(
         self, operator: Operator, owner: Owner, spec: AgentSpec
@@ -218,3 +264,44 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
 
 
 AGENT = AgentKind()
+
+
+def _parsed(
+    model: type[AgentSpec] | type[ModelProviderSpec], body: Mapping[str, Any] | None
+) -> Any:
+    """An object's spec as ``model`` reads it; None when the object does not exist,
+    ``llm_builders.INVALID`` when the models refuse its spec."""
+    if body is None:
+        return None
+    try:
+        return model.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return llm_builders.INVALID
+
+
+def _applicable(previous: AgentStatus, spec: AgentSpec) -> AgentStatus:
+    """``previous`` without the conditions that do not apply to ``spec`` (``LlmResolved`` for
+    an Agent without ``spec.llm``), and without usage then."""
+    if spec.llm is not None:
+        return previous
+    return status.without_condition(previous, status.LLM_RESOLVED).model_copy(
+        update={"usage": None}
+    )
+
+
+async def wake_agents(
+    operator: Operator, namespace: str, provider: str | None = None, callee: str | None = None
+) -> list[str]:
+    """Run a pass over every Agent of ``namespace`` whose ``spec.llm`` names ``provider`` (as
+    a model's provider) or ``callee`` (as an agent tool): their config embeds what it names,
+    and one that waits for it turns Ready. Returns their names."""
+    woken = []
+    for agent in await operator.kube.list_custom(AGENT.plural, namespace):
+        raw = agent.get("spec") or {}
+        named = (provider is not None and llm_builders.names_provider(raw, provider)) or (
+            callee is not None and llm_builders.calls_agent(raw, callee)
+        )
+        if named and "deletionTimestamp" not in agent["metadata"]:
+            await run_pass(operator, AGENT, agent)
+            woken.append(agent["metadata"]["name"])
+    return woken

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
+from troupe_operator.reconcilers import model_provider
 from troupe_operator.reconcilers.agent import AGENT
 from troupe_operator.reconcilers.common import Kind, Operator, run_pass
 from troupe_operator.reconcilers.workflow import WORKFLOW
@@ -21,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 async def resync_once(operator: Operator) -> None:
-    """One pass over every watched Agent and Workflow that is not being deleted."""
+    """One pass over every watched Agent, Workflow and ModelProvider not being deleted (a
+    ModelProvider's pass probes its endpoint again: that is how a fixed Secret is seen)."""
     semaphore = asyncio.Semaphore(RESYNC_CONCURRENCY)
 
     async def guarded(run: Awaitable[object], what: str) -> None:
@@ -39,6 +41,13 @@ async def resync_once(operator: Operator) -> None:
                 continue
             what = f"{kind.plural}/{meta['namespace']}/{meta['name']}"
             passes.append(guarded(run_pass(operator, kind, body), what))
+    for body in await operator.kube.list_watched(
+        model_provider.PLURAL, operator.settings.namespaces
+    ):
+        meta = body["metadata"]
+        if "deletionTimestamp" not in meta:
+            what = f"{model_provider.PLURAL}/{meta['namespace']}/{meta['name']}"
+            passes.append(guarded(model_provider.provider_pass(operator, body), what))
     await asyncio.gather(*passes)
 
 
