@@ -33,23 +33,36 @@ class Decision:
     tat: float
 
 
-def gcra(tat: float, now: float, rate: float, burst: int) -> Decision:
-    """One GCRA step: ``burst`` messages at once, then ``rate`` per second."""
+def gcra(tat: float, now: float, rate: float, burst: int, cost: float = 1.0) -> Decision:
+    """One GCRA step: ``burst`` tokens at once, then ``rate`` per second; this takes ``cost``.
+
+    A cost above ``burst`` could never pass, so it takes the whole bucket instead.
+    """
     interval = 1.0 / rate
+    cost = min(cost, burst)
     start = max(tat, now)
-    allow_at = start - (burst - 1) * interval
+    allow_at = start - (burst - cost) * interval
     if now < allow_at:
         return Decision(allowed=False, wait=allow_at - now, tat=tat)
-    return Decision(allowed=True, wait=0.0, tat=start + interval)
+    return Decision(allowed=True, wait=0.0, tat=start + cost * interval)
 
 
 class Limiter(Protocol):
-    async def acquire(self) -> bool:
-        """Wait for a token; True when the caller had to wait (was throttled).
+    async def acquire(self, cost: float = 1.0, max_wait: float | None = None) -> bool:
+        """Wait for ``cost`` tokens; True when the caller had to wait (was throttled).
 
-        A shared limiter raises ``RateLimitUnavailable`` rather than wait forever.
+        A shared limiter raises ``RateLimitUnavailable`` rather than wait forever; a wait
+        longer than ``max_wait`` raises ``Throttled`` at once instead of sleeping.
         """
         ...
+
+
+class Throttled(Exception):
+    """The tokens come later than the caller will wait: in ``wait`` seconds."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"rate limited for {wait:.3f}s")
+        self.wait = wait
 
 
 class LocalLimiter:
@@ -60,13 +73,15 @@ class LocalLimiter:
         self._clock = clock
         self._tat = 0.0
 
-    async def acquire(self) -> bool:
+    async def acquire(self, cost: float = 1.0, max_wait: float | None = None) -> bool:
         throttled = False
         while True:
-            decision = gcra(self._tat, self._clock(), self._limit.rate, self._limit.burst)
+            decision = gcra(self._tat, self._clock(), self._limit.rate, self._limit.burst, cost)
             if decision.allowed:
                 self._tat = decision.tat
                 return throttled
+            if max_wait is not None and decision.wait > max_wait:
+                raise Throttled(decision.wait)
             throttled = True
             await asyncio.sleep(decision.wait)
 
@@ -156,7 +171,7 @@ class GlobalLimiter:
             return False
         return True
 
-    async def acquire(self) -> bool:
+    async def acquire(self, cost: float = 1.0, max_wait: float | None = None) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + acquire_deadline(self._limit)
         rate, burst = self._limit.rate, self._limit.burst
@@ -164,13 +179,15 @@ class GlobalLimiter:
         while True:
             stored, revision = await self._read()
             now = self._clock()
-            decision = gcra(plausible_tat(stored, now, rate, burst), now, rate, burst)
+            decision = gcra(plausible_tat(stored, now, rate, burst), now, rate, burst, cost)
             if decision.allowed:
                 if await self._write(decision.tat, revision):
                     return throttled
                 conflicts += 1
                 pause = conflict_backoff(conflicts, self._rng)
             else:
+                if max_wait is not None and decision.wait > max_wait:
+                    raise Throttled(decision.wait)
                 throttled = True
                 pause = decision.wait
             if conflicts >= MAX_CONFLICTS or loop.time() + pause > deadline:

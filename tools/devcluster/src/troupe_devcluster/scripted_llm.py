@@ -13,6 +13,7 @@ missing ``usage``; this server answers exactly what the test says.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import deque
@@ -104,6 +105,8 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any
     """The parsed JSON body, or None when it was not JSON."""
+    peer: tuple[str, int] = ("", 0)
+    """The client's address and port: one port for many requests means one connection."""
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -129,7 +132,7 @@ class ScriptedLlm:
         self._by_model: dict[str, deque[Reply]] = {}
         self._requests: list[RecordedRequest] = []
         self._closing = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
+        self._httpd = _Server(("127.0.0.1", 0), _handler_class(self))
         self._httpd.daemon_threads = True
         # A short poll so close() returns at once (shutdown waits for the next poll).
         self._thread = threading.Thread(
@@ -200,6 +203,13 @@ class ScriptedLlm:
         return seconds <= 0 or not self._closing.wait(seconds)
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a timeout, a size cap) is a test's point, not an error."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def _handler_class(server: ScriptedLlm) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
         scripted = server
@@ -263,7 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         headers = {name.lower(): value for name, value in self.headers.items()}
-        self.scripted._record(RecordedRequest(self.command, self.path, headers, body))
+        peer = (str(self.client_address[0]), int(self.client_address[1]))
+        self.scripted._record(RecordedRequest(self.command, self.path, headers, body, peer))
         return body
 
     def _authorised(self) -> bool:
