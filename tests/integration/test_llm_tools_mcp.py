@@ -113,6 +113,27 @@ async def test_a_tool_slower_than_its_timeout_is_an_error_and_the_next_call_work
     assert not after.is_error
 
 
+async def test_a_call_cancelled_by_the_handlers_timeout_leaves_nothing_running(
+    mcp_server: McpTestServer,
+) -> None:
+    box = toolbox(mcp_server, allow=["slow", "lookup"])
+    await box.start()
+    try:
+        pending = asyncio.create_task(box.call(call("slow"), {"seconds": 30}))
+        await eventually(lambda: mcp_server.calls("slow"), "the slow call to start")
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+
+        def calls_left() -> list[asyncio.Task[Any]]:
+            return [t for t in asyncio.all_tasks() if "call_tool" in repr(t.get_coro())]
+
+        await eventually(lambda: calls_left() == [], "the abandoned call to end")
+        assert (await box.call(call("lookup"), {"key": "k"})).content == "value of k"
+    finally:
+        await box.aclose()
+
+
 async def test_one_connection_per_server_serves_every_call_even_concurrent_ones(
     mcp_server: McpTestServer,
 ) -> None:

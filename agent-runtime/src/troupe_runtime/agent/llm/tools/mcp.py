@@ -19,7 +19,6 @@ a session that dies mid-call fails the call at once instead of at its timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -143,9 +142,7 @@ class _Session:
         try:
             await asyncio.wait_for(asyncio.shield(self.task), CLOSE_SECONDS)
         except TimeoutError:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await _abandoned(self.task)
         if self._ready.done() and not self._ready.cancelled():
             self._ready.exception()  # retrieved: a failed open is reported by ``opened``
         else:
@@ -258,13 +255,15 @@ class McpConnection:
         assert session is not None
         name = tool.spec.name
         call = asyncio.create_task(client.call_tool(name, arguments))
-        done, _ = await asyncio.wait(
-            {call, session.task}, timeout=tool.timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if call not in done:
+        try:
+            done, _ = await asyncio.wait(
+                {call, session.task}, timeout=tool.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:  # the handler's timeout or shutdown: abandon the call
             call.cancel()
-            with contextlib.suppress(BaseException):
-                await call
+            raise
+        if call not in done:
+            await _abandoned(call)
             await self._drop(session)
             if session.task in done:
                 return error_result(f"the session with MCP server {self.name} was lost")
@@ -295,6 +294,14 @@ class McpConnection:
 
     async def aclose(self) -> None:
         await self._drop()
+
+
+async def _abandoned(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it ends; whatever it raised is dropped with it."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
 
 
 async def _list_tools(client: Client) -> list[Tool]:
