@@ -219,6 +219,8 @@ def _handler_class(server: ScriptedLlm) -> type[BaseHTTPRequestHandler]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle, a delayed ACK would add 40 ms.
+    disable_nagle_algorithm = True
     scripted: ScriptedLlm
 
     def log_message(self, format: str, *args: Any) -> None:
