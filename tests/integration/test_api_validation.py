@@ -59,6 +59,7 @@ def _trigger(subject: str) -> dict[str, Any]:
 
 TOO_LONG = format_duration(MAX_DURATION + MAX_DURATION)
 
+LLM = {"model": {"provider": "p", "model": "m"}}
 REFUSED = [
     # Durations: positive where zero makes no sense, within int64 nanoseconds, whole ms.
     pytest.param(agent("a", timeout="0s"), ["spec.timeout", "greater than 0"], id="zero-timeout"),
@@ -286,8 +287,39 @@ REFUSED = [
     ),
     pytest.param(
         _runtime(handler={"type": "llm"}),
-        ["spec.runtime.handler.secretName", "an llm handler needs a secretName"],
-        id="llm-without-secret",
+        ["spec.runtime.handler", "an llm handler needs exactly one of"],
+        id="llm-without-secret-or-llm",
+    ),
+    pytest.param(
+        agent("a", runtime={"handler": {"type": "llm", "secretName": "s"}}, llm=LLM),
+        ["spec.runtime.handler", "an llm handler needs exactly one of"],
+        id="llm-with-secret-and-llm",
+    ),
+    pytest.param(
+        agent("a", llm=LLM),
+        ["spec.llm", "llm needs runtime.handler.type llm"],
+        id="llm-without-llm-handler",
+    ),
+    pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={
+                **LLM,
+                "systemPrompt": {"text": "x", "configMapKeyRef": {"name": "p", "key": "k"}},
+            },
+        ),
+        ["spec.llm.systemPrompt", "exactly one of text and configMapKeyRef"],
+        id="llm-prompt-from-two-sources",
+    ),
+    pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={**LLM, "tools": {"mcp": [{"name": "t"}]}},
+        ),
+        ["spec.llm.tools.mcp", "exactly one of url and service"],
+        id="mcp-without-endpoint",
     ),
     pytest.param(
         agent("a", contract={"errorStates": [{"name": "TooLong"}, {"name": "TooLong"}]}),

@@ -260,6 +260,28 @@ def test_an_agent_waits_for_its_provider_and_turns_ready_when_it_appears(
     assert key_env["valueFrom"]["secretKeyRef"] == {"name": "later-key", "key": "apiKey"}
 
 
+def test_an_agent_waits_for_the_agents_it_calls_and_turns_ready_when_they_appear(
+    cluster: ClusterEndpoints, namespace: str, scripted_llm: ScriptedLlm
+) -> None:
+    apply(cluster, namespace, provider("tools", scripted_llm.base_url))
+    caller = llm_agent("caller", "tools")
+    caller["spec"]["llm"]["tools"] = {"agents": [{"agent": "helper", "name": "ask_helper"}]}
+    apply(cluster, namespace, caller)
+    waiting = ready_with(cluster, namespace, "agent", "caller", "False", "AgentToolMissing")
+    assert "spec.llm.tools.agents[0].agent" in (condition(waiting) or {})["message"]
+
+    schema = {"type": "object", "properties": {"question": {"type": "string"}}}
+    apply(cluster, namespace, agent("helper", contract={"inputSchema": schema}))
+    ready_with(cluster, namespace, "agent", "caller", "True", "Ready")
+
+    config_map = get(cluster, namespace, "configmap", naming.agent_config_map("caller"))
+    (tool,) = json.loads(config_map["data"]["config.json"])["llm"]["agents"]
+    assert tool["name"] == "ask_helper"
+    assert tool["inboxSubject"] == naming.inbox_subject(namespace, "helper", 0)
+    assert tool["inputSchema"] == schema
+    assert tool["description"] == "test agent helper"
+
+
 def test_a_model_the_provider_does_not_serve_is_named(
     cluster: ClusterEndpoints, namespace: str, scripted_llm: ScriptedLlm
 ) -> None:

@@ -108,4 +108,5 @@ def test_wide_columns_show_dead_letters_and_redeliveries() -> None:
     assert wide(workflow) == {
         "LastRun": ".status.lastRun.id",
         "Started": ".status.lastRun.startedAt",
+        "LastCost": ".status.lastRun.costUsd",
     }

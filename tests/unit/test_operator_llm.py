@@ -22,6 +22,7 @@ from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.contract.llm import MAX_DEFERRALS, SYSTEM_PROMPT_DIR, provider_key_env
 from troupe_runtime.contract.llm_policy import LlmPolicy
+from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.usage import Usage
 
 OWNER = Owner("research", "analyst", uid="uid-1")
@@ -412,3 +413,16 @@ def test_the_crd_refuses_what_the_contract_refuses() -> None:
         ModelProviderSpec.model_validate(
             {"baseUrl": "http://x/v1", "models": [{"name": "a"}], "headers": {"Host": "y"}}
         )
+
+
+def test_the_workflow_status_shows_the_last_runs_tokens_and_cost() -> None:
+    run = RunState(
+        run_id="r1",
+        status="Succeeded",
+        started_at=NOW,
+        finished_at=NOW,
+        usage=Usage(tokens_in=30, tokens_out=12, cost_usd=0.0123456789),
+    )
+    last = status.last_run(run)
+    assert last is not None
+    assert (last.tokens_in, last.tokens_out, last.cost_usd) == (30, 12, 0.012346)

@@ -105,6 +105,11 @@ class LastRun(ApiModel):
     )
     started_at: str = Field(description="RFC 3339.")
     finished_at: str | None = Field(default=None, description="RFC 3339; unset while running.")
+    tokens_in: int = Field(
+        default=0, description="LLM input tokens its steps' replies reported, every attempt."
+    )
+    tokens_out: int = Field(default=0, description="LLM output tokens, likewise.")
+    cost_usd: float = Field(default=0.0, description="Dollars, likewise.")
 
 
 class WorkflowSubjects(ApiModel):

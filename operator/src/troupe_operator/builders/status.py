@@ -20,7 +20,7 @@ from troupe_operator.api import AgentStatus, Condition, WorkflowStatus
 from troupe_operator.api.status import ConsumerCounts, LastRun, ObjectStatus, RunCounts
 from troupe_operator.builders.problems import Problem
 from troupe_runtime.contract.redact import redact
-from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.run_state import RunState, run_usage
 
 READY = "Ready"
 RECONCILING = "Reconciling"
@@ -100,6 +100,8 @@ PROBLEM_CONDITIONS = {
 }
 """The sub-condition a problem of each reason is reported on; any other reason: SpecValid."""
 
+COST_DIGITS = 6
+"""Dollars in status are rounded to a millionth: the same runs always give the same status."""
 MESSAGE_LIMIT = 1024
 """Characters of a condition message: the reason must fit a ``kubectl describe`` screen."""
 
@@ -528,11 +530,15 @@ class RunObservation:
 def last_run(run: RunState | None) -> LastRun | None:
     if run is None:
         return None
+    used = run_usage(run)
     return LastRun(
         id=run.run_id,
         status=run.status,
         started_at=timestamp(run.started_at),
         finished_at=timestamp(run.finished_at) if run.finished_at else None,
+        tokens_in=used.tokens_in,
+        tokens_out=used.tokens_out,
+        cost_usd=round(used.cost_usd, COST_DIGITS),
     )
 
 

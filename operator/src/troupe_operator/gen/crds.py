@@ -118,6 +118,13 @@ RESOURCES = (
             ("Last", "string", ".status.lastRun.status", "How the latest run stands.", 0),
             ("LastRun", "string", ".status.lastRun.id", "The latest run's id.", 1),
             ("Started", "string", ".status.lastRun.startedAt", "When it started.", 1),
+            (
+                "LastCost",
+                "number",
+                ".status.lastRun.costUsd",
+                "Dollars the latest run's LLM steps cost.",
+                1,
+            ),
         ),
         rules=(),
     ),
