@@ -7,7 +7,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from troupe_runtime.agent.llm.history import estimate_message, fit, history_budget, preview
+from troupe_runtime.agent.llm.history import fit, history_budget, preview
+from troupe_runtime.agent.llm.tokens import estimate_message
 
 Message = dict[str, Any]
 SYSTEM: Message = {"role": "system", "content": "s" * 400}

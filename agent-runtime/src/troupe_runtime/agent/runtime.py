@@ -83,7 +83,10 @@ class Runtime:
         self.metrics.unable_seconds.set_function(self.liveness.unable_for)
         self.health = HealthServer(self.metrics.registry, self.ready, self.liveness)
         self._handler = handler or load_handler(
-            config.handler, threads=config.messaging.max_in_flight
+            config.handler,
+            threads=config.messaging.max_in_flight,
+            config=config,
+            metrics=self.metrics,
         )
         self.metrics.handler_stuck_threads.set_function(self._handler.stuck_threads)
         self._host = host
@@ -189,6 +192,7 @@ class Runtime:
             await asyncio.gather(binding, return_exceptions=True)
             return None if self._stop.is_set() else "closed"
         binding.result()
+        await self._handler.bind(nc, js)
         dead_letters = DeadLetters(nc, js, self.config, self.metrics)
         await dead_letters.watch_max_deliveries()
         worker = Worker(

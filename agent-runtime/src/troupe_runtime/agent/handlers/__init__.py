@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from troupe_runtime.agent.context import HandlerFn
 from troupe_runtime.agent.handlers.echo import echo
@@ -14,10 +16,17 @@ from troupe_runtime.agent.handlers.http import HttpHandler
 from troupe_runtime.agent.handlers.llm import LlmHandler, LlmSettings
 from troupe_runtime.agent.handlers.python import SyncHandler, load_callable
 from troupe_runtime.agent.handlers.threads import HandlerThreads
+from troupe_runtime.agent.llm.handler import llm_agent
+from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.policies import Handler
+from troupe_runtime.serving.metrics import RuntimeMetrics
 
 
 async def _nothing_to_close() -> None:
+    return None
+
+
+async def _nothing_to_bind(nc: Client, js: JetStreamContext) -> None:
     return None
 
 
@@ -27,6 +36,8 @@ class LoadedHandler:
 
     call: HandlerFn
     close: Callable[[], Awaitable[None]] = _nothing_to_close
+    bind: Callable[[Client, JetStreamContext], Awaitable[None]] = _nothing_to_bind
+    """Called with each NATS session the runtime opens (an LLM agent's journal needs it)."""
 
     @property
     def threads(self) -> HandlerThreads | None:
@@ -48,12 +59,18 @@ def _http_client() -> httpx.AsyncClient:
 
 
 def load_handler(
-    handler: Handler, env: Mapping[str, str] = os.environ, *, threads: int = 1
+    handler: Handler,
+    env: Mapping[str, str] = os.environ,
+    *,
+    threads: int = 1,
+    config: RuntimeConfig | None = None,
+    metrics: RuntimeMetrics | None = None,
 ) -> LoadedHandler:
     """Build the handler the Agent declares; a bad declaration fails here, at start-up.
 
     ``threads`` is how many calls of a plain Python function may run at once
-    (the Agent's ``maxInFlight``).
+    (the Agent's ``maxInFlight``). An ``llm`` handler with ``config.llm`` (``spec.llm``)
+    is the LLM agent; without, the legacy single call.
     """
     if handler.type == "echo":
         return LoadedHandler(echo)
@@ -66,6 +83,9 @@ def load_handler(
             raise ValueError("handler.url is required for type http")
         client = _http_client()
         return LoadedHandler(HttpHandler(handler.url, client), client.aclose)
+    if config is not None and config.llm is not None:
+        agent = llm_agent(config, (metrics or RuntimeMetrics()).llm, env)
+        return LoadedHandler(agent, agent.close, agent.bind)
     settings = LlmSettings.from_env(env, model=handler.model)
     client = _http_client()
     return LoadedHandler(LlmHandler(settings, client), client.aclose)

@@ -24,6 +24,7 @@ from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError
 from nats.js.object_store import ObjectStore
 
+from troupe_runtime.agent.llm.tokens import estimate_message
 from troupe_runtime.agent.llm.types import Message, ToolResult
 from troupe_runtime.contract import naming
 
@@ -39,21 +40,6 @@ MARGIN = 0.9
 DEFAULT_REPLY_SHARE = 4
 """Without ``maxTokens``, a quarter of the window is kept for the answer."""
 OBJECT_MAX_AGE_SECONDS = 7 * 24 * 3600.0
-CHARS_PER_TOKEN = 4
-
-
-def estimate_message(message: Message) -> int:
-    """About 4 characters per token over the content and tool-call arguments, at least 1."""
-    chars = 0
-    content = message.get("content")
-    if isinstance(content, str):
-        chars += len(content)
-    calls = message.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            chars += sum(len(v) for v in function.values() if isinstance(v, str))
-    return max(1, -(-chars // CHARS_PER_TOKEN))
 
 
 def preview(content: str, size: int, limit: int, bucket: str, name: str) -> str:
