@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +18,8 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from tests.integration.runtime_harness import DEADLINE
+from tests.integration.llm_harness import CallableTools, llm_config, running_llm, tool
+from tests.integration.runtime_harness import DEADLINE, provisioned
 from tests.integration.workflow_harness import (
     agent_config,
     agents,
@@ -26,6 +28,13 @@ from tests.integration.workflow_harness import (
     new_namespace,
 )
 from troupe_cli.main import amain
+from troupe_devcluster.scripted_llm import (
+    DEFAULT_USAGE,
+    ScriptedLlm,
+    ScriptedToolCall,
+    Text,
+    ToolCalls,
+)
 from troupe_runtime.agent.context import Context
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_resources import build_agent_resources
@@ -371,3 +380,80 @@ async def test_send_stream_ends_on_the_reply_while_garbage_keeps_pouring_in(
     assert out.startswith("still here\nanalyst answered q1")
     assert "\x1b" not in out
     assert "stream messages that were not deltas" in err
+
+
+# The real LLM agent (the loop, its streaming publisher, its usage attributes) over the
+# scripted model.
+
+
+async def echo_tool(arguments: dict[str, Any]) -> str:
+    return "echoed"
+
+
+def script_tool_then_answer(server: ScriptedLlm) -> None:
+    server.script(
+        ToolCalls([ScriptedToolCall("echo", "{}", "c1")]),
+        Text("one two three", chunks=["one", " two", " three"]),
+    )
+
+
+TWO_CALLS = (2 * DEFAULT_USAGE[0], 2 * DEFAULT_USAGE[1])
+"""The tool-call turn and the answer, each reporting the scripted server's usage."""
+
+
+def reported(text: str) -> tuple[int, int]:
+    """The tokens (in, out) a ``tokens: IN/OUT (in/out), cost $X`` line reports."""
+    found = re.search(r"tokens:\s+(\d+)/(\d+) \(in/out\)", text)
+    assert found is not None, text
+    return int(found.group(1)), int(found.group(2))
+
+
+async def test_send_stream_shows_a_real_llm_agent_answering_then_its_reply_and_tokens(
+    nats_url: str, scripted_llm: ScriptedLlm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = llm_config(nats_url, scripted_llm.base_url)
+    script_tool_then_answer(scripted_llm)
+    async with (
+        provisioned(config),
+        running_llm(config, CallableTools(tool("echo", echo_tool))),
+    ):
+        code, out, err = await troupe(
+            capsys, nats_url, config.namespace, "send", config.agent, "--id", "q1", "--stream"
+        )
+
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:3] == [
+        "[tool: echo]",
+        "one two three",
+        f"{config.agent} answered q1 (sent to {config.inbox_subject(0)}, sequence 1)",
+    ]
+    assert reported(lines[3]) == TWO_CALLS
+
+
+async def test_run_stream_and_runs_show_with_a_real_llm_agent_as_a_step(
+    nats_url: str, scripted_llm: ScriptedLlm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = llm_config(nats_url, scripted_llm.base_url)
+    ns = config.namespace
+    workflow = engine_config(nats_url, ns, [{"name": "ask", "agent": config.agent}])
+    script_tool_then_answer(scripted_llm)
+    async with (
+        provisioned(config),
+        running_llm(config, CallableTools(tool("echo", echo_tool))),
+        engine(workflow),
+    ):
+        ran = await troupe(capsys, nats_url, ns, "run", "wf", "--id", "r1", "--stream")
+        shown = await troupe(capsys, nats_url, ns, "runs", "show", "wf", "r1")
+
+    code, out, err = ran
+    assert code == 0, err
+    assert out.splitlines()[:3] == [
+        "[ask] [tool: echo]",
+        "[ask] one two three",
+        "run r1: Succeeded",
+    ]
+    code, out, _ = shown
+    assert code == 0
+    assert reported(out) == TWO_CALLS
+    assert "cost:      $0.000184" in out.splitlines()  # 22 x $2/M in + 14 x $10/M out
