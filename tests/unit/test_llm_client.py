@@ -413,3 +413,16 @@ def test_retry_after_of_any_header_is_none_or_a_bounded_wait(headers: dict[str, 
         return  # httpx refuses such a header before any server could send it
     wait = retry_after(parsed)
     assert wait is None or 0 <= wait <= 86_400
+
+
+async def test_a_redirect_is_rejected_not_followed(scripted_llm: ScriptedLlm) -> None:
+    moved = {"Location": "http://other.example/v1/chat/completions?token=abc"}
+    scripted_llm.script(HttpError(307, headers=moved))
+    client = client_for(scripted_llm)
+    with pytest.raises(
+        ModelRejected, match=r"redirected to http://other\.example/v1/chat/"
+    ) as caught:
+        await client.complete(ASK, "m")
+    await client.aclose()
+    assert "abc" not in str(caught.value)
+    assert len(scripted_llm.requests) == 1

@@ -110,8 +110,11 @@ class ProviderClient:
         self._http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(DEFAULT_CALL_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+            # A redirect would carry the key to wherever it points; it is refused instead.
             follow_redirects=False,
-            trust_env=False,
+            # HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE from the Agent's env apply: a hosted
+            # provider behind an egress proxy works as for any HTTP client.
+            trust_env=True,
         )
 
     def body(self, request: ChatRequest, model: str, stream: bool) -> dict[str, Any]:
