@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from tests.integration.runtime_harness import eventually
 from tests.support.mcp_servers import McpTestServer, hostile_mcp_server, mcp_server
 from troupe_runtime.agent.llm.tools import MAX_RESULT_BYTES, Backoff, ToolNameClash
-from troupe_runtime.agent.llm.tools.mcp import McpToolBox
+from troupe_runtime.agent.llm.tools.mcp import CONNECT_TIMEOUT_SECONDS, McpToolBox
 from troupe_runtime.agent.llm.types import ToolCall
 from troupe_runtime.contract.llm_policy import McpServer
 
@@ -265,6 +266,27 @@ async def test_a_call_while_the_server_is_down_is_an_error_and_calls_recover_whe
         await box.aclose()
     assert mcp_server.calls("record")[0] == "before"
     assert "during" not in mcp_server.calls("record")
+
+
+async def test_a_server_that_accepts_but_never_answers_holds_up_no_turn() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        server = McpServer(name="silent", url=f"http://127.0.0.1:{port}/mcp")
+        box = McpToolBox.from_policy([server], [], Backoff(first=0.01, most=0.01))
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            await box.start()
+            assert loop.time() - started < CONNECT_TIMEOUT_SECONDS + 2
+            for _ in range(3):
+                started = loop.time()
+                assert await box.specs() == []
+                assert loop.time() - started < 0.5
+                await asyncio.sleep(0.05)
+        finally:
+            await box.aclose()
 
 
 async def test_two_servers_listing_one_allowed_name_are_a_start_up_error_naming_both(

@@ -51,11 +51,14 @@ class CompositeToolBox:
         mcp: McpToolBox,
         *,
         owner: bool = True,
+        reported: set[str] | None = None,
     ) -> None:
         self._functions = functions
         self._agents = agents
         self._mcp = mcp
         self._owner = owner
+        self._reported = set() if reported is None else reported
+        """Skipped names already logged, shared with the views ``for_message`` makes."""
 
     def _kinds(self) -> list[_Kind]:
         kinds: list[_Kind] = [self._functions]
@@ -67,7 +70,9 @@ class CompositeToolBox:
     def for_message(self, cause: CloudEvent) -> CompositeToolBox:
         """The same tools, calling Agents on behalf of ``cause``; its ``aclose`` closes nothing."""
         agents = None if self._agents is None else self._agents.bound(cause)
-        return CompositeToolBox(self._functions, agents, self._mcp, owner=False)
+        return CompositeToolBox(
+            self._functions, agents, self._mcp, owner=False, reported=self._reported
+        )
 
     async def check_names(self) -> None:
         """``ToolNameClash`` when two tools answer to one name."""
@@ -88,9 +93,11 @@ class CompositeToolBox:
         for kind in self._kinds():
             for spec in await kind.specs():
                 if spec.name in taken:
-                    logger.error(
-                        "tool %r of %s is skipped: the name is taken", spec.name, _label(kind)
-                    )
+                    if (skipped := f"{spec.name} {_label(kind)}") not in self._reported:
+                        self._reported.add(skipped)
+                        logger.error(
+                            "tool %r of %s is skipped: the name is taken", spec.name, _label(kind)
+                        )
                     continue
                 taken.add(spec.name)
                 specs.append(spec)

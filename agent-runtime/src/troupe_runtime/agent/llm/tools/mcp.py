@@ -114,7 +114,9 @@ class _Session:
         try:
             return await asyncio.wait_for(asyncio.shield(self._ready), CONNECT_TIMEOUT_SECONDS)
         except TimeoutError:
-            await self.close()
+            self._stop.set()
+            await _abandoned(self.task)  # nothing to close politely on a half-open session
+            self._settle_ready()
             raise Unreachable(f"no session within {CONNECT_TIMEOUT_SECONDS:g}s") from None
 
     @property
@@ -143,6 +145,9 @@ class _Session:
             await asyncio.wait_for(asyncio.shield(self.task), CLOSE_SECONDS)
         except TimeoutError:
             await _abandoned(self.task)
+        self._settle_ready()
+
+    def _settle_ready(self) -> None:
         if self._ready.done() and not self._ready.cancelled():
             self._ready.exception()  # retrieved: a failed open is reported by ``opened``
         else:
@@ -167,6 +172,10 @@ class McpConnection:
         self._client: Client | None = None
         self._lock = asyncio.Lock()
         self._warned: set[str] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None and self._session.alive and self._client is not None
 
     async def client(self) -> Client:
         """The open session, opening one (and listing the tools) if none is."""
@@ -359,6 +368,8 @@ class McpToolBox:
     def __init__(self, connections: list[McpConnection]) -> None:
         self._connections = connections
         self._index: dict[str, McpTool] = {}
+        self._reconnecting: dict[str, asyncio.Task[None]] = {}
+        self._reported: set[str] = set()
 
     @classmethod
     def from_policy(
@@ -380,16 +391,16 @@ class McpToolBox:
         return cls(connections)
 
     async def start(self) -> None:
-        """Try every server once; a name two servers list is a start-up error."""
-        await self._refresh(strict=True)
-
-    async def _refresh(self, strict: bool) -> None:
+        """Try every server once, waiting; a name two servers list is a start-up error."""
         results = await asyncio.gather(
             *(connection.client() for connection in self._connections), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Unreachable):
                 raise result
+        self._reindex(strict=True)
+
+    def _reindex(self, strict: bool) -> None:
         index: dict[str, McpTool] = {}
         for connection in self._connections:
             for name, tool in connection.tools.items():
@@ -401,14 +412,32 @@ class McpToolBox:
                     )
                     if strict:
                         raise ToolNameClash(clash)
-                    logger.error("%s; the first is kept", clash)
+                    if clash not in self._reported:
+                        self._reported.add(clash)
+                        logger.error("%s; the first is kept", clash)
                     continue
                 index[name] = tool
         self._index = index
 
     async def specs(self) -> list[ToolSpec]:
-        await self._refresh(strict=False)
+        """The tools of the last listing of each server; a server without a session is
+        retried in the background, so a slow or unroutable one never holds up a turn."""
+        for connection in self._connections:
+            if not connection.connected and connection.name not in self._reconnecting:
+                task = asyncio.create_task(self._reconnect(connection))
+                self._reconnecting[connection.name] = task
+        self._reindex(strict=False)
         return [tool.spec for tool in self._index.values()]
+
+    async def _reconnect(self, connection: McpConnection) -> None:
+        try:
+            await connection.client()
+        except Unreachable:
+            pass  # reported by the connection, once per outage; backoff holds the next try
+        except Exception:  # the SDK's, unforeseen: a background task must not die silently
+            logger.exception("reconnecting to MCP server %s failed", connection.name)
+        finally:
+            self._reconnecting.pop(connection.name, None)
 
     def has(self, name: str) -> bool:
         return name in self._index
@@ -423,4 +452,6 @@ class McpToolBox:
         return await connection.call(tool, arguments)
 
     async def aclose(self) -> None:
+        for task in list(self._reconnecting.values()):
+            await _abandoned(task)
         await asyncio.gather(*(connection.aclose() for connection in self._connections))
