@@ -44,3 +44,29 @@ async def test_two_routers_share_one_provider_budget(
         await second.aclose()
         await js.delete_key_value(bucket)
         await nc.close()
+
+
+async def test_tokens_a_completion_used_are_charged_to_the_shared_budget(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    bucket = f"limits-{uuid.uuid4().hex[:8]}"
+    kv = await js.create_key_value(bucket=bucket)
+    # 600 tokens a minute: bursts of 100; the request is estimated at 2, the answer used 100.
+    config = runtime(
+        [("shared", "m")],
+        [provider("shared", scripted_llm.base_url, limits={"tokensPerMinute": 600})],
+    )
+    first, second = ModelRouter(config, {}, kv), ModelRouter(config, {}, kv, max_limit_wait=0.05)
+    scripted_llm.script(Text("long answer", usage=(10, 90)), Text("never"))
+    try:
+        await first.complete(ASK, None)
+        with pytest.raises(RateLimited):
+            await second.complete(ASK, None)
+        assert len(scripted_llm.completions) == 1
+    finally:
+        await first.aclose()
+        await second.aclose()
+        await js.delete_key_value(bucket)
+        await nc.close()

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from troupe_runtime.agent.llm.router import per_minute_limit
-from troupe_runtime.agent.ratelimit import LocalLimiter, Throttled, gcra
+from troupe_runtime.agent.ratelimit import LocalLimiter, Throttled, debit, gcra
 
 RATE = st.floats(min_value=0.01, max_value=1e6)
 BURST = st.integers(min_value=1, max_value=10_000)
@@ -51,3 +51,14 @@ async def test_a_wait_beyond_max_wait_raises_at_once() -> None:
     with pytest.raises(Throttled) as caught:
         await limiter.acquire(1.0, max_wait=0.1)
     assert caught.value.wait == pytest.approx(10.0)
+
+
+@given(TIME, TIME, RATE, BURST, st.floats(min_value=0, max_value=1e9))
+def test_a_debit_is_never_refused_and_never_runs_more_than_a_burst_ahead(
+    tat: float, now: float, rate: float, burst: int, cost: float
+) -> None:
+    after = debit(tat, now, rate, burst, cost)
+    ceiling = now + burst / rate
+    slack = 1e-9 * max(1.0, ceiling)
+    assert after >= min(max(tat, now), ceiling) - slack
+    assert after <= ceiling + slack

@@ -240,3 +240,26 @@ def test_a_chain_naming_an_unresolved_provider_is_refused(scripted_llm: Scripted
     )
     with pytest.raises(ValueError, match="'ghost'"):
         ModelRouter(config, {})
+
+
+@pytest.mark.parametrize(("usage", "limited"), [((1, 1), False), ((10, 90), True)])
+async def test_tokens_used_beyond_the_estimate_are_charged_after_the_call(
+    scripted_llm: ScriptedLlm, usage: tuple[int, int], limited: bool
+) -> None:
+    # 600 tokens a minute: bursts of 100, then ten a second. The request is estimated at 2.
+    config = runtime(
+        [("main", "big")],
+        [provider("main", scripted_llm.base_url, ("big",), limits={"tokensPerMinute": 600})],
+    )
+    router = ModelRouter(config, {}, max_limit_wait=0.05)
+    scripted_llm.script(Text("x", usage=usage), Text("y"))
+    small = ChatRequest(messages=[{"role": "user", "content": "x" * 8}])
+    await router.complete(small, None)
+    try:
+        if limited:
+            with pytest.raises(RateLimited):
+                await router.complete(small, None)
+        else:
+            assert (await router.complete(small, None)).message["content"] == "y"
+    finally:
+        await router.aclose()

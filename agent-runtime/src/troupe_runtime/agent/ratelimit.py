@@ -47,6 +47,12 @@ def gcra(tat: float, now: float, rate: float, burst: int, cost: float = 1.0) -> 
     return Decision(allowed=True, wait=0.0, tat=start + cost * interval)
 
 
+def debit(tat: float, now: float, rate: float, burst: int, cost: float) -> float:
+    """The TAT after ``cost`` tokens already spent: never refused, at most a burst ahead."""
+    interval = 1.0 / rate
+    return min(max(tat, now) + cost * interval, now + burst * interval)
+
+
 class Limiter(Protocol):
     async def acquire(self, cost: float = 1.0, max_wait: float | None = None) -> bool:
         """Wait for ``cost`` tokens; True when the caller had to wait (was throttled).
@@ -54,6 +60,10 @@ class Limiter(Protocol):
         A shared limiter raises ``RateLimitUnavailable`` rather than wait forever; a wait
         longer than ``max_wait`` raises ``Throttled`` at once instead of sleeping.
         """
+        ...
+
+    async def charge(self, cost: float) -> None:
+        """Count ``cost`` tokens spent beyond what ``acquire`` took (best effort, no wait)."""
         ...
 
 
@@ -84,6 +94,9 @@ class LocalLimiter:
                 raise Throttled(decision.wait)
             throttled = True
             await asyncio.sleep(decision.wait)
+
+    async def charge(self, cost: float) -> None:
+        self._tat = debit(self._tat, self._clock(), self._limit.rate, self._limit.burst, cost)
 
 
 class RateLimitUnavailable(Exception):
@@ -197,3 +210,14 @@ class GlobalLimiter:
                     "message is handed back (check the rate-limit KV bucket and its load)"
                 )
             await asyncio.sleep(pause)
+
+    async def charge(self, cost: float) -> None:
+        rate, burst = self._limit.rate, self._limit.burst
+        for conflicts in range(1, MAX_CONFLICTS + 1):
+            stored, revision = await self._read()
+            now = self._clock()
+            if await self._write(
+                debit(plausible_tat(stored, now, rate, burst), now, rate, burst, cost), revision
+            ):
+                return
+            await asyncio.sleep(conflict_backoff(conflicts, self._rng))

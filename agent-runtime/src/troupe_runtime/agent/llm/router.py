@@ -11,14 +11,15 @@ failed: ``RateLimited`` (the smallest Retry-After) if each failure was a rate li
 Provider limits are GCRA buckets (``agent/ratelimit.py``) under
 ``naming.provider_limit_key``: in the namespace's rate-limit KV bucket when a handle is
 given (every replica of every agent using the provider shares them), else in memory. A
-minute's budget may be spent in bursts of ten seconds' worth. A call is charged its
-estimated input tokens plus ``max_tokens`` (what providers count against a limit before
-they answer).
+minute's budget may be spent in bursts of ten seconds' worth. A call takes its
+estimated input tokens plus ``max_tokens`` before it goes out (what providers count
+against a limit before they answer); what its usage shows beyond that is charged after.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +53,8 @@ from troupe_runtime.agent.ratelimit import (
 from troupe_runtime.contract.llm import LlmRuntime, ResolvedProvider
 from troupe_runtime.contract.naming import provider_limit_key
 from troupe_runtime.contract.policies import RateLimit
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LIMIT_WAIT_SECONDS = 10.0
 """How long a call waits for its provider's rpm/tpm budget before falling back."""
@@ -141,7 +144,7 @@ class ModelRouter:
                 only_rate_limits = False
                 continue
             try:
-                await self._admit(provider, request)
+                charged = await self._admit(provider, request)
                 completion = await provider.client.complete(
                     request, route.model, on_delta, self.call_timeout
                 )
@@ -167,6 +170,8 @@ class ModelRouter:
                 raise
             else:
                 provider.breaker.success()
+                if provider.tokens is not None and completion.usage.tokens > charged:
+                    await _charge(provider.tokens, completion.usage.tokens - charged, route.name)
                 if fallbacks:
                     return dataclasses.replace(completion, fallbacks=tuple(fallbacks))
                 return completion
@@ -182,13 +187,16 @@ class ModelRouter:
         for provider in self._providers:
             await provider.client.aclose()
 
-    async def _admit(self, provider: _Provider, request: ChatRequest) -> None:
-        """Wait (at most ``max_limit_wait``) for room in the provider's rpm and tpm budgets."""
+    async def _admit(self, provider: _Provider, request: ChatRequest) -> int:
+        """Wait (at most ``max_limit_wait``) for room in the provider's rpm and tpm budgets;
+        the tokens taken."""
         if provider.requests is not None:
             await provider.requests.acquire(1.0, self.max_limit_wait)
-        if provider.tokens is not None:
-            cost = estimate_tokens(request.messages) + (request.max_tokens or 0)
-            await provider.tokens.acquire(float(cost), self.max_limit_wait)
+        if provider.tokens is None:
+            return 0
+        cost = estimate_tokens(request.messages) + (request.max_tokens or 0)
+        await provider.tokens.acquire(float(cost), self.max_limit_wait)
+        return cost
 
 
 def _limiters(
@@ -207,6 +215,14 @@ def _limiters(
             limit = per_minute_limit(per_minute, "global")
             built.append(GlobalLimiter(kv, key, limit, on_conflict=_ignore))
     return built[0], built[1]
+
+
+async def _charge(tokens: Limiter, cost: int, provider: str) -> None:
+    """Count tokens a completion used beyond its estimate; an answer is never lost to it."""
+    try:
+        await tokens.charge(float(cost))
+    except Exception:  # the KV bucket's trouble: the budget is a little generous this once
+        logger.warning("could not charge %d tokens to provider %s's budget", cost, provider)
 
 
 def _ignore() -> None:
