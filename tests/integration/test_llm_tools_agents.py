@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from tests.integration.runtime_harness import make_config, provisioned, running
 from troupe_runtime.agent.context import AgentError, Context
-from troupe_runtime.agent.llm.tools import CompositeToolBox, toolbox_factory
+from troupe_runtime.agent.llm.tools import CompositeToolBox, bound, toolbox_factory
 from troupe_runtime.agent.llm.tools.agents import build_request
 from troupe_runtime.agent.llm.types import ToolCall
 from troupe_runtime.contract import envelope
@@ -124,7 +124,7 @@ async def test_a_call_is_answered_by_the_callee_through_its_inbox(team: Team) ->
     tools = await team.toolbox()
     cause = message(question="why?")
     try:
-        result = await tools.for_message(cause).call(*ask({"topic": "tides"}))
+        result = await bound(tools, cause).call(*ask({"topic": "tides"}))
     finally:
         await tools.aclose()
     assert not result.is_error

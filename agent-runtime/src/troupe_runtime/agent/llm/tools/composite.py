@@ -23,7 +23,7 @@ from troupe_runtime.agent.llm.tools.agents import AgentToolBox, Callee
 from troupe_runtime.agent.llm.tools.base import ToolNameClash, error_result
 from troupe_runtime.agent.llm.tools.functions import FunctionToolBox, PythonTool
 from troupe_runtime.agent.llm.tools.mcp import DEFAULT_BACKOFF, Backoff, McpToolBox
-from troupe_runtime.agent.llm.types import ToolCall, ToolResult, ToolSpec
+from troupe_runtime.agent.llm.types import ToolBox, ToolCall, ToolResult, ToolSpec
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.llm import LlmRuntime
@@ -116,6 +116,12 @@ class CompositeToolBox:
         if self._owner:
             for kind in self._kinds():
                 await kind.aclose()
+
+
+def bound(toolbox: ToolBox, cause: CloudEvent) -> ToolBox:
+    """``toolbox`` calling on behalf of ``cause`` (``for_message``), or as it is when it has
+    no tools that need the message: what the loop hands each message's conversation."""
+    return toolbox.for_message(cause) if isinstance(toolbox, CompositeToolBox) else toolbox
 
 
 def _label(kind: _Kind) -> str:
