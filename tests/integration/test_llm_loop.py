@@ -15,6 +15,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
+from nats.js.errors import NoKeysError, NotFoundError
 
 from tests.integration.llm_harness import (
     MODEL,
@@ -66,6 +67,26 @@ async def letters(js: JetStreamContext, config: RuntimeConfig) -> list[RawStream
     return await stored(js, config.dead_letter_stream)
 
 
+async def usage_recorded(js: JetStreamContext, config: RuntimeConfig) -> Usage:
+    """The agent's usage in the namespace's per-minute usage bucket, once it is there."""
+    found: list[Usage] = []
+
+    async def written() -> bool:
+        try:
+            kv = await js.key_value(naming.usage_bucket(config.namespace))
+            keys = await kv.keys()  # (nats-py's filters match substrings, not subjects)
+        except (NotFoundError, NoKeysError):
+            return False
+        [key] = keys
+        assert key.startswith(f"{config.agent}.{PROVIDER}.{MODEL}.")
+        entry = await kv.get(key)
+        found.append(Usage.model_validate_json(entry.value or b""))
+        return True
+
+    await eventually(written, "the usage record")
+    return found[-1]
+
+
 def counted(metrics: LlmMetrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -89,6 +110,7 @@ async def test_an_answer_without_tools_is_the_output_with_its_usage(
     async with provisioned(config) as (_, js), running_llm(config) as (_, metrics):
         await send(js, config, {"q": "bees"})
         [output] = await outputs(js, config)
+        recorded = await usage_recorded(js, config)
     parsed = envelope.parse(output.headers, output.data or b"")
     assert parsed.data == {
         "content": "Bees dance.",
@@ -103,6 +125,7 @@ async def test_an_answer_without_tools_is_the_output_with_its_usage(
         {"role": "system", "content": "About bees."},
         {"role": "user", "content": '{"q":"bees"}'},
     ]
+    assert recorded == Usage(tokens_in=100, tokens_out=20, cost_usd=0.0004)
     labels = {"agent": config.agent, "provider": PROVIDER, "model": MODEL}
     assert counted(metrics, "troupe_llm_tokens_total", **labels, direction="in") == 100
     assert counted(metrics, "troupe_llm_tokens_total", **labels, direction="out") == 20
