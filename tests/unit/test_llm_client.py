@@ -426,3 +426,35 @@ async def test_a_redirect_is_rejected_not_followed(scripted_llm: ScriptedLlm) ->
     await client.aclose()
     assert "abc" not in str(caught.value)
     assert len(scripted_llm.requests) == 1
+
+
+def test_any_split_of_a_streamed_answer_reassembles_it() -> None:
+    with ScriptedLlm() as server:
+
+        @settings(max_examples=60, deadline=None)
+        @given(
+            pieces=st.lists(st.text(min_size=1, max_size=12), max_size=8),
+            arguments=st.text(max_size=60),
+            step=st.integers(min_value=1, max_value=9),
+        )
+        def answer(pieces: list[str], arguments: str, step: int) -> None:
+            call = ScriptedToolCall("f", arguments)
+            server.script(
+                Text("".join(pieces), chunks=pieces), ToolCalls([call], argument_chunk=step)
+            )
+            deltas = Deltas()
+
+            async def both() -> tuple[Completion, Completion]:
+                client = ProviderClient(provider("p", server.base_url), {})
+                try:
+                    text = await client.complete(ASK, "m", deltas)
+                    return text, await client.complete(ASK, "m", Deltas())
+                finally:
+                    await client.aclose()
+
+            text, tools = asyncio.run(both())
+            assert deltas.got == pieces
+            assert text.message["content"] == ("".join(pieces) or None)
+            assert [c.arguments for c in tools.tool_calls] == [arguments]
+
+        answer()
