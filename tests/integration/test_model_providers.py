@@ -32,6 +32,7 @@ from tests.integration.operator_support import (
     explained,
     get,
     jetstream,
+    stream_names,
 )
 from tests.integration.test_crd_property import values
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
@@ -332,6 +333,27 @@ def test_an_agents_status_sums_its_usage_of_the_last_hour(
     }
     wide = cluster.kubectl("get", "agent", "counter", "-n", namespace, "-o", "wide")
     assert "123" in wide
+
+
+def test_the_last_llm_agent_of_a_namespace_takes_its_usage_bucket_and_object_store(
+    cluster: ClusterEndpoints, namespace: str, scripted_llm: ScriptedLlm
+) -> None:
+    apply(cluster, namespace, provider("stored", scripted_llm.base_url))
+    apply(cluster, namespace, llm_agent("keeper", "stored"))
+    ready_with(cluster, namespace, "agent", "keeper", "True", "Ready")
+    shared = {
+        naming.kv_stream(naming.usage_bucket(namespace)),
+        "OBJ_" + naming.llm_object_store(namespace),
+    }
+    assert shared <= stream_names(cluster.nats_url)
+
+    cluster.kubectl("delete", "agent", "keeper", "-n", namespace, "--wait=false")
+
+    wait_for(
+        lambda: not shared & stream_names(cluster.nats_url),
+        DEADLINE,
+        "the usage bucket and object store to go with the last LLM agent",
+    )
 
 
 # The CRD and the models agree.
