@@ -70,12 +70,14 @@ class CallableTools:
     def __init__(self, *tools: Tool) -> None:
         self._tools = {tool.spec.name: tool for tool in tools}
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.ids: list[str] = []
 
     async def specs(self) -> list[ToolSpec]:
         return [tool.spec for tool in self._tools.values()]
 
     async def call(self, call: ToolCall, arguments: dict[str, Any]) -> ToolResult:
         self.calls.append((call.name, arguments))
+        self.ids.append(call.id)
         return ToolResult(await self._tools[call.name].run(arguments))
 
     async def aclose(self) -> None:

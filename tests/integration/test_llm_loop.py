@@ -150,14 +150,16 @@ async def test_tools_run_and_what_the_model_got_wrong_comes_back_as_errors_it_re
         ToolCalls(
             [call("echo", '{"x": 1}', "a"), call("echo", "{not json", "b"), call("nope", "{}", "c")]
         ),
+        ToolCalls([call("echo", '{"x": 2}', "a")]),  # the model reuses a call id
         Text("done"),
     )
     async with provisioned(config) as (_, js), running_llm(config, tools):
         await send(js, config, "go")
         [output] = await outputs(js, config)
     assert data_of(output)["content"] == "done"
-    assert tools.calls == [("echo", {"x": 1})]
-    first, second = scripted_llm.completions
+    assert tools.calls == [("echo", {"x": 1}), ("echo", {"x": 2})]
+    assert tools.ids == ["0-a", "1-a"]  # unique in the message, for the tools' request ids
+    first, second, _ = scripted_llm.completions
     assert first.body["tool_choice"] == {"type": "function", "function": {"name": "echo"}}
     assert second.body["tool_choice"] == "auto"  # forced on the first turn only
     results = {m["tool_call_id"]: m["content"] for m in second.messages if m["role"] == "tool"}

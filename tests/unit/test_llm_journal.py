@@ -45,7 +45,8 @@ def turn(
 
 def tool(n: int, call: str, content: str) -> Record:
     message = {"role": "tool", "tool_call_id": call, "content": content}
-    return Record(f"tool-{n}-{call}", TOOL_RESULT, {"callId": call, "message": message})
+    data = {"turn": n, "callId": call, "message": message}
+    return Record(f"tool-{n}-{call}", TOOL_RESULT, data)
 
 
 def test_nothing_replayed_is_a_fresh_conversation() -> None:
@@ -59,8 +60,8 @@ def test_turns_and_tool_results_rebuild_the_history_in_order() -> None:
     state = resume([turn(0, [SYSTEM, USER], ASKS, tokens_in=10, tokens_out=2), tool(0, "a", "A")])
     assert state.next_turn == 1
     assert state.opening == 2
-    assert state.messages == [SYSTEM, USER, ASKS, state.completed["a"]]
-    assert set(state.completed) == {"a"}
+    assert state.messages == [SYSTEM, USER, ASKS, state.completed["0-a"]]
+    assert set(state.completed) == {"0-a"}
     assert state.last_answer == ASKS
     assert state.usage == Usage(tokens_in=10, tokens_out=2)
 
@@ -68,9 +69,23 @@ def test_turns_and_tool_results_rebuild_the_history_in_order() -> None:
 def test_a_started_call_without_a_result_is_remembered_as_started() -> None:
     start = Record("tool-start-0-b", TOOL_START, {"callId": "b", "turn": 0})
     state = resume([turn(0, [USER], ASKS), tool(0, "a", "A"), start])
-    assert state.started == {"b"}
+    assert state.started == {"0-b"}
     finished = resume([turn(0, [USER], ASKS), start, tool(0, "b", "B")])
     assert finished.started == set()
+
+
+def test_a_call_id_reused_on_a_later_turn_is_another_call() -> None:
+    state = resume([turn(0, [USER], ASKS), tool(0, "a", "A"), tool(0, "b", "B")])
+    again = resume([*_records(state_turns=2)])
+    assert set(state.completed) == {"0-a", "0-b"}
+    assert set(again.completed) == {"0-a", "1-a"}
+
+
+def _records(state_turns: int) -> list[Record]:
+    records: list[Record] = []
+    for n in range(state_turns):
+        records += [turn(n, [USER] if n == 0 else [], ASKS), tool(n, "a", f"A{n}")]
+    return records
 
 
 def test_a_record_seen_twice_counts_once() -> None:

@@ -29,7 +29,7 @@ from troupe_runtime.agent.llm.loop import Conversation, LoopSettings
 from troupe_runtime.agent.llm.prompt import opening
 from troupe_runtime.agent.llm.router import ModelRouter
 from troupe_runtime.agent.llm.streaming import TokenStream
-from troupe_runtime.agent.llm.tools import toolbox_factory
+from troupe_runtime.agent.llm.tools import bound, toolbox_factory
 from troupe_runtime.agent.llm.types import (
     ChatRequest,
     Completion,
@@ -195,7 +195,7 @@ class LlmAgent:
         conversation = Conversation(
             self._settings,
             caller=session.caller,
-            toolbox=session.toolbox,
+            toolbox=bound(session.toolbox, event),
             journal=journal,
             offloader=session.offloader,
             stream=TokenStream.of(session.nc, self._config.namespace, event, policy.stream),

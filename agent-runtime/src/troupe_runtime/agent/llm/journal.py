@@ -59,6 +59,11 @@ def deferred_id(index: int) -> str:
     return f"deferred-{index}"
 
 
+def call_key(turn: object, call_id: object) -> str:
+    """A tool call's key in the message: models reuse call ids from turn to turn."""
+    return f"{turn}-{call_id}"
+
+
 @dataclass(frozen=True)
 class Record:
     """One journal record as replayed: its deterministic id, its type and its data."""
@@ -76,9 +81,9 @@ class ResumeState:
     """The history: every turn's new messages and answer, every tool result, in order."""
     next_turn: int = 0
     completed: dict[str, Message] = field(default_factory=dict)
-    """Tool messages by call id, for the calls that finished."""
+    """Tool messages by ``call_key``, for the calls that finished."""
     started: set[str] = field(default_factory=set)
-    """Call ids of non-idempotent calls started but never finished: never run again."""
+    """``call_key``s of non-idempotent calls started but never finished: never run again."""
     usage: Usage = field(default_factory=Usage)
     deferrals: int = 0
     repairs: int = 0
@@ -131,12 +136,13 @@ def resume(records: Iterable[Record]) -> ResumeState:
             state.usage = state.usage + _usage(data)
             state.repairs += 1 if data.get("repair") else 0
         elif record.type == TOOL_START and isinstance(data.get("callId"), str):
-            state.started.add(data["callId"])
+            state.started.add(call_key(data.get("turn"), data["callId"]))
         elif record.type == TOOL_RESULT and isinstance(data.get("message"), dict):
             call_id = data.get("callId")
-            if isinstance(call_id, str) and call_id not in state.completed:
-                state.completed[call_id] = data["message"]
-                state.started.discard(call_id)
+            key = call_key(data.get("turn"), call_id)
+            if isinstance(call_id, str) and key not in state.completed:
+                state.completed[key] = data["message"]
+                state.started.discard(key)
                 state.messages.append(data["message"])
         elif record.type == DEFERRED:
             state.deferrals += 1

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from troupe_runtime.agent.llm.history import Offloader, fit, history_budget
-from troupe_runtime.agent.llm.journal import Journal, ResumeState
+from troupe_runtime.agent.llm.journal import Journal, ResumeState, call_key
 from troupe_runtime.agent.llm.streaming import TokenStream
 from troupe_runtime.agent.llm.types import (
     ChatRequest,
@@ -340,7 +340,7 @@ class Conversation:
         self, turn: int, calls: list[ToolCall], specs: dict[str, ToolSpec]
     ) -> None:
         for key, call in zip(call_keys(calls), calls, strict=True):
-            if key in self._state.completed:
+            if call_key(turn, key) in self._state.completed:
                 continue  # finished before a crash; its result is in the history
             await self._stream.tool(call.name, turn)
             result = await self._result(turn, key, call, specs.get(call.name), specs)
@@ -348,7 +348,7 @@ class Conversation:
             result, offloaded = await self._offloader.bounded(result, object_name)
             message = {"role": "tool", "tool_call_id": call.id, "content": result.content}
             await self._journal.tool_finished(turn, key, message, offloaded)
-            self._state.completed[key] = message
+            self._state.completed[call_key(turn, key)] = message
             self._state.messages.append(message)
             await self._progress()
 
@@ -369,17 +369,20 @@ class Conversation:
         if isinstance(arguments, str):
             return ToolResult(arguments, True)
         if not spec.idempotent:
-            if key in self._state.started:
+            if call_key(turn, key) in self._state.started:
                 return ToolResult(INTERRUPTED.format(name=call.name), True)
             await self._journal.tool_started(turn, key, call.name)
-            self._state.started.add(key)
+            self._state.started.add(call_key(turn, key))
+        # Models reuse call ids (a small one says call_0 every turn); the tools get one unique
+        # in the message, which an Agent called as a tool derives its request's id from.
+        unique = ToolCall(call_key(turn, key), call.name, call.arguments)
         try:
-            return await self._toolbox.call(call, arguments)
+            return await self._toolbox.call(unique, arguments)
         except Exception as error:
             if not spec.idempotent:
                 return _failed(call, error)
         try:  # an idempotent tool gets one more try
-            return await self._toolbox.call(call, arguments)
+            return await self._toolbox.call(unique, arguments)
         except Exception as error:
             return _failed(call, error)
 
