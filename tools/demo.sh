@@ -27,19 +27,43 @@ step "Troupe operator, installed with its Helm chart"
   --set nats.url="$NATS_URL" --wait --timeout 3m
 kubectl -n troupe-system get pods -o wide
 
-step "The research team (examples/research-team)"
+step "The research team (examples/research-team): a local model, an MCP tool server, three agents"
 kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f -
 kubectl apply -k examples/research-team -n "$namespace"
+# The model server loads a 93 MB model; the provider turns Ready once its probe reaches it.
+kubectl rollout status -n "$namespace" deployment/model-server deployment/research-library --timeout=300s
+kubectl wait --for=condition=Ready -n "$namespace" modelprovider/local --timeout=180s
 kubectl wait --for=condition=Ready -n "$namespace" agents --all --timeout=180s
 kubectl wait --for=condition=Ready -n "$namespace" workflow/research --timeout=180s
-kubectl get agents,workflows -n "$namespace"
+kubectl get modelproviders,agents,workflows -n "$namespace"
 
 step "A run: research the topic 'jetstream'"
 run="demo-$(date +%s)"
-troupe run research -n "$namespace" --id "$run" --input '{"topic": "jetstream"}' --wait
+failed=""
+result=$(troupe run research -n "$namespace" --id "$run" --input '{"topic": "jetstream"}' --wait -o json) ||
+  failed=1
+"$venv/python" -c '
+import json, sys
+result = json.loads(sys.argv[1])
+print("run", result["run"] + ":", result["status"])
+if result["error"]:
+    print("error:", result["error"])
+output = result["output"] or {}
+print(output.get("report", json.dumps(output, indent=2)))
+' "$result"
 
-step "Its step timeline"
+step "Its step timeline, with each step's tokens and cost"
 troupe runs show research "$run" -n "$namespace"
+if [ -n "$failed" ]; then
+  echo "the run did not succeed: kubectl logs -n $namespace deployment/analyst (or writer) says why" >&2
+  exit 1
+fi
+
+step "Ask the analyst directly, its tokens streamed as the model writes them"
+troupe send analyst -n "$namespace" --stream --data '{"topic": "kubernetes", "facts": [
+  "Controllers reconcile desired and observed state (k8s-docs)",
+  "Custom resources extend the API (k8s-docs)",
+  "Pod Security admission enforces profiles per namespace (k8s-docs)"]}'
 
 step "Key metrics, from each agent's /metrics"
 kubectl get pods -n "$namespace" -l troupe.dev/agent \
@@ -55,6 +79,9 @@ Explore:
   troupe run research -n $namespace --input '{"topic": "kubernetes"}' --wait
   troupe runs list research -n $namespace
   troupe state get notes popularity.jetstream -n $namespace
+  troupe send writer -n $namespace --stream --data '{"topic": "nats", "key_points": ["…"]}'
+  kubectl get agents -n $namespace -o wide        # tokens and cost over the last hour
+  kubectl get modelprovider local -n $namespace -o yaml
   troupe dlq list retriever -n $namespace
 Tear down:
   make demo-down

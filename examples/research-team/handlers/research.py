@@ -1,49 +1,26 @@
-"""Handlers of the research team: retriever → analyst → writer.
+"""The research team's retriever: it asks the research library, an MCP tool server.
 
-They need no network: the retriever searches a small built-in library, the
-analyst and the writer work from what the retriever stored in the shared
-``notes`` bucket, keyed by the run (the event's correlation id).
+The analyst and the writer are LLM agents (``agents.yaml``); the retriever is the one
+Python handler. It calls the library's ``lookup`` tool over streamable HTTP with the
+official ``mcp`` SDK, hands the facts on to the analyst, and counts each topic's popularity
+in the shared ``notes`` bucket under revision checks.
+
+Why not an LLM agent: SmolLM2-135M, the demo's local model, calls a tool reliably only
+when forced, and cannot yet make use of the result in a second turn; the facts the team
+works from should be the library's, word for word.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from mcp import Client
+from mcp_types import TextContent
 
 from troupe_runtime.agent import AgentError, Context
 
-LIBRARY: dict[str, list[dict[str, Any]]] = {
-    "jetstream": [
-        {"claim": "JetStream persists messages in streams", "source": "nats-docs", "weight": 3},
-        {
-            "claim": "Consumers track delivery and acknowledgement",
-            "source": "nats-docs",
-            "weight": 2,
-        },
-        {
-            "claim": "KV buckets are streams with per-key history",
-            "source": "nats-docs",
-            "weight": 2,
-        },
-        {
-            "claim": "Messages can carry a per-message TTL since 2.11",
-            "source": "release-notes",
-            "weight": 1,
-        },
-    ],
-    "kubernetes": [
-        {
-            "claim": "Controllers reconcile desired and observed state",
-            "source": "k8s-docs",
-            "weight": 3,
-        },
-        {"claim": "Custom resources extend the API", "source": "k8s-docs", "weight": 2},
-        {
-            "claim": "Pod Security admission enforces profiles per namespace",
-            "source": "k8s-docs",
-            "weight": 1,
-        },
-    ],
-}
+LIBRARY_URL = os.environ.get("RESEARCH_LIBRARY_URL", "http://127.0.0.1:18081/mcp")
 
 
 def _topic(ctx: Context) -> str:
@@ -54,45 +31,15 @@ def _topic(ctx: Context) -> str:
     return topic.lower()
 
 
-def _run(ctx: Context) -> str:
-    return ctx.event.correlationid or ctx.event.id
-
-
 async def retrieve(ctx: Context) -> dict[str, Any]:
-    """Find the facts on the topic and keep them in shared state for the others."""
+    """Look the topic up in the library; count the request towards the topic's popularity."""
     topic = _topic(ctx)
-    facts = LIBRARY.get(topic)
-    if facts is None:
-        raise AgentError("UnknownTopic", f"nothing in the library on {topic!r}")
+    async with Client(LIBRARY_URL) as library:
+        result = await library.call_tool("lookup", {"topic": topic})
+    text = "\n".join(block.text for block in result.content if isinstance(block, TextContent))
+    if result.is_error:
+        raise AgentError("UnknownTopic", f"the library has nothing on {topic!r}: {text[:200]}")
     notes = await ctx.state.bucket("notes")
-    await notes.put(f"facts.{_run(ctx)}", facts)
-    # Every retrieval counts towards the topic's popularity, under revision checks.
     await notes.update(f"popularity.{topic}", lambda count: (count or 0) + 1)
-    return {"topic": topic, "facts": len(facts)}
-
-
-async def analyze(ctx: Context) -> dict[str, Any]:
-    """Rank the stored facts and name the sources they lean on."""
-    notes = await ctx.state.bucket("notes")
-    stored = await notes.get(f"facts.{_run(ctx)}")
-    if stored is None:
-        raise AgentError("NoFacts", "the retriever stored no facts for this run")
-    ranked = sorted(stored.value, key=lambda fact: -fact["weight"])
-    sources = sorted({fact["source"] for fact in ranked})
-    return {
-        "topic": ctx.event.data["topic"],
-        "key_points": [f["claim"] for f in ranked[:3]],
-        "sources": sources,
-    }
-
-
-async def write(ctx: Context) -> dict[str, Any]:
-    """Turn the analysis into a short report."""
-    analysis = ctx.event.data
-    notes = await ctx.state.bucket("notes")
-    popularity = await notes.get(f"popularity.{analysis['topic']}")
-    lines = [f"# {analysis['topic'].title()}: what we know", ""]
-    lines += [f"- {point}" for point in analysis["key_points"]]
-    lines += ["", f"Sources: {', '.join(analysis['sources'])}."]
-    lines += [f"Requests on this topic so far: {popularity.value if popularity else 1}."]
-    return {"report": "\n".join(lines)}
+    # One fact per line, strongest first: as a list, a small model copies them one by one.
+    return {"topic": topic, "facts": text.splitlines()}
