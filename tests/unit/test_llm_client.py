@@ -88,6 +88,17 @@ async def test_no_key_env_sends_no_authorization(scripted_llm: ScriptedLlm) -> N
     assert "tool_choice" not in sent.body  # OpenAI refuses a tool_choice without tools
 
 
+async def test_a_key_with_a_trailing_newline_is_sent_without_it(scripted_llm: ScriptedLlm) -> None:
+    # A Secret made with --from-file keeps the file's newline; the probe strips it too.
+    scripted_llm.script(Text("Paris"))
+    env = {KEY_ENV: f"  {KEY}\n"}
+    client = ProviderClient(provider("p", scripted_llm.base_url, api_key_env=KEY_ENV), env)
+    await client.complete(ASK, "m")
+    await client.aclose()
+    (sent,) = scripted_llm.completions
+    assert sent.headers["authorization"] == f"Bearer {KEY}"
+
+
 async def test_answer_with_usage_is_priced(scripted_llm: ScriptedLlm) -> None:
     scripted_llm.script(Text("Paris", usage=(1_000_000, 500_000)))
     pricing = {"pricing": {"inputPerMillion": 2.0, "outputPerMillion": 8.0}}

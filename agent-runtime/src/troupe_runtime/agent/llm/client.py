@@ -102,7 +102,9 @@ class ProviderClient:
         self._spec = provider.spec
         self._max_bytes = max_response_bytes
         self._url = provider.spec.base_url.rstrip("/") + "/chat/completions"
-        self._key = env.get(provider.api_key_env) if provider.api_key_env else None
+        # Stripped as the operator's probe strips it: a Secret made from a file ends in a newline.
+        key = env.get(provider.api_key_env, "").strip() if provider.api_key_env else ""
+        self._key = key or None
         self._missing_key = provider.api_key_env if provider.api_key_env and not self._key else None
         headers = {**provider.spec.headers, "Content-Type": "application/json"}
         if self._key:
