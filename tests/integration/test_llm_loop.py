@@ -162,6 +162,7 @@ async def test_tools_run_and_what_the_model_got_wrong_comes_back_as_errors_it_re
     first, second, _ = scripted_llm.completions
     assert first.body["tool_choice"] == {"type": "function", "function": {"name": "echo"}}
     assert second.body["tool_choice"] == "auto"  # forced on the first turn only
+    assert all(isinstance(m["content"], str) for m in second.messages)  # never null
     results = {m["tool_call_id"]: m["content"] for m in second.messages if m["role"] == "tool"}
     assert results["a"] == '{"x": 1}'
     assert "not valid JSON" in results["b"]
@@ -224,6 +225,29 @@ async def test_the_history_sent_stays_within_the_context_window(
     assert "elided" in tools[0]
     assert tools[-1] == chunk
     assert sum(len(m.get("content") or "") for m in last) / 4 < 1024 * 3 / 4
+
+
+async def test_what_the_provider_counted_beyond_the_estimate_is_kept_free_of_history(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    config = llm_config(nats_url, scripted_llm.base_url, context_window=1024)
+    chunk = "y" * 800  # 200 estimated tokens: two fit in the budget by the estimate alone
+
+    async def read(arguments: dict[str, Any]) -> str:
+        return chunk
+
+    scripted_llm.script(
+        ToolCalls([call("read", "{}", "r0")]),
+        ToolCalls([call("read", "{}", "r1")], usage=(650, 5)),  # the prompt was much denser
+        Text("ok"),
+    )
+    tools = CallableTools(tool("read", read))
+    async with provisioned(config) as (_, js), running_llm(config, tools):
+        await send(js, config, "read")
+        await outputs(js, config)
+    last = [m["content"] for m in scripted_llm.completions[-1].messages if m["role"] == "tool"]
+    assert "elided" in last[0]
+    assert last[1] == chunk
 
 
 async def test_a_short_retry_after_is_waited_out_in_place_without_burning_an_attempt(

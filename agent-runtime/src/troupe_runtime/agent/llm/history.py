@@ -12,7 +12,8 @@ Two bounds, so a long tool-heavy conversation neither bloats the log nor overflo
   length) dead-letters the message as ``rejected``.
 
 Tokens are estimated at about 4 characters per token (``tokens.py``): an estimate, so the
-budget keeps a margin.
+budget keeps a margin, and the loop takes off it what the provider's count of the last
+prompt showed the estimate missed (tool schemas, the chat template, dense text).
 """
 
 from __future__ import annotations

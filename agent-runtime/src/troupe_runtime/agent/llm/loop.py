@@ -29,6 +29,7 @@ so the Agent's ``timeout`` bounds every step, and the event's deadline the whole
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from typing import Any
 from troupe_runtime.agent.llm.history import Offloader, fit, history_budget
 from troupe_runtime.agent.llm.journal import Journal, ResumeState, call_key
 from troupe_runtime.agent.llm.streaming import TokenStream
+from troupe_runtime.agent.llm.tokens import estimate_tokens
 from troupe_runtime.agent.llm.types import (
     ChatRequest,
     Completion,
@@ -107,6 +109,17 @@ def answer_text(message: Message) -> str:
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return ""
+
+
+def for_history(message: Message) -> Message:
+    """The model's message as the next request carries it: an assistant message with text
+    content (``null`` beside tool calls is OpenAI's, but llama.cpp's server refuses it)."""
+    content = message.get("content")
+    return {
+        **message,
+        "role": "assistant",
+        "content": content if isinstance(content, str | list) else "",
+    }
 
 
 def tool_calls(message: Message) -> list[ToolCall]:
@@ -186,6 +199,8 @@ class Conversation:
         self._wait_budget = wait_budget
         self._sleep = sleep
         self._budget = history_budget(settings.context_window, self._policy.max_tokens)
+        self._overhead = 0
+        """Prompt tokens the estimate missed on the last call (see ``_calibrate``)."""
 
     async def run(self, opening: list[Message], state: ResumeState) -> Answer:
         """Run (or resume, from ``state``) the loop to its final answer."""
@@ -203,6 +218,7 @@ class Conversation:
                 return answer
         for turn in range(state.next_turn, self._policy.max_turns):
             completion = await self._ask(turn, specs)
+            completion = dataclasses.replace(completion, message=for_history(completion.message))
             await self._journal_turn(turn, new, completion, repair)
             state.messages.append(completion.message)
             state.next_turn = turn + 1
@@ -276,7 +292,7 @@ class Conversation:
                 "json_schema": {"name": "output", "schema": schema},
             }
         return ChatRequest(
-            messages=fit(self._state.messages, self._budget, self._state.opening),
+            messages=fit(self._state.messages, self._budget - self._overhead, self._state.opening),
             tools=tools,
             tool_choice=choice,
             temperature=self._policy.temperature,
@@ -296,7 +312,7 @@ class Conversation:
         waits = 0
         while True:
             try:
-                return await self._caller.complete(request, on_delta)
+                completion = await self._caller.complete(request, on_delta)
             except RateLimited as error:
                 delay = error.retry_after
                 if delay is None:
@@ -312,6 +328,16 @@ class Conversation:
                     delay=delay,
                     deferrals=index + 1,
                 ) from error
+            self._calibrate(request, completion)
+            return completion
+
+    def _calibrate(self, request: ChatRequest, completion: Completion) -> None:
+        """Learn what the estimate misses from the provider's own count of the prompt: the
+        tool schemas, the chat template, text denser than 4 characters a token. The next
+        history is fitted into the budget less that much."""
+        usage = completion.usage
+        if not usage.estimated and usage.tokens_in > 0:
+            self._overhead = max(0, usage.tokens_in - estimate_tokens(request.messages))
 
     async def _wait(self, delay: float) -> None:
         """Wait ``delay`` seconds, telling JetStream and the timeout we are still here."""
