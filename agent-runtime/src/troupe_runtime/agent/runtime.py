@@ -230,6 +230,7 @@ class Runtime:
         await fetching
         await worker.finish(self._grace)
         await dead_letters.stop()
+        await self._handler.close()  # while connected: an LLM agent writes its usage records
         await nc.drain()
         logger.info("stopped")
 

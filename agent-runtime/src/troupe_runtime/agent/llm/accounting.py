@@ -3,9 +3,11 @@
 The KV bucket ``naming.usage_bucket(ns)`` holds one JSON ``Usage`` per agent, provider,
 model and UTC minute (``usage_key``); the operator sums the last hour into the Agent's
 status. Writing there is off the hot path: completions are summed in memory and a
-background task adds each key's sum with compare-and-set about once a second (a crash loses
-at most that second's figures for the status; the message's own usage is in its journal and
-on its output). Until the operator provisions the bucket, the first flush creates it (TTL 2h).
+background task adds each key's sum with compare-and-set about once a second. A shutdown
+writes what is pending before the connection drains, a new session what the lost one could
+not; a crash loses at most a second's figures for the status (the message's own usage is in
+its journal and on its output). Until the operator provisions the bucket, the first flush
+creates it (TTL 2h).
 """
 
 from __future__ import annotations
@@ -61,18 +63,22 @@ class UsageRecorder:
 
     def __init__(
         self,
-        js: JetStreamContext,
         namespace: str,
         agent: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._js = js
+        self._js: JetStreamContext | None = None
         self._bucket_name = naming.usage_bucket(namespace)
         self._agent = agent
         self._clock = clock
         self._pending: dict[str, Usage] = {}
         self._kv: KeyValue | None = None
         self._flushing: asyncio.Task[None] | None = None
+
+    def use(self, js: JetStreamContext) -> None:
+        """Write through this session from now on (what is pending included)."""
+        self._js = js
+        self._kv = None
 
     def add(self, completion: Completion) -> None:
         key = usage_key(self._agent, completion.provider, completion.model, self._clock())
@@ -95,6 +101,7 @@ class UsageRecorder:
                 self._pending[key] = self._pending.get(key, Usage()) + usage
 
     async def aclose(self) -> None:
+        """Write what is pending now (the runtime closes the handler before it drains)."""
         if self._flushing is not None and not self._flushing.done():
             self._flushing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -102,6 +109,8 @@ class UsageRecorder:
         await self.flush()
 
     async def _bucket(self) -> KeyValue:
+        if self._js is None:
+            raise RuntimeError("no NATS session yet")
         if self._kv is None:
             try:
                 self._kv = await self._js.key_value(self._bucket_name)

@@ -68,7 +68,6 @@ class Session:
     js: JetStreamContext
     caller: ClosableCaller
     toolbox: ToolBox
-    usage: UsageRecorder
     offloader: Offloader
 
 
@@ -152,6 +151,8 @@ class LlmAgent:
             context_window=context_window(config.llm),
         )
         self._session: Session | None = None
+        self._usage = UsageRecorder(config.namespace, config.agent)
+        """One per process: what a lost session could not write is written by the next."""
 
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
         """Use this NATS session from now on (a new one after a reconnect)."""
@@ -159,16 +160,16 @@ class LlmAgent:
         agent, namespace = self._config.agent, self._config.namespace
         caller = _CountedCaller(await self._callers(js), self._metrics, agent, self._runtime)
         toolbox = await self._toolboxes(nc, js)
-        usage = UsageRecorder(js, namespace, agent)
+        self._usage.use(js)
         limit = self._runtime.policy.history.max_tool_result_bytes
-        self._session = Session(nc, js, caller, toolbox, usage, Offloader(js, namespace, limit))
+        self._session = Session(nc, js, caller, toolbox, Offloader(js, namespace, limit))
 
     async def close(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             await asyncio.gather(
                 session.toolbox.aclose(),
-                session.usage.aclose(),
+                self._usage.aclose(),
                 session.caller.aclose(),
                 return_exceptions=True,
             )
@@ -189,7 +190,7 @@ class LlmAgent:
         def on_completion(completion: Completion, total: Usage) -> None:
             ctx.attributes.update(total.attributes())
             count(self._metrics, self._config.agent, completion)
-            session.usage.add(completion)
+            self._usage.add(completion)
 
         policy = self._runtime.policy
         conversation = Conversation(
