@@ -216,8 +216,13 @@ async def test_the_history_sent_stays_within_the_context_window(
         provisioned(config) as (_, js),
         running_llm(config, CallableTools(tool("read", read))),
     ):
-        await send(js, config, "read a lot")
+        event = await send(js, config, "read a lot")
         await outputs(js, config)
+        log_id = naming.conversation_log_id(config.agent, event.id)
+        records = await EventLog(js, config.namespace, log_id).replay()
+    turns = [r.data for r in records if r.id.startswith("turn-")]
+    assert [len(turn["new"]) for turn in turns] == [1, 0, 0, 0, 0, 0]  # no history copied
+    assert max(len(json.dumps(r.data)) for r in records) < 2 * len(chunk)  # the log is linear
     last = scripted_llm.completions[-1].messages
     assert last[0] == {"role": "user", "content": "read a lot"}
     tools = [m["content"] for m in last if m["role"] == "tool"]
