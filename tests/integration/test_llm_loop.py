@@ -170,6 +170,39 @@ async def test_tools_run_and_what_the_model_got_wrong_comes_back_as_errors_it_re
     assert "echo" in results["c"]
 
 
+async def test_an_idempotent_tool_that_fails_is_tried_once_more_a_non_idempotent_one_never(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    config = llm_config(nats_url, scripted_llm.base_url)
+    runs = {"lookup": 0, "charge": 0}
+
+    async def lookup(arguments: dict[str, Any]) -> str:
+        runs["lookup"] += 1
+        if runs["lookup"] == 1:
+            raise ConnectionError("flaky")
+        return "found"
+
+    async def charge(arguments: dict[str, Any]) -> str:
+        runs["charge"] += 1
+        raise ConnectionError("card service down")
+
+    tools = CallableTools(tool("lookup", lookup, idempotent=True), tool("charge", charge))
+    scripted_llm.script(
+        ToolCalls([call("lookup", "{}", "l"), call("charge", "{}", "c")]), Text("ok")
+    )
+    async with provisioned(config) as (_, js), running_llm(config, tools):
+        await send(js, config, "buy")
+        await outputs(js, config)
+    assert runs == {"lookup": 2, "charge": 1}
+    results = {
+        m["tool_call_id"]: m["content"]
+        for m in scripted_llm.completions[1].messages
+        if m["role"] == "tool"
+    }
+    assert results["l"] == "found"
+    assert "card service down" in results["c"]
+
+
 async def test_a_large_tool_result_is_offloaded_and_only_a_preview_is_logged_and_sent(
     nats_url: str, scripted_llm: ScriptedLlm
 ) -> None:
