@@ -170,6 +170,25 @@ async def test_stream_assembles_tool_calls_by_index(scripted_llm: ScriptedLlm) -
     ]
 
 
+async def test_stream_with_the_name_in_every_chunk_assembles_it_once(
+    scripted_llm: ScriptedLlm,
+) -> None:
+    # llama.cpp's server repeats the whole function name in each chunk of a tool call.
+    def chunk(arguments: str) -> str:
+        call = {"index": 0, "id": "call_0", "function": {"name": "lookup", "arguments": arguments}}
+        return "data: " + json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+
+    events = [chunk('{"topic"'), chunk(': "nats"}'), "data: [DONE]"]
+    body = "".join(f"{event}\n\n" for event in events).encode()
+    scripted_llm.script(Raw(body, content_type="text/event-stream"))
+    client = client_for(scripted_llm)
+    completion = await client.complete(ASK, "m", Deltas())
+    await client.aclose()
+    assert [(c.name, c.arguments) for c in completion.tool_calls] == [
+        ("lookup", '{"topic": "nats"}')
+    ]
+
+
 async def test_stream_answered_in_one_piece_is_one_delta(scripted_llm: ScriptedLlm) -> None:
     body = {"choices": [{"message": {"role": "assistant", "content": "Paris"}}]}
     scripted_llm.script(Raw(json.dumps(body).encode()))

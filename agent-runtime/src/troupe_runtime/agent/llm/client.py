@@ -428,8 +428,15 @@ def _add_call_delta(calls: dict[int, _Call], delta: Any) -> None:
         call.id = delta["id"]
     function = delta.get("function")
     if isinstance(function, dict):
-        if isinstance(function.get("name"), str):
-            call.name.append(function["name"])
+        name = function.get("name")
+        if isinstance(name, str) and name:
+            # OpenAI sends the name once; llama.cpp repeats it whole in every chunk. A chunk
+            # that starts with what is assembled so far is the name again, not a further part.
+            so_far = "".join(call.name)
+            if so_far and name.startswith(so_far):
+                call.name[:] = [name]
+            else:
+                call.name.append(name)
         if isinstance(function.get("arguments"), str):
             call.arguments.append(function["arguments"])
 
