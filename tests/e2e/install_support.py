@@ -186,15 +186,63 @@ def gitops_path(cluster: ClusterEndpoints, work: Path) -> InstallPath:
 # --- what every path must show ---------------------------------------------------------
 
 
-def deploy_example(cluster: ClusterEndpoints, api_client: Any) -> str:
-    namespace = create_namespace(api_client, labels=RESTRICTED)
-    cluster.kubectl("apply", "-k", str(EXAMPLE), "-n", namespace)
-    for target in ("agents", f"workflow/{WORKFLOW}"):
-        args = ["wait", "--for=condition=Ready", "-n", namespace, target, "--timeout=180s"]
-        if target == "agents":
+SERVERS = {("Deployment", "model-server"), ("Deployment", "research-library")}
+"""The example's servers: hostNetwork pods (the process node has no Service networking),
+which the restricted Pod Security profile refuses. They run in a namespace of their own,
+so the restricted one still proves that every pod Troupe makes is admitted under it."""
+SERVERS_CONFIG = ("ConfigMap", "research-servers")
+
+
+@dataclass(frozen=True)
+class Example:
+    """The deployed research team: its namespace, its servers' and what was applied."""
+
+    namespace: str
+    servers_namespace: str
+    manifests: Path
+    """What went into ``namespace``, for ``kubectl delete -f``."""
+
+
+def deploy_example(cluster: ClusterEndpoints, api_client: Any, work: Path) -> Example:
+    """The example from its kustomization, servers apart, once everything in it is Ready."""
+    documents = list(yaml.safe_load_all(cluster.kubectl("kustomize", str(EXAMPLE))))
+    servers: list[dict[str, Any]] = []
+    team: list[dict[str, Any]] = []
+    for document in documents:
+        key = (document["kind"], document["metadata"]["name"])
+        (servers if key in SERVERS or key == SERVERS_CONFIG else team).append(document)
+    assert {(d["kind"], d["metadata"]["name"]) for d in servers} == {*SERVERS, SERVERS_CONFIG}
+    example = Example(
+        namespace=create_namespace(api_client, labels=RESTRICTED),
+        servers_namespace=create_namespace(api_client),
+        manifests=work / "research-team.yaml",
+    )
+    servers_file = work / "research-servers.yaml"
+    servers_file.write_text(yaml.safe_dump_all(servers))
+    example.manifests.write_text(yaml.safe_dump_all(team))
+    cluster.kubectl("apply", "-f", str(servers_file), "-n", example.servers_namespace)
+    cluster.kubectl("apply", "-f", str(example.manifests), "-n", example.namespace)
+    waits = [
+        (example.servers_namespace, "deployments", "Available"),
+        (example.namespace, "modelproviders", "Ready"),
+        (example.namespace, "agents", "Ready"),
+        (example.namespace, f"workflow/{WORKFLOW}", "Ready"),
+    ]
+    for namespace, target, condition in waits:
+        args = ["wait", f"--for=condition={condition}", "-n", namespace, target, "--timeout=300s"]
+        if "/" not in target:
             args.append("--all")
         cluster.kubectl(*args)
-    return namespace
+    return example
+
+
+def remove_example(cluster: ClusterEndpoints, example: Example) -> None:
+    """The team first (its NATS resources go with it), then its servers, waiting for both."""
+    cluster.kubectl(
+        "delete", "-f", str(example.manifests), "-n", example.namespace, "--timeout=180s"
+    )
+    # The servers hold fixed loopback ports: the next deployment needs them free.
+    cluster.kubectl("delete", "namespace", example.servers_namespace, "--timeout=180s")
 
 
 def start_runs(nats_url: str, namespace: str, topics: list[str]) -> list[str]:
