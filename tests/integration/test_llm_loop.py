@@ -376,6 +376,25 @@ async def test_a_model_asking_for_tools_past_max_turns_is_dead_lettered_as_inval
     assert letter.headers is not None
     assert letter.headers[REASON_HEADER] == "invalid-output"
     assert "maxTurns=2" in letter.headers[ERROR_HEADER]
+    first, last = scripted_llm.completions
+    assert first.body["tool_choice"] == "auto"
+    assert last.body["tool_choice"] == "none"  # the last turn was told to answer
+
+
+async def test_tool_choice_none_offers_the_model_no_tools(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    config = llm_config(nats_url, scripted_llm.base_url, toolChoice="none")
+    scripted_llm.script(Text("no tools needed"))
+    async with (
+        provisioned(config) as (_, js),
+        running_llm(config, CallableTools(tool("echo", _echo))),
+    ):
+        await send(js, config, "answer")
+        [output] = await outputs(js, config)
+    assert data_of(output)["content"] == "no tools needed"
+    (asked,) = scripted_llm.completions
+    assert "tools" not in asked.body
 
 
 async def test_token_deltas_arrive_on_core_nats_in_order(

@@ -272,7 +272,7 @@ class Conversation:
         return Answer(data, usage, self._state.next_turn)
 
     def _request(self, turn: int, specs: dict[str, ToolSpec]) -> ChatRequest:
-        tools = list(specs.values())
+        tools = [] if self._policy.tool_choice == "none" else list(specs.values())
         choice: str | dict[str, Any] | None = None
         forced = False
         if tools:
@@ -284,6 +284,10 @@ class Conversation:
                     if len(tools) == 1
                     else "required"
                 )
+            elif turn == self._policy.max_turns - 1:
+                # The last turn must answer: a model that would call tools again (small ones
+                # do, result in hand) is told it may not, instead of running out of turns.
+                choice = "none"
         schema = self._settings.output_schema
         response_format = None
         if schema is not None and not forced:
