@@ -1,5 +1,10 @@
 """LLM agents end to end on the local cluster, through the real operator.
 
+An Agent with a system prompt, a ModelProvider and an MCP tool, applied with kubectl and
+asked with ``troupe send --stream``: the real local model (the research team's model server,
+run as a pod as ``make demo`` runs it) streams its answer and calls the research library's
+real MCP tool.
+
 The agent's pod killed mid-conversation, while an MCP tool call is running: the new process
 resumes from the message's journal. It runs no completed tool call again, never re-runs the
 interrupted one (not idempotent), and asks the model no answered turn again. The scripted
@@ -12,8 +17,11 @@ import json
 import os
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tests.integration.operator_support import (
     API_VERSION,
@@ -25,14 +33,37 @@ from tests.integration.operator_support import (
     install_crds,
     wait_ready,
 )
-from tests.support.mcp_servers import McpTestServer, mcp_server
+from tests.support.mcp_servers import McpTestServer, free_port, mcp_server
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_devcluster.scripted_llm import ScriptedLlm, ScriptedToolCall, Text, ToolCalls
 
 __all__ = ["mcp_server"]
 
+EXAMPLE = REPO / "examples" / "research-team"
+LOCAL_MODEL = "smollm2-135m"
+SERVERS_READY_SECONDS = 300.0
+"""The model server loads 93 MB and the machine is shared: generous, never a sleep."""
+ANSWER_SECONDS = 180.0
 CRASH_ANSWER_SECONDS = 240.0
+
+
+def example_server(manifest: str, port: int) -> dict[str, Any]:
+    """The example's Deployment (``model-server.yaml`` or ``library.yaml``) on ``port``."""
+    [deployment] = [
+        doc
+        for doc in yaml.safe_load_all((EXAMPLE / manifest).read_text())
+        if doc["kind"] == "Deployment"
+    ]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    default = container["ports"][0]["containerPort"]
+    argv = [*container.get("command", []), *container.get("args", [])]
+    moved = [arg.replace(f"--port={default}", f"--port={port}") for arg in argv]
+    assert moved != argv, f"{manifest} has no --port={default} to move"
+    container["command"], container["args"] = moved, []
+    container["ports"][0]["containerPort"] = port
+    container["readinessProbe"]["httpGet"]["port"] = port
+    return dict(deployment)
 
 
 def model_provider(name: str, base_url: str, model: str, **served: Any) -> dict[str, Any]:
@@ -97,6 +128,12 @@ def finished(process: subprocess.Popen[str], timeout: float) -> list[dict[str, A
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
+def library_calls(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/calls", timeout=5) as response:
+        calls: dict[str, int] = json.load(response)
+        return calls
+
+
 def agent_pod(cluster: ClusterEndpoints, namespace: str, agent: str) -> dict[str, Any]:
     pods = json.loads(
         cluster.kubectl(
@@ -138,6 +175,78 @@ def install_llm_crds(cluster: ClusterEndpoints) -> None:
 
 def restarts(pod: dict[str, Any]) -> int:
     return sum(status.get("restartCount", 0) for status in pod["status"]["containerStatuses"])
+
+
+def test_an_llm_agent_streams_the_local_models_answer_and_calls_an_mcp_tool(
+    cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess
+) -> None:
+    install_llm_crds(cluster)
+    model_port, library_port = free_port(), free_port()
+    cluster.kubectl(
+        "create",
+        "configmap",
+        "research-servers",
+        "-n",
+        namespace,
+        f"--from-file={EXAMPLE / 'servers'}",
+    )
+    with explained(cluster, namespace, operator):
+        apply(cluster, namespace, example_server("model-server.yaml", model_port))
+        apply(cluster, namespace, example_server("library.yaml", library_port))
+        cluster.kubectl(
+            "rollout",
+            "status",
+            "-n",
+            namespace,
+            "deployment/model-server",
+            "deployment/research-library",
+            f"--timeout={SERVERS_READY_SECONDS:g}s",
+        )
+        base_url = f"http://127.0.0.1:{model_port}/v1"
+        apply(
+            cluster, namespace, model_provider("local", base_url, LOCAL_MODEL, contextWindow=2048)
+        )
+        wait_ready(cluster, namespace, "modelprovider", "local")
+        librarian = llm_agent(
+            "librarian",
+            "local",
+            LOCAL_MODEL,
+            llm={
+                "systemPrompt": {
+                    "text": "You are a librarian. Look {{ input.topic }} up in "
+                    "the library, then answer in one sentence."
+                },
+                "temperature": 0,
+                "maxTokens": 48,
+                "maxTurns": 2,
+                "toolChoice": "required",
+                "tools": {
+                    "mcp": [
+                        {
+                            "name": "library",
+                            "url": f"http://127.0.0.1:{library_port}/mcp",
+                            "allow": ["lookup"],
+                            "timeout": "10s",
+                        }
+                    ]
+                },
+            },
+            timeout="60s",
+        )
+        apply(cluster, namespace, librarian)
+        wait_ready(cluster, namespace, "agent", "librarian")
+
+        lines = finished(
+            send_streaming(cluster, namespace, "librarian", {"topic": "jetstream"}, ANSWER_SECONDS),
+            ANSWER_SECONDS + 30,
+        )
+    deltas = [line["delta"] for line in lines if line.get("delta")]
+    reply = lines[-1]["reply"]
+    assert deltas, f"the stream printed no deltas: {lines}"
+    assert not reply["failed"], reply
+    assert reply["data"], reply
+    assert reply["usage"]["tokensIn"] > 0, reply
+    assert library_calls(library_port).get("lookup", 0) >= 1
 
 
 def test_a_pod_killed_mid_conversation_repeats_no_tool_call_and_no_model_turn(
