@@ -313,7 +313,13 @@ def test_http_handler_urls_are_http_or_https(url: str, accepted: bool) -> None:
 
 
 def test_handlers_need_what_their_type_uses() -> None:
-    assert not _accepts(AgentRuntime, {"handler": {"type": "llm"}})
+    # An llm handler needs a Secret (one call) or spec.llm (the agent loop): the spec decides.
+    llm = {"role": "r", "runtime": {"handler": {"type": "llm"}}}
+    assert not _accepts(AgentSpec, llm)
+    loop = {"model": {"provider": "local", "model": "m"}}
+    assert _accepts(AgentSpec, {**llm, "llm": loop})
+    secret = {"handler": {"type": "llm", "secretName": "openai"}}
+    assert not _accepts(AgentSpec, {"role": "r", "runtime": secret, "llm": loop})
     assert not _accepts(AgentRuntime, {"handler": {"type": "http"}})
     assert not _accepts(AgentRuntime, {"handler": {"type": "python"}})
     assert _accepts(AgentRuntime, {"handler": {"type": "llm", "secretName": "openai"}})

@@ -16,7 +16,6 @@ from troupe_runtime.agent.handlers.http import HttpHandler
 from troupe_runtime.agent.handlers.llm import LlmHandler, LlmSettings
 from troupe_runtime.agent.handlers.python import SyncHandler, load_callable
 from troupe_runtime.agent.handlers.threads import HandlerThreads
-from troupe_runtime.agent.llm.handler import llm_agent
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.policies import Handler
 from troupe_runtime.serving.metrics import RuntimeMetrics
@@ -84,6 +83,10 @@ def load_handler(
         client = _http_client()
         return LoadedHandler(HttpHandler(handler.url, client), client.aclose)
     if config is not None and config.llm is not None:
+        # Imported here: the LLM agent's tools use this package's threads, so a module-level
+        # import would make importing either package first a cycle.
+        from troupe_runtime.agent.llm.handler import llm_agent
+
         agent = llm_agent(config, (metrics or RuntimeMetrics()).llm, env)
         return LoadedHandler(agent, agent.close, agent.bind)
     settings = LlmSettings.from_env(env, model=handler.model)
