@@ -38,6 +38,7 @@ from troupe_runtime.agent.llm.types import (
     ModelRejected,
     ModelUnavailable,
     RateLimited,
+    content_text,
 )
 from troupe_runtime.contract.llm import ResolvedProvider
 from troupe_runtime.contract.redact import HIDDEN, redact
@@ -303,7 +304,7 @@ def _parse_completion(body: bytes) -> tuple[Message, str | None, Any]:
     raw = choice.get("message")
     if not isinstance(raw, dict):
         raise _NotACompletion("a 200 whose first choice has no message")
-    message: Message = {"role": "assistant", "content": _text(raw.get("content"))}
+    message: Message = {"role": "assistant", "content": content_text(raw.get("content"))}
     calls = raw.get("tool_calls")
     if isinstance(calls, list) and calls:
         if len(calls) > MAX_TOOL_CALLS:
@@ -313,18 +314,6 @@ def _parse_completion(body: bytes) -> tuple[Message, str | None, Any]:
         ]
     finish = choice.get("finish_reason")
     return message, finish if isinstance(finish, str) else None, payload.get("usage")
-
-
-def _text(content: Any) -> str | None:
-    if isinstance(content, str) or content is None:
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return None
 
 
 def _tool_call(call: dict[str, Any], index: int) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from troupe_runtime.agent.llm.types import (
     ToolCall,
     ToolResult,
     ToolSpec,
+    content_text,
 )
 from troupe_runtime.agent.schemas import ContractChecker, SchemaViolation
 from troupe_runtime.contract.llm_policy import LlmPolicy
@@ -99,16 +100,7 @@ class Answer:
 
 def answer_text(message: Message) -> str:
     """The text of an assistant message: a string, or the text parts of a list."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
+    return content_text(message.get("content")) or ""
 
 
 def for_history(message: Message) -> Message:

@@ -18,6 +18,19 @@ DeltaSink = Callable[[str], Awaitable[None]]
 """Receives each content delta of a streamed completion, in order."""
 
 
+def content_text(content: Any) -> str | None:
+    """A message's content as text: a string, or the text parts of a list; None otherwise."""
+    if isinstance(content, str) or content is None:
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     """One tool as the model sees it (an OpenAI ``function`` tool)."""
