@@ -123,7 +123,12 @@ def test_an_idle_pass_writes_nothing(
     cluster: ClusterEndpoints, namespace: str, scripted_llm: ScriptedLlm
 ) -> None:
     apply(cluster, namespace, provider("idle", scripted_llm.base_url))
-    first = ready_with(cluster, namespace, "modelprovider", "idle", "True", "Probed")
+    ready_with(cluster, namespace, "modelprovider", "idle", "True", "Probed")
+    # The baseline is taken after the first resync's probe: right after Ready, kopf still
+    # writes its own bookkeeping (the handled-configuration annotation), which is no pass.
+    settled = len(scripted_llm.requests) + 1
+    wait_for(lambda: len(scripted_llm.requests) >= settled, DEADLINE, "a probe at resync")
+    first = get(cluster, namespace, "modelprovider", "idle")
     probes = len(scripted_llm.requests)
 
     wait_for(
