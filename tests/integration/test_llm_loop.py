@@ -381,6 +381,22 @@ async def test_a_model_asking_for_tools_past_max_turns_is_dead_lettered_as_inval
     assert last.body["tool_choice"] == "none"  # the last turn was told to answer
 
 
+async def test_an_answer_too_large_to_journal_is_dead_lettered_at_once_not_asked_again(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    # Past the server's max_payload (1 MiB) a turn cannot be journaled: retrying would only
+    # pay for the same answer again.
+    config = llm_config(nats_url, scripted_llm.base_url)
+    scripted_llm.script(*[Text("x" * 1_500_000)] * 3)
+    async with provisioned(config) as (_, js), running_llm(config, CallableTools()):
+        await send(js, config, "say a lot")
+        [letter] = await letters(js, config)
+    assert letter.headers is not None
+    assert letter.headers[REASON_HEADER] == "invalid-output"
+    assert "journal" in letter.headers[ERROR_HEADER]
+    assert len(scripted_llm.completions) == 1
+
+
 async def test_tool_choice_none_offers_the_model_no_tools(
     nats_url: str, scripted_llm: ScriptedLlm
 ) -> None:

@@ -25,9 +25,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.js import JetStreamContext
 
-from troupe_runtime.agent.llm.types import Completion, Fallback, Message
+from troupe_runtime.agent.llm.types import Completion, Fallback, InvalidModelOutput, Message
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.nats.event_log import Event, EventLog
@@ -178,9 +179,16 @@ class Journal:
     async def turn(
         self, turn: int, new: list[Message], completion: Completion, *, repair: bool
     ) -> None:
-        await self._log.append(
-            TURN, turn_record(turn, new, completion, repair=repair), turn_id(turn)
-        )
+        try:
+            await self._log.append(
+                TURN, turn_record(turn, new, completion, repair=repair), turn_id(turn)
+            )
+        except nats.errors.MaxPayloadError as error:
+            # A turn is journaled whole before anything acts on it; one the server cannot
+            # store would be asked for, and paid for, again on every retry.
+            raise InvalidModelOutput(
+                f"the model's answer to turn {turn} cannot be journaled: {error}"
+            ) from error
 
     async def fallbacks(self, turn: int, fallbacks: Iterable[Fallback]) -> None:
         for index, passed in enumerate(fallbacks):
