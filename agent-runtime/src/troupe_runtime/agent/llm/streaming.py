@@ -21,6 +21,10 @@ from troupe_runtime.contract.envelope import CloudEvent
 
 logger = logging.getLogger(__name__)
 
+MAX_DELTA_MESSAGES = 4096
+"""Delta messages per turn; a model that streams more (one character at a time for
+megabytes) has the rest sent whole, as one delta, when its turn is done."""
+
 
 class TokenStream:
     """Publishes one answer's deltas; does nothing when streaming is off."""
@@ -29,6 +33,8 @@ class TokenStream:
         self._nc = nc
         self.subject = subject
         self._failed = False
+        self._sent: dict[int, int] = {}
+        self._held: dict[int, list[str]] = {}
 
     @classmethod
     def of(cls, nc: Client | None, namespace: str, event: CloudEvent, enabled: bool) -> TokenStream:
@@ -50,11 +56,19 @@ class TokenStream:
             self._failed = True
 
     async def delta(self, text: str, turn: int) -> None:
-        if text:
-            await self._send({"delta": text, "turn": turn})
+        if not text or self._nc is None:
+            return
+        sent = self._sent.get(turn, 0)
+        if sent >= MAX_DELTA_MESSAGES:
+            self._held.setdefault(turn, []).append(text)
+            return
+        self._sent[turn] = sent + 1
+        await self._send({"delta": text, "turn": turn})
 
     async def tool(self, name: str, turn: int) -> None:
         await self._send({"tool": name, "turn": turn})
 
     async def done(self, turn: int, final: bool) -> None:
+        if held := self._held.pop(turn, None):
+            await self._send({"delta": "".join(held), "turn": turn})
         await self._send({"done": True, "turn": turn, "final": final})
