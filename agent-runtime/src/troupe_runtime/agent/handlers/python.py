@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -30,18 +31,27 @@ class SyncHandler:
         return await self.threads.call(self._target, ctx)
 
 
-def load_callable(entrypoint: str, threads: int = 1) -> HandlerFn:
-    """The function ``entrypoint`` names; a plain one gets ``threads`` threads to run on."""
+def import_entrypoint(
+    entrypoint: str, field: str, not_callable: str = "does not name a function"
+) -> Callable[..., Any]:
+    """The callable ``module:function`` names; ``ValueError`` naming ``field`` when it cannot
+    be used (the user's module: anything its import raises means it cannot load)."""
     module_name, _, name = entrypoint.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # the user's module: anything it raises means it cannot load
+    except Exception as error:
         raise ValueError(
-            f"handler.entrypoint {entrypoint!r} cannot be imported: {type(error).__name__}: {error}"
+            f"{field} {entrypoint!r} cannot be imported: {type(error).__name__}: {error}"
         ) from error
     target = getattr(module, name, None)
     if not callable(target):
-        raise ValueError(f"handler.entrypoint {entrypoint!r} does not name a function")
+        raise ValueError(f"{field} {entrypoint!r} {not_callable}")
+    return typing.cast(Callable[..., Any], target)
+
+
+def load_callable(entrypoint: str, threads: int = 1) -> HandlerFn:
+    """The function ``entrypoint`` names; a plain one gets ``threads`` threads to run on."""
+    target = import_entrypoint(entrypoint, "handler.entrypoint")
     if inspect.iscoroutinefunction(target):
         coroutine_function: HandlerFn = target
         return coroutine_function

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import inspect
 import typing
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 import pydantic
 import pydantic_core
 
+from troupe_runtime.agent.handlers.python import import_entrypoint
 from troupe_runtime.agent.handlers.threads import HandlerThreads
 from troupe_runtime.agent.llm.tools.base import (
     MAX_REASON_CHARS,
@@ -39,18 +39,9 @@ from troupe_runtime.contract.llm_policy import FunctionTool
 
 def load_function(entrypoint: str) -> Callable[..., Any]:
     """The function ``module:function`` names; ``ValueError`` saying why it cannot be used."""
-    module_name, _, name = entrypoint.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # the user's module: anything it raises means it cannot load
-        raise ValueError(
-            f"spec.llm.tools.functions entrypoint {entrypoint!r} cannot be imported: "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    target = getattr(module, name, None)
-    if not callable(target):
-        raise ValueError(f"spec.llm.tools.functions entrypoint {entrypoint!r} is not a function")
-    return typing.cast(Callable[..., Any], target)
+    return import_entrypoint(
+        entrypoint, "spec.llm.tools.functions entrypoint", not_callable="is not a function"
+    )
 
 
 def arguments_model(fn: Callable[..., Any], entrypoint: str) -> type[pydantic.BaseModel]:
