@@ -56,7 +56,9 @@ class DeadLetterReason(StrEnum):
     ``rejected`` covers both a non-retryable error state and a model that refused the
     request (400, 401, 403, 404, 413, context length): either way the same input fails
     again, and the error names which. ``rate-limited``: an LLM agent's message deferred
-    more often than ``MAX_DEFERRALS`` by 429s.
+    more often than ``MAX_DEFERRALS`` by 429s. ``budget-exceeded``: a hard limit of a
+    Budget refused a model call (``contract.budget.BudgetExceeded``); no retry helps
+    before the window turns.
     """
 
     MALFORMED = "malformed"
@@ -68,6 +70,7 @@ class DeadLetterReason(StrEnum):
     EXHAUSTED = "exhausted"
     MAX_DELIVERIES = "max-deliveries"
     RATE_LIMITED = "rate-limited"
+    BUDGET_EXCEEDED = "budget-exceeded"
 
 
 @dataclass(frozen=True)

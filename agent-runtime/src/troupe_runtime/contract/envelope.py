@@ -69,6 +69,10 @@ DEFAULT_CHARSET = "utf-8"
 # a reply to ``replyto`` is ``<input type>.result``, or ``troupe.error`` when the input failed.
 OUTPUT_TYPE_SUFFIX = "output"
 RESULT_TYPE_SUFFIX = "result"
+WORKFLOW_ATTRIBUTE = "troupeworkflow"
+"""The Workflow a step event belongs to: the engine sets it, agents carry it on to what
+they send for the event (outputs, replies, agents called as tools), so a Workflow's Budget
+counts calls made anywhere in its runs."""
 ERROR_TYPE = "troupe.error"
 TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 

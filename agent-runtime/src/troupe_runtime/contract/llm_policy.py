@@ -185,6 +185,19 @@ class HistoryPolicy(WireModel):
     )
 
 
+class TokenRateLimit(WireModel):
+    """The Agent's own tokens per minute, on top of its ModelProviders' limits."""
+
+    tokens_per_minute: int = Field(
+        ge=1, le=10**12, description="Tokens (prompt plus max completion) per minute."
+    )
+    scope: Literal["replica", "global"] = Field(
+        default="replica",
+        description="replica: each replica has its own bucket; global: all replicas share one "
+        "(kept in NATS KV). Default replica.",
+    )
+
+
 class LlmPolicy(WireModel):
     """An LLM agent: a model loop with tools, for ``runtime.handler.type: llm``."""
 
@@ -215,6 +228,15 @@ class LlmPolicy(WireModel):
     )
     tools: Tools = Field(default_factory=Tools, description="What the model may call.")
     history: HistoryPolicy = Field(default_factory=HistoryPolicy)
+    rate_limit: TokenRateLimit | None = Field(
+        default=None, description="The Agent's own token rate limit; unset: none."
+    )
+    on_budget_exceeded: Literal["dead-letter", "answer"] = Field(
+        default="dead-letter",
+        description="When a Budget's hard limit refuses a model call: dead-letter the "
+        "message (reason budget-exceeded), or answer with what the loop has so far (only "
+        "without an outputSchema). Default dead-letter.",
+    )
 
     def chain(self) -> list[ModelRef]:
         """The models in the order they are tried."""

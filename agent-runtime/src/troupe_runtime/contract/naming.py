@@ -223,6 +223,44 @@ def provider_limit_key(provider: str, kind: str) -> str:
     return f"provider.{_token(provider)}.{kind}"
 
 
+def agent_token_limit_key(agent: str) -> str:
+    """The rate-limit bucket key of an Agent's own tokens per minute (``spec.llm.rateLimit``
+    with scope global)."""
+    return f"agent.{_token(agent)}.tpm"
+
+
+# Budgets.
+
+
+def budget_bucket(namespace: str) -> str:
+    """The KV bucket of a namespace's budgets: definitions (operator) and ledgers (runtime)."""
+    return f"troupe_{_token(namespace)}_budgets"
+
+
+BUDGET_DEFINITION_PREFIX = "def"
+BUDGET_LEDGER_PREFIX = "ledger"
+
+
+def budget_definition_key(budget: str) -> str:
+    """Where the operator writes a Budget's ``BudgetDefinition``."""
+    return f"{BUDGET_DEFINITION_PREFIX}.{_token(budget)}"
+
+
+def budget_ledger_key(budget: str, window_id: str) -> str:
+    """The ``Ledger`` of one window of a Budget (``window_id`` is already a safe token)."""
+    return f"{BUDGET_LEDGER_PREFIX}.{_token(budget)}.{window_id}"
+
+
+def budget_ledger_wildcard(budget: str) -> str:
+    """Every window's ledger of a Budget (to list or prune them)."""
+    return f"{BUDGET_LEDGER_PREFIX}.{_token(budget)}.>"
+
+
+def run_window_token(run: str) -> str:
+    """A Run window's id: a digest, since a run (correlation) id is the sender's text."""
+    return f"run-{_digest(run)}"
+
+
 # Workflows.
 
 

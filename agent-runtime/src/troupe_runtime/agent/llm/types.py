@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from troupe_runtime.contract.budget import SpendContext
 from troupe_runtime.contract.usage import Usage
 
 Message = dict[str, Any]
@@ -79,6 +80,8 @@ class ChatRequest:
     max_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     """E.g. ``{"type": "json_schema", "json_schema": {...}}`` from the output schema."""
+    spend: SpendContext | None = None
+    """Who asks and in which run: the budgets that apply (None: no budget is checked)."""
 
 
 @dataclass(frozen=True)
