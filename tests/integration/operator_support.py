@@ -48,6 +48,7 @@ def install_crds(cluster: ClusterEndpoints) -> None:
         "crd/agents.troupe.dev",
         "crd/workflows.troupe.dev",
         "crd/modelproviders.troupe.dev",
+        "crd/budgets.troupe.dev",
         "--timeout=30s",
     )
 

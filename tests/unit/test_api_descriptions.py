@@ -90,7 +90,7 @@ def test_every_agent_field_with_a_default_names_it() -> None:
 
 
 def test_wide_columns_show_dead_letters_and_redeliveries() -> None:
-    (agent, workflow, _) = crdgen.RESOURCES
+    (agent, workflow, *_) = crdgen.RESOURCES
 
     def wide(resource: crdgen.CustomResource) -> dict[str, str]:
         (version,) = crdgen.build_crd(resource)["spec"]["versions"]

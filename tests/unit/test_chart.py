@@ -35,12 +35,12 @@ Grant = tuple[str, str, str, str]  # API group, resource, verb, resource name ("
 NAMESPACED_GRANTS: set[Grant] = {
     *{
         ("troupe.dev", r, v, "")
-        for r in ("agents", "workflows", "modelproviders")
+        for r in ("agents", "workflows", "modelproviders", "budgets")
         for v in ("get", "list", "watch", "patch")
     },
     *{
         ("troupe.dev", f"{r}/status", "patch", "")
-        for r in ("agents", "workflows", "modelproviders")
+        for r in ("agents", "workflows", "modelproviders", "budgets")
     },
     *{
         ("apps", "deployments", v, "")

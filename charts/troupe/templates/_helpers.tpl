@@ -85,10 +85,10 @@ Secrets Agents name, and kopf posts Events.
 */}}
 {{- define "troupe.namespacedRules" -}}
 - apiGroups: ["troupe.dev"]
-  resources: ["agents", "workflows", "modelproviders"]
+  resources: ["agents", "workflows", "modelproviders", "budgets"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["troupe.dev"]
-  resources: ["agents/status", "workflows/status", "modelproviders/status"]
+  resources: ["agents/status", "workflows/status", "modelproviders/status", "budgets/status"]
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]

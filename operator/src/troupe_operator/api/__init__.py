@@ -5,6 +5,7 @@ operator parses every spec it reconciles with them.
 """
 
 from troupe_operator.api.agent import AgentSpec
+from troupe_operator.api.budget import BudgetSpec, BudgetStatus
 from troupe_operator.api.common import API_VERSION, GROUP, VERSION
 from troupe_operator.api.model_provider import ModelProviderSpec, ModelProviderStatus
 from troupe_operator.api.status import AgentStatus, Condition, WorkflowStatus
@@ -16,6 +17,8 @@ __all__ = [
     "VERSION",
     "AgentSpec",
     "AgentStatus",
+    "BudgetSpec",
+    "BudgetStatus",
     "Condition",
     "ModelProviderSpec",
     "ModelProviderStatus",

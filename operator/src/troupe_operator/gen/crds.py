@@ -30,12 +30,15 @@ from pydantic_core import core_schema
 from troupe_operator.api import (
     AgentSpec,
     AgentStatus,
+    BudgetSpec,
+    BudgetStatus,
     ModelProviderSpec,
     ModelProviderStatus,
     WorkflowSpec,
     WorkflowStatus,
 )
 from troupe_operator.api.agent import AGENT_RULES, metadata_schema
+from troupe_operator.api.budget import BUDGET_RULES
 from troupe_operator.api.common import CEL_KEY, GROUP, VERSION
 from troupe_operator.api.model_provider import MODEL_PROVIDER_RULES
 
@@ -142,6 +145,48 @@ RESOURCES = (
             ("Models", "string", ".status.models", "The models the endpoint listed.", 0),
         ),
         rules=tuple(MODEL_PROVIDER_RULES),
+    ),
+    CustomResource(
+        kind="Budget",
+        description="A cap on what the LLM calls of a namespace, some Agents or a Workflow "
+        "may spend in tokens and dollars over a window, enforced before every model call.",
+        plural="budgets",
+        short_name="bgt",
+        spec=BudgetSpec,
+        status=BudgetStatus,
+        columns=(
+            ("Scope", "string", ".spec.scope.type", "Namespace, Agents or Workflow.", 0),
+            ("Window", "string", ".spec.window.type", "Run, Hour, Day, Month or Rolling.", 0),
+            ("Tokens", "integer", ".status.spent.tokens", "Tokens spent in the window.", 0),
+            ("Hard", "integer", ".spec.limits.tokens.hard", "The hard limit in tokens.", 0),
+            ("Cost", "number", ".status.spent.costUsd", "Dollars spent in the window.", 0),
+            (
+                "Remaining",
+                "integer",
+                ".status.remaining.tokens",
+                "Tokens the hard limit leaves (hard - spent - reserved).",
+                0,
+            ),
+            ("Ready", "string", f"{READY}.status", "Whether the runtimes enforce it.", 0),
+            ("Reason", "string", f"{READY}.reason", "Why it is (not) ready.", 1),
+            ("Reserved", "integer", ".status.reserved.tokens", "Tokens held in flight.", 1),
+            ("HardCost", "number", ".spec.limits.costUsd.hard", "The hard limit in dollars.", 1),
+            (
+                "CostRemaining",
+                "number",
+                ".status.remaining.costUsd",
+                "Dollars the hard limit leaves.",
+                1,
+            ),
+            (
+                "Exhausts",
+                "string",
+                ".status.projectedExhaustion",
+                "When the burn rate reaches the first hard limit.",
+                1,
+            ),
+        ),
+        rules=tuple(BUDGET_RULES),
     ),
 )
 
