@@ -21,13 +21,14 @@ writes ledgers), the operator (which reads them into status) and the CLI.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from troupe_runtime.contract import grammar
+from troupe_runtime.contract import grammar, naming
 from troupe_runtime.contract.durations import Duration
 from troupe_runtime.contract.policies import WireModel
 
@@ -71,8 +72,23 @@ class LabelSelector(WireModel):
     )
 
     def matches(self, labels: dict[str, str]) -> bool:
-        """Whether an object with ``labels`` is selected (every requirement holds)."""
-        raise NotImplementedError
+        """Whether an object with ``labels`` is selected (every requirement holds); the
+        empty selector selects everything, as in Kubernetes."""
+        if any(labels.get(key) != value for key, value in self.match_labels.items()):
+            return False
+        for requirement in self.match_expressions:
+            present = requirement.key in labels
+            if requirement.operator == "Exists":
+                ok = present
+            elif requirement.operator == "DoesNotExist":
+                ok = not present
+            elif requirement.operator == "In":
+                ok = present and labels[requirement.key] in requirement.values
+            else:  # NotIn: an object without the key is not in any set of values.
+                ok = not present or labels[requirement.key] not in requirement.values
+            if not ok:
+                return False
+        return True
 
 
 class BudgetScope(WireModel):
@@ -206,8 +222,15 @@ class BudgetDefinition(WireModel):
     limits: BudgetLimits
 
     def applies(self, spend: SpendContext) -> bool:
-        """Whether a call made in ``spend`` counts against this budget."""
-        raise NotImplementedError
+        """Whether a call made in ``spend`` counts against this budget. A Run-window budget
+        does not count a call that is in no run (no correlation id)."""
+        if self.window.type == "Run" and spend.run is None:
+            return False
+        if self.scope == "Agents":
+            return self.agents is not None and spend.agent in self.agents
+        if self.scope == "Workflow":
+            return spend.workflow is not None and spend.workflow == self.workflow
+        return True
 
 
 @dataclass(frozen=True)
@@ -256,7 +279,13 @@ class Ledger(WireModel):
     holds: dict[str, Hold] = Field(default_factory=dict)
     reaped: dict[str, Amount] = Field(default_factory=dict)
     """Holds charged in full at expiry; a late ``commit`` corrects the charge."""
+    reaped_slots: dict[str, int] = Field(default_factory=dict)
+    """Rolling windows: the slot each reaped hold was charged to, so that a late commit
+    corrects that slot (and not one that would outlive it)."""
     refusals: int = Field(default=0, ge=0, description="Holds refused by a hard limit.")
+
+
+Unit = Literal["tokens", "costUsd"]
 
 
 class BudgetExceeded(Exception):
@@ -265,7 +294,7 @@ class BudgetExceeded(Exception):
     def __init__(
         self,
         budget: str,
-        unit: Literal["tokens", "costUsd"],
+        unit: Unit,
         spent: float,
         held: float,
         asked: float,
@@ -277,6 +306,10 @@ class BudgetExceeded(Exception):
         )
         self.budget = budget
         self.unit = unit
+        self.spent = spent
+        self.held = held
+        self.asked = asked
+        self.limit = limit
 
 
 class BudgetUnavailable(Exception):
@@ -286,36 +319,193 @@ class BudgetUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Refused:
-    """Why ``reserve`` refused a hold."""
+    """Why ``reserve`` refused a hold, and the ledger to write if the caller records the
+    refusal (expired holds reaped, ``refusals + 1``)."""
 
     error: BudgetExceeded
+    ledger: Ledger
+
+
+MAX_HOLD_TTL_SECONDS = 86400.0
+"""No writer holds longer than this; a hold expiring later (plus clock skew) is junk and is
+treated as expired, so it cannot hold a budget for good."""
+CLOCK_SKEW_SECONDS = 5.0
+"""How far ahead another replica's wall clock may plausibly be."""
+MIN_BURN_SECONDS = 60.0
+"""Burn rates are taken over at least this long, so a window's first call is no spike."""
+
+ROLLING_WINDOW_ID = "rolling"
+"""A Rolling window has one ledger for good; its slots roll."""
+
+_CALENDAR = {"Hour": ("h", "%Y%m%d%H"), "Day": ("d", "%Y%m%d"), "Month": ("m", "%Y%m")}
+_ZERO = Amount()
+
+
+def _utc(now: float) -> datetime:
+    # Whole seconds: fromtimestamp rounds to microseconds, which could put 09:59:59.9999996
+    # in the next hour.
+    return datetime.fromtimestamp(math.floor(now), UTC)
 
 
 def window_id(window: BudgetWindow, now: float, run: str | None) -> str | None:
     """The id of the window ``now`` falls in: a KV-key-safe token such as ``h2026120201``,
     ``d20261202``, ``m202612``, ``rolling`` or ``run-<digest of run>``; None for a Run
-    window when the call is in no run (it is not counted there)."""
-    raise NotImplementedError
+    window when the call is in no run (it is not counted there). Calendar windows are UTC."""
+    if window.type == "Run":
+        return None if run is None else naming.run_window_token(run)
+    if window.type == "Rolling":
+        return ROLLING_WINDOW_ID
+    prefix, pattern = _CALENDAR[window.type]
+    return prefix + _utc(now).strftime(pattern)
+
+
+def _calendar_start(window: BudgetWindow, wid: str, now: float) -> datetime:
+    """The UTC start of calendar window ``wid``, or of the one ``now`` falls in when ``wid``
+    is not one of ``window``'s ids."""
+    prefix, pattern = _CALENDAR[window.type]
+    if wid.startswith(prefix):
+        try:
+            return datetime.strptime(wid[1:], pattern).replace(tzinfo=UTC)
+        except ValueError:
+            pass
+    current = _utc(now).strftime(pattern)
+    return datetime.strptime(current, pattern).replace(tzinfo=UTC)
+
+
+def _calendar_end(window: BudgetWindow, start: datetime) -> datetime:
+    if window.type == "Hour":
+        return start + timedelta(hours=1)
+    if window.type == "Day":
+        return start + timedelta(days=1)
+    if start.month == 12:
+        return start.replace(year=start.year + 1, month=1)
+    return start.replace(month=start.month + 1)
+
+
+def _rolling_seconds(window: BudgetWindow) -> float:
+    assert window.duration is not None
+    return window.duration.total_seconds()
+
+
+def slot_seconds(window: BudgetWindow) -> float:
+    """A Rolling window's slot length."""
+    return _rolling_seconds(window) / ROLLING_SLOTS
+
+
+def slot_index(window: BudgetWindow, now: float) -> int:
+    """The Rolling slot ``now`` falls in."""
+    return int(now // slot_seconds(window))
+
+
+def _in_window(window: BudgetWindow, slot: int, now: float) -> bool:
+    return slot > slot_index(window, now) - ROLLING_SLOTS
 
 
 def window_bounds(window: BudgetWindow, ledger: Ledger, now: float) -> tuple[float, float | None]:
-    """Start and end (epoch seconds) of the window ``ledger`` counts; end None for Run."""
-    raise NotImplementedError
+    """Start and end (epoch seconds) of the window ``ledger`` counts; end None for Run,
+    ``now`` for Rolling (which always ends now)."""
+    if window.type == "Run":
+        return ledger.started, None
+    if window.type == "Rolling":
+        first = (slot_index(window, now) - ROLLING_SLOTS + 1) * slot_seconds(window)
+        return max(first, min(ledger.started, now)), now
+    start = _calendar_start(window, ledger.window, now)
+    return start.timestamp(), _calendar_end(window, start).timestamp()
 
 
 def fresh_ledger(window: BudgetWindow, wid: str, now: float) -> Ledger:
     """An empty ledger for window ``wid``."""
-    raise NotImplementedError
+    calendar = window.type in _CALENDAR
+    started = _calendar_start(window, wid, now).timestamp() if calendar else now
+    return Ledger(window=wid, started=started, updated=now)
+
+
+def _add(a: Amount, b: Amount) -> Amount:
+    return Amount(tokens=a.tokens + b.tokens, cost_usd=a.cost_usd + b.cost_usd)
+
+
+def _correct(a: Amount, minus: Amount, plus: Amount) -> Amount:
+    """``a - minus + plus``, never below zero (floats may leave a -1e-18)."""
+    return Amount(
+        tokens=max(0, a.tokens - minus.tokens + plus.tokens),
+        cost_usd=max(0.0, a.cost_usd - minus.cost_usd + plus.cost_usd),
+    )
+
+
+def _total(amounts: list[Amount]) -> Amount:
+    return Amount(tokens=sum(a.tokens for a in amounts), cost_usd=sum(a.cost_usd for a in amounts))
+
+
+def _plausible(hold: Hold, now: float) -> bool:
+    return hold.expires <= now + MAX_HOLD_TTL_SECONDS + CLOCK_SKEW_SECONDS
+
+
+def _expired(hold: Hold, now: float) -> bool:
+    return hold.expires <= now or not _plausible(hold, now)
+
+
+def _charged(
+    ledger: Ledger, window: BudgetWindow, now: float, minus: Amount, plus: Amount
+) -> tuple[Amount, dict[int, Amount]]:
+    """``spent`` and ``slots`` after ``minus`` is taken back and ``plus`` charged now."""
+    if window.type != "Rolling":
+        return _correct(ledger.spent, minus, plus), ledger.slots
+    slot = slot_index(window, now)
+    slots = {i: a for i, a in ledger.slots.items() if _in_window(window, i, now)}
+    slots[slot] = _correct(slots.get(slot, _ZERO), minus, plus)
+    if slots[slot] == _ZERO:
+        del slots[slot]
+    return _total(list(slots.values())), slots
+
+
+def reap(ledger: Ledger, window: BudgetWindow, now: float) -> Ledger:
+    """The ledger with every expired hold charged in full (into ``reaped``), and a Rolling
+    window's slots that fell out of it dropped. The same ledger when nothing changes."""
+    expired = [(k, h) for k, h in ledger.holds.items() if _expired(h, now)]
+    rolled = window.type == "Rolling" and any(not _in_window(window, i, now) for i in ledger.slots)
+    if not expired and not rolled:
+        return ledger
+    holds = dict(ledger.holds)
+    reaped = dict(ledger.reaped)
+    reaped_slots = dict(ledger.reaped_slots)
+    for key, hold in expired:
+        del holds[key]
+        reaped[key] = hold.amount
+        if window.type == "Rolling":
+            reaped_slots[key] = slot_index(window, now)
+    # Remember the newest MAX_REAPED (dicts keep insertion order, so does JSON).
+    for key in list(reaped)[: max(0, len(reaped) - MAX_REAPED)]:
+        del reaped[key]
+    reaped_slots = {
+        k: s
+        for k, s in reaped_slots.items()
+        if k in reaped and window.type == "Rolling" and _in_window(window, s, now)
+    }
+    charge = _total([h.amount for _, h in expired])
+    spent_now, slots = _charged(ledger, window, now, _ZERO, charge)
+    return ledger.model_copy(
+        update={
+            "holds": holds,
+            "reaped": reaped,
+            "reaped_slots": reaped_slots,
+            "spent": spent_now,
+            "slots": slots,
+        }
+    )
 
 
 def spent(ledger: Ledger, window: BudgetWindow, now: float) -> Amount:
-    """What the window has spent by ``now`` (Rolling: the slots still inside it)."""
-    raise NotImplementedError
+    """What the window has spent by ``now`` (Rolling: the slots still inside it), counting
+    expired holds in full, as the next write will."""
+    current = reap(ledger, window, now)
+    if window.type != "Rolling":
+        return current.spent
+    return _total([a for i, a in current.slots.items() if _in_window(window, i, now)])
 
 
 def held(ledger: Ledger, now: float) -> Amount:
     """What the unexpired holds may still spend."""
-    raise NotImplementedError
+    return _total([h.amount for h in ledger.holds.values() if not _expired(h, now)])
 
 
 def reserve(
@@ -329,38 +519,157 @@ def reserve(
     """The ledger with a hold of ``amount`` for ``hold_id`` (expiring ``now + ttl``), or why
     the hard limits refuse it. Expired holds are charged in full first (into ``reaped``);
     a ``hold_id`` already held or already charged is kept as it is (idempotent). A refusal's
-    ledger write (``refusals + 1``) is the caller's choice."""
-    raise NotImplementedError
+    ledger write (``refusals + 1``) is the caller's choice. Raises ``BudgetUnavailable``
+    when the ledger already keeps ``MAX_HOLDS`` holds."""
+    window = definition.window
+    current = reap(ledger, window, now)
+    if hold_id in current.holds or hold_id in current.reaped:
+        return current
+    spent_now = current.spent if window.type != "Rolling" else spent(current, window, now)
+    held_now = held(current, now)
+    limits = definition.limits
+    checks: list[tuple[Unit, float, float, float, float | None]] = [
+        (
+            "tokens",
+            spent_now.tokens,
+            held_now.tokens,
+            amount.tokens,
+            limits.tokens.hard if limits.tokens else None,
+        ),
+        (
+            "costUsd",
+            spent_now.cost_usd,
+            held_now.cost_usd,
+            amount.cost_usd,
+            limits.cost_usd.hard if limits.cost_usd else None,
+        ),
+    ]
+    for unit, s, h, asked, hard in checks:
+        if hard is not None and s + h + asked > hard:
+            error = BudgetExceeded(definition.name, unit, s, h, asked, hard)
+            return Refused(
+                error,
+                current.model_copy(update={"refusals": current.refusals + 1, "updated": now}),
+            )
+    if len(current.holds) >= MAX_HOLDS:
+        raise BudgetUnavailable(
+            f"budget {definition.name!r}: {MAX_HOLDS} holds in flight on one ledger already"
+        )
+    holds = dict(current.holds)
+    holds[hold_id] = Hold(amount=amount, expires=now + min(ttl, MAX_HOLD_TTL_SECONDS))
+    return current.model_copy(update={"holds": holds, "updated": now})
 
 
 def commit(
     ledger: Ledger, window: BudgetWindow, hold_id: str, actual: Amount, now: float
 ) -> Ledger:
     """The ledger with ``hold_id``'s hold replaced by what the call spent. A hold already
-    reaped is corrected (its full charge becomes ``actual``); an unknown id is charged
-    ``actual`` (its hold was lost, the spending was not)."""
-    raise NotImplementedError
+    reaped is corrected (its full charge becomes ``actual``). An unknown id changes nothing:
+    it was committed or released already (a write retried after its reply was lost must
+    charge once), or its reaped charge was forgotten (then the full charge stands), or its
+    hold went with a junk ledger (then so did everything else the window counted)."""
+    if hold_id in ledger.reaped:
+        corrected = _uncharge(ledger, hold_id, actual)
+        return reap(corrected, window, now).model_copy(update={"updated": now})
+    if hold_id not in ledger.holds:
+        return ledger
+    holds = {k: h for k, h in ledger.holds.items() if k != hold_id}
+    spent_now, slots = _charged(ledger, window, now, _ZERO, actual)
+    charged = ledger.model_copy(
+        update={"holds": holds, "spent": spent_now, "slots": slots, "updated": now}
+    )
+    return reap(charged, window, now)
+
+
+def _uncharge(ledger: Ledger, hold_id: str, actual: Amount) -> Ledger:
+    """A reaped hold's full charge corrected to ``actual``, where it was charged."""
+    full = ledger.reaped[hold_id]
+    reaped = {k: a for k, a in ledger.reaped.items() if k != hold_id}
+    reaped_slots = {k: s for k, s in ledger.reaped_slots.items() if k != hold_id}
+    update: dict[str, object] = {"reaped": reaped, "reaped_slots": reaped_slots}
+    slot = ledger.reaped_slots.get(hold_id)
+    if ledger.window != ROLLING_WINDOW_ID:
+        update["spent"] = _correct(ledger.spent, full, actual)
+    elif slot is not None and slot in ledger.slots:
+        # Rolling: correct the slot the charge went to; once it has left the window, the
+        # charge has too, and so has the call's spending.
+        slots = dict(ledger.slots)
+        slots[slot] = _correct(slots[slot], full, actual)
+        update["slots"] = slots
+        update["spent"] = _correct(ledger.spent, full, actual)
+    return ledger.model_copy(update=update)
 
 
 def release(ledger: Ledger, hold_id: str) -> Ledger:
-    """The ledger without ``hold_id``'s hold: the call spent nothing."""
-    raise NotImplementedError
+    """The ledger without ``hold_id``'s hold: the call spent nothing (a hold already reaped
+    has its full charge taken back)."""
+    if hold_id in ledger.reaped:
+        return _uncharge(ledger, hold_id, _ZERO)
+    if hold_id not in ledger.holds:
+        return ledger
+    holds = {k: h for k, h in ledger.holds.items() if k != hold_id}
+    return ledger.model_copy(update={"holds": holds})
 
 
 def crossed(before: Amount, after: Amount, limits: BudgetLimits) -> list[tuple[str, str]]:
     """The (level, unit) pairs, level ``soft`` or ``hard``, that ``after`` is past and
-    ``before`` was not: what a commit tripped, for metrics."""
-    raise NotImplementedError
+    ``before`` was not: what a commit tripped, for metrics. Reaching a limit is passing it."""
+    found: list[tuple[str, str]] = []
+    for level in ("soft", "hard"):
+        pairs: list[tuple[str, float, float, float | None]] = [
+            (
+                "tokens",
+                before.tokens,
+                after.tokens,
+                getattr(limits.tokens, level) if limits.tokens else None,
+            ),
+            (
+                "costUsd",
+                before.cost_usd,
+                after.cost_usd,
+                getattr(limits.cost_usd, level) if limits.cost_usd else None,
+            ),
+        ]
+        for unit, was, now_is, limit in pairs:
+            if limit is not None and was < limit <= now_is:
+                found.append((level, unit))
+    return found
 
 
 def burn_rate(ledger: Ledger, window: BudgetWindow, now: float) -> Amount:
-    """Spending per hour over the window so far (Rolling: over its duration)."""
-    raise NotImplementedError
+    """Spending per hour over the window so far (Rolling: over its duration, or since the
+    ledger began if that is shorter), taken over at least ``MIN_BURN_SECONDS``."""
+    total = spent(ledger, window, now)
+    if window.type == "Rolling":
+        elapsed = min(_rolling_seconds(window), now - ledger.started)
+    else:
+        elapsed = now - window_bounds(window, ledger, now)[0]
+    hours = max(elapsed, MIN_BURN_SECONDS) / 3600.0
+    return Amount(tokens=round(total.tokens / hours), cost_usd=total.cost_usd / hours)
 
 
 def projected_exhaustion(
     ledger: Ledger, definition: BudgetDefinition, now: float
 ) -> datetime | None:
     """When the burn rate takes spent past the first hard limit, or None (no hard limit,
-    no burn, or not before the window ends)."""
-    raise NotImplementedError
+    no burn, or not before the window ends). A limit already reached is exhausted now."""
+    window = definition.window
+    total = spent(ledger, window, now)
+    rate = burn_rate(ledger, window, now)
+    end = window_bounds(window, ledger, now)[1]
+    limits = definition.limits
+    candidates: list[float] = []
+    for used, per_hour, hard in (
+        (float(total.tokens), float(rate.tokens), limits.tokens.hard if limits.tokens else None),
+        (total.cost_usd, rate.cost_usd, limits.cost_usd.hard if limits.cost_usd else None),
+    ):
+        if hard is None:
+            continue
+        if used >= hard:
+            candidates.append(now)
+        elif per_hour > 0:
+            candidates.append(now + (hard - used) / per_hour * 3600.0)
+    if window.type == "Rolling":
+        end = None  # A rolling window never ends; its burn is over its own span.
+    reachable = [t for t in candidates if end is None or t <= end]
+    return datetime.fromtimestamp(min(reachable), UTC) if reachable else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.api import ConsumerConfig, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from troupe_runtime.contract import naming
@@ -133,6 +133,16 @@ async def ensure_bucket(
         async with _refusal_of(resource):
             await js.update_stream(StreamConfig.from_response({**info.config.as_dict(), **changed}))
         report.updated.append(resource)
+
+
+def budget_bucket_config(namespace: str) -> KeyValueConfig:
+    """The one config of a namespace's budget bucket, for the operator (which provisions it)
+    and the runtimes (which create it if it is missing, so they can watch it): history 1
+    (a ledger's past values are of no use), file storage (a restart loses nothing), no TTL
+    (a month's ledger must outlive the month's last call)."""
+    return KeyValueConfig(
+        bucket=naming.budget_bucket(namespace), history=1, storage=StorageType.FILE
+    )
 
 
 async def ensure_agent_resources(

@@ -83,6 +83,7 @@ class RuntimeMetrics:
             registry=self.registry,
         )
         self.llm = LlmMetrics(self.registry)
+        self.budget = BudgetMetrics(self.registry)
 
 
 class LlmMetrics:
@@ -116,5 +117,75 @@ class LlmMetrics:
             "Models passed over for the next one of the chain, by reason (rate_limited, "
             "unavailable, timeout, circuit_open).",
             ["agent", "from_model", "to_model", "reason"],
+            registry=registry,
+        )
+
+
+CHECK_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+    5,
+    10,
+)
+"""A budget check is a KV round trip or two: sub-millisecond buckets say how many."""
+
+
+class BudgetMetrics:
+    """Budget holds by outcome, what the ledgers were charged, limits crossed, check time."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.holds = Counter(
+            "troupe_budget_holds",
+            "Holds asked of a budget before a model call, by outcome (granted, refused: a "
+            "hard limit, unavailable: the ledger could not be advanced in time).",
+            ["budget", "outcome"],
+            registry=registry,
+        )
+        self.spent_tokens = Counter(
+            "troupe_budget_spent_tokens",
+            "Tokens committed to a budget's ledger by this runtime (actual usage).",
+            ["budget"],
+            registry=registry,
+        )
+        self.spent_usd = Counter(
+            "troupe_budget_spent_usd",
+            "Dollars committed to a budget's ledger by this runtime (actual usage).",
+            ["budget"],
+            registry=registry,
+        )
+        self.crossings = Counter(
+            "troupe_budget_limit_crossings",
+            "Commits that took a budget's window past a limit, by level (soft, hard) and "
+            "unit (tokens, costUsd).",
+            ["budget", "level", "unit"],
+            registry=registry,
+        )
+        self.check_seconds = Histogram(
+            "troupe_budget_check_seconds",
+            "Time to take the holds of one model call on every budget that applies.",
+            buckets=CHECK_BUCKETS,
+            registry=registry,
+        )
+        self.conflicts = Counter(
+            "troupe_budget_conflicts",
+            "Compare-and-set races lost on a budget's ledger (retried).",
+            ["budget"],
+            registry=registry,
+        )
+        self.junk = Counter(
+            "troupe_budget_junk",
+            "Ledgers or definitions in the budget bucket that did not parse, by kind.",
+            ["kind"],
             registry=registry,
         )

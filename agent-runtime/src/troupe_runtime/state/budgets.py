@@ -5,20 +5,108 @@ by compare-and-set; and the guard every model call passes first.
 (``BudgetDefinition.applies``), in parallel; one refusal releases the others and raises
 ``BudgetExceeded``. The returned ``Reservation`` is committed with the call's actual usage or
 released. The planning is ``contract.budget``'s; this module is its I/O.
+
+Each ledger write is one ``kv.update(key, value, last=revision)``. The guard remembers the
+revision it last wrote or read of each ledger, so an uncontended hold is one round trip; a
+lost race (another replica wrote first) re-reads and plans again after a jittered backoff,
+within a bounded deadline, then ``BudgetUnavailable``: the call is never made unchecked.
+
+Junk in the bucket is survived, never obeyed:
+
+- a definition that does not parse is logged and the last good one (if any) kept;
+- a ledger that does not parse (or names another window) is logged loudly and replaced by
+  a fresh one, by compare-and-set at its revision: what it counted is lost, but refusing
+  every call of the window for good (a Run window never ends) would be worse;
+- a hold expiring implausibly far ahead is treated as expired (``contract.budget``).
+
+A commit or release that cannot be written in time is logged and dropped: the hold then
+expires and is charged in full, so the ledger errs on the side of counting too much.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import nats.errors
 from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from pydantic import ValidationError
 
-from troupe_runtime.contract.budget import Amount, BudgetDefinition, SpendContext
+from troupe_runtime.contract import budget as ledger_plan
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.budget import (
+    Amount,
+    BudgetDefinition,
+    BudgetExceeded,
+    BudgetUnavailable,
+    Ledger,
+    Refused,
+    SpendContext,
+)
+from troupe_runtime.nats.provision import budget_bucket_config
+from troupe_runtime.serving.metrics import BudgetMetrics
+
+logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
 DEFAULT_HOLD_TTL_SECONDS = 600.0
 """How long a hold lives without its holder: past the longest model call, then charged."""
+RESERVE_DEADLINE_SECONDS = 10.0
+"""One hold (per budget) is granted or refused within this, else ``BudgetUnavailable``."""
+SETTLE_DEADLINE_SECONDS = 10.0
+"""One commit or release is written within this, else dropped (the hold expires, charged)."""
+READY_WAIT_SECONDS = 5.0
+"""How long a call waits for the definitions' initial values before it is handed back."""
+START_DEADLINE_SECONDS = 30.0
+"""How long ``Definitions.start`` waits for the initial values."""
+CONFLICT_BACKOFF_BASE = 0.001
+CONFLICT_BACKOFF_CAP = 0.1
+ERROR_BACKOFF_SECONDS = 0.2
+"""Pause after a KV error (server restarting, no responders) before trying again."""
+MAX_CACHED_LEDGERS = 1024
+"""Ledger revisions the guard remembers (Run windows make one ledger per run)."""
+
+_TRANSIENT = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+def conflict_backoff(conflicts: int, rng: random.Random) -> float:
+    """Full jitter, uniform in [0, min(cap, base·2^conflicts)], so racing replicas spread out."""
+    return rng.uniform(
+        0, min(CONFLICT_BACKOFF_CAP, CONFLICT_BACKOFF_BASE * 2.0 ** min(conflicts, 32))
+    )
+
+
+async def open_budget_bucket(js: JetStreamContext, namespace: str) -> KeyValue:
+    """The namespace's budget bucket, created (with the operator's config) if missing."""
+    try:
+        return await js.key_value(naming.budget_bucket(namespace))
+    except BucketNotFoundError:
+        logger.info("creating the budget bucket %s", naming.budget_bucket(namespace))
+        return await js.create_key_value(budget_bucket_config(namespace))
+
+
+def encode(ledger: Ledger) -> bytes:
+    """A ledger's KV value: compact JSON, defaults left out (it is rewritten on every hold)."""
+    return ledger.model_dump_json(by_alias=True, exclude_defaults=True).encode()
+
+
+def decode(raw: bytes | None, wid: str) -> Ledger | None:
+    """The ledger in ``raw``, or None when it is junk (does not parse, or is of another
+    window than its key says)."""
+    try:
+        ledger = Ledger.model_validate_json(raw or b"")
+    except ValidationError:
+        return None
+    return ledger if ledger.window == wid else None
 
 
 class Definitions:
@@ -26,30 +114,152 @@ class Definitions:
 
     ``ready`` is set once the watch has delivered every existing definition: no call is
     checked against a partial set. A definition that does not parse is logged and ignored
-    (it is the operator's to write; the watch goes on)."""
+    (it is the operator's to write; the watch goes on), and the last good one is kept.
+    ``start`` on a new session replaces the watch; the old set serves until the new one's
+    initial values are in."""
 
-    def __init__(self, namespace: str) -> None:
-        raise NotImplementedError
+    def __init__(self, namespace: str, metrics: BudgetMetrics | None = None) -> None:
+        self.namespace = namespace
+        self.ready = asyncio.Event()
+        self._metrics = metrics
+        self._by_key: dict[str, BudgetDefinition] = {}
+        self._all: tuple[BudgetDefinition, ...] = ()
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self, js: JetStreamContext) -> None:
         """(Re)start the watch on this session; returns once the initial values are in."""
-        raise NotImplementedError
+        await self.stop()
+        kv = await open_budget_bucket(js, self.namespace)
+        watcher = await kv.watch(f"{naming.BUDGET_DEFINITION_PREFIX}.*")
+        initial: dict[str, BudgetDefinition] = {}
+        try:
+            async with asyncio.timeout(START_DEADLINE_SECONDS):
+                while (entry := await anext(watcher)) is not None:
+                    self._apply(initial, entry)
+        except BaseException:
+            await _stop_watcher(watcher)
+            raise
+        self._watcher = watcher
+        self._set(initial)
+        self.ready.set()
+        self._task = asyncio.create_task(self._follow(watcher), name="budget-definitions")
 
     async def stop(self) -> None:
-        raise NotImplementedError
+        watcher, self._watcher = self._watcher, None
+        task, self._task = self._task, None
+        if watcher is not None:
+            await _stop_watcher(watcher)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def applicable(self, spend: SpendContext) -> list[BudgetDefinition]:
-        raise NotImplementedError
+        return [definition for definition in self._all if definition.applies(spend)]
+
+    def get(self, name: str) -> BudgetDefinition | None:
+        return self._by_key.get(naming.budget_definition_key(name))
+
+    def all(self) -> tuple[BudgetDefinition, ...]:
+        return self._all
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                by_key = dict(self._by_key)
+                self._apply(by_key, entry)
+                self._set(by_key)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("the budget definitions' watch ended; definitions are kept as are")
+
+    def _set(self, by_key: dict[str, BudgetDefinition]) -> None:
+        self._by_key = by_key
+        self._all = tuple(by_key.values())
+
+    def _apply(self, by_key: dict[str, BudgetDefinition], entry: KeyValue.Entry) -> None:
+        if entry.operation in (KV_DEL, KV_PURGE):
+            if by_key.pop(entry.key, None) is not None:
+                logger.info("budget definition %s removed", entry.key)
+            return
+        try:
+            definition = BudgetDefinition.model_validate_json(entry.value or b"")
+        except ValidationError as error:
+            if self._metrics is not None:
+                self._metrics.junk.labels("definition").inc()
+            kept = "the last good one is kept" if entry.key in by_key else "no budget from it"
+            logger.error(
+                "budget definition %s (revision %s) does not parse, ignored (%s): %s",
+                entry.key,
+                entry.revision,
+                kept,
+                error.errors(include_url=False)[:3],
+            )
+            return
+        by_key[entry.key] = definition
+        logger.info(
+            "budget definition %s: generation %d, scope %s, window %s",
+            entry.key,
+            definition.generation,
+            definition.scope,
+            definition.window.type,
+        )
+
+
+async def _stop_watcher(watcher: KeyValue.KeyWatcher) -> None:
+    with contextlib.suppress(*_TRANSIENT):
+        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py lacks hints
+
+
+@dataclass(frozen=True)
+class _Held:
+    """One hold granted: on which budget's ledger, under which key."""
+
+    definition: BudgetDefinition
+    key: str
+    window: str
+
+
+Plan = Callable[[Ledger, float], "Ledger | Refused"]
 
 
 class Reservation:
     """The holds one model call took; commit or release exactly once (more is a no-op)."""
 
+    def __init__(self, guard: BudgetGuard | None, hold_id: str, holds: list[_Held]) -> None:
+        self._guard = guard
+        self._hold_id = hold_id
+        self._holds = holds
+        self._settled = not holds
+
+    @property
+    def budgets(self) -> list[str]:
+        """The budgets this call holds on (empty: none applied)."""
+        return [held.definition.name for held in self._holds]
+
     async def commit(self, actual: Amount) -> None:
-        raise NotImplementedError
+        if self._settled:
+            return
+        self._settled = True
+        assert self._guard is not None
+        guard = self._guard
+        await asyncio.gather(*(guard.commit(h, self._hold_id, actual) for h in self._holds))
 
     async def release(self) -> None:
-        raise NotImplementedError
+        if self._settled:
+            return
+        self._settled = True
+        assert self._guard is not None
+        guard = self._guard
+        await asyncio.gather(*(guard.release(h, self._hold_id) for h in self._holds))
+
+
+NO_RESERVATION = Reservation(None, "", [])
+"""What a call that no budget applies to holds: nothing, and settling it does nothing."""
 
 
 class BudgetGuard:
@@ -60,14 +270,243 @@ class BudgetGuard:
         namespace: str,
         definitions: Definitions,
         hold_ttl: float = DEFAULT_HOLD_TTL_SECONDS,
+        metrics: BudgetMetrics | None = None,
+        clock: Clock = time.time,
+        rng: random.Random | None = None,
+        reserve_deadline: float = RESERVE_DEADLINE_SECONDS,
+        settle_deadline: float = SETTLE_DEADLINE_SECONDS,
     ) -> None:
-        raise NotImplementedError
+        self.namespace = namespace
+        self.definitions = definitions
+        self.hold_ttl = hold_ttl
+        self.metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._reserve_deadline = reserve_deadline
+        self._settle_deadline = settle_deadline
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._opening: asyncio.Lock | None = None
+        self._cache: OrderedDict[str, tuple[int, Ledger]] = OrderedDict()
 
     def use(self, js: JetStreamContext) -> None:
         """Write ledgers through this session from now on."""
-        raise NotImplementedError
+        self._js = js
+        self._kv = None
+        self._cache.clear()
 
     async def reserve(self, spend: SpendContext, amount: Amount) -> Reservation:
         """Hold ``amount`` on every applicable budget; raises ``BudgetExceeded`` (a hard
         limit) or ``BudgetUnavailable`` (the ledger could not be advanced in time)."""
-        raise NotImplementedError
+        if not self.definitions.ready.is_set():
+            try:
+                async with asyncio.timeout(READY_WAIT_SECONDS):
+                    await self.definitions.ready.wait()
+            except TimeoutError:
+                raise BudgetUnavailable(
+                    f"the budget definitions of namespace {self.namespace!r} are not loaded "
+                    f"yet after {READY_WAIT_SECONDS:g}s; the call is handed back"
+                ) from None
+        budgets = self.definitions.applicable(spend)
+        if not budgets:
+            return NO_RESERVATION
+        started = time.perf_counter()
+        now = self._clock()
+        targets = []
+        for definition in budgets:
+            wid = ledger_plan.window_id(definition.window, now, spend.run)
+            if wid is not None:
+                key = naming.budget_ledger_key(definition.name, wid)
+                targets.append(_Held(definition, key, wid))
+        outcomes = await asyncio.gather(
+            *(self._hold(target, spend.hold_id, amount) for target in targets),
+            return_exceptions=True,
+        )
+        granted = [t for t, outcome in zip(targets, outcomes, strict=True) if outcome is None]
+        failures = [outcome for outcome in outcomes if outcome is not None]
+        if self.metrics is not None:
+            self.metrics.check_seconds.observe(time.perf_counter() - started)
+        if not failures:
+            return Reservation(self, spend.hold_id, granted)
+        if granted:
+            await asyncio.gather(*(self.release(held, spend.hold_id) for held in granted))
+        # A refusal is final, whatever else failed; anything else is for a later attempt.
+        for failure in failures:
+            if isinstance(failure, BudgetExceeded):
+                raise failure
+        for failure in failures:
+            if isinstance(failure, BudgetUnavailable):
+                raise failure
+        raise failures[0]
+
+    async def _hold(self, target: _Held, hold_id: str, amount: Amount) -> None:
+        """Take one hold; None when granted, else raises."""
+        definition = target.definition
+
+        def plan(ledger: Ledger, now: float) -> Ledger | Refused:
+            return ledger_plan.reserve(definition, ledger, hold_id, amount, now, self.hold_ttl)
+
+        try:
+            _, outcome = await self._advance(target, plan, self._reserve_deadline)
+        except BudgetUnavailable:
+            self._count(definition.name, "unavailable")
+            raise
+        if isinstance(outcome, Refused):
+            self._count(definition.name, "refused")
+            raise outcome.error
+        self._count(definition.name, "granted")
+
+    async def commit(self, target: _Held, hold_id: str, actual: Amount) -> None:
+        """Replace one hold by the actual usage; dropped (logged) when it cannot be written."""
+        definition = target.definition
+        if self.definitions.get(definition.name) is None:
+            logger.info("budget %s is gone; its hold %s is not committed", definition.name, hold_id)
+            return
+        window = definition.window
+
+        def plan(ledger: Ledger, now: float) -> Ledger | Refused:
+            return ledger_plan.commit(ledger, window, hold_id, actual, now)
+
+        try:
+            before, after = await self._advance(target, plan, self._settle_deadline)
+        except BudgetUnavailable as error:
+            logger.warning(
+                "budget %s: hold %s not committed (it will be charged in full when it expires): %s",
+                definition.name,
+                hold_id,
+                error,
+            )
+            return
+        assert isinstance(after, Ledger)
+        if self.metrics is None or after is before:
+            return
+        self.metrics.spent_tokens.labels(definition.name).inc(actual.tokens)
+        self.metrics.spent_usd.labels(definition.name).inc(actual.cost_usd)
+        now = self._clock()
+        was = ledger_plan.spent(before, window, now)
+        is_now = ledger_plan.spent(after, window, now)
+        for level, unit in ledger_plan.crossed(was, is_now, definition.limits):
+            self.metrics.crossings.labels(definition.name, level, unit).inc()
+            logger.warning("budget %s passed its %s %s limit", definition.name, level, unit)
+
+    async def release(self, target: _Held, hold_id: str) -> None:
+        """Drop one hold (nothing spent); dropped (logged) when it cannot be written."""
+        if self.definitions.get(target.definition.name) is None:
+            return
+
+        def plan(ledger: Ledger, now: float) -> Ledger | Refused:
+            return ledger_plan.release(ledger, hold_id)
+
+        try:
+            await self._advance(target, plan, self._settle_deadline)
+        except BudgetUnavailable as error:
+            logger.warning(
+                "budget %s: hold %s not released (it will be charged in full when it expires): %s",
+                target.definition.name,
+                hold_id,
+                error,
+            )
+
+    def _count(self, budget: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.holds.labels(budget, outcome).inc()
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            js = self._js
+            if js is None:
+                raise BudgetUnavailable("the budget guard has no NATS session yet")
+            if self._opening is None:
+                self._opening = asyncio.Lock()
+            async with self._opening:
+                if self._kv is None:
+                    self._kv = await open_budget_bucket(js, self.namespace)
+        return self._kv
+
+    async def _read(self, kv: KeyValue, target: _Held, now: float) -> tuple[int, Ledger]:
+        """The ledger and its revision (0 or the tombstone's when absent); junk reads fresh."""
+        try:
+            entry = await kv.get(target.key)
+        except KeyNotFoundError as missing:
+            tombstone: KeyValue.Entry | None = missing.entry  # set when the key was deleted
+            revision = (tombstone and tombstone.revision) or 0
+            return revision, ledger_plan.fresh_ledger(target.definition.window, target.window, now)
+        revision = entry.revision or 0
+        ledger = decode(entry.value, target.window)
+        if ledger is None:
+            if self.metrics is not None:
+                self.metrics.junk.labels("ledger").inc()
+            logger.error(
+                "budget ledger %s (revision %d) is junk (does not parse as this window's "
+                "ledger): REPLACED by a fresh ledger, what it counted is lost: %r",
+                target.key,
+                revision,
+                (entry.value or b"")[:200],
+            )
+            ledger = ledger_plan.fresh_ledger(target.definition.window, target.window, now)
+        return revision, ledger
+
+    async def _advance(
+        self, target: _Held, plan: Plan, deadline_seconds: float
+    ) -> tuple[Ledger, Ledger | Refused]:
+        """Read, plan, compare-and-set until written: the ledger before and the plan's
+        outcome (a refusal is written as its ledger, refusals + 1)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_seconds
+        conflicts = errors = 0
+        last_error: BaseException | None = None
+        key = target.key
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    kv = await self._bucket()
+                    now = self._clock()
+                    cached = self._cache.get(key)
+                    if cached is None:
+                        revision, ledger = await self._read(kv, target, now)
+                    else:
+                        revision, ledger = cached
+                    outcome = plan(ledger, now)
+                    wanted = outcome.ledger if isinstance(outcome, Refused) else outcome
+                    if wanted is ledger:
+                        if cached is None:
+                            return ledger, outcome
+                        # Unchanged from what we remember: make sure it is still so.
+                        self._forget(key)
+                        continue
+                    written = await kv.update(key, encode(wanted), last=revision)
+                    self._remember(key, written, wanted)
+                    return ledger, outcome
+            except KeyWrongLastSequenceError:
+                self._forget(key)
+                conflicts += 1
+                if self.metrics is not None:
+                    self.metrics.conflicts.labels(target.definition.name).inc()
+                pause = conflict_backoff(conflicts, self._rng)
+            except BudgetUnavailable:
+                raise
+            except _TRANSIENT as error:
+                self._forget(key)
+                errors += 1
+                last_error = error
+                pause = ERROR_BACKOFF_SECONDS * self._rng.uniform(0.5, 1.5)
+            if loop.time() + pause >= deadline:
+                break
+            await asyncio.sleep(pause)
+        raise BudgetUnavailable(
+            f"budget ledger {key!r} in bucket {naming.budget_bucket(self.namespace)!r} not "
+            f"advanced within {deadline_seconds:g}s ({conflicts} lost compare-and-set races, "
+            f"{errors} errors, last: {last_error!r}); the call is handed back"
+        )
+
+    def _remember(self, key: str, revision: int, ledger: Ledger) -> None:
+        self._cache[key] = (revision, ledger)
+        self._cache.move_to_end(key)
+        while len(self._cache) > MAX_CACHED_LEDGERS:
+            self._cache.popitem(last=False)
+
+    def _forget(self, key: str) -> None:
+        self._cache.pop(key, None)
