@@ -16,6 +16,7 @@ from typing import Any
 from troupe_runtime.contract import dead_letters, envelope
 from troupe_runtime.contract.dead_letters import header_map
 from troupe_runtime.contract.run_events import (
+    BUDGET_EXCEEDED_REASON,
     CompensationDispatched,
     CompensationFinished,
     Event,
@@ -116,9 +117,12 @@ def timeline(events: list[Event]) -> list[StepAttempt]:
 
 
 def _finished_status(event: StepSucceeded | StepFailed | CompensationFinished) -> str:
+    """An attempt a Budget refused shows as ``BudgetExceeded``, not as any failure."""
     if isinstance(event, CompensationFinished):
         return "Failed" if event.error else "Done"
-    return "Succeeded" if isinstance(event, StepSucceeded) else "Failed"
+    if isinstance(event, StepFailed):
+        return "BudgetExceeded" if event.reason == BUDGET_EXCEEDED_REASON else "Failed"
+    return "Succeeded"
 
 
 @dataclass(frozen=True)

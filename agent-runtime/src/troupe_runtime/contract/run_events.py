@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
+from troupe_runtime.contract.dead_letters import DeadLetterReason
 from troupe_runtime.contract.policies import WireModel
 from troupe_runtime.contract.usage import Usage
 
@@ -20,6 +21,11 @@ from troupe_runtime.contract.usage import Usage
 RUN_ID_PATTERN = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
 COMPENSATE = "compensate"
 """The attempt token of a compensation's dispatch id."""
+BUDGET_EXCEEDED_REASON: str = DeadLetterReason.BUDGET_EXCEEDED.value
+"""The ``reason`` of an agent's failure reply when a Budget's hard limit refused its model
+call (``dead_letters.DeadLetterReason.BUDGET_EXCEEDED``): the step is not retried, the run
+ends ``BudgetExceeded``."""
+RunOutcome = Literal["Succeeded", "Failed", "BudgetExceeded"]
 
 
 def dispatch_id(run_id: str, step: str, attempt: int | str) -> str:
@@ -80,6 +86,9 @@ class StepFailed(_Event):
     attempt: int
     error: str
     usage: Usage | None = None
+    reason: str | None = None
+    """The failure reply's ``reason`` when it names one the engine acts on
+    (``BUDGET_EXCEEDED_REASON``); None otherwise, and in logs written before it existed."""
 
     @property
     def key(self) -> str:
@@ -109,7 +118,7 @@ class CompensationFinished(_Event):
 
 class RunFinished(_Event):
     kind: Literal["RunFinished"] = "RunFinished"
-    status: Literal["Succeeded", "Failed"]
+    status: RunOutcome
     output: Any = None
     error: str | None = None
 

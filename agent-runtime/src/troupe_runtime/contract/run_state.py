@@ -25,7 +25,10 @@ from troupe_runtime.contract.run_events import (
 from troupe_runtime.contract.usage import Usage
 
 StepStatus = Literal["Pending", "Running", "Succeeded", "Failed"]
-RunStatus = Literal["Running", "Compensating", "Succeeded", "Failed"]
+RunStatus = Literal["Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded"]
+TERMINAL_STATUSES: tuple[RunStatus, ...] = ("Succeeded", "Failed", "BudgetExceeded")
+"""How a run ends. ``BudgetExceeded``: a step's model call was refused by a Budget's hard
+limit; the output is the steps that finished (``{"steps": {name: output}}``)."""
 
 
 class StepState(WireModel):
@@ -38,6 +41,9 @@ class StepState(WireModel):
     finished_at: datetime | None = None
     usage: Usage | None = None
     """What the step's attempts cost so far, as their replies said; None if none said."""
+    reason: str | None = None
+    """Why the last attempt failed, when its reply named a reason the engine acts on
+    (``run_events.BUDGET_EXCEEDED_REASON``)."""
 
 
 class CompensationState(WireModel):
@@ -66,7 +72,7 @@ class RunState(WireModel):
 
     @property
     def terminal(self) -> bool:
-        return self.status in ("Succeeded", "Failed")
+        return self.status in TERMINAL_STATUSES
 
 
 def add_usage(total: Usage | None, more: Usage | None) -> Usage | None:
@@ -134,7 +140,13 @@ def apply(state: RunState | None, event: Event) -> RunState:
             update["usage"] = add_usage(state.usage, event.usage)
         case StepFailed() if _awaited(state, event.step, event.attempt):
             steps[event.step] = _finished(
-                state, event.step, event.usage, status="Failed", error=event.error, at=event.at
+                state,
+                event.step,
+                event.usage,
+                status="Failed",
+                error=event.error,
+                reason=event.reason,
+                at=event.at,
             )
             update["usage"] = add_usage(state.usage, event.usage)
         case CompensationDispatched():

@@ -7,7 +7,14 @@ deterministic ``Nats-Msg-Id`` and are published before their event is logged:
 after a crash the step is published again under the same id, and JetStream
 drops the copy, so a step reaches its agent once. Each dispatch carries a
 ``deadline`` (the step's timeout or the run's deadline, whichever comes first),
-past which the agent drops the attempt instead of working on for nobody.
+past which the agent drops the attempt instead of working on for nobody, and the
+``troupeworkflow`` extension (``envelope.WORKFLOW_ATTRIBUTE``): the workflow's name, which
+agents carry on so a Workflow's Budget counts every call made in its runs.
+
+A run a Budget stopped (a step's failure reply says reason ``budget-exceeded``) ends
+``BudgetExceeded``: its result is ``troupe.workflow.budgetexceeded`` on the results
+subject, with the finished steps' outputs, and it goes to the workflow's dead letters
+like a failed run (with ``Troupe-Dead-Letter-Reason: budget-exceeded``).
 
 Only the engine holding the workflow's lease (``lease``) works: it pulls, ticks
 and acks, and the server refuses the log appends of any other. A message an engine
@@ -30,7 +37,12 @@ from nats.js import JetStreamContext
 from nats.js.api import Header
 
 from troupe_runtime.contract import envelope, naming
-from troupe_runtime.contract.dead_letters import ERROR_HEADER, header_safe
+from troupe_runtime.contract.dead_letters import (
+    ERROR_HEADER,
+    REASON_HEADER,
+    DeadLetterReason,
+    header_safe,
+)
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import (
     ERROR_TYPE,
@@ -39,6 +51,7 @@ from troupe_runtime.contract.envelope import (
     child_traceparent,
 )
 from troupe_runtime.contract.run_events import (
+    BUDGET_EXCEEDED_REASON,
     COMPENSATE,
     RUN_ID_PATTERN,
     CompensationDispatched,
@@ -88,11 +101,26 @@ def reply_event(event: CloudEvent, now: datetime) -> Event | None:
         return None  # anyone may reply: "²" is a digit to str.isdigit, not to int()
     if error is not None:
         return StepFailed(
-            run_id=run_id, at=now, step=step, attempt=int(attempt), error=error, usage=usage
+            run_id=run_id,
+            at=now,
+            step=step,
+            attempt=int(attempt),
+            error=error,
+            usage=usage,
+            reason=_reason(event),
         )
     return StepSucceeded(
         run_id=run_id, at=now, step=step, attempt=int(attempt), output=event.data, usage=usage
     )
+
+
+def _reason(event: CloudEvent) -> str | None:
+    """The failure's reason, if it is one the engine acts on; anyone may reply, so any
+    other value is ignored rather than recorded."""
+    data = event.data
+    if isinstance(data, dict) and data.get("reason") == BUDGET_EXCEEDED_REASON:
+        return BUDGET_EXCEEDED_REASON
+    return None
 
 
 def _error_text(event: CloudEvent) -> str:
@@ -457,6 +485,7 @@ class Engine:
         deadline: datetime | None = None,
     ) -> None:
         """A step's event: one trace and one priority for the whole run."""
+        extensions: dict[str, Any] = {envelope.WORKFLOW_ATTRIBUTE: self._config.workflow}
         event = CloudEvent(
             id=event_id,
             source=self._source,
@@ -470,6 +499,7 @@ class Engine:
             replyto=self._config.subject("replies", run.run_id),
             deadline=deadline,
             data=data,
+            **extensions,
         )
         headers, payload = envelope.to_binary(event)
         await self._js.publish(subject, payload, headers={**headers, Header.MSG_ID.value: event_id})
@@ -483,7 +513,8 @@ class Engine:
     async def _publish_outcome(
         self, run_id: str, status: str, output: Any, error: str | None
     ) -> None:
-        """The run's result on its results subject; a failed run also to dead letters."""
+        """The run's result on its results subject; a run that failed or that a Budget
+        stopped also to dead letters (the latter saying reason ``budget-exceeded``)."""
         result = CloudEvent(
             id=f"{run_id}/result",
             source=self._source,
@@ -499,8 +530,10 @@ class Engine:
             payload,
             headers={**headers, Header.MSG_ID.value: result.id},
         )
-        if status == "Failed":
+        if status in ("Failed", "BudgetExceeded"):
             failed = {**headers, Header.MSG_ID.value: f"{run_id}/failed"}
+            if status == "BudgetExceeded":
+                failed[REASON_HEADER] = DeadLetterReason.BUDGET_EXCEEDED.value
             await self._dead_letter(payload, error or "run failed", run_id, failed)
 
     async def _dead_letter(

@@ -3,15 +3,23 @@
 The engine calls ``plan`` after every event and on every tick; the same state
 always yields the same actions, and an action already reflected in the state
 is never proposed again, so planning after a crash is safe.
+
+A step whose failure says a Budget refused it (``StepState.reason`` is
+``BUDGET_EXCEEDED_REASON``) is never retried, whatever its retry policy and its
+``onFailure``: the budget is the same on the next attempt, and going on would spend
+more of it. The run ends ``BudgetExceeded`` with the steps that finished and their
+outputs; if the step's ``onFailure`` is ``compensate``, compensations run first, as
+for a failed run (they may be refused too; that does not stop the run ending).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.run_events import BUDGET_EXCEEDED_REASON, RunOutcome
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.workflow.mapping import MappingError, map_input
 
@@ -40,7 +48,7 @@ class Compensate:
 
 @dataclass(frozen=True)
 class Finish:
-    status: Literal["Succeeded", "Failed"]
+    status: RunOutcome
     output: Any = None
     error: str | None = None
 
@@ -77,8 +85,29 @@ def _final_output(config: EngineConfig, state: RunState) -> Any:
     return {name: outputs.get(name) for name in sinks}
 
 
+def partial_result(state: RunState) -> dict[str, Any]:
+    """A run stopped by its budget: the steps that finished, with their outputs."""
+    return {"steps": _outputs(state)}
+
+
+def _budget_stop(state: RunState) -> tuple[str, str] | None:
+    """The step a Budget refused and its error, if one did (the first in the run's order)."""
+    for name, step in state.steps.items():
+        if step.status == "Failed" and step.reason == BUDGET_EXCEEDED_REASON:
+            return name, f"step {name} exceeded a budget: {step.error}"
+    return None
+
+
+def _ending(state: RunState, reason: str) -> Finish:
+    """How a run that cannot go on ends: BudgetExceeded with its partial result if a
+    Budget stopped it, else Failed."""
+    if (stopped := _budget_stop(state)) is not None:
+        return Finish("BudgetExceeded", output=partial_result(state), error=stopped[1])
+    return Finish("Failed", error=reason)
+
+
 def _compensation_plan(config: EngineConfig, state: RunState, reason: str) -> list[Action]:
-    """Undo completed steps one at a time, most recent first; then fail the run."""
+    """Undo completed steps one at a time, most recent first; then end the run."""
     for name in reversed(state.succeeded_order):
         step = config.step(name)
         if step.compensation is None:
@@ -90,11 +119,12 @@ def _compensation_plan(config: EngineConfig, state: RunState, reason: str) -> li
             return [Compensate(name, payload)]
         if progress.status == "Running":
             return []
-    return [Finish("Failed", error=reason)]
+    return [_ending(state, reason)]
 
 
 def _winding_down(config: EngineConfig, state: RunState, now: datetime) -> Plan | None:
-    """The plan of a run that is over, past its deadline or compensating; else None."""
+    """The plan of a run that is over, past its deadline, compensating or stopped by a
+    Budget; else None."""
     if state.terminal:
         return Plan()
     expired = config.deadline is not None and now >= state.started_at + config.deadline
@@ -107,6 +137,11 @@ def _winding_down(config: EngineConfig, state: RunState, now: datetime) -> Plan 
             if step.status == "Failed"
         )
         return Plan(_compensation_plan(config, state, failed))
+    if (stopped := _budget_stop(state)) is not None:
+        name, error = stopped
+        if config.step(name).on_failure == "compensate":
+            return Plan(_compensation_plan(config, state, error))
+        return Plan([_ending(state, error)])
     return None
 
 

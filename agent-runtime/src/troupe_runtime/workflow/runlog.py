@@ -25,13 +25,13 @@ from nats.js.kv import KeyValue
 
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.run_events import Event, encode_event
-from troupe_runtime.contract.run_state import RunState, apply, replay
+from troupe_runtime.contract.run_state import TERMINAL_STATUSES, RunState, apply, replay
 from troupe_runtime.nats.streams import first_message, read_events, subject_counts
 from troupe_runtime.workflow.lease import Lease, fenced_retry
 
 logger = logging.getLogger(__name__)
 
-FINISHED_STATUSES = ("Succeeded", "Failed")
+FINISHED_STATUSES = TERMINAL_STATUSES
 RUN_SUBJECT_KINDS = ("start", "events", "replies", "results", "active")
 SAVE_ATTEMPTS = 5
 PRUNE_BATCH = 16

@@ -94,14 +94,19 @@ class RunCounts(ApiModel):
     running: int = Field(default=0, description="Running or compensating.")
     succeeded: int = Field(default=0, description="Runs that succeeded.")
     failed: int = Field(default=0, description="Runs that failed.")
+    budget_exceeded: int = Field(
+        default=0,
+        description="Runs a Budget's hard limit stopped (not counted in failed).",
+    )
 
 
 class LastRun(ApiModel):
     """The run started most recently."""
 
     id: str = Field(description="The run's id.")
-    status: Literal["Running", "Compensating", "Succeeded", "Failed"] = Field(
-        description="Running, Compensating, Succeeded or Failed."
+    status: Literal["Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded"] = Field(
+        description="Running, Compensating, Succeeded, Failed, or BudgetExceeded (a Budget's "
+        "hard limit stopped it; its output holds the steps that finished)."
     )
     started_at: str = Field(description="RFC 3339.")
     finished_at: str | None = Field(default=None, description="RFC 3339; unset while running.")

@@ -37,7 +37,7 @@ from troupe_operator.builders.problems import Problem, SpecRejected
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import AgentResources
 from troupe_runtime.contract.engine_config import EngineConfig
-from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.run_state import TERMINAL_STATUSES, RunState
 from troupe_runtime.contract.workflow_resources import WorkflowResources
 from troupe_runtime.nats.provision import (
     ProvisionReport,
@@ -159,6 +159,7 @@ class RunTally:
     running: int
     succeeded: int
     failed: int
+    budget_exceeded: int
     last: RunState | None
 
 
@@ -407,13 +408,14 @@ class NatsPool:
             if latest is None:
                 finished = [
                     await _last_message(js, stream, config.tally_subject(status))
-                    for status in ("Succeeded", "Failed")
+                    for status in TERMINAL_STATUSES
                 ]
                 latest = max((found for found in finished if found), default=None)
             return RunTally(
                 running=len(active),
                 succeeded=tallies.get(config.tally_subject("Succeeded"), 0),
                 failed=tallies.get(config.tally_subject("Failed"), 0),
+                budget_exceeded=tallies.get(config.tally_subject("BudgetExceeded"), 0),
                 last=await _projection(js, config, latest[1]) if latest else None,
             )
 

@@ -93,7 +93,12 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
             await nats.provision_workflow(target, resources, fields)
             tally = await nats.runs(target, config)
             return RunObservation(
-                RunCounts(running=tally.running, succeeded=tally.succeeded, failed=tally.failed),
+                RunCounts(
+                    running=tally.running,
+                    succeeded=tally.succeeded,
+                    failed=tally.failed,
+                    budget_exceeded=tally.budget_exceeded,
+                ),
                 status.last_run(tally.last),
             )
 
