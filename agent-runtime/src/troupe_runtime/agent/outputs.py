@@ -19,9 +19,12 @@ end.
 
 Extension attributes a handler sets in ``ctx.attributes`` (an LLM agent's
 token usage) go on every output and on the reply, the failure reply
-included. They come from handler code, so one that is not a valid
-CloudEvents extension (``envelope.extension_problem``) is logged and
-dropped, never a reason to fail the message.
+included. So does the input's Workflow (``troupeworkflow``, when it is a
+Workflow's name), as the correlation id does, so a Workflow's Budget counts
+every call made anywhere in its runs; it wins over a handler's own.
+Attributes come from handler code, so one that is not a valid CloudEvents
+extension (``envelope.extension_problem``) is logged and dropped, never a
+reason to fail the message.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ async def publish_follow_up(
         index=index,
         scope=scope,
         traceparent=tracing.outgoing(cause.traceparent),
-        extensions=extensions,
+        extensions={**(extensions or {}), **envelope.workflow_extension(cause)},
     )
     headers, payload = envelope.to_binary(event)
     copies = {

@@ -11,6 +11,10 @@ A model failure that escapes an LLM agent's loop is classified here
 provider's message, an answer still invalid after the repair turn as
 ``invalid-output``, an unavailable or rate-limited chain retried with
 jitter. ``DeferMessage`` is a deferral, which burns no attempt (``settle``).
+A Budget's hard limit (``BudgetExceeded``) is dead-lettered as
+``budget-exceeded``; a ledger that could not be read or advanced
+(``BudgetUnavailable``) hands the message back like an unavailable model,
+since no call is ever made unchecked.
 
 Whatever handler code raises, ``SystemExit``, ``KeyboardInterrupt`` and its own
 ``CancelledError`` included, is a failed attempt, never the end of the process.
@@ -56,6 +60,7 @@ from troupe_runtime.agent.settle import (
     ModelRefused,
     Nak,
     Outcome,
+    OverBudget,
     Overdelivered,
     Policy,
     Settlement,
@@ -66,6 +71,7 @@ from troupe_runtime.agent.settle import (
 )
 from troupe_runtime.contract import envelope
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.budget import BudgetExceeded, BudgetUnavailable
 from troupe_runtime.contract.dead_letters import DeadLetterReason, Origin
 from troupe_runtime.contract.envelope import ERROR_TYPE, RESULT_TYPE_SUFFIX, CloudEvent
 from troupe_runtime.serving import logs, tracing
@@ -171,6 +177,15 @@ def model_outcome(error: ModelError, attempt: int) -> Outcome:
             return ModelFailed(describe(error), attempt, not_before=retry_after or 0.0)
         case _:  # ModelUnavailable, or any other model failure: it may pass later
             return ModelFailed(describe(error), attempt)
+
+
+def budget_outcome(error: BudgetExceeded | BudgetUnavailable, attempt: int) -> Outcome:
+    """A budget's refusal, or its ledger's trouble, as the outcome it is: a hard limit is
+    final; a ledger that could not be advanced is retried like an unavailable model
+    (jittered, so replicas do not come back at once), never the call made unchecked."""
+    if isinstance(error, BudgetExceeded):
+        return OverBudget(str(error))
+    return ModelFailed(describe(error), attempt)
 
 
 class Processor:
@@ -281,6 +296,8 @@ class Processor:
             return Deferred(error.delay, deferrals, describe(error), attempt)
         except ModelError as error:
             return model_outcome(error, ctx.attempt)
+        except (BudgetExceeded, BudgetUnavailable) as error:
+            return budget_outcome(error, ctx.attempt)
         except Exception as error:
             return Failed(describe(error), ctx.attempt)
         except asyncio.CancelledError as error:

@@ -53,6 +53,14 @@ def debit(tat: float, now: float, rate: float, burst: int, cost: float) -> float
     return min(max(tat, now) + cost * interval, now + burst * interval)
 
 
+def credit(tat: float, now: float, rate: float, burst: int, cost: float) -> float:
+    """The TAT with ``cost`` tokens an ``acquire`` took given back (the call they were for
+    was not made): what ``gcra`` added, ``min(cost, burst)`` intervals, comes off again,
+    never below ``now`` (a full bucket holds no more)."""
+    interval = 1.0 / rate
+    return max(tat - min(cost, burst) * interval, now)
+
+
 class Limiter(Protocol):
     async def acquire(self, cost: float = 1.0, max_wait: float | None = None) -> bool:
         """Wait for ``cost`` tokens; True when the caller had to wait (was throttled).
@@ -64,6 +72,10 @@ class Limiter(Protocol):
 
     async def charge(self, cost: float) -> None:
         """Count ``cost`` tokens spent beyond what ``acquire`` took (best effort, no wait)."""
+        ...
+
+    async def refund(self, cost: float) -> None:
+        """Give back ``cost`` tokens ``acquire`` took for something that did not happen."""
         ...
 
 
@@ -97,6 +109,9 @@ class LocalLimiter:
 
     async def charge(self, cost: float) -> None:
         self._tat = debit(self._tat, self._clock(), self._limit.rate, self._limit.burst, cost)
+
+    async def refund(self, cost: float) -> None:
+        self._tat = credit(self._tat, self._clock(), self._limit.rate, self._limit.burst, cost)
 
 
 class RateLimitUnavailable(Exception):
@@ -212,12 +227,21 @@ class GlobalLimiter:
             await asyncio.sleep(pause)
 
     async def charge(self, cost: float) -> None:
+        await self._advance(debit, cost)
+
+    async def refund(self, cost: float) -> None:
+        await self._advance(credit, cost)
+
+    async def _advance(
+        self, step: Callable[[float, float, float, int, float], float], cost: float
+    ) -> None:
+        """Apply ``step`` (``debit`` or ``credit``) to the shared TAT, by compare-and-set."""
         rate, burst = self._limit.rate, self._limit.burst
         for conflicts in range(1, MAX_CONFLICTS + 1):
             stored, revision = await self._read()
             now = self._clock()
             if await self._write(
-                debit(plausible_tat(stored, now, rate, burst), now, rate, burst, cost), revision
+                step(plausible_tat(stored, now, rate, burst), now, rate, burst, cost), revision
             ):
                 return
             await asyncio.sleep(conflict_backoff(conflicts, self._rng))

@@ -30,6 +30,11 @@ sooner than the delay asked for.
 Model failures: ``ModelFailed`` (unavailable, or rate limited with no usable
 Retry-After) is retried with the declared backoff, jittered by ±20% so a
 provider's outage does not come back as one synchronised wave of retries.
+
+Budgets: a hard limit that refused a model call (``OverBudget``) is
+dead-lettered as ``budget-exceeded`` at once: the window's spending only grows,
+so another attempt would be refused again (or, worse, get in once the window
+turns and spend what the limit was meant to stop).
 """
 
 from __future__ import annotations
@@ -130,6 +135,13 @@ class ModelFailed:
 
 
 @dataclass(frozen=True)
+class OverBudget:
+    """A Budget's hard limit refused a model call (``BudgetExceeded``); the call was not made."""
+
+    error: str
+
+
+@dataclass(frozen=True)
 class Expired:
     """The event's deadline passed before the handler started; its result is unwanted."""
 
@@ -189,6 +201,7 @@ Outcome = (
     | Deferred
     | ModelRefused
     | ModelFailed
+    | OverBudget
 )
 
 
@@ -279,6 +292,8 @@ def decide(outcome: Outcome, policy: Policy, draw: Random = random.random) -> Se
             return DeadLetter(DeadLetterReason.REJECTED, error)
         case ModelFailed(error, attempt, not_before):
             return _retry(error, attempt, policy, jitter=draw, not_before=not_before)
+        case OverBudget(error):
+            return DeadLetter(DeadLetterReason.BUDGET_EXCEEDED, error)
         case Deferred():
             return _defer(outcome, policy)
         case _:

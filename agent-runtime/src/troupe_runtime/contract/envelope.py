@@ -53,6 +53,7 @@ from pydantic import (
     model_validator,
 )
 
+from troupe_runtime.contract.grammar import DNS_LABEL_MAX, DNS_LABEL_PATTERN
 from troupe_runtime.contract.limits import DEFAULT_LIMITS, MAX_JSON_DEPTH, Limits, oversize
 
 SPEC_VERSION: Literal["1.0"] = "1.0"
@@ -309,6 +310,27 @@ class CloudEvent(BaseModel):
             raise UnpublishableEvent(
                 f"the {type!r} event is not a valid CloudEvent: {_describe(error)}"
             ) from error
+
+
+def workflow_of(event: CloudEvent) -> str | None:
+    """The Workflow ``event`` belongs to (its ``troupeworkflow``), when that is a Workflow's
+    name (a DNS label); anything else is dropped, not carried on: a sender's junk must not
+    reach a budget's key or another agent's events."""
+    value = (event.model_extra or {}).get(WORKFLOW_ATTRIBUTE)
+    if (
+        isinstance(value, str)
+        and len(value) <= DNS_LABEL_MAX
+        and re.fullmatch(DNS_LABEL_PATTERN, value) is not None
+    ):
+        return value
+    return None
+
+
+def workflow_extension(cause: CloudEvent) -> dict[str, Any]:
+    """What an event sent for ``cause`` carries of it besides the envelope's own attributes:
+    its Workflow (``workflow_of``), like its correlation id."""
+    workflow = workflow_of(cause)
+    return {} if workflow is None else {WORKFLOW_ATTRIBUTE: workflow}
 
 
 def answer_content_type(cause: str | None, data: Any) -> str:

@@ -5,11 +5,18 @@ opens it (``bind``): the journal, the Object Store, the usage bucket and the tok
 need the connection, and so do Agents called as tools. A redelivered message replays its
 journal and resumes; the first delivery reads nothing. The message's usage so far is in
 ``ctx.attributes`` after every turn, so a failure reply carries it too.
+
+Budgets: the namespace's definitions are watched from ``bind`` on (restarted on each new
+session, ready before the first call), and each turn's request carries its
+``SpendContext``: the agent, the Workflow of the event (``troupeworkflow``), the run (its
+correlation id) and a hold id that digests the agent, the event, the delivery and the turn,
+so a crashed attempt's holds are never taken for the redelivery's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +25,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
@@ -27,7 +35,7 @@ from troupe_runtime.agent.llm.history import Offloader
 from troupe_runtime.agent.llm.journal import Journal, ResumeState
 from troupe_runtime.agent.llm.loop import Conversation, LoopSettings
 from troupe_runtime.agent.llm.prompt import opening
-from troupe_runtime.agent.llm.router import ModelRouter
+from troupe_runtime.agent.llm.router import Budgets, Held, ModelRouter, agent_token_limiter
 from troupe_runtime.agent.llm.streaming import TokenStream
 from troupe_runtime.agent.llm.tools import bound, toolbox_factory
 from troupe_runtime.agent.llm.types import (
@@ -42,12 +50,15 @@ from troupe_runtime.agent.llm.types import (
     ToolBox,
 )
 from troupe_runtime.agent.schemas import ContractChecker
-from troupe_runtime.contract import naming
+from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.budget import Amount, SpendContext
+from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.llm import LlmRuntime
 from troupe_runtime.contract.model_provider import ServedModel
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.serving.metrics import LlmMetrics
+from troupe_runtime.state.budgets import BudgetGuard, Definitions
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +82,62 @@ class Session:
     offloader: Offloader
 
 
-CallerFactory = Callable[[JetStreamContext], Awaitable[ClosableCaller]]
-"""Builds the model chain for a session (the router, with its rate-limit bucket)."""
+CallerFactory = Callable[[JetStreamContext, Budgets | None], Awaitable[ClosableCaller]]
+"""Builds the model chain for a session (the router, with its rate-limit bucket and the
+namespace's budgets)."""
+
+
+class SessionBudgets(Budgets, Protocol):
+    """Budgets the handler binds to each NATS session (``NamespaceBudgets``, or a fake)."""
+
+    async def use(self, js: JetStreamContext) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class NamespaceBudgets:
+    """The namespace's budgets: definitions watched, ledgers advanced through one session."""
+
+    def __init__(self, namespace: str) -> None:
+        self._definitions = Definitions(namespace)
+        self._guard = BudgetGuard(namespace, self._definitions)
+
+    async def use(self, js: JetStreamContext) -> None:
+        """Watch and write through ``js`` from now on; returns once every definition is in."""
+        await self._definitions.start(js)
+        self._guard.use(js)
+
+    async def stop(self) -> None:
+        await self._definitions.stop()
+
+    def applies(self, spend: SpendContext) -> bool:
+        return bool(self._definitions.applicable(spend))
+
+    async def reserve(self, spend: SpendContext, amount: Amount) -> Held:
+        return await self._guard.reserve(spend, amount)
+
+
+def hold_id(agent: str, event_id: str, delivery: int, turn: int) -> str:
+    """The ``SpendContext.hold_id`` of one turn of one delivery: deterministic, and unique per
+    attempt, so a crashed attempt's hold (reaped in full) is not the redelivery's."""
+    return hashlib.sha256(f"{agent}\n{event_id}\n{delivery}\n{turn}".encode()).hexdigest()[:32]
+
+
+def spending(agent: str, event: CloudEvent, delivery: int) -> Callable[[int], SpendContext]:
+    """Each turn's ``SpendContext`` for ``event``'s ``delivery``-th delivery."""
+    workflow = envelope.workflow_of(event)
+
+    def spend(turn: int) -> SpendContext:
+        return SpendContext(
+            agent=agent,
+            workflow=workflow,
+            run=event.correlationid,
+            hold_id=hold_id(agent, event.id, delivery, turn),
+        )
+
+    return spend
+
+
 ToolBoxFactory = Callable[[Client, JetStreamContext], Awaitable[ToolBox]]
 
 
@@ -135,6 +200,7 @@ class LlmAgent:
         metrics: LlmMetrics,
         callers: CallerFactory,
         toolboxes: ToolBoxFactory,
+        budgets: SessionBudgets | None = None,
     ) -> None:
         if config.llm is None:
             raise ValueError("an LLM agent needs spec.llm (RuntimeConfig.llm)")
@@ -151,6 +217,8 @@ class LlmAgent:
             context_window=context_window(config.llm),
         )
         self._session: Session | None = None
+        self._budgets = budgets
+        """One per process, like the usage recorder; bound to each session."""
         self._usage = UsageRecorder(config.namespace, config.agent)
         """One per process: what a lost session could not write is written by the next."""
 
@@ -158,7 +226,10 @@ class LlmAgent:
         """Use this NATS session from now on (a new one after a reconnect)."""
         await self.close()
         agent, namespace = self._config.agent, self._config.namespace
-        caller = _CountedCaller(await self._callers(js), self._metrics, agent, self._runtime)
+        if self._budgets is not None:  # every definition in before the first call
+            await self._budgets.use(js)
+        callers = await self._callers(js, self._budgets)
+        caller = _CountedCaller(callers, self._metrics, agent, self._runtime)
         toolbox = await self._toolboxes(nc, js)
         self._usage.use(js)
         limit = self._runtime.policy.history.max_tool_result_bytes
@@ -173,6 +244,11 @@ class LlmAgent:
                 session.caller.aclose(),
                 return_exceptions=True,
             )
+        if self._budgets is not None:
+            try:
+                await self._budgets.stop()
+            except Exception as error:  # the session is going anyway
+                logger.warning("the budget definitions' watch did not stop cleanly: %s", error)
 
     async def __call__(self, ctx: Context) -> Any:
         session = self._session
@@ -204,6 +280,7 @@ class LlmAgent:
             on_completion=on_completion,
             progress=ctx.progress,
             wait_budget=wait_budget(self._config.timeout.total_seconds(), event.deadline),
+            spend=spending(self._config.agent, event, ctx.deliveries),
         )
         first = (
             opening(self._runtime, event.data, agent=self._config.agent, role=self._config.role)
@@ -216,20 +293,34 @@ class LlmAgent:
 
 def model_router(config: RuntimeConfig, env: Mapping[str, str]) -> CallerFactory:
     """The router over the agent's chain; provider limits in the namespace's rate-limit
-    bucket when it exists (every replica shares them), else in memory."""
+    bucket when it exists (every replica shares them), else in memory. The Agent's own
+    global token rate limit needs the bucket: it is created when missing (the config the
+    operator gives it, ``agent_resources.build_buckets``)."""
     runtime = config.llm
     assert runtime is not None
+    own = runtime.policy.rate_limit
 
-    async def build(js: JetStreamContext) -> ClosableCaller:
+    async def build(js: JetStreamContext, budgets: Budgets | None) -> ClosableCaller:
         kv: KeyValue | None = None
         limits = [p.spec.limits for p in runtime.providers]
-        if any(lim.requests_per_minute or lim.tokens_per_minute for lim in limits):
+        shared_own = own is not None and own.scope == "global"
+        if shared_own or any(lim.requests_per_minute or lim.tokens_per_minute for lim in limits):
             bucket = naming.rate_limit_bucket(config.namespace)
             try:
                 kv = await js.key_value(bucket)
             except BucketNotFoundError:
-                logger.warning("no bucket %s: provider limits are kept per replica", bucket)
-        return ModelRouter(runtime, env, kv)
+                if shared_own:
+                    logger.info("creating the rate-limit bucket %s", bucket)
+                    kv = await js.create_key_value(KeyValueConfig(bucket=bucket))
+                else:
+                    logger.warning("no bucket %s: provider limits are kept per replica", bucket)
+        return ModelRouter(
+            runtime,
+            env,
+            kv,
+            budgets=budgets,
+            token_limit=agent_token_limiter(own, config.agent, kv),
+        )
 
     return build
 
@@ -240,11 +331,14 @@ def llm_agent(
     env: Mapping[str, str],
     callers: CallerFactory | None = None,
     toolboxes: ToolBoxFactory | None = None,
+    budgets: SessionBudgets | None = None,
 ) -> LlmAgent:
-    """The LLM agent of ``config``: by default the model router and the declared tools."""
+    """The LLM agent of ``config``: by default the model router and the declared tools;
+    budgets checked when ``budgets`` is given (the runtime gives ``NamespaceBudgets``)."""
     return LlmAgent(
         config,
         metrics,
         callers or model_router(config, env),
         toolboxes or toolbox_factory(config),
+        budgets,
     )

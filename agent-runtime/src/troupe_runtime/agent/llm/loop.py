@@ -20,6 +20,14 @@ conversation. The output is the parsed object; without a schema it is ``{"conten
 "usage"}`` like the legacy ``llm`` handler's, ``usage`` in OpenAI's shape, summed over the
 message's turns.
 
+Budgets: each turn's request carries the turn's ``SpendContext`` (``spend``), by which the
+router holds on the budgets that apply. A hard limit's refusal (``BudgetExceeded``) ends
+the loop: with ``spec.llm.onBudgetExceeded: answer`` and no ``outputSchema`` the final answer
+is what the loop has, ``{"content": <the last assistant text>, "model", "usage",
+"stopped": "budget-exceeded"}``; otherwise it is raised (dead letter ``budget-exceeded``).
+A structured answer cannot be made up from a partial conversation, so a schema always
+dead-letters.
+
 429s: a Retry-After that fits in the handler's time is waited out in place, reporting
 progress, and the same turn is asked again (no attempt burnt); a longer one is journaled as
 ``deferred-<k>`` and raised as ``DeferMessage``. Each turn and each tool call reports progress,
@@ -56,6 +64,7 @@ from troupe_runtime.agent.llm.types import (
     content_text,
 )
 from troupe_runtime.agent.schemas import ContractChecker, SchemaViolation
+from troupe_runtime.contract.budget import BudgetExceeded, SpendContext
 from troupe_runtime.contract.llm_policy import LlmPolicy
 from troupe_runtime.contract.usage import Usage
 
@@ -67,6 +76,8 @@ REPAIR = (
     "Your answer is not valid output: {reason}. Answer again with only the JSON value the "
     "schema asks for, and nothing else."
 )
+BUDGET_STOP = "budget-exceeded"
+"""``stopped`` of an answer cut short by a Budget's hard limit."""
 MAX_IN_PLACE_WAITS = 5
 """429 waits in place per turn before the message is deferred instead."""
 PROGRESS_SECONDS = 5.0
@@ -152,6 +163,14 @@ def parse_final(text: str, checker: ContractChecker) -> Any:
     return data
 
 
+def last_text(messages: list[Message]) -> str:
+    """The last assistant text of a conversation (``""`` when the model wrote none)."""
+    for message in reversed(messages):
+        if message.get("role") == "assistant" and (text := answer_text(message)):
+            return text
+    return ""
+
+
 def openai_usage(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.tokens_in,
@@ -177,8 +196,11 @@ class Conversation:
         progress: Callable[[], Awaitable[None]],
         wait_budget: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        spend: Callable[[int], SpendContext] | None = None,
     ) -> None:
         self._settings = settings
+        self._spend = spend
+        """The ``SpendContext`` of each turn; None: no budget is checked."""
         self._policy = settings.policy
         self._caller = caller
         self._toolbox = toolbox
@@ -209,10 +231,16 @@ class Conversation:
             if answer is not None:
                 return answer
         for turn in range(state.next_turn, self._policy.max_turns):
-            completion = await self._ask(turn, specs)
+            try:
+                completion = await self._ask(turn, specs)
+            except BudgetExceeded:
+                if not self._answers_over_budget():
+                    raise
+                return await self._stopped(turn)
             completion = dataclasses.replace(completion, message=for_history(completion.message))
             await self._journal_turn(turn, new, completion, repair)
             state.messages.append(completion.message)
+            state.last_model = completion.model
             state.next_turn = turn + 1
             state.repairs += 1 if repair else 0
             answer, new, repair = await self._after(turn, completion.message, specs, completion)
@@ -263,6 +291,21 @@ class Conversation:
             data = {"content": text, "model": model, "usage": openai_usage(usage)}
         return Answer(data, usage, self._state.next_turn)
 
+    def _answers_over_budget(self) -> bool:
+        return self._policy.on_budget_exceeded == "answer" and self._settings.output_schema is None
+
+    async def _stopped(self, turn: int) -> Answer:
+        """The answer of a loop a budget stopped before ``turn``: what it has so far."""
+        await self._stream.done(turn, final=True)
+        usage = self._state.usage
+        data = {
+            "content": last_text(self._state.messages),
+            "model": self._state.last_model,
+            "usage": openai_usage(usage),
+            "stopped": BUDGET_STOP,
+        }
+        return Answer(data, usage, self._state.next_turn)
+
     def _request(self, turn: int, specs: dict[str, ToolSpec]) -> ChatRequest:
         tools = [] if self._policy.tool_choice == "none" else list(specs.values())
         choice: str | dict[str, Any] | None = None
@@ -294,6 +337,8 @@ class Conversation:
             temperature=self._policy.temperature,
             max_tokens=self._policy.max_tokens,
             response_format=response_format,
+            spend=self._spend(turn) if self._spend is not None else None,
+            prompt_overhead=self._overhead,
         )
 
     async def _ask(self, turn: int, specs: dict[str, ToolSpec]) -> Completion:

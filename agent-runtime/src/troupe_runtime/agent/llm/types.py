@@ -82,6 +82,9 @@ class ChatRequest:
     """E.g. ``{"type": "json_schema", "json_schema": {...}}`` from the output schema."""
     spend: SpendContext | None = None
     """Who asks and in which run: the budgets that apply (None: no budget is checked)."""
+    prompt_overhead: int = 0
+    """Prompt tokens the loop learnt ``estimate_tokens`` misses (tool schemas, the chat
+    template): added to the estimate that holds and rate limits take."""
 
 
 @dataclass(frozen=True)

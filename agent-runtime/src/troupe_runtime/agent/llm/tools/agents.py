@@ -92,7 +92,9 @@ def build_request(
     """The request for one tool call: its id is the same for the same message and call.
 
     It keeps the cause's deadline, not one of the tool's timeout: a caller that gave up (or
-    died) and asks again later finds the answer stored instead of an expired request."""
+    died) and asks again later finds the answer stored instead of an expired request; and
+    the cause's Workflow, so the callee's model calls count against that Workflow's
+    budgets too."""
     scope = f"{config.namespace}/{config.agent}/tools/{call.id}"
     request = cause.follow_up(
         source=f"/{config.namespace}/{config.agent}",
@@ -101,6 +103,7 @@ def build_request(
         index=0,
         scope=scope,
         traceparent=tracing.outgoing(cause.traceparent),
+        extensions=envelope.workflow_extension(cause),
     )
     replyto = naming.agent_call_reply_subject(config.namespace, config.agent, request.id)
     return request.model_copy(update={"replyto": replyto})
