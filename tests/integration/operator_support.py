@@ -161,17 +161,19 @@ def running_operator(
     cluster: ClusterEndpoints, log: Path, env: dict[str, str] | None = None
 ) -> Iterator[OperatorProcess]:
     """The operator (``env`` added to its environment), with the shipped CRDs installed; on
-    the way out it finalizes the Agents and Workflows of the namespaces the tests deleted
-    before it stops."""
+    the way out it finalizes the Agents, Workflows and Budgets of the namespaces the tests
+    deleted before it stops."""
     install_crds(cluster)
     process = OperatorProcess(cluster, log, env)
     process.start()
     try:
         yield process
         wait_for(
-            lambda: not cluster.kubectl("get", "agents,workflows", "-A", "-o", "name").strip(),
+            lambda: (
+                not cluster.kubectl("get", "agents,workflows,budgets", "-A", "-o", "name").strip()
+            ),
             FINALIZE_DEADLINE,
-            "every Agent and Workflow to be finalized",
+            "every Agent, Workflow and Budget to be finalized",
         )
     finally:
         process.stop()

@@ -8,6 +8,10 @@ a Budget removes its definition and ledgers."""
 from __future__ import annotations
 
 import json
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,15 +20,38 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from tests.integration.operator_support import API_VERSION, CRDS, install_crds
+from tests.integration.operator_support import (
+    API_VERSION,
+    CRDS,
+    OperatorProcess,
+    agent,
+    apply,
+    condition,
+    explained,
+    get,
+    install_crds,
+    jetstream,
+)
 from tests.integration.test_crd_property import values
-from troupe_devcluster.fixtures import ClusterEndpoints
+from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_operator.api import BudgetSpec
 from troupe_operator.api.common import GROUP, VERSION
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.budget import (
+    Amount,
+    BudgetDefinition,
+    BudgetWindow,
+    Hold,
+    Ledger,
+    window_id,
+)
 
 DEADLINE = 45.0
+REFRESH_SECONDS = 1
 
 
 def budget(name: str, **spec: Any) -> dict[str, Any]:
@@ -249,3 +276,287 @@ def test_the_crd_and_the_models_accept_and_refuse_budgets_alike(
 ) -> None:
     server = _accepted_by_the_api_server(api_client, namespace, spec)
     assert server == _accepted_by_the_models(spec), json.dumps(spec)
+
+
+# The operator.
+
+
+@pytest.fixture(scope="module")
+def operator_env() -> dict[str, str]:
+    return {"TROUPE_BUDGET_REFRESH": str(REFRESH_SECONDS)}
+
+
+@pytest.fixture
+def watched(cluster: ClusterEndpoints, namespace: str, operator: OperatorProcess) -> Iterator[str]:
+    """The test's namespace, with the operator running; its logs printed on failure."""
+    with explained(cluster, namespace, operator):
+        yield namespace
+
+
+def _kv_get(nats_url: str, namespace: str, key: str) -> bytes | None:
+    async def read(js: JetStreamContext) -> bytes | None:
+        try:
+            kv = await js.key_value(naming.budget_bucket(namespace))
+            return (await kv.get(key)).value
+        except NotFoundError:
+            return None
+
+    return jetstream(nats_url, read)
+
+
+def _kv_put(nats_url: str, namespace: str, key: str, value: bytes) -> None:
+    async def write(js: JetStreamContext) -> None:
+        await (await js.key_value(naming.budget_bucket(namespace))).put(key, value)
+
+    jetstream(nats_url, write)
+
+
+def _subjects(nats_url: str, namespace: str, filter: str) -> dict[str, int]:
+    bucket = naming.budget_bucket(namespace)
+
+    async def listed(js: JetStreamContext) -> dict[str, int]:
+        info = await js.stream_info(
+            naming.kv_stream(bucket), subjects_filter=f"$KV.{bucket}.{filter}"
+        )
+        return dict(info.state.subjects or {})
+
+    return jetstream(nats_url, listed)
+
+
+def _definition(nats_url: str, namespace: str, name: str) -> BudgetDefinition | None:
+    stored = _kv_get(nats_url, namespace, naming.budget_definition_key(name))
+    return None if stored is None else BudgetDefinition.model_validate_json(stored)
+
+
+def _ledger(spent: int, held: int = 0, cost: float = 0.0, window: str = "Day") -> tuple[str, bytes]:
+    now = time.time()
+    wid = window_id(BudgetWindow(type=window), now, None)  # type: ignore[arg-type]
+    assert wid is not None
+    holds = {"by-hand": Hold(amount=Amount(tokens=held), expires=now + 600)} if held else {}
+    ledger = Ledger(
+        window=wid,
+        started=now - 60,
+        updated=now,
+        spent=Amount(tokens=spent, cost_usd=cost),
+        holds=holds,
+    )
+    return wid, ledger.model_dump_json(by_alias=True).encode()
+
+
+def _status_where(
+    cluster: ClusterEndpoints, namespace: str, name: str, test: Any, what: str
+) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        body = get(cluster, namespace, "budget", name)
+        return body if test(body) else None
+
+    body: dict[str, Any] = wait_for(found, DEADLINE, what)
+    return body
+
+
+def _condition_is(body: dict[str, Any], kind: str, status: str) -> bool:
+    found = condition(body, kind)
+    return found is not None and found["status"] == status
+
+
+def _events(cluster: ClusterEndpoints, namespace: str, name: str) -> list[dict[str, Any]]:
+    listed = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json"))
+    return [
+        e
+        for e in listed["items"]
+        if e["involvedObject"]["name"] == name and e["involvedObject"]["kind"] == "Budget"
+    ]
+
+
+def _passes(operator: OperatorProcess) -> float:
+    """Budget passes the operator made so far, from its own metrics."""
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    found = re.findall(
+        r'^troupe_operator_reconciles_total\{kind="Budget",result="ok"\} (\S+)$', text, re.M
+    )
+    return float(found[0]) if found else 0.0
+
+
+def test_the_definition_is_written_and_the_budget_is_ready(
+    cluster: ClusterEndpoints, watched: str
+) -> None:
+    apply(cluster, watched, budget("team"))
+
+    body = _status_where(
+        cluster, watched, "team", lambda b: _condition_is(b, "Ready", "True"), "Ready"
+    )
+
+    assert (condition(body) or {})["reason"] == "Enforced"
+    written = _definition(cluster.nats_url, watched, "team")
+    assert written is not None
+    assert (written.name, written.scope, written.generation) == ("team", "Namespace", 1)
+    assert written.limits.tokens is not None
+    assert written.limits.tokens.hard == 1000
+    assert body["status"]["spent"] == {"tokens": 0, "costUsd": 0.0}
+    assert body["status"]["remaining"] == {"tokens": 1000}
+    assert body["status"]["window"] == window_id(BudgetWindow(type="Day"), time.time(), None)
+
+    cluster.kubectl(
+        "patch",
+        "budget",
+        "team",
+        "-n",
+        watched,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"limits": {"tokens": {"soft": 800, "hard": 2000}}}}),
+    )
+
+    wait_for(
+        lambda: (
+            (d := _definition(cluster.nats_url, watched, "team")) is not None and d.generation == 2
+        ),
+        DEADLINE,
+        "the definition of generation 2",
+    )
+    changed = _definition(cluster.nats_url, watched, "team")
+    assert changed is not None
+    assert changed.limits.tokens is not None
+    assert changed.limits.tokens.hard == 2000
+
+
+def test_the_selector_follows_the_agents_labels(cluster: ClusterEndpoints, watched: str) -> None:
+    for name, labels in (("alpha", {"team": "a"}), ("beta", {"team": "b"})):
+        manifest = agent(name)
+        manifest["metadata"]["labels"] = labels
+        apply(cluster, watched, manifest)
+    selector = {"type": "Agents", "agents": {"matchLabels": {"team": "a"}}}
+    apply(cluster, watched, budget("picky", scope=selector))
+
+    def agents_named() -> list[str] | None:
+        written = _definition(cluster.nats_url, watched, "picky")
+        return None if written is None else written.agents
+
+    wait_for(lambda: agents_named() == ["alpha"], DEADLINE, "the definition naming alpha")
+    cluster.kubectl("label", "agent", "beta", "team=a", "--overwrite", "-n", watched)
+    wait_for(lambda: agents_named() == ["alpha", "beta"], DEADLINE, "beta picked as well")
+    cluster.kubectl("label", "agent", "alpha", "team-", "-n", watched)
+    wait_for(lambda: agents_named() == ["beta"], DEADLINE, "alpha no longer picked")
+
+    body = _status_where(
+        cluster,
+        watched,
+        "picky",
+        lambda b: (b.get("status") or {}).get("agents") == ["beta"],
+        "status.agents [beta]",
+    )
+    assert body["status"]["observedGeneration"] == 1
+
+
+def test_status_reads_a_ledger_written_by_hand(cluster: ClusterEndpoints, watched: str) -> None:
+    apply(
+        cluster,
+        watched,
+        budget("ledgered", limits={"tokens": {"hard": 1000}, "costUsd": {"hard": 2.0}}),
+    )
+    _status_where(
+        cluster, watched, "ledgered", lambda b: _condition_is(b, "Ready", "True"), "Ready"
+    )
+    wid, value = _ledger(spent=300, held=100, cost=0.25)
+    _kv_put(cluster.nats_url, watched, naming.budget_ledger_key("ledgered", wid), value)
+
+    body = _status_where(
+        cluster,
+        watched,
+        "ledgered",
+        lambda b: (b.get("status") or {}).get("spent", {}).get("tokens") == 300,
+        "status.spent.tokens 300",
+    )
+
+    status = body["status"]
+    assert status["spent"] == {"tokens": 300, "costUsd": 0.25}
+    assert status["reserved"] == {"tokens": 100, "costUsd": 0.0}
+    assert status["remaining"] == {"tokens": 600, "costUsd": 1.75}
+    assert status["burnRate"]["tokensPerHour"] > 0
+    assert status["windowStart"].endswith("T00:00:00Z")
+    assert "projectedExhaustion" in status
+    row = cluster.kubectl("get", "budgets", "-n", watched, "--no-headers").split()
+    # NAME SCOPE WINDOW TOKENS HARD COST REMAINING READY AGE
+    assert row[:8] == ["ledgered", "Namespace", "Day", "300", "1000", "0.25", "600", "True"]
+
+
+def test_soft_and_hard_limits_turn_conditions_and_warn(
+    cluster: ClusterEndpoints, watched: str, operator: OperatorProcess
+) -> None:
+    apply(cluster, watched, budget("capped"))
+    _status_where(cluster, watched, "capped", lambda b: _condition_is(b, "Ready", "True"), "Ready")
+
+    wid, value = _ledger(spent=850)
+    _kv_put(cluster.nats_url, watched, naming.budget_ledger_key("capped", wid), value)
+    soft = _status_where(
+        cluster,
+        watched,
+        "capped",
+        lambda b: _condition_is(b, "SoftLimitExceeded", "True"),
+        "SoftLimitExceeded",
+    )
+    assert _condition_is(soft, "HardLimitExceeded", "False")
+    assert _condition_is(soft, "Ready", "True")
+
+    wid, value = _ledger(spent=1000)
+    _kv_put(cluster.nats_url, watched, naming.budget_ledger_key("capped", wid), value)
+    hard = _status_where(
+        cluster,
+        watched,
+        "capped",
+        lambda b: _condition_is(b, "HardLimitExceeded", "True"),
+        "HardLimitExceeded",
+    )
+    assert "calls are refused" in (condition(hard, "HardLimitExceeded") or {})["message"]
+    assert hard["status"]["remaining"] == {"tokens": 0}
+
+    def warnings() -> set[str] | None:
+        found = {e["reason"] for e in _events(cluster, watched, "capped") if e["type"] == "Warning"}
+        return found if {"SoftLimitExceeded", "HardLimitExceeded"} <= found else None
+
+    assert wait_for(warnings, DEADLINE, "the Warning Events") == {
+        "SoftLimitExceeded",
+        "HardLimitExceeded",
+    }
+    # One Event per transition, however many passes saw the budget exceeded.
+    passes = _passes(operator)
+    wait_for(lambda: _passes(operator) >= passes + 3, DEADLINE, "three more Budget passes")
+    reasons = [e["reason"] for e in _events(cluster, watched, "capped")]
+    assert reasons.count("SoftLimitExceeded") == 1, reasons
+    assert reasons.count("HardLimitExceeded") == 1, reasons
+
+
+def test_an_idle_pass_writes_nothing(
+    cluster: ClusterEndpoints, watched: str, operator: OperatorProcess
+) -> None:
+    apply(cluster, watched, budget("idle"))
+    _status_where(cluster, watched, "idle", lambda b: _condition_is(b, "Ready", "True"), "Ready")
+    # kopf writes its own bookkeeping right after the first pass: wait for two refreshes.
+    settled = _passes(operator) + 2
+    wait_for(lambda: _passes(operator) >= settled, DEADLINE, "two Budget passes")
+    first = get(cluster, watched, "budget", "idle")
+    stored = _subjects(cluster.nats_url, watched, naming.budget_definition_key("idle"))
+    passes = _passes(operator)
+
+    wait_for(lambda: _passes(operator) >= passes + 3, DEADLINE, "three more Budget passes")
+
+    later = get(cluster, watched, "budget", "idle")
+    assert later["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    # The definition was not rewritten either: its subject holds the same one message.
+    assert _subjects(cluster.nats_url, watched, naming.budget_definition_key("idle")) == stored
+
+
+def test_deleting_a_budget_removes_its_definition_and_ledgers(
+    cluster: ClusterEndpoints, watched: str
+) -> None:
+    apply(cluster, watched, budget("doomed"))
+    _status_where(cluster, watched, "doomed", lambda b: _condition_is(b, "Ready", "True"), "Ready")
+    wid, value = _ledger(spent=10)
+    _kv_put(cluster.nats_url, watched, naming.budget_ledger_key("doomed", wid), value)
+    assert _definition(cluster.nats_url, watched, "doomed") is not None
+
+    cluster.kubectl("delete", "budget", "doomed", "-n", watched, "--timeout=45s")
+
+    assert _definition(cluster.nats_url, watched, "doomed") is None
+    assert _subjects(cluster.nats_url, watched, naming.budget_ledger_wildcard("doomed")) == {}

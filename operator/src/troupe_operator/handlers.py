@@ -4,11 +4,13 @@ Agents and Workflows get the same handlers, registered by one helper: they diffe
 only in their ``Kind`` (``reconcilers.agent``, ``reconcilers.workflow``), found from
 the event's resource. ModelProviders own nothing and need no finalizer: create, update and
 resume probe them (``reconcilers.model_provider``); a new or changed one wakes the Agents
-naming it, and so does a new Agent the LLM Agents call as a tool. Create, update and
-resume run a full pass; a pass blocked by NATS or a missing Secret is retried with
-exponential backoff. A background resync
-(``reconcilers.resync``) repeats every pass periodically. Events of the agents' and
-engines' Deployments refresh readiness at once. The finalizer exists only for objects
+naming it, and so does a new Agent the LLM Agents call as a tool. Budgets
+(``reconcilers.budget``) are passed on create, update and resume and by a refresh loop of
+their own; their finalizer purges their definition and ledgers, given up like the others'.
+Create, update and resume run a full pass; a pass blocked by NATS or a missing Secret is
+retried with exponential backoff. A background resync (``reconcilers.resync``) repeats
+every pass periodically. Events of the agents' and engines' Deployments refresh readiness
+at once. The finalizer exists only for objects
 whose NATS resources must be deleted (deletionPolicy Delete), read from the raw spec so
 that a spec the models refuse never blocks deletion; the cleanup is retried until
 ``finalizer_timeout_seconds`` after the deletion request, then given up with a Warning
@@ -39,7 +41,7 @@ from troupe_operator.api import GROUP, VERSION
 from troupe_operator.clients.kube import Kube, new_api_client
 from troupe_operator.clients.nats import NatsPool
 from troupe_operator.diffbase import DigestedDiffBaseStorage
-from troupe_operator.reconcilers import model_provider
+from troupe_operator.reconcilers import budget, model_provider
 from troupe_operator.reconcilers.agent import AGENT, wake_agents
 from troupe_operator.reconcilers.common import (
     Kind,
@@ -124,14 +126,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.operator = operator
     metrics.serve(config.metrics_port, config.bind_address)
     memo.resync = asyncio.create_task(resync_forever(operator))
+    memo.budgets = asyncio.create_task(budget.refresh_forever(operator))
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    resync = memo.get("resync")
-    if isinstance(resync, asyncio.Task):
-        resync.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await resync
+    for loop in ("resync", "budgets"):
+        task = memo.get(loop)
+        if isinstance(task, asyncio.Task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await operator_of(memo).nats.close()
 
 
@@ -187,6 +191,69 @@ async def provider_changed(
         await _wake_agents(operator, namespace, provider=name)
     if blocked_by is not None:
         raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+
+async def budget_changed(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    """A Budget appeared or changed (or the operator resumed): its definition and status at
+    once, not at the next refresh. NATS unreachable retries with backoff."""
+    blocked_by = await budget.budget_pass(operator_of(memo), dict(body))
+    if blocked_by is not None:
+        raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+
+async def budget_deleted(
+    body: kopf.Body, retry: int, logger: kopf.Logger, memo: kopf.Memo, **_: Any
+) -> None:
+    """Purge the Budget's definition and ledgers. While NATS cannot be reached this retries
+    until ``finalizer_timeout_seconds`` after the deletion request, then lets the Budget go
+    with a Warning Event naming what was left: a deletion is never blocked for good."""
+    operator = operator_of(memo)
+    meta = body.metadata
+    namespace, name = str(meta.namespace), str(meta.name)
+    try:
+        removed = await budget.delete_budget(operator, namespace, name)
+    except Exception as error:
+        await _retry_or_abandon(
+            operator,
+            "Budget",
+            dict(body),
+            error,
+            retry,
+            logger,
+            budget.leftovers(namespace, name),
+        )
+        return
+    logger.info("deleted %s", ", ".join(removed) or "nothing: already gone")
+
+
+async def _retry_or_abandon(
+    operator: Operator,
+    kind: str,
+    body: dict[str, Any],
+    error: Exception,
+    retry: int,
+    logger: kopf.Logger,
+    leftovers: list[str],
+) -> None:
+    """A cleanup that failed: retried until the finalizer timeout after the deletion request
+    (``kopf.TemporaryError``), then given up with a Warning Event naming ``leftovers``."""
+    waited = _waited(body["metadata"].get("deletionTimestamp"))
+    timeout = operator.settings.finalizer_timeout_seconds
+    said = redact(str(error) or type(error).__name__)
+    if waited < timeout:
+        raise kopf.TemporaryError(
+            f"cannot delete the NATS resources yet ({said}); retrying until {timeout:.0f}s"
+            f" after deletion, then letting the {kind} go",
+            delay=max(1.0, min(retry_delay(retry), timeout - waited)),
+        ) from error
+    message = (
+        f"gave up deleting the NATS resources after {waited:.0f}s ({said}); left behind:"
+        f" {', '.join(leftovers)}"
+    )
+    await operator.kube.create_event(
+        regarding(kind, body), "Warning", CLEANUP_ABANDONED, redact(message)
+    )
+    logger.info("%s", message)
 
 
 def _deletes_nats_resources(spec: kopf.Spec, **_: Any) -> bool:
@@ -286,6 +353,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     }
     for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
         on(registry=registry, id="probe", **providers)(provider_changed)
+    budgets: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": budget.PLURAL}
+    for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        on(registry=registry, id="budget", **budgets)(budget_changed)
+    kopf.on.delete(registry=registry, id="delete-budget", **budgets)(budget_deleted)
     kopf.on.event(
         "apps", "v1", "deployments", registry=registry, id="readiness", when=_is_workload
     )(workload_changed)

@@ -1,10 +1,11 @@
-"""Prometheus metrics of the operator: reconciles, errors and how long they take."""
+"""Prometheus metrics of the operator: reconciles, errors and how long they take, and each
+Budget's spending as its last pass read it."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -23,7 +24,51 @@ LEADER = Gauge(
     "troupe_operator_leader",
     "1 while this replica holds the operator's Lease and reconciles, 0 while it stands by.",
 )
+BUDGET_SPENT = Gauge(
+    "troupe_budget_spent",
+    "Spent in a Budget's current window (Run windows: summed over its runs), by unit.",
+    ["namespace", "budget", "unit"],
+)
+BUDGET_REMAINING = Gauge(
+    "troupe_budget_remaining",
+    "What a Budget's hard limit leaves (hard - spent - reserved), by unit with a hard limit.",
+    ["namespace", "budget", "unit"],
+)
+BUDGET_LIMIT_EXCEEDED = Gauge(
+    "troupe_budget_limit_exceeded",
+    "1 while a Budget's current window is at or past its soft or hard limit, else 0.",
+    ["namespace", "budget", "level"],
+)
+_BUDGET_UNITS = ("tokens", "costUsd")
+_BUDGET_LEVELS = ("soft", "hard")
 _serving: set[int] = set()
+
+
+def set_budget(namespace: str, budget: str, values: dict[str, dict[str, float]]) -> None:
+    """A Budget's gauges from ``values`` (``spent`` and ``remaining`` by unit, ``exceeded`` by
+    level); a unit without a hard limit has no remaining series."""
+    for unit in _BUDGET_UNITS:
+        BUDGET_SPENT.labels(namespace, budget, unit).set(values["spent"].get(unit, 0.0))
+        if unit in values["remaining"]:
+            BUDGET_REMAINING.labels(namespace, budget, unit).set(values["remaining"][unit])
+        else:
+            _forget(BUDGET_REMAINING, namespace, budget, unit)
+    for level in _BUDGET_LEVELS:
+        BUDGET_LIMIT_EXCEEDED.labels(namespace, budget, level).set(values["exceeded"][level])
+
+
+def forget_budget(namespace: str, budget: str) -> None:
+    """A deleted Budget's series go: a gauge left behind would report a budget forever."""
+    for unit in _BUDGET_UNITS:
+        _forget(BUDGET_SPENT, namespace, budget, unit)
+        _forget(BUDGET_REMAINING, namespace, budget, unit)
+    for level in _BUDGET_LEVELS:
+        _forget(BUDGET_LIMIT_EXCEEDED, namespace, budget, level)
+
+
+def _forget(gauge: Gauge, *labels: str) -> None:
+    with suppress(KeyError):
+        gauge.remove(*labels)
 
 
 @contextmanager

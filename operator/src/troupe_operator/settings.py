@@ -8,6 +8,7 @@ TROUPE_NATS_CREDENTIALS    the operator's own NATS credentials file     (none)
 TROUPE_WATCH_NAMESPACES    comma-separated namespaces; empty = all      (all)
 TROUPE_LOG_FORMAT          ``plain`` or ``json``                        plain
 TROUPE_RESYNC_SECONDS      how often status and drift are re-checked    30
+TROUPE_BUDGET_REFRESH      seconds between passes over each Budget      10
 TROUPE_METRICS_PORT        Prometheus metrics port; 0 turns them off    9090
 TROUPE_HEALTH_PORT         the /healthz (and /readyz) endpoint's port   8081
 TROUPE_RUNTIME_IMAGE       the image of workflow engines                troupe/runtime:<VERSION>
@@ -49,6 +50,8 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     log_format: LogFormat = "plain"
     resync_seconds: float = 30.0
+    budget_refresh_seconds: float = 10.0
+    """How often each Budget's ledger is read into status (and its selector resolved)."""
     metrics_port: int = 9090
     health_port: int = 8081
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
@@ -94,6 +97,9 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSetting
         namespaces=tuple(n.strip() for n in namespaces.split(",") if n.strip()),
         log_format=_log_format(environ.get("TROUPE_LOG_FORMAT", defaults.log_format)),
         resync_seconds=float(environ.get("TROUPE_RESYNC_SECONDS", defaults.resync_seconds)),
+        budget_refresh_seconds=float(
+            environ.get("TROUPE_BUDGET_REFRESH", defaults.budget_refresh_seconds)
+        ),
         metrics_port=int(environ.get("TROUPE_METRICS_PORT", defaults.metrics_port)),
         health_port=int(environ.get("TROUPE_HEALTH_PORT", defaults.health_port)),
         runtime_image=environ.get("TROUPE_RUNTIME_IMAGE", defaults.runtime_image),

@@ -36,14 +36,17 @@ from troupe_operator.builders.jetstream import SpecFields
 from troupe_operator.builders.problems import Problem, SpecRejected
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import AgentResources
+from troupe_runtime.contract.budget import BudgetDefinition
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.run_state import TERMINAL_STATUSES, RunState
 from troupe_runtime.contract.workflow_resources import WorkflowResources
 from troupe_runtime.nats.provision import (
     ProvisionReport,
     ResourceRefused,
+    budget_bucket_config,
     delete_agent_resources,
     ensure_agent_resources,
+    ensure_bucket,
     ensure_workflow_resources,
     refuses_config,
 )
@@ -230,6 +233,95 @@ async def _usage(js: JetStreamContext, bucket: str, agent: str, now: datetime) -
             continue  # expired or deleted since it was listed
         values[key] = entry.value or b""
     return usage_builders.summed(values)
+
+
+@dataclass(frozen=True)
+class BudgetRead:
+    """One pass's look at a Budget in its namespace's bucket."""
+
+    written: bool
+    """Whether the definition had to be (re)written."""
+    windows: list[str]
+    """The window ids of the ledgers present."""
+    values: dict[str, bytes]
+    """The ledgers asked for that exist, by window id."""
+
+
+def _ledger_subject(bucket: str, budget: str) -> str:
+    return f"$KV.{bucket}." + naming.budget_ledger_wildcard(budget)
+
+
+async def _budget_windows(js: JetStreamContext, bucket: str, budget: str) -> list[str]:
+    """The window ids of a budget's ledgers, from the bucket stream's subject index in one
+    request (ledgers are pruned by purging their subjects, so no tombstone lingers there)."""
+    prefix = f"$KV.{bucket}." + naming.budget_ledger_key(budget, "")
+    subjects = await _subject_counts(js, naming.kv_stream(bucket), _ledger_subject(bucket, budget))
+    return sorted(subject.removeprefix(prefix) for subject in subjects)
+
+
+async def _sync_budget(
+    js: JetStreamContext,
+    namespace: str,
+    definition: BudgetDefinition,
+    encoded: bytes,
+    stale: Callable[[bytes | None], bool],
+    wanted: Callable[[list[str]], list[str]],
+) -> BudgetRead:
+    config = budget_bucket_config(namespace)
+    assert config.bucket is not None
+    await ensure_bucket(js, config, ProvisionReport())
+    kv = await js.key_value(config.bucket)
+    key = naming.budget_definition_key(definition.name)
+    try:
+        stored = (await kv.get(key)).value
+    except NotFoundError:
+        stored = None
+    written = stale(stored)
+    if written:
+        await kv.put(key, encoded)
+    windows = await _budget_windows(js, config.bucket, definition.name)
+    values: dict[str, bytes] = {}
+    for wid in wanted(windows):
+        try:
+            values[wid] = (
+                await kv.get(naming.budget_ledger_key(definition.name, wid))
+            ).value or b""
+        except NotFoundError:
+            continue  # pruned or never written since it was listed
+    return BudgetRead(written, windows, values)
+
+
+async def _prune_ledgers(
+    js: JetStreamContext, bucket: str, budget: str, windows: list[str]
+) -> None:
+    stream = naming.kv_stream(bucket)
+    for wid in windows:
+        await js.purge_stream(
+            stream, subject=f"$KV.{bucket}." + naming.budget_ledger_key(budget, wid)
+        )
+
+
+async def _delete_budget(js: JetStreamContext, namespace: str, budget: str) -> list[str]:
+    """Purge the definition (a marker the runtimes' watches see) and every ledger."""
+    bucket = naming.budget_bucket(namespace)
+    try:
+        kv = await js.key_value(bucket)
+    except NotFoundError:
+        return []
+    key = naming.budget_definition_key(budget)
+    removed = []
+    try:
+        await kv.get(key)
+    except NotFoundError:
+        pass
+    else:
+        await kv.purge(key)
+        removed.append(f"kv/{bucket}/{key}")
+    windows = await _budget_windows(js, bucket, budget)
+    if windows:
+        await js.purge_stream(naming.kv_stream(bucket), subject=_ledger_subject(bucket, budget))
+        removed += [f"kv/{bucket}/{naming.budget_ledger_key(budget, w)}" for w in windows]
+    return removed
 
 
 def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
@@ -425,3 +517,30 @@ class NatsPool:
         """Delete the named streams (a KV bucket's is ``naming.kv_stream(bucket)``); return
         those that existed."""
         return await self._call(target, lambda js: _delete_streams(js, streams))
+
+    async def sync_budget(
+        self,
+        target: NatsTarget,
+        namespace: str,
+        definition: BudgetDefinition,
+        encoded: bytes,
+        stale: Callable[[bytes | None], bool],
+        wanted: Callable[[list[str]], list[str]],
+    ) -> BudgetRead:
+        """Ensure the namespace's budget bucket, write ``encoded`` as the definition when
+        ``stale`` says the stored value must change, list the budget's ledgers and read
+        those ``wanted`` picks."""
+        return await self._call(
+            target, lambda js: _sync_budget(js, namespace, definition, encoded, stale, wanted)
+        )
+
+    async def prune_ledgers(
+        self, target: NatsTarget, namespace: str, budget: str, windows: list[str]
+    ) -> None:
+        """Remove the ledgers of ``windows`` (ended ones), leaving no tombstone."""
+        bucket = naming.budget_bucket(namespace)
+        await self._call(target, lambda js: _prune_ledgers(js, bucket, budget, windows))
+
+    async def delete_budget(self, target: NatsTarget, namespace: str, budget: str) -> list[str]:
+        """Remove a Budget's definition and ledgers; return what was removed."""
+        return await self._call(target, lambda js: _delete_budget(js, namespace, budget))

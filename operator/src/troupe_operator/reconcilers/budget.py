@@ -1,0 +1,231 @@
+"""Budgets: a pass resolves the selector, writes the definition the runtimes enforce, reads
+the window's ledger into status and prunes the ledgers of ended windows.
+
+A Budget owns no Kubernetes object: what it leads to is in the namespace's budget bucket on
+the operator's NATS (``TROUPE_NATS_URL``): ``def.<budget>``, written only when it changed, and
+the ledgers the runtimes write. Level-based like every pass: the same Agents and the same
+ledger give the same status, so an idle pass writes nothing. The pass runs on create, update
+and resume, and every ``budget_refresh_seconds`` for every Budget (``refresh_forever``): that
+is how spending reaches status and how a selector follows the Agents' labels (the Agents'
+own events do not wake a Budget). A change of SoftLimitExceeded or HardLimitExceeded is an
+Event. Deleting a Budget purges its definition and ledgers; while NATS cannot be reached the
+deletion is retried, then given up (``handlers``), never blocked for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from troupe_operator import metrics
+from troupe_operator.api import BudgetSpec, BudgetStatus
+from troupe_operator.builders import spending
+from troupe_operator.builders import status as status_builders
+from troupe_operator.clients.nats import BudgetRead, MessagingUnavailable, NatsTarget
+from troupe_operator.reconcilers.common import (
+    Operator,
+    Written,
+    regarding,
+    spec_problems,
+    write_status,
+)
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.budget import BudgetDefinition, Ledger
+from troupe_runtime.contract.redact import redact
+
+KIND = "Budget"
+PLURAL = "budgets"
+AGENTS = "agents"
+REFRESH_CONCURRENCY = 16
+logger = logging.getLogger(__name__)
+
+
+def target(operator: Operator) -> NatsTarget:
+    """Budgets live on the operator's own NATS, with its own credentials."""
+    return NatsTarget(operator.settings.nats_url)
+
+
+async def announce(operator: Operator, written: Written | None) -> None:
+    """An Event for each condition the write changed; the limits' Warnings included."""
+    if written is None:
+        return
+    previous = BudgetStatus.model_validate(written.previous).conditions
+    current = BudgetStatus.model_validate(written.current).conditions
+    for change in spending.budget_transitions(previous, current):
+        await operator.kube.create_event(
+            regarding(KIND, written.body),
+            "Warning" if change.warning else "Normal",
+            change.reason,
+            f"{change.type}={change.status}: {change.message}",
+        )
+
+
+async def _write(
+    operator: Operator,
+    namespace: str,
+    name: str,
+    next_status: Any,
+) -> None:
+    async def compute(body: dict[str, Any]) -> BudgetStatus:
+        previous = BudgetStatus.model_validate(body.get("status") or {})
+        new: BudgetStatus = next_status(previous, datetime.now(UTC))
+        conditions = status_builders.keep_transition_times(previous.conditions, new.conditions)
+        return new.model_copy(update={"conditions": conditions})
+
+    written = await write_status(operator.kube, PLURAL, namespace, name, compute)
+    await announce(operator, written)
+
+
+async def budget_pass(operator: Operator, body: Mapping[str, Any]) -> str | None:
+    """One pass over one Budget; returns what blocks it (NATS unreachable), for the caller
+    to retry with backoff, or None."""
+    meta = body["metadata"]
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    generation = int(meta.get("generation") or 1)
+    raw_spec = body.get("spec") or {}
+    async with operator.lock(KIND, namespace, name):
+        with metrics.reconcile_timer(KIND):
+            return await _budget_pass(operator, namespace, name, generation, raw_spec)
+
+
+async def _budget_pass(
+    operator: Operator, namespace: str, name: str, generation: int, raw_spec: Mapping[str, Any]
+) -> str | None:
+    try:
+        spec = BudgetSpec.model_validate(raw_spec)
+    except ValidationError as error:
+        # The stored definition stays: the runtimes keep enforcing the last valid spec.
+        said = "; ".join(p.sentence() for p in spec_problems(error, raw_spec))
+        await _write(
+            operator,
+            namespace,
+            name,
+            lambda previous, now: spending.spec_invalid_status(previous, generation, now, said),
+        )
+        return None
+    agents = None
+    if spec.scope.agents is not None:
+        listed = await operator.kube.list_custom(AGENTS, namespace)
+        agents = spending.resolve_agents(spec.scope.agents, listed)
+    wanted = spending.definition(name, generation, spec, agents)
+    try:
+        return await _converge(operator, namespace, name, generation, wanted)
+    except Exception as error:
+        message = redact(f"{type(error).__name__}: {error}")
+        logger.exception("%s %s/%s: the pass failed", KIND, namespace, name)
+        failed = status_builders.reconcile_failed(spending.MESSAGING_READY, message)
+        await _write(
+            operator,
+            namespace,
+            name,
+            lambda previous, now: spending.failed_status(previous, generation, now, failed),
+        )
+        return f"the pass failed: {message}"
+
+
+async def _converge(
+    operator: Operator,
+    namespace: str,
+    name: str,
+    generation: int,
+    wanted: BudgetDefinition,
+) -> str | None:
+    """Definition, ledgers, status, pruning: the pass once the spec is read."""
+    nats = target(operator)
+    messaging = spending.Messaging(naming.budget_bucket(namespace), redact(nats.url))
+    clock = datetime.now(UTC).timestamp()
+    read: BudgetRead | None = None
+    try:
+        read = await operator.nats.sync_budget(
+            nats,
+            namespace,
+            wanted,
+            spending.encode_definition(wanted),
+            lambda stored: spending.definition_stale(stored, wanted),
+            lambda windows: spending.to_read(wanted, windows, clock),
+        )
+    except MessagingUnavailable as error:
+        messaging = spending.Messaging(messaging.bucket, messaging.url, redact(str(error)))
+    found = None
+    parsed: dict[str, Ledger] = {}
+    if read is not None:
+        parsed, junk = spending.parse_ledgers(read.values)
+        found = spending.figures(wanted, parsed, clock, junk)
+        metrics.set_budget(namespace, name, spending.gauges(found))
+        if read.written:
+            logger.info("Budget %s/%s: definition written (%s)", namespace, name, wanted.scope)
+        if junk:
+            logger.warning("Budget %s/%s: unreadable ledgers %s", namespace, name, junk)
+    await _write(
+        operator,
+        namespace,
+        name,
+        lambda previous, now: spending.budget_status(
+            previous, generation, now, wanted, messaging, found
+        ),
+    )
+    if read is not None:
+        pruned = spending.to_prune(wanted, read.windows, parsed, clock)
+        if pruned:
+            try:
+                await operator.nats.prune_ledgers(nats, namespace, name, pruned)
+            except MessagingUnavailable as error:
+                logger.warning("Budget %s/%s: pruning failed: %s", namespace, name, error)
+            else:
+                logger.info("Budget %s/%s: pruned ledgers %s", namespace, name, pruned)
+    if messaging.error is not None:
+        return f"NATS unavailable: {messaging.error}"
+    return None
+
+
+async def delete_budget(operator: Operator, namespace: str, name: str) -> list[str]:
+    """Purge the Budget's definition and ledgers; ``MessagingUnavailable`` while NATS cannot
+    be reached. Serialised with its passes, so none writes the definition back."""
+    async with operator.lock(KIND, namespace, name):
+        removed = await operator.nats.delete_budget(target(operator), namespace, name)
+    metrics.forget_budget(namespace, name)
+    return removed
+
+
+def leftovers(namespace: str, name: str) -> list[str]:
+    """What a given-up deletion leaves in NATS."""
+    bucket = naming.budget_bucket(namespace)
+    return [
+        f"kv/{bucket}/{naming.budget_definition_key(name)}",
+        f"kv/{bucket}/{naming.budget_ledger_wildcard(name)}",
+    ]
+
+
+async def refresh_once(operator: Operator) -> None:
+    """A pass over every watched Budget not being deleted, a few at a time."""
+    semaphore = asyncio.Semaphore(REFRESH_CONCURRENCY)
+
+    async def guarded(run: Awaitable[object], what: str) -> None:
+        async with semaphore:
+            try:
+                await run
+            except Exception:
+                logger.exception("the pass over %s failed; the next refresh retries", what)
+
+    passes = []
+    for body in await operator.kube.list_watched(PLURAL, operator.settings.namespaces):
+        meta = body["metadata"]
+        if "deletionTimestamp" not in meta:
+            what = f"{PLURAL}/{meta['namespace']}/{meta['name']}"
+            passes.append(guarded(budget_pass(operator, body), what))
+    await asyncio.gather(*passes)
+
+
+async def refresh_forever(operator: Operator) -> None:
+    """Every ``budget_refresh_seconds``: spending into status, selectors resolved anew."""
+    while True:
+        await asyncio.sleep(operator.settings.budget_refresh_seconds)
+        try:
+            await refresh_once(operator)
+        except Exception:
+            logger.exception("the Budget refresh failed; retrying")
