@@ -85,9 +85,11 @@ def load_handler(
     if config is not None and config.llm is not None:
         # Imported here: the LLM agent's tools use this package's threads, so a module-level
         # import would make importing either package first a cycle.
-        from troupe_runtime.agent.llm.handler import llm_agent
+        from troupe_runtime.agent.llm.handler import NamespaceBudgets, llm_agent
 
-        agent = llm_agent(config, (metrics or RuntimeMetrics()).llm, env)
+        metrics = metrics or RuntimeMetrics()
+        budgets = NamespaceBudgets(config.namespace, metrics.budget)
+        agent = llm_agent(config, metrics.llm, env, budgets=budgets)
         return LoadedHandler(agent, agent.close, agent.bind)
     settings = LlmSettings.from_env(env, model=handler.model)
     client = _http_client()

@@ -57,7 +57,7 @@ from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.llm import LlmRuntime
 from troupe_runtime.contract.model_provider import ServedModel
 from troupe_runtime.contract.usage import Usage
-from troupe_runtime.serving.metrics import LlmMetrics
+from troupe_runtime.serving.metrics import BudgetMetrics, LlmMetrics
 from troupe_runtime.state.budgets import BudgetGuard, Definitions
 
 logger = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ class SessionBudgets(Budgets, Protocol):
 class NamespaceBudgets:
     """The namespace's budgets: definitions watched, ledgers advanced through one session."""
 
-    def __init__(self, namespace: str) -> None:
-        self._definitions = Definitions(namespace)
-        self._guard = BudgetGuard(namespace, self._definitions)
+    def __init__(self, namespace: str, metrics: BudgetMetrics | None = None) -> None:
+        self._definitions = Definitions(namespace, metrics)
+        self._guard = BudgetGuard(namespace, self._definitions, metrics=metrics)
 
     async def use(self, js: JetStreamContext) -> None:
         """Watch and write through ``js`` from now on; returns once every definition is in."""

@@ -20,7 +20,7 @@ room (the call was not made).
 The Agent's own ``spec.llm.rateLimit`` (tokens per minute, per replica or shared under
 ``naming.agent_token_limit_key``) is taken once per call, before any provider's limits,
 and given back when no model answered; it has no fallback (it is the same for every
-model), so a wait past ``max_limit_wait`` is ``RateLimited`` with that wait.
+model), so any wait is ``RateLimited`` with that wait, for the loop to wait out or defer.
 
 Budgets (``state.budgets``): when one applies to the request's ``spend``, each model tried
 first takes a hold (the same token estimate, at that model's price) on every applicable
@@ -201,12 +201,13 @@ class ModelRouter:
         return completion
 
     async def _own_tokens(self, tokens: int) -> None:
-        """Take ``tokens`` from the Agent's own rate limit: ``RateLimited`` when it has no
-        room within ``max_limit_wait`` (every model would wait the same)."""
+        """Take ``tokens`` from the Agent's own rate limit, or raise ``RateLimited`` with the
+        wait at once: the loop waits in place (reporting progress, which a wait in here would
+        not) or defers the message; no model would have room sooner."""
         if self._token_limit is None:
             return
         try:
-            await self._token_limit.acquire(float(tokens), self.max_limit_wait)
+            await self._token_limit.acquire(float(tokens), 0.0)
         except Throttled as error:
             raise RateLimited(
                 f"the agent's own token rate limit (spec.llm.rateLimit): {error}", error.wait
