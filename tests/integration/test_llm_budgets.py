@@ -273,7 +273,7 @@ async def test_a_workflows_budget_counts_an_agent_called_as_a_tool(
             running_agent(caller, toolbox_factory(caller)) as _,
         ):
             await send(js, caller, {"q": "bees"}, correlationid=run, troupeworkflow=WORKFLOW)
-            await eventually(lambda: stream_count(js, output_stream(caller)), "the output")
+            await answered(js, caller, 2)  # the callee's output, then the caller's
             outputs = [parsed(msg) for msg in await stored(js, output_stream(caller))]
             spent = await ledger(js, namespace, "flow", run)
             with pytest.raises(NotFoundError):
