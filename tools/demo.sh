@@ -35,7 +35,8 @@ kubectl rollout status -n "$namespace" deployment/model-server deployment/resear
 kubectl wait --for=condition=Ready -n "$namespace" modelprovider/local --timeout=180s
 kubectl wait --for=condition=Ready -n "$namespace" agents --all --timeout=180s
 kubectl wait --for=condition=Ready -n "$namespace" workflow/research --timeout=180s
-kubectl get modelproviders,agents,workflows -n "$namespace"
+kubectl wait --for=condition=Ready -n "$namespace" budget/research-daily --timeout=60s
+kubectl get modelproviders,agents,workflows,budgets -n "$namespace"
 
 step "A run: research the topic 'jetstream'"
 run="demo-$(date +%s)"
@@ -65,6 +66,9 @@ troupe send analyst -n "$namespace" --stream --data '{"topic": "kubernetes", "fa
   "Custom resources extend the API (k8s-docs)",
   "Pod Security admission enforces profiles per namespace (k8s-docs)"]}'
 
+step "What the namespace spent today, against its Budget"
+kubectl get budgets -n "$namespace" -o wide
+
 step "Key metrics, from each agent's /metrics"
 kubectl get pods -n "$namespace" -l troupe.dev/agent \
   -o jsonpath='{range .items[*]}{.metadata.labels.troupe\.dev/agent} {.status.podIP}{"\n"}{end}' |
@@ -81,6 +85,7 @@ Explore:
   troupe state get notes popularity.jetstream -n $namespace
   troupe send writer -n $namespace --stream --data '{"topic": "nats", "key_points": ["…"]}'
   kubectl get agents -n $namespace -o wide        # tokens and cost over the last hour
+  kubectl get budgets -n $namespace -o wide       # the day's spending against its caps
   kubectl get modelprovider local -n $namespace -o yaml
   troupe dlq list retriever -n $namespace
 Tear down:

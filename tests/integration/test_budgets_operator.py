@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
+from tests.health_support import argocd_health, kstatus
 from tests.integration.operator_support import (
     API_VERSION,
     CRDS,
@@ -388,6 +389,8 @@ def test_the_definition_is_written_and_the_budget_is_ready(
     )
 
     assert (condition(body) or {})["reason"] == "Enforced"
+    assert argocd_health(body).status == "Healthy"
+    assert kstatus(body).status == "Current"
     written = _definition(cluster.nats_url, watched, "team")
     assert written is not None
     assert (written.name, written.scope, written.generation) == ("team", "Namespace", 1)

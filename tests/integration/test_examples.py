@@ -40,6 +40,8 @@ def test_the_example_manifests_pass_server_side_validation(
     )
     assert "agent.troupe.dev" in applied
     assert "workflow.troupe.dev" in applied
+    if example == "research-team":
+        assert "budget.troupe.dev/research-daily" in applied
 
 
 async def test_support_triage_answers_by_priority_and_dead_letters_abuse(nats_url: str) -> None:

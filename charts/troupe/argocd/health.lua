@@ -1,5 +1,5 @@
--- Argo CD health check for troupe.dev Agents, Workflows and ModelProviders (the
--- kinds share one status vocabulary). It reads the operator's conditions as kstatus does:
+-- Argo CD health check for troupe.dev Agents, Workflows, ModelProviders and Budgets
+-- (the kinds share one status vocabulary). It reads the operator's conditions as kstatus does:
 --   no status, or status.observedGeneration behind metadata.generation -> Progressing
 --   Stalled=True (a person must act)                                   -> Degraded
 --   Ready=True                                                         -> Healthy
