@@ -19,7 +19,7 @@ from troupe_operator.builders.model_provider import Probe
 from troupe_operator.builders.pods import Owner
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
-from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.contract.agent_resources import build_agent_resources, rate_limit_bucket_config
 from troupe_runtime.contract.llm import MAX_DEFERRALS, SYSTEM_PROMPT_DIR, provider_key_env
 from troupe_runtime.contract.llm_policy import LlmPolicy
 from troupe_runtime.contract.run_state import RunState
@@ -258,6 +258,26 @@ def test_an_llm_agent_provisions_the_usage_bucket_and_the_object_store() -> None
     assert bucket.ttl == 2 * 3600
     (store,) = jetstream.llm_object_stores(OWNER.namespace, spec)
     assert store.bucket == naming.llm_object_store("research")
+
+
+def test_an_llm_agent_provisions_the_rate_limit_bucket_its_providers_limits_are_kept_in() -> None:
+    spec, config = llm_config()
+    resources = jetstream.with_llm(build_agent_resources(config), OWNER.namespace, spec)
+    (bucket,) = [b for b in resources.buckets if b.bucket == naming.rate_limit_bucket("research")]
+    assert bucket == rate_limit_bucket_config("research")
+    again = jetstream.with_llm(resources, OWNER.namespace, spec)
+    assert [b.bucket for b in again.buckets].count(naming.rate_limit_bucket("research")) == 1
+
+
+def test_the_rate_limit_bucket_goes_with_the_last_agent_that_uses_it() -> None:
+    spec, _ = llm_config()
+    limits = naming.kv_stream(naming.rate_limit_bucket("research"))
+    plain = AgentSpec.model_validate({"role": "Echoes"})
+    limited = AgentSpec.model_validate({"role": "r", "rateLimit": {"rate": 1, "scope": "global"}})
+    assert limits in jetstream.orphaned_streams("research", spec, [plain])
+    assert limits not in jetstream.orphaned_streams("research", spec, [spec])
+    assert limits not in jetstream.orphaned_streams("research", spec, [limited])
+    assert limits not in jetstream.orphaned_streams("research", limited, [spec])
 
 
 def test_other_agents_get_neither() -> None:

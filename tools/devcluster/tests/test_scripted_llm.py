@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from troupe_devcluster.scripted_llm import (
+    DEFAULT_USAGE,
+    CountedUsage,
     HttpError,
     Raw,
     ScriptedLlm,
@@ -183,3 +189,137 @@ def test_keep_alive_serves_many_requests_on_one_connection(scripted_llm: Scripte
             body = {"model": "m", "messages": CHAT, "stream": i % 2 == 1}
             response = client.post(f"{scripted_llm.base_url}/chat/completions", json=body)
             assert response.status_code == 200
+
+
+def _stream_usage(server: ScriptedLlm, body: dict[str, Any]) -> dict[str, int] | None:
+    chunks = [json.loads(event) for event in _events(server, body)[:-1]]
+    return next((chunk["usage"] for chunk in chunks if "usage" in chunk), None)
+
+
+def test_served_records_each_completion_with_its_times_and_usage(
+    scripted_llm: ScriptedLlm,
+) -> None:
+    scripted_llm.script(
+        Text("a", usage=(5, 3)), Text("b", usage=(2, 1)), Text("c", usage=(4, 4)), HttpError(429)
+    )
+    before = time.time()
+    _post(scripted_llm, {"model": "m", "messages": CHAT})
+    streamed = {"model": "m", "messages": CHAT, "stream": True}
+    _stream_usage(scripted_llm, {**streamed, "stream_options": {"include_usage": True}})
+    assert _stream_usage(scripted_llm, streamed) is None
+    _post(scripted_llm, {"model": "m", "messages": CHAT})
+    httpx.get(f"{scripted_llm.base_url}/models", timeout=10)
+    after = time.time()
+
+    served = scripted_llm.served
+    assert [(s.status, s.usage, s.reported) for s in served] == [
+        (200, (5, 3), True),
+        (200, (2, 1), True),
+        (200, (4, 4), False),  # billed, though the stream did not say so
+        (429, None, False),
+    ]
+    assert all(before <= s.received <= s.finished <= after for s in served)
+    assert all(s.complete and s.model == "m" and s.body["messages"] == CHAT for s in served)
+    assert [s.tokens for s in served] == [8, 3, 8, 0]
+    assert scripted_llm.served_tokens(before, after + 1) == 19
+    assert scripted_llm.served_tokens(served[1].finished, after + 1) == 11
+    assert scripted_llm.served_tokens(after + 1, after + 2) == 0
+
+
+def test_an_unscripted_request_is_served_as_a_500(scripted_llm: ScriptedLlm) -> None:
+    _post(scripted_llm, {"model": "m", "messages": CHAT})
+    [served] = scripted_llm.served
+    assert (served.status, served.usage) == (500, None)
+
+
+def test_the_default_reply_answers_whenever_nothing_is_queued(scripted_llm: ScriptedLlm) -> None:
+    scripted_llm.script(Text("queued"))
+    scripted_llm.answer_by_default(Text("again"))
+    contents = [
+        _post(scripted_llm, {"model": "m", "messages": CHAT}).json()["choices"][0]["message"][
+            "content"
+        ]
+        for _ in range(4)
+    ]
+    assert contents == ["queued", "again", "again", "again"]
+    scripted_llm.answer_by_default(None)
+    assert _post(scripted_llm, {"model": "m", "messages": CHAT}).status_code == 500
+
+
+def test_counted_usage_counts_the_request_it_answers(scripted_llm: ScriptedLlm) -> None:
+    scripted_llm.answer_by_default(Text("x", usage=CountedUsage(overhead=3)))
+    messages = [
+        {"role": "system", "content": "12345678"},  # 2 tokens
+        {"role": "user", "content": [{"type": "text", "text": "123456789"}]},  # 3
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "ab", "arguments": "{}"}}
+            ],
+        },  # 1
+        {"role": "tool", "tool_call_id": "c", "content": ""},  # at least 1
+    ]
+    body = {"model": "m", "messages": messages, "max_tokens": 40}
+    usage = _post(scripted_llm, body).json()["usage"]
+    assert usage == {"prompt_tokens": 7 + 4 * 3, "completion_tokens": 40, "total_tokens": 59}
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    assert _stream_usage(scripted_llm, streamed) == usage
+    no_limit = _post(scripted_llm, {"model": "m", "messages": messages}).json()["usage"]
+    assert no_limit["completion_tokens"] == DEFAULT_USAGE[1]
+    assert [s.usage for s in scripted_llm.served] == [(19, 40), (19, 40), (19, DEFAULT_USAGE[1])]
+
+
+TEXTS = st.text(max_size=40)
+MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"])},
+        optional={
+            "content": st.one_of(
+                st.none(),
+                TEXTS,
+                st.lists(
+                    st.fixed_dictionaries({"type": st.just("text"), "text": TEXTS}), max_size=3
+                ),
+            )
+        },
+    ),
+    max_size=8,
+)
+
+
+@given(
+    messages=MESSAGES,
+    overhead=st.integers(0, 10),
+    max_tokens=st.one_of(st.none(), st.integers(0, 10**6), st.booleans(), st.text(max_size=2)),
+    completion=st.one_of(st.none(), st.integers(0, 100)),
+)
+def test_counted_usage_is_four_characters_a_token_per_message(
+    messages: list[dict[str, Any]],
+    overhead: int,
+    max_tokens: Any,
+    completion: int | None,
+) -> None:
+    body: dict[str, Any] = {"messages": messages}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+
+    prompt, answer = CountedUsage(overhead, completion)(body)
+
+    def chars(message: dict[str, Any]) -> int:
+        content = message.get("content")
+        if isinstance(content, list):
+            return sum(len(part["text"]) for part in content)
+        return len(content) if isinstance(content, str) else 0
+
+    assert prompt == sum(max(1, math.ceil(chars(m) / 4)) + overhead for m in messages)
+    valid_limit = type(max_tokens) is int
+    expected = (
+        completion if completion is not None else (max_tokens if valid_limit else DEFAULT_USAGE[1])
+    )
+    assert answer == expected
+
+
+@given(body=st.one_of(st.none(), st.integers(), st.dictionaries(st.text(max_size=3), st.none())))
+def test_counted_usage_of_a_body_that_is_no_chat_is_empty(body: Any) -> None:
+    assert CountedUsage()(body) == (0, DEFAULT_USAGE[1])

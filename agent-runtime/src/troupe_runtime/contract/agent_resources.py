@@ -138,13 +138,18 @@ def build_dead_letter_stream(config: RuntimeConfig) -> StreamConfig | None:
     )
 
 
+def rate_limit_bucket_config(namespace: str) -> KeyValueConfig:
+    """The namespace's shared rate-limit bucket: global agent limits and provider limits."""
+    return KeyValueConfig(bucket=naming.rate_limit_bucket(namespace))
+
+
 def build_buckets(config: RuntimeConfig) -> list[KeyValueConfig]:
     buckets = [
         KeyValueConfig(bucket=config.bucket(b.name), history=b.history, storage=StorageType.FILE)
         for b in config.state
     ]
     if config.rate_limit is not None and config.rate_limit.scope == "global":
-        buckets.append(KeyValueConfig(bucket=naming.rate_limit_bucket(config.namespace)))
+        buckets.append(rate_limit_bucket_config(config.namespace))
     return buckets
 
 

@@ -18,7 +18,7 @@ from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 
 from troupe_operator.api import AgentSpec
 from troupe_runtime.contract import naming
-from troupe_runtime.contract.agent_resources import AgentResources
+from troupe_runtime.contract.agent_resources import AgentResources, rate_limit_bucket_config
 from troupe_runtime.contract.workflow_resources import WorkflowResources
 
 USAGE_TTL_SECONDS = 2 * 3600.0
@@ -33,6 +33,13 @@ def _uses_global_rate_limit(spec: AgentSpec) -> bool:
 
 def _is_llm_agent(spec: AgentSpec) -> bool:
     return spec.llm is not None
+
+
+def _uses_rate_limit_bucket(spec: AgentSpec) -> bool:
+    """A global rate limit, or an LLM agent: its providers' rpm/tpm limits are kept there,
+    shared by every agent using the provider (without the bucket each replica would keep
+    its own, and N agents would spend N times the provider's limit)."""
+    return _uses_global_rate_limit(spec) or _is_llm_agent(spec)
 
 
 def usage_bucket(namespace: str) -> KeyValueConfig:
@@ -56,12 +63,15 @@ def llm_object_stores(namespace: str, spec: AgentSpec) -> list[ObjectStoreConfig
 
 
 def with_llm(resources: AgentResources, namespace: str, spec: AgentSpec) -> AgentResources:
-    """An LLM agent's resources: the namespace's usage bucket too, which it writes to. (Its
-    inbox consumers' extra deliveries for 429 deferrals are the contract's,
+    """An LLM agent's resources: the namespace's usage bucket too, which it writes to, and
+    its rate-limit bucket, where the providers' limits are shared. (Its inbox consumers'
+    extra deliveries for 429 deferrals are the contract's,
     ``agent_resources.max_deliveries``.)"""
     if not _is_llm_agent(spec):
         return resources
-    return dataclasses.replace(resources, buckets=[*resources.buckets, usage_bucket(namespace)])
+    limits = rate_limit_bucket_config(namespace)
+    buckets = [b for b in resources.buckets if b.bucket != limits.bucket]
+    return dataclasses.replace(resources, buckets=[*buckets, limits, usage_bucket(namespace)])
 
 
 def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec]) -> list[str]:
@@ -72,7 +82,7 @@ def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec
         for bucket in spec.state
         if bucket.name not in kept
     ]
-    if _uses_global_rate_limit(spec) and not any(map(_uses_global_rate_limit, others)):
+    if _uses_rate_limit_bucket(spec) and not any(map(_uses_rate_limit_bucket, others)):
         streams.append(naming.kv_stream(naming.rate_limit_bucket(namespace)))
     if _is_llm_agent(spec) and not any(map(_is_llm_agent, others)):
         streams.append(naming.kv_stream(naming.usage_bucket(namespace)))

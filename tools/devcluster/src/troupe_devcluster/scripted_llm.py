@@ -4,7 +4,11 @@ A real HTTP server on 127.0.0.1 (a free port, a background thread) that answers
 ``POST /v1/chat/completions`` (JSON, or SSE with ``stream: true``) and ``GET /v1/models``
 from a script: a queue of replies, each a text answer, a tool-call answer (raw argument
 text, so malformed JSON can be scripted), an HTTP error, or raw bytes. Every request is
-recorded, body and headers, so a test asserts on what the client really sent.
+recorded, body and headers, so a test asserts on what the client really sent, and every
+completion it answered is recorded with its times and the exact usage it reported
+(``served``), so a test measures tokens per minute or sums what a budget should have
+counted. ``usage`` may be computed from the request (``CountedUsage``: a prompt count and
+the request's ``max_tokens``), and ``answer_by_default`` answers any number of requests.
 
 A real local model answers too slowly and too loosely for 429s, malformed tool calls or a
 missing ``usage``; this server answers exactly what the test says.
@@ -17,7 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -26,6 +30,41 @@ DEFAULT_MODEL = "scripted-model"
 DEFAULT_USAGE = (11, 7)
 """(prompt_tokens, completion_tokens) a reply reports unless told otherwise."""
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class CountedUsage:
+    """Usage counted from the request, as a provider counts it, instead of fixed numbers.
+
+    prompt_tokens: ``ceil(characters / 4)`` of each message's text (at least 1 a message,
+    Troupe's own estimate) plus ``overhead`` a message (a chat template's tokens);
+    completion_tokens: ``completion`` if set, else the request's ``max_tokens`` (a model
+    that used all it was allowed), else ``DEFAULT_USAGE``'s."""
+
+    overhead: int = 0
+    completion: int | None = None
+
+    def __call__(self, request: Any) -> tuple[int, int]:
+        body = request if isinstance(request, dict) else {}
+        messages = body.get("messages")
+        prompt = sum(
+            max(1, -(-_message_chars(m) // CHARS_PER_TOKEN)) + self.overhead
+            for m in (messages if isinstance(messages, list) else [])
+        )
+        asked = body.get("max_tokens")
+        if self.completion is not None:
+            completion = self.completion
+        elif isinstance(asked, int) and not isinstance(asked, bool) and asked >= 0:
+            completion = asked
+        else:
+            completion = DEFAULT_USAGE[1]
+        return prompt, completion
+
+
+Usage = tuple[int, int] | Callable[[Any], tuple[int, int]] | None
+"""Fixed ``(prompt_tokens, completion_tokens)``, a function of the request's JSON body
+(``CountedUsage``), or None for no usage at all."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +86,7 @@ class Text:
     """
 
     content: str
-    usage: tuple[int, int] | None = DEFAULT_USAGE
+    usage: Usage = DEFAULT_USAGE
     finish_reason: str = "stop"
     chunks: Sequence[str] | None = None
     delay: float = 0.0
@@ -62,7 +101,7 @@ class ToolCalls:
 
     calls: Sequence[ScriptedToolCall]
     content: str | None = None
-    usage: tuple[int, int] | None = DEFAULT_USAGE
+    usage: Usage = DEFAULT_USAGE
     finish_reason: str = "tool_calls"
     argument_chunk: int = 4
     """Characters of the arguments per streamed delta."""
@@ -115,12 +154,38 @@ class RecordedRequest:
         return messages if isinstance(messages, list) else []
 
 
+@dataclass(frozen=True)
+class Served:
+    """One chat completion request the server answered (or failed), with its usage."""
+
+    received: float
+    """Epoch seconds the request came in."""
+    finished: float
+    """Epoch seconds the whole response had been written (the last chunk, streamed)."""
+    model: str | None
+    status: int
+    usage: tuple[int, int] | None
+    """(prompt_tokens, completion_tokens) of an answer (Text or ToolCalls): what a provider
+    bills, reported or not; None for an error or a Raw reply."""
+    reported: bool = True
+    """Whether the response carried ``usage`` (a stream does only when asked to)."""
+    complete: bool = True
+    """False when the response was cut off (the client went away, the server closed)."""
+    body: Any = None
+    """The request's parsed JSON body (what was asked)."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.usage) if self.usage is not None else 0
+
+
 class ScriptedLlm:
     """The server: ``script(...)`` queues replies, ``requests`` lists what came in.
 
     Replies are taken in order; a reply queued for a model (``script(..., model=M)``) is
-    taken first by requests for that model. With nothing queued it answers 500, naming
-    the request, so an unscripted call fails loudly.
+    taken first by requests for that model. With nothing queued it answers the default
+    reply (``answer_by_default``), else 500, naming the request, so an unscripted call
+    fails loudly. ``served`` lists what each completion request was answered.
     """
 
     def __init__(self, models: Sequence[str] = (DEFAULT_MODEL,), api_key: str | None = None):
@@ -131,6 +196,8 @@ class ScriptedLlm:
         self._queue: deque[Reply] = deque()
         self._by_model: dict[str, deque[Reply]] = {}
         self._requests: list[RecordedRequest] = []
+        self._served: list[Served] = []
+        self._default: Reply | None = None
         self._closing = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _handler_class(self))
         self._httpd.daemon_threads = True
@@ -155,6 +222,22 @@ class ScriptedLlm:
             queue = self._queue if model is None else self._by_model.setdefault(model, deque())
             queue.extend(replies)
         return self
+
+    def answer_by_default(self, reply: Reply | None) -> ScriptedLlm:
+        """Answer ``reply`` whenever nothing is queued (None: back to a loud 500)."""
+        with self._lock:
+            self._default = reply
+        return self
+
+    @property
+    def served(self) -> list[Served]:
+        """Every completion request answered so far, in the order they finished (a copy)."""
+        with self._lock:
+            return list(self._served)
+
+    def served_tokens(self, since: float, until: float) -> int:
+        """Tokens (prompt plus completion) of the completions finished in [since, until)."""
+        return sum(s.tokens for s in self.served if since <= s.finished < until)
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -196,7 +279,11 @@ class ScriptedLlm:
             queue = self._by_model.get(model) if model is not None else None
             if queue:
                 return queue.popleft()
-            return self._queue.popleft() if self._queue else None
+            return self._queue.popleft() if self._queue else self._default
+
+    def _served_one(self, served: Served) -> None:
+        with self._lock:
+            self._served.append(served)
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds``; False when the server is closing meanwhile."""
@@ -241,6 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(min(length, MAX_REQUEST_BYTES))
+        received = time.time()
         body = self._receive(raw)
         if not self._authorised():
             return
@@ -250,24 +338,45 @@ class _Handler(BaseHTTPRequestHandler):
         request = body if isinstance(body, dict) else {}
         model = request.get("model") if isinstance(request.get("model"), str) else None
         reply = self.scripted._next(model)
+        usage = _resolved(reply.usage, request) if isinstance(reply, Text | ToolCalls) else None
+        status, reported, complete = 500, False, False
+        try:
+            status, reported = self._answer(reply, usage, request, model)
+            complete = True
+        finally:
+            self.scripted._served_one(
+                Served(received, time.time(), model, status, usage, reported, complete, body)
+            )
+
+    def _answer(
+        self,
+        reply: Reply | None,
+        usage: tuple[int, int] | None,
+        request: dict[str, Any],
+        model: str | None,
+    ) -> tuple[int, bool]:
+        """Send ``reply``; its status and whether it reported ``usage``."""
         if reply is None:
             self._json(500, {"error": {"message": f"scripted_llm: nothing scripted for {model}"}})
-            return
+            return 500, False
         if not self.scripted._pause(reply.delay):
-            return
+            raise ConnectionAbortedError("the server is closing")
         if isinstance(reply, HttpError):
             payload = (
                 reply.body if reply.body is not None else {"error": {"message": reply.message}}
             )
             self._json(reply.status, payload, reply.headers)
-        elif isinstance(reply, Raw):
+            return reply.status, False
+        if isinstance(reply, Raw):
             self._send(reply.status, reply.body, reply.content_type, reply.headers)
-        elif request.get("stream") is True:
+            return reply.status, False
+        if request.get("stream") is True:
             options = request.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            self._stream(reply, model or DEFAULT_MODEL, include_usage)
-        else:
-            self._json(200, _completion(reply, model or DEFAULT_MODEL))
+            self._stream(reply, usage, model or DEFAULT_MODEL, include_usage)
+            return 200, include_usage and usage is not None
+        self._json(200, _completion(reply, usage, model or DEFAULT_MODEL))
+        return 200, usage is not None
 
     def _receive(self, raw: bytes) -> Any:
         try:
@@ -300,16 +409,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _stream(self, reply: Text | ToolCalls, model: str, include_usage: bool) -> None:
+    def _stream(
+        self,
+        reply: Text | ToolCalls,
+        usage: tuple[int, int] | None,
+        model: str,
+        include_usage: bool,
+    ) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        chunks = list(_chunks(reply, model, include_usage))
+        chunks = list(_chunks(reply, usage, model, include_usage))
         for index, chunk in enumerate(chunks):
             if index and not self.scripted._pause(reply.chunk_delay):
-                return
+                raise ConnectionAbortedError("the server is closing")
             self._write_chunk(f"data: {json.dumps(chunk)}\n\n".encode())
         self._write_chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
@@ -320,6 +435,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def _message_chars(message: Any) -> int:
+    """The characters of a message's text: content (a string or text parts) and tool calls."""
+    if not isinstance(message, dict):
+        return 0
+    content = message.get("content")
+    chars = 0
+    if isinstance(content, str):
+        chars = len(content)
+    elif isinstance(content, list):
+        chars = sum(
+            len(part["text"])
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            chars += sum(
+                len(value)
+                for value in (function.get("name"), function.get("arguments"))
+                if isinstance(value, str)
+            )
+    return chars
+
+
+def _resolved(usage: Usage, request: dict[str, Any]) -> tuple[int, int] | None:
+    return usage(request) if callable(usage) else usage
+
+
 def _usage(usage: tuple[int, int]) -> dict[str, int]:
     return {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
 
@@ -328,7 +473,9 @@ def _tool_call_id(call: ScriptedToolCall, index: int) -> str:
     return call.id or f"call_{index}"
 
 
-def _completion(reply: Text | ToolCalls, model: str) -> dict[str, Any]:
+def _completion(
+    reply: Text | ToolCalls, usage: tuple[int, int] | None, model: str
+) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.content}
     if isinstance(reply, ToolCalls):
         message["tool_calls"] = [
@@ -346,12 +493,14 @@ def _completion(reply: Text | ToolCalls, model: str) -> dict[str, Any]:
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
     }
-    if reply.usage is not None:
-        body["usage"] = _usage(reply.usage)
+    if usage is not None:
+        body["usage"] = _usage(usage)
     return body
 
 
-def _chunks(reply: Text | ToolCalls, model: str, include_usage: bool) -> Iterator[dict[str, Any]]:
+def _chunks(
+    reply: Text | ToolCalls, usage: tuple[int, int] | None, model: str, include_usage: bool
+) -> Iterator[dict[str, Any]]:
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {
             "id": "chatcmpl-scripted",
@@ -379,14 +528,14 @@ def _chunks(reply: Text | ToolCalls, model: str, include_usage: bool) -> Iterato
                 piece = call.arguments[start : start + step]
                 yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
     yield chunk({}, reply.finish_reason)
-    if include_usage and reply.usage is not None:
+    if include_usage and usage is not None:
         yield {
             "id": "chatcmpl-scripted",
             "object": "chat.completion.chunk",
             "created": 0,
             "model": model,
             "choices": [],
-            "usage": _usage(reply.usage),
+            "usage": _usage(usage),
         }
 
 
