@@ -221,13 +221,15 @@ def test_an_expired_hold_is_charged_in_full_and_a_late_commit_corrects_it() -> N
     assert released.reaped == {}
 
 
-def test_a_hold_expiring_implausibly_late_is_junk_and_expires_now() -> None:
+def test_a_hold_expiring_implausibly_late_is_junk_and_dropped_uncharged() -> None:
     d = definition(hard=100)
-    junk = fresh(d).model_copy(
-        update={"holds": {"x": b.Hold(amount=Amount(tokens=10), expires=NOW + 10**9)}}
-    )
+    huge = Amount(tokens=10**12)
+    junk = fresh(d).model_copy(update={"holds": {"x": b.Hold(amount=huge, expires=NOW + 10**9)}})
     assert b.held(junk, NOW) == Amount()
-    assert granted(b.reserve(d, junk, "h", Amount(tokens=90), NOW, TTL)).spent.tokens == 10
+    assert b.spent(junk, d.window, NOW) == Amount()
+    kept = granted(b.reserve(d, junk, "h", Amount(tokens=100), NOW, TTL))
+    assert list(kept.holds) == ["h"]
+    assert kept.spent == Amount()
 
 
 def test_too_many_holds_is_unavailable_not_exceeded() -> None:

@@ -327,8 +327,8 @@ class Refused:
 
 
 MAX_HOLD_TTL_SECONDS = 86400.0
-"""No writer holds longer than this; a hold expiring later (plus clock skew) is junk and is
-treated as expired, so it cannot hold a budget for good."""
+"""No guard holds longer than this; a hold expiring later (plus clock skew) is junk and is
+dropped uncharged: no guard wrote it, and held for good it would wedge the budget."""
 CLOCK_SKEW_SECONDS = 5.0
 """How far ahead another replica's wall clock may plausibly be."""
 MIN_BURN_SECONDS = 60.0
@@ -437,11 +437,12 @@ def _total(amounts: list[Amount]) -> Amount:
 
 
 def _plausible(hold: Hold, now: float) -> bool:
+    """Whether any guard could have written ``hold``: one expiring later is junk."""
     return hold.expires <= now + MAX_HOLD_TTL_SECONDS + CLOCK_SKEW_SECONDS
 
 
 def _expired(hold: Hold, now: float) -> bool:
-    return hold.expires <= now or not _plausible(hold, now)
+    return hold.expires <= now
 
 
 def _charged(
@@ -459,13 +460,15 @@ def _charged(
 
 
 def reap(ledger: Ledger, window: BudgetWindow, now: float) -> Ledger:
-    """The ledger with every expired hold charged in full (into ``reaped``), and a Rolling
-    window's slots that fell out of it dropped. The same ledger when nothing changes."""
+    """The ledger with every expired hold charged in full (into ``reaped``), junk holds
+    (expiring later than any guard holds) dropped uncharged, and a Rolling window's slots
+    that fell out of it dropped. The same ledger when nothing changes."""
     expired = [(k, h) for k, h in ledger.holds.items() if _expired(h, now)]
+    junk = [k for k, h in ledger.holds.items() if not _plausible(h, now)]
     rolled = window.type == "Rolling" and any(not _in_window(window, i, now) for i in ledger.slots)
-    if not expired and not rolled:
+    if not expired and not junk and not rolled:
         return ledger
-    holds = dict(ledger.holds)
+    holds = {k: h for k, h in ledger.holds.items() if k not in junk}
     reaped = dict(ledger.reaped)
     reaped_slots = dict(ledger.reaped_slots)
     for key, hold in expired:
@@ -505,7 +508,9 @@ def spent(ledger: Ledger, window: BudgetWindow, now: float) -> Amount:
 
 def held(ledger: Ledger, now: float) -> Amount:
     """What the unexpired holds may still spend."""
-    return _total([h.amount for h in ledger.holds.values() if not _expired(h, now)])
+    return _total(
+        [h.amount for h in ledger.holds.values() if not _expired(h, now) and _plausible(h, now)]
+    )
 
 
 def reserve(

@@ -31,7 +31,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import nats.errors
@@ -64,6 +64,9 @@ RESERVE_DEADLINE_SECONDS = 10.0
 """One hold (per budget) is granted or refused within this, else ``BudgetUnavailable``."""
 SETTLE_DEADLINE_SECONDS = 10.0
 """One commit or release is written within this, else dropped (the hold expires, charged)."""
+LATE_RELEASE_SECONDS = 120.0
+"""How long a hold that timed out is tried to be taken back, in the background."""
+LATE_RELEASE_PAUSE_SECONDS = 2.0
 READY_WAIT_SECONDS = 5.0
 """How long a call waits for the definitions' initial values before it is handed back."""
 START_DEADLINE_SECONDS = 30.0
@@ -288,6 +291,7 @@ class BudgetGuard:
         self._kv: KeyValue | None = None
         self._opening: asyncio.Lock | None = None
         self._cache: OrderedDict[str, tuple[int, Ledger]] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
 
     def use(self, js: JetStreamContext) -> None:
         """Write ledgers through this session from now on."""
@@ -350,6 +354,9 @@ class BudgetGuard:
             _, outcome = await self._advance(target, plan, self._reserve_deadline)
         except BudgetUnavailable:
             self._count(definition.name, "unavailable")
+            # A write sent while the server was away may still land (the client buffers
+            # it for the reconnect): take it back then, or it would be charged at expiry.
+            self._later(self._take_back(target, hold_id))
             raise
         if isinstance(outcome, Refused):
             self._count(definition.name, "refused")
@@ -389,7 +396,7 @@ class BudgetGuard:
             self.metrics.crossings.labels(definition.name, level, unit).inc()
             logger.warning("budget %s passed its %s %s limit", definition.name, level, unit)
 
-    async def release(self, target: _Held, hold_id: str) -> None:
+    async def release(self, target: _Held, hold_id: str, deadline: float | None = None) -> None:
         """Drop one hold (nothing spent); dropped (logged) when it cannot be written."""
         if self.definitions.get(target.definition.name) is None:
             return
@@ -398,7 +405,7 @@ class BudgetGuard:
             return ledger_plan.release(ledger, hold_id)
 
         try:
-            await self._advance(target, plan, self._settle_deadline)
+            await self._advance(target, plan, deadline or self._settle_deadline)
         except BudgetUnavailable as error:
             logger.warning(
                 "budget %s: hold %s not released (it will be charged in full when it expires): %s",
@@ -406,6 +413,25 @@ class BudgetGuard:
                 hold_id,
                 error,
             )
+
+    async def _take_back(self, target: _Held, hold_id: str) -> None:
+        """Release a hold that may or may not have been written, twice: a write the client
+        buffered while disconnected is flushed at the reconnect, and has been seen to land
+        after the first release had read the ledger."""
+        await self.release(target, hold_id, LATE_RELEASE_SECONDS)
+        await asyncio.sleep(LATE_RELEASE_PAUSE_SECONDS)
+        await self.release(target, hold_id, LATE_RELEASE_SECONDS)
+
+    def _later(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Stop what runs in the background (late releases)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def _count(self, budget: str, outcome: str) -> None:
         if self.metrics is not None:
