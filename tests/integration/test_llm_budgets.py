@@ -63,15 +63,18 @@ WORKFLOW = "research"
 MAX_TOKENS = 75
 
 
-def run_budget(name: str, hard: int, **scope: Any) -> BudgetDefinition:
-    """A budget of ``hard`` tokens per run; the namespace's unless ``scope`` says otherwise."""
+def run_budget(
+    name: str, hard: int, limits: dict[str, Any] | None = None, **scope: Any
+) -> BudgetDefinition:
+    """A budget of ``hard`` tokens per run (or of ``limits``); the namespace's unless
+    ``scope`` says otherwise."""
     return BudgetDefinition.model_validate(
         {
             "name": name,
             "generation": 1,
             "scope": "Namespace",
             "window": {"type": "Run"},
-            "limits": {"tokens": {"hard": hard}},
+            "limits": limits or {"tokens": {"hard": hard}},
             **scope,
         }
     )
@@ -139,15 +142,24 @@ def sample(metrics: BudgetMetrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+@pytest.mark.parametrize(
+    ("limits", "refusal"),
+    [
+        # The first call alone holds its prompt plus 1024 tokens for its answer...
+        ({"tokens": {"hard": 1000}}, "tokens spent 0 + held 0 + this call's"),
+        # ...which at $10 a million output tokens is past a cent.
+        ({"costUsd": {"hard": 0.01}}, "costUsd spent 0 + held 0 + this call's"),
+    ],
+    ids=["tokens", "cost"],
+)
 async def test_a_hard_limit_dead_letters_the_message_without_calling_the_model(
-    nats_url: str, scripted_llm: ScriptedLlm
+    nats_url: str, scripted_llm: ScriptedLlm, limits: dict[str, Any], refusal: str
 ) -> None:
     config = llm_config(nats_url, scripted_llm.base_url)
     namespace, run = config.namespace, f"run-{uuid.uuid4().hex[:8]}"
     scripted_llm.script(Text("never asked"))
     async with provisioned(config) as (_, js):
-        # 1000 tokens a run; the first call alone holds its prompt plus 1024 for its answer.
-        await define(js, namespace, run_budget("team", 1000))
+        await define(js, namespace, run_budget("team", 0, limits=limits))
         replies = await replies_stream(js, namespace)
         replyto = naming.workflow_subject(namespace, WORKFLOW, "replies", run)
         async with running_agent(config) as (_, metrics):
@@ -174,7 +186,7 @@ async def test_a_hard_limit_dead_letters_the_message_without_calling_the_model(
     assert failure.type == ERROR_TYPE
     assert failure.data["reason"] == "budget-exceeded"
     assert "'team'" in failure.data["error"]
-    assert "hard limit 1000" in failure.data["error"]
+    assert refusal in failure.data["error"]
     assert (failure.model_extra or {})[WORKFLOW_ATTRIBUTE] == WORKFLOW
     assert (spent.refusals, spent.spent.tokens, spent.holds) == (1, 0, {})
     assert refused == 1

@@ -157,8 +157,8 @@ class ModelRouter:
         self._routes: list[_Route] = []
         for ref in runtime.policy.chain():
             provider = providers.get(ref.provider)
+            resolved = runtime.provider(ref.provider)
             if provider is None:
-                resolved = runtime.provider(ref.provider)
                 if resolved is None:
                     raise ValueError(
                         f"spec.llm names the ModelProvider {ref.provider!r}, which the runtime "
@@ -169,8 +169,7 @@ class ModelRouter:
                 requests, tokens = _limiters(resolved, kv, clock)
                 provider = _Provider(ProviderClient(resolved, env), breaker, requests, tokens)
                 providers[ref.provider] = provider
-            served = runtime.provider(ref.provider)
-            model = served.model(ref.model) if served is not None else None
+            model = resolved.model(ref.model) if resolved is not None else None
             pricing = model.pricing if model is not None else None
             self._routes.append(_Route(provider, ref.provider, ref.model, pricing))
         self._providers = list(providers.values())
