@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -29,7 +31,15 @@ from troupe_cli.deltas import (
 )
 from troupe_cli.errors import CliError
 from troupe_cli.nats_ops import HEARD_QUEUE, Heard, Ops, connected
-from troupe_cli.views import RunResult, agent_loads, timeline
+from troupe_cli.views import (
+    BudgetRecords,
+    BudgetView,
+    RunResult,
+    agent_loads,
+    budget_records,
+    budget_view,
+    timeline,
+)
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_events import RUN_ID_PATTERN, decode_event
@@ -352,6 +362,38 @@ async def purge_dead_letters(ops: Ops, args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_views(records: BudgetRecords) -> list[BudgetView]:
+    """Every budget's figures now; a key whose value does not read is warned of, once."""
+    if records.unreadable:
+        _warn(f"skipped unreadable budget entries: {', '.join(records.unreadable)}")
+    now = time.time()
+    return [
+        budget_view(definition, records.ledgers.get(name, {}), now)
+        for name, definition in sorted(records.definitions.items())
+    ]
+
+
+async def list_budgets(ops: Ops, args: argparse.Namespace) -> int:
+    views = _budget_views(budget_records(await ops.budget_entries()))
+    _emit(args, render.budgets_text(views), render.budgets_json(views))
+    return 0
+
+
+async def show_budget(ops: Ops, args: argparse.Namespace) -> int:
+    """The current window's figures, then the windows (or runs) kept, newest (or largest)
+    first, at most ``--limit`` of them."""
+    records = budget_records(await ops.budget_definition(args.name))
+    views = [view for view in _budget_views(records) if view.definition.name == args.name]
+    if not views:
+        raise CliError(
+            f"the definition of Budget {args.name} in namespace {ops.namespace} does not read; "
+            f"inspect it with `troupe budget ls -o json`"
+        )
+    view = dataclasses.replace(views[0], windows=views[0].windows[: args.limit])
+    _emit(args, render.budget_text(view), render.budget_detail_json(view))
+    return 0
+
+
 async def get_state(ops: Ops, args: argparse.Namespace) -> int:
     entry = await ops.get(args.bucket, args.key)
     _emit(
@@ -536,6 +578,16 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("bucket")
     watch.add_argument("pattern", nargs="?", default=">", metavar="KEY_PATTERN")
     watch.add_argument("--count", type=_at_least(1), help="stop after this many")
+
+    budgets = commands.add_parser(
+        "budget", help="token and cost budgets: spent, reserved, remaining"
+    ).add_subparsers(dest="budget_command", required=True, metavar="COMMAND")
+    command(budgets, "ls", list_budgets, "list the namespace's budgets and their current window")
+    shown_budget = command(budgets, "show", show_budget, "one budget, with its windows or runs")
+    shown_budget.add_argument("name")
+    shown_budget.add_argument(
+        "--limit", type=_at_least(1), default=20, help="windows (or runs) to list at most"
+    )
 
     top_ = command(commands, "top", top, "throughput, lag and errors per agent")
     top_.add_argument("--interval", type=_positive, default=2.0, help="seconds between samples")

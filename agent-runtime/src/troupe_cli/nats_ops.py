@@ -183,17 +183,8 @@ class Ops:
     async def runs(self, workflow: str) -> list[RunState]:
         """Every run's projection, read in one pass over the runs bucket."""
         kv = await self._runs_bucket(workflow)
-        watcher = await kv.watch(">", ignore_deletes=True)
-        states = []
-        try:
-            while True:
-                entry = await watcher.updates(CONNECT_TIMEOUT_SECONDS)  # type: ignore[no-untyped-call]
-                if entry is None:  # the end of the current values
-                    break
-                if entry.value:
-                    states.append(RunState.model_validate_json(entry.value))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py lacks hints
+        values = await _current_values(kv, ">")
+        states = [RunState.model_validate_json(value) for value in values.values()]
         return sorted(states, key=lambda state: state.started_at)
 
     async def run_projection(self, workflow: str, run_id: str) -> RunState | None:
@@ -401,6 +392,28 @@ class Ops:
             yield msg
             sequence = (msg.seq or sequence) + 1
 
+    # Budgets
+
+    async def budget_entries(self, pattern: str = ">") -> dict[str, bytes]:
+        """The namespace's budget bucket's keys matching ``pattern`` and their values, read
+        in one pass; empty when the namespace has no Budget yet (no bucket)."""
+        bucket = naming.budget_bucket(self.namespace)
+        try:
+            kv = await self._js.key_value(bucket)
+        except BucketNotFoundError:
+            return {}
+        return await _current_values(kv, pattern)
+
+    async def budget_definition(self, name: str) -> dict[str, bytes]:
+        """One budget's definition and ledgers, as ``budget_entries`` gives them."""
+        entries = await self.budget_entries(naming.budget_definition_key(name))
+        if not entries:
+            raise CliError(
+                f"namespace {self.namespace} has no Budget {name}: list them with "
+                "`troupe budget ls`"
+            )
+        return {**entries, **await self.budget_entries(naming.budget_ledger_wildcard(name))}
+
     # Shared state
 
     async def bucket(self, name: str) -> KeyValueRevisions:
@@ -419,6 +432,23 @@ class Ops:
         if entry is None:
             raise CliError(f"state bucket {name} has no key {key!r} in namespace {self.namespace}")
         return entry
+
+
+async def _current_values(kv: KeyValue, pattern: str) -> dict[str, bytes]:
+    """The current value of every key matching ``pattern``, in one pass (a watch that ends
+    at the bucket's present); deleted keys are left out."""
+    watcher = await kv.watch(pattern, ignore_deletes=True)
+    values: dict[str, bytes] = {}
+    try:
+        while True:
+            entry = await watcher.updates(CONNECT_TIMEOUT_SECONDS)  # type: ignore[no-untyped-call]
+            if entry is None:  # the end of the current values
+                break
+            if entry.value:
+                values[entry.key] = entry.value
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py lacks hints
+    return values
 
 
 def _inbox_agent(info: StreamInfo, namespace: str) -> str | None:

@@ -14,8 +14,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from troupe_cli.views import AgentLoad, DeadLetter, RunResult, StepAttempt, readable_data
+from troupe_cli.views import (
+    AgentLoad,
+    BudgetView,
+    DeadLetter,
+    RunResult,
+    StepAttempt,
+    readable_data,
+)
 from troupe_runtime.contract import envelope
+from troupe_runtime.contract.budget import Amount
+from troupe_runtime.contract.durations import format_duration
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.usage import Usage
@@ -377,3 +386,179 @@ def change_json(change: Change) -> dict[str, Any]:
         "deleted": change.deleted,
         "value": change.value,
     }
+
+
+def _scope(view: BudgetView) -> str:
+    definition = view.definition
+    if definition.scope == "Workflow":
+        return f"Workflow {definition.workflow}"
+    if definition.scope == "Agents":
+        return f"Agents ({', '.join(definition.agents or []) or 'none'})"
+    return "Namespace"
+
+
+def _window(view: BudgetView) -> str:
+    window = view.definition.window
+    if window.duration is not None:
+        return f"{window.type} {format_duration(window.duration)}"
+    return window.type
+
+
+def count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _limit(value: float | None, money: bool) -> str:
+    if value is None:
+        return "-"
+    return dollars(value) if money else count(int(value))
+
+
+def _remaining_text(view: BudgetView) -> str:
+    parts = [
+        *([count(view.remaining_tokens)] if view.remaining_tokens is not None else []),
+        *([dollars(view.remaining_cost)] if view.remaining_cost is not None else []),
+    ]
+    return " / ".join(parts) or "-"
+
+
+def budgets_text(views: Sequence[BudgetView]) -> str:
+    if not views:
+        return "no budgets"
+    rows = []
+    for view in views:
+        limits = view.definition.limits
+        rows.append(
+            [
+                view.definition.name,
+                _scope(view),
+                _window(view),
+                count(view.spent.tokens),
+                _limit(limits.tokens.hard if limits.tokens else None, money=False),
+                dollars(view.spent.cost_usd),
+                _limit(limits.cost_usd.hard if limits.cost_usd else None, money=True),
+                count(view.held.tokens),
+                _remaining_text(view),
+                str(view.refusals),
+            ]
+        )
+    header = ["name", "scope", "window", "tokens", "hard", "cost", "hard $", "held"]
+    return table([*header, "remaining", "refused"], rows)
+
+
+def amount_json(amount: Amount) -> dict[str, Any]:
+    return {"tokens": amount.tokens, "costUsd": amount.cost_usd}
+
+
+def budget_json(view: BudgetView) -> dict[str, Any]:
+    """Named as the Budget's status names them, so a script reads either alike."""
+    definition = view.definition
+    document: dict[str, Any] = {
+        "name": definition.name,
+        "generation": definition.generation,
+        "scope": {
+            "type": definition.scope,
+            "agents": definition.agents,
+            "workflow": definition.workflow,
+        },
+        "window": definition.window.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "limits": definition.limits.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "currentWindow": view.window,
+        "windowStart": iso(view.window_start),
+        "windowEnd": iso(view.window_end),
+        "spent": amount_json(view.spent),
+        "reserved": amount_json(view.held),
+        "remaining": {"tokens": view.remaining_tokens, "costUsd": view.remaining_cost},
+        "burnRate": {
+            "tokensPerHour": view.burn_rate.tokens,
+            "costUsdPerHour": view.burn_rate.cost_usd,
+        },
+        "projectedExhaustion": iso(view.projected_exhaustion),
+        "refusals": view.refusals,
+        "runs": None,
+    }
+    if view.runs is not None:
+        document["runs"] = {
+            "tracked": view.runs,
+            "exceeded": view.runs_exceeded,
+            "largest": amount_json(view.largest_run or Amount()),
+        }
+    return document
+
+
+def budgets_json(views: Sequence[BudgetView]) -> list[dict[str, Any]]:
+    return [budget_json(view) for view in views]
+
+
+def budget_detail_json(view: BudgetView) -> dict[str, Any]:
+    return {
+        **budget_json(view),
+        "windows": [
+            {
+                "window": figures.window,
+                "started": iso(figures.started),
+                "spent": amount_json(figures.spent),
+                "reserved": amount_json(figures.held),
+                "holds": figures.holds,
+                "refusals": figures.refusals,
+            }
+            for figures in view.windows
+        ],
+    }
+
+
+def budget_text(view: BudgetView) -> str:
+    definition = view.definition
+    limits = definition.limits
+    tokens_limits = limits.tokens
+    cost_limits = limits.cost_usd
+    soft_tokens = tokens_limits.soft if tokens_limits else None
+    hard_tokens = tokens_limits.hard if tokens_limits else None
+    soft_cost = cost_limits.soft if cost_limits else None
+    hard_cost = cost_limits.hard if cost_limits else None
+    rate = view.burn_rate
+    lines = [
+        f"budget:      {definition.name}",
+        f"scope:       {_scope(view)}",
+        f"window:      {_window(view)}"
+        + ("" if view.runs is not None else f" ({view.window}, UTC)"),
+    ]
+    if view.window_start is not None:
+        lines.append(f"from:        {when(view.window_start)}")
+    if view.window_end is not None:
+        lines.append(f"until:       {when(view.window_end)}")
+    lines += [
+        f"limits:      tokens soft {_limit(soft_tokens, False)} hard {_limit(hard_tokens, False)}"
+        f"; cost soft {_limit(soft_cost, True)} hard {_limit(hard_cost, True)}",
+        f"spent:       {count(view.spent.tokens)} tokens, {dollars(view.spent.cost_usd)}",
+        f"reserved:    {count(view.held.tokens)} tokens, {dollars(view.held.cost_usd)}",
+        f"remaining:   {_remaining_text(view)}",
+        f"burn rate:   {count(rate.tokens)} tokens/h, {dollars(rate.cost_usd)}/h",
+        f"exhaustion:  {when(view.projected_exhaustion)}",
+        f"refused:     {view.refusals}",
+    ]
+    if view.runs is not None:
+        largest = view.largest_run or Amount()
+        lines.append(
+            f"runs:        {view.runs} tracked, {view.runs_exceeded} at or past a hard limit; "
+            f"largest {count(largest.tokens)} tokens, {dollars(largest.cost_usd)}"
+        )
+    lines.append("")
+    if view.windows:
+        rows = [
+            [
+                figures.window,
+                when(figures.started),
+                count(figures.spent.tokens),
+                dollars(figures.spent.cost_usd),
+                count(figures.held.tokens),
+                str(figures.holds),
+                str(figures.refusals),
+            ]
+            for figures in view.windows
+        ]
+        header = ["run" if view.runs is not None else "window", "started", "tokens", "cost"]
+        lines.append(table([*header, "held", "holds", "refused"], rows))
+    else:
+        lines.append("nothing spent yet")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Pure derivations behind the commands: step timelines, agent load, dead letters.
+"""Pure derivations behind the commands: step timelines, agent load, dead letters, budgets.
 
 ``nats_ops`` gathers raw facts (events, consumer counters, stored messages);
 these functions turn them into what a person asks about, and are unit-tested
@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from troupe_runtime.contract import dead_letters, envelope
+from pydantic import ValidationError
+
+from troupe_runtime.contract import budget, dead_letters, envelope, naming
+from troupe_runtime.contract.budget import (
+    Amount,
+    BudgetDefinition,
+    BudgetLimits,
+    BudgetWindow,
+    Ledger,
+)
 from troupe_runtime.contract.dead_letters import header_map
 from troupe_runtime.contract.run_events import (
     BUDGET_EXCEEDED_REASON,
@@ -291,3 +302,234 @@ def readable_data(data: bytes, content_type: str | None) -> Any:
         return data.decode()
     except UnicodeDecodeError:
         return {"base64": base64.b64encode(data).decode()}
+
+
+LATEST_EPOCH = 32503680000.0
+"""Year 3000: a ledger said to start later is junk (and past what a datetime holds)."""
+
+
+@dataclass(frozen=True)
+class BudgetRecords:
+    """What a namespace's budget bucket holds: definitions, every window's ledger by budget,
+    and the keys whose value did not read (anyone with access may write there)."""
+
+    definitions: dict[str, BudgetDefinition]
+    ledgers: dict[str, dict[str, Ledger]]
+    unreadable: list[str]
+
+
+def budget_records(entries: Mapping[str, bytes]) -> BudgetRecords:
+    """Sort the bucket's raw entries (key to value) into definitions and their ledgers.
+
+    A ledger belongs to a budget by its key: ``naming.budget_ledger_key(name, window)``,
+    one window token after the budget's; ledgers of no definition (a Budget being
+    deleted) are left out. Values that do not validate are named in ``unreadable``."""
+    definitions: dict[str, BudgetDefinition] = {}
+    unreadable: list[str] = []
+    raw_ledgers: dict[str, bytes] = {}
+    definition_prefix = naming.budget_definition_key("")
+    for key, value in sorted(entries.items()):
+        if key.startswith(definition_prefix):
+            try:
+                definition = BudgetDefinition.model_validate_json(value)
+            except ValidationError:
+                unreadable.append(key)
+                continue
+            if naming.budget_definition_key(definition.name) != key:
+                unreadable.append(key)  # a definition filed under another budget's key
+                continue
+            definitions[definition.name] = definition
+        else:
+            raw_ledgers[key] = value
+    ledgers: dict[str, dict[str, Ledger]] = {name: {} for name in definitions}
+    for name in definitions:
+        prefix = naming.budget_ledger_key(name, "")
+        for key, value in raw_ledgers.items():
+            window = key.removeprefix(prefix)
+            if not key.startswith(prefix) or not window or "." in window:
+                continue
+            try:
+                ledger = Ledger.model_validate_json(value)
+            except ValidationError:
+                unreadable.append(key)
+                continue
+            if ledger.window != window or not 0 <= ledger.started <= LATEST_EPOCH:
+                unreadable.append(key)  # another window's ledger, or no time there is
+                continue
+            ledgers[name][window] = ledger
+    return BudgetRecords(definitions, ledgers, sorted(unreadable))
+
+
+@dataclass(frozen=True)
+class WindowFigures:
+    """One window's ledger as a person reads it."""
+
+    window: str
+    started: datetime
+    spent: Amount
+    held: Amount
+    holds: int
+    refusals: int
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """A budget now: the figures of its current window (Run windows: every run's ledger
+    summed, remaining that of the run closest to its limit), and every window kept."""
+
+    definition: BudgetDefinition
+    window: str
+    """The current window's id; ``runs`` for a Run window."""
+    window_start: datetime | None
+    window_end: datetime | None
+    spent: Amount
+    held: Amount
+    remaining_tokens: int | None
+    remaining_cost: float | None
+    burn_rate: Amount
+    projected_exhaustion: datetime | None
+    refusals: int
+    runs: int | None
+    """Run windows: runs with a ledger; None for other windows."""
+    runs_exceeded: int | None
+    largest_run: Amount | None
+    windows: list[WindowFigures]
+    """Every ledger kept, newest window first (Run windows: the run that spent most first)."""
+
+
+def _zero() -> Amount:
+    return Amount()
+
+
+def _remaining(limits: BudgetLimits, used: Amount) -> tuple[int | None, float | None]:
+    """What the hard limits leave past ``used`` (spent + held), per unit with a hard
+    limit, never below zero."""
+    tokens = limits.tokens.hard if limits.tokens else None
+    cost = limits.cost_usd.hard if limits.cost_usd else None
+    return (
+        None if tokens is None else max(0, tokens - used.tokens),
+        None if cost is None else max(0.0, cost - used.cost_usd),
+    )
+
+
+def _exceeded(limits: BudgetLimits, ledger_spent: Amount, refusals: int) -> bool:
+    tokens = limits.tokens.hard if limits.tokens else None
+    cost = limits.cost_usd.hard if limits.cost_usd else None
+    return (
+        refusals > 0
+        or (tokens is not None and ledger_spent.tokens >= tokens)
+        or (cost is not None and ledger_spent.cost_usd >= cost)
+    )
+
+
+def _figures(window: BudgetWindow, wid: str, ledger: Ledger, now: float) -> WindowFigures:
+    return WindowFigures(
+        window=wid,
+        started=datetime.fromtimestamp(ledger.started, UTC),
+        spent=budget.spent(ledger, window, now),
+        held=budget.held(ledger, now),
+        holds=len(ledger.holds),
+        refusals=ledger.refusals,
+    )
+
+
+_WINDOW_IDS = {
+    "Run": re.compile(r"run-[0-9a-f]+"),
+    "Hour": re.compile(r"h[0-9]{10}"),
+    "Day": re.compile(r"d[0-9]{8}"),
+    "Month": re.compile(r"m[0-9]{6}"),
+    "Rolling": re.compile(re.escape(budget.ROLLING_WINDOW_ID)),
+}
+
+
+def _own(window: BudgetWindow, ledgers: Mapping[str, Ledger]) -> dict[str, Ledger]:
+    """The ledgers of windows of ``window``'s type: a Budget whose window type changed
+    keeps its old ledgers a while, and they are not this window's."""
+    pattern = _WINDOW_IDS[window.type]
+    return {wid: ledger for wid, ledger in ledgers.items() if pattern.fullmatch(wid)}
+
+
+def _exhaustion(ledger: Ledger, definition: BudgetDefinition, now: float) -> datetime | None:
+    """``projected_exhaustion``, or None when it lies past what a datetime holds (a burn
+    of a billionth of a cent an hour against a dollar limit)."""
+    try:
+        return budget.projected_exhaustion(ledger, definition, now)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def _moment(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def budget_view(
+    definition: BudgetDefinition, ledgers: Mapping[str, Ledger], now: float
+) -> BudgetView:
+    """``definition``'s figures at ``now`` (epoch seconds), from its ledgers by window id,
+    computed by the contract's own ledger functions, as the runtimes and the operator do."""
+    window = definition.window
+    limits = definition.limits
+    if window.type == "Run":
+        return _run_view(definition, ledgers, now)
+    wid = budget.window_id(window, now, None)
+    assert wid is not None  # only Run windows are outside every window
+    ledger = _own(window, ledgers).get(wid) or budget.fresh_ledger(window, wid, now)
+    current = _figures(window, wid, ledger, now)
+    start, end = budget.window_bounds(window, ledger, now)
+    tokens_left, cost_left = _remaining(limits, current.spent + current.held)
+    kept = [_figures(window, w, kept, now) for w, kept in _own(window, ledgers).items()]
+    return BudgetView(
+        definition=definition,
+        window=wid,
+        window_start=_moment(start),
+        window_end=None if window.type == "Rolling" else _moment(end),
+        spent=current.spent,
+        held=current.held,
+        remaining_tokens=tokens_left,
+        remaining_cost=cost_left,
+        burn_rate=budget.burn_rate(ledger, window, now),
+        projected_exhaustion=_exhaustion(ledger, definition, now),
+        refusals=current.refusals,
+        runs=None,
+        runs_exceeded=None,
+        largest_run=None,
+        windows=sorted(kept, key=lambda f: f.started, reverse=True),
+    )
+
+
+def _run_view(
+    definition: BudgetDefinition, ledgers: Mapping[str, Ledger], now: float
+) -> BudgetView:
+    """Each run is a window of its own: the figures sum the runs; remaining is what the
+    run closest to its limit has left; the burn rate is the runs' spending per hour since
+    the first of them began; no exhaustion is projected (runs end, and a new run starts
+    from zero)."""
+    window, limits = definition.window, definition.limits
+    runs = [_figures(window, w, kept, now) for w, kept in _own(window, ledgers).items()]
+    spent_all = sum((r.spent for r in runs), _zero())
+    held_all = sum((r.held for r in runs), _zero())
+    closest = [_remaining(limits, r.spent + r.held) for r in runs] or [_remaining(limits, _zero())]
+    tokens_left = [t for t, _ in closest if t is not None]
+    cost_left = [c for _, c in closest if c is not None]
+    first = min((r.started.timestamp() for r in runs), default=now)
+    hours = max(now - first, budget.MIN_BURN_SECONDS) / 3600.0
+    largest = max(runs, key=lambda r: (r.spent.tokens, r.spent.cost_usd), default=None)
+    return BudgetView(
+        definition=definition,
+        window="runs",
+        window_start=None,
+        window_end=None,
+        spent=spent_all,
+        held=held_all,
+        remaining_tokens=min(tokens_left) if tokens_left else None,
+        remaining_cost=min(cost_left) if cost_left else None,
+        burn_rate=Amount(
+            tokens=round(spent_all.tokens / hours), cost_usd=spent_all.cost_usd / hours
+        ),
+        projected_exhaustion=None,
+        refusals=sum(r.refusals for r in runs),
+        runs=len(runs),
+        runs_exceeded=sum(_exceeded(limits, r.spent, r.refusals) for r in runs),
+        largest_run=largest.spent if largest else _zero(),
+        windows=sorted(runs, key=lambda r: (r.spent.tokens, r.spent.cost_usd), reverse=True),
+    )
