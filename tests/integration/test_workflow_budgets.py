@@ -37,6 +37,7 @@ from troupe_runtime.agent.outputs import send_reply
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.contract.dead_letters import ERROR_HEADER, REASON_HEADER
+from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import ERROR_TYPE, WORKFLOW_ATTRIBUTE, CloudEvent
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.nats.provision import ensure_agent_resources
@@ -89,7 +90,36 @@ async def refusing(nats_url: str, namespace: str, agent: str) -> AsyncIterator[l
         await nc.close()
 
 
-async def dead_letter(js: JetStreamContext, stream: str, subject: str) -> Any:
+async def finished_log(js: JetStreamContext, config: EngineConfig, run: str) -> list[Any]:
+    """The run's log once it holds RunFinished: the engine publishes the result first."""
+    found: list[Any] = []
+
+    async def logged() -> bool:
+        found[:] = await run_events(js, config, run)
+        return bool(found) and found[-1].kind == "RunFinished"
+
+    await eventually(logged, f"RunFinished in the log of run {run}")
+    return found
+
+
+async def projected(js: JetStreamContext, config: EngineConfig, run: str) -> RunState:
+    """The run's projection once it is finished (written just after the log's append)."""
+    kv = await js.key_value(config.runs_bucket)
+    found: list[RunState] = []
+
+    async def finished() -> bool:
+        try:
+            entry = await kv.get(run)
+        except NotFoundError:
+            return False
+        found[:] = [RunState.model_validate_json(entry.value or b"")]
+        return found[0].terminal
+
+    await eventually(finished, f"the finished projection of run {run}")
+    return found[0]
+
+
+async def last_message(js: JetStreamContext, stream: str, subject: str) -> Any:
     found: list[Any] = []
 
     async def stored() -> bool:
@@ -127,10 +157,10 @@ async def test_a_refused_step_ends_the_run_budget_exceeded_with_what_finished(
         run = uuid.uuid4().hex
         await trigger(js, config, ["start"], run)
         outcome = await result(js, config, run)
-        events = await run_events(js, config, run)
-        letter = await dead_letter(js, config.dead_letter_stream, config.subject("failed", run))
-        projection = await (await js.key_value(config.runs_bucket)).get(run)
-        tally = await js.get_last_msg(config.stream, config.tally_subject("BudgetExceeded"))
+        events = await finished_log(js, config, run)
+        letter = await last_message(js, config.dead_letter_stream, config.subject("failed", run))
+        state = await projected(js, config, run)
+        tally = await last_message(js, config.stream, config.tally_subject("BudgetExceeded"))
         results = await js.get_last_msg(config.stream, config.subject("results", run))
     await nc.close()
 
@@ -159,7 +189,6 @@ async def test_a_refused_step_ends_the_run_budget_exceeded_with_what_finished(
     assert results.headers["ce-type"] == "troupe.workflow.budgetexceeded"
     assert letter.headers[REASON_HEADER] == "budget-exceeded"
     assert letter.headers[ERROR_HEADER] == f"step b exceeded a budget: {REFUSAL}"
-    state = RunState.model_validate_json(projection.value or b"")
     assert state.status == "BudgetExceeded"
     assert state.steps["b"].reason == "budget-exceeded"
     assert json.loads(tally.data or b"{}") == {"run": run}
@@ -181,7 +210,7 @@ async def test_compensations_run_then_the_run_ends_budget_exceeded(nats_url: str
         run = uuid.uuid4().hex
         await trigger(js, config, [], run)
         outcome = await result(js, config, run)
-        kinds = [e.kind for e in await run_events(js, config, run)]
+        kinds = [e.kind for e in await finished_log(js, config, run)]
     await nc.close()
     assert outcome["status"] == "BudgetExceeded"
     assert outcome["output"] == {"steps": {"book": ["book"]}}
