@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
@@ -52,6 +51,7 @@ from troupe_runtime.agent.llm.types import (
 from troupe_runtime.agent.schemas import ContractChecker
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
+from troupe_runtime.contract.agent_resources import rate_limit_bucket_config
 from troupe_runtime.contract.budget import Amount, SpendContext
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.llm import LlmRuntime
@@ -295,7 +295,7 @@ def model_router(config: RuntimeConfig, env: Mapping[str, str]) -> CallerFactory
     """The router over the agent's chain; provider limits in the namespace's rate-limit
     bucket when it exists (every replica shares them), else in memory. The Agent's own
     global token rate limit needs the bucket: it is created when missing (the config the
-    operator gives it, ``agent_resources.build_buckets``)."""
+    operator gives it, ``agent_resources.rate_limit_bucket_config``)."""
     runtime = config.llm
     assert runtime is not None
     own = runtime.policy.rate_limit
@@ -311,7 +311,7 @@ def model_router(config: RuntimeConfig, env: Mapping[str, str]) -> CallerFactory
             except BucketNotFoundError:
                 if shared_own:
                     logger.info("creating the rate-limit bucket %s", bucket)
-                    kv = await js.create_key_value(KeyValueConfig(bucket=bucket))
+                    kv = await js.create_key_value(rate_limit_bucket_config(config.namespace))
                 else:
                     logger.warning("no bucket %s: provider limits are kept per replica", bucket)
         return ModelRouter(
