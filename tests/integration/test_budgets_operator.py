@@ -2,8 +2,9 @@
 the models refuse (and accepts what they accept); the operator writes the definition the
 runtimes enforce, resolves an Agents selector and follows the Agents' labels, reads a ledger
 written by hand into status and the printer columns, turns SoftLimitExceeded and
-HardLimitExceeded on with a Warning Event each, writes nothing on an idle pass, and deleting
-a Budget removes its definition and ledgers."""
+HardLimitExceeded on with a Warning Event each, exports its gauges, writes nothing on an
+idle pass, deleting a Budget removes its definition and ledgers, and a definition no Budget
+owns is swept."""
 
 from __future__ import annotations
 
@@ -460,7 +461,9 @@ def test_the_selector_follows_the_agents_labels(cluster: ClusterEndpoints, watch
     assert body["status"]["observedGeneration"] == 1
 
 
-def test_status_reads_a_ledger_written_by_hand(cluster: ClusterEndpoints, watched: str) -> None:
+def test_status_reads_a_ledger_written_by_hand(
+    cluster: ClusterEndpoints, watched: str, operator: OperatorProcess
+) -> None:
     apply(
         cluster,
         watched,
@@ -490,6 +493,13 @@ def test_status_reads_a_ledger_written_by_hand(cluster: ClusterEndpoints, watche
     row = cluster.kubectl("get", "budgets", "-n", watched, "--no-headers").split()
     # NAME SCOPE WINDOW TOKENS HARD COST REMAINING READY AGE
     assert row[:8] == ["ledgered", "Namespace", "Day", "300", "1000", "0.25", "600", "True"]
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:
+        exported = response.read().decode()
+    labels = f'budget="ledgered",namespace="{watched}"'
+    assert f'troupe_budget_spent{{{labels},unit="tokens"}} 300.0' in exported
+    assert f'troupe_budget_remaining{{{labels},unit="costUsd"}} 1.75' in exported
+    hard = f'budget="ledgered",level="hard",namespace="{watched}"'
+    assert f"troupe_budget_limit_exceeded{{{hard}}} 0.0" in exported
 
 
 def test_soft_and_hard_limits_turn_conditions_and_warn(
@@ -571,3 +581,33 @@ def test_deleting_a_budget_removes_its_definition_and_ledgers(
 
     assert _definition(cluster.nats_url, watched, "doomed") is None
     assert _subjects(cluster.nats_url, watched, naming.budget_ledger_wildcard("doomed")) == {}
+
+
+def test_a_definition_no_budget_owns_is_swept(cluster: ClusterEndpoints, watched: str) -> None:
+    apply(cluster, watched, budget("owner"))
+    _status_where(cluster, watched, "owner", lambda b: _condition_is(b, "Ready", "True"), "Ready")
+    ghost = spending_definition("ghost")
+    _kv_put(cluster.nats_url, watched, naming.budget_definition_key("ghost"), ghost)
+    wid, value = _ledger(spent=10)
+    _kv_put(cluster.nats_url, watched, naming.budget_ledger_key("ghost", wid), value)
+
+    wait_for(
+        lambda: _definition(cluster.nats_url, watched, "ghost") is None,
+        DEADLINE,
+        "the orphaned definition to be purged",
+    )
+
+    assert _subjects(cluster.nats_url, watched, naming.budget_ledger_wildcard("ghost")) == {}
+    assert _definition(cluster.nats_url, watched, "owner") is not None
+
+
+def spending_definition(name: str) -> bytes:
+    """A definition as the operator would write it for a Budget that does not exist."""
+    written = BudgetDefinition(
+        name=name,
+        generation=1,
+        scope="Namespace",
+        window=BudgetWindow(type="Day"),
+        limits=BudgetSpec.model_validate(budget(name)["spec"]).limits,
+    )
+    return written.model_dump_json(by_alias=True, exclude_none=True).encode()

@@ -324,6 +324,18 @@ async def _delete_budget(js: JetStreamContext, namespace: str, budget: str) -> l
     return removed
 
 
+async def _defined_budgets(js: JetStreamContext, namespace: str) -> list[str]:
+    """The budgets with a definition key in the namespace's bucket (purged ones included:
+    their marker stays in the subject index), from one request."""
+    bucket = naming.budget_bucket(namespace)
+    prefix = f"$KV.{bucket}." + naming.budget_definition_key("")
+    try:
+        subjects = await _subject_counts(js, naming.kv_stream(bucket), prefix + "*")
+    except NotFoundError:
+        return []
+    return sorted(subject.removeprefix(prefix) for subject in subjects)
+
+
 def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=tls.ca.decode())
     if tls.cert and tls.key:
@@ -540,6 +552,10 @@ class NatsPool:
         """Remove the ledgers of ``windows`` (ended ones), leaving no tombstone."""
         bucket = naming.budget_bucket(namespace)
         await self._call(target, lambda js: _prune_ledgers(js, bucket, budget, windows))
+
+    async def defined_budgets(self, target: NatsTarget, namespace: str) -> list[str]:
+        """The budgets whose definition key the namespace's bucket holds or held."""
+        return await self._call(target, lambda js: _defined_budgets(js, namespace))
 
     async def delete_budget(self, target: NatsTarget, namespace: str, budget: str) -> list[str]:
         """Remove a Budget's definition and ledgers; return what was removed."""

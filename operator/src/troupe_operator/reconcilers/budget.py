@@ -42,6 +42,8 @@ KIND = "Budget"
 PLURAL = "budgets"
 AGENTS = "agents"
 REFRESH_CONCURRENCY = 16
+SWEEP_EVERY = 6
+"""Refreshes between sweeps for orphaned definitions (a minute by default)."""
 logger = logging.getLogger(__name__)
 
 
@@ -201,8 +203,40 @@ def leftovers(namespace: str, name: str) -> list[str]:
     ]
 
 
-async def refresh_once(operator: Operator) -> None:
-    """A pass over every watched Budget not being deleted, a few at a time."""
+async def sweep(operator: Operator, namespaces: set[str]) -> list[str]:
+    """Purge the definitions (and ledgers) in ``namespaces`` that no Budget owns: one whose
+    cleanup was given up while NATS was down, or whose finalizer was removed by hand, would
+    otherwise be enforced for good. The keys are listed before the Budgets, and a definition
+    is only ever written for a Budget that exists, so a Budget created meanwhile is listed
+    and keeps its own. Returns what was removed."""
+    removed = []
+    nats = target(operator)
+    for namespace in sorted(namespaces):
+        defined = await operator.nats.defined_budgets(nats, namespace)
+        if not defined:
+            continue
+        present = {
+            b["metadata"]["name"] for b in await operator.kube.list_custom(PLURAL, namespace)
+        }
+        for name in defined:
+            if name in present:
+                continue
+            # Checked again under the Budget's lock: one created since the listing has had its
+            # first pass (which wrote the definition) before, or will have it after.
+            async with operator.lock(KIND, namespace, name):
+                if await operator.kube.read_custom(PLURAL, namespace, name) is not None:
+                    continue
+                gone = await operator.nats.delete_budget(nats, namespace, name)
+            metrics.forget_budget(namespace, name)
+            if gone:
+                logger.info("purged the orphaned %s", ", ".join(gone))
+            removed += gone
+    return removed
+
+
+async def refresh_once(operator: Operator, sweeping: bool = False) -> None:
+    """A pass over every watched Budget not being deleted, a few at a time; ``sweeping``:
+    then a sweep of the namespaces with Budgets or Agents for orphaned definitions."""
     semaphore = asyncio.Semaphore(REFRESH_CONCURRENCY)
 
     async def guarded(run: Awaitable[object], what: str) -> None:
@@ -213,19 +247,33 @@ async def refresh_once(operator: Operator) -> None:
                 logger.exception("the pass over %s failed; the next refresh retries", what)
 
     passes = []
-    for body in await operator.kube.list_watched(PLURAL, operator.settings.namespaces):
+    budgets = await operator.kube.list_watched(PLURAL, operator.settings.namespaces)
+    for body in budgets:
         meta = body["metadata"]
         if "deletionTimestamp" not in meta:
             what = f"{PLURAL}/{meta['namespace']}/{meta['name']}"
             passes.append(guarded(budget_pass(operator, body), what))
     await asyncio.gather(*passes)
+    if sweeping:
+        watched = operator.settings.namespaces
+        namespaces = {b["metadata"]["namespace"] for b in budgets}
+        namespaces |= {
+            a["metadata"]["namespace"] for a in await operator.kube.list_watched(AGENTS, watched)
+        }
+        try:
+            await sweep(operator, namespaces)
+        except MessagingUnavailable as error:
+            logger.warning("the sweep for orphaned budget definitions failed: %s", error)
 
 
 async def refresh_forever(operator: Operator) -> None:
-    """Every ``budget_refresh_seconds``: spending into status, selectors resolved anew."""
+    """Every ``budget_refresh_seconds``: spending into status, selectors resolved anew; every
+    ``SWEEP_EVERY`` refreshes, orphaned definitions purged."""
+    refreshes = 0
     while True:
         await asyncio.sleep(operator.settings.budget_refresh_seconds)
+        refreshes += 1
         try:
-            await refresh_once(operator)
+            await refresh_once(operator, sweeping=refreshes % SWEEP_EVERY == 1)
         except Exception:
             logger.exception("the Budget refresh failed; retrying")
