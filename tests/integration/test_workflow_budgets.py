@@ -5,7 +5,9 @@ outputs, and every step event names its workflow (``troupeworkflow``).
 The refused step is answered by ``refusing``: an agent that takes its inbox's messages
 and answers each with the runtime's own failure reply (``outputs.send_reply``) carrying
 ``{"error", "reason": "budget-exceeded"}``, what an LLM agent sends when its budget
-refuses a call. The other steps are real agent runtimes."""
+refuses a call. The other steps are real agent runtimes. The last test is the whole path
+on the real LLM runtime and the scripted model: a Workflow's Run budget refuses a step's
+model call, and the run ends as above."""
 
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import nats
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from tests.integration.runtime_harness import eventually
+from tests.integration.llm_harness import llm_config
+from tests.integration.runtime_harness import eventually, provisioned
+from tests.integration.test_llm_budgets import define, running_agent
 from tests.integration.workflow_harness import (
     agent_config,
     agents,
@@ -32,10 +36,12 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
+from troupe_devcluster.scripted_llm import ScriptedLlm, Text
 from troupe_runtime.agent.context import Context, HandlerFn
 from troupe_runtime.agent.outputs import send_reply
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_resources import build_agent_resources
+from troupe_runtime.contract.budget import BudgetDefinition, Ledger
 from troupe_runtime.contract.dead_letters import ERROR_HEADER, REASON_HEADER
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import ERROR_TYPE, WORKFLOW_ATTRIBUTE, CloudEvent
@@ -218,3 +224,53 @@ async def test_compensations_run_then_the_run_ends_budget_exceeded(nats_url: str
     assert [e.id for e in cancelled] == [f"{run}/book/compensate"]
     # A compensation event names the workflow too.
     assert (cancelled[0].model_extra or {}).get(WORKFLOW_ATTRIBUTE) == "wf"
+
+
+async def test_a_workflows_run_budget_stops_a_real_llm_step_and_keeps_the_first_ones_answer(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    """End to end on the real LLM runtime: the Workflow's Run-window budget applies only
+    because the engine's step events say ``troupeworkflow: wf``. Step ``a`` (75 output
+    tokens held) fits and spends 120; step ``b`` holds 500 for its answer, past the 300 the
+    run has: refused before any model call, dead-lettered by the agent, and the run ends
+    BudgetExceeded with ``a``'s answer, ``b`` never retried."""
+    base = llm_config(nats_url, scripted_llm.base_url, maxTokens=75)
+    ns = base.namespace
+    assert base.llm is not None
+    first = base.model_copy(update={"agent": "a"})
+    wide = base.llm.policy.model_copy(update={"max_tokens": 500})
+    second = base.model_copy(
+        update={"agent": "b", "llm": base.llm.model_copy(update={"policy": wide})}
+    )
+    retry = {"maxAttempts": 3, "backoff": ["10ms"]}
+    config = engine_config(
+        nats_url, ns, [{"name": "a"}, {"name": "b", "dependsOn": ["a"], "retry": retry}]
+    )
+    scripted_llm.script(Text("Bees dance.", usage=(100, 20)))
+    per_run = BudgetDefinition.model_validate(
+        {
+            "name": "per-run",
+            "generation": 1,
+            "scope": "Workflow",
+            "workflow": "wf",
+            "window": {"type": "Run"},
+            "limits": {"tokens": {"hard": 300}},
+        }
+    )
+    async with provisioned(first) as (_, js), provisioned(second):
+        await define(js, ns, per_run)
+        async with running_agent(first), running_agent(second), engine(config):
+            run = uuid.uuid4().hex
+            await trigger(js, config, {"q": "bees"}, run)
+            outcome = await result(js, config, run)
+            events = await finished_log(js, config, run)
+            kv = await js.key_value(naming.budget_bucket(ns))
+            entry = await kv.get(naming.budget_ledger_key("per-run", naming.run_window_token(run)))
+    spent = Ledger.model_validate_json(entry.value or b"")
+    assert outcome["status"] == "BudgetExceeded"
+    assert list(outcome["output"]["steps"]) == ["a"]
+    assert outcome["output"]["steps"]["a"]["content"] == "Bees dance."
+    assert "budget 'per-run'" in outcome["error"]
+    assert len(scripted_llm.completions) == 1  # b's call was never made
+    assert [e.kind for e in events].count("StepDispatched") == 2  # a once, b once
+    assert (spent.spent.tokens, spent.refusals, spent.holds) == (120, 1, {})
