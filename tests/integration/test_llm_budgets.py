@@ -344,7 +344,8 @@ async def test_the_agents_own_tpm_per_replica_defers_the_call_that_does_not_fit(
         await answered(js, config, 2)
         [deferred] = await deferrals(js, config, second.id)
     assert "own token rate limit" in deferred["error"]
-    assert second_wait(scripted_llm) - 3 < deferred["delay"] <= second_wait(scripted_llm)
+    # Longer than the loop waits in place (1 s), at most the wait right after the first.
+    assert 1 < deferred["delay"] <= second_wait(scripted_llm)
     assert len(scripted_llm.completions) == 2
 
 

@@ -275,10 +275,10 @@ async def test_the_agents_own_tpm_throttles_before_any_provider_is_asked(
     scripted_llm: ScriptedLlm,
 ) -> None:
     clock = FakeClock()
-    # 600 a minute: bursts of 100, then 10 a second.
+    # 600 a minute: bursts of 100, then 10 a second; the provider's rpm: bursts of 2.
     own = agent_token_limiter(TokenRateLimit(tokens_per_minute=600), "writer", None, clock)
     router = ModelRouter(
-        priced(("main", scripted_llm), requestsPerMinute=600),
+        priced(("main", scripted_llm), requestsPerMinute=12),
         {},
         clock=clock,
         max_limit_wait=0.1,
@@ -292,8 +292,8 @@ async def test_the_agents_own_tpm_throttles_before_any_provider_is_asked(
             await router.complete(ask(big, spend=None), None)
         assert caught.value.retry_after == pytest.approx(8.0)
         assert len(scripted_llm.completions) == 1
-        clock.now += 8.0  # 80 tokens back: room for the next 90
-        assert (await router.complete(ask(big, spend=None), None)).message["content"] == "two"
+        # The throttled call took no request from the provider: a small one still passes.
+        assert (await router.complete(ask(1, spend=None), None)).message["content"] == "two"
     finally:
         await router.aclose()
 
