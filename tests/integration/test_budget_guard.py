@@ -229,6 +229,51 @@ async def test_concurrent_replicas_never_overspend_past_holds_and_count_exactly(
     ) > (hard - 500), "the holds never came near the limit: the test proves nothing"
 
 
+async def test_one_replicas_calls_never_race_each_other_and_a_cancelled_one_stops_none(
+    nats_url: str,
+) -> None:
+    """50 concurrent calls in one replica: their holds and commits queue per ledger and go
+    in shared writes, so not one compare-and-set is lost; the caller writing for the
+    others being cancelled leaves the others' holds to be written all the same."""
+    namespace = fresh_namespace()
+    d = definition("cap", 10**9)
+    async with bucket(nats_url, namespace) as kv, replica(nats_url, namespace) as r:
+        await put_definition(kv, d)
+        await eventually(lambda: r.definitions.all(), "the definition seen")
+
+        async def call(index: int) -> None:
+            reservation = await r.guard.reserve(spend(f"c{index}"), Amount(tokens=10))
+            await reservation.commit(Amount(tokens=index))
+
+        await asyncio.gather(*(call(i) for i in range(50)))
+        conflicts = r.metrics.registry.get_sample_value(
+            "troupe_budget_conflicts_total", {"budget": "cap"}
+        )
+        assert conflicts is None  # never counted: not one race lost
+        ledger = await ledger_of(kv, d)
+        assert ledger.spent == Amount(tokens=sum(range(50)))
+        assert ledger.holds == {}
+
+        first = asyncio.create_task(r.guard.reserve(spend("cancelled"), Amount(tokens=1)))
+        await asyncio.sleep(0)  # it runs to its first suspension: its write, in flight
+        others = [
+            asyncio.create_task(r.guard.reserve(spend(f"o{i}"), Amount(tokens=1)))
+            for i in range(10)
+        ]
+        first.cancel()
+        held = await asyncio.gather(*others)
+        assert all(h.budgets == ["cap"] for h in held)
+        assert {f"o{i}" for i in range(10)} <= set((await ledger_of(kv, d)).holds)
+        for h in held:
+            await h.release()
+
+        # The cancelled caller's hold, if its write went out, is taken back.
+        async def no_holds() -> bool:
+            return (await ledger_of(kv, d)).holds == {}
+
+        await eventually(no_holds, "no hold left")
+
+
 async def test_a_refusal_releases_the_other_budgets_holds(nats_url: str) -> None:
     namespace = fresh_namespace()
     roomy, tight = definition("roomy", 10_000), definition("tight", 100)

@@ -32,7 +32,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -230,6 +230,25 @@ class _Held:
 Plan = Callable[[Ledger, float], "Ledger | Refused"]
 
 
+@dataclass
+class _Op:
+    """One plan waiting to be written to a ledger."""
+
+    plan: Plan
+    future: asyncio.Future[tuple[Ledger, Ledger | Refused]]
+    deadline: float
+    seconds: float
+
+
+@dataclass
+class _Writer:
+    """What is queued for one ledger, and the task writing it."""
+
+    ops: list[_Op] = field(default_factory=list)
+    batch: list[_Op] = field(default_factory=list)
+    draining: bool = False
+
+
 class Reservation:
     """The holds one model call took; commit or release exactly once (more is a no-op)."""
 
@@ -250,7 +269,7 @@ class Reservation:
         self._settled = True
         assert self._guard is not None
         guard = self._guard
-        await asyncio.gather(*(guard.commit(h, self._hold_id, actual) for h in self._holds))
+        await _all([guard.commit(h, self._hold_id, actual) for h in self._holds])
 
     async def release(self) -> None:
         if self._settled:
@@ -258,7 +277,22 @@ class Reservation:
         self._settled = True
         assert self._guard is not None
         guard = self._guard
-        await asyncio.gather(*(guard.release(h, self._hold_id) for h in self._holds))
+        await _all([guard.release(h, self._hold_id) for h in self._holds])
+
+
+async def _all(
+    work: list[Coroutine[None, None, None]], return_exceptions: bool = False
+) -> list[BaseException | None]:
+    """``asyncio.gather``, minus its tasks when there is one budget (the common case)."""
+    if len(work) != 1:
+        return await asyncio.gather(*work, return_exceptions=return_exceptions)
+    try:
+        await work[0]
+    except Exception as error:
+        if not return_exceptions:
+            raise
+        return [error]
+    return [None]
 
 
 NO_RESERVATION = Reservation(None, "", [])
@@ -292,6 +326,7 @@ class BudgetGuard:
         self._opening: asyncio.Lock | None = None
         self._cache: OrderedDict[str, tuple[int, Ledger]] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
+        self._writers: dict[str, _Writer] = {}
 
     def use(self, js: JetStreamContext) -> None:
         """Write ledgers through this session from now on."""
@@ -322,10 +357,16 @@ class BudgetGuard:
             if wid is not None:
                 key = naming.budget_ledger_key(definition.name, wid)
                 targets.append(_Held(definition, key, wid))
-        outcomes = await asyncio.gather(
-            *(self._hold(target, spend.hold_id, amount) for target in targets),
-            return_exceptions=True,
-        )
+        taken: list[_Held] = []
+        try:
+            outcomes = await _all(
+                [self._hold(target, spend.hold_id, amount, taken) for target in targets],
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:  # the call is not made: give back what was held
+            for held in taken:
+                self._later(self.release(held, spend.hold_id, LATE_RELEASE_SECONDS))
+            raise
         granted = [t for t, outcome in zip(targets, outcomes, strict=True) if outcome is None]
         failures = [outcome for outcome in outcomes if outcome is not None]
         if self.metrics is not None:
@@ -343,8 +384,8 @@ class BudgetGuard:
                 raise failure
         raise failures[0]
 
-    async def _hold(self, target: _Held, hold_id: str, amount: Amount) -> None:
-        """Take one hold; None when granted, else raises."""
+    async def _hold(self, target: _Held, hold_id: str, amount: Amount, taken: list[_Held]) -> None:
+        """Take one hold (added to ``taken``), else raise."""
         definition = target.definition
 
         def plan(ledger: Ledger, now: float) -> Ledger | Refused:
@@ -352,6 +393,9 @@ class BudgetGuard:
 
         try:
             _, outcome = await self._advance(target, plan, self._reserve_deadline)
+        except asyncio.CancelledError:
+            self._later(self._take_back(target, hold_id))  # its write may have gone out
+            raise
         except BudgetUnavailable:
             self._count(definition.name, "unavailable")
             # A write sent while the server was away may still land (the client buffers
@@ -362,6 +406,7 @@ class BudgetGuard:
             self._count(definition.name, "refused")
             raise outcome.error
         self._count(definition.name, "granted")
+        taken.append(target)
 
     async def commit(self, target: _Held, hold_id: str, actual: Amount) -> None:
         """Replace one hold by the actual usage; dropped (logged) when it cannot be written."""
@@ -475,58 +520,139 @@ class BudgetGuard:
     async def _advance(
         self, target: _Held, plan: Plan, deadline_seconds: float
     ) -> tuple[Ledger, Ledger | Refused]:
-        """Read, plan, compare-and-set until written: the ledger before and the plan's
-        outcome (a refusal is written as its ledger, refusals + 1)."""
+        """Apply ``plan`` to the ledger by compare-and-set, within ``deadline_seconds``: the
+        ledger before it and the plan's outcome (a refusal is written as its ledger,
+        refusals + 1). Plans for one ledger queue up and go in one write together, so the
+        calls of one replica never race each other, only other replicas."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + deadline_seconds
+        op = _Op(plan, loop.create_future(), loop.time() + deadline_seconds, deadline_seconds)
+        writer = self._writers.get(target.key)
+        if writer is None:
+            writer = self._writers[target.key] = _Writer()
+        writer.ops.append(op)
+        if not writer.draining:
+            # No one writes this ledger now: this caller does, with whatever queues up
+            # meanwhile (no task to hop to when there is no contention).
+            await self._drain(target, writer, until=op)
+        return await op.future
+
+    async def _drain(self, target: _Held, writer: _Writer, until: _Op | None = None) -> None:
+        """Write what is queued for one ledger, a batch at a time: until ``until`` is
+        written (a caller writing for itself), then a task goes on with the rest."""
+        writer.draining = True
+        handed_off = False
+        try:
+            while writer.ops and (until is None or not until.future.done()):
+                writer.batch, writer.ops = writer.ops, []
+                await self._write(target, writer.batch)
+                writer.batch = []
+        except asyncio.CancelledError:
+            # The caller that was writing went away: the others' plans go on without it.
+            if until is not None:
+                until.future.cancel()
+            writer.ops = [op for op in writer.batch + writer.ops if not op.future.done()]
+            writer.batch = []
+            raise
+        except Exception as error:  # a bug: no caller may wait forever
+            logger.exception("budget ledger %s: the writer failed", target.key)
+            for op in writer.batch + writer.ops:
+                if not op.future.done():
+                    op.future.set_exception(BudgetUnavailable(f"budget ledger writer: {error!r}"))
+            writer.ops, writer.batch = [], []
+        finally:
+            if writer.ops:
+                self._later(self._drain(target, writer))
+                handed_off = True
+            if not handed_off:
+                writer.draining = False
+                if self._writers.get(target.key) is writer:
+                    del self._writers[target.key]
+
+    async def _write(self, target: _Held, batch: list[_Op]) -> None:
+        """Read, plan every op in turn, compare-and-set, until written; an op whose deadline
+        passes fails alone (``BudgetUnavailable``), the rest go on. Retrying a batch whose
+        write may have landed is safe: every plan is idempotent (a hold taken twice is one
+        hold, a commit or release of a settled hold changes nothing)."""
+        loop = asyncio.get_running_loop()
+        key = target.key
         conflicts = errors = 0
         last_error: BaseException | None = None
+        try:
+            while True:
+                batch = [op for op in batch if not op.future.done()]  # callers gone: dropped
+                now_loop = loop.time()
+                for op in batch:
+                    if now_loop >= op.deadline:
+                        op.future.set_exception(
+                            BudgetUnavailable(
+                                f"budget ledger {key!r} in bucket "
+                                f"{naming.budget_bucket(self.namespace)!r} not advanced within "
+                                f"{op.seconds:g}s ({conflicts} lost compare-and-set races, "
+                                f"{errors} errors, last: {last_error!r}); the call is handed back"
+                            )
+                        )
+                batch = [op for op in batch if not op.future.done()]
+                if not batch:
+                    return
+                soonest = min(op.deadline for op in batch)
+                try:
+                    async with asyncio.timeout(soonest - now_loop):
+                        if await self._write_once(target, batch):
+                            return
+                        continue  # what was remembered may be stale: read it afresh
+                except KeyWrongLastSequenceError:
+                    self._forget(key)
+                    conflicts += 1
+                    if self.metrics is not None:
+                        self.metrics.conflicts.labels(target.definition.name).inc()
+                    pause = conflict_backoff(conflicts, self._rng)
+                except _TRANSIENT as error:
+                    self._forget(key)
+                    errors += 1
+                    last_error = error
+                    pause = ERROR_BACKOFF_SECONDS * self._rng.uniform(0.5, 1.5)
+                await asyncio.sleep(min(pause, max(0.0, soonest - loop.time())))
+        except BudgetUnavailable as error:  # no session: nothing to wait for
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(error)
+
+    async def _write_once(self, target: _Held, batch: list[_Op]) -> bool:
+        """One read-plan-write; False when nothing changed from a remembered value (to be
+        read afresh). Raises on a lost race or a KV error."""
+        kv = await self._bucket()
         key = target.key
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is None:
+            revision, ledger = await self._read(kv, target, now)
+        else:
+            revision, ledger = cached
+        results: list[tuple[_Op, tuple[Ledger, Ledger | Refused] | BaseException]] = []
+        current = ledger
+        for op in batch:
             try:
-                async with asyncio.timeout(remaining):
-                    kv = await self._bucket()
-                    now = self._clock()
-                    cached = self._cache.get(key)
-                    if cached is None:
-                        revision, ledger = await self._read(kv, target, now)
-                    else:
-                        revision, ledger = cached
-                    outcome = plan(ledger, now)
-                    wanted = outcome.ledger if isinstance(outcome, Refused) else outcome
-                    if wanted is ledger:
-                        if cached is None:
-                            return ledger, outcome
-                        # Unchanged from what we remember: make sure it is still so.
-                        self._forget(key)
-                        continue
-                    written = await kv.update(key, encode(wanted), last=revision)
-                    self._remember(key, written, wanted)
-                    return ledger, outcome
-            except KeyWrongLastSequenceError:
+                outcome = op.plan(current, now)
+            except BudgetUnavailable as error:  # too many holds: this op only
+                results.append((op, error))
+                continue
+            results.append((op, (current, outcome)))
+            current = outcome.ledger if isinstance(outcome, Refused) else outcome
+        if current is ledger:
+            if cached is not None:
                 self._forget(key)
-                conflicts += 1
-                if self.metrics is not None:
-                    self.metrics.conflicts.labels(target.definition.name).inc()
-                pause = conflict_backoff(conflicts, self._rng)
-            except BudgetUnavailable:
-                raise
-            except _TRANSIENT as error:
-                self._forget(key)
-                errors += 1
-                last_error = error
-                pause = ERROR_BACKOFF_SECONDS * self._rng.uniform(0.5, 1.5)
-            if loop.time() + pause >= deadline:
-                break
-            await asyncio.sleep(pause)
-        raise BudgetUnavailable(
-            f"budget ledger {key!r} in bucket {naming.budget_bucket(self.namespace)!r} not "
-            f"advanced within {deadline_seconds:g}s ({conflicts} lost compare-and-set races, "
-            f"{errors} errors, last: {last_error!r}); the call is handed back"
-        )
+                return False
+        else:
+            written = await kv.update(key, encode(current), last=revision)
+            self._remember(key, written, current)
+        for op, result in results:
+            if op.future.done():
+                continue
+            if isinstance(result, BaseException):
+                op.future.set_exception(result)
+            else:
+                op.future.set_result(result)
+        return True
 
     def _remember(self, key: str, revision: int, ledger: Ledger) -> None:
         self._cache[key] = (revision, ledger)
