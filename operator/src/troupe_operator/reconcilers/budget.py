@@ -85,12 +85,18 @@ async def _write(
 
 async def budget_pass(operator: Operator, body: Mapping[str, Any]) -> str | None:
     """One pass over one Budget; returns what blocks it (NATS unreachable), for the caller
-    to retry with backoff, or None."""
+    to retry with backoff, or None.
+
+    The Budget is read again under its lock: one whose deletion began while the pass waited
+    (its cleanup holds the same lock) must not have its definition written back."""
     meta = body["metadata"]
     namespace, name = str(meta["namespace"]), str(meta["name"])
-    generation = int(meta.get("generation") or 1)
-    raw_spec = body.get("spec") or {}
     async with operator.lock(KIND, namespace, name):
+        fresh = await operator.kube.read_custom(PLURAL, namespace, name)
+        if fresh is None or "deletionTimestamp" in fresh["metadata"]:
+            return None
+        generation = int(fresh["metadata"].get("generation") or 1)
+        raw_spec = fresh.get("spec") or {}
         with metrics.reconcile_timer(KIND):
             return await _budget_pass(operator, namespace, name, generation, raw_spec)
 
