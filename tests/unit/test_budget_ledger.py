@@ -433,3 +433,94 @@ def test_a_ledger_of_another_window_is_junk() -> None:
     d = definition()
     assert decode(encode(fresh(d)), "d20261203") is None
     assert decode(b'{"window": "d20261202", "started": "soon"}', "d20261202") is None
+
+
+requirements = st.builds(
+    lambda key, op, values: LabelSelectorRequirement.model_validate(
+        {"key": key, "operator": op, "values": values if op in ("In", "NotIn") else []}
+    ),
+    st.sampled_from("abc"),
+    st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist"]),
+    st.lists(st.sampled_from("xyz"), max_size=2),
+)
+
+
+@given(labels, st.lists(requirements, max_size=3), labels)
+def test_match_expressions_as_sets(
+    wanted: dict[str, str], expressions: list[LabelSelectorRequirement], have: dict[str, str]
+) -> None:
+    """Each requirement read as a set of label maps (Kubernetes' definition), every one and
+    matchLabels together."""
+
+    def holds(r: LabelSelectorRequirement) -> bool:
+        value = have.get(r.key)
+        return {
+            "In": value is not None and value in set(r.values),
+            "NotIn": value is None or value not in set(r.values),
+            "Exists": value is not None,
+            "DoesNotExist": value is None,
+        }[r.operator]
+
+    selector = LabelSelector(match_labels=wanted, match_expressions=expressions)
+    expected = wanted.items() <= have.items() and all(holds(r) for r in expressions)
+    assert selector.matches(have) == expected
+
+
+@given(
+    st.integers(0, 1000),
+    st.integers(0, 1000),
+    st.integers(0, 1000),
+    st.integers(1, 2000),
+    st.floats(0, 5, allow_nan=False),
+    st.floats(0, 5, allow_nan=False),
+    st.floats(0.01, 10, allow_nan=False),
+)
+def test_a_hold_is_refused_exactly_when_it_would_pass_a_hard_limit(
+    spent_tokens: int,
+    held_tokens: int,
+    asked: int,
+    hard: int,
+    spent_usd: float,
+    asked_usd: float,
+    hard_usd: float,
+) -> None:
+    d = definition(hard=hard, cost_hard=hard_usd)
+    ledger = fresh(d).model_copy(
+        update={
+            "spent": Amount(tokens=spent_tokens, cost_usd=spent_usd),
+            "holds": {"other": b.Hold(amount=Amount(tokens=held_tokens), expires=NOW + 60)},
+        }
+    )
+    outcome = b.reserve(d, ledger, "mine", Amount(tokens=asked, cost_usd=asked_usd), NOW, TTL)
+    past = spent_tokens + held_tokens + asked > hard or spent_usd + asked_usd > hard_usd
+    assert isinstance(outcome, Refused) == past
+    if isinstance(outcome, Refused):
+        assert outcome.error.unit == (
+            "tokens" if spent_tokens + held_tokens + asked > hard else "costUsd"
+        )
+        assert outcome.ledger.holds == ledger.holds
+
+
+@given(
+    st.sampled_from(["Hour", "Day", "Month", "Run"]),
+    st.integers(0, 10**6),
+    st.floats(0, 0.999, allow_nan=False),
+    st.integers(1, 10**7),
+)
+def test_projected_exhaustion_is_now_or_later_and_within_the_window(
+    kind: str, tokens: int, fraction: float, hard: int
+) -> None:
+    """Read while the window lasts (a Run window: up to 40 days on)."""
+    window = BudgetWindow.model_validate({"type": kind})
+    d = definition(hard=hard, window=window)
+    ledger = fresh(d).model_copy(update={"spent": Amount(tokens=tokens)})
+    start, end = b.window_bounds(window, ledger, ledger.started)
+    now = start + fraction * ((end if end is not None else start + 40 * 86400) - start)
+    when = b.projected_exhaustion(ledger, d, now)
+    if tokens >= hard:
+        assert when == datetime.fromtimestamp(now, UTC)
+    if when is not None:
+        assert when.timestamp() >= now - 1e-6
+        assert end is None or when.timestamp() <= end + 1e-6
+    assert b.burn_rate(ledger, window, now).tokens >= 0
+    assert start <= now
