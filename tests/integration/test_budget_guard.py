@@ -364,6 +364,26 @@ async def test_definitions_follow_changes_and_survive_junk(
             assert counts("troupe_budget_junk_total", {"kind": "definition"}) == 2
 
 
+async def test_start_returns_with_every_definition_in(nats_url: str) -> None:
+    """The initial values' end is counted, not taken from nats-py's early marker: 40 starts
+    on 30 definitions (and a deleted one), each returns with all 30."""
+    namespace = fresh_namespace()
+    async with bucket(nats_url, namespace) as kv:
+        for index in range(30):
+            await put_definition(kv, definition(f"b{index}", 100 + index))
+        await put_definition(kv, definition("gone", 1))
+        await kv.delete(naming.budget_definition_key("gone"))
+        nc = await nats.connect(nats_url)
+        try:
+            for _ in range(40):
+                definitions = Definitions(namespace)
+                await definitions.start(nc.jetstream())
+                assert len(definitions.all()) == 30
+                await definitions.stop()
+        finally:
+            await nc.close()
+
+
 async def test_a_junk_ledger_is_replaced_not_obeyed(
     nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

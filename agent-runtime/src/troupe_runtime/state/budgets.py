@@ -35,9 +35,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 from pydantic import ValidationError
 
 from troupe_runtime.contract import budget as ledger_plan
@@ -119,7 +121,12 @@ class Definitions:
     checked against a partial set. A definition that does not parse is logged and ignored
     (it is the operator's to write; the watch goes on), and the last good one is kept.
     ``start`` on a new session replaces the watch; the old set serves until the new one's
-    initial values are in."""
+    initial values are in.
+
+    The watch is an ordered consumer of the bucket's stream, last value per key, read
+    here rather than through nats-py's ``KeyValue.watch``: that marks the end of the
+    initial values too early when some are still on the wire (nats-io/nats.py#842). Here
+    the end is counted: the consumer's delivered plus pending messages when it was made."""
 
     def __init__(self, namespace: str, metrics: BudgetMetrics | None = None) -> None:
         self.namespace = namespace
@@ -127,32 +134,41 @@ class Definitions:
         self._metrics = metrics
         self._by_key: dict[str, BudgetDefinition] = {}
         self._all: tuple[BudgetDefinition, ...] = ()
-        self._watcher: KeyValue.KeyWatcher | None = None
+        self._sub: JetStreamContext.PushSubscription | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, js: JetStreamContext) -> None:
         """(Re)start the watch on this session; returns once the initial values are in."""
         await self.stop()
-        kv = await open_budget_bucket(js, self.namespace)
-        watcher = await kv.watch(f"{naming.BUDGET_DEFINITION_PREFIX}.*")
+        bucket = naming.budget_bucket(self.namespace)
+        await open_budget_bucket(js, self.namespace)
+        prefix = f"$KV.{bucket}."
+        sub = await js.subscribe(
+            f"{prefix}{naming.BUDGET_DEFINITION_PREFIX}.*",
+            stream=naming.kv_stream(bucket),
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        )
         initial: dict[str, BudgetDefinition] = {}
         try:
             async with asyncio.timeout(START_DEADLINE_SECONDS):
-                while (entry := await anext(watcher)) is not None:
-                    self._apply(initial, entry)
+                info = await sub.consumer_info()
+                delivered = (info.delivered.consumer_seq if info.delivered else 0) or 0
+                for _ in range(delivered + (info.num_pending or 0)):
+                    self._apply(initial, prefix, await anext(sub.messages))
         except BaseException:
-            await _stop_watcher(watcher)
+            await _unsubscribe(sub)
             raise
-        self._watcher = watcher
+        self._sub = sub
         self._set(initial)
         self.ready.set()
-        self._task = asyncio.create_task(self._follow(watcher), name="budget-definitions")
+        self._task = asyncio.create_task(self._follow(sub, prefix), name="budget-definitions")
 
     async def stop(self) -> None:
-        watcher, self._watcher = self._watcher, None
+        sub, self._sub = self._sub, None
         task, self._task = self._task, None
-        if watcher is not None:
-            await _stop_watcher(watcher)
+        if sub is not None:
+            await _unsubscribe(sub)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -167,13 +183,11 @@ class Definitions:
     def all(self) -> tuple[BudgetDefinition, ...]:
         return self._all
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+    async def _follow(self, sub: JetStreamContext.PushSubscription, prefix: str) -> None:
         try:
-            async for entry in watcher:
-                if entry is None:
-                    continue
+            async for msg in sub.messages:
                 by_key = dict(self._by_key)
-                self._apply(by_key, entry)
+                self._apply(by_key, prefix, msg)
                 self._set(by_key)
         except asyncio.CancelledError:
             raise
@@ -184,38 +198,40 @@ class Definitions:
         self._by_key = by_key
         self._all = tuple(by_key.values())
 
-    def _apply(self, by_key: dict[str, BudgetDefinition], entry: KeyValue.Entry) -> None:
-        if entry.operation in (KV_DEL, KV_PURGE):
-            if by_key.pop(entry.key, None) is not None:
-                logger.info("budget definition %s removed", entry.key)
+    def _apply(self, by_key: dict[str, BudgetDefinition], prefix: str, msg: Msg) -> None:
+        key = msg.subject[len(prefix) :]
+        headers = msg.headers or {}
+        if headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers:
+            if by_key.pop(key, None) is not None:
+                logger.info("budget definition %s removed", key)
             return
         try:
-            definition = BudgetDefinition.model_validate_json(entry.value or b"")
+            definition = BudgetDefinition.model_validate_json(msg.data or b"")
         except ValidationError as error:
             if self._metrics is not None:
                 self._metrics.junk.labels("definition").inc()
-            kept = "the last good one is kept" if entry.key in by_key else "no budget from it"
+            kept = "the last good one is kept" if key in by_key else "no budget from it"
             logger.error(
                 "budget definition %s (revision %s) does not parse, ignored (%s): %s",
-                entry.key,
-                entry.revision,
+                key,
+                msg.metadata.sequence.stream,
                 kept,
                 error.errors(include_url=False)[:3],
             )
             return
-        by_key[entry.key] = definition
+        by_key[key] = definition
         logger.info(
             "budget definition %s: generation %d, scope %s, window %s",
-            entry.key,
+            key,
             definition.generation,
             definition.scope,
             definition.window.type,
         )
 
 
-async def _stop_watcher(watcher: KeyValue.KeyWatcher) -> None:
+async def _unsubscribe(sub: JetStreamContext.PushSubscription) -> None:
     with contextlib.suppress(*_TRANSIENT):
-        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py lacks hints
+        await sub.unsubscribe()
 
 
 @dataclass(frozen=True)
