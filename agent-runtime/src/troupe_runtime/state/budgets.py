@@ -67,8 +67,11 @@ RESERVE_DEADLINE_SECONDS = 10.0
 SETTLE_DEADLINE_SECONDS = 10.0
 """One commit or release is written within this, else dropped (the hold expires, charged)."""
 LATE_RELEASE_SECONDS = 120.0
-"""How long a hold that timed out is tried to be taken back, in the background."""
+"""How long a commit or release that missed its deadline (or a hold that timed out, to be
+taken back) is tried on in the background."""
 LATE_RELEASE_PAUSE_SECONDS = 2.0
+CLOSE_GRACE_SECONDS = 5.0
+"""How long ``BudgetGuard.aclose`` lets late commits and releases finish."""
 READY_WAIT_SECONDS = 5.0
 """How long a call waits for the definitions' initial values before it is handed back."""
 START_DEADLINE_SECONDS = 30.0
@@ -381,7 +384,7 @@ class BudgetGuard:
             )
         except asyncio.CancelledError:  # the call is not made: give back what was held
             for held in taken:
-                self._later(self.release(held, spend.hold_id, LATE_RELEASE_SECONDS))
+                self._later(self.release(held, spend.hold_id, late=True))
             raise
         granted = [t for t, outcome in zip(targets, outcomes, strict=True) if outcome is None]
         failures = [outcome for outcome in outcomes if outcome is not None]
@@ -424,8 +427,10 @@ class BudgetGuard:
         self._count(definition.name, "granted")
         taken.append(target)
 
-    async def commit(self, target: _Held, hold_id: str, actual: Amount) -> None:
-        """Replace one hold by the actual usage; dropped (logged) when it cannot be written."""
+    async def commit(self, target: _Held, hold_id: str, actual: Amount, late: bool = False) -> None:
+        """Replace one hold by the actual usage. Not written within the settle deadline, it
+        is tried on in the background (``LATE_RELEASE_SECONDS``), then dropped (logged):
+        the hold is charged in full when it expires."""
         definition = target.definition
         if self.definitions.get(definition.name) is None:
             logger.info("budget %s is gone; its hold %s is not committed", definition.name, hold_id)
@@ -435,15 +440,16 @@ class BudgetGuard:
         def plan(ledger: Ledger, now: float) -> Ledger | Refused:
             return ledger_plan.commit(ledger, window, hold_id, actual, now)
 
+        deadline = LATE_RELEASE_SECONDS if late else self._settle_deadline
         try:
-            before, after = await self._advance(target, plan, self._settle_deadline)
+            before, after = await self._advance(target, plan, deadline)
         except BudgetUnavailable as error:
+            then = "it will be charged in full when it expires" if late else "tried on"
             logger.warning(
-                "budget %s: hold %s not committed (it will be charged in full when it expires): %s",
-                definition.name,
-                hold_id,
-                error,
+                "budget %s: hold %s not committed (%s): %s", definition.name, hold_id, then, error
             )
+            if not late:
+                self._later(self.commit(target, hold_id, actual, late=True))
             return
         assert isinstance(after, Ledger)
         if self.metrics is None or after is before:
@@ -457,39 +463,48 @@ class BudgetGuard:
             self.metrics.crossings.labels(definition.name, level, unit).inc()
             logger.warning("budget %s passed its %s %s limit", definition.name, level, unit)
 
-    async def release(self, target: _Held, hold_id: str, deadline: float | None = None) -> None:
-        """Drop one hold (nothing spent); dropped (logged) when it cannot be written."""
+    async def release(self, target: _Held, hold_id: str, late: bool = False) -> None:
+        """Drop one hold (nothing spent); like ``commit``, tried on in the background when
+        not written within the settle deadline, then dropped (logged)."""
         if self.definitions.get(target.definition.name) is None:
             return
 
         def plan(ledger: Ledger, now: float) -> Ledger | Refused:
             return ledger_plan.release(ledger, hold_id)
 
+        deadline = LATE_RELEASE_SECONDS if late else self._settle_deadline
         try:
-            await self._advance(target, plan, deadline or self._settle_deadline)
+            await self._advance(target, plan, deadline)
         except BudgetUnavailable as error:
+            then = "it will be charged in full when it expires" if late else "tried on"
             logger.warning(
-                "budget %s: hold %s not released (it will be charged in full when it expires): %s",
+                "budget %s: hold %s not released (%s): %s",
                 target.definition.name,
                 hold_id,
+                then,
                 error,
             )
+            if not late:
+                self._later(self.release(target, hold_id, late=True))
 
     async def _take_back(self, target: _Held, hold_id: str) -> None:
         """Release a hold that may or may not have been written, twice: a write the client
         buffered while disconnected is flushed at the reconnect, and has been seen to land
         after the first release had read the ledger."""
-        await self.release(target, hold_id, LATE_RELEASE_SECONDS)
+        await self.release(target, hold_id, late=True)
         await asyncio.sleep(LATE_RELEASE_PAUSE_SECONDS)
-        await self.release(target, hold_id, LATE_RELEASE_SECONDS)
+        await self.release(target, hold_id, late=True)
 
     def _later(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def aclose(self) -> None:
-        """Stop what runs in the background (late releases)."""
+    async def aclose(self, grace: float = CLOSE_GRACE_SECONDS) -> None:
+        """Give what runs in the background (late commits and releases) ``grace`` seconds
+        to finish, then stop it."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=grace)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
