@@ -7,9 +7,13 @@ by compare-and-set; and the guard every model call passes first.
 released. The planning is ``contract.budget``'s; this module is its I/O.
 
 Each ledger write is one ``kv.update(key, value, last=revision)``. The guard remembers the
-revision it last wrote or read of each ledger, so an uncontended hold is one round trip; a
-lost race (another replica wrote first) re-reads and plans again after a jittered backoff,
+revision it last wrote or read of each ledger, so an uncontended hold is one round trip. The
+holds, commits and releases of one guard on one ledger queue up and go in shared writes (the
+first caller writes for whoever queues behind it), so one replica's calls never race each
+other; a race lost to another replica re-reads and plans again after a jittered backoff,
 within a bounded deadline, then ``BudgetUnavailable``: the call is never made unchecked.
+Every plan is idempotent (``contract.budget``), which is what makes retrying a write whose
+reply was lost safe.
 
 Junk in the bucket is survived, never obeyed:
 
@@ -17,10 +21,12 @@ Junk in the bucket is survived, never obeyed:
 - a ledger that does not parse (or names another window) is logged loudly and replaced by
   a fresh one, by compare-and-set at its revision: what it counted is lost, but refusing
   every call of the window for good (a Run window never ends) would be worse;
-- a hold expiring implausibly far ahead is treated as expired (``contract.budget``).
+- a hold expiring later than any guard holds is dropped uncharged (``contract.budget``).
 
-A commit or release that cannot be written in time is logged and dropped: the hold then
-expires and is charged in full, so the ledger errs on the side of counting too much.
+A commit or release not written within its deadline goes on in the background for
+``LATE_RELEASE_SECONDS``, then is logged and dropped: the hold expires and is charged in
+full, so the ledger errs on the side of counting too much. A hold that timed out or whose
+caller was cancelled is taken back in the background, in case its write landed after all.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ DEFAULT_HOLD_TTL_SECONDS = 600.0
 RESERVE_DEADLINE_SECONDS = 10.0
 """One hold (per budget) is granted or refused within this, else ``BudgetUnavailable``."""
 SETTLE_DEADLINE_SECONDS = 10.0
-"""One commit or release is written within this, else dropped (the hold expires, charged)."""
+"""How long a caller waits for its commit or release; then it goes on in the background."""
 LATE_RELEASE_SECONDS = 120.0
 """How long a commit or release that missed its deadline (or a hold that timed out, to be
 taken back) is tried on in the background."""
