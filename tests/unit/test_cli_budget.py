@@ -202,3 +202,18 @@ def test_remaining_is_hard_less_spent_less_held_never_below_zero(
     assert view.spent.tokens == sum(committed)
     assert view.held.tokens == sum(held)
     assert view.remaining_tokens == max(0, 100_000 - sum(committed) - sum(held))
+
+
+def test_a_slow_burn_against_a_large_rolling_limit_projects_no_exhaustion() -> None:
+    """A billionth of a dollar in an hour against $1000: the projection lands a million
+    years out, past what a datetime holds; it is none (it used to raise ValueError)."""
+    rolling = definition(
+        window={"type": "Rolling", "duration": "1h"}, limits={"costUsd": {"hard": 1000.0}}
+    )
+    ledger = budget.fresh_ledger(rolling.window, "rolling", NOW - 30)
+    tiny = Amount(tokens=1, cost_usd=1e-9)
+    held = budget.reserve(rolling, ledger, "h", tiny, NOW - 20, 600)
+    assert not isinstance(held, Refused)
+    ledger = budget.commit(held, rolling.window, "h", tiny, NOW - 10)
+    assert budget.projected_exhaustion(ledger, rolling, NOW) is None
+    assert budget_view(rolling, {"rolling": ledger}, NOW).projected_exhaustion is None

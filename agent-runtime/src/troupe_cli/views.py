@@ -304,8 +304,8 @@ def readable_data(data: bytes, content_type: str | None) -> Any:
         return {"base64": base64.b64encode(data).decode()}
 
 
-LATEST_EPOCH = 32503680000.0
-"""Year 3000: a ledger said to start later is junk (and past what a datetime holds)."""
+LATEST_EPOCH = budget.LATEST_PROJECTION
+"""A ledger said to start later is junk (and past what a datetime holds)."""
 
 
 @dataclass(frozen=True)
@@ -449,15 +449,6 @@ def _own(window: BudgetWindow, ledgers: Mapping[str, Ledger]) -> dict[str, Ledge
     return {wid: ledger for wid, ledger in ledgers.items() if pattern.fullmatch(wid)}
 
 
-def _exhaustion(ledger: Ledger, definition: BudgetDefinition, now: float) -> datetime | None:
-    """``projected_exhaustion``, or None when it lies past what a datetime holds (a burn
-    of a billionth of a cent an hour against a dollar limit)."""
-    try:
-        return budget.projected_exhaustion(ledger, definition, now)
-    except (OverflowError, ValueError, OSError):
-        return None
-
-
 def _moment(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
@@ -488,7 +479,7 @@ def budget_view(
         remaining_tokens=tokens_left,
         remaining_cost=cost_left,
         burn_rate=budget.burn_rate(ledger, window, now),
-        projected_exhaustion=_exhaustion(ledger, definition, now),
+        projected_exhaustion=budget.projected_exhaustion(ledger, definition, now),
         refusals=current.refusals,
         runs=None,
         runs_exceeded=None,

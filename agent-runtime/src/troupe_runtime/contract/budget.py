@@ -334,6 +334,10 @@ CLOCK_SKEW_SECONDS = 5.0
 MIN_BURN_SECONDS = 60.0
 """Burn rates are taken over at least this long, so a window's first call is no spike."""
 
+LATEST_PROJECTION = 32503680000.0
+"""Year 3000, epoch seconds: an exhaustion projected later is none (a Rolling window's
+slow burn against a large limit lands past what a datetime holds)."""
+
 ROLLING_WINDOW_ID = "rolling"
 """A Rolling window has one ledger for good; its slots roll."""
 
@@ -676,5 +680,6 @@ def projected_exhaustion(
             candidates.append(now + (hard - used) / per_hour * 3600.0)
     if window.type == "Rolling":
         end = None  # A rolling window never ends; its burn is over its own span.
-    reachable = [t for t in candidates if end is None or t <= end]
+    horizon = LATEST_PROJECTION if end is None else min(end, LATEST_PROJECTION)
+    reachable = [t for t in candidates if t <= horizon]
     return datetime.fromtimestamp(min(reachable), UTC) if reachable else None
