@@ -424,10 +424,6 @@ def fresh_ledger(window: BudgetWindow, wid: str, now: float) -> Ledger:
     return Ledger(window=wid, started=started, updated=now)
 
 
-def _add(a: Amount, b: Amount) -> Amount:
-    return Amount(tokens=a.tokens + b.tokens, cost_usd=a.cost_usd + b.cost_usd)
-
-
 def _correct(a: Amount, minus: Amount, plus: Amount) -> Amount:
     """``a - minus + plus``, never below zero (floats may leave a -1e-18)."""
     return Amount(
