@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from troupe_devcluster.fixtures import wait_for
 from troupe_devcluster.scripted_llm import (
     DEFAULT_USAGE,
     CountedUsage,
@@ -323,3 +324,15 @@ def test_counted_usage_is_four_characters_a_token_per_message(
 @given(body=st.one_of(st.none(), st.integers(), st.dictionaries(st.text(max_size=3), st.none())))
 def test_counted_usage_of_a_body_that_is_no_chat_is_empty(body: Any) -> None:
     assert CountedUsage()(body) == (0, DEFAULT_USAGE[1])
+
+
+def test_an_answer_cut_off_by_its_client_is_served_incomplete(scripted_llm: ScriptedLlm) -> None:
+    """A client that dies mid-answer: the provider answered (and would bill) what it
+    counted, but the caller never had it."""
+    scripted_llm.script(Text("one two three four five six", usage=(9, 6), chunk_delay=0.2))
+    body = {"model": "m", "messages": CHAT, "stream": True}
+    with httpx.stream("POST", f"{scripted_llm.base_url}/chat/completions", json=body) as response:
+        next(response.iter_lines())
+    # The connection is closed; the server's next writes fail.
+    served = wait_for(lambda: scripted_llm.served, 10, "the cut-off answer's record")
+    assert [(s.status, s.usage, s.complete) for s in served] == [(200, (9, 6), False)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import signal
 import ssl
 import tempfile
 import time
@@ -25,6 +26,7 @@ from troupe_devcluster.components import Component
 from troupe_devcluster.kube import core_v1, new_api_client
 from troupe_devcluster.layout import KWOK_NODE_COUNT, PROCESS_NODE_NAME, Layout, Ports
 from troupe_devcluster.pki import ADMIN_USER, write_pki
+from troupe_devcluster.processnode.process import signal_group
 
 START_DEADLINE_SECONDS = 60.0
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
@@ -170,6 +172,18 @@ def up_nats(root: Path | None = None) -> Layout:
         down(layout)
         raise
     return layout
+
+
+def restart_nats(layout: Layout) -> None:
+    """SIGKILL the layout's nats-server, as a crashed node would (no flush, no goodbye), and
+    start it again on the same port and storage directory, healthy: what it had stored
+    survives, as JetStream's file store promises."""
+    nats = components.nats_server(layout)
+    pid = layout.pids[nats.name]
+    signal_group(pid, signal.SIGKILL)
+    processes.stop([pid], grace_seconds=START_DEADLINE_SECONDS)  # reaps it
+    _start(layout, nats)
+    _wait_healthy(layout, nats, time.monotonic() + START_DEADLINE_SECONDS)
 
 
 def _up(bin_dir: Path, layout: Layout) -> None:

@@ -164,6 +164,7 @@ class Served:
     """Epoch seconds the whole response had been written (the last chunk, streamed)."""
     model: str | None
     status: int
+    """The response's status, sent or being sent when it was cut off."""
     usage: tuple[int, int] | None
     """(prompt_tokens, completion_tokens) of an answer (Text or ToolCalls): what a provider
     bills, reported or not; None for an error or a Raw reply."""
@@ -338,15 +339,18 @@ class _Handler(BaseHTTPRequestHandler):
         request = body if isinstance(body, dict) else {}
         model = request.get("model") if isinstance(request.get("model"), str) else None
         reply = self.scripted._next(model)
-        usage = _resolved(reply.usage, request) if isinstance(reply, Text | ToolCalls) else None
-        status, reported, complete = 500, False, False
+        usage = None
+        if isinstance(reply, Text | ToolCalls):
+            usage = _resolved(reply.usage, request)
+        reported, complete = False, False
         try:
-            status, reported = self._answer(reply, usage, request, model)
+            reported = self._answer(reply, usage, request, model)
             complete = True
         finally:
-            self.scripted._served_one(
-                Served(received, time.time(), model, status, usage, reported, complete, body)
+            served = Served(
+                received, time.time(), model, _status(reply), usage, reported, complete, body
             )
+            self.scripted._served_one(served)
 
     def _answer(
         self,
@@ -354,11 +358,11 @@ class _Handler(BaseHTTPRequestHandler):
         usage: tuple[int, int] | None,
         request: dict[str, Any],
         model: str | None,
-    ) -> tuple[int, bool]:
-        """Send ``reply``; its status and whether it reported ``usage``."""
+    ) -> bool:
+        """Send ``reply``; whether it reported ``usage``."""
         if reply is None:
             self._json(500, {"error": {"message": f"scripted_llm: nothing scripted for {model}"}})
-            return 500, False
+            return False
         if not self.scripted._pause(reply.delay):
             raise ConnectionAbortedError("the server is closing")
         if isinstance(reply, HttpError):
@@ -366,17 +370,17 @@ class _Handler(BaseHTTPRequestHandler):
                 reply.body if reply.body is not None else {"error": {"message": reply.message}}
             )
             self._json(reply.status, payload, reply.headers)
-            return reply.status, False
+            return False
         if isinstance(reply, Raw):
             self._send(reply.status, reply.body, reply.content_type, reply.headers)
-            return reply.status, False
+            return False
         if request.get("stream") is True:
             options = request.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
             self._stream(reply, usage, model or DEFAULT_MODEL, include_usage)
-            return 200, include_usage and usage is not None
+            return include_usage and usage is not None
         self._json(200, _completion(reply, usage, model or DEFAULT_MODEL))
-        return 200, usage is not None
+        return usage is not None
 
     def _receive(self, raw: bytes) -> Any:
         try:
@@ -459,6 +463,13 @@ def _message_chars(message: Any) -> int:
                 if isinstance(value, str)
             )
     return chars
+
+
+def _status(reply: Reply | None) -> int:
+    """The status ``reply`` is answered with (500: nothing was scripted)."""
+    if isinstance(reply, HttpError | Raw):
+        return reply.status
+    return 200 if reply is not None else 500
 
 
 def _resolved(usage: Usage, request: dict[str, Any]) -> tuple[int, int] | None:
