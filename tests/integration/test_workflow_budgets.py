@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
+import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -36,6 +37,7 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
+from troupe_cli.main import amain
 from troupe_devcluster.scripted_llm import ScriptedLlm, Text
 from troupe_runtime.agent.context import Context, HandlerFn
 from troupe_runtime.agent.outputs import send_reply
@@ -140,7 +142,7 @@ async def last_message(js: JetStreamContext, stream: str, subject: str) -> Any:
 
 
 async def test_a_refused_step_ends_the_run_budget_exceeded_with_what_finished(
-    nats_url: str,
+    nats_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ns = new_namespace()
     retry = {"maxAttempts": 3, "backoff": ["10ms"]}
@@ -168,6 +170,9 @@ async def test_a_refused_step_ends_the_run_budget_exceeded_with_what_finished(
         state = await projected(js, config, run)
         tally = await last_message(js, config.stream, config.tally_subject("BudgetExceeded"))
         results = await js.get_last_msg(config.stream, config.subject("results", run))
+        cli = ["--nats-url", nats_url, "-n", ns, "runs"]
+        shown = await amain([*cli, "show", "wf", run, "-o", "json"]), capsys.readouterr().out
+        listed = await amain([*cli, "list", "wf"]), capsys.readouterr().out
     await nc.close()
 
     assert outcome == {
@@ -198,6 +203,16 @@ async def test_a_refused_step_ends_the_run_budget_exceeded_with_what_finished(
     assert state.status == "BudgetExceeded"
     assert state.steps["b"].reason == "budget-exceeded"
     assert json.loads(tally.data or b"{}") == {"run": run}
+    # troupe runs show and list say so.
+    assert shown[0] == 0
+    document = json.loads(shown[1])
+    assert (document["status"], document["output"]) == ("BudgetExceeded", outcome["output"])
+    assert [(s["step"], s["status"]) for s in document["steps"]] == [
+        ("a", "Succeeded"),
+        ("b", "BudgetExceeded"),
+    ]
+    assert listed[0] == 0
+    assert "BudgetExceeded" in listed[1]
 
 
 async def test_compensations_run_then_the_run_ends_budget_exceeded(nats_url: str) -> None:
