@@ -183,7 +183,9 @@ class Ops:
     async def runs(self, workflow: str) -> list[RunState]:
         """Every run's projection, read in one pass over the runs bucket."""
         kv = await self._runs_bucket(workflow)
-        values = await _current_values(kv, ">")
+        values = await _current_values(
+            self._js, kv, naming.workflow_runs_bucket(self.namespace, workflow), ">"
+        )
         states = [RunState.model_validate_json(value) for value in values.values()]
         return sorted(states, key=lambda state: state.started_at)
 
@@ -402,7 +404,7 @@ class Ops:
             kv = await self._js.key_value(bucket)
         except BucketNotFoundError:
             return {}
-        return await _current_values(kv, pattern)
+        return await _current_values(self._js, kv, bucket, pattern)
 
     async def budget_definition(self, name: str) -> dict[str, bytes]:
         """One budget's definition and ledgers, as ``budget_entries`` gives them."""
@@ -434,21 +436,35 @@ class Ops:
         return entry
 
 
-async def _current_values(kv: KeyValue, pattern: str) -> dict[str, bytes]:
-    """The current value of every key matching ``pattern``, in one pass (a watch that ends
-    at the bucket's present); deleted keys are left out."""
-    watcher = await kv.watch(pattern, ignore_deletes=True)
+READ_CONCURRENCY = 64
+"""Keys ``_current_values`` reads at once."""
+
+
+async def _current_values(
+    js: JetStreamContext, kv: KeyValue, bucket: str, pattern: str
+) -> dict[str, bytes]:
+    """The current value of every key matching ``pattern``; deleted keys are left out.
+
+    The keys come from the stream's subject index and each value from a get: a KV watch
+    would be one pass, but nats-py can signal the end of its initial values before they
+    have all arrived (nats-io/nats.py#842), which made a listing come back short."""
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}{pattern}")
+    keys = [subject[len(prefix) :] for subject in info.state.subjects or {}]
     values: dict[str, bytes] = {}
-    try:
-        while True:
-            entry = await watcher.updates(CONNECT_TIMEOUT_SECONDS)  # type: ignore[no-untyped-call]
-            if entry is None:  # the end of the current values
-                break
-            if entry.value:
-                values[entry.key] = entry.value
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py lacks hints
-    return values
+    gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def read(key: str) -> None:
+        async with gate:
+            try:
+                entry = await kv.get(key)
+            except NotFoundError:  # deleted, purged or expired since it was listed
+                return
+        if entry.value:
+            values[key] = entry.value
+
+    await asyncio.gather(*(read(key) for key in keys))
+    return {key: values[key] for key in sorted(values)}
 
 
 def _inbox_agent(info: StreamInfo, namespace: str) -> str | None:
