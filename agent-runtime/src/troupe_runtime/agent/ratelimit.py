@@ -53,6 +53,27 @@ def debit(tat: float, now: float, rate: float, burst: int, cost: float) -> float
     return min(max(tat, now) + cost * interval, now + burst * interval)
 
 
+def unpaid(tat: float, now: float, rate: float, burst: int, cost: float) -> float:
+    """The tokens of a ``debit`` of ``cost`` that did not fit below its ceiling (a bucket is
+    never emptier than empty): owed, and taken by the next ``acquire`` on top of its cost.
+
+    Without this, a bucket kept empty by waiting callers forgives every overage: a
+    provider's tokens per minute would be passed by as much as completions use beyond their
+    estimate (tool schemas the estimate does not count, say)."""
+    interval = 1.0 / rate
+    room = (now + burst * interval - max(tat, now)) / interval
+    return cost - max(0.0, min(cost, room))
+
+
+def next_take(cost: float, owed: float, burst: int) -> tuple[float, bool]:
+    """What an ``acquire`` of ``cost`` takes next, owing ``owed``: the cost and the debt at
+    once when they fit one bucket (True: the acquire is then done), else a bucket's worth
+    of the debt first (each take must fit a bucket, or GCRA never lets it through)."""
+    if owed <= 0 or cost + owed <= burst:
+        return cost + max(owed, 0.0), True
+    return min(owed, float(burst)), False
+
+
 def credit(tat: float, now: float, rate: float, burst: int, cost: float) -> float:
     """The TAT with ``cost`` tokens an ``acquire`` took given back (the call they were for
     was not made): what ``gcra`` added, ``min(cost, burst)`` intervals, comes off again,
@@ -71,7 +92,8 @@ class Limiter(Protocol):
         ...
 
     async def charge(self, cost: float) -> None:
-        """Count ``cost`` tokens spent beyond what ``acquire`` took (best effort, no wait)."""
+        """Count ``cost`` tokens spent beyond what ``acquire`` took (best effort, no wait);
+        what the bucket has no room for now is owed, and taken by the next ``acquire``."""
         ...
 
     async def refund(self, cost: float) -> None:
@@ -94,21 +116,30 @@ class LocalLimiter:
         self._limit = limit
         self._clock = clock
         self._tat = 0.0
+        self._owed = 0.0
+        """Tokens charged that the bucket had no room for (``unpaid``)."""
 
     async def acquire(self, cost: float = 1.0, max_wait: float | None = None) -> bool:
         throttled = False
         while True:
-            decision = gcra(self._tat, self._clock(), self._limit.rate, self._limit.burst, cost)
+            rate, burst = self._limit.rate, self._limit.burst
+            take, done = next_take(cost, self._owed, burst)
+            decision = gcra(self._tat, self._clock(), rate, burst, take)
             if decision.allowed:
                 self._tat = decision.tat
-                return throttled
+                self._owed = 0.0 if done else self._owed - take
+                if done:
+                    return throttled
+                continue
             if max_wait is not None and decision.wait > max_wait:
                 raise Throttled(decision.wait)
             throttled = True
             await asyncio.sleep(decision.wait)
 
     async def charge(self, cost: float) -> None:
-        self._tat = debit(self._tat, self._clock(), self._limit.rate, self._limit.burst, cost)
+        now, rate, burst = self._clock(), self._limit.rate, self._limit.burst
+        self._owed += unpaid(self._tat, now, rate, burst, cost)
+        self._tat = debit(self._tat, now, rate, burst, cost)
 
     async def refund(self, cost: float) -> None:
         self._tat = credit(self._tat, self._clock(), self._limit.rate, self._limit.burst, cost)
@@ -177,6 +208,9 @@ class GlobalLimiter:
         self._on_conflict = on_conflict
         self._clock = clock
         self._rng = rng or random.Random()
+        self._owed = 0.0
+        """Tokens this replica charged that the shared bucket had no room for (``unpaid``):
+        its next ``acquire`` takes them too."""
 
     async def _read(self) -> tuple[float, int]:
         try:
@@ -207,10 +241,14 @@ class GlobalLimiter:
         while True:
             stored, revision = await self._read()
             now = self._clock()
-            decision = gcra(plausible_tat(stored, now, rate, burst), now, rate, burst, cost)
+            take, done = next_take(cost, self._owed, burst)
+            decision = gcra(plausible_tat(stored, now, rate, burst), now, rate, burst, take)
             if decision.allowed:
                 if await self._write(decision.tat, revision):
-                    return throttled
+                    self._owed = 0.0 if done else self._owed - take
+                    if done:
+                        return throttled
+                    continue
                 conflicts += 1
                 pause = conflict_backoff(conflicts, self._rng)
             else:
@@ -227,15 +265,23 @@ class GlobalLimiter:
             await asyncio.sleep(pause)
 
     async def charge(self, cost: float) -> None:
-        await self._advance(debit, cost)
+        owed: list[float] = []
+
+        def step(tat: float, now: float, rate: float, burst: int, cost: float) -> float:
+            owed[:] = [unpaid(tat, now, rate, burst, cost)]
+            return debit(tat, now, rate, burst, cost)
+
+        written = await self._advance(step, cost)
+        self._owed += owed[0] if written else cost
 
     async def refund(self, cost: float) -> None:
         await self._advance(credit, cost)
 
     async def _advance(
         self, step: Callable[[float, float, float, int, float], float], cost: float
-    ) -> None:
-        """Apply ``step`` (``debit`` or ``credit``) to the shared TAT, by compare-and-set."""
+    ) -> bool:
+        """Apply ``step`` (``debit`` or ``credit``) to the shared TAT, by compare-and-set;
+        False when every race was lost."""
         rate, burst = self._limit.rate, self._limit.burst
         for conflicts in range(1, MAX_CONFLICTS + 1):
             stored, revision = await self._read()
@@ -243,5 +289,6 @@ class GlobalLimiter:
             if await self._write(
                 step(plausible_tat(stored, now, rate, burst), now, rate, burst, cost), revision
             ):
-                return
+                return True
             await asyncio.sleep(conflict_backoff(conflicts, self._rng))
+        return False
