@@ -18,7 +18,9 @@ at most what the calls in flight spent beyond their holds.
   counts each answer the runtime received and committed, once, and each call a kill cut
   off keeps its whole hold (to be charged in full when it expires); so spent ≤ delivered
   ≤ billed ≤ spent + held, with delivered the tokens of the answers the model server sent
-  whole and billed those it answered at all (a caller killed mid-answer cuts it off).
+  whole and billed those it answered at all (a caller killed mid-answer cuts it off); and
+  the ledger with those holds expired (``contract.budget.reap``) counts spent + held, at
+  least all that was billed.
 - Soft limit: an Event and SoftLimitExceeded, calls go on; hard: refused, dead-lettered,
   HardLimitExceeded.
 - Nested: a run's calls count against its Workflow's Run budget and the namespace's Day
@@ -61,7 +63,7 @@ from troupe_devcluster.layout import Layout
 from troupe_devcluster.scripted_llm import CountedUsage, ScriptedLlm, Served, Text
 from troupe_runtime.agent.llm.tokens import estimate_tokens
 from troupe_runtime.contract import envelope, naming
-from troupe_runtime.contract.budget import BudgetWindow, Ledger, window_id
+from troupe_runtime.contract.budget import BudgetWindow, Ledger, reap, window_id
 from troupe_runtime.contract.dead_letters import REASON_HEADER
 from troupe_runtime.contract.envelope import CloudEvent
 
@@ -481,6 +483,14 @@ def test_killing_every_component_mid_run_keeps_the_ledger_exact(
     # not delivered, or got and could not commit, has a hold at least as large.
     assert spent <= sum(s.tokens for s in delivered) <= sum(s.tokens for s in billed), summary
     assert sum(s.tokens for s in billed) <= spent + held, summary
+    # Once the cut-off holds expire they are charged in full (the next hold on the ledger
+    # reaps them): the ledger then counts at least all the model server answered.
+    if ledger.holds:
+        later = max(h.expires for h in ledger.holds.values()) + 1
+        expired = reap(ledger, DAY, later)
+        assert expired.holds == {}, summary
+        assert expired.spent.tokens == spent + held, summary
+        assert sum(s.tokens for s in billed) <= expired.spent.tokens, summary
     # At least one answer per step of every run was counted.
     assert ledger.spent.tokens >= 2 * KILLED_RUNS * (KILLED_ANSWER + 2), summary
 
