@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -299,6 +300,22 @@ def warned(cluster: ClusterEndpoints, namespace: str, name: str, reason: str) ->
     wait_for(found, DEADLINE, f"a Warning Event {reason} on budget {name}")
 
 
+def exceeded(
+    operator: OperatorProcess, namespace: str, name: str, level: str, value: float
+) -> None:
+    """Wait until the operator's gauge troupe_budget_limit_exceeded says ``value``."""
+    sample = (
+        f'troupe_budget_limit_exceeded{{budget="{name}",level="{level}",'
+        f'namespace="{namespace}"}} {value}'
+    )
+
+    def exported() -> bool:
+        with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:
+            return sample in response.read().decode().splitlines()
+
+    wait_for(exported, DEADLINE, sample)
+
+
 def ready_all(cluster: ClusterEndpoints, namespace: str, kinds: list[tuple[str, str]]) -> None:
     for kind, name in kinds:
         wait_ready(cluster, namespace, kind, name)
@@ -546,6 +563,8 @@ def test_a_soft_limit_warns_and_lets_calls_go_on_a_hard_limit_refuses_them(
         body = conditioned(cluster, ns, "capped", "SoftLimitExceeded")
         warned(cluster, ns, "capped", "SoftLimitExceeded")
         assert (condition(body, "HardLimitExceeded") or {}).get("status") != "True"
+        exceeded(operator, ns, "capped", "soft", 1.0)
+        exceeded(operator, ns, "capped", "hard", 0.0)
         calls_past_soft = len(answered(scripted_llm))
         after_soft = ask(url, ns, "solo", "still allowed")
         wait_for(
@@ -568,9 +587,20 @@ def test_a_soft_limit_warns_and_lets_calls_go_on_a_hard_limit_refuses_them(
             )
             if any(d.run == run for d in dead_letters(url, ns, "solo")):
                 refused.append(run)
-        conditioned(cluster, ns, "capped", "HardLimitExceeded")
+        body = conditioned(cluster, ns, "capped", "HardLimitExceeded")
         warned(cluster, ns, "capped", "HardLimitExceeded")
+        exceeded(operator, ns, "capped", "hard", 1.0)
         ledger = ledgers(url, ns, "capped")[wid]
+        status = wait_for(
+            lambda: (
+                (found := get(cluster, ns, "budget", "capped")["status"])["spent"]["tokens"]
+                == ledger.spent.tokens
+                and found
+            ),
+            DEADLINE,
+            "status.spent to be the ledger's",
+        )
+        assert status["remaining"] == {"tokens": 120 - ledger.spent.tokens}
         letters = dead_letters(url, ns, "solo")
 
     served = answered(scripted_llm)
