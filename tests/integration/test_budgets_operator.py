@@ -325,6 +325,17 @@ def _subjects(nats_url: str, namespace: str, filter: str) -> dict[str, int]:
     return jetstream(nats_url, listed)
 
 
+def _bucket_exists(nats_url: str, namespace: str) -> bool:
+    async def exists(js: JetStreamContext) -> bool:
+        try:
+            await js.stream_info(naming.kv_stream(naming.budget_bucket(namespace)))
+        except NotFoundError:
+            return False
+        return True
+
+    return jetstream(nats_url, exists)
+
+
 def _revision(nats_url: str, namespace: str, key: str) -> int | None:
     async def read(js: JetStreamContext) -> int | None:
         kv = await js.key_value(naming.budget_bucket(namespace))
@@ -579,8 +590,44 @@ def test_deleting_a_budget_removes_its_definition_and_ledgers(
 
     cluster.kubectl("delete", "budget", "doomed", "-n", watched, "--timeout=45s")
 
+    # The namespace's last Budget, and no LLM agent watches the bucket: it goes too.
+    assert not _bucket_exists(cluster.nats_url, watched)
+
+
+def test_deleting_one_of_two_budgets_keeps_the_bucket_and_the_other(
+    cluster: ClusterEndpoints, watched: str
+) -> None:
+    for name in ("kept", "doomed"):
+        apply(cluster, watched, budget(name))
+        _status_where(cluster, watched, name, lambda b: _condition_is(b, "Ready", "True"), "Ready")
+    wid, value = _ledger(spent=10)
+    _kv_put(cluster.nats_url, watched, naming.budget_ledger_key("doomed", wid), value)
+
+    cluster.kubectl("delete", "budget", "doomed", "-n", watched, "--timeout=45s")
+
     assert _definition(cluster.nats_url, watched, "doomed") is None
     assert _subjects(cluster.nats_url, watched, naming.budget_ledger_wildcard("doomed")) == {}
+    assert _definition(cluster.nats_url, watched, "kept") is not None
+
+
+def test_the_budget_bucket_stays_while_an_llm_agent_watches_it(
+    cluster: ClusterEndpoints, watched: str
+) -> None:
+    thinker = agent(
+        "thinker",
+        runtime={"handler": {"type": "llm"}},
+        llm={"model": {"provider": "absent", "model": "m"}},
+    )
+    apply(cluster, watched, thinker)
+    apply(cluster, watched, budget("cap"))
+    _status_where(cluster, watched, "cap", lambda b: _condition_is(b, "Ready", "True"), "Ready")
+
+    cluster.kubectl("delete", "budget", "cap", "-n", watched, "--timeout=45s")
+    assert _bucket_exists(cluster.nats_url, watched)
+    assert _definition(cluster.nats_url, watched, "cap") is None
+
+    cluster.kubectl("delete", "agent", "thinker", "-n", watched, "--timeout=45s")
+    assert not _bucket_exists(cluster.nats_url, watched)
 
 
 def test_a_definition_no_budget_owns_is_swept(cluster: ClusterEndpoints, watched: str) -> None:

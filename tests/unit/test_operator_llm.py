@@ -280,6 +280,16 @@ def test_the_rate_limit_bucket_goes_with_the_last_agent_that_uses_it() -> None:
     assert limits not in jetstream.orphaned_streams("research", limited, [spec])
 
 
+def test_the_budget_bucket_goes_with_the_last_llm_agent_unless_a_budget_stays() -> None:
+    spec, _ = llm_config()
+    budgets = naming.kv_stream(naming.budget_bucket("research"))
+    plain = AgentSpec.model_validate({"role": "Echoes"})
+    assert budgets in jetstream.orphaned_streams("research", spec, [plain])
+    assert budgets not in jetstream.orphaned_streams("research", spec, [plain], True)
+    assert budgets not in jetstream.orphaned_streams("research", spec, [spec])
+    assert budgets not in jetstream.orphaned_streams("research", plain, [])
+
+
 def test_other_agents_get_neither() -> None:
     spec = AgentSpec.model_validate({"role": "Echoes"})
     config = workload.build_runtime_config(OWNER, spec, "nats://nats:4222")

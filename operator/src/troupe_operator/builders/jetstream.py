@@ -74,8 +74,14 @@ def with_llm(resources: AgentResources, namespace: str, spec: AgentSpec) -> Agen
     return dataclasses.replace(resources, buckets=[*buckets, limits, usage_bucket(namespace)])
 
 
-def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec]) -> list[str]:
-    """Streams of shared resources ``spec`` uses that none of ``others`` (staying Agents) use."""
+def orphaned_streams(
+    namespace: str, spec: AgentSpec, others: Sequence[AgentSpec], budgets_staying: bool = False
+) -> list[str]:
+    """Streams of shared resources ``spec`` uses that none of ``others`` (staying Agents) use.
+
+    The budget bucket, which every LLM agent's runtime watches (and creates if it must),
+    goes with the last LLM agent unless a Budget stays (``budgets_staying``); the last
+    Budget's deletion takes it when no LLM agent stays (``reconcilers.budget``)."""
     kept = {bucket.name for other in others for bucket in other.state}
     streams = [
         naming.kv_stream(naming.kv_bucket(namespace, bucket.name))
@@ -87,6 +93,8 @@ def orphaned_streams(namespace: str, spec: AgentSpec, others: Sequence[AgentSpec
     if _is_llm_agent(spec) and not any(map(_is_llm_agent, others)):
         streams.append(naming.kv_stream(naming.usage_bucket(namespace)))
         streams.append(OBJECT_STORE_PREFIX + naming.llm_object_store(namespace))
+        if not budgets_staying:
+            streams.append(naming.kv_stream(naming.budget_bucket(namespace)))
     if not others:
         streams.append(naming.event_log_stream(namespace))
     return streams

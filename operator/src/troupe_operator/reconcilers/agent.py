@@ -26,6 +26,7 @@ from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.problems import Problem
 from troupe_operator.builders.status import WorkloadObservation
 from troupe_operator.clients.nats import Counts, NatsPool, NatsTarget
+from troupe_operator.reconcilers.budget import budgets_staying
 from troupe_operator.reconcilers.common import (
     JetStreamStep,
     Kind,
@@ -229,7 +230,8 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         staying = await self._staying(operator, namespace, name)
         resources = build_agent_resources(config, spec.runtime.replicas)
         # An Agent whose spec cannot be read may use any shared resource: keep them all.
-        shared = [] if staying is None else orphaned_streams(namespace, spec, staying)
+        budgets = await budgets_staying(operator, namespace)
+        shared = [] if staying is None else orphaned_streams(namespace, spec, staying, budgets)
         return await operator.nats.delete(target, resources, shared)
 
     def leftovers(self, namespace: str, name: str) -> list[str]:

@@ -196,8 +196,38 @@ async def delete_budget(operator: Operator, namespace: str, name: str) -> list[s
     be reached. Serialised with its passes, so none writes the definition back."""
     async with operator.lock(KIND, namespace, name):
         removed = await operator.nats.delete_budget(target(operator), namespace, name)
+    if not await budgets_staying(operator, namespace, leaving=name) and not await _llm_staying(
+        operator, namespace
+    ):
+        bucket = naming.kv_stream(naming.budget_bucket(namespace))
+        removed += await operator.nats.delete_streams(target(operator), [bucket])
     metrics.forget_budget(namespace, name)
     return removed
+
+
+def _staying(obj: Mapping[str, Any]) -> bool:
+    """Not being deleted, or deleted with deletionPolicy Retain."""
+    spec = obj.get("spec") or {}
+    retained = isinstance(spec, dict) and spec.get("deletionPolicy") == "Retain"
+    return "deletionTimestamp" not in obj.get("metadata", {}) or retained
+
+
+async def budgets_staying(operator: Operator, namespace: str, leaving: str = "") -> bool:
+    """Whether a Budget other than ``leaving`` stays in ``namespace``: the budget bucket
+    must then stay too."""
+    return any(
+        _staying(other) and other["metadata"]["name"] != leaving
+        for other in await operator.kube.list_custom(PLURAL, namespace)
+    )
+
+
+async def _llm_staying(operator: Operator, namespace: str) -> bool:
+    """Whether an LLM agent (any Agent with ``spec.llm``, whatever else its spec says) stays
+    in ``namespace``: its runtime watches the budget bucket."""
+    return any(
+        _staying(agent) and isinstance(agent.get("spec"), dict) and "llm" in agent["spec"]
+        for agent in await operator.kube.list_custom("agents", namespace)
+    )
 
 
 def leftovers(namespace: str, name: str) -> list[str]:
