@@ -12,6 +12,10 @@ committing the usage after. One message, one model call. Samples rotate which ag
 first, so all see the same machine. A second table times the guard alone (reserve, then
 commit, no model call) for 0, 1 and 3 budgets.
 
+A commit is queued, not waited for (``state.budgets``: written in the background), so a
+call's added latency is its hold's one compare-and-set; the commit's write still costs the
+process its CPU, off the caller's path. The bench checks at the end that every commit landed.
+
 Run: ``make bench BENCH=budget_check [ARGS="--calls 300"]``
 """
 
@@ -225,6 +229,8 @@ async def bench_loop(
                 elapsed = await loop_call(agent, context(js, config))
                 if index >= warmup:
                     samples[kind].append(elapsed)
+        for agent, _ in agents.values():
+            await agent.close()  # writes the commits still queued
         for kind, (_, config) in agents.items():
             await check_ledgers(js, config.namespace, kind)
         return samples

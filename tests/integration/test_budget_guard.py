@@ -112,7 +112,7 @@ class Replica:
 
 @asynccontextmanager
 async def replica(
-    url: str, namespace: str, reserve_deadline: float = 10.0, settle_deadline: float = 10.0
+    url: str, namespace: str, reserve_deadline: float = 10.0, linger: float = 0.0
 ) -> AsyncIterator[Replica]:
     nc = await nats.connect(url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
     js = nc.jetstream()
@@ -124,7 +124,7 @@ async def replica(
         definitions,
         metrics=metrics.budget,
         reserve_deadline=reserve_deadline,
-        settle_deadline=settle_deadline,
+        linger=linger,
     )
     guard.use(js)
     try:
@@ -212,6 +212,7 @@ async def test_concurrent_replicas_never_overspend_past_holds_and_count_exactly(
                     for i in range(10)
                 )
             )
+            await asyncio.gather(*(r.guard.settled() for r in (a, b, c)))
             final = await ledger_of(kv, d)
 
         await eventually(lambda: revisions and revisions[-1] == final, "the watch saw the end")
@@ -250,6 +251,7 @@ async def test_one_replicas_calls_never_race_each_other_and_a_cancelled_one_stop
             await reservation.commit(Amount(tokens=index))
 
         await asyncio.gather(*(call(i) for i in range(50)))
+        await r.guard.settled()
         conflicts = r.metrics.registry.get_sample_value(
             "troupe_budget_conflicts_total", {"budget": "cap"}
         )
@@ -293,11 +295,52 @@ async def test_a_refusal_releases_the_other_budgets_holds(nats_url: str) -> None
         fits = await r.guard.reserve(spend("small"), Amount(tokens=60))
         assert sorted(fits.budgets) == ["roomy", "tight"]
         await fits.commit(Amount(tokens=50))
+        await r.guard.settled()
         assert (await ledger_of(kv, roomy)).spent == Amount(tokens=50)
         assert (await ledger_of(kv, tight)).spent == Amount(tokens=50)
         counts = r.metrics.registry.get_sample_value
         assert counts("troupe_budget_holds_total", {"budget": "tight", "outcome": "refused"}) == 1
         assert counts("troupe_budget_spent_tokens_total", {"budget": "roomy"}) == 50
+
+
+async def test_a_commit_goes_in_the_next_holds_write_and_is_never_lost(nats_url: str) -> None:
+    """A commit does not wait for its write. With a linger, the next hold on the ledger
+    carries it, in one compare-and-set that sees the room it freed, and ``aclose`` writes
+    what is still queued; until then the ledger shows the hold (never less than was spent).
+    By default it is written at once, in the background."""
+    namespace = fresh_namespace()
+    d = definition("cap", 1000)
+    wid = plan.window_id(d.window, plan_now(), None)
+    assert wid is not None
+    key = naming.budget_ledger_key(d.name, wid)
+    async with bucket(nats_url, namespace) as kv:
+        await put_definition(kv, d)
+        async with replica(nats_url, namespace, linger=3600.0) as r:
+            first = await r.guard.reserve(spend("one"), Amount(tokens=600))
+            written = (await kv.get(key)).revision or 0
+            await first.commit(Amount(tokens=500))
+            assert (await kv.get(key)).revision == written  # not written yet...
+            assert set((await ledger_of(kv, d)).holds) == {"one"}  # ...the hold stands
+            # 500 spent leaves room for 400: the hold sees the commit it carries.
+            second = await r.guard.reserve(spend("two"), Amount(tokens=450))
+            entry = await kv.get(key)
+            assert entry.revision == written + 1  # one write: the commit and the hold
+            ledger = decode(entry.value, wid)
+            assert ledger is not None
+            assert (ledger.spent, set(ledger.holds)) == (Amount(tokens=500), {"two"})
+            await second.commit(Amount(tokens=400))
+            await r.guard.aclose()  # shutting down: the queued commit is written
+            ledger = await ledger_of(kv, d)
+            assert (ledger.spent, ledger.holds) == (Amount(tokens=900), {})
+        async with replica(nats_url, namespace) as r:  # no linger: written at once
+            third = await r.guard.reserve(spend("three"), Amount(tokens=50))
+            await third.commit(Amount(tokens=40))
+
+            async def committed() -> bool:
+                return (await ledger_of(kv, d)).spent == Amount(tokens=940)
+
+            await eventually(committed, "the commit written alone")
+            assert (await ledger_of(kv, d)).holds == {}
 
 
 async def test_each_run_has_its_own_window_and_a_call_in_no_run_is_not_counted(
@@ -317,6 +360,7 @@ async def test_each_run_has_its_own_window_and_a_call_in_no_run_is_not_counted(
         assert outside.budgets == []
         await one.commit(Amount(tokens=80))
         await two.release()
+        await r.guard.settled()
         assert (await ledger_of(kv, per_run, "run-1")).spent == Amount(tokens=80)
         assert (await ledger_of(kv, per_run, "run-2")).spent == Amount()
 
@@ -410,6 +454,7 @@ async def test_a_junk_ledger_is_replaced_not_obeyed(
                 reservation = await r.guard.reserve(spend(f"h{len(junk)}"), Amount(tokens=10))
             assert "is junk" in caplog.text
             await reservation.commit(Amount(tokens=10))
+            await r.guard.settled()
             assert (await ledger_of(kv, d)).spent == Amount(tokens=10)
         # A parseable ledger with a hold no guard could have written: dropped, uncharged.
         wedge = plan.fresh_ledger(d.window, wid, plan_now()).model_copy(
@@ -420,6 +465,7 @@ async def test_a_junk_ledger_is_replaced_not_obeyed(
         await kv.put(key, wedge.model_dump_json(by_alias=True).encode())
         reservation = await r.guard.reserve(spend("after-wedge"), Amount(tokens=900))
         await reservation.commit(Amount(tokens=900))
+        await r.guard.settled()
         assert (await ledger_of(kv, d)).spent == Amount(tokens=900)
 
 
@@ -467,7 +513,7 @@ async def test_a_killed_nats_server_loses_nothing_and_the_guard_fails_closed_mea
     definitions' watch sees a new Budget."""
     namespace, url = fresh_namespace(), own_nats.nats_url
     d = definition("cap", 10_000)
-    async with replica(url, namespace, reserve_deadline=1.0, settle_deadline=1.0) as r:
+    async with replica(url, namespace, reserve_deadline=1.0) as r:
         kv = await open_budget_bucket(r.js, namespace)
         await put_definition(kv, d)
         await eventually(lambda: r.definitions.all(), "the definition seen")
@@ -479,7 +525,7 @@ async def test_a_killed_nats_server_loses_nothing_and_the_guard_fails_closed_mea
         await asyncio.to_thread(kill_nats, own_nats)
         with pytest.raises(BudgetUnavailable):
             await r.guard.reserve(spend("while-down"), Amount(tokens=1))
-        await answered.commit(Amount(tokens=120))  # not written in time: tried on
+        await answered.commit(Amount(tokens=120))  # queued: written once the server is back
         await start_nats(own_nats)
         await eventually(lambda: r.nc.is_connected, "the connection is back")
 
@@ -490,6 +536,7 @@ async def test_a_killed_nats_server_loses_nothing_and_the_guard_fails_closed_mea
 
         await eventually(only_the_hold_in_flight, "the late commit in, the one hold left")
         await in_flight.commit(Amount(tokens=250))
+        await r.guard.settled()
         ledger = await ledger_of(kv, d)
         assert ledger.spent == Amount(tokens=410)
         assert ledger.holds == {}

@@ -95,6 +95,7 @@ async def spend_as_the_runtime(js: JetStreamContext, ns: str) -> None:
         await run_a.commit(Amount(tokens=100))
         run_b = await guard.reserve(spend("r2", "run-b", "research"), Amount(tokens=150))
         await run_b.commit(Amount(tokens=120))
+        await guard.settled()  # a commit is written after it returns
     finally:
         await definitions.stop()
 

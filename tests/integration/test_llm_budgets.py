@@ -94,6 +94,19 @@ async def ledger(js: JetStreamContext, namespace: str, budget: str, run: str) ->
     return Ledger.model_validate_json(entry.value or b"")
 
 
+async def settled(js: JetStreamContext, namespace: str, budget: str, run: str) -> Ledger:
+    """The ledger once it holds nothing: a commit is written after the call returns (the
+    next hold carries it, or it goes alone a moment later)."""
+    found: list[Ledger] = []
+
+    async def no_holds() -> bool:
+        found[:] = [await ledger(js, namespace, budget, run)]
+        return not found[0].holds
+
+    await eventually(no_holds, f"budget {budget}'s ledger to hold nothing")
+    return found[0]
+
+
 @asynccontextmanager
 async def running_agent(
     config: RuntimeConfig, toolboxes: ToolBoxFactory | None = None
@@ -203,7 +216,11 @@ async def test_a_call_within_the_limit_is_charged_exactly_what_it_used(
         async with running_agent(config) as (_, metrics):
             await send(js, config, {"q": "bees"}, correlationid=run)
             await eventually(lambda: stream_count(js, output_stream(config)), "the output")
-            spent = await ledger(js, namespace, "team", run)
+            spent = await settled(js, namespace, "team", run)
+            await eventually(
+                lambda: sample(metrics, "troupe_budget_spent_tokens_total", budget="team"),
+                "the commit counted",
+            )
             counted = sample(metrics, "troupe_budget_spent_tokens_total", budget="team")
     [request] = scripted_llm.completions
     assert request.body["max_tokens"] == DEFAULT_BUDGET_MAX_TOKENS
@@ -237,7 +254,7 @@ async def test_answer_mode_answers_with_what_it_has_when_the_budget_runs_out(
             await send(js, config, {"q": "bees"}, correlationid=run)
             await eventually(lambda: stream_count(js, output_stream(config)), "the output")
             [output] = await stored(js, output_stream(config))
-            spent = await ledger(js, namespace, "team", run)
+            spent = await settled(js, namespace, "team", run)
     assert len(scripted_llm.completions) == 1
     assert tools.calls == [("lookup", {})]
     assert parsed(output).data == {
@@ -287,7 +304,7 @@ async def test_a_workflows_budget_counts_an_agent_called_as_a_tool(
             await send(js, caller, {"q": "bees"}, correlationid=run, troupeworkflow=WORKFLOW)
             await answered(js, caller, 2)  # the callee's output, then the caller's
             outputs = [parsed(msg) for msg in await stored(js, output_stream(caller))]
-            spent = await ledger(js, namespace, "flow", run)
+            spent = await settled(js, namespace, "flow", run)
             with pytest.raises(NotFoundError):
                 await ledger(js, namespace, "other", run)
     by_agent = {event.source: event for event in outputs}

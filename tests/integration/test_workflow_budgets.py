@@ -280,8 +280,16 @@ async def test_a_workflows_run_budget_stops_a_real_llm_step_and_keeps_the_first_
             outcome = await result(js, config, run)
             events = await finished_log(js, config, run)
             kv = await js.key_value(naming.budget_bucket(ns))
-            entry = await kv.get(naming.budget_ledger_key("per-run", naming.run_window_token(run)))
-    spent = Ledger.model_validate_json(entry.value or b"")
+            key = naming.budget_ledger_key("per-run", naming.run_window_token(run))
+            found: list[Ledger] = []
+
+            async def settled() -> bool:  # a's commit is written after its call returns
+                entry = await kv.get(key)
+                found[:] = [Ledger.model_validate_json(entry.value or b"")]
+                return not found[0].holds
+
+            await eventually(settled, "the per-run ledger to hold nothing")
+    [spent] = found
     assert outcome["status"] == "BudgetExceeded"
     assert list(outcome["output"]["steps"]) == ["a"]
     assert outcome["output"]["steps"]["a"]["content"] == "Bees dance."

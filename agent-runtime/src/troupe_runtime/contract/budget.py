@@ -21,6 +21,7 @@ writes ledgers), the operator (which reads them into status) and the CLI.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -359,8 +360,15 @@ def window_id(window: BudgetWindow, now: float, run: str | None) -> str | None:
         return None if run is None else naming.run_window_token(run)
     if window.type == "Rolling":
         return ROLLING_WINDOW_ID
-    prefix, pattern = _CALENDAR[window.type]
-    return prefix + _utc(now).strftime(pattern)
+    return _calendar_id(window.type, math.floor(now))
+
+
+@functools.lru_cache(maxsize=16)
+def _calendar_id(window_type: str, second: int) -> str:
+    """A calendar window's id, by the whole second (every call asks it: strftime is not
+    free, and calendar windows turn over on whole seconds)."""
+    prefix, pattern = _CALENDAR[window_type]
+    return prefix + _utc(second).strftime(pattern)
 
 
 def _calendar_start(window: BudgetWindow, wid: str, now: float) -> datetime:

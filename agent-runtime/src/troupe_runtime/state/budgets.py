@@ -15,6 +15,17 @@ within a bounded deadline, then ``BudgetUnavailable``: the call is never made un
 Every plan is idempotent (``contract.budget``), which is what makes retrying a write whose
 reply was lost safe.
 
+A hold is awaited: it is granted by compare-and-set before the model call. A commit or
+release is not: it is queued and written in the background, at once by default (so it goes
+out before anything the call's answer leads to: a workflow's next step, on another agent,
+finds the actual spending, not the hold), or after ``linger`` seconds if the guard is given
+one, to let the next hold on the ledger carry it. Queued behind a write in flight, it goes
+in the next write with whatever else queued (commit, then hold: the hold sees the room the
+commit freed). Until it is written the ledger shows the call's hold, which is at least
+what it spent: other replicas see too much spent, never too little, and a crash meanwhile
+leaves the hold, charged in full at expiry. ``BudgetGuard.settled`` waits for what is
+queued (tests); ``aclose`` writes it (shutdown, while still connected).
+
 Junk in the bucket is survived, never obeyed:
 
 - a definition that does not parse is logged and the last good one (if any) kept;
@@ -23,10 +34,10 @@ Junk in the bucket is survived, never obeyed:
   every call of the window for good (a Run window never ends) would be worse;
 - a hold expiring later than any guard holds is dropped uncharged (``contract.budget``).
 
-A commit or release not written within its deadline goes on in the background for
-``LATE_RELEASE_SECONDS``, then is logged and dropped: the hold expires and is charged in
-full, so the ledger errs on the side of counting too much. A hold that timed out or whose
-caller was cancelled is taken back in the background, in case its write landed after all.
+A commit or release is tried for ``SETTLE_DEADLINE_SECONDS``, then logged and dropped: the
+hold expires and is charged in full, so the ledger errs on the side of counting too much. A
+hold that timed out or whose caller was cancelled is taken back in the background, in case
+its write landed after all.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from troupe_runtime.contract import budget as ledger_plan
@@ -70,14 +82,19 @@ DEFAULT_HOLD_TTL_SECONDS = 600.0
 """How long a hold lives without its holder: past the longest model call, then charged."""
 RESERVE_DEADLINE_SECONDS = 10.0
 """One hold (per budget) is granted or refused within this, else ``BudgetUnavailable``."""
-SETTLE_DEADLINE_SECONDS = 10.0
-"""How long a caller waits for its commit or release; then it goes on in the background."""
-LATE_RELEASE_SECONDS = 120.0
-"""How long a commit or release that missed its deadline (or a hold that timed out, to be
-taken back) is tried on in the background."""
+SETTLE_DEADLINE_SECONDS = 120.0
+"""How long a commit or release (or the taking back of a hold that timed out) is tried, in
+the background, before it is dropped (the hold is then charged in full at expiry)."""
+SETTLE_LINGER_SECONDS = 0.0
+"""How long a queued commit or release waits for the next hold on its ledger to carry it in
+the same write, before it is written alone. None by default: meanwhile the ledger shows the
+hold, and another agent acting on this call's answer could be refused by it."""
+REFUSAL_RELEASE_WAIT_SECONDS = 10.0
+"""How long a refused call waits for the other budgets' holds to be released (then they go
+on in the background)."""
 LATE_RELEASE_PAUSE_SECONDS = 2.0
 CLOSE_GRACE_SECONDS = 5.0
-"""How long ``BudgetGuard.aclose`` lets late commits and releases finish."""
+"""How long ``BudgetGuard.aclose`` lets queued commits and releases finish."""
 READY_WAIT_SECONDS = 5.0
 """How long a call waits for the definitions' initial values before it is handed back."""
 START_DEADLINE_SECONDS = 30.0
@@ -257,21 +274,25 @@ Plan = Callable[[Ledger, float], "Ledger | Refused"]
 
 @dataclass
 class _Op:
-    """One plan waiting to be written to a ledger."""
+    """One plan waiting to be written to a ledger; ``lingers``: a commit or release, which
+    may wait for the next hold to carry it."""
 
     plan: Plan
     future: asyncio.Future[tuple[Ledger, Ledger | Refused]]
     deadline: float
     seconds: float
+    lingers: bool = False
 
 
 @dataclass
 class _Writer:
     """What is queued for one ledger, and the task writing it."""
 
+    target: _Held
     ops: list[_Op] = field(default_factory=list)
     batch: list[_Op] = field(default_factory=list)
     draining: bool = False
+    timer: asyncio.TimerHandle | None = None
 
 
 class Reservation:
@@ -289,20 +310,23 @@ class Reservation:
         return [held.definition.name for held in self._holds]
 
     async def commit(self, actual: Amount) -> None:
+        """Queue the hold's replacement by ``actual``; returns without waiting for the write
+        (``BudgetGuard.settled`` does)."""
         if self._settled:
             return
         self._settled = True
         assert self._guard is not None
-        guard = self._guard
-        await _all([guard.commit(h, self._hold_id, actual) for h in self._holds])
+        for held in self._holds:
+            self._guard.commit(held, self._hold_id, actual)
 
     async def release(self) -> None:
+        """Queue the hold's release (nothing spent); returns without waiting for the write."""
         if self._settled:
             return
         self._settled = True
         assert self._guard is not None
-        guard = self._guard
-        await _all([guard.release(h, self._hold_id) for h in self._holds])
+        for held in self._holds:
+            self._guard.release(held, self._hold_id)
 
 
 async def _all(
@@ -337,6 +361,7 @@ class BudgetGuard:
         rng: random.Random | None = None,
         reserve_deadline: float = RESERVE_DEADLINE_SECONDS,
         settle_deadline: float = SETTLE_DEADLINE_SECONDS,
+        linger: float = SETTLE_LINGER_SECONDS,
     ) -> None:
         self.namespace = namespace
         self.definitions = definitions
@@ -346,6 +371,9 @@ class BudgetGuard:
         self._rng = rng or random.Random()
         self._reserve_deadline = reserve_deadline
         self._settle_deadline = settle_deadline
+        self._linger = linger
+        self._unsettled: set[asyncio.Future[tuple[Ledger, Ledger | Refused]]] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._opening: asyncio.Lock | None = None
@@ -390,16 +418,15 @@ class BudgetGuard:
             )
         except asyncio.CancelledError:  # the call is not made: give back what was held
             for held in taken:
-                self._later(self.release(held, spend.hold_id, late=True))
+                self.release(held, spend.hold_id, now=True)
             raise
         granted = [t for t, outcome in zip(targets, outcomes, strict=True) if outcome is None]
         failures = [outcome for outcome in outcomes if outcome is not None]
         if self.metrics is not None:
-            self.metrics.check_seconds.observe(time.perf_counter() - started)
+            self.metrics.check_seconds.observe(time.perf_counter() - started)  # no labels
         if not failures:
             return Reservation(self, spend.hold_id, granted)
-        if granted:
-            await asyncio.gather(*(self.release(held, spend.hold_id) for held in granted))
+        await self._give_back(granted, spend.hold_id)
         # A refusal is final, whatever else failed; anything else is for a later attempt.
         for failure in failures:
             if isinstance(failure, BudgetExceeded):
@@ -408,6 +435,13 @@ class BudgetGuard:
             if isinstance(failure, BudgetUnavailable):
                 raise failure
         raise failures[0]
+
+    async def _give_back(self, granted: list[_Held], hold_id: str) -> None:
+        """Release the holds of a call another budget refused: written at once, and waited
+        for (a while), so the ledgers are clean when the refusal is seen."""
+        releases = [self.release(held, hold_id, now=True) for held in granted]
+        if written := [release for release in releases if release is not None]:
+            await asyncio.wait(written, timeout=REFUSAL_RELEASE_WAIT_SECONDS)
 
     async def _hold(self, target: _Held, hold_id: str, amount: Amount, taken: list[_Held]) -> None:
         """Take one hold (added to ``taken``), else raise."""
@@ -433,10 +467,10 @@ class BudgetGuard:
         self._count(definition.name, "granted")
         taken.append(target)
 
-    async def commit(self, target: _Held, hold_id: str, actual: Amount, late: bool = False) -> None:
-        """Replace one hold by the actual usage. Not written within the settle deadline, it
-        is tried on in the background (``LATE_RELEASE_SECONDS``), then dropped (logged):
-        the hold is charged in full when it expires."""
+    def commit(self, target: _Held, hold_id: str, actual: Amount) -> None:
+        """Queue the replacement of one hold by the actual usage: the next hold on the ledger
+        carries it, or it is written alone after the linger. Not written within the settle
+        deadline, it is dropped (logged): the hold is charged in full when it expires."""
         definition = target.definition
         if self.definitions.get(definition.name) is None:
             logger.info("budget %s is gone; its hold %s is not committed", definition.name, hold_id)
@@ -446,78 +480,150 @@ class BudgetGuard:
         def plan(ledger: Ledger, now: float) -> Ledger | Refused:
             return ledger_plan.commit(ledger, window, hold_id, actual, now)
 
-        deadline = LATE_RELEASE_SECONDS if late else self._settle_deadline
-        try:
-            before, after = await self._advance(target, plan, deadline)
-        except BudgetUnavailable as error:
-            then = "it will be charged in full when it expires" if late else "tried on"
-            logger.warning(
-                "budget %s: hold %s not committed (%s): %s", definition.name, hold_id, then, error
-            )
-            if not late:
-                self._later(self.commit(target, hold_id, actual, late=True))
-            return
-        assert isinstance(after, Ledger)
-        if self.metrics is None or after is before:
-            return
-        self.metrics.spent_tokens.labels(definition.name).inc(actual.tokens)
-        self.metrics.spent_usd.labels(definition.name).inc(actual.cost_usd)
+        future = self._queue(target, plan, now=False)
+
+        def written(done: asyncio.Future[tuple[Ledger, Ledger | Refused]]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:
+                logger.warning(
+                    "budget %s: hold %s not committed, it will be charged in full when it "
+                    "expires: %s",
+                    definition.name,
+                    hold_id,
+                    error,
+                )
+                return
+            before, after = done.result()
+            assert isinstance(after, Ledger)
+            if self.metrics is not None and after is not before:
+                self._count_spent(definition, before, after, actual)
+
+        future.add_done_callback(written)
+
+    def _count_spent(
+        self, definition: BudgetDefinition, before: Ledger, after: Ledger, actual: Amount
+    ) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        name = definition.name
+        self._child(metrics.spent_tokens, name).inc(actual.tokens)
+        self._child(metrics.spent_usd, name).inc(actual.cost_usd)
+        window = definition.window
         now = self._clock()
         was = ledger_plan.spent(before, window, now)
         is_now = ledger_plan.spent(after, window, now)
         for level, unit in ledger_plan.crossed(was, is_now, definition.limits):
-            self.metrics.crossings.labels(definition.name, level, unit).inc()
+            self._child(metrics.crossings, name, level, unit).inc()
             logger.warning("budget %s passed its %s %s limit", definition.name, level, unit)
 
-    async def release(self, target: _Held, hold_id: str, late: bool = False) -> None:
-        """Drop one hold (nothing spent); like ``commit``, tried on in the background when
-        not written within the settle deadline, then dropped (logged)."""
+    def release(
+        self, target: _Held, hold_id: str, now: bool = False
+    ) -> asyncio.Future[tuple[Ledger, Ledger | Refused]] | None:
+        """Queue the drop of one hold (nothing spent), like ``commit``; ``now``: written at
+        once rather than after the linger. The write's future (None: the budget is gone)."""
         if self.definitions.get(target.definition.name) is None:
-            return
+            return None
 
-        def plan(ledger: Ledger, now: float) -> Ledger | Refused:
+        def plan(ledger: Ledger, at: float) -> Ledger | Refused:
             return ledger_plan.release(ledger, hold_id)
 
-        deadline = LATE_RELEASE_SECONDS if late else self._settle_deadline
-        try:
-            await self._advance(target, plan, deadline)
-        except BudgetUnavailable as error:
-            then = "it will be charged in full when it expires" if late else "tried on"
-            logger.warning(
-                "budget %s: hold %s not released (%s): %s",
-                target.definition.name,
-                hold_id,
-                then,
-                error,
-            )
-            if not late:
-                self._later(self.release(target, hold_id, late=True))
+        future = self._queue(target, plan, now=now)
+
+        def written(done: asyncio.Future[tuple[Ledger, Ledger | Refused]]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                logger.warning(
+                    "budget %s: hold %s not released, it will be charged in full when it "
+                    "expires: %s",
+                    target.definition.name,
+                    hold_id,
+                    done.exception(),
+                )
+
+        future.add_done_callback(written)
+        return future
 
     async def _take_back(self, target: _Held, hold_id: str) -> None:
         """Release a hold that may or may not have been written, twice: a write the client
         buffered while disconnected is flushed at the reconnect, and has been seen to land
         after the first release had read the ledger."""
-        await self.release(target, hold_id, late=True)
-        await asyncio.sleep(LATE_RELEASE_PAUSE_SECONDS)
-        await self.release(target, hold_id, late=True)
+        for pause in (LATE_RELEASE_PAUSE_SECONDS, None):
+            future = self.release(target, hold_id, now=True)
+            if future is not None:
+                await asyncio.wait([future])
+            if pause is not None:
+                await asyncio.sleep(pause)
 
     def _later(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _queue(
+        self, target: _Held, plan: Plan, now: bool
+    ) -> asyncio.Future[tuple[Ledger, Ledger | Refused]]:
+        """Queue a commit or release on its ledger's writer, without waiting for it."""
+        loop = asyncio.get_running_loop()
+        seconds = self._settle_deadline
+        op = _Op(plan, loop.create_future(), loop.time() + seconds, seconds, lingers=not now)
+        self._unsettled.add(op.future)
+        op.future.add_done_callback(self._unsettled.discard)
+        writer = self._writers.get(target.key)
+        if writer is None:
+            writer = self._writers[target.key] = _Writer(target)
+        writer.ops.append(op)
+        if not writer.draining:
+            if now or self._linger <= 0:
+                self._flush(target, writer)
+            elif writer.timer is None:
+                writer.timer = loop.call_later(self._linger, self._flush, target, writer)
+        return op.future
+
+    def _flush(self, target: _Held, writer: _Writer) -> None:
+        """Write what is queued for one ledger now, in the background."""
+        if writer.timer is not None:
+            writer.timer.cancel()
+            writer.timer = None
+        if writer.draining or not writer.ops:
+            return
+        writer.draining = True  # before the task runs: no caller may start a second drain
+        self._later(self._drain(target, writer))
+
+    async def settled(self) -> None:
+        """Wait until every commit and release queued so far is written (or dropped)."""
+        pending = list(self._unsettled)
+        for writer in list(self._writers.values()):
+            self._flush(writer.target, writer)
+        if pending:
+            await asyncio.wait(pending)
+
     async def aclose(self, grace: float = CLOSE_GRACE_SECONDS) -> None:
-        """Give what runs in the background (late commits and releases) ``grace`` seconds
-        to finish, then stop it."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=grace)
+        """Write what is queued and give what runs in the background ``grace`` seconds to
+        finish, then stop it (a commit not written leaves its hold, charged at expiry)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.settled()
+        for writer in self._writers.values():
+            if writer.timer is not None:
+                writer.timer.cancel()
+                writer.timer = None
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
 
     def _count(self, budget: str, outcome: str) -> None:
         if self.metrics is not None:
-            self.metrics.holds.labels(budget, outcome).inc()
+            self._child(self.metrics.holds, budget, outcome).inc()
+
+    def _child(self, family: Counter, *labels: str) -> Counter:
+        """A metric's labelled child, remembered: ``labels()`` is a lock and a lookup, on
+        every call."""
+        key = (id(family), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -560,12 +666,13 @@ class BudgetGuard:
         """Apply ``plan`` to the ledger by compare-and-set, within ``deadline_seconds``: the
         ledger before it and the plan's outcome (a refusal is written as its ledger,
         refusals + 1). Plans for one ledger queue up and go in one write together, so the
-        calls of one replica never race each other, only other replicas."""
+        calls of one replica never race each other, only other replicas; a commit or release
+        queued before it goes in the same write."""
         loop = asyncio.get_running_loop()
         op = _Op(plan, loop.create_future(), loop.time() + deadline_seconds, deadline_seconds)
         writer = self._writers.get(target.key)
         if writer is None:
-            writer = self._writers[target.key] = _Writer()
+            writer = self._writers[target.key] = _Writer(target)
         writer.ops.append(op)
         if not writer.draining:
             # No one writes this ledger now: this caller does, with whatever queues up
@@ -575,13 +682,18 @@ class BudgetGuard:
 
     async def _drain(self, target: _Held, writer: _Writer, until: _Op | None = None) -> None:
         """Write what is queued for one ledger, a batch at a time: until ``until`` is
-        written (a caller writing for itself), then a task goes on with the rest."""
+        written (a caller writing for itself), then a task goes on with the rest, or, when
+        the rest is commits and releases, the linger timer."""
         writer.draining = True
+        if writer.timer is not None:  # this drain takes what the timer would have
+            writer.timer.cancel()
+            writer.timer = None
         handed_off = False
         try:
             while writer.ops and (until is None or not until.future.done()):
                 writer.batch, writer.ops = writer.ops, []
-                await self._write(target, writer.batch)
+                await self._write(target, writer.batch, until)
+                writer.ops = [op for op in writer.batch if not op.future.done()] + writer.ops
                 writer.batch = []
         except asyncio.CancelledError:
             # The caller that was writing went away: the others' plans go on without it.
@@ -597,7 +709,13 @@ class BudgetGuard:
                     op.future.set_exception(BudgetUnavailable(f"budget ledger writer: {error!r}"))
             writer.ops, writer.batch = [], []
         finally:
-            if writer.ops:
+            if writer.ops and self._linger > 0 and all(op.lingers for op in writer.ops):
+                writer.draining = False  # commits queued meanwhile: they wait for a hold
+                if writer.timer is None:
+                    loop = asyncio.get_running_loop()
+                    writer.timer = loop.call_later(self._linger, self._flush, target, writer)
+                handed_off = True
+            elif writer.ops:
                 self._later(self._drain(target, writer))
                 handed_off = True
             if not handed_off:
@@ -605,9 +723,11 @@ class BudgetGuard:
                 if self._writers.get(target.key) is writer:
                     del self._writers[target.key]
 
-    async def _write(self, target: _Held, batch: list[_Op]) -> None:
-        """Read, plan every op in turn, compare-and-set, until written; an op whose deadline
-        passes fails alone (``BudgetUnavailable``), the rest go on. Retrying a batch whose
+    async def _write(self, target: _Held, batch: list[_Op], until: _Op | None = None) -> None:
+        """Read, plan every op in turn, compare-and-set, until written (or, with ``until``,
+        until that op is done: a caller does not wait for others' ops past its own); an op
+        whose deadline passes fails alone (``BudgetUnavailable``), the rest go on. Retrying a
+        batch whose
         write may have landed is safe: every plan is idempotent (a hold taken twice is one
         hold, a commit or release of a settled hold changes nothing)."""
         loop = asyncio.get_running_loop()
@@ -629,7 +749,7 @@ class BudgetGuard:
                             )
                         )
                 batch = [op for op in batch if not op.future.done()]
-                if not batch:
+                if not batch or (until is not None and until.future.done()):
                     return
                 soonest = min(op.deadline for op in batch)
                 try:

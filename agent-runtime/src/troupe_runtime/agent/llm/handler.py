@@ -94,6 +94,10 @@ class SessionBudgets(Budgets, Protocol):
 
     async def stop(self) -> None: ...
 
+    async def aclose(self) -> None:
+        """Write the commits and releases still queued (for good: the runtime is stopping)."""
+        ...
+
 
 class NamespaceBudgets:
     """The namespace's budgets: definitions watched, ledgers advanced through one session."""
@@ -108,7 +112,15 @@ class NamespaceBudgets:
         self._guard.use(js)
 
     async def stop(self) -> None:
+        """Stop watching; commits still queued go on through the next session's ``use``."""
         await self._definitions.stop()
+
+    async def aclose(self) -> None:
+        await self._guard.aclose()
+
+    async def settled(self) -> None:
+        """Wait until the commits and releases queued so far are written (tests)."""
+        await self._guard.settled()
 
     def applies(self, spend: SpendContext) -> bool:
         return bool(self._definitions.applicable(spend))
@@ -224,7 +236,7 @@ class LlmAgent:
 
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
         """Use this NATS session from now on (a new one after a reconnect)."""
-        await self.close()
+        await self._unbind()
         agent, namespace = self._config.agent, self._config.namespace
         if self._budgets is not None:  # every definition in before the first call
             await self._budgets.use(js)
@@ -236,6 +248,18 @@ class LlmAgent:
         self._session = Session(nc, js, caller, toolbox, Offloader(js, namespace, limit))
 
     async def close(self) -> None:
+        """For good: the budgets' queued commits are written first, while still connected
+        (the runtime closes the handler before it drains the connection)."""
+        if self._budgets is not None:
+            try:
+                await self._budgets.aclose()
+            except Exception as error:  # a commit not written: its hold is charged at expiry
+                logger.warning("the budgets' queued commits were not all written: %s", error)
+        await self._unbind()
+
+    async def _unbind(self) -> None:
+        """Let the session go (a rebind keeps the budgets' queued commits: the next session
+        writes them)."""
         session, self._session = self._session, None
         if session is not None:
             await asyncio.gather(
