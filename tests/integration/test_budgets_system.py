@@ -191,6 +191,24 @@ def day_ledger(url: str, namespace: str, name: str, wid: str) -> Ledger:
     return found[wid]
 
 
+def settled(url: str, namespace: str, name: str) -> dict[str, Ledger]:
+    """Every window's ledger of budget ``name`` once none holds anything: a runtime writes
+    a call's commit after the call returns (before its output, not awaited)."""
+
+    def found() -> dict[str, Ledger] | None:
+        windows = ledgers(url, namespace, name)
+        return windows if not any(ledger.holds for ledger in windows.values()) else None
+
+    result: dict[str, Ledger] = wait_for(found, DEADLINE, f"budget {name}'s ledgers settled")
+    return result
+
+
+def settled_day_ledger(url: str, namespace: str, name: str, wid: str) -> Ledger:
+    found = settled(url, namespace, name)
+    assert set(found) <= {wid}, f"the test crossed a UTC midnight: ledgers {sorted(found)}"
+    return found[wid]
+
+
 def publish(url: str, subject: str, events: list[CloudEvent]) -> None:
     async def send(js: JetStreamContext) -> None:
         for event in events:
@@ -384,7 +402,7 @@ def test_replicas_and_concurrent_runs_overspend_one_budget_by_at_most_the_holds_
             return found if len(found) == refusals else None
 
         letters = wait_for(lettered, DEADLINE, "a dead letter for each refused run")
-        ledger = day_ledger(url, ns, "namespace", wid)
+        ledger = settled_day_ledger(url, ns, "namespace", wid)
 
     statuses = [o["status"] for o in outcomes.values()]
     served = answered(scripted_llm)
@@ -685,8 +703,8 @@ def nested(
             runs,
             outcomes,
             served,
-            ledgers(url, ns, "per-run"),
-            day_ledger(url, ns, "namespace", wid),
+            settled(url, ns, "per-run"),
+            settled_day_ledger(url, ns, "namespace", wid),
         )
     core_v1(api_client).delete_namespace(ns)
 
