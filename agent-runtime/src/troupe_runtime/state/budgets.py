@@ -372,6 +372,7 @@ class BudgetGuard:
         self._reserve_deadline = reserve_deadline
         self._settle_deadline = settle_deadline
         self._linger = linger
+        self._closing = False
         self._unsettled: set[asyncio.Future[tuple[Ledger, Ledger | Refused]]] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self._js: JetStreamContext | None = None
@@ -468,9 +469,10 @@ class BudgetGuard:
         taken.append(target)
 
     def commit(self, target: _Held, hold_id: str, actual: Amount) -> None:
-        """Queue the replacement of one hold by the actual usage: the next hold on the ledger
-        carries it, or it is written alone after the linger. Not written within the settle
-        deadline, it is dropped (logged): the hold is charged in full when it expires."""
+        """Queue the replacement of one hold by the actual usage, written in the background
+        (at once, or after the guard's linger unless a hold carries it first). Not written
+        within the settle deadline, it is dropped (logged): the hold is charged in full when
+        it expires."""
         definition = target.definition
         if self.definitions.get(definition.name) is None:
             logger.info("budget %s is gone; its hold %s is not committed", definition.name, hold_id)
@@ -604,13 +606,25 @@ class BudgetGuard:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self.settled()
-        for writer in self._writers.values():
-            if writer.timer is not None:
-                writer.timer.cancel()
-                writer.timer = None
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        self._closing = True  # a drain cancelled now hands nothing on
+        try:
+            writers = list(self._writers.values())
+            for writer in writers:
+                if writer.timer is not None:
+                    writer.timer.cancel()
+                    writer.timer = None
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            gone = BudgetUnavailable("the budget guard closed before this was written")
+            for writer in writers:
+                for op in writer.batch + writer.ops:
+                    if not op.future.done():
+                        op.future.set_exception(gone)
+                if self._writers.get(writer.target.key) is writer:
+                    del self._writers[writer.target.key]
+        finally:
+            self._closing = False
 
     def _count(self, budget: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -709,7 +723,9 @@ class BudgetGuard:
                     op.future.set_exception(BudgetUnavailable(f"budget ledger writer: {error!r}"))
             writer.ops, writer.batch = [], []
         finally:
-            if writer.ops and self._linger > 0 and all(op.lingers for op in writer.ops):
+            if self._closing:
+                pass  # ``aclose`` fails what is left
+            elif writer.ops and self._linger > 0 and all(op.lingers for op in writer.ops):
                 writer.draining = False  # commits queued meanwhile: they wait for a hold
                 if writer.timer is None:
                     loop = asyncio.get_running_loop()
