@@ -449,7 +449,7 @@ async def _current_values(
     would be one pass, but nats-py can signal the end of its initial values before they
     have all arrived (nats-io/nats.py#842), which made a listing come back short."""
     prefix = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}{pattern}")
+    info = await js.stream_info(naming.kv_stream(bucket), subjects_filter=f"{prefix}{pattern}")
     keys = [subject[len(prefix) :] for subject in info.state.subjects or {}]
     values: dict[str, bytes] = {}
     gate = asyncio.Semaphore(READ_CONCURRENCY)
