@@ -524,3 +524,34 @@ def test_projected_exhaustion_is_now_or_later_and_within_the_window(
         assert end is None or when.timestamp() <= end + 1e-6
     assert b.burn_rate(ledger, window, now).tokens >= 0
     assert start <= now
+
+
+@given(
+    started=st.floats(allow_nan=True, allow_infinity=True),
+    updated=st.floats(allow_nan=True, allow_infinity=True),
+    tokens=st.integers(min_value=-1, max_value=2**70),
+    cost=st.floats(allow_nan=True, allow_infinity=True),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_ledger_from_the_bucket_is_refused_or_its_figures_are_computable(
+    started: float, updated: float, tokens: int, cost: float
+) -> None:
+    """A ledger anyone may write: NaN, infinities and huge amounts are refused when read,
+    and whatever is accepted gives figures the status and the CLI can carry."""
+    amount = f'{{"tokens": {tokens}, "costUsd": {cost!r}}}'
+    raw = (
+        f'{{"window": "d20261202", "started": {started!r}, "updated": {updated!r}, '
+        f'"spent": {amount}, "slots": {{}}, '
+        f'"holds": {{"h": {{"amount": {amount}, "expires": 1}}}}}}'
+    )
+    raw = raw.replace("nan", "NaN").replace("inf", "Infinity")
+    try:
+        ledger = Ledger.model_validate_json(raw)
+    except ValueError:
+        return
+    assert 0 <= ledger.started <= b.LATEST_PROJECTION
+    d = definition(hard=1000, cost_hard=1.0)
+    total = b.spent(ledger, DAY, NOW) + b.held(ledger, NOW) + ledger.spent
+    assert total.tokens <= 3 * b.MAX_AMOUNT_TOKENS
+    b.burn_rate(ledger, DAY, NOW)
+    b.projected_exhaustion(ledger, d, NOW)

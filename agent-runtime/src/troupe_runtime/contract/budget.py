@@ -249,6 +249,16 @@ class SpendContext:
     hold_id: str
 
 
+LATEST_PROJECTION = 32503680000.0
+"""Year 3000, epoch seconds: an exhaustion projected later is none (a Rolling window's
+slow burn against a large limit lands past what a datetime holds)."""
+MAX_AMOUNT_TOKENS = 2**53
+"""Tokens one amount stored in a ledger may claim: past any real window, within a double's
+exact range (status and metrics carry it as a number)."""
+MAX_AMOUNT_USD = 1e12
+"""Dollars one amount stored in a ledger may claim; sums of them stay finite."""
+
+
 class Amount(WireModel):
     """Tokens and dollars."""
 
@@ -257,6 +267,10 @@ class Amount(WireModel):
 
     def __add__(self, other: Amount) -> Amount:
         return Amount(tokens=self.tokens + other.tokens, cost_usd=self.cost_usd + other.cost_usd)
+
+    def within_bounds(self) -> bool:
+        """Whether a stored amount is one a ledger could hold (``MAX_AMOUNT_*``)."""
+        return self.tokens <= MAX_AMOUNT_TOKENS and self.cost_usd <= MAX_AMOUNT_USD
 
 
 class Hold(WireModel):
@@ -273,8 +287,13 @@ class Ledger(WireModel):
     to what was spent in it; ``spent`` is then their sum over the window."""
 
     window: str = Field(description="The window's id (``window_id``).")
-    started: float = Field(description="Epoch seconds the window began (Run: first spend).")
-    updated: float = 0.0
+    started: float = Field(
+        ge=0,
+        le=LATEST_PROJECTION,
+        allow_inf_nan=False,
+        description="Epoch seconds the window began (Run: first spend).",
+    )
+    updated: float = Field(default=0.0, ge=0, le=LATEST_PROJECTION, allow_inf_nan=False)
     spent: Amount = Field(default_factory=Amount)
     slots: dict[int, Amount] = Field(default_factory=dict)
     holds: dict[str, Hold] = Field(default_factory=dict)
@@ -284,6 +303,22 @@ class Ledger(WireModel):
     """Rolling windows: the slot each reaped hold was charged to, so that a late commit
     corrects that slot (and not one that would outlive it)."""
     refusals: int = Field(default=0, ge=0, description="Holds refused by a hard limit.")
+
+    @model_validator(mode="after")
+    def _amounts_in_bounds(self) -> Ledger:
+        # A ledger is read from a bucket anyone may write: an amount no guard could have
+        # stored is junk, not a figure to sum into a status.
+        amounts = [
+            self.spent,
+            *self.slots.values(),
+            *(hold.amount for hold in self.holds.values()),
+            *self.reaped.values(),
+        ]
+        if not all(amount.within_bounds() for amount in amounts):
+            raise ValueError(
+                f"an amount past {MAX_AMOUNT_TOKENS} tokens or ${MAX_AMOUNT_USD:g} is junk"
+            )
+        return self
 
 
 Unit = Literal["tokens", "costUsd"]
@@ -335,9 +370,6 @@ CLOCK_SKEW_SECONDS = 5.0
 MIN_BURN_SECONDS = 60.0
 """Burn rates are taken over at least this long, so a window's first call is no spike."""
 
-LATEST_PROJECTION = 32503680000.0
-"""Year 3000, epoch seconds: an exhaustion projected later is none (a Rolling window's
-slow burn against a large limit lands past what a datetime holds)."""
 
 ROLLING_WINDOW_ID = "rolling"
 """A Rolling window has one ledger for good; its slots roll."""
