@@ -8,11 +8,13 @@ from hypothesis import strategies as st
 
 from troupe_runtime.agent.llm.router import per_minute_limit
 from troupe_runtime.agent.ratelimit import (
+    MAX_DEBT_BUCKETS,
     LocalLimiter,
     Throttled,
     debit,
     gcra,
     next_take,
+    owed_after,
     unpaid,
 )
 
@@ -139,3 +141,15 @@ async def test_completions_using_more_than_their_estimate_keep_to_the_limit(
     spent = await spent_over(per_minute, estimate, over, latency, horizon)
     # The burst, the rate over the horizon, and the last call's whole cost at most.
     assert spent <= limit.burst + limit.rate * horizon + 2 * (estimate + over)
+
+
+@given(
+    overages=st.lists(st.floats(min_value=0, max_value=1e12), min_size=1, max_size=20),
+    burst=st.integers(min_value=1, max_value=10_000),
+)
+def test_debt_stays_within_a_few_buckets(overages: list[float], burst: int) -> None:
+    """A provider reporting absurd usage makes the next calls wait a minute, not years."""
+    owed = 0.0
+    for overage in overages:
+        owed = owed_after(owed, overage, burst)
+        assert 0 <= owed <= MAX_DEBT_BUCKETS * burst

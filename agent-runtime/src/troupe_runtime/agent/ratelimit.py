@@ -65,6 +65,17 @@ def unpaid(tat: float, now: float, rate: float, burst: int, cost: float) -> floa
     return cost - max(0.0, min(cost, room))
 
 
+MAX_DEBT_BUCKETS = 6
+"""Buckets a limiter may owe: a minute of a per-minute limit's ten-second bursts."""
+
+
+def owed_after(owed: float, unpaid_now: float, burst: int) -> float:
+    """The debt after ``unpaid_now`` more, at most ``MAX_DEBT_BUCKETS`` buckets: an overage
+    is paid back, but one absurd usage figure (a provider may report anything) must not
+    throttle for years."""
+    return min(owed + unpaid_now, float(MAX_DEBT_BUCKETS * burst))
+
+
 def next_take(cost: float, owed: float, burst: int) -> tuple[float, bool]:
     """What an ``acquire`` of ``cost`` takes next, owing ``owed``: the cost and the debt at
     once when they fit one bucket (True: the acquire is then done), else a bucket's worth
@@ -138,7 +149,7 @@ class LocalLimiter:
 
     async def charge(self, cost: float) -> None:
         now, rate, burst = self._clock(), self._limit.rate, self._limit.burst
-        self._owed += unpaid(self._tat, now, rate, burst, cost)
+        self._owed = owed_after(self._owed, unpaid(self._tat, now, rate, burst, cost), burst)
         self._tat = debit(self._tat, now, rate, burst, cost)
 
     async def refund(self, cost: float) -> None:
@@ -272,7 +283,8 @@ class GlobalLimiter:
             return debit(tat, now, rate, burst, cost)
 
         written = await self._advance(step, cost)
-        self._owed += owed[0] if written else cost
+        burst = self._limit.burst
+        self._owed = owed_after(self._owed, owed[0] if written else cost, burst)
 
     async def refund(self, cost: float) -> None:
         await self._advance(credit, cost)
