@@ -410,6 +410,14 @@ async def test_definitions_follow_changes_and_survive_junk(
             await eventually(lambda: r.definitions.get("cap") is None, "the deletion seen")
             counts = r.metrics.registry.get_sample_value
             assert counts("troupe_budget_junk_total", {"kind": "definition"}) == 2
+            # A definition filed under another budget's key: its holds would never settle.
+            misfiled = definition("cap", 5).model_dump_json(by_alias=True).encode()
+            await kv.put("def.alias", misfiled)
+            await eventually(
+                lambda: counts("troupe_budget_junk_total", {"kind": "definition"}) == 3,
+                "the misfiled definition counted as junk",
+            )
+            assert sorted(x.name for x in r.definitions.all()) == ["other"]
 
 
 async def test_start_returns_with_every_definition_in(nats_url: str) -> None:

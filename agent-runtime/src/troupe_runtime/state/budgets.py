@@ -242,8 +242,15 @@ class Definitions:
                 key,
                 msg.metadata.sequence.stream,
                 kept,
-                error.errors(include_url=False)[:3],
+                error.errors(include_url=False, include_input=False)[:3],
             )
+            return
+        if naming.budget_definition_key(definition.name) != key:
+            # Commits and releases find a budget by its name: one filed under another's key
+            # would take holds nobody settles.
+            if self._metrics is not None:
+                self._metrics.junk.labels("definition").inc()
+            logger.error("budget definition %s names another budget, ignored", key)
             return
         by_key[key] = definition
         logger.info(
