@@ -31,7 +31,6 @@ at most what the calls in flight spent beyond their holds.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.request
@@ -40,7 +39,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -53,6 +51,7 @@ from tests.integration.operator_support import (
     explained,
     get,
     install_crds,
+    jetstream,
     wait_ready,
     workflow,
 )
@@ -150,17 +149,6 @@ def provider(scripted: ScriptedLlm) -> dict[str, Any]:
 # NATS look-ups, on the module's own server.
 
 
-def on_nats(url: str, action: Any) -> Any:
-    async def run() -> Any:
-        nc = await nats.connect(url)
-        try:
-            return await action(nc.jetstream())
-        finally:
-            await nc.close()
-
-    return asyncio.run(run())
-
-
 def ledgers(url: str, namespace: str, name: str) -> dict[str, Ledger]:
     """Every window's ledger of budget ``name``, by window id."""
 
@@ -181,7 +169,7 @@ def ledgers(url: str, namespace: str, name: str) -> dict[str, Ledger]:
                 found[key.removeprefix(prefix)] = Ledger.model_validate_json(entry.value or b"")
         return found
 
-    result: dict[str, Ledger] = on_nats(url, read)
+    result: dict[str, Ledger] = jetstream(url, read)
     return result
 
 
@@ -215,7 +203,7 @@ def publish(url: str, subject: str, events: list[CloudEvent]) -> None:
             headers, payload = envelope.to_binary(event)
             await js.publish(subject, payload, headers=headers)
 
-    on_nats(url, send)
+    jetstream(url, send)
 
 
 def start_runs(url: str, trigger: str, count: int, data: Any) -> list[str]:
@@ -242,7 +230,7 @@ def results(url: str, namespace: str, flow: str, runs: list[str]) -> dict[str, d
             found[run] = json.loads(msg.data or b"{}")
         return found
 
-    result: dict[str, dict[str, Any]] = on_nats(url, read)
+    result: dict[str, dict[str, Any]] = jetstream(url, read)
     return result
 
 
@@ -277,7 +265,7 @@ def dead_letters(url: str, namespace: str, agent: str) -> list[DeadLetter]:
             letters.append(DeadLetter(headers.get(REASON_HEADER), run))
         return letters
 
-    result: list[DeadLetter] = on_nats(url, read)
+    result: list[DeadLetter] = jetstream(url, read)
     return result
 
 
@@ -348,7 +336,7 @@ def definition_written(url: str, namespace: str, name: str) -> None:
             return False
         return True
 
-    wait_for(lambda: on_nats(url, read), DEADLINE, f"the definition of budget {name}")
+    wait_for(lambda: jetstream(url, read), DEADLINE, f"the definition of budget {name}")
 
 
 # (a) Many replicas and runs, one budget.
@@ -495,8 +483,10 @@ def test_killing_every_component_mid_run_keeps_the_ledger_exact(
         for pod in [*runtimes, *engines]:
             kill_pod_processes(cluster, pod)
         operator.kill()
-        launcher.restart_nats(own_nats)
-        operator.start()
+        try:
+            launcher.restart_nats(own_nats)
+        finally:
+            operator.start()
 
         outcomes = all_results(url, ns, "survivor", runs)
         ledger = day_ledger(url, ns, "namespace", wid)
@@ -666,47 +656,51 @@ def nested(
     """Two runs, one after the other, of a three-step Workflow with a Run budget, in a
     namespace with a Day budget."""
     ns, url = create_namespace(api_client), own_nats.nats_url
-    text = {"text": "trigger"}
-    steps: list[dict[str, Any]] = [
-        {"name": "draft", "agentRef": "writer", "input": text},
-        {"name": "review", "agentRef": "writer", "dependsOn": ["draft"], "input": text},
-        {"name": "publish", "agentRef": "writer", "dependsOn": ["review"], "input": text},
-    ]
-    flow = workflow("essay", steps)
-    wid = window_id(DAY, time.time(), None)
-    assert wid is not None
-    with ScriptedLlm() as scripted, explained(cluster, ns, operator):
-        scripted.answer_by_default(
-            Text("a paragraph", usage=CountedUsage(completion=NESTED_ANSWER))
-        )
-        apply(cluster, ns, provider(scripted))
-        apply(
-            cluster,
-            ns,
-            budget("per-run", {"type": "Workflow", "workflow": "essay"}, "Run", hard=RUN_HARD),
-        )
-        apply(cluster, ns, budget("namespace", {"type": "Namespace"}, "Day", hard=NAMESPACE_HARD))
-        apply(cluster, ns, worker("writer", max_tokens=NESTED_MAX_TOKENS))
-        apply(cluster, ns, flow)
-        ready_all(cluster, ns, [("agent", "writer"), ("workflow", "essay")])
-        definition_written(url, ns, "per-run")
-        definition_written(url, ns, "namespace")
-        outcomes: dict[str, dict[str, Any]] = {}
-        runs = []
-        for _ in range(2):
-            [run] = start_runs(url, flow["spec"]["trigger"]["subject"], 1, NESTED_INPUT)
-            runs.append(run)
-            outcomes.update(all_results(url, ns, "essay", [run]))
-        served = answered(scripted)
-        yield Nested(
-            ns,
-            runs,
-            outcomes,
-            served,
-            settled(url, ns, "per-run"),
-            settled_day_ledger(url, ns, "namespace", wid),
-        )
-    core_v1(api_client).delete_namespace(ns)
+    try:
+        text = {"text": "trigger"}
+        steps: list[dict[str, Any]] = [
+            {"name": "draft", "agentRef": "writer", "input": text},
+            {"name": "review", "agentRef": "writer", "dependsOn": ["draft"], "input": text},
+            {"name": "publish", "agentRef": "writer", "dependsOn": ["review"], "input": text},
+        ]
+        flow = workflow("essay", steps)
+        wid = window_id(DAY, time.time(), None)
+        assert wid is not None
+        with ScriptedLlm() as scripted, explained(cluster, ns, operator):
+            scripted.answer_by_default(
+                Text("a paragraph", usage=CountedUsage(completion=NESTED_ANSWER))
+            )
+            apply(cluster, ns, provider(scripted))
+            apply(
+                cluster,
+                ns,
+                budget("per-run", {"type": "Workflow", "workflow": "essay"}, "Run", hard=RUN_HARD),
+            )
+            apply(
+                cluster, ns, budget("namespace", {"type": "Namespace"}, "Day", hard=NAMESPACE_HARD)
+            )
+            apply(cluster, ns, worker("writer", max_tokens=NESTED_MAX_TOKENS))
+            apply(cluster, ns, flow)
+            ready_all(cluster, ns, [("agent", "writer"), ("workflow", "essay")])
+            definition_written(url, ns, "per-run")
+            definition_written(url, ns, "namespace")
+            outcomes: dict[str, dict[str, Any]] = {}
+            runs = []
+            for _ in range(2):
+                [run] = start_runs(url, flow["spec"]["trigger"]["subject"], 1, NESTED_INPUT)
+                runs.append(run)
+                outcomes.update(all_results(url, ns, "essay", [run]))
+            served = answered(scripted)
+            yield Nested(
+                ns,
+                runs,
+                outcomes,
+                served,
+                settled(url, ns, "per-run"),
+                settled_day_ledger(url, ns, "namespace", wid),
+            )
+    finally:
+        core_v1(api_client).delete_namespace(ns)
 
 
 def test_a_runs_spending_counts_against_its_workflows_budget_and_the_namespaces(
