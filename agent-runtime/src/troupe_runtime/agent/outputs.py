@@ -84,10 +84,13 @@ def reply_refusal(config: RuntimeConfig, replyto: str | None) -> str | None:
         return None
     if naming.is_agent_call_reply_subject(config.namespace, replyto):
         return None  # an LLM agent calling this one as a tool
+    if naming.is_gateway_reply_subject(config.namespace, replyto):
+        return None  # a call through the gateway (or `troupe call`)
     calls = naming.event_log_subject(config.namespace, f"{naming.AGENT_CALL_LOG_PREFIX}...")
     return (
         f"replyto {replyto!r} is not a workflow reply subject of namespace "
-        f"{config.namespace!r} ({allowed}) nor an agent call's ({calls}); agent "
+        f"{config.namespace!r} ({allowed}) nor an agent call's or a gateway call's "
+        f"({calls}, {naming.GATEWAY_REPLY_PREFIX}...); agent "
         f"{config.agent} replies only there"
     )
 

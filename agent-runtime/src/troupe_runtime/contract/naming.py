@@ -36,6 +36,7 @@ WORKFLOW_KINDS = (
     "probe",
     "active",
     "tally",
+    "cancel",
 )
 """What a workflow's subjects carry (``workflow_subject``)."""
 
@@ -291,6 +292,53 @@ def workflow_replies_wildcard(namespace: str) -> str:
     return workflow_subject(namespace, "*", "replies", "*")
 
 
+# The gateway (``contract.gateway``).
+
+GATEWAY_REPLY_PREFIX = "gw-"
+"""Event-log ids of the replies to gateway calls; no other log id begins so."""
+DIRECTORY_AGENTS = "agents"
+DIRECTORY_WORKFLOWS = "workflows"
+
+
+def directory_bucket(namespace: str) -> str:
+    """The KV bucket where the operator lists the namespace's Agents and Workflows for the
+    gateway (``gateway.DirectoryEntry``)."""
+    return f"troupe_{_token(namespace)}_directory"
+
+
+def directory_key(kind: str, name: str) -> str:
+    """``agents.<name>`` or ``workflows.<name>``: ``kind`` is ``Agent`` or ``Workflow``."""
+    group = DIRECTORY_AGENTS if kind == "Agent" else DIRECTORY_WORKFLOWS
+    return f"{group}.{_token(name)}"
+
+
+def tasks_bucket(namespace: str) -> str:
+    """The KV bucket of the gateway's task records (``gateway.TaskRecord``)."""
+    return f"troupe_{_token(namespace)}_tasks"
+
+
+def task_key(kind: str, name: str, task_id: str) -> str:
+    """A task record's key: per target, so ListTasks of one Agent is one key filter
+    (``task_key_wildcard``); the task id is the caller's text, hence a digest."""
+    return f"{directory_key(kind, name)}.{_digest(task_id)}"
+
+
+def task_key_wildcard(kind: str, name: str) -> str:
+    return f"{directory_key(kind, name)}.*"
+
+
+def gateway_reply_subject(namespace: str, task_id: str) -> str:
+    """Where an Agent answers a gateway call: a subject of the namespace's event log, so the
+    answer is stored and any gateway replica finds it, one killed mid-call included."""
+    return event_log_subject(namespace, f"{GATEWAY_REPLY_PREFIX}{_digest(task_id)}")
+
+
+def is_gateway_reply_subject(namespace: str, subject: str) -> bool:
+    if not subject_matches(event_log_subject(namespace, "*"), subject):
+        return False
+    return subject.rsplit(".", 1)[1].startswith(GATEWAY_REPLY_PREFIX)
+
+
 # Reading names back.
 
 
@@ -331,6 +379,8 @@ def stream_owner(stream: str) -> StreamOwner | None:
             return StreamOwner("Namespace", namespace, "rate limits")
         case ["KV", "troupe", namespace, "state", bucket] if _label(namespace) and _label(bucket):
             return StreamOwner("Namespace", namespace, f"state bucket {bucket}")
+        case ["KV", "troupe", namespace, "directory" | "tasks"] if _label(namespace):
+            return StreamOwner("Namespace", namespace, f"gateway {parts[3]}")
         case ["KV", "troupe", namespace, "wf", name, "runs"] if _label(namespace) and _label(name):
             return StreamOwner("Workflow", namespace, name)
     return None

@@ -20,6 +20,10 @@ from troupe_runtime.contract.usage import Usage
 # A run id is the id of the event that started it; it becomes a subject token and a KV key.
 RUN_ID_PATTERN = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
 COMPENSATE = "compensate"
+CANCEL_TYPE = "troupe.workflow.cancel"
+"""A request to cancel a run, published on ``naming.workflow_subject(.., "cancel", run)``
+with data ``{"reason": str}``; the engine ends the run ``Cancelled`` (STUB, issue 14: helper
+W implements)."""
 """The attempt token of a compensation's dispatch id."""
 BUDGET_EXCEEDED_REASON: str = DeadLetterReason.BUDGET_EXCEEDED.value
 """The ``reason`` of an agent's failure reply when a Budget's hard limit refused its model

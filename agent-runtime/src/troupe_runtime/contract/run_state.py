@@ -25,10 +25,12 @@ from troupe_runtime.contract.run_events import (
 from troupe_runtime.contract.usage import Usage
 
 StepStatus = Literal["Pending", "Running", "Succeeded", "Failed"]
-RunStatus = Literal["Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded"]
-TERMINAL_STATUSES: tuple[RunStatus, ...] = ("Succeeded", "Failed", "BudgetExceeded")
+RunStatus = Literal["Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded", "Cancelled"]
+TERMINAL_STATUSES: tuple[RunStatus, ...] = ("Succeeded", "Failed", "BudgetExceeded", "Cancelled")
 """How a run ends. ``BudgetExceeded``: a step's model call was refused by a Budget's hard
-limit; the output is the steps that finished (``{"steps": {name: output}}``)."""
+limit; the output is the steps that finished (``{"steps": {name: output}}``).
+``Cancelled``: a ``run_events.CANCEL_TYPE`` message asked for it (A2A CancelTask, a
+Trigger's Replace policy); steps already dispatched are not recalled."""
 
 
 class StepState(WireModel):

@@ -1,0 +1,1 @@
+"""STUB (issue 14): owned by helper G4; see /work/issue14-common.md."""
