@@ -1,0 +1,39 @@
+"""What every front end of the gateway is handed: the calls, the directory, auth, Kubernetes
+and the settings, plus ``admit``, the one way a request is let in.
+
+STUB (issue 14): signatures agreed in /work/issue14-common.md; helper G1 implements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from troupe_gateway.auth import Authorizer, Caller
+from troupe_gateway.calls import Calls
+from troupe_gateway.directory import Directory
+from troupe_gateway.kube import Kube
+from troupe_gateway.settings import Settings
+from troupe_runtime.contract.gateway import DirectoryEntry, TargetKind
+
+
+@dataclass
+class Services:
+    nc: NATS
+    js: JetStreamContext
+    calls: Calls
+    directory: Directory
+    authorizer: Authorizer
+    kube: Kube
+    settings: Settings
+
+    async def admit(
+        self, headers: Mapping[str, str], namespace: str, kind: TargetKind, name: str
+    ) -> tuple[Caller, DirectoryEntry]:
+        """Authenticate (``auth.Refused`` 401), authorize ``invoke`` on the object (403),
+        then look it up (``calls.CallRefused`` 404): nobody learns what exists before RBAC
+        lets them call it."""
+        raise NotImplementedError
