@@ -1,7 +1,8 @@
 """``troupe``: the command line. Parses arguments, calls ``nats_ops``, prints ``render``'s output.
 
 Exit codes: 0 when the command did what was asked, 1 when it failed (a
-``CliError``, a failed run, a replay that failed), 2 for a usage error.
+``CliError``, a failed run, a replay that failed), 2 for a usage error or a call the gateway
+refused, 3 for a ``troupe call`` still working when its wait ended.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from troupe_cli.deltas import (
     chunk_json,
     parse_chunk,
 )
-from troupe_cli.errors import CliError
+from troupe_cli.errors import CliError, Refused
+from troupe_cli.gateway import DEFAULT_GATEWAY_URL, DEFAULT_TIMEOUT, CallRequest
+from troupe_cli.gateway import call as call_gateway
 from troupe_cli.nats_ops import HEARD_QUEUE, Heard, Ops, connected
 from troupe_cli.views import (
     BudgetRecords,
@@ -56,6 +59,7 @@ HOLD_SECONDS = 1.0
 step (the engine logs a dispatch just after sending it)."""
 
 Command = Callable[[Ops, argparse.Namespace], Awaitable[int]]
+GatewayCommand = Callable[[argparse.Namespace], Awaitable[int]]
 
 
 def _emit(args: argparse.Namespace, text: str, document: Any) -> None:
@@ -220,6 +224,48 @@ async def _run_streaming(ops: Ops, args: argparse.Namespace, run_id: str, data: 
             result.cancel()
     streamed.close()
     return _result(args, run_id, outcome)
+
+
+def _call_input(args: argparse.Namespace) -> Any:
+    if args.data_file is not None:
+        source = "standard input" if args.data_file == "-" else args.data_file
+        try:
+            text = sys.stdin.read() if args.data_file == "-" else Path(source).read_text()
+        except OSError as error:
+            raise Refused(f"cannot read the call's input from {source}: {error}") from error
+        return parse_json(text, f"the input in {source}")
+    return None if args.data is None else parse_json(args.data, "--data")
+
+
+def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """A flag wins over the environment; the other kind from the environment is then
+    dropped, so ``--api-key`` works with ``TROUPE_TOKEN`` set."""
+    if args.token is not None or args.api_key is not None:
+        return args.token, args.api_key
+    return os.environ.get("TROUPE_TOKEN") or None, os.environ.get("TROUPE_API_KEY") or None
+
+
+async def call_target(args: argparse.Namespace) -> int:
+    """POST the input to the gateway and wait; 0 completed, 1 failed, 3 still working."""
+    try:
+        data = _call_input(args)
+    except CliError as error:
+        raise Refused(str(error)) from error
+    token, api_key = _credentials(args)
+    request = CallRequest(
+        gateway=args.gateway,
+        namespace=args.namespace,
+        kind=args.kind,
+        name=args.name,
+        data=data,
+        timeout=args.timeout,
+        token=token,
+        api_key=api_key,
+        task_id=args.id or uuid.uuid4().hex,
+    )
+    answer = await call_gateway(request)
+    _emit(args, render.call_text(request, answer), render.call_json(answer))
+    return answer.exit_code
 
 
 async def list_runs(ops: Ops, args: argparse.Namespace) -> int:
@@ -589,6 +635,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_at_least(1), default=20, help="windows (or runs) to list at most"
     )
 
+    calls = commands.add_parser(
+        "call", help="call an agent or a workflow through the gateway and wait for its answer"
+    ).add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind in ("agent", "workflow"):
+        article = "an" if kind == "agent" else "a"
+        called = calls.add_parser(kind, help=f"call {article} {kind}", parents=[flags])
+        called.set_defaults(gateway_handler=call_target)
+        called.add_argument("name", metavar="NAME")
+        given_data = called.add_mutually_exclusive_group()
+        given_data.add_argument("--data", help="the input, as JSON (default: null)")
+        given_data.add_argument("--data-file", help="a file holding the input JSON ('-': stdin)")
+        called.add_argument(
+            "--gateway",
+            default=os.environ.get("TROUPE_GATEWAY_URL", DEFAULT_GATEWAY_URL),
+            help=f"the gateway's URL (default: $TROUPE_GATEWAY_URL or {DEFAULT_GATEWAY_URL})",
+        )
+        credentials = called.add_mutually_exclusive_group()
+        credentials.add_argument("--token", help="a bearer token (default: $TROUPE_TOKEN)")
+        credentials.add_argument("--api-key", help="an API key (default: $TROUPE_API_KEY)")
+        called.add_argument(
+            "--timeout",
+            type=_positive,
+            default=DEFAULT_TIMEOUT,
+            help="seconds to wait for the answer (at most 300; default 30)",
+        )
+        called.add_argument(
+            "--id", help="the task id (Idempotency-Key); the same id again is the same task"
+        )
+
     top_ = command(commands, "top", top, "throughput, lag and errors per agent")
     top_.add_argument("--interval", type=_positive, default=2.0, help="seconds between samples")
     top_.add_argument("--once", action="store_true", help="print one table and exit")
@@ -599,12 +674,15 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     """The CLI inside a running event loop (tests run it beside an engine)."""
     args = build_parser().parse_args(argv)
     try:
+        gateway_handler: GatewayCommand | None = getattr(args, "gateway_handler", None)
+        if gateway_handler is not None:  # the gateway's commands need no NATS
+            return await gateway_handler(args)
         async with connected(args.nats_url, args.namespace) as ops:
             code: int = await args.handler(ops, args)
             return code
     except CliError as error:
         _error(error)
-        return 1
+        return error.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

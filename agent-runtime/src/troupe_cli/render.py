@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from troupe_cli.gateway import CallAnswer, CallRequest
 from troupe_cli.views import (
     AgentLoad,
     BudgetView,
@@ -150,6 +151,26 @@ def result_json(result: RunResult) -> dict[str, Any]:
         "output": result.output,
         "error": result.error,
     }
+
+
+def call_text(request: CallRequest, answer: CallAnswer) -> str:
+    """A completed call prints its output alone (text as is), so it pipes like an answer."""
+    if answer.state == "completed":
+        return answer.output if isinstance(answer.output, str) else dumps(answer.output)
+    if answer.state in ("failed", "canceled", "rejected"):
+        reason = f" ({answer.reason})" if answer.reason else ""
+        why = answer.error or "no error given"
+        return f"{request.kind} {request.name} {answer.state} task {answer.task_id}: {why}{reason}"
+    later = f", or GET {answer.location}" if answer.location else ""
+    return (
+        f"task {answer.task_id} of {request.kind} {request.name} is still {answer.state} after "
+        f"{request.wait:g}s; wait for it again with "
+        f"`troupe call {request.kind} {request.name} --id {answer.task_id}`{later}"
+    )
+
+
+def call_json(answer: CallAnswer) -> dict[str, Any]:
+    return answer.document()
 
 
 def runs_text(runs: Sequence[RunState]) -> str:
