@@ -26,7 +26,7 @@ from typing import TypeVar
 import nats
 from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig
+from nats.js.api import KeyValueConfig, ObjectStoreConfig
 from nats.js.errors import APIError, NotFoundError
 from pydantic import ValidationError
 
@@ -336,6 +336,61 @@ async def _defined_budgets(js: JetStreamContext, namespace: str) -> list[str]:
     return sorted(subject.removeprefix(prefix) for subject in subjects)
 
 
+async def _stored(js: JetStreamContext, bucket: str, key: str) -> bytes | None:
+    """The key's value; None when it, or the bucket, does not exist (or was deleted)."""
+    try:
+        return (await (await js.key_value(bucket)).get(key)).value or b""
+    except NotFoundError:
+        return None
+
+
+async def _sync_directory(
+    js: JetStreamContext,
+    config: KeyValueConfig,
+    key: str,
+    decide: Callable[[bytes | None], bytes | None],
+) -> bool:
+    assert config.bucket is not None
+    await ensure_bucket(js, config, ProvisionReport())
+    value = decide(await _stored(js, config.bucket, key))
+    if value is None:
+        return False
+    await (await js.key_value(config.bucket)).put(key, value)
+    return True
+
+
+async def _withdraw(js: JetStreamContext, bucket: str, key: str) -> list[str]:
+    """Purge the key when it holds a value (the marker tells the gateway's watch)."""
+    if await _stored(js, bucket, key) is None:
+        return []
+    await (await js.key_value(bucket)).purge(key)
+    return [f"kv/{bucket}/{key}"]
+
+
+async def _directory_keys(js: JetStreamContext, bucket: str, prefixes: Sequence[str]) -> list[str]:
+    """The keys under ``prefixes`` the bucket's subject index holds (purged ones' markers
+    included), in one request per prefix; none when the bucket does not exist."""
+    subject = f"$KV.{bucket}."
+    keys: list[str] = []
+    try:
+        for prefix in prefixes:
+            found = await _subject_counts(js, naming.kv_stream(bucket), f"{subject}{prefix}>")
+            keys += [s.removeprefix(subject) for s in found]
+    except NotFoundError:
+        return []
+    return sorted(keys)
+
+
+async def _forget(js: JetStreamContext, bucket: str, key: str) -> str | None:
+    """A key no object owns: a value is purged (the marker tells the gateway's watch); a
+    marker, seen by then, goes from the stream for good."""
+    if await _stored(js, bucket, key) is not None:
+        await (await js.key_value(bucket)).purge(key)
+        return f"kv/{bucket}/{key}"
+    await js.purge_stream(naming.kv_stream(bucket), subject=f"$KV.{bucket}.{key}")
+    return None
+
+
 def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=tls.ca.decode())
     if tls.cert and tls.key:
@@ -560,3 +615,28 @@ class NatsPool:
     async def delete_budget(self, target: NatsTarget, namespace: str, budget: str) -> list[str]:
         """Remove a Budget's definition and ledgers; return what was removed."""
         return await self._call(target, lambda js: _delete_budget(js, namespace, budget))
+
+    async def sync_directory(
+        self,
+        target: NatsTarget,
+        config: KeyValueConfig,
+        key: str,
+        decide: Callable[[bytes | None], bytes | None],
+    ) -> bool:
+        """Ensure the directory bucket ``config``, then put what ``decide`` makes of the
+        key's stored value (None: nothing); return whether it wrote."""
+        return await self._call(target, lambda js: _sync_directory(js, config, key, decide))
+
+    async def withdraw(self, target: NatsTarget, bucket: str, key: str) -> list[str]:
+        """Purge ``key`` of ``bucket`` when it holds a value; return what was removed."""
+        return await self._call(target, lambda js: _withdraw(js, bucket, key))
+
+    async def directory_keys(
+        self, target: NatsTarget, bucket: str, prefixes: Sequence[str]
+    ) -> list[str]:
+        """The keys under ``prefixes`` in ``bucket``, markers of purged ones included."""
+        return await self._call(target, lambda js: _directory_keys(js, bucket, prefixes))
+
+    async def forget(self, target: NatsTarget, bucket: str, key: str) -> str | None:
+        """Remove a key no object owns, its purge marker first; what was purged, if a value."""
+        return await self._call(target, lambda js: _forget(js, bucket, key))

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from troupe_operator.api import AgentSpec, AgentStatus, ModelProviderSpec
 from troupe_operator.api.status import AgentSubjects
+from troupe_operator.builders import directory as directory_builders
 from troupe_operator.builders import jetstream as jetstream_builders
 from troupe_operator.builders import llm as llm_builders
 from troupe_operator.builders import status, validation, workload
@@ -26,6 +27,7 @@ from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.problems import Problem
 from troupe_operator.builders.status import WorkloadObservation
 from troupe_operator.clients.nats import Counts, NatsPool, NatsTarget
+from troupe_operator.reconcilers import directory
 from troupe_operator.reconcilers.budget import budgets_staying
 from troupe_operator.reconcilers.common import (
     JetStreamStep,
@@ -39,6 +41,7 @@ from troupe_operator.reconcilers.common import (
 )
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import build_agent_resources, inbox_subjects
+from troupe_runtime.contract.gateway import DirectoryEntry
 from troupe_runtime.contract.llm_policy import LlmPolicy
 
 logger = logging.getLogger(__name__)
@@ -60,19 +63,19 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         if problems:
             # Nothing is built from a spec with problems: it is only reported (and building
             # may itself fail, e.g. on a schema nested too deep to serialise).
-            return self._refused(owner, spec, generation, problems)
+            return self._refused(operator, owner, spec, generation, problems)
         resolution = (
             await self._resolve_llm(operator, owner, spec.llm)
             if spec.llm is not None
             else llm_builders.Resolution(None, [])
         )
         if resolution.problems:
-            return self._refused(owner, spec, generation, resolution.problems)
+            return self._refused(operator, owner, spec, generation, resolution.problems)
         config = workload.build_runtime_config(
             owner, spec, operator.settings.nats_url, resolution.runtime
         )
         if spec.llm is not None and (too_large := validation.config_problems(config)):
-            return self._refused(owner, spec, generation, too_large)
+            return self._refused(operator, owner, spec, generation, too_large)
         resources = jetstream_builders.with_shared_buckets(
             build_agent_resources(config, spec.runtime.replicas),
             owner.namespace,
@@ -131,10 +134,32 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
             workload=self.workload(owner.name),
             config_maps=workload.referenced_config_maps(spec),
+            directory=self._listing(
+                operator,
+                owner,
+                spec,
+                directory_builders.agent_entry(owner.namespace, owner.name, spec, generation),
+            ),
         )
 
+    def _listing(
+        self,
+        operator: Operator,
+        owner: Owner,
+        spec: AgentSpec,
+        entry: DirectoryEntry | None,
+    ) -> directory_builders.Listing:
+        """The Agent's directory key: ``entry``, or (None) the stored one following Ready."""
+        listed = directory_builders.listed(spec.nats, operator.settings.nats_url)
+        return directory_builders.Listing(self.name, owner.namespace, owner.name, entry, listed)
+
     def _refused(
-        self, owner: Owner, spec: AgentSpec, generation: int, problems: list[Problem]
+        self,
+        operator: Operator,
+        owner: Owner,
+        spec: AgentSpec,
+        generation: int,
+        problems: list[Problem],
     ) -> Plan[AgentStatus, Counts]:
         """A plan that writes nothing and reports ``problems``, Secrets and the workload."""
 
@@ -153,6 +178,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             workload=self.workload(owner.name),
             problems=problems,
             config_maps=workload.referenced_config_maps(spec),
+            directory=self._listing(operator, owner, spec, None),
         )
 
     async def _resolve_llm(
@@ -214,16 +240,20 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         spec: AgentSpec | None,
         raw_spec: Mapping[str, Any],
     ) -> list[str]:
-        """Remove the agent's streams, and the shared ones no remaining Agent uses.
+        """Withdraw its directory entry, then remove the agent's streams, and the shared ones
+        no remaining Agent uses.
 
         With a spec the models refuse, only the streams its name derives: the shared ones
         it may have used cannot be told, so they stay.
         """
+        withdrawn = await directory.withdraw(operator, self.name, namespace, name)
         if spec is None:
             connection = raw_connection(raw_spec)
             url = connection.url or operator.settings.nats_url
             target = await required_target(operator, namespace, connection, url)
-            return await operator.nats.delete_streams(target, self.leftovers(namespace, name))
+            return withdrawn + await operator.nats.delete_streams(
+                target, self.leftovers(namespace, name)
+            )
         owner = Owner(namespace, name, uid="")
         config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
         target = await required_target(operator, namespace, spec.nats, config.nats.url)
@@ -232,7 +262,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         # An Agent whose spec cannot be read may use any shared resource: keep them all.
         budgets = await budgets_staying(operator, namespace)
         shared = [] if staying is None else orphaned_streams(namespace, spec, staying, budgets)
-        return await operator.nats.delete(target, resources, shared)
+        return withdrawn + await operator.nats.delete(target, resources, shared)
 
     def leftovers(self, namespace: str, name: str) -> list[str]:
         return [

@@ -31,7 +31,9 @@ from troupe_operator import metrics
 from troupe_operator.api import API_VERSION
 from troupe_operator.api.agent import NatsConnection
 from troupe_operator.api.status import Condition, ObjectStatus
+from troupe_operator.builders import directory as directory_builders
 from troupe_operator.builders import pods, rejections, status
+from troupe_operator.builders.directory import Listing
 from troupe_operator.builders.pods import ConfigMapReference, Owner, SecretReference
 from troupe_operator.builders.problems import Problem, SpecRejected
 from troupe_operator.builders.status import (
@@ -46,6 +48,7 @@ from troupe_operator.clients.nats import (
     NatsTarget,
     TlsMaterial,
 )
+from troupe_operator.reconcilers import directory
 from troupe_operator.settings import OperatorSettings
 from troupe_runtime.contract.redact import redact
 
@@ -134,6 +137,8 @@ class Plan(Generic[StatusT, ReadT]):
     """What is wrong with the spec: when any, the pass reports Stalled and converges nothing."""
     config_maps: list[ConfigMapReference] = field(default_factory=list)
     """ConfigMaps the spec names, checked to exist (with their keys) before pods wait on them."""
+    directory: Listing | None = None
+    """The object's gateway directory key, converged with the status written."""
 
 
 class Kind(ABC, Generic[SpecT, StatusT]):
@@ -601,6 +606,9 @@ async def converge(
 
     phase.condition = status.WORKLOAD_AVAILABLE
     problems = [*plan.problems, *applied.problems, *rejected]
+    # The status as stored once written: the last one computed, unless the object is being
+    # deleted (its finalizer withdraws its directory entry: no pass may list it again).
+    final: list[StatusT] = []
 
     async def compute(body: dict[str, Any]) -> StatusT:
         now = datetime.now(UTC)
@@ -619,10 +627,16 @@ async def converge(
         ]
         new = kind.reported(plan.status(seen), observed, generation, now)
         conditions = status.keep_transition_times(previous.conditions, new.conditions)
-        return new.model_copy(update={"conditions": conditions})
+        new = new.model_copy(update={"conditions": conditions})
+        final[:] = [] if "deletionTimestamp" in body["metadata"] else [new]
+        return new
 
     written = await write_status(kube, kind.plural, namespace, owner.name, compute)
     await announce(kube, kind.name, written)
+    listed = None
+    if plan.directory is not None and final:
+        ready = directory_builders.is_ready(final[0].conditions)
+        listed = await directory.publish(operator, plan.directory, ready)
     if settled and applied.drifted:
         meta = {"metadata": {"name": owner.name, "namespace": namespace, "uid": owner.uid}}
         await kube.create_event(
@@ -635,7 +649,7 @@ async def converge(
         return applied.waiting
     if messaging is not None and messaging.error is not None:
         return f"NATS unavailable: {messaging.error}"
-    return None
+    return listed
 
 
 def _leaving(message: str) -> Observation:
@@ -726,4 +740,6 @@ async def refresh(operator: Operator, kind: Kind[Any, StatusT], namespace: str, 
 
     async with operator.lock(kind.name, namespace, name):
         written = await write_status(operator.kube, kind.plural, namespace, name, compute)
+        if written is not None and "deletionTimestamp" not in written.body["metadata"]:
+            await directory.follow_readiness(operator, kind.name, namespace, name, written.current)
     await announce(operator.kube, kind.name, written)

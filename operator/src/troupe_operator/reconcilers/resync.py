@@ -11,7 +11,8 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from troupe_operator.reconcilers import model_provider
+from troupe_operator.clients.nats import MessagingUnavailable
+from troupe_operator.reconcilers import directory, model_provider
 from troupe_operator.reconcilers.agent import AGENT
 from troupe_operator.reconcilers.common import Kind, Operator, run_pass
 from troupe_operator.reconcilers.workflow import WORKFLOW
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 async def resync_once(operator: Operator) -> None:
     """One pass over every watched Agent, Workflow and ModelProvider not being deleted (a
-    ModelProvider's pass probes its endpoint again: that is how a fixed Secret is seen)."""
+    ModelProvider's pass probes its endpoint again: that is how a fixed Secret is seen),
+    then a sweep of the gateway directory keys of those namespaces that no object owns."""
     semaphore = asyncio.Semaphore(RESYNC_CONCURRENCY)
 
     async def guarded(run: Awaitable[object], what: str) -> None:
@@ -34,9 +36,11 @@ async def resync_once(operator: Operator) -> None:
                 logger.exception("resync of %s failed; the next resync retries", what)
 
     passes = []
+    namespaces: set[str] = set()
     for kind in KINDS:
         for body in await operator.kube.list_watched(kind.plural, operator.settings.namespaces):
             meta = body["metadata"]
+            namespaces.add(meta["namespace"])
             if "deletionTimestamp" in meta:
                 continue
             what = f"{kind.plural}/{meta['namespace']}/{meta['name']}"
@@ -49,6 +53,10 @@ async def resync_once(operator: Operator) -> None:
             what = f"{model_provider.PLURAL}/{meta['namespace']}/{meta['name']}"
             passes.append(guarded(model_provider.provider_pass(operator, body), what))
     await asyncio.gather(*passes)
+    try:
+        await directory.sweep(operator, namespaces)
+    except MessagingUnavailable as error:
+        logger.warning("the sweep of the gateway directory failed: %s", error)
 
 
 async def resync_forever(operator: Operator) -> None:

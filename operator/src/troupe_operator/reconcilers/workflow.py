@@ -18,10 +18,12 @@ from pydantic import ValidationError
 from troupe_operator.api import AgentSpec, WorkflowSpec, WorkflowStatus
 from troupe_operator.api.status import RunCounts, WorkflowSubjects
 from troupe_operator.builders import budgets, dag, engine, pods, status, validation
+from troupe_operator.builders import directory as directory_builders
 from troupe_operator.builders.jetstream import workflow_spec_fields
 from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.status import RunObservation, WorkloadObservation
 from troupe_operator.clients.nats import NatsPool, NatsTarget
+from troupe_operator.reconcilers import directory
 from troupe_operator.reconcilers.agent import AGENT
 from troupe_operator.reconcilers.common import (
     JetStreamStep,
@@ -35,6 +37,7 @@ from troupe_operator.reconcilers.common import (
     run_pass,
 )
 from troupe_runtime.contract import naming
+from troupe_runtime.contract.gateway import DirectoryEntry
 from troupe_runtime.contract.policies import Messaging
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
 
@@ -80,7 +83,10 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
                 ).model_copy(update={"subjects": subjects})
 
             return Plan[WorkflowStatus, None](
-                stopped, remove=self._engine_objects(owner.name), problems=spec_problems
+                stopped,
+                remove=self._engine_objects(owner.name),
+                problems=spec_problems,
+                directory=self._listing(operator, owner, spec, None),
             )
 
         config = engine.build_engine_config(
@@ -127,7 +133,25 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
             jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
             workload=self.workload(owner.name),
             problems=spec_problems,
+            directory=self._listing(
+                operator,
+                owner,
+                spec,
+                directory_builders.workflow_entry(owner.namespace, owner.name, spec, generation),
+            ),
         )
+
+    def _listing(
+        self,
+        operator: Operator,
+        owner: Owner,
+        spec: WorkflowSpec,
+        entry: DirectoryEntry | None,
+    ) -> directory_builders.Listing:
+        """The Workflow's directory key: ``entry``, or (None) the stored one following
+        Ready (an invalid graph: its engine is gone, so Ready is False)."""
+        listed = directory_builders.listed(spec.nats, operator.settings.nats_url)
+        return directory_builders.Listing(self.name, owner.namespace, owner.name, entry, listed)
 
     def workload(self, name: str) -> str:
         return naming.engine_deployment(name)
@@ -158,8 +182,10 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
         The engine goes first so that it does not fail over its streams' loss; it never
         creates them, so there is no need to wait for its pods to be gone. Every name
         derives from the Workflow's, so a spec the models refuse deletes the same. An
-        object of that name that is not this Workflow's stays.
+        object of that name that is not this Workflow's stays. Its directory entry is
+        withdrawn first, so the gateway starts no run meanwhile.
         """
+        withdrawn = await directory.withdraw(operator, self.name, namespace, name)
         for kind, object_name in self._engine_objects(name):
             found = await operator.kube.read(kind, namespace, object_name)
             if found is not None and controlled_by(found, self.name, name):
@@ -167,7 +193,9 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
         connection = spec.nats if spec is not None else raw_connection(raw_spec)
         url = connection.url or operator.settings.nats_url
         target = await required_target(operator, namespace, connection, url)
-        return await operator.nats.delete_streams(target, self.leftovers(namespace, name))
+        return withdrawn + await operator.nats.delete_streams(
+            target, self.leftovers(namespace, name)
+        )
 
     def leftovers(self, namespace: str, name: str) -> list[str]:
         return [
