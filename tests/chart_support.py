@@ -21,6 +21,7 @@ DEPLOY = REPOSITORY / "deploy"
 RELEASE = bundle.RELEASE
 NAMESPACE = bundle.NAMESPACE
 OPERATOR = f"{RELEASE}-operator"
+GATEWAY = f"{RELEASE}-gateway"
 
 # Every optional feature on, NATS credentials from a Secret, and a list of watched namespaces.
 ALL_OPTIONS: dict[str, Any] = {

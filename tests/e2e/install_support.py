@@ -96,22 +96,27 @@ def chart_path(cluster: ClusterEndpoints) -> InstallPath:
 
 
 def _overlay(directory: Path, nats_url: str, extra_env: dict[str, str]) -> Path:
-    """A kustomize overlay of deploy/ that points the operator at our NATS."""
+    """A kustomize overlay of deploy/ that points the operator and the gateway at our NATS."""
     directory.mkdir(parents=True, exist_ok=True)
     env = [{"name": "TROUPE_NATS_URL", "value": nats_url}]
     env += [{"name": k, "value": v} for k, v in extra_env.items()]
-    patch = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "troupe-operator", "namespace": OPERATOR_NAMESPACE},
-        "spec": {"template": {"spec": {"containers": [{"name": "operator", "env": env}]}}},
-    }
-    (directory / "operator-env.yaml").write_text(yaml.safe_dump(patch))
+    gateway_env = [{"name": "TROUPE_NATS_URL", "value": nats_url}]
+    for deployment, container, variables in (
+        ("troupe-operator", "operator", env),
+        ("troupe-gateway", "gateway", gateway_env),
+    ):
+        patch = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": deployment, "namespace": OPERATOR_NAMESPACE},
+            "spec": {"template": {"spec": {"containers": [{"name": container, "env": variables}]}}},
+        }
+        (directory / f"{container}-env.yaml").write_text(yaml.safe_dump(patch))
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [os.path.relpath(DEPLOY, directory)],
-        "patches": [{"path": "operator-env.yaml"}],
+        "patches": [{"path": "operator-env.yaml"}, {"path": "gateway-env.yaml"}],
     }
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return directory

@@ -21,6 +21,7 @@ from tests.chart_support import (
     ALL_OPTIONS,
     CHART,
     DEPLOY,
+    GATEWAY,
     OPERATOR,
     documents,
     of_kind,
@@ -126,6 +127,9 @@ def test_default_rendering_is_accepted_by_the_api_server(
     output = server_dry_run(cluster, render_text(None, namespace))
     assert f"deployment.apps/{OPERATOR} created (server dry run)" in output
     assert f"role.rbac.authorization.k8s.io/{OPERATOR}-election created (server dry run)" in output
+    assert f"deployment.apps/{GATEWAY} created (server dry run)" in output
+    assert f"service/{GATEWAY} created (server dry run)" in output
+    assert "clusterrole.rbac.authorization.k8s.io/troupe-invoker created (server dry run)" in output
 
 
 @pytest.mark.usefixtures("crds")
@@ -134,7 +138,12 @@ def test_every_option_is_accepted_by_the_api_server(
 ) -> None:
     watched = [create_namespace(api_client), create_namespace(api_client)]
     try:
-        rendered = render_text({**ALL_OPTIONS, "watchNamespaces": watched}, namespace)
+        values = {
+            **ALL_OPTIONS,
+            "watchNamespaces": watched,
+            "gateway": {"tls": {"secretName": "gateway-tls"}, "publicUrl": "https://a.example"},
+        }
+        rendered = render_text(values, namespace)
         output = server_dry_run(cluster, rendered)
     finally:
         for name in watched:
@@ -146,8 +155,9 @@ def test_every_option_is_accepted_by_the_api_server(
     ):
         assert f"{kind}/" in output, output
     created = [line.split("/")[0] for line in output.splitlines()]
-    # One RoleBinding per watched namespace, and the Lease's in the release namespace.
-    assert created.count("rolebinding.rbac.authorization.k8s.io") == len(watched) + 1
+    # The operator's and the gateway's RoleBinding per watched namespace, and the Lease's in
+    # the release namespace.
+    assert created.count("rolebinding.rbac.authorization.k8s.io") == 2 * len(watched) + 1
 
 
 @pytest.mark.usefixtures("crds")
@@ -158,21 +168,21 @@ def test_pods_are_admitted_under_the_restricted_pod_security_profile(
     try:
         objects = documents(render_text(ALL_OPTIONS, namespace))
         workloads = of_kind(objects, "Deployment") + of_kind(objects, "StatefulSet")
-        assert len(workloads) == 2, "the operator and the quick-start NATS"
+        assert len(workloads) == 3, "the operator, the gateway and the quick-start NATS"
         # Workload objects are only warned about (on stderr, which makes kubectl fail
         # here); Pods are where enforcement happens.
         warnings = cluster.kubectl(
             "--warnings-as-errors", "apply", "--dry-run=server", "-f", "-", stdin=dump(workloads)
         )
         assert "PodSecurity" not in warnings, warnings
-        # The ServiceAccount admission plugin wants the operator's account to exist.
+        # The ServiceAccount admission plugin wants the operator's and gateway's accounts.
         cluster.kubectl("apply", "-f", "-", stdin=dump(of_kind(objects, "ServiceAccount")))
         output = cluster.kubectl(
             "create", "--dry-run=server", "-f", "-", stdin=dump(pods_of(workloads))
         )
     finally:
         core_v1(api_client).delete_namespace(namespace)
-    assert output.count("created (server dry run)") == 2, output
+    assert output.count("created (server dry run)") == 3, output
 
 
 @pytest.mark.usefixtures("crds")
@@ -188,4 +198,5 @@ def test_plain_bundle_applies_like_the_chart(cluster: ClusterEndpoints) -> None:
     finally:
         cluster.kubectl("delete", namespace, f"--timeout={NAMESPACE_GONE_SECONDS}s")
     assert f"deployment.apps/{OPERATOR}" in output
+    assert f"deployment.apps/{GATEWAY}" in output
     assert f"rolebinding.rbac.authorization.k8s.io/{OPERATOR}-election" in output

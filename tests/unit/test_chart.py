@@ -15,6 +15,7 @@ from tests.chart_support import (
     ALL_OPTIONS,
     CHART,
     DEPLOY,
+    GATEWAY,
     NAMESPACE,
     OPERATOR,
     container_env,
@@ -62,6 +63,13 @@ ELECTION_GRANTS: set[Grant] = {
     *{("coordination.k8s.io", "leases", v, OPERATOR) for v in ("get", "update", "patch")},
 }
 WATCHED = ["team-a", "team-b"]
+# What the gateway asks (auth.py, kube.py): TokenReviews, SubjectAccessReviews cluster-wide,
+# and the API-key Secrets of the namespaces it serves.
+GATEWAY_REVIEW_GRANTS: set[Grant] = {
+    ("authentication.k8s.io", "tokenreviews", "create", ""),
+    ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
+}
+GATEWAY_SECRET_GRANTS: set[Grant] = {("", "secrets", v, "") for v in ("get", "list", "watch")}
 
 
 def grants(role: dict[str, Any]) -> set[Grant]:
@@ -75,19 +83,25 @@ def grants(role: dict[str, Any]) -> set[Grant]:
     }
 
 
-def operator_grants(objects: list[dict[str, Any]]) -> set[Grant]:
-    """Everything the operator's ServiceAccount is bound to, in the cluster or a namespace."""
+def bindings_of(
+    objects: list[dict[str, Any]], kind: str, account: str = OPERATOR
+) -> list[dict[str, Any]]:
+    """The bindings of ``kind`` whose subjects include the ServiceAccount ``account``."""
+    subject = {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+    return [b for b in of_kind(objects, kind) if subject in b["subjects"]]
+
+
+def operator_grants(objects: list[dict[str, Any]], account: str = OPERATOR) -> set[Grant]:
+    """Everything the ServiceAccount ``account`` (the operator's) is bound to, in the
+    cluster or a namespace."""
     roles = {
         (role["kind"], role["metadata"]["name"]): role
         for role in of_kind(objects, "ClusterRole") + of_kind(objects, "Role")
     }
-    bindings = of_kind(objects, "ClusterRoleBinding") + of_kind(objects, "RoleBinding")
-    bound = {
-        (binding["roleRef"]["kind"], binding["roleRef"]["name"])
-        for binding in bindings
-        if {"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAMESPACE}
-        in binding["subjects"]
-    }
+    bindings = bindings_of(objects, "ClusterRoleBinding", account) + bindings_of(
+        objects, "RoleBinding", account
+    )
+    bound = {(binding["roleRef"]["kind"], binding["roleRef"]["name"]) for binding in bindings}
     return set().union(*(grants(roles[name]) for name in bound))
 
 
@@ -129,11 +143,13 @@ def test_cluster_wide_operator_gets_exactly_what_it_uses() -> None:
 
 def test_namespaced_operator_is_bound_only_in_the_watched_namespaces() -> None:
     objects = render({"watchNamespaces": WATCHED})
-    bindings = [b for b in of_kind(objects, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"]
+    bindings = [
+        b for b in bindings_of(objects, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"
+    ]
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == WATCHED
     namespaced_role = one(objects, "ClusterRole", bindings[0]["roleRef"]["name"])
     assert grants(namespaced_role) == NAMESPACED_GRANTS
-    cluster_bindings = of_kind(objects, "ClusterRoleBinding")
+    cluster_bindings = bindings_of(objects, "ClusterRoleBinding")
     assert len(cluster_bindings) == 1, "only kopf's cluster-scoped reads are cluster-wide"
     cluster_role = one(objects, "ClusterRole", cluster_bindings[0]["roleRef"]["name"])
     assert grants(cluster_role) == {
@@ -234,7 +250,7 @@ def test_images_name_no_registry_host() -> None:
     objects = render(ALL_OPTIONS)
     workloads = of_kind(objects, "Deployment") + of_kind(objects, "StatefulSet")
     images = [c["image"] for w in workloads for c in w["spec"]["template"]["spec"]["containers"]]
-    assert images == ["troupe/operator:0.1.0", "nats:2.15.1-alpine"]
+    assert images == ["troupe/operator:0.1.0", "troupe/runtime:0.1.0", "nats:2.15.1-alpine"]
     for image in images:
         first = image.split("/")[0]
         assert "/" not in image or not ("." in first or ":" in first), image
@@ -307,3 +323,120 @@ def test_bundle_is_the_default_rendering() -> None:
     assert rest[0]["metadata"]["name"] == NAMESPACE
     assert {crd["kind"] for crd in crds} == {"CustomResourceDefinition"}
     assert crds + rest[1:] == rendered
+
+
+def _gateway_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = one(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_the_gateway_runs_two_replicas_of_the_runtime_image_with_probes_on_8080() -> None:
+    objects = render()
+    deployment = one(objects, "Deployment", GATEWAY)
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == GATEWAY
+    container = _gateway_container(objects)
+    assert container["image"] == "troupe/runtime:0.1.0"
+    assert container["command"] == ["python", "-m", "troupe_gateway"]
+    (port,) = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("http", 8080)
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTP"}
+    env = container_env(container)
+    assert env["TROUPE_NATS_URL"] == "nats://nats:4222"
+    assert not {"TROUPE_GATEWAY_TLS_CERT", "TROUPE_GATEWAY_PUBLIC_URL"} & env.keys()
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    pdb = one(objects, "PodDisruptionBudget", GATEWAY)
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= (
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_the_gateway_service_sends_port_80_to_the_pods_8080() -> None:
+    objects = render()
+    service = one(objects, "Service", GATEWAY)
+    (port,) = service["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (80, "http")
+    assert service["spec"]["type"] == "ClusterIP"
+    deployment = one(objects, "Deployment", GATEWAY)
+    assert (
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    operator = one(objects, "Deployment", OPERATOR)
+    assert not (
+        service["spec"]["selector"].items()
+        <= operator["spec"]["template"]["metadata"]["labels"].items()
+    ), "the gateway Service must not select the operator"
+    changed = render({"gateway": {"service": {"type": "NodePort", "port": 8443}}})
+    assert one(changed, "Service", GATEWAY)["spec"]["type"] == "NodePort"
+    assert one(changed, "Service", GATEWAY)["spec"]["ports"][0]["port"] == 8443
+
+
+def test_the_gateway_shares_the_operators_nats_and_its_credentials() -> None:
+    objects = render(ALL_OPTIONS)
+    env = container_env(_gateway_container(objects))
+    operator_env = container_env(
+        one(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert env["TROUPE_NATS_URL"] == operator_env["TROUPE_NATS_URL"]
+    assert env["TROUPE_NATS_CREDENTIALS"] == operator_env["TROUPE_NATS_CREDENTIALS"]
+    pod = one(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["nats-credentials"]["secret"]["secretName"] == "troupe-nats-creds"
+
+
+def test_gateway_tls_mounts_the_secret_and_probes_over_https() -> None:
+    objects = render(
+        {"gateway": {"tls": {"secretName": "gateway-tls"}, "publicUrl": "https://agents.example"}}
+    )
+    container = _gateway_container(objects)
+    env = container_env(container)
+    assert env["TROUPE_GATEWAY_TLS_CERT"] == "/etc/troupe/tls/tls.crt"
+    assert env["TROUPE_GATEWAY_TLS_KEY"] == "/etc/troupe/tls/tls.key"
+    assert env["TROUPE_GATEWAY_PUBLIC_URL"] == "https://agents.example"
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert mounts["tls"] == "/etc/troupe/tls"
+    pod = one(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "gateway-tls"
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert one(objects, "Service", GATEWAY)["spec"]["ports"][0]["name"] == "https"
+
+
+def test_the_gateway_may_review_tokens_and_access_and_read_api_key_secrets_only() -> None:
+    objects = render()
+    assert operator_grants(objects, GATEWAY) == GATEWAY_REVIEW_GRANTS | GATEWAY_SECRET_GRANTS
+
+
+def test_a_namespaced_gateway_reads_secrets_only_in_the_watched_namespaces() -> None:
+    objects = render({"watchNamespaces": WATCHED})
+    bindings = bindings_of(objects, "RoleBinding", GATEWAY)
+    assert sorted(binding["metadata"]["namespace"] for binding in bindings) == WATCHED
+    role = one(objects, "ClusterRole", bindings[0]["roleRef"]["name"])
+    assert grants(role) == GATEWAY_SECRET_GRANTS
+    (cluster_binding,) = bindings_of(objects, "ClusterRoleBinding", GATEWAY)
+    cluster_role = one(objects, "ClusterRole", cluster_binding["roleRef"]["name"])
+    assert grants(cluster_role) == GATEWAY_REVIEW_GRANTS
+
+
+def test_troupe_invoker_grants_invoke_on_agents_and_workflows_to_whoever_it_is_bound() -> None:
+    objects = render()
+    invoker = one(objects, "ClusterRole", "troupe-invoker")
+    assert grants(invoker) == {
+        ("troupe.dev", "agents", "invoke", ""),
+        ("troupe.dev", "workflows", "invoke", ""),
+    }
+    assert not [
+        b
+        for b in of_kind(objects, "ClusterRoleBinding")
+        if b["roleRef"]["name"] == "troupe-invoker"
+    ], "users bind it"
+
+
+def test_the_gateway_can_be_left_out() -> None:
+    objects = render({"gateway": {"enabled": False}})
+    names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+    assert not {name for _, name in names if "gateway" in name or name == "troupe-invoker"}
+    assert ("Deployment", OPERATOR) in names

@@ -21,6 +21,10 @@
 {{- default (include "troupe.operatorName" .) .Values.operator.leaderElection.leaseName -}}
 {{- end -}}
 
+{{- define "troupe.gatewayName" -}}
+{{- printf "%s-gateway" (include "troupe.fullname" .) -}}
+{{- end -}}
+
 {{- define "troupe.natsName" -}}
 {{- printf "%s-nats" (include "troupe.fullname" .) -}}
 {{- end -}}
@@ -35,6 +39,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "troupe.operatorSelectorLabels" -}}
 app.kubernetes.io/name: troupe-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "troupe.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: troupe-gateway
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
@@ -114,6 +123,12 @@ Secrets Agents name, and kopf posts Events.
 {{ include "troupe.labels" . }}
 app.kubernetes.io/name: troupe-operator
 app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "troupe.gatewayLabels" -}}
+{{ include "troupe.labels" . }}
+app.kubernetes.io/name: troupe-gateway
+app.kubernetes.io/component: gateway
 {{- end -}}
 
 {{- define "troupe.natsLabels" -}}
