@@ -66,6 +66,23 @@ troupe send analyst -n "$namespace" --stream --data '{"topic": "kubernetes", "fa
   "Custom resources extend the API (k8s-docs)",
   "Pod Security admission enforces profiles per namespace (k8s-docs)"]}'
 
+step "Call the analyst through the gateway: plain HTTP with a ServiceAccount token RBAC allows"
+# troupe-invoker (from the chart) grants the virtual verb invoke on agents and workflows.
+kubectl create serviceaccount demo-caller -n "$namespace" --dry-run=client -o yaml | kubectl apply -f -
+kubectl create rolebinding demo-caller-invokes --clusterrole=troupe-invoker \
+  --serviceaccount="$namespace:demo-caller" -n "$namespace" --dry-run=client -o yaml | kubectl apply -f -
+# The process node has no Service networking: call a gateway pod on its own IP.
+gateway="http://$(kubectl get pods -n troupe-system -l app.kubernetes.io/name=troupe-gateway \
+  --field-selector=status.phase=Running -o jsonpath='{.items[0].status.podIP}'):8080"
+question='{"topic": "nats", "facts": ["JetStream persists streams (nats-docs)",
+  "KV buckets are streams with one subject per key (nats-docs)"]}'
+echo "without a token:"
+troupe call agent analyst -n "$namespace" --gateway "$gateway" --token "" --data "$question" ||
+  echo "(refused, exit $?)"
+echo "with demo-caller's token:"
+troupe call agent analyst -n "$namespace" --gateway "$gateway" --timeout 180 \
+  --token "$(kubectl create token demo-caller -n "$namespace")" --data "$question"
+
 step "What the namespace spent today, against its Budget"
 kubectl get budgets -n "$namespace" -o wide
 
@@ -88,6 +105,8 @@ Explore:
   kubectl get budgets -n $namespace -o wide       # the day's spending against its caps
   kubectl get modelprovider local -n $namespace -o yaml
   troupe dlq list retriever -n $namespace
+  troupe call agent analyst -n $namespace --gateway $gateway \\
+    --token "\$(kubectl create token demo-caller -n $namespace)" --data '{"topic": "kv", "facts": []}'
 Tear down:
   make demo-down
 EXPLORE
