@@ -23,8 +23,10 @@ NAMESPACE = bundle.NAMESPACE
 OPERATOR = f"{RELEASE}-operator"
 GATEWAY = f"{RELEASE}-gateway"
 
+GATEWAY_ON: dict[str, Any] = {"gateway": {"enabled": True}}
 # Every optional feature on, NATS credentials from a Secret, and a list of watched namespaces.
 ALL_OPTIONS: dict[str, Any] = {
+    **GATEWAY_ON,
     "nats": {"credentialsSecret": "troupe-nats-creds", "install": {"enabled": True}},
     "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
     "grafanaDashboard": {"enabled": True},

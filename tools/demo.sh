@@ -66,6 +66,9 @@ troupe send analyst -n "$namespace" --stream --data '{"topic": "kubernetes", "fa
   "Custom resources extend the API (k8s-docs)",
   "Pod Security admission enforces profiles per namespace (k8s-docs)"]}'
 
+# The gateway is installed with gateway.enabled (off by default for now).
+gateway="http://<a gateway pod IP>:8080"
+if kubectl get deployment -n troupe-system troupe-gateway >/dev/null 2>&1; then
 step "Call the analyst through the gateway: plain HTTP with a ServiceAccount token RBAC allows"
 # troupe-invoker (from the chart) grants the virtual verb invoke on agents and workflows.
 kubectl create serviceaccount demo-caller -n "$namespace" --dry-run=client -o yaml | kubectl apply -f -
@@ -82,6 +85,7 @@ troupe call agent analyst -n "$namespace" --gateway "$gateway" --token "" --data
 echo "with demo-caller's token:"
 troupe call agent analyst -n "$namespace" --gateway "$gateway" --timeout 180 \
   --token "$(kubectl create token demo-caller -n "$namespace")" --data "$question"
+fi
 
 step "What the namespace spent today, against its Budget"
 kubectl get budgets -n "$namespace" -o wide

@@ -101,10 +101,16 @@ def _overlay(directory: Path, nats_url: str, extra_env: dict[str, str]) -> Path:
     env = [{"name": "TROUPE_NATS_URL", "value": nats_url}]
     env += [{"name": k, "value": v} for k, v in extra_env.items()]
     gateway_env = [{"name": "TROUPE_NATS_URL", "value": nats_url}]
-    for deployment, container, variables in (
-        ("troupe-operator", "operator", env),
-        ("troupe-gateway", "gateway", gateway_env),
-    ):
+    bundled = {
+        doc["metadata"]["name"]
+        for doc in yaml.safe_load_all((DEPLOY / "troupe.yaml").read_text())
+        if doc and doc["kind"] == "Deployment"
+    }
+    patched = [("troupe-operator", "operator", env), ("troupe-gateway", "gateway", gateway_env)]
+    patches = []
+    for deployment, container, variables in patched:
+        if deployment not in bundled:
+            continue
         patch = {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -112,11 +118,12 @@ def _overlay(directory: Path, nats_url: str, extra_env: dict[str, str]) -> Path:
             "spec": {"template": {"spec": {"containers": [{"name": container, "env": variables}]}}},
         }
         (directory / f"{container}-env.yaml").write_text(yaml.safe_dump(patch))
+        patches.append({"path": f"{container}-env.yaml"})
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [os.path.relpath(DEPLOY, directory)],
-        "patches": [{"path": "operator-env.yaml"}, {"path": "gateway-env.yaml"}],
+        "patches": patches,
     }
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return directory

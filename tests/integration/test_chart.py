@@ -127,9 +127,6 @@ def test_default_rendering_is_accepted_by_the_api_server(
     output = server_dry_run(cluster, render_text(None, namespace))
     assert f"deployment.apps/{OPERATOR} created (server dry run)" in output
     assert f"role.rbac.authorization.k8s.io/{OPERATOR}-election created (server dry run)" in output
-    assert f"deployment.apps/{GATEWAY} created (server dry run)" in output
-    assert f"service/{GATEWAY} created (server dry run)" in output
-    assert "clusterrole.rbac.authorization.k8s.io/troupe-invoker created (server dry run)" in output
 
 
 @pytest.mark.usefixtures("crds")
@@ -141,7 +138,11 @@ def test_every_option_is_accepted_by_the_api_server(
         values = {
             **ALL_OPTIONS,
             "watchNamespaces": watched,
-            "gateway": {"tls": {"secretName": "gateway-tls"}, "publicUrl": "https://a.example"},
+            "gateway": {
+                "enabled": True,
+                "tls": {"secretName": "gateway-tls"},
+                "publicUrl": "https://a.example",
+            },
         }
         rendered = render_text(values, namespace)
         output = server_dry_run(cluster, rendered)
@@ -154,6 +155,9 @@ def test_every_option_is_accepted_by_the_api_server(
         "podmonitor.monitoring.coreos.com",
     ):
         assert f"{kind}/" in output, output
+    assert f"deployment.apps/{GATEWAY} created (server dry run)" in output
+    assert f"service/{GATEWAY} created (server dry run)" in output
+    assert "clusterrole.rbac.authorization.k8s.io/troupe-invoker created (server dry run)" in output
     created = [line.split("/")[0] for line in output.splitlines()]
     # The operator's and the gateway's RoleBinding per watched namespace, and the Lease's in
     # the release namespace.
@@ -198,5 +202,4 @@ def test_plain_bundle_applies_like_the_chart(cluster: ClusterEndpoints) -> None:
     finally:
         cluster.kubectl("delete", namespace, f"--timeout={NAMESPACE_GONE_SECONDS}s")
     assert f"deployment.apps/{OPERATOR}" in output
-    assert f"deployment.apps/{GATEWAY}" in output
     assert f"rolebinding.rbac.authorization.k8s.io/{OPERATOR}-election" in output

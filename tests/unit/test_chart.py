@@ -16,6 +16,7 @@ from tests.chart_support import (
     CHART,
     DEPLOY,
     GATEWAY,
+    GATEWAY_ON,
     NAMESPACE,
     OPERATOR,
     container_env,
@@ -327,11 +328,12 @@ def test_bundle_is_the_default_rendering() -> None:
 
 def _gateway_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     (container,) = one(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]["containers"]
-    return container
+    found: dict[str, Any] = container
+    return found
 
 
 def test_the_gateway_runs_two_replicas_of_the_runtime_image_with_probes_on_8080() -> None:
-    objects = render()
+    objects = render(GATEWAY_ON)
     deployment = one(objects, "Deployment", GATEWAY)
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
@@ -354,7 +356,7 @@ def test_the_gateway_runs_two_replicas_of_the_runtime_image_with_probes_on_8080(
 
 
 def test_the_gateway_service_sends_port_80_to_the_pods_8080() -> None:
-    objects = render()
+    objects = render(GATEWAY_ON)
     service = one(objects, "Service", GATEWAY)
     (port,) = service["spec"]["ports"]
     assert (port["port"], port["targetPort"]) == (80, "http")
@@ -369,7 +371,7 @@ def test_the_gateway_service_sends_port_80_to_the_pods_8080() -> None:
         service["spec"]["selector"].items()
         <= operator["spec"]["template"]["metadata"]["labels"].items()
     ), "the gateway Service must not select the operator"
-    changed = render({"gateway": {"service": {"type": "NodePort", "port": 8443}}})
+    changed = render({"gateway": {"enabled": True, "service": {"type": "NodePort", "port": 8443}}})
     assert one(changed, "Service", GATEWAY)["spec"]["type"] == "NodePort"
     assert one(changed, "Service", GATEWAY)["spec"]["ports"][0]["port"] == 8443
 
@@ -389,7 +391,13 @@ def test_the_gateway_shares_the_operators_nats_and_its_credentials() -> None:
 
 def test_gateway_tls_mounts_the_secret_and_probes_over_https() -> None:
     objects = render(
-        {"gateway": {"tls": {"secretName": "gateway-tls"}, "publicUrl": "https://agents.example"}}
+        {
+            "gateway": {
+                "enabled": True,
+                "tls": {"secretName": "gateway-tls"},
+                "publicUrl": "https://agents.example",
+            }
+        }
     )
     container = _gateway_container(objects)
     env = container_env(container)
@@ -406,12 +414,12 @@ def test_gateway_tls_mounts_the_secret_and_probes_over_https() -> None:
 
 
 def test_the_gateway_may_review_tokens_and_access_and_read_api_key_secrets_only() -> None:
-    objects = render()
+    objects = render(GATEWAY_ON)
     assert operator_grants(objects, GATEWAY) == GATEWAY_REVIEW_GRANTS | GATEWAY_SECRET_GRANTS
 
 
 def test_a_namespaced_gateway_reads_secrets_only_in_the_watched_namespaces() -> None:
-    objects = render({"watchNamespaces": WATCHED})
+    objects = render({**GATEWAY_ON, "watchNamespaces": WATCHED})
     bindings = bindings_of(objects, "RoleBinding", GATEWAY)
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == WATCHED
     role = one(objects, "ClusterRole", bindings[0]["roleRef"]["name"])
@@ -422,7 +430,7 @@ def test_a_namespaced_gateway_reads_secrets_only_in_the_watched_namespaces() -> 
 
 
 def test_troupe_invoker_grants_invoke_on_agents_and_workflows_to_whoever_it_is_bound() -> None:
-    objects = render()
+    objects = render(GATEWAY_ON)
     invoker = one(objects, "ClusterRole", "troupe-invoker")
     assert grants(invoker) == {
         ("troupe.dev", "agents", "invoke", ""),
@@ -435,8 +443,8 @@ def test_troupe_invoker_grants_invoke_on_agents_and_workflows_to_whoever_it_is_b
     ], "users bind it"
 
 
-def test_the_gateway_can_be_left_out() -> None:
-    objects = render({"gateway": {"enabled": False}})
+def test_the_gateway_is_off_by_default_until_it_serves() -> None:
+    objects = render()
     names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
     assert not {name for _, name in names if "gateway" in name or name == "troupe-invoker"}
     assert ("Deployment", OPERATOR) in names
