@@ -20,16 +20,43 @@ from troupe_runtime.contract.usage import Usage
 # A run id is the id of the event that started it; it becomes a subject token and a KV key.
 RUN_ID_PATTERN = re.compile(r"^[-_=a-zA-Z0-9]{1,200}$")
 COMPENSATE = "compensate"
-CANCEL_TYPE = "troupe.workflow.cancel"
-"""A request to cancel a run, published on ``naming.workflow_subject(.., "cancel", run)``
-with data ``{"reason": str}``; the engine ends the run ``Cancelled`` (STUB, issue 14: helper
-W implements)."""
 """The attempt token of a compensation's dispatch id."""
+CANCEL_TYPE = "troupe.workflow.cancel"
+"""A request to cancel a run: a CloudEvent of this type published on
+``naming.workflow_subject(.., "cancel", run)`` with data ``{"reason": str}`` (or no data).
+The engine logs a ``CancelRequested`` and ends the run ``Cancelled``; a cancel of a run
+that finished or never started changes nothing."""
+MAX_CANCEL_REASON_CHARS = 500
+"""Anyone may publish a cancel: its reason is cut to this before it is logged and
+becomes the run's error."""
+DEFAULT_CANCEL_REASON = "cancelled"
 BUDGET_EXCEEDED_REASON: str = DeadLetterReason.BUDGET_EXCEEDED.value
 """The ``reason`` of an agent's failure reply when a Budget's hard limit refused its model
 call (``dead_letters.DeadLetterReason.BUDGET_EXCEEDED``): the step is not retried, the run
 ends ``BudgetExceeded``."""
-RunOutcome = Literal["Succeeded", "Failed", "BudgetExceeded"]
+RunOutcome = Literal["Succeeded", "Failed", "BudgetExceeded", "Cancelled"]
+
+
+class MalformedCancel(ValueError):
+    """A cancel whose body is not ``{"reason": str}``; the engine logs and drops it."""
+
+
+def cancel_reason(data: Any) -> str:
+    """The reason a cancel's data gives, bounded (``MAX_CANCEL_REASON_CHARS``), or
+    ``DEFAULT_CANCEL_REASON`` when it gives none; ``MalformedCancel`` for anything but no
+    data or an object whose ``reason``, when present, is a string."""
+    if data is None:
+        return DEFAULT_CANCEL_REASON
+    if not isinstance(data, dict):
+        raise MalformedCancel(f"a cancel's data must be an object, not {type(data).__name__}")
+    reason = data.get("reason")
+    if reason is None:
+        return DEFAULT_CANCEL_REASON
+    if not isinstance(reason, str):
+        raise MalformedCancel(f"a cancel's reason must be a string, not {type(reason).__name__}")
+    # Control characters would let a reason forge lines wherever the run's error is shown.
+    printable = "".join(c if c.isprintable() else " " for c in reason[:MAX_CANCEL_REASON_CHARS])
+    return printable.strip() or DEFAULT_CANCEL_REASON
 
 
 def dispatch_id(run_id: str, step: str, attempt: int | str) -> str:
@@ -120,6 +147,19 @@ class CompensationFinished(_Event):
         return f"{self.run_id}:compensated:{self.step}"
 
 
+class CancelRequested(_Event):
+    """A cancel the engine took for this run: from here on the planner dispatches nothing
+    and ends the run ``Cancelled``. Logged before the end, so an engine that crashes in
+    between still ends it so."""
+
+    kind: Literal["CancelRequested"] = "CancelRequested"
+    reason: str = DEFAULT_CANCEL_REASON
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:cancel"
+
+
 class RunFinished(_Event):
     kind: Literal["RunFinished"] = "RunFinished"
     status: RunOutcome
@@ -138,6 +178,7 @@ Event = Annotated[
     | StepFailed
     | CompensationDispatched
     | CompensationFinished
+    | CancelRequested
     | RunFinished,
     Field(discriminator="kind"),
 ]

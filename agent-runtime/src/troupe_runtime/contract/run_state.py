@@ -13,6 +13,7 @@ from pydantic import Field
 
 from troupe_runtime.contract.policies import WireModel
 from troupe_runtime.contract.run_events import (
+    CancelRequested,
     CompensationDispatched,
     CompensationFinished,
     Event,
@@ -54,6 +55,11 @@ class CompensationState(WireModel):
     finished_at: datetime | None = None
 
 
+class Cancellation(WireModel):
+    reason: str
+    requested_at: datetime
+
+
 class RunState(WireModel):
     run_id: str
     status: RunStatus = "Running"
@@ -68,6 +74,8 @@ class RunState(WireModel):
     output: Any = None
     error: str | None = None
     events: int = 0
+    cancellation: Cancellation | None = None
+    """Set by a ``CancelRequested``: the planner then only ends the run ``Cancelled``."""
     usage: Usage | None = None
     """The run's tokens and cost: every attempt's and compensation's that said. None when
     none did (no LLM agent among the steps, or a run recorded before Troupe counted)."""
@@ -166,6 +174,8 @@ def apply(state: RunState | None, event: Event) -> RunState:
             )
             update["compensations"] = {**state.compensations, event.step: done}
             update["usage"] = add_usage(state.usage, event.usage)
+        case CancelRequested() if state.cancellation is None:
+            update["cancellation"] = Cancellation(reason=event.reason, requested_at=event.at)
         case RunFinished():
             update.update(
                 status=event.status, output=event.output, error=event.error, finished_at=event.at

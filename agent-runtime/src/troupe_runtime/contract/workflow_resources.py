@@ -50,6 +50,7 @@ def build_workflow_stream(config: EngineConfig) -> StreamConfig:
             config.subject("lease"),
             config.subject("active"),
             config.subject("tally"),
+            config.subject("cancel"),
         ],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
@@ -77,7 +78,11 @@ def build_engine_consumers(config: EngineConfig) -> list[ConsumerConfig]:
             [config.trigger_subject, config.subject("start")],
             config.max_concurrent_runs,
         ),
-        consumer(naming.REPLIES_CONSUMER, [config.subject("replies")], 10_000),
+        # Cancels come with the replies: never held back by a full triggers consumer, and
+        # an existing consumer's filter is updated in place (provision.ensure_consumer).
+        consumer(
+            naming.REPLIES_CONSUMER, [config.subject("replies"), config.subject("cancel")], 10_000
+        ),
     ]
 
 

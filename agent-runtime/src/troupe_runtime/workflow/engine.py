@@ -11,6 +11,10 @@ past which the agent drops the attempt instead of working on for nobody, and the
 ``troupeworkflow`` extension (``envelope.WORKFLOW_ATTRIBUTE``): the workflow's name, which
 agents carry on so a Workflow's Budget counts every call made in its runs.
 
+A cancel (``run_events.CANCEL_TYPE`` on ``cancel.<run>``, taken with the replies) is
+logged as a ``CancelRequested``; the planner then ends the run ``Cancelled`` and its
+result is ``troupe.workflow.cancelled``; a cancel is not a failure, so no dead letter.
+
 A run a Budget stopped (a step's failure reply says reason ``budget-exceeded``) ends
 ``BudgetExceeded``: its result is ``troupe.workflow.budgetexceeded`` on the results
 subject, with the finished steps' outputs, and it goes to the workflow's dead letters
@@ -52,16 +56,20 @@ from troupe_runtime.contract.envelope import (
 )
 from troupe_runtime.contract.run_events import (
     BUDGET_EXCEEDED_REASON,
+    CANCEL_TYPE,
     COMPENSATE,
     RUN_ID_PATTERN,
+    CancelRequested,
     CompensationDispatched,
     CompensationFinished,
     Event,
+    MalformedCancel,
     RunFinished,
     RunStarted,
     StepDispatched,
     StepFailed,
     StepSucceeded,
+    cancel_reason,
     dispatch_id,
     parse_dispatch_id,
 )
@@ -364,6 +372,9 @@ class Engine:
         return await self._log.append(None, started)
 
     async def _on_reply(self, msg: Msg) -> None:
+        if msg.subject.startswith(self._config.subject("cancel", "")):
+            await self._on_cancel(msg)
+            return
         try:
             event = envelope.parse(msg.headers, msg.data)
         except MalformedMessage as error:
@@ -376,6 +387,35 @@ class Engine:
             return  # a late reply, for a run that finished or never was
         await self._record(transition)
         await self._advance_safely(transition.run_id)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """Log the cancel, then let the planner end the run ``Cancelled``. A malformed
+        cancel, or one for a run that finished or never was, is dropped (and acked)."""
+        run_id = msg.subject.removeprefix(self._config.subject("cancel", ""))
+        if not RUN_ID_PATTERN.match(run_id):
+            logger.warning("dropping a cancel for an invalid run id")
+            return
+        try:
+            event = envelope.parse(msg.headers, msg.data)
+            if event.type != CANCEL_TYPE:
+                raise MalformedCancel(f"type is not {CANCEL_TYPE}")
+            reason = cancel_reason(event.data)
+        except (MalformedMessage, MalformedCancel) as error:
+            detail = error.reason if isinstance(error, MalformedMessage) else str(error)
+            logger.warning("dropping a malformed cancel of run %s: %s", run_id, detail)
+            return
+        if run_id not in self._runs and not await self._adopt(run_id):
+            logger.info("cancel of run %s: finished or unknown; nothing to do", run_id)
+            return
+        async with self._lock(run_id):
+            state = self._runs.get(run_id)
+            if state is None or state.terminal or state.cancellation is not None:
+                return  # cancelled already: twice is once
+            self._runs[run_id] = await self._log.append(
+                state, CancelRequested(run_id=run_id, at=self._clock(), reason=reason)
+            )
+        logger.info("run %s: cancelled", run_id)
+        await self._advance_safely(run_id)
 
     async def _adopt(self, run_id: str) -> bool:
         """Take on an unfinished run this engine does not hold (its log says it is one

@@ -86,7 +86,7 @@ def _final_output(config: EngineConfig, state: RunState) -> Any:
 
 
 def partial_result(state: RunState) -> dict[str, Any]:
-    """A run stopped by its budget: the steps that finished, with their outputs."""
+    """A run stopped by its budget or cancelled: the steps that finished, with their outputs."""
     return {"steps": _outputs(state)}
 
 
@@ -127,6 +127,11 @@ def _winding_down(config: EngineConfig, state: RunState, now: datetime) -> Plan 
     Budget; else None."""
     if state.terminal:
         return Plan()
+    if state.cancellation is not None:
+        # Nothing more is dispatched; what was dispatched is not recalled.
+        return Plan(
+            [Finish("Cancelled", output=partial_result(state), error=state.cancellation.reason)]
+        )
     expired = config.deadline is not None and now >= state.started_at + config.deadline
     if expired and state.status != "Compensating":
         return Plan([Finish("Failed", error=f"deadline of {config.deadline} exceeded")])

@@ -98,15 +98,18 @@ class RunCounts(ApiModel):
         default=0,
         description="Runs a Budget's hard limit stopped (not counted in failed).",
     )
+    cancelled: int = Field(default=0, description="Runs a cancel ended (not counted in failed).")
 
 
 class LastRun(ApiModel):
     """The run started most recently."""
 
     id: str = Field(description="The run's id.")
-    status: Literal["Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded"] = Field(
-        description="Running, Compensating, Succeeded, Failed, or BudgetExceeded (a Budget's "
-        "hard limit stopped it; its output holds the steps that finished)."
+    status: Literal[
+        "Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded", "Cancelled"
+    ] = Field(
+        description="Running, Compensating, Succeeded, Failed, BudgetExceeded (a Budget's "
+        "hard limit stopped it; its output holds the steps that finished) or Cancelled."
     )
     started_at: str = Field(description="RFC 3339.")
     finished_at: str | None = Field(default=None, description="RFC 3339; unset while running.")

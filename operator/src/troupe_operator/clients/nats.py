@@ -163,6 +163,7 @@ class RunTally:
     succeeded: int
     failed: int
     budget_exceeded: int
+    cancelled: int
     last: RunState | None
 
 
@@ -575,6 +576,7 @@ class NatsPool:
                 succeeded=tallies.get(config.tally_subject("Succeeded"), 0),
                 failed=tallies.get(config.tally_subject("Failed"), 0),
                 budget_exceeded=tallies.get(config.tally_subject("BudgetExceeded"), 0),
+                cancelled=tallies.get(config.tally_subject("Cancelled"), 0),
                 last=await _projection(js, config, latest[1]) if latest else None,
             )
 

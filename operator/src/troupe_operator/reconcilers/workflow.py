@@ -104,6 +104,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
                     succeeded=tally.succeeded,
                     failed=tally.failed,
                     budget_exceeded=tally.budget_exceeded,
+                    cancelled=tally.cancelled,
                 ),
                 status.last_run(tally.last),
             )

@@ -1,0 +1,113 @@
+"""Cancelling a run on a real nats-server with the real engine: it ends Cancelled, nothing
+more is dispatched, its result says so, and a bad or late cancel changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import nats
+from nats.js import JetStreamContext
+
+from tests.integration.runtime_harness import eventually
+from tests.integration.workflow_harness import (
+    agents,
+    engine,
+    engine_config,
+    new_namespace,
+    result,
+    run_events,
+    trigger,
+)
+from troupe_runtime.contract import envelope
+from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.run_events import CANCEL_TYPE
+
+LINEAR: list[dict[str, Any]] = [{"name": "a"}, {"name": "b", "dependsOn": ["a"]}]
+
+
+async def cancel(js: JetStreamContext, config: EngineConfig, run: str, data: Any) -> None:
+    event = CloudEvent(id=uuid.uuid4().hex, source="/tests", type=CANCEL_TYPE, data=data)
+    headers, payload = envelope.to_binary(event)
+    await js.publish(config.subject("cancel", run), payload, headers=headers)
+
+
+async def test_a_cancelled_run_ends_cancelled_and_dispatches_nothing_more(nats_url: str) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, LINEAR)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def blocked(ctx: Any) -> Any:
+        started.set()
+        await gate.wait()
+        return "a"
+
+    async def never(ctx: Any) -> Any:
+        raise AssertionError("step b was dispatched")
+
+    async with agents(nats_url, ns, {"a": blocked, "b": never}), engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, None, run)
+        await asyncio.wait_for(started.wait(), 30)
+        await cancel(js, config, run, {"reason": "replaced\nby a newer run"})
+        await cancel(js, config, run, {"reason": "again"})
+        outcome = await result(js, config, run)
+        gate.set()
+        msg = await js.get_last_msg(config.stream, config.subject("results", run))
+        assert msg.headers is not None
+        kind = envelope.parse(msg.headers, msg.data or b"").type
+
+        async def replied() -> bool:
+            info = await js.consumer_info(config.stream, "engine_replies")
+            return bool(
+                info.num_pending == 0
+                and info.num_ack_pending == 0
+                and (info.delivered.stream_seq or 0) > 0
+            )
+
+        await eventually(replied, "the late reply of step a to be handled")
+        kinds = [e.kind for e in await run_events(js, config, run)]
+    await nc.close()
+    assert outcome == {
+        "status": "Cancelled",
+        "output": {"steps": {}},
+        "error": "replaced by a newer run",
+    }
+    assert kind == "troupe.workflow.cancelled"
+    assert kinds == ["RunStarted", "StepDispatched", "CancelRequested", "RunFinished"]
+
+
+async def test_a_cancel_of_a_finished_or_unknown_run_or_a_malformed_one_is_dropped(
+    nats_url: str,
+) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [{"name": "a"}])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+
+    async def done(ctx: Any) -> Any:
+        return "done"
+
+    async with agents(nats_url, ns, {"a": done}), engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, None, run)
+        assert (await result(js, config, run))["status"] == "Succeeded"
+        await cancel(js, config, run, {"reason": "too late"})
+        await cancel(js, config, "never-started", None)
+        await js.publish(config.subject("cancel", run), b"\xff not json")
+        await cancel(js, config, run, {"reason": ["not", "a", "string"]})
+
+        async def drained() -> bool:
+            info = await js.consumer_info(config.stream, "engine_replies")
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+        await eventually(drained, "every cancel to be acked")
+        kinds = [e.kind for e in await run_events(js, config, run)]
+        assert (await result(js, config, run))["status"] == "Succeeded"
+    await nc.close()
+    assert kinds[-1] == "RunFinished"
+    assert "CancelRequested" not in kinds
