@@ -20,6 +20,7 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
+from troupe_cli.main import amain
 from troupe_runtime.contract import envelope
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import CloudEvent
@@ -111,3 +112,27 @@ async def test_a_cancel_of_a_finished_or_unknown_run_or_a_malformed_one_is_dropp
     await nc.close()
     assert kinds[-1] == "RunFinished"
     assert "CancelRequested" not in kinds
+
+
+async def test_troupe_runs_cancel_cancels_a_running_run(nats_url: str) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [{"name": "a"}])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def blocked(ctx: Any) -> Any:
+        started.set()
+        await gate.wait()
+        return "a"
+
+    async with agents(nats_url, ns, {"a": blocked}), engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, None, run)
+        await asyncio.wait_for(started.wait(), 30)
+        argv = ["--nats-url", nats_url, "-n", ns, "runs", "cancel", "wf", run, "--reason", "no"]
+        assert await amain(argv) == 0
+        outcome = await result(js, config, run)
+        gate.set()
+    await nc.close()
+    assert (outcome["status"], outcome["error"]) == ("Cancelled", "no")

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from troupe_runtime.contract.engine_config import EngineCompensation, EngineConfig, EngineStep
 from troupe_runtime.contract.policies import RetryPolicy
 from troupe_runtime.contract.run_events import (
+    MAX_CANCEL_REASON_CHARS,
+    CancelRequested,
     CompensationDispatched,
     CompensationFinished,
     Event,
@@ -20,6 +22,7 @@ from troupe_runtime.contract.run_events import (
     StepDispatched,
     StepFailed,
     StepSucceeded,
+    cancel_reason,
     decode_event,
     encode_event,
 )
@@ -233,3 +236,46 @@ def test_an_attempts_deadline_is_the_earlier_of_its_timeout_and_the_runs_deadlin
     if run_deadline is not None:
         candidates.append(T0 + timedelta(seconds=run_deadline))
     assert deadline == min(candidates)
+
+
+_CANCEL_EVENTS = st.lists(
+    st.sampled_from(["dispatch-a", "succeed-a", "fail-a", "dispatch-b", "succeed-b"]),
+    max_size=6,
+)
+
+
+@given(before=_CANCEL_EVENTS, reason=st.text(max_size=2000), now=st.floats(0, 1e6))
+@settings(max_examples=200)
+def test_a_cancelled_run_only_ever_ends_cancelled(
+    before: list[str], reason: str, now: float
+) -> None:
+    """Whatever happened before the cancel, the plan after it dispatches nothing and ends the
+    run Cancelled with the bounded reason; a second cancel changes nothing."""
+    config = _config(_step("a"), _step("b", "a"))
+    made = {
+        "dispatch-a": _dispatched("a"),
+        "succeed-a": _succeeded("a", 1),
+        "fail-a": _failed("a"),
+        "dispatch-b": _dispatched("b"),
+        "succeed-b": _succeeded("b", 2),
+    }
+    bounded = cancel_reason({"reason": reason})
+    assert 0 < len(bounded) <= MAX_CANCEL_REASON_CHARS
+    assert all(c.isprintable() for c in bounded)
+    state = _run(*(made[name] for name in before))
+    cancel = CancelRequested(run_id=state.run_id, at=_at(2), reason=bounded)
+    cancelled = apply(apply(state, cancel), cancel.model_copy(update={"reason": "again"}))
+    actions = plan(config, cancelled, _at(now)).actions
+    if state.terminal:
+        assert actions == []
+        return
+    assert cancelled.cancellation is not None
+    assert cancelled.cancellation.reason == bounded
+    assert [type(a).__name__ for a in actions] == ["Finish"]
+    assert actions[0] == Finish(
+        "Cancelled", output={"steps": _outputs_of(cancelled)}, error=bounded
+    )
+
+
+def _outputs_of(state: RunState) -> dict[str, Any]:
+    return {n: s.output for n, s in state.steps.items() if s.status == "Succeeded"}

@@ -288,6 +288,18 @@ async def show_run(ops: Ops, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cancel_run(ops: Ops, args: argparse.Namespace) -> int:
+    if not RUN_ID_PATTERN.match(args.run):
+        raise CliError(f"run id {args.run!r} is not valid")
+    await ops.cancel_run(args.workflow, args.run, args.reason)
+    _emit(
+        args,
+        f"cancel of run {args.run} sent; see `troupe runs show {args.workflow} {args.run}`",
+        {"workflow": args.workflow, "run": args.run, "cancelRequested": True},
+    )
+    return 0
+
+
 async def send(ops: Ops, args: argparse.Namespace) -> int:
     data = None if args.data is None else parse_json(args.data, "--data")
     event_id = args.id or uuid.uuid4().hex
@@ -579,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = command(runs, "show", show_run, "show a run's step timeline")
     show.add_argument("workflow")
     show.add_argument("run")
+    cancelled = command(runs, "cancel", cancel_run, "cancel a run: it ends Cancelled")
+    cancelled.add_argument("workflow")
+    cancelled.add_argument("run")
+    cancelled.add_argument("--reason", help="why (recorded as the run's error)")
 
     send_ = command(commands, "send", send, "send a message to an agent")
     send_.add_argument("agent")

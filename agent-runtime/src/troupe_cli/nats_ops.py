@@ -7,6 +7,7 @@ cause, so that ``main`` prints a sentence, not a traceback.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from troupe_cli.views import (
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.dead_letters import header_map
 from troupe_runtime.contract.envelope import CloudEvent
-from troupe_runtime.contract.run_events import Event
+from troupe_runtime.contract.run_events import CANCEL_TYPE, Event
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.state_entries import Entry
 from troupe_runtime.nats.kv import KeyValueRevisions
@@ -164,6 +165,23 @@ class Ops:
             headers={**headers, Header.MSG_ID.value: run_id},
         )
         return bool(ack.duplicate)
+
+    async def cancel_run(self, workflow: str, run_id: str, reason: str | None) -> None:
+        """Ask the engine to end the run ``Cancelled``; a finished run stays as it is."""
+        await self._workflow_stream(workflow)
+        event = CloudEvent(
+            id=uuid.uuid4().hex,
+            source="/troupe-cli",
+            type=CANCEL_TYPE,
+            datacontenttype=envelope.JSON_CONTENT_TYPE,
+            data={} if reason is None else {"reason": reason},
+        )
+        headers, payload = _encode(event)
+        await self._js.publish(
+            naming.workflow_subject(self.namespace, workflow, "cancel", run_id),
+            payload,
+            headers=headers,
+        )
 
     async def wait_result(self, workflow: str, run_id: str, within: float) -> RunResult | None:
         """The run's result, read from the stream so a run that already ended is found too."""
