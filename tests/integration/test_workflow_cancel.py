@@ -4,13 +4,17 @@ more is dispatched, its result says so, and a bad or late cancel changes nothing
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import nats
 from nats.js import JetStreamContext
 
 from tests.integration.runtime_harness import eventually
+from tests.integration.test_workflow_recovery import engine_answers, engine_process
 from tests.integration.workflow_harness import (
     agents,
     engine,
@@ -21,10 +25,13 @@ from tests.integration.workflow_harness import (
     trigger,
 )
 from troupe_cli.main import amain
+from troupe_devcluster.layout import free_port
 from troupe_runtime.contract import envelope
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_events import CANCEL_TYPE
+from troupe_runtime.contract.workflow_resources import build_workflow_resources
+from troupe_runtime.nats.provision import ensure_workflow_resources
 
 LINEAR: list[dict[str, Any]] = [{"name": "a"}, {"name": "b", "dependsOn": ["a"]}]
 
@@ -136,3 +143,45 @@ async def test_troupe_runs_cancel_cancels_a_running_run(nats_url: str) -> None:
         gate.set()
     await nc.close()
     assert (outcome["status"], outcome["error"]) == ("Cancelled", "no")
+
+
+async def test_a_cancel_stored_while_the_engine_is_dead_still_ends_the_run_cancelled(
+    nats_url: str, tmp_path: Path
+) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, LINEAR, healthPort=free_port())
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    gate = asyncio.Event()
+
+    async def blocked(ctx: Any) -> Any:
+        await gate.wait()
+        return "a"
+
+    async def never(ctx: Any) -> Any:
+        raise AssertionError("step b was dispatched")
+
+    await ensure_workflow_resources(js, build_workflow_resources(config))
+    async with agents(nats_url, ns, {"a": blocked, "b": never}):
+        run = uuid.uuid4().hex
+        with engine_process(config, tmp_path) as first:
+            await eventually(partial(engine_answers, config, first), "the first engine")
+            await trigger(js, config, None, run)
+
+            async def a_dispatched() -> bool:
+                return any(e.kind == "StepDispatched" for e in await run_events(js, config, run))
+
+            await eventually(a_dispatched, "step a to be dispatched")
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        await cancel(js, config, run, {"reason": "while down"})
+        gate.set()  # a's reply waits in the stream behind the cancel
+        with engine_process(config, tmp_path) as second:
+            await eventually(partial(engine_answers, config, second), "the restarted engine")
+            outcome = await result(js, config, run)
+        kinds = [e.kind for e in await run_events(js, config, run)]
+    await nc.close()
+    assert (outcome["status"], outcome["error"]) == ("Cancelled", "while down")
+    assert "CancelRequested" in kinds
+    assert kinds[-1] == "RunFinished"
+    assert sum(kind == "StepDispatched" for kind in kinds) == 1
