@@ -99,7 +99,13 @@ def test_a_linear_workflow_applied_with_kubectl_runs_end_to_end_and_is_cleaned_u
             return status if status.get("runs", {}).get("succeeded") == 1 else None
 
         status = wait_for(counted, DEADLINE, "status.runs.succeeded == 1")
-        assert status["runs"] == {"running": 0, "succeeded": 1, "failed": 0, "budgetExceeded": 0}
+        assert status["runs"] == {
+            "running": 0,
+            "succeeded": 1,
+            "failed": 0,
+            "budgetExceeded": 0,
+            "cancelled": 0,
+        }
         assert (status["lastRun"]["id"], status["lastRun"]["status"]) == (run_id, "Succeeded")
         assert "finishedAt" in status["lastRun"]
 
