@@ -4,6 +4,7 @@ more is dispatched, its result says so, and a bad or late cancel changes nothing
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import uuid
 from functools import partial
@@ -185,3 +186,34 @@ async def test_a_cancel_stored_while_the_engine_is_dead_still_ends_the_run_cance
     assert "CancelRequested" in kinds
     assert kinds[-1] == "RunFinished"
     assert sum(kind == "StepDispatched" for kind in kinds) == 1
+
+
+async def test_an_upgrade_adds_the_cancel_subject_to_an_existing_workflow(nats_url: str) -> None:
+    """A Workflow provisioned before cancels: the stream and the replies consumer converge."""
+    config = engine_config(nats_url, new_namespace(), [{"name": "a"}])
+    resources = build_workflow_resources(config)
+    old_stream = dataclasses.replace(
+        resources.stream,
+        subjects=[s for s in resources.stream.subjects or [] if s != config.subject("cancel")],
+    )
+    old_consumers = [
+        dataclasses.replace(c, filter_subjects=[config.subject("replies")])
+        if c.durable_name == "engine_replies"
+        else c
+        for c in resources.consumers
+    ]
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_workflow_resources(
+        js, dataclasses.replace(resources, stream=old_stream, consumers=old_consumers)
+    )
+    report = await ensure_workflow_resources(js, resources)
+    again = await ensure_workflow_resources(js, resources)
+    stream = await js.stream_info(config.stream)
+    replies = await js.consumer_info(config.stream, "engine_replies")
+    await nc.close()
+    assert f"stream/{config.stream}" in report.updated
+    assert f"consumer/{config.stream}/engine_replies" in report.updated
+    assert not again.changed
+    assert config.subject("cancel") in (stream.config.subjects or [])
+    assert config.subject("cancel") in (replies.config.filter_subjects or [])
