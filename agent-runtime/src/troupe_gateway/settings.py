@@ -1,11 +1,21 @@
-"""The gateway's settings, from its environment.
-
-STUB (issue 14): owned by helper G1; see /work/issue14-common.md for the variables.
-"""
+"""The gateway's settings, from its environment: a bad value stops the process at start-up
+with a sentence naming the variable, instead of a gateway that half works."""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_PORT = 65535
+MAX_TASK_TTL_SECONDS = 365 * 24 * 3600
+"""A year: JetStream holds a max age in nanoseconds, and no task needs to outlive this."""
+
+
+class SettingsError(ValueError):
+    """An environment variable the gateway cannot run with; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -17,3 +27,70 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     task_ttl_seconds: float = 7 * 24 * 3600
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``NATS_URL`` and ``TROUPE_GATEWAY_*``; raises ``SettingsError``."""
+        env = os.environ if env is None else env
+        default = cls()
+        cert = env.get("TROUPE_GATEWAY_TLS_CERT") or None
+        key = env.get("TROUPE_GATEWAY_TLS_KEY") or None
+        if (cert is None) != (key is None):
+            raise SettingsError(
+                "TROUPE_GATEWAY_TLS_CERT and TROUPE_GATEWAY_TLS_KEY go together: set both "
+                "for TLS, or neither"
+            )
+        return cls(
+            nats_url=_url(env, "NATS_URL", default.nats_url, ("nats", "tls")),
+            host=env.get("TROUPE_GATEWAY_HOST") or default.host,
+            port=_port(env.get("TROUPE_GATEWAY_PORT"), default.port),
+            public_url=_public_url(env.get("TROUPE_GATEWAY_PUBLIC_URL") or None),
+            tls_cert=cert,
+            tls_key=key,
+            task_ttl_seconds=_ttl(env.get("TROUPE_GATEWAY_TASK_TTL"), default.task_ttl_seconds),
+        )
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if urlsplit(value).scheme not in schemes or not urlsplit(value).netloc:
+        raise SettingsError(f"{name} must be a URL with scheme {' or '.join(schemes)}")
+    return value
+
+
+def _port(value: str | None, default: int) -> int:
+    if not value:
+        return default
+    if not value.isdigit() or not 0 < int(value) <= MAX_PORT:
+        raise SettingsError(f"TROUPE_GATEWAY_PORT must be a port number, 1 to {MAX_PORT}")
+    return int(value)
+
+
+def _public_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+        raise SettingsError(
+            "TROUPE_GATEWAY_PUBLIC_URL must be an http or https URL without a query, "
+            "e.g. https://gateway.example.com"
+        )
+    return value.rstrip("/")
+
+
+def _ttl(value: str | None, default: float) -> float:
+    """Seconds, or with a unit: ``90s``, ``30m``, ``12h``, ``7d``."""
+    if not value:
+        return default
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(value[-1], 1)
+    number = value[:-1] if value[-1] in units else value
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TASK_TTL_SECONDS:
+        raise SettingsError(
+            "TROUPE_GATEWAY_TASK_TTL must be a positive duration up to 365d, e.g. 7d or 3600"
+        )
+    return seconds
