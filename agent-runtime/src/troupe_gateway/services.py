@@ -1,7 +1,6 @@
 """What every front end of the gateway is handed: the calls, the directory, auth, Kubernetes
 and the settings, plus ``admit``, the one way a request is let in.
 
-STUB (issue 14): signatures agreed in /work/issue14-common.md; helper G1 implements.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from troupe_gateway.auth import Authorizer, Caller
-from troupe_gateway.calls import Calls
+from troupe_gateway.calls import CallRefused, Calls
 from troupe_gateway.directory import Directory
 from troupe_gateway.kube import Kube
 from troupe_gateway.settings import Settings
@@ -36,4 +35,11 @@ class Services:
         """Authenticate (``auth.Refused`` 401), authorize ``invoke`` on the object (403),
         then look it up (``calls.CallRefused`` 404): nobody learns what exists before RBAC
         lets them call it."""
-        raise NotImplementedError
+        caller = await self.authorizer.authenticate(headers, namespace)
+        await self.authorizer.authorize(
+            caller, namespace, "agents" if kind == "Agent" else "workflows", name
+        )
+        entry = await self.directory.entry(namespace, kind, name)
+        if entry is None:
+            raise CallRefused(404, f"namespace {namespace} has no {kind} {name} to call")
+        return caller, entry
