@@ -49,6 +49,7 @@ def install_crds(cluster: ClusterEndpoints) -> None:
         "crd/workflows.troupe.dev",
         "crd/modelproviders.troupe.dev",
         "crd/budgets.troupe.dev",
+        "crd/triggers.troupe.dev",
         "--timeout=30s",
     )
 
