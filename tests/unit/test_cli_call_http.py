@@ -130,6 +130,7 @@ async def test_a_failed_call_exits_1_with_the_error(
     ("args", "words"),
     [
         (["echo", "--token", "wrong"], "refused the credentials (no valid credentials)"),
+        (["echo", "--token", ""], "refused the credentials (no valid credentials)"),
         (["secret", "--token", TOKEN], "troupe-invoker"),
         (["nobody", "--token", TOKEN], "no such agent"),
     ],

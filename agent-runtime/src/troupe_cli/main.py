@@ -239,9 +239,10 @@ def _call_input(args: argparse.Namespace) -> Any:
 
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """A flag wins over the environment; the other kind from the environment is then
-    dropped, so ``--api-key`` works with ``TROUPE_TOKEN`` set."""
+    dropped, so ``--api-key`` works with ``TROUPE_TOKEN`` set. An empty one (``--token ""``)
+    is none: the call goes without credentials, and the gateway says what it wants."""
     if args.token is not None or args.api_key is not None:
-        return args.token, args.api_key
+        return args.token or None, args.api_key or None
     return os.environ.get("TROUPE_TOKEN") or None, os.environ.get("TROUPE_API_KEY") or None
 
 
