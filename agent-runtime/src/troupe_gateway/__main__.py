@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -22,13 +23,20 @@ from troupe_runtime.nats.connection import connect
 
 async def serve(settings: Settings) -> None:
     kube = Kube(environment_connection(os.environ))
-    nc = await connect(NatsSettings(url=settings.nats_url), "troupe-gateway")
+    credentials = os.environ.get("TROUPE_NATS_CREDENTIALS") or None
+    nc = await connect(
+        NatsSettings(
+            url=settings.nats_url,
+            credentials_file=Path(credentials) if credentials else None,
+        ),
+        "troupe-gateway",
+    )
     js = nc.jetstream()
     directory = Directory(js)
     services = Services(
         nc=nc,
         js=js,
-        calls=Calls(),
+        calls=Calls(nc, js, settings.task_ttl_seconds),
         directory=directory,
         authorizer=KubernetesAuthorizer(kube),
         kube=kube,

@@ -16,10 +16,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from troupe_gateway import a2a_server, mcp_server
+from troupe_gateway import a2a_server, mcp_server, plain
+from troupe_gateway.auth import Refused
+from troupe_gateway.calls import CallRefused
 from troupe_gateway.services import Services
 
-FRONT_ENDS: tuple[ModuleType, ...] = (a2a_server, mcp_server)
+FRONT_ENDS: tuple[ModuleType, ...] = (a2a_server, mcp_server, plain)
 
 
 def build_app(services: Services) -> Starlette:
@@ -50,4 +52,22 @@ def build_app(services: Services) -> Starlette:
                     await stack.enter_async_context(module.lifespan(services))
             yield
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={Refused: _refused, CallRefused: _call_refused},
+    )
+
+
+async def _refused(request: Request, error: Exception) -> Response:
+    """401/403/503 with the reason (never the credential); 401 says how to authenticate."""
+    assert isinstance(error, Refused)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(
+        {"error": error.reason, "reason": error.reason}, status_code=error.status, headers=headers
+    )
+
+
+async def _call_refused(request: Request, error: Exception) -> Response:
+    assert isinstance(error, CallRefused)
+    return JSONResponse({"error": error.reason, "reason": error.reason}, status_code=error.status)

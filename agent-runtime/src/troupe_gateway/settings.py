@@ -41,8 +41,15 @@ class Settings:
                 "for TLS, or neither"
             )
         return cls(
-            nats_url=_url(env, "NATS_URL", default.nats_url, ("nats", "tls")),
-            host=env.get("TROUPE_GATEWAY_HOST") or default.host,
+            nats_url=_url(
+                env,
+                "TROUPE_NATS_URL" if env.get("TROUPE_NATS_URL") else "NATS_URL",
+                default.nats_url,
+                ("nats", "tls"),
+            ),
+            # The pod's own IP where the chart gives one: replicas on one process node would
+            # otherwise share 0.0.0.0:8080.
+            host=env.get("TROUPE_GATEWAY_HOST") or env.get("POD_IP") or default.host,
             port=_port(env.get("TROUPE_GATEWAY_PORT"), default.port),
             public_url=_public_url(env.get("TROUPE_GATEWAY_PUBLIC_URL") or None),
             tls_cert=cert,
