@@ -32,7 +32,7 @@ def services(authorizer: Any) -> Services:
     return Services(
         nc=None,  # type: ignore[arg-type]
         js=None,  # type: ignore[arg-type]
-        calls=Calls(),
+        calls=Calls(None, None, 3600),  # type: ignore[arg-type]
         directory=Directory(),
         authorizer=authorizer,
         kube=None,  # type: ignore[arg-type]

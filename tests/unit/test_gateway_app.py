@@ -18,7 +18,7 @@ def services(connected: bool) -> Services:
     return Services(
         nc=SimpleNamespace(is_connected=connected),  # type: ignore[arg-type]
         js=stand_in,
-        calls=Calls(),
+        calls=Calls(None, None, 3600),  # type: ignore[arg-type]
         directory=Directory(),
         authorizer=stand_in,
         kube=stand_in,

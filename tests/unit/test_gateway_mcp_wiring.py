@@ -79,9 +79,9 @@ class StandInCalls(Calls):
         if entry.input_schema == OBJECT and not isinstance(data.get("text"), str):
             raise CallRefused(400, "'text' is a required property")
         self.submitted.append((entry.name, data))
-        return self._record(entry, data)
+        return self._made(entry, data)
 
-    def _record(self, entry: DirectoryEntry, data: Any) -> TaskRecord:
+    def _made(self, entry: DirectoryEntry, data: Any) -> TaskRecord:
         return TaskRecord(
             task_id=f"t{len(self.submitted)}",
             kind=entry.kind,
@@ -93,7 +93,7 @@ class StandInCalls(Calls):
 
     async def wait(self, entry: DirectoryEntry, task_id: str, within: float) -> TaskView:
         data = self.submitted[-1][1]
-        record = self._record(entry, data)
+        record = self._made(entry, data)
         if data == {"text": "fail"}:
             return TaskView(record=record, state="failed", error="TooLong", reason="handler-error")
         if data == {"text": "slow"}:
