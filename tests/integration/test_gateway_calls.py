@@ -184,3 +184,16 @@ async def test_a_task_id_that_cannot_be_a_message_id_is_refused(nc: Client, task
     with pytest.raises(CallRefused) as refused:
         await calls.submit(entry, None, caller="a", task_id=task_id)
     assert refused.value.status == 400
+
+
+async def test_an_input_past_the_servers_payload_limit_is_413_and_nothing_is_stored(
+    nc: Client,
+) -> None:
+    entry = entry_of(nc)
+    calls = Calls(nc, nc.jetstream(), TTL)
+    with pytest.raises(CallRefused) as refused:
+        await calls.submit(entry, "x" * nc.max_payload, caller="a", task_id="huge")
+    assert refused.value.status == 413
+    assert await calls.get(entry, "huge") is None
+    info = await nc.jetstream().stream_info(naming.inbox_stream(entry.namespace, AGENT))
+    assert info.state.messages == 0

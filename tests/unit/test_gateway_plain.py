@@ -8,8 +8,15 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.requests import Request
 from troupe_gateway.calls import CallRefused
-from troupe_gateway.plain import MAX_BODY_BYTES, MAX_TIMEOUT_SECONDS, input_of, timeout_of
+from troupe_gateway.plain import (
+    MAX_BODY_BYTES,
+    MAX_TIMEOUT_SECONDS,
+    bounded_body,
+    input_of,
+    timeout_of,
+)
 
 
 @given(st.text(max_size=40))
@@ -49,3 +56,30 @@ def test_a_body_too_large_is_413_and_deep_nesting_a_400() -> None:
     with pytest.raises(CallRefused) as deep:
         input_of(b"[" * 100_000)
     assert deep.value.status == 400
+
+
+async def test_a_body_without_a_length_is_refused_once_past_the_cap_not_read_whole() -> None:
+    chunk = b"x" * 65_536
+    sent = 0
+
+    async def receive() -> dict[str, object]:
+        nonlocal sent
+        sent += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(CallRefused) as refused:
+        await bounded_body(request)
+    assert refused.value.status == 413
+    assert sent == MAX_BODY_BYTES // len(chunk) + 1  # read to the cap, and no further
+
+
+async def test_a_body_under_the_cap_is_read_whole() -> None:
+    parts = [b'{"a": ', b"1}"]
+
+    async def receive() -> dict[str, object]:
+        body = parts.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(parts)}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    assert input_of(await bounded_body(request)) == {"a": 1}

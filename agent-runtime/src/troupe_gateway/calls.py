@@ -52,9 +52,14 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 """How often a waiter reads the state again besides what its subscription brings: a result
 published while it subscribed is never missed for longer."""
+HEADROOM_BYTES = 4096
+"""Room left under the server's payload limit for the call's CloudEvent headers."""
 MAX_LISTED = 1000
 """ListTasks reads at most this many records of one target."""
 START_TYPE = "troupe.workflow.start"
+STREAM_BACKLOG = 256
+"""Messages a slow stream reader may fall behind by; past it deltas are dropped (anyone may
+publish on a token stream subject, so the backlog is bounded; the final view is whole)."""
 RUN_STATES: dict[str, TaskState] = {
     "Running": "working",
     "Compensating": "working",
@@ -209,10 +214,17 @@ class Calls:
             caller=caller[:512],
             input=data,
         )
+        encoded = record.model_dump_json(by_alias=True).encode()
+        if len(encoded) + HEADROOM_BYTES > self._nc.max_payload:
+            # The record and the call each carry the input: past the server's payload limit
+            # neither could be stored. Refused before anything is written.
+            raise CallRefused(
+                413, f"the input is too large for NATS (at most {self._nc.max_payload} bytes)"
+            )
         kv = await self._bucket(entry.namespace)
         key = naming.task_key(entry.kind, entry.name, task_id)
         try:
-            await kv.create(key, record.model_dump_json(by_alias=True).encode())
+            await kv.create(key, encoded)
         except KeyWrongLastSequenceError:
             existing = await self._record(entry, task_id)
             if existing is None:
@@ -382,7 +394,7 @@ class Calls:
         else:
             pieces = naming.workflow_subject(entry.namespace, entry.name, "events", task_id)
         signal = self._signal(entry, task_id)
-        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=10_000)
+        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=STREAM_BACKLOG)
 
         async def heard(msg: Msg) -> None:
             if not queue.full():

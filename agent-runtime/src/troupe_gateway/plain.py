@@ -51,6 +51,22 @@ def input_of(body: bytes) -> Any:
         raise CallRefused(400, "the body is not JSON") from None
 
 
+async def bounded_body(request: Request) -> bytes:
+    """The body, read no further than ``MAX_BODY_BYTES`` + 1: a body without a length (or
+    lying about it) is not buffered whole before it is refused."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise CallRefused(413, f"the body is over {MAX_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise CallRefused(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def view_json(view: TaskView) -> dict[str, Any]:
     return {
         "taskId": view.record.task_id,
@@ -74,10 +90,7 @@ def routes(services: Services) -> list[BaseRoute]:
         namespace, kind, name = _target(request)
         within = timeout_of(request.query_params.get("timeout"))
         caller, entry = await services.admit(request.headers, namespace, kind, name)
-        length = request.headers.get("content-length", "0")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise CallRefused(413, f"the body is over {MAX_BODY_BYTES} bytes")
-        data = input_of(await request.body())
+        data = input_of(await bounded_body(request))
         record = await services.calls.submit(
             entry, data, caller=caller.user, task_id=request.headers.get("idempotency-key")
         )
