@@ -48,12 +48,17 @@ def test_a_budget_whose_nats_is_down_is_let_go_after_the_finalizer_timeout(
             DEADLINE,
             "the Budget to be let go",
         )
-        listed = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json"))
-        abandoned = [
-            e
-            for e in listed["items"]
-            if e["reason"] == "CleanupAbandoned" and e["involvedObject"]["name"] == "stranded"
-        ]
+
+        def abandoned_events() -> list[dict[str, Any]]:
+            listed = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json"))
+            return [
+                e
+                for e in listed["items"]
+                if e["reason"] == "CleanupAbandoned" and e["involvedObject"]["name"] == "stranded"
+            ]
+
+        # kopf posts Events in the background: the Budget can be gone before its Event is.
+        abandoned = wait_for(abandoned_events, DEADLINE, "the CleanupAbandoned Event")
         assert len(abandoned) == 1
         assert abandoned[0]["type"] == "Warning"
         assert "def.stranded" in abandoned[0]["message"]
