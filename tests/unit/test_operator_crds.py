@@ -57,8 +57,10 @@ def test_crd_has_status_subresource_printer_columns_and_names(
 
     assert version["subresources"] == {"status": {}}
     columns = [column["name"] for column in version["additionalPrinterColumns"]]
-    # A Budget leads with its figures (kubectl get budgets shows the burn); Ready still shows.
-    expected = ["Scope", "Window"] if resource.kind == "Budget" else ["Ready", "Reason"]
+    # A Budget leads with its figures (kubectl get budgets shows the burn), a Trigger with what
+    # it fires and when; Ready still shows.
+    leads = {"Budget": ["Scope", "Window"], "Trigger": ["Target", "Schedule"]}
+    expected = leads.get(resource.kind, ["Ready", "Reason"])
     assert columns[:2] == expected
     assert "Ready" in columns
     assert columns[-1] == "Age"

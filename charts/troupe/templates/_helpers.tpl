@@ -94,10 +94,10 @@ Secrets Agents name, and kopf posts Events.
 */}}
 {{- define "troupe.namespacedRules" -}}
 - apiGroups: ["troupe.dev"]
-  resources: ["agents", "workflows", "modelproviders", "budgets", "triggers"]
+  resources: ["agents", "workflows", "modelproviders", "budgets"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["troupe.dev"]
-  resources: ["agents/status", "workflows/status", "modelproviders/status", "budgets/status", "triggers/status"]
+  resources: ["agents/status", "workflows/status", "modelproviders/status", "budgets/status"]
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]

@@ -100,21 +100,24 @@ class CronSource(WireModel):
         description="A cron expression: 5 fields, or 6 with seconds last (croniter).",
     )
     time_zone: str = Field(
-        default="UTC", max_length=TIME_ZONE_MAX, description="An IANA time zone."
+        default="UTC",
+        max_length=TIME_ZONE_MAX,
+        description="An IANA time zone, such as Europe/Paris; default UTC.",
     )
     concurrency_policy: Literal["Allow", "Forbid", "Replace"] = Field(
         default="Allow",
         description="Allow runs to overlap; Forbid skips a fire while the previous run is "
-        "active; Replace cancels it first (Workflow targets).",
+        "active; Replace cancels it first (Workflow targets). Default Allow.",
     )
     missed_runs: Literal["Skip", "RunOnce"] = Field(
         default="Skip",
         description="After a pause (an operator restart): Skip fires nothing for missed "
-        "windows; RunOnce fires the latest missed one if within startingDeadline.",
+        "windows; RunOnce fires the latest missed one if within startingDeadline. Default Skip.",
     )
     starting_deadline: Duration | None = Field(
         default=None,
-        description="How late a missed fire may still run; unset: any delay (RunOnce).",
+        description="How late a missed fire may still run (RunOnce): a duration such as 10m "
+        "or 1h; unset: any delay.",
     )
 
     @field_validator("schedule")
@@ -146,7 +149,7 @@ class SecretKeyRef(WireModel):
         min_length=1,
         max_length=253,
         pattern=grammar.CONFIG_KEY_PATTERN,
-        description="The data key holding the HMAC secret.",
+        description="The data key holding the HMAC secret; default secret.",
     )
 
 
@@ -156,8 +159,8 @@ class WebhookSource(WireModel):
     secret_ref: SecretKeyRef = Field(description="The shared HMAC secret.")
     replay_window: Duration = Field(
         default=DEFAULT_REPLAY_WINDOW,
-        description="How far Troupe-Timestamp may be from now; a signature is accepted once "
-        "within it.",
+        description="How far Troupe-Timestamp may be from now, a duration such as 5m or 90s; "
+        "a signature is accepted once within it; default 5m.",
     )
 
 
@@ -210,7 +213,7 @@ class TriggerRateLimit(WireModel):
     """At most ``perMinute`` fires a minute, with bursts of ``burst``; more are refused."""
 
     per_minute: int = Field(ge=1, le=100_000, description="Fires per minute.")
-    burst: int = Field(default=1, ge=1, le=100_000, description="Fires at once.")
+    burst: int = Field(default=1, ge=1, le=100_000, description="Fires at once; default 1.")
 
 
 def _expression(value: str | None) -> str | None:
@@ -236,7 +239,7 @@ class TriggerSpec(WireModel):
         description="JMESPath over the payload: fires with the same value are one fire.",
     )
     rate_limit: TriggerRateLimit | None = Field(default=None, description="Unset: no limit.")
-    suspend: bool = Field(default=False, description="Fire nothing while true.")
+    suspend: bool = Field(default=False, description="Fire nothing while true; default false.")
 
     @field_validator("input", "dedupe_key")
     @classmethod

@@ -202,6 +202,8 @@ RESOURCES = (
             ("Schedule", "string", ".spec.source.cron.schedule", "Cron sources.", 0),
             ("LastFire", "string", ".status.lastFireTime", "The last fire.", 0),
             ("NextFire", "string", ".status.nextFireTime", "The next cron fire.", 0),
+            ("Ready", "string", f"{READY}.status", "Whether its source is armed.", 0),
+            ("Reason", "string", f"{READY}.reason", "Why it is (not) ready.", 1),
             ("Fires", "integer", ".status.fires", "Fires so far.", 1),
             ("Failures", "integer", ".status.failures", "Fires that failed.", 1),
         ),
