@@ -18,7 +18,15 @@ from troupe_operator.builders.status import WorkloadObservation
 from troupe_operator.clients.kube import Cause, Kube, Rejected
 from troupe_operator.clients.nats import NatsPool
 from troupe_operator.handlers import redact_logs
-from troupe_operator.reconcilers.common import Kind, Operator, Plan, Seen, refresh, run_pass
+from troupe_operator.reconcilers.common import (
+    CLEANED_KEPT,
+    Kind,
+    Operator,
+    Plan,
+    Seen,
+    refresh,
+    run_pass,
+)
 from troupe_operator.settings import OperatorSettings
 
 UID = "uid-1"
@@ -282,3 +290,25 @@ async def test_a_refresh_during_a_pass_waits_for_it_instead_of_being_lost() -> N
         assert not waiting.done()
     await asyncio.wait_for(waiting, timeout=5)
     assert reads == ["writer"]
+
+
+async def test_a_pass_over_an_object_whose_resources_were_deleted_writes_nothing() -> None:
+    """A resync pass planned from a listing taken before the deletion would provision
+    the deleted object's streams and buckets again, and nothing would remove them."""
+    kube = FakeKube(_body({"role": "r"}))
+    operator = _operator(kube)
+    operator.mark_cleaned(UID)
+
+    blocked = await run_pass(operator, ScriptedKind(AssertionError("planned")), kube.body)
+
+    assert blocked is None
+    assert "status" not in kube.body and kube.events == []
+
+
+def test_the_cleaned_uids_are_bounded_and_forget_the_oldest_first() -> None:
+    operator = _operator(FakeKube(_body({})))
+    for n in range(CLEANED_KEPT + 3):
+        operator.mark_cleaned(f"uid-{n}")
+
+    assert len(operator.cleaned) == CLEANED_KEPT
+    assert "uid-0" not in operator.cleaned and f"uid-{CLEANED_KEPT + 2}" in operator.cleaned

@@ -37,11 +37,11 @@ from pydantic import ValidationError
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import ERROR_TYPE, CloudEvent, MalformedMessage
 from troupe_runtime.contract.gateway import (
-    CALL_TYPE,
     GATEWAY_SOURCE,
     DirectoryEntry,
     TaskRecord,
     TaskState,
+    call_message,
 )
 from troupe_runtime.contract.run_events import CANCEL_TYPE, RUN_ID_PATTERN
 from troupe_runtime.contract.run_state import RunState
@@ -56,7 +56,6 @@ HEADROOM_BYTES = 4096
 """Room left under the server's payload limit for the call's CloudEvent headers."""
 MAX_LISTED = 1000
 """ListTasks reads at most this many records of one target."""
-START_TYPE = "troupe.workflow.start"
 STREAM_BACKLOG = 256
 """Messages a slow stream reader may fall behind by; past it deltas are dropped (anyone may
 publish on a token stream subject, so the backlog is bounded; the final view is whole)."""
@@ -234,28 +233,7 @@ class Calls:
         return record
 
     async def _publish(self, entry: DirectoryEntry, record: TaskRecord) -> None:
-        if entry.kind == "Agent":
-            subject = entry.subject
-            event = CloudEvent(
-                id=record.task_id,
-                source=GATEWAY_SOURCE,
-                type=CALL_TYPE,
-                datacontenttype=envelope.JSON_CONTENT_TYPE,
-                correlationid=record.context_id,
-                replyto=naming.gateway_reply_subject(entry.namespace, record.task_id),
-                data=record.input,
-            )
-        else:
-            subject = naming.workflow_subject(entry.namespace, entry.name, "start", record.task_id)
-            event = CloudEvent(
-                id=record.task_id,
-                source=GATEWAY_SOURCE,
-                type=START_TYPE,
-                datacontenttype=envelope.JSON_CONTENT_TYPE,
-                data=record.input,
-            )
-        headers, payload = envelope.to_binary(event)
-        headers[Header.MSG_ID.value] = record.task_id
+        subject, headers, payload = call_message(entry, record)
         try:
             await publish_stored(self._js, subject, payload, headers)
         except NoStream as error:

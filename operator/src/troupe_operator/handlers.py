@@ -287,7 +287,11 @@ async def deleted(
     except ValidationError:
         spec = None
     try:
-        removed = await kind.delete(operator, namespace, name, spec, raw_spec)
+        # Under the object's lock: a resync pass in flight finishes first, and one planned
+        # from an older listing sees the UID cleaned and provisions nothing again.
+        async with operator.lock(kind.name, namespace, name):
+            removed = await kind.delete(operator, namespace, name, spec, raw_spec)
+            operator.mark_cleaned(str(meta.uid))
     except Exception as error:
         waited = _waited(meta.deletion_timestamp)
         timeout = operator.settings.finalizer_timeout_seconds
@@ -307,6 +311,7 @@ async def deleted(
             regarding(kind.name, dict(body)), "Warning", CLEANUP_ABANDONED, redact(message)
         )
         logger.info("%s", message)
+        operator.mark_cleaned(str(meta.uid))
         return
     logger.info("deleted %s", ", ".join(removed) or "nothing: already gone")
 

@@ -19,8 +19,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+from nats.js.api import Header
 from pydantic import Field
 
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.policies import WireModel
 
 TargetKind = Literal["Agent", "Workflow"]
@@ -30,6 +33,8 @@ GATEWAY_SOURCE = "/troupe-gateway"
 CALL_TYPE = "troupe.gateway.call"
 """The type of the event the gateway sends to an Agent (a Workflow run's start keeps
 ``troupe.workflow.start``)."""
+START_TYPE = "troupe.workflow.start"
+"""The type of the event that starts a Workflow run."""
 INVOKE_VERB = "invoke"
 """The virtual verb a SubjectAccessReview asks about: ``invoke`` on ``agents`` or
 ``workflows`` (group ``troupe.dev``) with the object's name, so RBAC decides who may call."""
@@ -77,3 +82,35 @@ class TaskRecord(WireModel):
     input: Any = None
     """The data sent: what GetTask shows as the task's history."""
     cancel_requested_at: datetime | None = None
+
+
+def call_message(entry: DirectoryEntry, record: TaskRecord) -> tuple[str, dict[str, str], bytes]:
+    """The subject, headers and payload that carry ``record`` to ``entry``: an event on the
+    Agent's inbox answered on ``naming.gateway_reply_subject``, or a Workflow run's start.
+
+    Shared by the gateway and the operator's cron (both file the record first); the message
+    id is the task id, so a publish repeated after a crash is one message.
+    """
+    if entry.kind == "Agent":
+        subject = entry.subject
+        event = CloudEvent(
+            id=record.task_id,
+            source=GATEWAY_SOURCE,
+            type=CALL_TYPE,
+            datacontenttype=envelope.JSON_CONTENT_TYPE,
+            correlationid=record.context_id,
+            replyto=naming.gateway_reply_subject(entry.namespace, record.task_id),
+            data=record.input,
+        )
+    else:
+        subject = naming.workflow_subject(entry.namespace, entry.name, "start", record.task_id)
+        event = CloudEvent(
+            id=record.task_id,
+            source=GATEWAY_SOURCE,
+            type=START_TYPE,
+            datacontenttype=envelope.JSON_CONTENT_TYPE,
+            data=record.input,
+        )
+    headers, payload = envelope.to_binary(event)
+    headers[Header.MSG_ID.value] = record.task_id
+    return subject, headers, payload

@@ -327,6 +327,32 @@ def task_key_wildcard(kind: str, name: str) -> str:
     return f"{directory_key(kind, name)}.*"
 
 
+def trigger_fires_bucket(namespace: str) -> str:
+    """The KV bucket of the namespace's Triggers' fire ledgers (``triggers.FireLedger``),
+    keyed by the Trigger's name: whoever fires writes it, the operator copies it to status."""
+    return f"troupe_{_token(namespace)}_trigger_fires"
+
+
+def webhook_seen_bucket(namespace: str) -> str:
+    """The KV bucket of webhook signatures already accepted (``_digest`` keys, TTL = the
+    longest replay window), so a replayed request is refused by any gateway replica."""
+    return f"troupe_{_token(namespace)}_webhook_seen"
+
+
+def trigger_stream(namespace: str, trigger: str) -> str:
+    """The stream that captures a subject Trigger's subject, so a message published while
+    no gateway runs still fires once."""
+    return f"TROUPE_TRG_{_token(namespace)}_{_token(trigger)}"
+
+
+TRIGGER_RELAY_CONSUMER = "relay"
+"""The durable pull consumer the gateway replicas share on a ``trigger_stream``."""
+
+
+def webhook_seen_key(signature: str) -> str:
+    return _digest(signature)
+
+
 def gateway_reply_subject(namespace: str, task_id: str) -> str:
     """Where an Agent answers a gateway call: a subject of the namespace's event log, so the
     answer is stored and any gateway replica finds it, one killed mid-call included."""
@@ -367,6 +393,8 @@ def stream_owner(stream: str) -> StreamOwner | None:
     match parts:
         case ["TROUPE", "EVENTS", namespace] if _label(namespace):
             return StreamOwner("Namespace", namespace, "event log")
+        case ["TROUPE", "TRG", namespace, name] if _label(namespace) and _label(name):
+            return StreamOwner("Trigger", namespace, name)
         case ["TROUPE", "DLQ" | "ADV" | "WF", namespace, name] if _label(namespace) and _label(
             name
         ):
@@ -379,6 +407,10 @@ def stream_owner(stream: str) -> StreamOwner | None:
             return StreamOwner("Namespace", namespace, "rate limits")
         case ["KV", "troupe", namespace, "state", bucket] if _label(namespace) and _label(bucket):
             return StreamOwner("Namespace", namespace, f"state bucket {bucket}")
+        case ["KV", "troupe", namespace, "trigger", "fires"] if _label(namespace):
+            return StreamOwner("Namespace", namespace, "trigger fires")
+        case ["KV", "troupe", namespace, "webhook", "seen"] if _label(namespace):
+            return StreamOwner("Namespace", namespace, "webhook signatures")
         case ["KV", "troupe", namespace, "directory" | "tasks"] if _label(namespace):
             return StreamOwner("Namespace", namespace, f"gateway {parts[3]}")
         case ["KV", "troupe", namespace, "wf", name, "runs"] if _label(namespace) and _label(name):

@@ -372,3 +372,54 @@ def cloud_event_matches(
     return (filter_.type is None or filter_.type == ce_type) and (
         filter_.source is None or filter_.source == source
     )
+
+
+FAILURE_MAX = 512
+"""A failure's reason is cut to this many characters (it is shown in status)."""
+
+
+class FireLedger(WireModel):
+    """What one Trigger has fired, under its name in ``naming.trigger_fires_bucket``.
+
+    Whoever fires writes it with a revision check (the operator's cron, the gateway's
+    webhook and relay); the operator copies it into the Trigger's status, so status has one
+    writer and a fire is counted even while the operator is down.
+    """
+
+    fires: int = 0
+    failures: int = 0
+    last_fire_time: datetime | None = None
+    last_task_id: str | None = None
+    """The last fire's task id: what Forbid and Replace look at."""
+    last_failure_time: datetime | None = None
+    last_failure: str = ""
+    last_scheduled_time: datetime | None = None
+    """Cron: the latest window handled (fired, skipped or failed); a restart resumes after it."""
+
+
+def recorded_fire(
+    ledger: FireLedger, at: datetime, task_id: str, scheduled: datetime | None = None
+) -> FireLedger:
+    """``ledger`` after a fire that started ``task_id``."""
+    return ledger.model_copy(
+        update={
+            "fires": ledger.fires + 1,
+            "last_fire_time": at,
+            "last_task_id": task_id,
+            "last_scheduled_time": scheduled or ledger.last_scheduled_time,
+        }
+    )
+
+
+def recorded_failure(
+    ledger: FireLedger, at: datetime, reason: str, scheduled: datetime | None = None
+) -> FireLedger:
+    """``ledger`` after a fire that failed for ``reason`` (already free of secrets)."""
+    return ledger.model_copy(
+        update={
+            "failures": ledger.failures + 1,
+            "last_failure_time": at,
+            "last_failure": reason[:FAILURE_MAX],
+            "last_scheduled_time": scheduled or ledger.last_scheduled_time,
+        }
+    )

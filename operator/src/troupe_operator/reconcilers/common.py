@@ -20,6 +20,7 @@ import asyncio
 import logging
 import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,6 +72,9 @@ class Spec(Protocol):
     def model_validate(cls, obj: Any) -> Self: ...
 
 
+CLEANED_KEPT = 4096
+"""How many cleaned-up UIDs are remembered: far more than a resync has in flight."""
+
 SpecT = TypeVar("SpecT", bound=Spec)
 StatusT = TypeVar("StatusT", bound=ObjectStatus)
 ReadT = TypeVar("ReadT")
@@ -86,6 +90,9 @@ class Operator:
     locks: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
+    cleaned: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    """UIDs of the objects whose NATS resources were deleted, newest last: a resync pass
+    planned from a listing taken before the deletion must not provision them again."""
 
     def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
         """Serialises passes over one object (a change handler and the resync).
@@ -94,6 +101,12 @@ class Operator:
         leave nothing behind.
         """
         return self.locks.setdefault((kind, namespace, name), asyncio.Lock())
+
+    def mark_cleaned(self, uid: str) -> None:
+        """Remember that ``uid``'s resources are gone; the oldest of ``CLEANED_KEPT`` go."""
+        self.cleaned[uid] = None
+        while len(self.cleaned) > CLEANED_KEPT:
+            self.cleaned.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -678,6 +691,9 @@ async def run_pass(operator: Operator, kind: Kind[Any, Any], body: Mapping[str, 
     raw_spec = body.get("spec") or {}
     settled = (body.get("status") or {}).get("observedGeneration") == generation
     async with operator.lock(kind.name, owner.namespace, owner.name):
+        if owner.uid in operator.cleaned:
+            # Deleted while this pass waited for the lock: it would provision it again.
+            return None
         with metrics.reconcile_timer(kind.name):
             try:
                 spec = kind.spec(raw_spec)
