@@ -302,7 +302,8 @@ async def test_a_pass_over_an_object_whose_resources_were_deleted_writes_nothing
     blocked = await run_pass(operator, ScriptedKind(AssertionError("planned")), kube.body)
 
     assert blocked is None
-    assert "status" not in kube.body and kube.events == []
+    assert "status" not in kube.body
+    assert kube.events == []
 
 
 def test_the_cleaned_uids_are_bounded_and_forget_the_oldest_first() -> None:
@@ -311,4 +312,5 @@ def test_the_cleaned_uids_are_bounded_and_forget_the_oldest_first() -> None:
         operator.mark_cleaned(f"uid-{n}")
 
     assert len(operator.cleaned) == CLEANED_KEPT
-    assert "uid-0" not in operator.cleaned and f"uid-{CLEANED_KEPT + 2}" in operator.cleaned
+    assert "uid-0" not in operator.cleaned
+    assert f"uid-{CLEANED_KEPT + 2}" in operator.cleaned
