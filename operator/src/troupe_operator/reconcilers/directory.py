@@ -81,13 +81,12 @@ async def follow_readiness(
 
 async def withdraw(operator: Operator, kind: TargetKind, namespace: str, name: str) -> list[str]:
     """Purge the object's key, and the bucket when no other Agent or Workflow stays in the
-    namespace; ``MessagingUnavailable`` while NATS cannot be reached. Serialised with the
-    object's passes: one under way when the deletion began has written its entry before,
-    and one after sees the deletion (``converge`` lists nothing then)."""
+    namespace; ``MessagingUnavailable`` while NATS cannot be reached. The caller (the
+    deletion handler) holds the object's lock: a pass under way when the deletion began has
+    written its entry before, and one after finds the UID cleaned and writes nothing."""
     nats = target(operator)
     bucket = naming.directory_bucket(namespace)
-    async with operator.lock(kind, namespace, name):
-        removed = await operator.nats.withdraw(nats, bucket, naming.directory_key(kind, name))
+    removed = await operator.nats.withdraw(nats, bucket, naming.directory_key(kind, name))
     if not await _others_staying(operator, namespace, kind, name):
         removed += await operator.nats.delete_streams(nats, [naming.kv_stream(bucket)])
     return removed
