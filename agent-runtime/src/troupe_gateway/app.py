@@ -16,12 +16,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from troupe_gateway import a2a_server, mcp_server, plain
+from troupe_gateway import a2a_server, mcp_server, plain, relay, webhooks
 from troupe_gateway.auth import Refused
 from troupe_gateway.calls import CallRefused
 from troupe_gateway.services import Services
 
-FRONT_ENDS: tuple[ModuleType, ...] = (a2a_server, mcp_server, plain)
+FRONT_ENDS: tuple[ModuleType, ...] = (a2a_server, mcp_server, plain, webhooks, relay)
 
 
 def build_app(services: Services) -> Starlette:

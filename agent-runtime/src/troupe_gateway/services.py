@@ -6,7 +6,7 @@ and the settings, plus ``admit``, the one way a request is let in.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from troupe_gateway.auth import Authorizer, Caller
 from troupe_gateway.calls import CallRefused, Calls
 from troupe_gateway.directory import Directory
+from troupe_gateway.firing import Firing
 from troupe_gateway.kube import Kube
 from troupe_gateway.settings import Settings
 from troupe_runtime.contract.gateway import DirectoryEntry, TargetKind
@@ -28,6 +29,11 @@ class Services:
     authorizer: Authorizer
     kube: Kube
     settings: Settings
+    firing: Firing = field(init=False)
+    """Trigger fires (webhooks and the relay), made from the others."""
+
+    def __post_init__(self) -> None:
+        self.firing = Firing(self.js, self.calls, self.directory)
 
     async def admit(
         self, headers: Mapping[str, str], namespace: str, kind: TargetKind, name: str

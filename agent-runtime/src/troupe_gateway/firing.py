@@ -1,0 +1,202 @@
+"""What a webhook delivery and a subject message share once they are admitted: the
+Trigger's rate limit, its target, the fire itself (a task filed and published by
+``Calls.submit``) and the fire ledger.
+
+The rate limit is a token bucket per Trigger (its uid) kept in this process: with N gateway
+replicas a Trigger may fire up to N times its ``perMinute`` (docs/gateway.md, "Webhooks").
+The ledger (``triggers.FireLedger`` under the Trigger's name in
+``naming.trigger_fires_bucket``) is written with a revision check and retried on conflict,
+so replicas and the operator's cron never lose each other's counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from troupe_gateway.calls import CallRefused, Calls
+from troupe_gateway.directory import Directory
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.gateway import DirectoryEntry, TaskRecord
+from troupe_runtime.contract.triggers import (
+    FireLedger,
+    TriggerDefinition,
+    TriggerRateLimit,
+    recorded_failure,
+    recorded_fire,
+)
+
+logger = logging.getLogger(__name__)
+
+LEDGER_ATTEMPTS = 20
+"""Revision conflicts tolerated before a ledger update is given up (and logged)."""
+MAX_BUCKETS = 4096
+"""Rate-limit buckets kept; the least recently used is forgotten past this."""
+
+
+def caller_of(trigger: TriggerDefinition) -> str:
+    return f"trigger:{trigger.name}"
+
+
+class RateLimiter:
+    """A token bucket per Trigger uid, ``burst`` deep, refilled at ``perMinute``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, uid: str, limit: TriggerRateLimit | None) -> float:
+        """0 when a fire may go now (and counts it), else the seconds until one may."""
+        if limit is None:
+            return 0.0
+        now = self._clock()
+        rate = limit.per_minute / 60.0
+        tokens, at = self._buckets.get(uid, (float(limit.burst), now))
+        tokens = min(float(limit.burst), tokens + (now - at) * rate)
+        if tokens >= 1.0:
+            self._buckets[uid] = (tokens - 1.0, now)
+            wait = 0.0
+        else:
+            self._buckets[uid] = (tokens, now)
+            wait = (1.0 - tokens) / rate
+        self._buckets.move_to_end(uid)
+        while len(self._buckets) > MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def give_back(self, uid: str, limit: TriggerRateLimit | None) -> None:
+        """Return the token of a fire that did not happen after all."""
+        if limit is None or uid not in self._buckets:
+            return
+        tokens, at = self._buckets[uid]
+        self._buckets[uid] = (min(float(limit.burst), tokens + 1.0), at)
+
+
+class Firing:
+    """One per gateway process, shared by the webhook front end and the relay."""
+
+    def __init__(self, js: JetStreamContext, calls: Calls, directory: Directory) -> None:
+        self._js = js
+        self._calls = calls
+        self._directory = directory
+        self.limiter = RateLimiter()
+        self._buckets: dict[str, KeyValue] = {}
+
+    async def target(self, trigger: TriggerDefinition) -> DirectoryEntry:
+        """The target's directory entry; ``CallRefused(503)`` while the directory has none
+        (the operator may not have written it yet)."""
+        target = trigger.spec.target
+        entry = await self._directory.entry(trigger.namespace, target.kind, target.name)
+        if entry is None:
+            raise CallRefused(
+                503,
+                f"the target {target.kind} {target.name} of Trigger {trigger.name} is not in "
+                f"the directory of namespace {trigger.namespace}",
+            )
+        return entry
+
+    async def existing(self, entry: DirectoryEntry, task_id: str) -> TaskRecord | None:
+        """The task already filed under ``task_id`` (an earlier fire), or None."""
+        try:
+            kv = await self._js.key_value(naming.tasks_bucket(entry.namespace))
+            stored = await kv.get(naming.task_key(entry.kind, entry.name, task_id))
+            record = TaskRecord.model_validate_json(stored.value or b"")
+        except (BucketNotFoundError, NotFoundError, ValidationError):
+            return None
+        return record if record.task_id == task_id else None
+
+    async def fire(
+        self, trigger: TriggerDefinition, entry: DirectoryEntry, data: object, task_id: str
+    ) -> TaskRecord:
+        """Submit the fire; count it in the ledger. ``CallRefused`` when it could not go
+        (the caller records the failure: it knows whether it will retry)."""
+        record = await self._calls.submit(entry, data, caller=caller_of(trigger), task_id=task_id)
+        now = datetime.now(UTC)
+        await self.record(trigger, lambda ledger: recorded_fire(ledger, now, record.task_id))
+        return record
+
+    async def failed(self, trigger: TriggerDefinition, reason: str) -> None:
+        now = datetime.now(UTC)
+        await self.record(trigger, lambda ledger: recorded_failure(ledger, now, reason))
+
+    async def ledger(self, namespace: str, name: str) -> FireLedger | None:
+        kv = await self._ledgers(namespace)
+        try:
+            stored = await kv.get(name)
+        except NotFoundError:
+            return None
+        try:
+            return FireLedger.model_validate_json(stored.value or b"")
+        except ValidationError:
+            return None
+
+    async def record(
+        self, trigger: TriggerDefinition, change: Callable[[FireLedger], FireLedger]
+    ) -> None:
+        """Apply ``change`` to the Trigger's ledger with a revision check, retried on
+        conflict. A ledger that cannot be written is logged, never fails the fire."""
+        try:
+            kv = await self._ledgers(trigger.namespace)
+            for _ in range(LEDGER_ATTEMPTS):
+                try:
+                    stored = await kv.get(trigger.name)
+                except NotFoundError:
+                    stored = None
+                ledger = FireLedger()
+                if stored is not None and stored.value:
+                    with contextlib.suppress(ValidationError):  # junk: counted afresh
+                        ledger = FireLedger.model_validate_json(stored.value)
+                encoded = change(ledger).model_dump_json(by_alias=True).encode()
+                try:
+                    if stored is None:
+                        await kv.create(trigger.name, encoded)
+                    else:
+                        await kv.update(trigger.name, encoded, last=stored.revision)
+                    return
+                except KeyWrongLastSequenceError:
+                    await asyncio.sleep(0)
+                    continue
+            logger.warning("the fire ledger of Trigger %s kept changing; not updated", trigger.name)
+        except Exception as error:  # NATS down: the fire stands, its count is lost
+            logger.warning(
+                "the fire ledger of Trigger %s was not updated: %s",
+                trigger.name,
+                type(error).__name__,
+            )
+
+    async def _ledgers(self, namespace: str) -> KeyValue:
+        if (kv := self._buckets.get(namespace)) is not None:
+            return kv
+        bucket = naming.trigger_fires_bucket(namespace)
+        try:
+            kv = await self._js.key_value(bucket)
+        except BucketNotFoundError:
+            try:
+                kv = await self._js.create_key_value(
+                    KeyValueConfig(
+                        bucket=bucket,
+                        history=1,
+                        storage=StorageType.FILE,
+                        description=f"The fire ledgers of the Triggers of namespace {namespace}",
+                    )
+                )
+            except BadRequestError:  # made meanwhile by another replica or the operator
+                kv = await self._js.key_value(bucket)
+        self._buckets[namespace] = kv
+        return kv

@@ -1,0 +1,424 @@
+"""Trigger fires through the gateway, served by uvicorn on a real nats-server: signed
+webhooks with the HMAC key read from a real Secret by the real API server (valid, invalid,
+replayed, stale, deduplicated, refused), and the subject relay pulling from a Trigger's
+stream and consumer made by hand as the operator makes them. The Agent is an inbox stream
+the test reads; the Trigger definitions are written to the directory bucket by hand, as the
+operator writes them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import nats
+import pytest
+import uvicorn
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from troupe_gateway.app import build_app
+from troupe_gateway.auth import Caller
+from troupe_gateway.calls import Calls
+from troupe_gateway.directory import Directory
+from troupe_gateway.kube import Kube
+from troupe_gateway.services import Services
+from troupe_gateway.settings import Settings
+
+from tests.integration.runtime_harness import eventually
+from troupe_devcluster.fixtures import ClusterEndpoints
+from troupe_devcluster.layout import free_port
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.gateway import DirectoryEntry
+from troupe_runtime.contract.triggers import FireLedger, TriggerDefinition, sign
+
+AGENT = "orders"
+HOOK = "shop-hook"
+SECRET = b"a-shared-webhook-secret-0123456789"
+
+
+class Everyone:
+    async def authenticate(self, headers: Mapping[str, str], namespace: str) -> Caller:
+        return Caller(user="smoke")
+
+    async def authorize(self, caller: Caller, namespace: str, resource: Any, name: str) -> None:
+        return None
+
+
+@dataclass
+class Gateway:
+    namespace: str
+    nc: Client
+    js: JetStreamContext
+    directory: KeyValue
+    http: httpx.AsyncClient
+    triggers: dict[str, TriggerDefinition]
+
+    async def define(self, name: str, spec: dict[str, Any]) -> TriggerDefinition:
+        """Write a Trigger's definition as the operator does (a uid kept across updates)."""
+        uid = self.triggers[name].uid if name in self.triggers else str(uuid.uuid4())
+        trigger = TriggerDefinition.model_validate(
+            {"namespace": self.namespace, "name": name, "uid": uid, "spec": spec}
+        )
+        await self.directory.put(
+            f"triggers.{name}", trigger.model_dump_json(by_alias=True).encode()
+        )
+        self.triggers[name] = trigger
+        return trigger
+
+    async def inbox(self) -> list[CloudEvent]:
+        stream = naming.inbox_stream(self.namespace, AGENT)
+        info = await self.js.stream_info(stream)
+        events = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            if info.state.messages == 0:
+                break
+            msg = await self.js.get_msg(stream, seq)
+            events.append(envelope.parse(dict(msg.headers or {}), msg.data or b""))
+        return events
+
+    async def ledger(self, name: str) -> FireLedger:
+        try:
+            kv = await self.js.key_value(naming.trigger_fires_bucket(self.namespace))
+            return FireLedger.model_validate_json((await kv.get(name)).value or b"")
+        except (BucketNotFoundError, NotFoundError):
+            return FireLedger()
+
+    async def hook(self, name: str, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
+        return await self.http.post(
+            f"/hooks/{self.namespace}/{name}", content=body, headers=headers
+        )
+
+
+@asynccontextmanager
+async def running_gateway(
+    nats_url: str,
+    namespace: str,
+    kube: Kube | None,
+    triggers: Mapping[str, dict[str, Any]],
+    before: Any = None,
+) -> AsyncIterator[Gateway]:
+    """The Agent's inbox, the namespace's directory with the Agent and ``triggers``, then
+    the gateway's app on uvicorn (``before(js)`` runs first: the relay's streams)."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(
+            name=naming.inbox_stream(namespace, AGENT),
+            subjects=[naming.inbox_wildcard(namespace, AGENT)],
+        )
+    )
+    directory = await js.create_key_value(KeyValueConfig(bucket=naming.directory_bucket(namespace)))
+    entry = DirectoryEntry(
+        kind="Agent",
+        namespace=namespace,
+        name=AGENT,
+        subject=naming.inbox_subject(namespace, AGENT, 0),
+        ready=True,
+    )
+    await directory.put(
+        naming.directory_key("Agent", AGENT), entry.model_dump_json(by_alias=True).encode()
+    )
+    port = free_port()
+    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    gateway = Gateway(namespace, nc, js, directory, http, {})
+    for name, spec in triggers.items():
+        await gateway.define(name, spec)
+    if before is not None:
+        await before(js)
+    services = Services(
+        nc=nc,
+        js=js,
+        calls=Calls(nc, js, 3600),
+        directory=Directory(js),
+        authorizer=Everyone(),
+        kube=kube,  # type: ignore[arg-type]  # the relay's tests need no Kubernetes
+        settings=Settings(),
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(services), host="127.0.0.1", port=port, log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not server.started:
+            assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start"
+            assert not serving.done(), "uvicorn stopped"
+            await asyncio.sleep(0.05)
+        yield gateway
+    finally:
+        server.should_exit = True
+        await serving
+        await http.aclose()
+        await services.directory.aclose()
+        await nc.close()
+
+
+@pytest.fixture
+async def kube(cluster: ClusterEndpoints) -> AsyncIterator[Kube]:
+    client = Kube.from_environment({"KUBECONFIG": str(cluster.kubeconfig)})
+    yield client
+    await client.aclose()
+
+
+def secret(cluster: ClusterEndpoints, namespace: str, name: str = "hook-secret") -> None:
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "generic",
+        name,
+        f"--from-literal=secret={SECRET.decode()}",
+    )
+
+
+def webhook(secret_name: str = "hook-secret", **more: Any) -> dict[str, Any]:
+    return {
+        "target": {"kind": "Agent", "name": AGENT},
+        "source": {"webhook": {"secretRef": {"name": secret_name}, "replayWindow": "1m"}},
+        **more,
+    }
+
+
+def signed(body: bytes, key: bytes = SECRET, at: float | None = None) -> dict[str, str]:
+    timestamp = str(int(time.time() if at is None else at))
+    return {
+        "Troupe-Timestamp": timestamp,
+        "Troupe-Signature": sign(key, timestamp, body),
+        "Content-Type": "application/json",
+    }
+
+
+async def test_a_signed_webhook_fires_once_and_a_replay_or_a_bad_signature_fires_nothing(
+    cluster: ClusterEndpoints, namespace: str, kube: Kube
+) -> None:
+    secret(cluster, namespace)
+    spec = webhook(input="{order: order.id, total: order.total}")
+    async with running_gateway(cluster.nats_url, namespace, kube, {HOOK: spec}) as gateway:
+        body = json.dumps({"order": {"id": "o-1", "total": 12}}).encode()
+        headers = signed(body)
+        answer = await gateway.hook(HOOK, body, headers)
+        assert answer.status_code == 202, answer.text
+        task = answer.json()
+        assert task["target"] == {"kind": "Agent", "name": AGENT}
+        assert task["taskId"].startswith("trg-")
+        events = await gateway.inbox()
+        assert [(e.id, e.data) for e in events] == [(task["taskId"], {"order": "o-1", "total": 12})]
+
+        forged = await gateway.hook(HOOK, body, signed(body, key=b"not-the-secret-at-all"))
+        assert forged.status_code == 401
+        assert forged.json()["reason"] == "the signature does not match"
+        unsigned = await gateway.hook(HOOK, body, {"Content-Type": "application/json"})
+        assert unsigned.status_code == 401
+
+        replayed = await gateway.hook(HOOK, body, headers)
+        assert replayed.status_code == 409, replayed.text
+        shouted = dict(headers, **{"Troupe-Signature": headers["Troupe-Signature"].upper()})
+        assert (await gateway.hook(HOOK, body, shouted)).status_code == 409
+
+        stale = await gateway.hook(HOOK, body, signed(body, at=time.time() - 3600))
+        assert stale.status_code == 401
+        assert stale.json()["reason"] == "Troupe-Timestamp is outside the replay window"
+
+        assert len(await gateway.inbox()) == 1
+        ledger = await gateway.ledger(HOOK)
+        assert (ledger.fires, ledger.failures, ledger.last_task_id) == (1, 0, task["taskId"])
+
+        again = json.dumps({"order": {"id": "o-2", "total": 3}}).encode()
+        assert (await gateway.hook(HOOK, again, signed(again))).status_code == 202
+        assert len(await gateway.inbox()) == 2
+        assert (await gateway.ledger(HOOK)).fires == 2
+
+
+async def test_a_dedupe_key_fires_once_for_deliveries_with_the_same_value(
+    cluster: ClusterEndpoints, namespace: str, kube: Kube
+) -> None:
+    secret(cluster, namespace)
+    spec = webhook(dedupeKey="delivery")
+    async with running_gateway(cluster.nats_url, namespace, kube, {HOOK: spec}) as gateway:
+        first = json.dumps({"delivery": "d-1", "n": 1}).encode()
+        second = json.dumps({"delivery": "d-1", "n": 2}).encode()
+        fired = await gateway.hook(HOOK, first, signed(first))
+        assert fired.status_code == 202, fired.text
+        duplicate = await gateway.hook(HOOK, second, signed(second, at=time.time() - 1))
+        assert duplicate.status_code == 200, duplicate.text
+        assert duplicate.json()["duplicate"] is True
+        assert duplicate.json()["taskId"] == fired.json()["taskId"]
+        events = await gateway.inbox()
+        assert [e.data for e in events] == [{"delivery": "d-1", "n": 1}]
+        assert (await gateway.ledger(HOOK)).fires == 1
+
+
+async def test_webhooks_that_cannot_fire_say_why(
+    cluster: ClusterEndpoints, namespace: str, kube: Kube
+) -> None:
+    secret(cluster, namespace)
+    triggers = {
+        HOOK: webhook(),
+        "asleep": webhook(suspend=True),
+        "no-secret": webhook(secret_name="absent"),
+        "limited": webhook(rateLimit={"perMinute": 1, "burst": 1}),
+        "mapped": webhook(input="length(items)"),
+        "elsewhere": webhook() | {"target": {"kind": "Agent", "name": "nobody"}},
+        "cron": {
+            "target": {"kind": "Agent", "name": AGENT},
+            "source": {"cron": {"schedule": "0 * * * *"}},
+        },
+    }
+    async with running_gateway(cluster.nats_url, namespace, kube, triggers) as gateway:
+        body = b'{"items": 3}'
+        assert (await gateway.hook("cron", body, signed(body))).status_code == 404
+        assert (await gateway.hook("unknown", body, signed(body))).status_code == 404
+        missing = await gateway.hook("no-secret", body, signed(body))
+        assert missing.status_code == 503
+        assert "absent" in missing.json()["reason"]
+        assert SECRET.decode() not in missing.text
+        later = signed(body)
+        asleep = await gateway.hook("asleep", body, later)
+        assert asleep.status_code == 423
+        assert "suspended" in asleep.json()["reason"]
+        mapped = await gateway.hook("mapped", body, signed(body))
+        assert mapped.status_code == 422
+        assert "input mapping failed" in mapped.json()["reason"]
+        elsewhere = await gateway.hook("elsewhere", body, signed(body))
+        assert elsewhere.status_code == 503
+        assert "nobody" in elsewhere.json()["reason"]
+        huge = b"[" + b"1," * (1 << 20) + b"1]"
+        assert (await gateway.hook(HOOK, huge, signed(huge))).status_code == 413
+
+        first = b'{"items": 4}'
+        accepted = signed(first)
+        assert (await gateway.hook("limited", first, accepted)).status_code == 202
+        # A signature is accepted once in the namespace: a delivery to one Trigger cannot be
+        # replayed to another that shares its Secret.
+        assert (await gateway.hook(HOOK, first, accepted)).status_code == 409
+        other = b'{"items": 5}'
+        limited = await gateway.hook("limited", other, signed(other))
+        assert limited.status_code == 429
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert len(await gateway.inbox()) == 1
+
+        assert (await gateway.ledger("mapped")).failures == 1
+        assert (await gateway.ledger("elsewhere")).failures == 1
+        assert (await gateway.ledger("limited")).fires == 1
+        assert (await gateway.ledger("asleep")) == FireLedger()
+
+        # Resumed, the delivery refused while suspended fires (its signature is unused).
+        await gateway.define("asleep", webhook(suspend=False))
+
+        async def resumed() -> bool:
+            return (await gateway.hook("asleep", body, later)).status_code == 202
+
+        await eventually(resumed, "the resumed Trigger fired the same delivery")
+        assert len(await gateway.inbox()) == 2
+
+
+def relay_stream_config(namespace: str, trigger: str, subject: str) -> StreamConfig:
+    return StreamConfig(name=naming.trigger_stream(namespace, trigger), subjects=[subject])
+
+
+RELAY_CONSUMER = ConsumerConfig(
+    durable_name=naming.TRIGGER_RELAY_CONSUMER, ack_policy=AckPolicy.EXPLICIT, max_deliver=20
+)
+
+
+async def test_the_relay_fires_matching_cloud_events_once_and_terminates_the_rest(
+    nats_url: str,
+) -> None:
+    namespace = f"relay-{uuid.uuid4().hex[:6]}"
+    subject = f"shop.{namespace}.orders"
+    name = "order-events"
+    stream = naming.trigger_stream(namespace, name)
+    spec = {
+        "target": {"kind": "Agent", "name": AGENT},
+        "source": {"subject": {"subject": subject, "filter": {"type": "order.created"}}},
+        "input": "{order: id}",
+    }
+
+    async def provision(js: JetStreamContext) -> None:
+        await js.add_stream(relay_stream_config(namespace, name, subject))
+        await js.add_consumer(stream, RELAY_CONSUMER)
+
+    async with running_gateway(nats_url, namespace, None, {name: spec}, provision) as gateway:
+        for kind, order in (("order.created", "o-1"), ("order.deleted", "o-2")):
+            event = CloudEvent(
+                id=f"e-{order}",
+                source="/shop",
+                type=kind,
+                datacontenttype=envelope.JSON_CONTENT_TYPE,
+                data={"id": order},
+            )
+            headers, payload = envelope.to_binary(event)
+            await gateway.js.publish(subject, payload, headers=headers)
+        structured = {"specversion": "1.0", "id": "e-3", "source": "/shop", "type": "order.created"}
+        await gateway.js.publish(
+            subject,
+            json.dumps(structured | {"data": {"id": "o-3"}}).encode(),
+            headers={"content-type": envelope.STRUCTURED_CONTENT_TYPE},
+        )
+        await gateway.js.publish(subject, b"not a cloud event")
+
+        async def settled() -> bool:
+            info = await gateway.js.consumer_info(stream, naming.TRIGGER_RELAY_CONSUMER)
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+        await eventually(settled, "the relay took every message", within=60)
+        events = await gateway.inbox()
+        trigger = gateway.triggers[name]
+        assert sorted((e.id, json.dumps(e.data)) for e in events) == [
+            (f"trg-{trigger.uid}-1", '{"order": "o-1"}'),
+            (f"trg-{trigger.uid}-3", '{"order": "o-3"}'),
+        ]
+        ledger = await gateway.ledger(name)
+        assert (ledger.fires, ledger.failures) == (2, 2)
+        assert "does not match the Trigger's filter" in ledger.last_failure
+
+
+async def test_the_directory_keeps_trigger_definitions_and_skips_junk(nats_url: str) -> None:
+    namespace = f"dir-{uuid.uuid4().hex[:6]}"
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(KeyValueConfig(bucket=naming.directory_bucket(namespace)))
+        good = TriggerDefinition.model_validate(
+            {"namespace": namespace, "name": "good", "uid": "u-1", "spec": webhook()}
+        )
+        await kv.put("triggers.good", good.model_dump_json(by_alias=True).encode())
+        await kv.put("triggers.junk", b"{not json")
+        await kv.put("triggers.renamed", good.model_dump_json(by_alias=True).encode())
+        foreign = good.model_copy(update={"namespace": "elsewhere", "name": "foreign"})
+        await kv.put("triggers.foreign", foreign.model_dump_json(by_alias=True).encode())
+        directory = Directory(js)
+        try:
+            assert [t.name for t in await directory.triggers(namespace)] == ["good"]
+            assert await directory.trigger(namespace, "good") == good
+            assert await directory.exists(namespace)
+            assert not await directory.exists(f"none-{namespace}")
+            await kv.put(
+                "triggers.junk",
+                good.model_copy(update={"name": "junk"}).model_dump_json(by_alias=True).encode(),
+            )
+            await eventually(
+                lambda: directory.trigger(namespace, "junk"), "a mended key to be read"
+            )
+            await kv.delete("triggers.good")
+
+            async def gone() -> bool:
+                return await directory.trigger(namespace, "good") is None
+
+            await eventually(gone, "a deleted Trigger to leave the directory")
+            assert await directory.entries(namespace) == []
+        finally:
+            await directory.aclose()
+    finally:
+        await nc.close()
