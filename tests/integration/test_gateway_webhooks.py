@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,6 +43,7 @@ from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.gateway import DirectoryEntry
 from troupe_runtime.contract.triggers import FireLedger, TriggerDefinition, sign
 
+REPO = Path(__file__).resolve().parents[2]
 AGENT = "orders"
 HOOK = "shop-hook"
 SECRET = b"a-shared-webhook-secret-0123456789"
@@ -422,3 +425,37 @@ async def test_the_directory_keeps_trigger_definitions_and_skips_junk(nats_url: 
             await directory.aclose()
     finally:
         await nc.close()
+
+
+def openssl_signature(timestamp: str, body: bytes) -> str:
+    """The signature as docs/gateway.md's openssl one-liner makes it."""
+    signed_text = timestamp.encode() + b"." + body
+    out = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-hmac", SECRET.decode(), "-hex"],
+        input=signed_text,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return "sha256=" + out.strip().rsplit(" ", 1)[-1]
+
+
+async def test_the_documented_signing_fires_and_the_example_trigger_is_valid(
+    cluster: ClusterEndpoints, namespace: str, kube: Kube
+) -> None:
+    crds = str(REPO / "crds")
+    cluster.kubectl("apply", "-f", crds)
+    cluster.kubectl("wait", "--for=condition=Established", "-f", crds)
+    example = REPO / "examples" / "support-triage" / "webhook-trigger.yaml"
+    cluster.kubectl("apply", "--dry-run=server", "-f", str(example), "-n", namespace)
+    secret(cluster, namespace)
+    async with running_gateway(cluster.nats_url, namespace, kube, {HOOK: webhook()}) as gateway:
+        body = b'{"ticket": {"id": "T-1", "body": "The dashboard is down"}}'
+        timestamp = str(int(time.time()))
+        headers = {
+            "Troupe-Timestamp": timestamp,
+            "Troupe-Signature": openssl_signature(timestamp, body),
+            "Content-Type": "application/json",
+        }
+        answer = await gateway.hook(HOOK, body, headers)
+        assert answer.status_code == 202, answer.text
+        assert [e.data for e in await gateway.inbox()] == [json.loads(body)]
