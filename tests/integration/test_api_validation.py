@@ -322,6 +322,38 @@ REFUSED = [
         id="mcp-without-endpoint",
     ),
     pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={
+                **LLM,
+                "tools": {
+                    "a2a": [{"name": "r", "url": "http://r/"}, {"name": "r", "url": "http://s/"}]
+                },
+            },
+        ),
+        ["spec.llm.tools.a2a", "names must be unique"],
+        id="a2a-names-twice",
+    ),
+    pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={**LLM, "tools": {"a2a": [{"name": "r", "url": "https://me:pw@r.example/"}]}},
+        ),
+        ["spec.llm.tools.a2a[0].url", "should match"],
+        id="a2a-url-with-user-info",
+    ),
+    pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={**LLM, "tools": {"a2a": [{"name": "R_1", "url": "ftp://r.example/"}]}},
+        ),
+        ["spec.llm.tools.a2a[0].url", "spec.llm.tools.a2a[0].name"],
+        id="a2a-scheme-and-name",
+    ),
+    pytest.param(
         agent("a", contract={"errorStates": [{"name": "TooLong"}, {"name": "TooLong"}]}),
         ["spec.contract.errorStates", "error state names must be unique"],
         id="duplicate-error-states",
@@ -407,6 +439,8 @@ def test_one_millisecond_past_the_largest_duration_is_refused(
         ("agents.spec.runtime.sidecars.name", "never runtime"),
         ("workflows.spec.trigger.subject", "not under troupe."),
         ("workflows.spec.steps.timeout", "default 5m"),
+        ("agents.spec.llm.tools.a2a.timeout", "default 30s"),
+        ("agents.spec.llm.tools.a2a.auth.bearerTokenSecret", "to the card's origin only"),
     ],
 )
 def test_kubectl_explain_shows_the_description(

@@ -43,6 +43,16 @@ def provider_key_env(provider: str) -> str:
     return PROVIDER_KEY_ENV_PREFIX + provider.upper().replace("-", "_")
 
 
+A2A_TOKEN_ENV_PREFIX = "TROUPE_A2A_TOKEN_"
+"""``TROUPE_A2A_TOKEN_<NAME>``: a remote A2A agent's bearer token, from its Secret."""
+
+
+def a2a_token_env(name: str) -> str:
+    """The environment variable holding the bearer token of ``spec.llm.tools.a2a`` ``name``
+    (a DNS label, so distinct names give distinct variables)."""
+    return A2A_TOKEN_ENV_PREFIX + name.upper().replace("-", "_")
+
+
 class ResolvedProvider(WireModel):
     """A ModelProvider as one Agent's runtime sees it: its spec, its key's env variable."""
 
@@ -67,6 +77,8 @@ class ResolvedTool(WireModel):
     input_schema: dict[str, object] | None = None
     """Agents: the callee's contract input schema, the tool's parameters."""
     description: str | None = None
+    token_env: str | None = None
+    """A2A: the env variable holding the bearer token (from a Secret); None: none sent."""
 
 
 class LlmRuntime(WireModel):
@@ -81,6 +93,8 @@ class LlmRuntime(WireModel):
     """One per ``policy.tools.mcp`` entry, same order, same names."""
     agents: list[ResolvedTool] = Field(default_factory=list)
     """One per ``policy.tools.agents`` entry, same order; name is the tool's name."""
+    a2a: list[ResolvedTool] = Field(default_factory=list)
+    """One per ``policy.tools.a2a`` entry, same order, same names: its URL and token env."""
 
     def provider(self, name: str) -> ResolvedProvider | None:
         return next((p for p in self.providers if p.name == name), None)

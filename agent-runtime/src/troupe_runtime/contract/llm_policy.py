@@ -7,18 +7,27 @@ resolved (``troupe_runtime.contract.llm.LlmRuntime``).
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from troupe_runtime.contract import grammar
 from troupe_runtime.contract.durations import Duration
-from troupe_runtime.contract.model_provider import MODEL_NAME_MAX, MODEL_NAME_PATTERN
+from troupe_runtime.contract.model_provider import (
+    MODEL_NAME_MAX,
+    MODEL_NAME_PATTERN,
+    SecretKeySelector,
+)
 from troupe_runtime.contract.policies import NAME_PATTERN, WireModel
 
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 """What OpenAI accepts as a function name."""
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+A2A_URL_PATTERN = r"^https?://[\x21-\x2e\x30-\x3f\x41-\x7e]+(/[\x21-\x7e]*)?$"
+"""An A2A agent's URL: http or https, no whitespace, and no user info (``user:pass@``) in
+the authority: a credential goes in a Secret (``auth``), never into the config or status."""
+SKILL_ID_MAX = 256
+SkillId = Annotated[str, Field(min_length=1, max_length=SKILL_ID_MAX)]
 
 
 class ModelRef(WireModel):
@@ -137,6 +146,59 @@ class AgentTool(WireModel):
     )
 
 
+class A2aAuth(WireModel):
+    """How Troupe authenticates to a remote A2A agent."""
+
+    bearer_token_secret: SecretKeySelector = Field(
+        description="The Secret key holding a token sent as Authorization: Bearer to the "
+        "card's origin only (key default apiKey); the pod reads it from the Secret as an "
+        "environment variable, so it is never in the config, the status or the logs."
+    )
+
+
+class A2aAgent(WireModel):
+    """A remote agent speaking A2A (v1.0, or 0.3) over JSON-RPC or HTTP+JSON, called as one
+    tool: the model sends it a message text (and optional data) and reads the final
+    task's artifacts. Its agent card is read once per process, on start."""
+
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=grammar.DNS_LABEL_MAX,
+        description="The tool's name as the model sees it: a DNS label, unique in "
+        "spec.llm.tools.a2a and among all the Agent's tools.",
+    )
+    url: str = Field(
+        pattern=A2A_URL_PATTERN,
+        max_length=grammar.URL_MAX,
+        description="The agent card's URL (a path ending in .json), or the agent's base URL, "
+        "whose card is read from <url>/.well-known/agent-card.json; http or https, no user "
+        "info (put a token in auth).",
+    )
+    auth: A2aAuth | None = Field(
+        default=None, description="A bearer token from a Secret; unset: no credentials sent."
+    )
+    skills: list[SkillId] | None = Field(
+        default=None,
+        max_length=64,
+        description="The ids of the card's skills the model is told of (A2A sends a message "
+        "to the agent, not to a skill); unset: every skill on the card.",
+    )
+    description: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="For the model; default the card's description and skills.",
+    )
+    timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="How long a call may take, the card's fetch included: a duration such "
+        "as 30s or 2m; default 30s.",
+    )
+    idempotent: bool = Field(
+        default=False,
+        description="Safe to send twice (retried once when the call fails); default false.",
+    )
+
+
 class FunctionTool(WireModel):
     """A Python function from the agent's code as a tool; its signature gives the schema."""
 
@@ -171,6 +233,22 @@ class Tools(WireModel):
         max_length=64,
         description="Python functions of the agent's code called as tools.",
     )
+    a2a: list[A2aAgent] = Field(
+        default_factory=list,
+        alias="a2a",
+        max_length=32,
+        description="Remote A2A agents, each called as one tool named by its name; names unique.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_a2a_names(self) -> Tools:
+        names = [agent.name for agent in self.a2a]
+        if len(set(names)) != len(names):
+            raise ValueError(A2A_NAMES_MESSAGE)
+        return self
+
+
+A2A_NAMES_MESSAGE = "spec.llm.tools.a2a names must be unique"
 
 
 class HistoryPolicy(WireModel):

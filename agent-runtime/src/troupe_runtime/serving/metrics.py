@@ -87,7 +87,8 @@ class RuntimeMetrics:
 
 
 class LlmMetrics:
-    """An LLM agent's model calls: tokens and dollars by model, outcomes, fallbacks."""
+    """An LLM agent's model calls: tokens and dollars by model, outcomes, fallbacks; its
+    tool calls by kind and outcome."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -117,6 +118,14 @@ class LlmMetrics:
             "Models passed over for the next one of the chain, by reason (rate_limited, "
             "unavailable, timeout, circuit_open).",
             ["agent", "from_model", "to_model", "reason"],
+            registry=registry,
+        )
+        self.tool_calls = Counter(
+            "troupe_llm_tool_calls",
+            "Tool calls the model made that reached a tool, by agent, kind (function, agent, "
+            "a2a, mcp) and outcome (succeeded; error: the tool answered an error the model "
+            "reads; failed: it raised).",
+            ["agent", "kind", "outcome"],
             registry=registry,
         )
 

@@ -24,7 +24,7 @@ from troupe_operator.api.common import (
 )
 from troupe_runtime.contract import grammar, naming, version
 from troupe_runtime.contract.durations import Duration, cel_matches
-from troupe_runtime.contract.llm_policy import LlmPolicy
+from troupe_runtime.contract.llm_policy import A2A_NAMES_MESSAGE, LlmPolicy
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
     PROGRESS_SHARE,
@@ -659,6 +659,12 @@ LLM_POLICY_RULES = (
         "has(m.service))",
         "an MCP server needs exactly one of url and service",
         ".tools.mcp",
+    ),
+    rule(
+        "!has(self.tools) || !has(self.tools.a2a) || self.tools.a2a.all(a, "
+        "self.tools.a2a.exists_one(b, b.name == a.name))",
+        A2A_NAMES_MESSAGE,
+        ".tools.a2a",
     ),
 )
 """What the contract's ``LlmPolicy`` validators refuse, in CEL."""

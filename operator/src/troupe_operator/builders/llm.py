@@ -3,8 +3,9 @@
 Pure: the pass reads the ModelProviders and the Agents the policy names and hands them in
 (``None`` for one that does not exist, ``INVALID`` for one whose spec the models refuse);
 this module resolves them, or says what is missing, naming the field. Nothing secret passes
-through here: a provider's key stays in its Secret, and the pod reads it as an environment
-variable (``provider_key_env``) from a ``secretKeyRef``.
+through here: a provider's key, or a remote A2A agent's bearer token, stays in its Secret,
+and the pod reads it as an environment variable (``provider_key_env``, ``a2a_token_env``)
+from a ``secretKeyRef``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from troupe_runtime.contract.llm import (
     LlmRuntime,
     ResolvedProvider,
     ResolvedTool,
+    a2a_token_env,
     provider_key_env,
 )
 from troupe_runtime.contract.llm_policy import LlmPolicy, McpServer
@@ -171,6 +173,14 @@ def resolve(
             for server in policy.tools.mcp
         ],
         agents=agents,
+        a2a=[
+            ResolvedTool(
+                name=agent.name,
+                url=agent.url,
+                token_env=a2a_token_env(agent.name) if agent.auth is not None else None,
+            )
+            for agent in policy.tools.a2a
+        ],
     )
     return Resolution(runtime, [])
 
@@ -190,6 +200,22 @@ def provider_secrets(runtime: LlmRuntime | None) -> list[SecretReference]:
     ]
 
 
+def a2a_secrets(policy: LlmPolicy | None) -> list[SecretReference]:
+    """The Secrets of the remote A2A agents' bearer tokens, so a missing one is reported
+    before pods wait on it."""
+    if policy is None:
+        return []
+    return [
+        SecretReference(
+            f"spec.llm.tools.a2a[{index}].auth.bearerTokenSecret",
+            agent.auth.bearer_token_secret.name,
+            agent.auth.bearer_token_secret.key,
+        )
+        for index, agent in enumerate(policy.tools.a2a)
+        if agent.auth is not None
+    ]
+
+
 def prompt_config_maps(policy: LlmPolicy | None) -> list[ConfigMapReference]:
     """The system prompt's ConfigMap key, when the prompt comes from one."""
     prompt = policy.system_prompt if policy is not None else None
@@ -200,11 +226,25 @@ def prompt_config_maps(policy: LlmPolicy | None) -> list[ConfigMapReference]:
 
 
 def key_env(runtime: LlmRuntime | None) -> list[dict[str, Any]]:
-    """Each provider's API key as an environment variable from its Secret: never a value
-    in the ConfigMap or the Deployment."""
+    """Each provider's API key and each remote A2A agent's bearer token as an environment
+    variable from its Secret: never a value in the ConfigMap or the Deployment."""
     if runtime is None:
         return []
-    return [
+    tokens = {tool.name: tool.token_env for tool in runtime.a2a if tool.token_env}
+    a2a = [
+        {
+            "name": tokens[agent.name],
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": agent.auth.bearer_token_secret.name,
+                    "key": agent.auth.bearer_token_secret.key,
+                }
+            },
+        }
+        for agent in runtime.policy.tools.a2a
+        if agent.auth is not None and agent.name in tokens
+    ]
+    keys = [
         {
             "name": provider.api_key_env,
             "valueFrom": {
@@ -217,6 +257,7 @@ def key_env(runtime: LlmRuntime | None) -> list[dict[str, Any]]:
         for provider in runtime.providers
         if provider.api_key_env is not None and provider.spec.api_key_secret is not None
     ]
+    return keys + a2a
 
 
 def prompt_volume(runtime: LlmRuntime | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -130,6 +130,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             secrets=[
                 *workload.referenced_secrets(spec),
                 *llm_builders.provider_secrets(resolution.runtime),
+                *llm_builders.a2a_secrets(spec.llm),
             ],
             jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
             workload=self.workload(owner.name),

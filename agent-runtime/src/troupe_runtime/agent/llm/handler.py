@@ -363,6 +363,6 @@ def llm_agent(
         config,
         metrics,
         callers or model_router(config, env),
-        toolboxes or toolbox_factory(config),
+        toolboxes or toolbox_factory(config, env=env, metrics=metrics),
         budgets,
     )

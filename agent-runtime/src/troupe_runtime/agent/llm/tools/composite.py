@@ -1,24 +1,28 @@
-"""One ToolBox over all of an agent's tools: functions, Agents, then MCP servers.
+"""One ToolBox over all of an agent's tools: functions, Agents, remote A2A agents, then MCP
+servers.
 
 Tool names are unique across kinds, since the model calls a tool by name alone: two tools
 with one name are a start-up error naming both. An MCP server reached only later that lists
 a taken name has that tool skipped, with an error in the log.
 
-``build_toolbox`` runs once per process (MCP sessions are shared by every message);
-``for_message`` binds the result to the message being answered, which Agent tools need for
-their requests' ids.
+``build_toolbox`` runs once per process (MCP sessions and A2A clients are shared by every
+message); ``for_message`` binds the result to the message being answered, which Agent and
+A2A tools need for their requests' ids. Every call that reaches a tool is counted in
+``troupe_llm_tool_calls`` by kind and outcome.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from troupe_runtime.agent.handlers.threads import HandlerThreads
+from troupe_runtime.agent.llm.tools.a2a import A2aToolBox
 from troupe_runtime.agent.llm.tools.agents import AgentToolBox, Callee
 from troupe_runtime.agent.llm.tools.base import ToolNameClash, error_result
 from troupe_runtime.agent.llm.tools.functions import FunctionToolBox, PythonTool
@@ -27,6 +31,7 @@ from troupe_runtime.agent.llm.types import ToolBox, ToolCall, ToolResult, ToolSp
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.llm import LlmRuntime
+from troupe_runtime.serving.metrics import LlmMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -49,29 +54,45 @@ class CompositeToolBox:
         functions: FunctionToolBox,
         agents: AgentToolBox | None,
         mcp: McpToolBox,
+        a2a: A2aToolBox | None = None,
         *,
         owner: bool = True,
         reported: set[str] | None = None,
+        metrics: LlmMetrics | None = None,
+        agent: str = "",
     ) -> None:
         self._functions = functions
         self._agents = agents
         self._mcp = mcp
+        self._a2a = a2a
         self._owner = owner
         self._reported = set() if reported is None else reported
         """Skipped names already logged, shared with the views ``for_message`` makes."""
+        self._metrics = metrics
+        self._agent = agent
 
     def _kinds(self) -> list[_Kind]:
         kinds: list[_Kind] = [self._functions]
         if self._agents is not None:
             kinds.append(self._agents)
+        if self._a2a is not None:
+            kinds.append(self._a2a)
         kinds.append(self._mcp)
         return kinds
 
     def for_message(self, cause: CloudEvent) -> CompositeToolBox:
         """The same tools, calling Agents on behalf of ``cause``; its ``aclose`` closes nothing."""
         agents = None if self._agents is None else self._agents.bound(cause)
+        a2a = None if self._a2a is None else self._a2a.bound(cause)
         return CompositeToolBox(
-            self._functions, agents, self._mcp, owner=False, reported=self._reported
+            self._functions,
+            agents,
+            self._mcp,
+            a2a,
+            owner=False,
+            reported=self._reported,
+            metrics=self._metrics,
+            agent=self._agent,
         )
 
     async def check_names(self) -> None:
@@ -109,8 +130,18 @@ class CompositeToolBox:
             return error_result(f"{call.name}: arguments must be a JSON object")
         for kind in self._kinds():
             if kind.has(call.name):
-                return await kind.call(call, arguments)
+                try:
+                    result = await kind.call(call, arguments)
+                except Exception:
+                    self._count(kind, "failed")
+                    raise
+                self._count(kind, "error" if result.is_error else "succeeded")
+                return result
         return error_result(f"{call.name!r} is not a tool of this agent")
+
+    def _count(self, kind: _Kind, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.tool_calls.labels(self._agent, _KIND_LABELS[type(kind)], outcome).inc()
 
     async def aclose(self) -> None:
         if self._owner:
@@ -129,7 +160,17 @@ def _label(kind: _Kind) -> str:
         return "a function"
     if isinstance(kind, AgentToolBox):
         return "an Agent"
+    if isinstance(kind, A2aToolBox):
+        return "a remote A2A agent"
     return "an MCP server"
+
+
+_KIND_LABELS: dict[type, str] = {
+    FunctionToolBox: "function",
+    AgentToolBox: "agent",
+    A2aToolBox: "a2a",
+    McpToolBox: "mcp",
+}
 
 
 async def build_toolbox(
@@ -140,13 +181,18 @@ async def build_toolbox(
     js: JetStreamContext | None,
     threads: HandlerThreads | None = None,
     backoff: Backoff = DEFAULT_BACKOFF,
+    env: Mapping[str, str] | None = None,
+    metrics: LlmMetrics | None = None,
 ) -> CompositeToolBox:
-    """The agent's tools, once per process: functions loaded, MCP servers tried once.
+    """The agent's tools, once per process: functions loaded, MCP servers and A2A agents'
+    cards tried once.
 
     Raises ``ValueError`` (``ToolNameClash`` among them) naming what is wrong: a function
-    that cannot be loaded, an Agent with no resolved inbox, two tools with one name. An
-    unreachable MCP server is only a warning. ``nc``/``js`` may be None when the agent
-    calls no Agents. ``threads`` run plain functions (default: ``maxInFlight`` of them).
+    that cannot be loaded, an Agent with no resolved inbox, an A2A token variable unset,
+    two tools with one name. An unreachable MCP server or A2A agent is only a warning.
+    ``nc``/``js`` may be None when the agent calls no Agents. ``threads`` run plain
+    functions (default: ``maxInFlight`` of them). ``env`` holds the A2A tokens (default
+    the process's); ``metrics`` counts the tool calls.
     """
     tools = runtime.policy.tools
     functions = FunctionToolBox(
@@ -166,9 +212,14 @@ async def build_toolbox(
         ]
         agents = AgentToolBox(callees, nc=nc, js=js, config=config)
     mcp = McpToolBox.from_policy(tools.mcp, runtime.mcp, backoff)
-    toolbox = CompositeToolBox(functions, agents, mcp)
+    a2a = None
+    if tools.a2a:
+        a2a = A2aToolBox.from_policy(tools.a2a, runtime.a2a, os.environ if env is None else env)
+    toolbox = CompositeToolBox(functions, agents, mcp, a2a, metrics=metrics, agent=config.agent)
     try:
         await mcp.start()
+        if a2a is not None:
+            await a2a.start()
         await toolbox.check_names()
     except BaseException:
         await toolbox.aclose()
@@ -177,7 +228,11 @@ async def build_toolbox(
 
 
 def toolbox_factory(
-    config: RuntimeConfig, backoff: Backoff = DEFAULT_BACKOFF
+    config: RuntimeConfig,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    *,
+    env: Mapping[str, str] | None = None,
+    metrics: LlmMetrics | None = None,
 ) -> Callable[[NATS, JetStreamContext], Awaitable[CompositeToolBox]]:
     """``build_toolbox`` for ``config.llm``, called with each NATS session the agent binds."""
     runtime = config.llm
@@ -185,6 +240,8 @@ def toolbox_factory(
         raise ValueError("tools need spec.llm (RuntimeConfig.llm)")
 
     async def build(nc: NATS, js: JetStreamContext) -> CompositeToolBox:
-        return await build_toolbox(runtime, config=config, nc=nc, js=js, backoff=backoff)
+        return await build_toolbox(
+            runtime, config=config, nc=nc, js=js, backoff=backoff, env=env, metrics=metrics
+        )
 
     return build
