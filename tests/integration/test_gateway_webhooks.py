@@ -31,6 +31,7 @@ from troupe_gateway.app import build_app
 from troupe_gateway.auth import Caller
 from troupe_gateway.calls import Calls
 from troupe_gateway.directory import Directory
+from troupe_gateway.firing import RateLimiter
 from troupe_gateway.kube import Kube
 from troupe_gateway.services import Services
 from troupe_gateway.settings import Settings
@@ -459,3 +460,27 @@ async def test_the_documented_signing_fires_and_the_example_trigger_is_valid(
         answer = await gateway.hook(HOOK, body, headers)
         assert answer.status_code == 202, answer.text
         assert [e.data for e in await gateway.inbox()] == [json.loads(body)]
+
+
+async def test_the_rate_limit_is_shared_by_replicas(nats_url: str) -> None:
+    namespace = f"limit-{uuid.uuid4().hex[:6]}"
+    trigger = TriggerDefinition.model_validate(
+        {
+            "namespace": namespace,
+            "name": "limited",
+            "uid": "u-1",
+            "spec": webhook(rateLimit={"perMinute": 1, "burst": 2}),
+        }
+    )
+    first, second = await nats.connect(nats_url), await nats.connect(nats_url)
+    try:
+        one, other = RateLimiter(first.jetstream()), RateLimiter(second.jetstream())
+        assert await one.take(trigger) == 0
+        assert await other.take(trigger) == 0
+        assert await one.take(trigger) > 50
+        assert await other.take(trigger) > 50
+        await other.give_back(trigger)
+        assert await one.take(trigger) == 0
+    finally:
+        await first.close()
+        await second.close()

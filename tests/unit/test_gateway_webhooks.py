@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from troupe_gateway.firing import RateLimiter
+from troupe_gateway.firing import RateLimiter, gcra
 from troupe_gateway.relay import NeverFires, fire_of, message_event, trigger_of_stream
 from troupe_gateway.webhooks import (
     HookRefused,
@@ -232,18 +232,47 @@ class Clock:
         return self.now
 
 
-def test_the_rate_limit_lets_a_burst_through_then_one_per_period() -> None:
+def limited(per_minute: int, burst: int) -> TriggerDefinition:
+    return TriggerDefinition.model_validate(
+        {
+            "namespace": "ns",
+            "name": "t",
+            "uid": "u-1",
+            "spec": spec(rateLimit={"perMinute": per_minute, "burst": burst}).model_dump(
+                by_alias=True
+            ),
+        }
+    )
+
+
+async def test_the_rate_limit_lets_a_burst_through_then_one_per_period() -> None:
     clock = Clock()
-    limiter = RateLimiter(clock)
-    limit = TriggerRateLimit(per_minute=6, burst=2)
-    assert limiter.take("u", limit) == 0
-    assert limiter.take("u", limit) == 0
-    wait = limiter.take("u", limit)
-    assert wait == pytest.approx(10.0)
+    limiter = RateLimiter(None, clock)
+    trigger = limited(6, 2)
+    assert await limiter.take(trigger) == 0
+    assert await limiter.take(trigger) == 0
+    assert await limiter.take(trigger) == pytest.approx(10.0)
     clock.now += 10.0
-    assert limiter.take("u", limit) == 0
-    assert limiter.take("u", limit) > 0
-    assert limiter.take("u", None) == 0
-    assert limiter.take("other", limit) == 0
-    limiter.give_back("u", limit)
-    assert limiter.take("u", limit) == 0
+    assert await limiter.take(trigger) == 0
+    assert await limiter.take(trigger) > 0
+    await limiter.give_back(trigger)
+    assert await limiter.take(trigger) == 0
+    unlimited = trigger.model_copy(update={"spec": spec()})
+    assert await limiter.take(unlimited) == 0
+
+
+@given(
+    tat=st.floats(allow_nan=True, allow_infinity=True),
+    per_minute=st.integers(1, 100_000),
+    burst=st.integers(1, 100_000),
+)
+def test_a_gcra_step_on_any_stored_value_waits_at_most_a_burst(
+    tat: float, per_minute: int, burst: int
+) -> None:
+    now = 1_900_000_000.0
+    limit = TriggerRateLimit(per_minute=per_minute, burst=burst)
+    wait, after = gcra(tat, now, limit)
+    interval = 60.0 / per_minute
+    assert 0 <= wait <= burst * interval + 5.0 + 1e-6
+    if wait == 0:
+        assert now < after <= now + burst * interval + 5.0 + interval + 1e-6

@@ -112,7 +112,8 @@ class Directory:
             except Exception:  # a lost bucket or connection: watch it again
                 logger.warning("directory watch of namespace %s ended; reopening", namespace)
             finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):  # the connection may be gone
+                    await watcher.stop()  # type: ignore[no-untyped-call]
             await asyncio.sleep(RETRY_SECONDS)
 
     def _put(self, namespace: str, state: _Namespace, key: str, value: bytes) -> None:
@@ -152,6 +153,9 @@ class Directory:
             )
 
     async def aclose(self) -> None:
-        for state in self._namespaces.values():
-            if state.task is not None:
-                state.task.cancel()
+        tasks = [state.task for state in self._namespaces.values() if state.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -2,8 +2,8 @@
 Trigger's rate limit, its target, the fire itself (a task filed and published by
 ``Calls.submit``) and the fire ledger.
 
-The rate limit is a token bucket per Trigger (its uid) kept in this process: with N gateway
-replicas a Trigger may fire up to N times its ``perMinute`` (docs/gateway.md, "Webhooks").
+The rate limit is a token bucket per Trigger shared by the replicas in the namespace's
+rate-limit bucket (``RateLimiter``), so N replicas together fire at most ``perMinute``.
 The ledger (``triggers.FireLedger`` under the Trigger's name in
 ``naming.trigger_fires_bucket``) is written with a revision check and retried on conflict,
 so replicas and the operator's cron never lose each other's counts.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from pydantic import ValidationError
 from troupe_gateway.calls import CallRefused, Calls
 from troupe_gateway.directory import Directory
 from troupe_runtime.contract import naming
+from troupe_runtime.contract.agent_resources import rate_limit_bucket_config
 from troupe_runtime.contract.gateway import DirectoryEntry, TaskRecord
 from troupe_runtime.contract.triggers import (
     FireLedger,
@@ -47,45 +49,117 @@ logger = logging.getLogger(__name__)
 LEDGER_ATTEMPTS = 20
 """Revision conflicts tolerated before a ledger update is given up (and logged)."""
 MAX_BUCKETS = 4096
-"""Rate-limit buckets kept; the least recently used is forgotten past this."""
+"""Rate-limit buckets kept in process; the least recently used is forgotten past this."""
+CLOCK_SKEW_SECONDS = 5.0
 
 
 def caller_of(trigger: TriggerDefinition) -> str:
     return f"trigger:{trigger.name}"
 
 
+def gcra(tat: float, now: float, limit: TriggerRateLimit) -> tuple[float, float]:
+    """One GCRA step (a token bucket as one number, the theoretical arrival time):
+    ``(wait, new tat)``; ``wait`` 0 means the fire may go and ``new tat`` is to be kept."""
+    interval = 60.0 / limit.per_minute
+    if not math.isfinite(tat) or tat > now + limit.burst * interval + CLOCK_SKEW_SECONDS:
+        tat = now  # junk, or written by no clock near ours
+    start = max(tat, now)
+    allow_at = start - (limit.burst - 1) * interval
+    if now < allow_at:
+        return allow_at - now, tat
+    return 0.0, start + interval
+
+
 class RateLimiter:
-    """A token bucket per Trigger uid, ``burst`` deep, refilled at ``perMinute``."""
+    """A token bucket per Trigger, ``burst`` deep, refilled at ``perMinute``: shared by the
+    replicas in ``naming.rate_limit_bucket`` under ``naming.trigger_limit_key`` (wall-clock
+    GCRA, advanced by compare-and-set), kept in this process when NATS cannot be asked."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, js: JetStreamContext | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._js = js
         self._clock = clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._local: OrderedDict[str, float] = OrderedDict()
+        self._buckets: dict[str, KeyValue] = {}
 
-    def take(self, uid: str, limit: TriggerRateLimit | None) -> float:
+    async def take(self, trigger: TriggerDefinition) -> float:
         """0 when a fire may go now (and counts it), else the seconds until one may."""
+        limit = trigger.spec.rate_limit
         if limit is None:
             return 0.0
-        now = self._clock()
-        rate = limit.per_minute / 60.0
-        tokens, at = self._buckets.get(uid, (float(limit.burst), now))
-        tokens = min(float(limit.burst), tokens + (now - at) * rate)
-        if tokens >= 1.0:
-            self._buckets[uid] = (tokens - 1.0, now)
-            wait = 0.0
-        else:
-            self._buckets[uid] = (tokens, now)
-            wait = (1.0 - tokens) / rate
-        self._buckets.move_to_end(uid)
-        while len(self._buckets) > MAX_BUCKETS:
-            self._buckets.popitem(last=False)
+        if self._js is not None:
+            try:
+                return await self._shared(trigger, limit, take=True)
+            except Exception as error:  # NATS: the limit is kept here meanwhile
+                logger.warning("the shared rate limit is unavailable: %s", type(error).__name__)
+        return self._take_local(trigger.uid, limit)
+
+    async def give_back(self, trigger: TriggerDefinition) -> None:
+        """Return the token of a fire that did not happen after all (best effort)."""
+        limit = trigger.spec.rate_limit
+        if limit is None:
+            return
+        if self._js is not None:
+            with contextlib.suppress(Exception):
+                await self._shared(trigger, limit, take=False)
+                return
+        if trigger.uid in self._local:
+            self._local[trigger.uid] -= 60.0 / limit.per_minute
+
+    def _take_local(self, uid: str, limit: TriggerRateLimit) -> float:
+        wait, tat = gcra(self._local.get(uid, 0.0), self._clock(), limit)
+        if wait == 0:
+            self._local[uid] = tat
+            self._local.move_to_end(uid)
+        while len(self._local) > MAX_BUCKETS:
+            self._local.popitem(last=False)
         return wait
 
-    def give_back(self, uid: str, limit: TriggerRateLimit | None) -> None:
-        """Return the token of a fire that did not happen after all."""
-        if limit is None or uid not in self._buckets:
-            return
-        tokens, at = self._buckets[uid]
-        self._buckets[uid] = (min(float(limit.burst), tokens + 1.0), at)
+    async def _shared(
+        self, trigger: TriggerDefinition, limit: TriggerRateLimit, take: bool
+    ) -> float:
+        kv = await self._bucket(trigger.namespace)
+        key = naming.trigger_limit_key(trigger.name)
+        for _ in range(LEDGER_ATTEMPTS):
+            try:
+                stored = await kv.get(key)
+                revision = stored.revision or 0
+                try:
+                    tat = float(stored.value or b"0")
+                except ValueError:
+                    tat = math.nan
+            except NotFoundError:
+                tat, revision = 0.0, 0
+            now = self._clock()
+            if take:
+                wait, tat = gcra(tat, now, limit)
+                if wait > 0:
+                    return wait
+            else:
+                tat = (tat if math.isfinite(tat) else now) - 60.0 / limit.per_minute
+            try:
+                # Revision 0: only if the key does not exist yet.
+                await kv.update(key, repr(tat).encode(), last=revision)
+                return 0.0
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0)
+        return 1.0  # lost every race: a fire may try again in a second
+
+    async def _bucket(self, namespace: str) -> KeyValue:
+        if (kv := self._buckets.get(namespace)) is not None:
+            return kv
+        assert self._js is not None
+        bucket = naming.rate_limit_bucket(namespace)
+        try:
+            kv = await self._js.key_value(bucket)
+        except BucketNotFoundError:
+            try:
+                kv = await self._js.create_key_value(rate_limit_bucket_config(namespace))
+            except BadRequestError:  # made meanwhile
+                kv = await self._js.key_value(bucket)
+        self._buckets[namespace] = kv
+        return kv
 
 
 class Firing:
@@ -95,7 +169,7 @@ class Firing:
         self._js = js
         self._calls = calls
         self._directory = directory
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(js)
         self._buckets: dict[str, KeyValue] = {}
 
     async def target(self, trigger: TriggerDefinition) -> DirectoryEntry:

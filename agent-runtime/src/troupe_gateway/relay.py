@@ -216,10 +216,15 @@ class Relay:
         try:
             while True:
                 trigger = await self._services.directory.trigger(namespace, name)
-                if trigger is None or trigger.spec.source.subject is None or trigger.spec.suspend:
-                    await asyncio.sleep(IDLE_SECONDS)
-                    continue
                 try:
+                    if (
+                        trigger is None
+                        or trigger.spec.source.subject is None
+                        or trigger.spec.suspend
+                    ):
+                        await js.stream_info(stream)  # gone: this loop ends
+                        await asyncio.sleep(IDLE_SECONDS)
+                        continue
                     if subscription is None:
                         subscription = await js.pull_subscribe_bind(
                             durable=naming.TRIGGER_RELAY_CONSUMER, stream=stream
@@ -242,6 +247,10 @@ class Relay:
                         name,
                         type(error).__name__,
                     )
+                    if subscription is not None:  # bound again, or found gone, next time
+                        with contextlib.suppress(Exception):
+                            await subscription.unsubscribe()
+                        subscription = None
                     await asyncio.sleep(RETRY_SECONDS)
         finally:
             if subscription is not None:
@@ -275,13 +284,13 @@ class Relay:
             raise Later(refused.reason) from None
         if await self._firing.existing(entry, task_id) is not None:
             return  # fired already: a redelivery, or the dedupe key's value again
-        while (wait := self._firing.limiter.take(trigger.uid, trigger.spec.rate_limit)) > 0:
+        while (wait := await self._firing.limiter.take(trigger)) > 0:
             await msg.in_progress()
             await asyncio.sleep(min(wait, IN_PROGRESS_SECONDS))
         try:
             await self._firing.fire(trigger, entry, data, task_id)
         except CallRefused as refused:
-            self._firing.limiter.give_back(trigger.uid, trigger.spec.rate_limit)
+            await self._firing.limiter.give_back(trigger)
             if refused.status >= 500:
                 raise Later(refused.reason) from None
             raise NeverFires(refused.reason) from None

@@ -273,7 +273,7 @@ class Webhooks:
         earlier = await self._firing.existing(entry, task_id)
         if earlier is not None:
             return JSONResponse(self._answer(trigger, earlier) | {"duplicate": True})
-        wait = self._firing.limiter.take(trigger.uid, trigger.spec.rate_limit)
+        wait = await self._firing.limiter.take(trigger)
         if wait > 0:
             reason = f"Trigger {trigger.name} is past its rate limit"
             await self._firing.failed(trigger, reason)
@@ -281,7 +281,7 @@ class Webhooks:
         try:
             record = await self._firing.fire(trigger, entry, data, task_id)
         except CallRefused as refused:
-            self._firing.limiter.give_back(trigger.uid, trigger.spec.rate_limit)
+            await self._firing.limiter.give_back(trigger)
             await self._firing.failed(trigger, refused.reason)
             raise HookRefused(refused.status, refused.reason) from None
         return JSONResponse(self._answer(trigger, record), status_code=202)

@@ -230,6 +230,12 @@ def agent_token_limit_key(agent: str) -> str:
     return f"agent.{_token(agent)}.tpm"
 
 
+def trigger_limit_key(trigger: str) -> str:
+    """The rate-limit bucket key of a Trigger's fires (``spec.rateLimit``), shared by the
+    gateway replicas that fire its webhook and subject messages."""
+    return f"trigger.{_token(trigger)}.fires"
+
+
 # Budgets.
 
 
