@@ -586,7 +586,7 @@ def front_end(services: Services) -> A2aFrontEnd:
 
 def _push_private(services: Services) -> bool:
     """Whether push URLs may reach private addresses (an in-cluster receiver)."""
-    return bool(getattr(services.settings, "push_private_networks", False))
+    return services.settings.push_private_networks
 
 
 def routes(services: Services) -> list[BaseRoute]:

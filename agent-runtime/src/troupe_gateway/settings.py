@@ -27,6 +27,10 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     task_ttl_seconds: float = 7 * 24 * 3600
+    push_private_networks: bool = False
+    """Whether A2A push-notification URLs may name private, loopback or link-local addresses
+    (a receiver inside the cluster). Off: a caller cannot make the gateway post to its own
+    network (SSRF)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,6 +59,9 @@ class Settings:
             tls_cert=cert,
             tls_key=key,
             task_ttl_seconds=_ttl(env.get("TROUPE_GATEWAY_TASK_TTL"), default.task_ttl_seconds),
+            push_private_networks=_flag(
+                env, "TROUPE_GATEWAY_PUSH_PRIVATE_NETWORKS", default.push_private_networks
+            ),
         )
 
 
@@ -63,6 +70,17 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     if urlsplit(value).scheme not in schemes or not urlsplit(value).netloc:
         raise SettingsError(f"{name} must be a URL with scheme {' or '.join(schemes)}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise SettingsError(f"{name} must be true or false")
 
 
 def _port(value: str | None, default: int) -> int:
