@@ -162,7 +162,7 @@ def running_operator(
     cluster: ClusterEndpoints, log: Path, env: dict[str, str] | None = None
 ) -> Iterator[OperatorProcess]:
     """The operator (``env`` added to its environment), with the shipped CRDs installed; on
-    the way out it finalizes the Agents, Workflows and Budgets of the namespaces the tests
+    the way out it finalizes the Agents, Workflows, Budgets and Triggers of the namespaces the tests
     deleted before it stops."""
     install_crds(cluster)
     process = OperatorProcess(cluster, log, env)
@@ -171,10 +171,12 @@ def running_operator(
         yield process
         wait_for(
             lambda: (
-                not cluster.kubectl("get", "agents,workflows,budgets", "-A", "-o", "name").strip()
+                not cluster.kubectl(
+                    "get", "agents,workflows,budgets,triggers", "-A", "-o", "name"
+                ).strip()
             ),
             FINALIZE_DEADLINE,
-            "every Agent, Workflow and Budget to be finalized",
+            "every Agent, Workflow, Budget and Trigger to be finalized",
         )
     finally:
         process.stop()

@@ -37,12 +37,12 @@ Grant = tuple[str, str, str, str]  # API group, resource, verb, resource name ("
 NAMESPACED_GRANTS: set[Grant] = {
     *{
         ("troupe.dev", r, v, "")
-        for r in ("agents", "workflows", "modelproviders", "budgets")
+        for r in ("agents", "workflows", "modelproviders", "budgets", "triggers")
         for v in ("get", "list", "watch", "patch")
     },
     *{
         ("troupe.dev", f"{r}/status", "patch", "")
-        for r in ("agents", "workflows", "modelproviders", "budgets")
+        for r in ("agents", "workflows", "modelproviders", "budgets", "triggers")
     },
     *{
         ("apps", "deployments", v, "")

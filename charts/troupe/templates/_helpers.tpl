@@ -94,10 +94,15 @@ Secrets Agents name, and kopf posts Events.
 */}}
 {{- define "troupe.namespacedRules" -}}
 - apiGroups: ["troupe.dev"]
-  resources: ["agents", "workflows", "modelproviders", "budgets"]
+  resources: ["agents", "workflows", "modelproviders", "budgets", "triggers"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["troupe.dev"]
-  resources: ["agents/status", "workflows/status", "modelproviders/status", "budgets/status"]
+  resources:
+    - "agents/status"
+    - "workflows/status"
+    - "modelproviders/status"
+    - "budgets/status"
+    - "triggers/status"
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]

@@ -41,7 +41,7 @@ from troupe_operator.api import GROUP, VERSION
 from troupe_operator.clients.kube import Kube, new_api_client
 from troupe_operator.clients.nats import NatsPool
 from troupe_operator.diffbase import DigestedDiffBaseStorage
-from troupe_operator.reconcilers import budget, model_provider
+from troupe_operator.reconcilers import budget, cron, model_provider, trigger
 from troupe_operator.reconcilers.agent import AGENT, wake_agents
 from troupe_operator.reconcilers.common import (
     Kind,
@@ -127,10 +127,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     metrics.serve(config.metrics_port, config.bind_address)
     memo.resync = asyncio.create_task(resync_forever(operator))
     memo.budgets = asyncio.create_task(budget.refresh_forever(operator))
+    memo.cron_wake = asyncio.Event()
+    memo.cron = asyncio.create_task(cron.cron_forever(operator, memo.cron_wake))
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for loop in ("resync", "budgets"):
+    for loop in ("resync", "budgets", "cron"):
         task = memo.get(loop)
         if isinstance(task, asyncio.Task):
             task.cancel()
@@ -223,6 +225,44 @@ async def budget_deleted(
             budget.leftovers(namespace, name),
         )
         return
+    logger.info("deleted %s", ", ".join(removed) or "nothing: already gone")
+
+
+async def trigger_changed(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    """A Trigger appeared or changed (or the operator resumed): its definition, stream and
+    status at once, and the cron loop looks again. NATS unreachable retries with backoff."""
+    wake = memo.get("cron_wake")
+    if isinstance(wake, asyncio.Event):
+        wake.set()
+    blocked_by = await trigger.trigger_pass(operator_of(memo), dict(body))
+    if blocked_by is not None:
+        raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+
+async def trigger_deleted(
+    body: kopf.Body, retry: int, logger: kopf.Logger, memo: kopf.Memo, **_: Any
+) -> None:
+    """Remove the Trigger's definition, stream and ledger, retried while NATS cannot be
+    reached until ``finalizer_timeout_seconds`` after the deletion request, then given up
+    with a Warning Event naming what was left: a deletion is never blocked for good."""
+    operator = operator_of(memo)
+    meta = body.metadata
+    namespace, name = str(meta.namespace), str(meta.name)
+    try:
+        removed = await trigger.delete_trigger(operator, namespace, name)
+    except Exception as error:
+        await _retry_or_abandon(
+            operator,
+            trigger.KIND,
+            dict(body),
+            error,
+            retry,
+            logger,
+            trigger.leftovers(namespace, name),
+        )
+        operator.mark_cleaned(str(meta.uid))
+        return
+    operator.mark_cleaned(str(meta.uid))
     logger.info("deleted %s", ", ".join(removed) or "nothing: already gone")
 
 
@@ -362,6 +402,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
         on(registry=registry, id="budget", **budgets)(budget_changed)
     kopf.on.delete(registry=registry, id="delete-budget", **budgets)(budget_deleted)
+    triggers: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": trigger.PLURAL}
+    for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        on(registry=registry, id="trigger", **triggers)(trigger_changed)
+    kopf.on.delete(registry=registry, id="delete-trigger", **triggers)(trigger_deleted)
     kopf.on.event(
         "apps", "v1", "deployments", registry=registry, id="readiness", when=_is_workload
     )(workload_changed)

@@ -106,8 +106,9 @@ class CronSource(WireModel):
     )
     concurrency_policy: Literal["Allow", "Forbid", "Replace"] = Field(
         default="Allow",
-        description="Allow runs to overlap; Forbid skips a fire while the previous run is "
-        "active; Replace cancels it first (Workflow targets). Default Allow.",
+        description="Workflow targets: Allow runs to overlap; Forbid skips a fire while the "
+        "previous fire's run is active; Replace cancels it first. Agent targets always Allow "
+        "(an event sent cannot be recalled). Default Allow.",
     )
     missed_runs: Literal["Skip", "RunOnce"] = Field(
         default="Skip",

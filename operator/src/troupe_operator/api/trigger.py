@@ -3,7 +3,7 @@
 The spec is the runtime contract's own model (``troupe_runtime.contract.triggers``). What
 its validators check and OpenAPI can say (exactly one source) the CRD checks in CEL
 (``TRIGGER_RULES``); a cron expression, a time zone and JMESPath cannot be checked in CEL,
-so the operator reports them in the Ready condition (reason InvalidSpec).
+so the operator reports them in the Stalled and Ready conditions (reason SpecInvalid).
 """
 
 from __future__ import annotations

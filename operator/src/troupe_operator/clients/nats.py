@@ -26,8 +26,15 @@ from typing import TypeVar
 import nats
 from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig
-from nats.js.errors import APIError, NotFoundError
+from nats.js.api import (
+    ConsumerConfig,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from troupe_operator.api.status import AgentUsage, ConsumerCounts
@@ -47,11 +54,15 @@ from troupe_runtime.nats.provision import (
     delete_agent_resources,
     ensure_agent_resources,
     ensure_bucket,
+    ensure_consumer,
+    ensure_stream,
     ensure_workflow_resources,
     refuses_config,
 )
+from troupe_runtime.nats.publish import publish_stored
 
 CONNECT_TIMEOUT_SECONDS = 2
+LEDGER_WRITE_ATTEMPTS = 5
 REQUEST_TIMEOUT_SECONDS = 5.0
 SUBJECTS_OVERLAP = 10065
 """JetStream's error code for a stream whose subjects another stream already stores."""
@@ -392,6 +403,73 @@ async def _forget(js: JetStreamContext, bucket: str, key: str) -> str | None:
     return None
 
 
+async def _key_value(
+    js: JetStreamContext, bucket: str, ttl: float | None, description: str
+) -> KeyValue:
+    """The bucket, created (history 1, file storage) when missing: whoever writes first
+    creates it, and an existing bucket's settings are left as they are."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        config = KeyValueConfig(
+            bucket=bucket, history=1, storage=StorageType.FILE, ttl=ttl, description=description
+        )
+        return await js.create_key_value(config)
+
+
+async def _update_key(
+    js: JetStreamContext,
+    bucket: str,
+    key: str,
+    change: Callable[[bytes | None], bytes | None],
+    description: str,
+) -> bytes | None:
+    """Compare-and-set: ``change`` of the stored value is written only over the revision it
+    was computed from (created when absent); a concurrent writer makes it read again. None
+    from ``change``: nothing to write."""
+    kv = await _key_value(js, bucket, None, description)
+    for _ in range(LEDGER_WRITE_ATTEMPTS):
+        try:
+            entry = await kv.get(key)
+            stored, revision = entry.value or b"", entry.revision
+        except NotFoundError:
+            stored, revision = None, None
+        value = change(stored)
+        if value is None:
+            return stored
+        try:
+            if revision is None:
+                await kv.create(key, value)
+            else:
+                await kv.update(key, value, last=revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return value
+    raise MessagingUnavailable(f"kv/{bucket}/{key} kept changing under the operator")
+
+
+async def _file_task(
+    js: JetStreamContext, bucket: str, key: str, record: bytes, ttl: float, description: str
+) -> bool:
+    """File a task record with KV create; False when one is filed under the key already."""
+    kv = await _key_value(js, bucket, ttl, description)
+    try:
+        await kv.create(key, record)
+    except KeyWrongLastSequenceError:
+        return False
+    return True
+
+
+async def _ensure_subject_stream(
+    js: JetStreamContext, stream: StreamConfig, consumer: ConsumerConfig
+) -> ProvisionReport:
+    assert stream.name is not None
+    report = ProvisionReport()
+    await ensure_stream(js, stream, report)
+    await ensure_consumer(js, stream.name, consumer, report)
+    return report
+
+
 def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=tls.ca.decode())
     if tls.cert and tls.key:
@@ -642,3 +720,58 @@ class NatsPool:
     async def forget(self, target: NatsTarget, bucket: str, key: str) -> str | None:
         """Remove a key no object owns, its purge marker first; what was purged, if a value."""
         return await self._call(target, lambda js: _forget(js, bucket, key))
+
+    async def read_key(self, target: NatsTarget, bucket: str, key: str) -> bytes | None:
+        """The key's value; None when it or the bucket does not exist."""
+        return await self._call(target, lambda js: _stored(js, bucket, key))
+
+    async def update_key(
+        self,
+        target: NatsTarget,
+        bucket: str,
+        key: str,
+        change: Callable[[bytes | None], bytes | None],
+        description: str,
+    ) -> bytes | None:
+        """Write ``change`` of the stored value with a revision check (the bucket created
+        when missing); returns the value now stored."""
+        return await self._call(
+            target, lambda js: _update_key(js, bucket, key, change, description)
+        )
+
+    async def file_task(
+        self,
+        target: NatsTarget,
+        bucket: str,
+        key: str,
+        record: bytes,
+        ttl: float,
+        description: str,
+    ) -> bool:
+        """KV create of a task record; False when the key holds one already."""
+        return await self._call(
+            target, lambda js: _file_task(js, bucket, key, record, ttl, description)
+        )
+
+    async def publish(
+        self, target: NatsTarget, subject: str, headers: dict[str, str], payload: bytes
+    ) -> None:
+        """Publish and wait until a stream stored it (``publish.NoStream`` when none will)."""
+
+        async def send(js: JetStreamContext) -> None:
+            await publish_stored(js, subject, payload, headers)
+
+        await self._call(target, send)
+
+    async def provision_subject_stream(
+        self, target: NatsTarget, stream: StreamConfig, consumer: ConsumerConfig, field: str
+    ) -> ProvisionReport:
+        """Create or update a subject Trigger's stream and relay consumer; a refusal (the
+        subject stored by another stream) raises ``SpecRejected`` naming ``field``."""
+        assert stream.name is not None
+        fields = SpecFields(
+            resources={}, subjects=dict.fromkeys(stream.subjects or [], field), default=field
+        )
+        return await self._provision(
+            target, lambda js: _ensure_subject_stream(js, stream, consumer), fields
+        )

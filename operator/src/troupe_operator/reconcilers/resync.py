@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from troupe_operator.clients.nats import MessagingUnavailable
-from troupe_operator.reconcilers import directory, model_provider
+from troupe_operator.reconcilers import directory, model_provider, trigger
 from troupe_operator.reconcilers.agent import AGENT
 from troupe_operator.reconcilers.common import Kind, Operator, run_pass
 from troupe_operator.reconcilers.workflow import WORKFLOW
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 async def resync_once(operator: Operator) -> None:
-    """One pass over every watched Agent, Workflow and ModelProvider not being deleted (a
+    """One pass over every watched Agent, Workflow, ModelProvider and Trigger not being deleted (a
     ModelProvider's pass probes its endpoint again: that is how a fixed Secret is seen),
     then a sweep of the gateway directory keys of those namespaces that no object owns."""
     semaphore = asyncio.Semaphore(RESYNC_CONCURRENCY)
@@ -52,6 +52,11 @@ async def resync_once(operator: Operator) -> None:
         if "deletionTimestamp" not in meta:
             what = f"{model_provider.PLURAL}/{meta['namespace']}/{meta['name']}"
             passes.append(guarded(model_provider.provider_pass(operator, body), what))
+    for body in await operator.kube.list_watched(trigger.PLURAL, operator.settings.namespaces):
+        meta = body["metadata"]
+        if "deletionTimestamp" not in meta:
+            what = f"{trigger.PLURAL}/{meta['namespace']}/{meta['name']}"
+            passes.append(guarded(trigger.trigger_pass(operator, body), what))
     await asyncio.gather(*passes)
     try:
         await directory.sweep(operator, namespaces)
