@@ -22,6 +22,7 @@ import httpx
 import nats
 import pytest
 import uvicorn
+import yaml
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
@@ -37,6 +38,8 @@ from troupe_gateway.services import Services
 from troupe_gateway.settings import Settings
 
 from tests.integration.runtime_harness import eventually
+from tests.integration.test_examples import load
+from tests.integration.workflow_harness import agents, engine, engine_config, result
 from troupe_devcluster.fixtures import ClusterEndpoints
 from troupe_devcluster.layout import free_port
 from troupe_runtime.contract import envelope, naming
@@ -110,6 +113,7 @@ async def running_gateway(
     kube: Kube | None,
     triggers: Mapping[str, dict[str, Any]],
     before: Any = None,
+    entries: tuple[DirectoryEntry, ...] = (),
 ) -> AsyncIterator[Gateway]:
     """The Agent's inbox, the namespace's directory with the Agent and ``triggers``, then
     the gateway's app on uvicorn (``before(js)`` runs first: the relay's streams)."""
@@ -129,9 +133,11 @@ async def running_gateway(
         subject=naming.inbox_subject(namespace, AGENT, 0),
         ready=True,
     )
-    await directory.put(
-        naming.directory_key("Agent", AGENT), entry.model_dump_json(by_alias=True).encode()
-    )
+    for listed in (entry, *entries):
+        await directory.put(
+            naming.directory_key(listed.kind, listed.name),
+            listed.model_dump_json(by_alias=True).encode(),
+        )
     port = free_port()
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
     gateway = Gateway(namespace, nc, js, directory, http, {})
@@ -484,3 +490,53 @@ async def test_the_rate_limit_is_shared_by_replicas(nats_url: str) -> None:
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_signed_webhook_starts_a_support_triage_run(
+    cluster: ClusterEndpoints, namespace: str, kube: Kube
+) -> None:
+    """The example's Trigger, its helpdesk payload signed as documented, and the example's
+    own Workflow and Agents (in process, on the real engine): the run succeeds."""
+    example = yaml.safe_load(
+        (REPO / "examples" / "support-triage" / "webhook-trigger.yaml").read_text()
+    )
+    secret(cluster, namespace, example["spec"]["source"]["webhook"]["secretRef"]["name"])
+    support = load(REPO / "examples" / "support-triage" / "handlers" / "support.py")
+    steps: list[dict[str, Any]] = [
+        {"name": "classify", "agent": "classifier"},
+        {"name": "respond", "agent": "responder", "dependsOn": ["classify"]},
+    ]
+    config = engine_config(cluster.nats_url, namespace, steps, workflow="triage")
+    workflow = DirectoryEntry(
+        kind="Workflow",
+        namespace=namespace,
+        name="triage",
+        subject=naming.workflow_subject(namespace, "triage", "start"),
+        ready=True,
+    )
+    handlers = {"classifier": support.classify, "responder": support.respond}
+    async with (
+        agents(cluster.nats_url, namespace, handlers),
+        engine(config),
+        running_gateway(
+            cluster.nats_url,
+            namespace,
+            kube,
+            {"helpdesk": example["spec"]},
+            entries=(workflow,),
+        ) as gateway,
+    ):
+        body = b'{"ticket": {"id": "T-1", "body": "The site is down since noon"}}'
+        timestamp = str(int(time.time()))
+        headers = {
+            "Troupe-Timestamp": timestamp,
+            "Troupe-Signature": openssl_signature(timestamp, body),
+            "Content-Type": "application/json",
+        }
+        answer = await gateway.hook("helpdesk", body, headers)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["target"] == {"kind": "Workflow", "name": "triage"}
+        run = await result(gateway.js, config, answer.json()["taskId"])
+        assert run["status"] == "Succeeded", run
+        assert run["output"]["category"] == "outage"
+        assert (await gateway.hook("helpdesk", body, headers)).status_code == 409
