@@ -40,7 +40,7 @@ from troupe_devcluster.scripted_llm import ScriptedLlm
 from troupe_operator.api import ModelProviderSpec
 from troupe_operator.api.common import GROUP, VERSION
 from troupe_runtime.contract import naming
-from troupe_runtime.contract.llm import provider_key_env
+from troupe_runtime.contract.llm import a2a_token_env, provider_key_env
 from troupe_runtime.contract.usage import Usage
 
 DEADLINE = 45.0
@@ -286,6 +286,50 @@ def test_an_agent_waits_for_the_agents_it_calls_and_turns_ready_when_they_appear
     assert tool["inboxSubject"] == naming.inbox_subject(namespace, "helper", 0)
     assert tool["inputSchema"] == schema
     assert tool["description"] == "test agent helper"
+
+
+def test_an_a2a_token_is_read_from_its_secret_never_written_to_the_config_or_the_status(
+    cluster: ClusterEndpoints,
+    namespace: str,
+    scripted_llm: ScriptedLlm,
+    operator: OperatorProcess,
+) -> None:
+    apply(cluster, namespace, provider("remote", scripted_llm.base_url))
+    caller = llm_agent("delegator", "remote")
+    token_ref = {"name": "travel-token", "key": "token"}
+    caller["spec"]["llm"]["tools"] = {
+        "a2a": [
+            {
+                "name": "travel",
+                "url": "https://travel.example/a2a",
+                "auth": {"bearerTokenSecret": token_ref},
+            }
+        ]
+    }
+    apply(cluster, namespace, caller)
+    waiting = ready_with(cluster, namespace, "agent", "delegator", "False", "SecretNotFound")
+    assert (
+        "spec.llm.tools.a2a[0].auth.bearerTokenSecret: Secret travel-token does not exist"
+        in ((condition(waiting) or {})["message"])
+    )
+
+    apply(cluster, namespace, secret("travel-token", "token", KEY))
+    ready = ready_with(cluster, namespace, "agent", "delegator", "True", "Ready")
+
+    config_map = get(cluster, namespace, "configmap", naming.agent_config_map("delegator"))
+    (tool,) = json.loads(config_map["data"]["config.json"])["llm"]["a2a"]
+    assert (tool["name"], tool["url"], tool["tokenEnv"]) == (
+        "travel",
+        "https://travel.example/a2a",
+        a2a_token_env("travel"),
+    )
+    deployment = get(cluster, namespace, "deployment", "delegator")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (token_env,) = [e for e in container["env"] if e["name"] == a2a_token_env("travel")]
+    assert token_env["valueFrom"]["secretKeyRef"] == token_ref
+    for shown in (config_map, deployment, ready, events(cluster, namespace, "delegator")):
+        assert KEY not in json.dumps(shown)
+    assert KEY not in operator.log_tail(100_000)
 
 
 def test_a_model_the_provider_does_not_serve_is_named(

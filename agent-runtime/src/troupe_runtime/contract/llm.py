@@ -93,7 +93,7 @@ class LlmRuntime(WireModel):
     """One per ``policy.tools.mcp`` entry, same order, same names."""
     agents: list[ResolvedTool] = Field(default_factory=list)
     """One per ``policy.tools.agents`` entry, same order; name is the tool's name."""
-    a2a: list[ResolvedTool] = Field(default_factory=list)
+    a2a: list[ResolvedTool] = Field(default_factory=list, alias="a2a")
     """One per ``policy.tools.a2a`` entry, same order, same names: its URL and token env."""
 
     def provider(self, name: str) -> ResolvedProvider | None:

@@ -120,8 +120,10 @@ RUNNING = {pb.TaskState.TASK_STATE_SUBMITTED, pb.TaskState.TASK_STATE_WORKING}
 
 
 def clean(text: str, limit: int) -> str:
-    """Untrusted text for the model: unsafe characters gone, whitespace collapsed, bounded."""
-    return shortened(_SPACE.sub(" ", _UNSAFE.sub(" ", text[: 4 * limit])).strip(), limit)
+    """Untrusted text for the model: unsafe characters gone, whitespace collapsed, bounded
+    (only the first ``4 * limit`` characters are looked at: a huge field costs nothing)."""
+    kept = _SPACE.sub(" ", _UNSAFE.sub(" ", text[: 4 * limit])).strip()
+    return kept if len(kept) <= limit else f"{kept[:limit]}... ({len(text)} characters)"
 
 
 def card_description(policy: A2aAgent, card: pb.AgentCard | None) -> str:
@@ -470,7 +472,7 @@ class A2aToolBox:
     ) -> A2aToolBox:
         """One connection per agent; ``ValueError`` when a token's variable is unset."""
         found = {tool.name: tool for tool in resolved}
-        connections = []
+        planned = []
         for agent in agents:
             tool = found.get(agent.name)
             url = tool.url if tool is not None and tool.url else agent.url
@@ -484,7 +486,8 @@ class A2aToolBox:
                         f"{variable or '(none resolved)'} is unset or empty; the operator "
                         "fills it from the Secret"
                     )
-            connections.append(A2aConnection(agent, url, token))
+            planned.append((agent, url, token))
+        connections = [A2aConnection(agent, url, token) for agent, url, token in planned]
         return cls(connections)
 
     def bound(self, cause: CloudEvent) -> A2aToolBox:
