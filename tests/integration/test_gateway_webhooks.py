@@ -25,7 +25,7 @@ import uvicorn
 import yaml
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from troupe_gateway.app import build_app
@@ -42,6 +42,7 @@ from tests.integration.test_examples import load
 from tests.integration.workflow_harness import agents, engine, engine_config, result
 from troupe_devcluster.fixtures import ClusterEndpoints
 from troupe_devcluster.layout import free_port
+from troupe_operator.builders.trigger import consumer_config, stream_config
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.gateway import DirectoryEntry
@@ -333,15 +334,6 @@ async def test_webhooks_that_cannot_fire_say_why(
         assert len(await gateway.inbox()) == 2
 
 
-def relay_stream_config(namespace: str, trigger: str, subject: str) -> StreamConfig:
-    return StreamConfig(name=naming.trigger_stream(namespace, trigger), subjects=[subject])
-
-
-RELAY_CONSUMER = ConsumerConfig(
-    durable_name=naming.TRIGGER_RELAY_CONSUMER, ack_policy=AckPolicy.EXPLICIT, max_deliver=20
-)
-
-
 async def test_the_relay_fires_matching_cloud_events_once_and_terminates_the_rest(
     nats_url: str,
 ) -> None:
@@ -356,8 +348,9 @@ async def test_the_relay_fires_matching_cloud_events_once_and_terminates_the_res
     }
 
     async def provision(js: JetStreamContext) -> None:
-        await js.add_stream(relay_stream_config(namespace, name, subject))
-        await js.add_consumer(stream, RELAY_CONSUMER)
+        # As the operator provisions them.
+        await js.add_stream(stream_config(namespace, name, subject))
+        await js.add_consumer(stream, consumer_config())
 
     async with running_gateway(nats_url, namespace, None, {name: spec}, provision) as gateway:
         for kind, order in (("order.created", "o-1"), ("order.deleted", "o-2")):

@@ -18,8 +18,8 @@ value, else ``trg-<uid>-<stream sequence>``), ``Calls.submit``, the ledger, the 
   match, the mapping fails, the input is refused) is terminated and counted as a failure
   with the reason: never redelivered.
 - A fire that may go later (the target not in the directory yet, the target's stream
-  missing) is nak'd with a delay; after ``MAX_ATTEMPTS`` deliveries it is terminated and
-  counted as a failure.
+  missing) is nak'd with a delay; its last delivery (``MAX_ATTEMPTS``, or the consumer's
+  ``max_deliver`` when smaller) is terminated and counted as a failure.
 - Past the rate limit the relay waits (telling the server the message is in progress):
   the backlog fires at the limit's pace, nothing is dropped.
 - A message already fired (its task filed) is acked without firing again.
@@ -73,6 +73,14 @@ IN_PROGRESS_SECONDS = 5.0
 (well within any ack wait)."""
 STREAM_PREFIX = "TROUPE_TRG_"
 MAX_STREAM_PAGES = 100
+
+
+def attempts_of(max_deliver: int | None) -> int:
+    """Deliveries a fire that may go later gets: ``MAX_ATTEMPTS``, fewer when the consumer
+    redelivers fewer times (its last one is then terminated and counted, not lost)."""
+    if max_deliver is None or max_deliver <= 0:
+        return MAX_ATTEMPTS
+    return min(MAX_ATTEMPTS, max_deliver)
 
 
 class NeverFires(Exception):
@@ -213,6 +221,7 @@ class Relay:
         stream = naming.trigger_stream(namespace, name)
         js = self._services.js
         subscription = None
+        attempts = MAX_ATTEMPTS
         try:
             while True:
                 trigger = await self._services.directory.trigger(namespace, name)
@@ -226,6 +235,8 @@ class Relay:
                         await asyncio.sleep(IDLE_SECONDS)
                         continue
                     if subscription is None:
+                        info = await js.consumer_info(stream, naming.TRIGGER_RELAY_CONSUMER)
+                        attempts = attempts_of(info.config.max_deliver)
                         subscription = await js.pull_subscribe_bind(
                             durable=naming.TRIGGER_RELAY_CONSUMER, stream=stream
                         )
@@ -234,7 +245,7 @@ class Relay:
                     except (NatsTimeoutError, TimeoutError):
                         continue
                     for msg in messages:
-                        await self.handle(trigger, msg)
+                        await self.handle(trigger, msg, attempts)
                 except NotFoundError:
                     logger.info("the relay stops for Trigger %s/%s: no stream", namespace, name)
                     return
@@ -257,7 +268,9 @@ class Relay:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
 
-    async def handle(self, trigger: TriggerDefinition, msg: Msg) -> None:
+    async def handle(
+        self, trigger: TriggerDefinition, msg: Msg, attempts: int = MAX_ATTEMPTS
+    ) -> None:
         metadata = msg.metadata
         try:
             data, task_id = fire_of(trigger, msg.headers, msg.data or b"", metadata.sequence.stream)
@@ -267,7 +280,7 @@ class Relay:
             await msg.term()
             return
         except Later as later:
-            if metadata.num_delivered >= MAX_ATTEMPTS:
+            if metadata.num_delivered >= attempts:
                 await self._firing.failed(
                     trigger, f"{later.reason} (after {metadata.num_delivered} deliveries)"
                 )
