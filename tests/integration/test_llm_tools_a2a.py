@@ -15,8 +15,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import nats
 import pytest
+import uvicorn
+from nats.js.api import KeyValueConfig, StreamConfig
 from prometheus_client import CollectorRegistry
+from troupe_gateway.app import build_app
+from troupe_gateway.calls import Calls
+from troupe_gateway.directory import Directory
+from troupe_gateway.services import Services
+from troupe_gateway.settings import Settings
 
 from tests.integration.llm_harness import llm_config
 from tests.integration.runtime_harness import (
@@ -28,6 +36,8 @@ from tests.integration.runtime_harness import (
     stored,
     stream_count,
 )
+from tests.integration.test_gateway_a2a_client import Everyone
+from tests.integration.test_gateway_calls import AGENT, answer
 from tests.support.a2a_servers import SLOW_SECONDS, remote_a2a
 from troupe_devcluster.layout import free_port
 from troupe_devcluster.scripted_llm import ScriptedLlm, ScriptedToolCall, Text, ToolCalls
@@ -40,6 +50,7 @@ from troupe_runtime.agent.runtime import Runtime
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.gateway import DirectoryEntry
 from troupe_runtime.contract.llm import LlmRuntime, ResolvedTool, a2a_token_env
 from troupe_runtime.serving.metrics import LlmMetrics
 
@@ -119,6 +130,13 @@ async def test_a_call_is_answered_with_the_final_tasks_artifacts() -> None:
     assert remote.seen.texts == ["hello there", "hello there"]
     [first, second] = remote.seen.message_ids
     assert first == second, "the same message and tool call send the same message id"
+
+
+async def test_an_agent_speaking_http_json_is_called_the_same_way() -> None:
+    async with remote_a2a(binding="HTTP+JSON") as remote, tools_for(remote.base_url) as tools:
+        result = await tools.call(*ask("over rest", data={"k": "v"}))
+    assert remote.agent_card.supported_interfaces[0].protocol_binding == "HTTP+JSON"
+    assert (result.content, result.is_error) == ('OVER REST\n{"k": "v"}', False)
 
 
 async def test_the_card_url_itself_works_as_well_as_the_base_url() -> None:
@@ -248,6 +266,67 @@ async def test_calls_are_counted_by_kind_and_outcome() -> None:
         return metrics.registry.get_sample_value("troupe_llm_tool_calls_total", labels) or 0.0
 
     assert (counted("succeeded"), counted("error")) == (1, 1)
+
+
+# Troupe's own gateway as the remote agent: a Troupe Agent called from another as A2A.
+
+
+async def test_a_troupe_agent_behind_the_gateway_answers_as_a_remote_a2a_tool(
+    nats_url: str,
+) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    ns = f"a2a-{uuid.uuid4().hex[:6]}"
+    await js.add_stream(
+        StreamConfig(
+            name=naming.inbox_stream(ns, AGENT), subjects=[naming.inbox_wildcard(ns, AGENT)]
+        )
+    )
+    await js.add_stream(
+        StreamConfig(name=naming.event_log_stream(ns), subjects=[naming.event_log_subject(ns, ">")])
+    )
+    kv = await js.create_key_value(KeyValueConfig(bucket=naming.directory_bucket(ns)))
+    entry = DirectoryEntry(
+        kind="Agent",
+        namespace=ns,
+        name=AGENT,
+        subject=naming.inbox_subject(ns, AGENT, 0),
+        description="Echoes what it is sent",
+        ready=True,
+    )
+    await kv.put(
+        naming.directory_key("Agent", AGENT), entry.model_dump_json(by_alias=True).encode()
+    )
+    services = Services(
+        nc=nc,
+        js=js,
+        calls=Calls(nc, js, 3600),
+        directory=Directory(js),
+        authorizer=Everyone(),
+        kube=None,  # type: ignore[arg-type]  # the stand-in auth needs no Kubernetes
+        settings=Settings(),
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(services), host="127.0.0.1", port=port, log_level="warning")
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started or serving.done(), "the gateway to start")
+        assert not serving.done(), "the gateway stopped"
+        base = f"http://127.0.0.1:{port}/a2a/{ns}/agents/{AGENT}"
+        async with tools_for(base, token=True) as tools:
+            [spec] = await tools.specs()
+            agent = asyncio.create_task(answer(nc, entry, 1))
+            result = await tools.call(*ask("hello gateway"))
+            await agent
+    finally:
+        server.should_exit = True
+        await serving
+        await nc.close()
+    assert "Echoes what it is sent" in spec.description
+    assert not result.is_error, result.content
+    assert json.loads(result.content) == {"echo": "hello gateway"}
 
 
 # The whole LLM agent: the real runtime, the real tools, the scripted model.

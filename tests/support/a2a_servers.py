@@ -34,6 +34,7 @@ from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.routes.agent_card_routes import create_agent_card_routes
 from a2a.server.routes.jsonrpc_routes import create_jsonrpc_routes
+from a2a.server.routes.rest_routes import create_rest_routes
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import a2a_pb2 as pb
 from starlette.applications import Starlette
@@ -95,14 +96,15 @@ class Upper(AgentExecutor):
         return None
 
 
-def card(base: str, interface_url: str | None = None) -> pb.AgentCard:
+def card(base: str, interface_url: str | None = None, binding: str = "JSONRPC") -> pb.AgentCard:
+    default = f"{base}/rest" if binding == "HTTP+JSON" else f"{base}/"
     return pb.AgentCard(
         name="Upper",
         description="Upper-cases what it is sent.",
         version="1.0.0",
         supported_interfaces=[
             pb.AgentInterface(
-                url=interface_url or f"{base}/", protocol_binding="JSONRPC", protocol_version="1.0"
+                url=interface_url or default, protocol_binding=binding, protocol_version="1.0"
             )
         ],
         capabilities=pb.AgentCapabilities(streaming=False),
@@ -147,6 +149,7 @@ def app_of(seen: Seen, agent_card: pb.AgentCard, token: str | None) -> Starlette
         routes=[
             Route("/broken", broken, methods=["POST"]),
             *create_agent_card_routes(agent_card),
+            *create_rest_routes(handler, path_prefix="/rest"),
             *create_jsonrpc_routes(handler, "/"),
         ]
     )
@@ -156,14 +159,17 @@ def app_of(seen: Seen, agent_card: pb.AgentCard, token: str | None) -> Starlette
 
 @asynccontextmanager
 async def remote_a2a(
-    token: str | None = None, interface_url: str | None = None, port: int | None = None
+    token: str | None = None,
+    interface_url: str | None = None,
+    port: int | None = None,
+    binding: str = "JSONRPC",
 ) -> AsyncIterator[RemoteA2a]:
     """The remote agent on a free loopback port (or ``port``), until the block ends; fails
     (never skips) when uvicorn does not start."""
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     seen = Seen()
-    agent_card = card(base, interface_url.format(base=base) if interface_url else None)
+    agent_card = card(base, interface_url.format(base=base) if interface_url else None, binding)
     server = uvicorn.Server(
         uvicorn.Config(
             app_of(seen, agent_card, token), host="127.0.0.1", port=port, log_level="warning"
