@@ -146,6 +146,20 @@ async def running_gateway(
         await gateway.define(name, spec)
     if before is not None:
         await before(js)
+    try:
+        async with serving_app(nc, js, kube, port):
+            yield gateway
+    finally:
+        await http.aclose()
+        await nc.close()
+
+
+@asynccontextmanager
+async def serving_app(
+    nc: Client, js: JetStreamContext, kube: Kube | None, port: int
+) -> AsyncIterator[None]:
+    """The gateway's app on uvicorn at 127.0.0.1:``port`` (auth lets everyone in: webhooks
+    need none), its relay running."""
     services = Services(
         nc=nc,
         js=js,
@@ -165,13 +179,11 @@ async def running_gateway(
             assert asyncio.get_running_loop().time() < deadline, "uvicorn did not start"
             assert not serving.done(), "uvicorn stopped"
             await asyncio.sleep(0.05)
-        yield gateway
+        yield
     finally:
         server.should_exit = True
         await serving
-        await http.aclose()
         await services.directory.aclose()
-        await nc.close()
 
 
 @pytest.fixture
