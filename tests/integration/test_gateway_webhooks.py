@@ -257,6 +257,12 @@ async def test_a_signed_webhook_fires_once_and_a_replay_or_a_bad_signature_fires
         ledger = await gateway.ledger(HOOK)
         assert (ledger.fires, ledger.failures, ledger.last_task_id) == (1, 0, task["taskId"])
 
+        metrics = (await gateway.http.get("/metrics")).text
+        assert (
+            'troupe_gateway_trigger_deliveries_total{outcome="fired",source="webhook"}' in metrics
+        )
+        assert 'troupe_gateway_trigger_deliveries_total{outcome="409",source="webhook"}' in metrics
+
         again = json.dumps({"order": {"id": "o-2", "total": 3}}).encode()
         assert (await gateway.hook(HOOK, again, signed(again))).status_code == 202
         assert len(await gateway.inbox()) == 2

@@ -29,6 +29,7 @@ from nats.js.errors import (
     NotFoundError,
 )
 from nats.js.kv import KeyValue
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from troupe_gateway.calls import CallRefused, Calls
@@ -51,6 +52,15 @@ LEDGER_ATTEMPTS = 20
 MAX_BUCKETS = 4096
 """Rate-limit buckets kept in process; the least recently used is forgotten past this."""
 CLOCK_SKEW_SECONDS = 5.0
+
+
+DELIVERIES = Counter(
+    "troupe_gateway_trigger_deliveries",
+    "Webhook requests and captured subject messages by what became of them: fired, "
+    "duplicate (fired before), the HTTP status a webhook was refused with, or never "
+    "(terminated) and later (retried) for the relay",
+    ["source", "outcome"],
+)
 
 
 def caller_of(trigger: TriggerDefinition) -> str:

@@ -43,7 +43,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 
 from troupe_gateway.calls import CallRefused
-from troupe_gateway.firing import Firing
+from troupe_gateway.firing import DELIVERIES, Firing
 from troupe_gateway.kube import is_dns_label
 from troupe_gateway.services import Services
 from troupe_runtime.contract import envelope, naming
@@ -276,16 +276,19 @@ class Relay:
             data, task_id = fire_of(trigger, msg.headers, msg.data or b"", metadata.sequence.stream)
             await self._fire(trigger, msg, data, task_id)
         except NeverFires as error:
+            DELIVERIES.labels("subject", "never").inc()
             await self._firing.failed(trigger, str(error))
             await msg.term()
             return
         except Later as later:
             if metadata.num_delivered >= attempts:
+                DELIVERIES.labels("subject", "never").inc()
                 await self._firing.failed(
                     trigger, f"{later.reason} (after {metadata.num_delivered} deliveries)"
                 )
                 await msg.term()
             else:
+                DELIVERIES.labels("subject", "later").inc()
                 await msg.nak(delay=later.delay)
             return
         await msg.ack()
@@ -296,12 +299,14 @@ class Relay:
         except CallRefused as refused:
             raise Later(refused.reason) from None
         if await self._firing.existing(entry, task_id) is not None:
+            DELIVERIES.labels("subject", "duplicate").inc()
             return  # fired already: a redelivery, or the dedupe key's value again
         while (wait := await self._firing.limiter.take(trigger)) > 0:
             await msg.in_progress()
             await asyncio.sleep(min(wait, IN_PROGRESS_SECONDS))
         try:
             await self._firing.fire(trigger, entry, data, task_id)
+            DELIVERIES.labels("subject", "fired").inc()
         except CallRefused as refused:
             await self._firing.limiter.give_back(trigger)
             if refused.status >= 500:

@@ -42,7 +42,7 @@ from starlette.routing import BaseRoute, Route
 
 from troupe_gateway.auth import TtlCache
 from troupe_gateway.calls import CallRefused
-from troupe_gateway.firing import Firing
+from troupe_gateway.firing import DELIVERIES, Firing
 from troupe_gateway.kube import KubeUnavailable, is_dns_label
 from troupe_gateway.services import Services
 from troupe_runtime.contract import naming
@@ -301,12 +301,15 @@ def routes(services: Services) -> list[BaseRoute]:
 
     async def hook(request: Request) -> Response:
         try:
-            return await hooks.handle(request)
+            answer = await hooks.handle(request)
         except HookRefused as refused:
+            DELIVERIES.labels("webhook", str(refused.status)).inc()
             return JSONResponse(
                 {"error": refused.reason, "reason": refused.reason},
                 status_code=refused.status,
                 headers=refused.headers or None,
             )
+        DELIVERIES.labels("webhook", "fired" if answer.status_code == 202 else "duplicate").inc()
+        return answer
 
     return [Route("/hooks/{namespace}/{trigger}", hook, methods=["POST"])]
