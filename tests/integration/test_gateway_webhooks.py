@@ -551,3 +551,23 @@ async def test_a_signed_webhook_starts_a_support_triage_run(
         assert run["status"] == "Succeeded", run
         assert run["output"]["category"] == "outage"
         assert (await gateway.hook("helpdesk", body, headers)).status_code == 409
+
+
+async def test_the_seen_bucket_keeps_a_signature_twice_the_longest_replay_window(
+    cluster: ClusterEndpoints, namespace: str, kube: Kube
+) -> None:
+    secret(cluster, namespace)
+    long = webhook()
+    long["source"]["webhook"]["replayWindow"] = "1h"
+    triggers = {"short": webhook(), "long": long}
+    async with running_gateway(cluster.nats_url, namespace, kube, triggers) as gateway:
+        stream = naming.kv_stream(naming.webhook_seen_bucket(namespace))
+        body = b'{"n": 1}'
+        assert (await gateway.hook("short", body, signed(body))).status_code == 202
+        assert (await gateway.js.stream_info(stream)).config.max_age == 600
+        other = b'{"n": 2}'
+        # An hour-old timestamp is fresh for a one-hour window.
+        old = signed(other, at=time.time() - 3500)
+        assert (await gateway.hook("long", other, old)).status_code == 202
+        assert (await gateway.js.stream_info(stream)).config.max_age == 7200
+        assert (await gateway.hook("long", other, old)).status_code == 409
