@@ -22,7 +22,7 @@ eval "$("$venv/python" -m troupe_devcluster up)"
 export KUBECONFIG NATS_URL
 kubectl get nodes
 
-step "Troupe operator, installed with its Helm chart"
+step "Troupe operator and gateway, installed with its Helm chart"
 "$helm" upgrade --install troupe charts/troupe --namespace troupe-system --create-namespace \
   --set nats.url="$NATS_URL" --wait --timeout 3m
 kubectl -n troupe-system get pods -o wide
@@ -66,7 +66,7 @@ troupe send analyst -n "$namespace" --stream --data '{"topic": "kubernetes", "fa
   "Custom resources extend the API (k8s-docs)",
   "Pod Security admission enforces profiles per namespace (k8s-docs)"]}'
 
-# The gateway is installed with gateway.enabled (off by default for now).
+# The gateway comes with the chart (gateway.enabled, on by default; skipped when disabled).
 gateway="http://<a gateway pod IP>:8080"
 if kubectl get deployment -n troupe-system troupe-gateway >/dev/null 2>&1; then
 step "Call the analyst through the gateway: plain HTTP with a ServiceAccount token RBAC allows"

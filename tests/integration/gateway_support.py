@@ -19,10 +19,15 @@ from typing import Any
 import yaml
 
 from tests.chart_support import one, render
+from tests.integration.gateway_handlers import GATE_ENV, NAME_ENV
+from tests.integration.operator_support import API_VERSION, REPO
 from troupe_devcluster import processes
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_devcluster.layout import free_port
 
+SCHEMA = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}
+MAX_IN_FLIGHT = 10
+"""Messages a test Agent handles at once: gated calls wait in the handler, all in flight."""
 START_DEADLINE = 30.0
 STOP_DEADLINE = 10.0
 INVOKER_ROLE = "troupe-invoker"
@@ -131,8 +136,21 @@ def invoker_role() -> dict[str, Any]:
     return one(render({"gateway": {"enabled": True}}), "ClusterRole", INVOKER_ROLE)
 
 
-def install_invoker_role(cluster: ClusterEndpoints) -> None:
-    cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(invoker_role()))
+@contextmanager
+def invoker_role_installed(cluster: ClusterEndpoints) -> Iterator[None]:
+    """The chart's ``troupe-invoker``, unless a release installed it already; removed again
+    when made here (a later ``helm install`` in the session would refuse one it does not
+    own)."""
+    present = cluster.kubectl(
+        "get", "clusterrole", INVOKER_ROLE, "--ignore-not-found", "-o", "name"
+    )
+    if not present.strip():
+        cluster.kubectl("create", "-f", "-", stdin=yaml.safe_dump(invoker_role()))
+    try:
+        yield
+    finally:
+        if not present.strip():
+            cluster.kubectl("delete", "clusterrole", INVOKER_ROLE, "--ignore-not-found")
 
 
 def _create(cluster: ClusterEndpoints, namespace: str, *objects: dict[str, Any]) -> None:
@@ -194,3 +212,29 @@ def grant_invoke_on(
             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
         },
     )
+
+
+def handled_agent(name: str, handler: str, gate: Path | None = None) -> dict[str, Any]:
+    """A running Agent (the real runtime on the process node) whose handler is
+    ``gateway_handlers.<handler>``, with the input contract ``SCHEMA``."""
+    env = [{"name": "PYTHONPATH", "value": str(REPO)}, {"name": NAME_ENV, "value": name}]
+    if gate is not None:
+        env.append({"name": GATE_ENV, "value": str(gate)})
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {
+            "role": f"Echoes the text it is given ({name})",
+            "contract": {"inputSchema": SCHEMA},
+            # Gated calls wait in the handler: every call in flight at once.
+            "messaging": {"maxInFlight": MAX_IN_FLIGHT},
+            "runtime": {
+                "handler": {
+                    "type": "python",
+                    "entrypoint": f"tests.integration.gateway_handlers:{handler}",
+                },
+                "env": env,
+            },
+        },
+    }

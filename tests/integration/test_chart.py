@@ -126,6 +126,8 @@ def test_default_rendering_is_accepted_by_the_api_server(
 ) -> None:
     output = server_dry_run(cluster, render_text(None, namespace))
     assert f"deployment.apps/{OPERATOR} created (server dry run)" in output
+    assert f"deployment.apps/{GATEWAY} created (server dry run)" in output
+    assert "clusterrole.rbac.authorization.k8s.io/troupe-invoker created (server dry run)" in output
     assert f"role.rbac.authorization.k8s.io/{OPERATOR}-election created (server dry run)" in output
 
 
@@ -203,3 +205,4 @@ def test_plain_bundle_applies_like_the_chart(cluster: ClusterEndpoints) -> None:
         cluster.kubectl("delete", namespace, f"--timeout={NAMESPACE_GONE_SECONDS}s")
     assert f"deployment.apps/{OPERATOR}" in output
     assert f"rolebinding.rbac.authorization.k8s.io/{OPERATOR}-election" in output
+    assert f"deployment.apps/{GATEWAY}" in output

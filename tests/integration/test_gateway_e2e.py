@@ -30,17 +30,16 @@ from mcp import Client as McpClient
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from tests.integration.gateway_handlers import GATE_ENV, NAME_ENV
 from tests.integration.gateway_support import (
+    SCHEMA,
     GatewayProcess,
     bind_invoker,
-    install_invoker_role,
+    handled_agent,
+    invoker_role_installed,
     running_gateway,
     service_account_token,
 )
 from tests.integration.operator_support import (
-    API_VERSION,
-    REPO,
     OperatorProcess,
     apply,
     explained,
@@ -52,33 +51,8 @@ from troupe_devcluster.kube import core_v1
 from troupe_runtime.contract import naming
 
 DEADLINE = 60.0
-SCHEMA = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}
 IN_FLIGHT = 3
 """Blocking calls to each of the gated Agent and Workflow when the gateway is killed."""
-
-
-def _agent(name: str, handler: str, gate: Path | None = None) -> dict[str, Any]:
-    env = [{"name": "PYTHONPATH", "value": str(REPO)}, {"name": NAME_ENV, "value": name}]
-    if gate is not None:
-        env.append({"name": GATE_ENV, "value": str(gate)})
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Agent",
-        "metadata": {"name": name},
-        "spec": {
-            "role": f"Echoes the text it is given ({name})",
-            "contract": {"inputSchema": SCHEMA},
-            # Gated calls wait in the handler: every call in flight at once.
-            "messaging": {"maxInFlight": 2 * IN_FLIGHT + 2},
-            "runtime": {
-                "handler": {
-                    "type": "python",
-                    "entrypoint": f"tests.integration.gateway_handlers:{handler}",
-                },
-                "env": env,
-            },
-        },
-    }
 
 
 @dataclass(frozen=True)
@@ -119,11 +93,10 @@ def deployed(
     namespace = create_namespace(api_client)
     held_gate, slow_gate = directory / "held.gate", directory / "slow.gate"
     try:
-        with explained(cluster, namespace, operator):
-            install_invoker_role(cluster)
-            apply(cluster, namespace, _agent("echo", "echo"))
-            apply(cluster, namespace, _agent("held", "gated", held_gate))
-            apply(cluster, namespace, _agent("slow", "gated", slow_gate))
+        with explained(cluster, namespace, operator), invoker_role_installed(cluster):
+            apply(cluster, namespace, handled_agent("echo", "echo"))
+            apply(cluster, namespace, handled_agent("held", "gated", held_gate))
+            apply(cluster, namespace, handled_agent("slow", "gated", slow_gate))
             apply(cluster, namespace, workflow("relay", [{"name": "one", "agentRef": "echo"}]))
             apply(cluster, namespace, workflow("hold", [{"name": "wait", "agentRef": "held"}]))
             apply(cluster, namespace, workflow("slowflow", [{"name": "go", "agentRef": "slow"}]))
@@ -211,7 +184,7 @@ BINDINGS = [TransportProtocol.JSONRPC.value, TransportProtocol.HTTP_JSON.value]
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
-async def test_an_a2a_client_discovers_sends_gets_and_lists_an_agent(
+async def test_an_a2a_client_discovers_sends_gets_and_lists_anhandled_agent(
     deployed: Deployed, http: httpx.AsyncClient, binding: str
 ) -> None:
     base = deployed.a2a_base("agents", "echo")

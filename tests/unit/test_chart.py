@@ -443,8 +443,12 @@ def test_troupe_invoker_grants_invoke_on_agents_and_workflows_to_whoever_it_is_b
     ], "users bind it"
 
 
-def test_the_gateway_is_off_by_default_until_it_serves() -> None:
-    objects = render()
-    names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+def test_the_gateway_is_on_by_default_and_off_when_disabled() -> None:
+    names = {(obj["kind"], obj["metadata"]["name"]) for obj in render()}
+    assert {("Deployment", GATEWAY), ("Service", GATEWAY), ("ClusterRole", "troupe-invoker")} <= (
+        names
+    )
+    disabled = render({"gateway": {"enabled": False}})
+    names = {(obj["kind"], obj["metadata"]["name"]) for obj in disabled}
     assert not {name for _, name in names if "gateway" in name or name == "troupe-invoker"}
     assert ("Deployment", OPERATOR) in names
