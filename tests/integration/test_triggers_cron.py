@@ -4,7 +4,8 @@ counts the fires; suspend stops them; a missing target is waited for, not stalle
 API server admits but the models refuse (a cron expression, a time zone, JMESPath) is
 Stalled naming the field; the definition the gateway reads is filed and removed with the
 Trigger; a subject Trigger's stream and relay consumer come and go with it; an idle pass
-writes nothing; a RunOnce window missed while the operator was down fires once on restart."""
+writes nothing; a Workflow target's Forbid skips while the last run is active, and Replace
+cancels it."""
 
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ from tests.integration.operator_support import (
     get,
     jetstream,
     stream_config,
+    wait_ready,
+    workflow,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_runtime.contract import naming, triggers
 from troupe_runtime.contract.gateway import TaskRecord
+from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.triggers import FireLedger, TriggerDefinition
 
 DEADLINE = 45.0
@@ -335,3 +339,86 @@ def test_an_idle_pass_writes_nothing(
     later = get(cluster, watched, "trigger", "idle")
     assert later["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
     assert _revision(cluster.nats_url, bucket, key) == stored
+
+
+def _run(nats_url: str, namespace: str, workflow_name: str, run_id: str) -> RunState | None:
+    stored = _kv_get(nats_url, naming.workflow_runs_bucket(namespace, workflow_name), run_id)
+    return None if stored is None else RunState.model_validate_json(stored)
+
+
+def _waiting_workflow(cluster: ClusterEndpoints, namespace: str) -> None:
+    """A Workflow whose one step goes to an Agent on kwok: its runs wait for good."""
+    apply(cluster, namespace, agent("slow"))
+    apply(cluster, namespace, workflow("wf", [{"name": "only", "agentRef": "slow"}]))
+    wait_ready(cluster, namespace, "workflow", "wf")
+
+
+def _workflow_trigger(policy: str) -> dict[str, Any]:
+    manifest = trigger(
+        "tick", {"cron": {"schedule": EVERY_TWO_SECONDS, "concurrencyPolicy": policy}}, "wf"
+    )
+    manifest["spec"]["target"]["kind"] = "Workflow"
+    return manifest
+
+
+def test_forbid_skips_the_fires_while_the_last_run_is_active(
+    cluster: ClusterEndpoints, watched: str
+) -> None:
+    _waiting_workflow(cluster, watched)
+    apply(cluster, watched, _workflow_trigger("Forbid"))
+    first = wait_for(
+        lambda: (found := _ledger(cluster.nats_url, watched, "tick")) and found.fires and found,
+        DEADLINE,
+        "the first fire",
+    )
+    assert first.last_task_id is not None
+    assert first.last_scheduled_time is not None
+    wait_for(
+        lambda: (run := _run(cluster.nats_url, watched, "wf", first.last_task_id or "")) and run,
+        DEADLINE,
+        "the first fire's run",
+    )
+    handled = first.last_scheduled_time + timedelta(seconds=6)
+
+    # Three windows later, each handled and skipped: the run still waits for its Agent.
+    later = wait_for(
+        lambda: (
+            (found := _ledger(cluster.nats_url, watched, "tick"))
+            and (found.last_scheduled_time or handled) > handled
+            and found
+        ),
+        DEADLINE,
+        "three more windows handled",
+    )
+    assert (later.fires, later.last_task_id) == (1, first.last_task_id)
+    run = _run(cluster.nats_url, watched, "wf", first.last_task_id)
+    assert run is not None
+    assert run.status == "Running"
+
+
+def test_replace_cancels_the_last_run_before_it_fires(
+    cluster: ClusterEndpoints, watched: str
+) -> None:
+    _waiting_workflow(cluster, watched)
+    apply(cluster, watched, _workflow_trigger("Replace"))
+    first = wait_for(
+        lambda: (found := _ledger(cluster.nats_url, watched, "tick")) and found.fires and found,
+        DEADLINE,
+        "the first fire",
+    )
+    assert first.last_task_id is not None
+
+    cancelled = wait_for(
+        lambda: (
+            (run := _run(cluster.nats_url, watched, "wf", first.last_task_id or ""))
+            and run.status == "Cancelled"
+            and run
+        ),
+        DEADLINE,
+        "the first run cancelled by the next fire",
+    )
+
+    assert cancelled.run_id == first.last_task_id
+    ledger = _ledger(cluster.nats_url, watched, "tick")
+    assert ledger is not None
+    assert ledger.fires >= 2

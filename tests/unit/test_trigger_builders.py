@@ -289,3 +289,11 @@ def test_a_window_handled_is_never_planned_again(offset: int, schedule: str) -> 
         return
     assert all(w <= plan.handled for w in plan.fire)
     assert builders.cron_plan(cron, plan.handled, NOW).idle
+
+
+def test_a_run_not_projected_yet_is_pending_only_shortly_after_its_fire() -> None:
+    fired = FireLedger(fires=1, last_fire_time=NOW, last_task_id="trg-u-1")
+
+    assert builders.pending(fired, NOW + timedelta(seconds=5))
+    assert not builders.pending(fired, NOW + builders.PENDING_GRACE + timedelta(seconds=1))
+    assert not builders.pending(FireLedger(), NOW)

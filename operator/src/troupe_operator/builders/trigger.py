@@ -63,6 +63,8 @@ STREAM_MAX_BYTES = 256 * 1024 * 1024
 RELAY_MAX_DELIVER = 5
 RELAY_ACK_WAIT_SECONDS = 30.0
 RELAY_MAX_ACK_PENDING = 1000
+PENDING_GRACE = timedelta(minutes=5)
+"""How long a fired run the engine has not projected yet counts as active (Forbid, Replace)."""
 ON_TIME = timedelta(seconds=10)
 """A due cron window this close to now is on time; an older one was missed (a pause)."""
 
@@ -304,6 +306,11 @@ def concurrency_action(
     if not last_active:
         return "fire"
     return "skip" if cron.concurrency_policy == "Forbid" else "replace"
+
+
+def pending(ledger: FireLedger, now: datetime) -> bool:
+    """Whether the last fire is recent enough that a run not projected yet is on its way."""
+    return ledger.last_fire_time is not None and now - ledger.last_fire_time <= PENDING_GRACE
 
 
 def skipped(ledger: FireLedger, handled: datetime) -> FireLedger:

@@ -33,7 +33,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    BucketNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -414,7 +420,10 @@ async def _key_value(
         config = KeyValueConfig(
             bucket=bucket, history=1, storage=StorageType.FILE, ttl=ttl, description=description
         )
-        return await js.create_key_value(config)
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError:  # made meanwhile by a gateway replica
+            return await js.key_value(bucket)
 
 
 async def _update_key(

@@ -76,12 +76,17 @@ def _cron_spec(body: Mapping[str, Any]) -> TriggerSpec | None:
     return spec if spec.source.cron is not None and not spec.suspend else None
 
 
-async def _last_run_active(operator: Operator, namespace: str, workflow: str, run: str) -> bool:
+async def _last_run_active(
+    operator: Operator, namespace: str, workflow: str, ledger: FireLedger, run: str
+) -> bool:
+    """Whether the last fire's run is unfinished. A run the engine has not projected yet
+    (its start waits in the stream) counts as active for ``builders.PENDING_GRACE`` after
+    the fire; past that, a run that is nowhere (expired) holds nothing back."""
     stored = await operator.nats.read_key(
         target(operator), naming.workflow_runs_bucket(namespace, workflow), run
     )
     if stored is None:
-        return False
+        return builders.pending(ledger, datetime.now(UTC))
     try:
         return not RunState.model_validate_json(stored).terminal
     except (ValidationError, ValueError):
@@ -129,8 +134,13 @@ async def _fire(
         return Outcome("failed", str(error))
     last = ledger.last_task_id if ledger else None
     active = False
-    if kind == "Workflow" and last is not None and cron.concurrency_policy != "Allow":
-        active = await _last_run_active(operator, namespace, wanted, last)
+    if (
+        kind == "Workflow"
+        and ledger is not None
+        and last is not None
+        and cron.concurrency_policy != "Allow"
+    ):
+        active = await _last_run_active(operator, namespace, wanted, ledger, last)
     action = builders.concurrency_action(cron, kind, last, active)
     if action == "skip":
         return Outcome("skipped", f"run {last} is still active (Forbid)")
@@ -216,7 +226,7 @@ async def fire_due(operator: Operator, body: Mapping[str, Any]) -> bool:
             naming.trigger_fires_bucket(namespace),
             name,
             lambda stored: _recorded(stored, outcomes, handled),
-            f"Trigger fire ledgers in namespace {namespace}",
+            f"The fire ledgers of the Triggers of namespace {namespace}",
         )
     recorded = any(o.what != "skipped" for _, o in outcomes)
     if recorded:
