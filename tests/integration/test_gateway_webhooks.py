@@ -34,6 +34,7 @@ from troupe_gateway.calls import Calls
 from troupe_gateway.directory import Directory
 from troupe_gateway.firing import RateLimiter
 from troupe_gateway.kube import Kube
+from troupe_gateway.relay import Relay
 from troupe_gateway.services import Services
 from troupe_gateway.settings import Settings
 
@@ -571,3 +572,77 @@ async def test_the_seen_bucket_keeps_a_signature_twice_the_longest_replay_window
         assert (await gateway.hook("long", other, old)).status_code == 202
         assert (await gateway.js.stream_info(stream)).config.max_age == 7200
         assert (await gateway.hook("long", other, old)).status_code == 409
+
+
+async def test_a_message_redelivered_after_its_fire_fires_once(nats_url: str) -> None:
+    """A replica that fired and died before its ack: the message comes back, and the fire
+    (its task filed under trg-<uid>-<sequence>) is not sent again."""
+    namespace = f"redo-{uuid.uuid4().hex[:6]}"
+    subject = f"shop.{namespace}.orders"
+    name = "orders"
+    stream = naming.trigger_stream(namespace, name)
+    spec = {
+        "target": {"kind": "Agent", "name": AGENT},
+        "source": {"subject": {"subject": subject}},
+    }
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(
+            StreamConfig(
+                name=naming.inbox_stream(namespace, AGENT),
+                subjects=[naming.inbox_wildcard(namespace, AGENT)],
+            )
+        )
+        await js.add_stream(stream_config(namespace, name, subject))
+        await js.add_consumer(stream, consumer_config())
+        kv = await js.create_key_value(KeyValueConfig(bucket=naming.directory_bucket(namespace)))
+        entry = DirectoryEntry(
+            kind="Agent",
+            namespace=namespace,
+            name=AGENT,
+            subject=naming.inbox_subject(namespace, AGENT, 0),
+        )
+        await kv.put(f"agents.{AGENT}", entry.model_dump_json(by_alias=True).encode())
+        trigger = TriggerDefinition.model_validate(
+            {"namespace": namespace, "name": name, "uid": "u-9", "spec": spec}
+        )
+        await kv.put(f"triggers.{name}", trigger.model_dump_json(by_alias=True).encode())
+        services = Services(
+            nc=nc,
+            js=js,
+            calls=Calls(nc, js, 3600),
+            directory=Directory(js),
+            authorizer=Everyone(),
+            kube=None,  # type: ignore[arg-type]
+            settings=Settings(),
+        )
+        relay = Relay(services, services.firing)
+        await js.publish(subject, b'{"id": "o-1"}')
+        pull = await js.pull_subscribe_bind(durable=naming.TRIGGER_RELAY_CONSUMER, stream=stream)
+        first = (await pull.fetch(1, timeout=10))[0]
+
+        async def died() -> None:
+            await first.nak()  # the server redelivers it, as after a lost replica's ack wait
+
+        first.ack = died  # type: ignore[method-assign]
+        await relay.handle(trigger, first)
+        again = (await pull.fetch(1, timeout=10))[0]
+        assert again.metadata.num_delivered == 2
+        await relay.handle(trigger, again)
+        info = await js.consumer_info(stream, naming.TRIGGER_RELAY_CONSUMER)
+        assert (info.num_pending, info.num_ack_pending) == (0, 0)
+        events = [
+            envelope.parse(dict(m.headers or {}), m.data or b"")
+            for m in [await js.get_msg(naming.inbox_stream(namespace, AGENT), 1)]
+        ]
+        assert [(e.id, e.data) for e in events] == [("trg-u-9-1", {"id": "o-1"})]
+        assert (await js.stream_info(naming.inbox_stream(namespace, AGENT))).state.messages == 1
+        ledger = FireLedger.model_validate_json(
+            (await (await js.key_value(naming.trigger_fires_bucket(namespace))).get(name)).value
+            or b""
+        )
+        assert ledger.fires == 1
+        await services.directory.aclose()
+    finally:
+        await nc.close()
