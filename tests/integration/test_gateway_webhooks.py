@@ -317,7 +317,9 @@ async def test_webhooks_that_cannot_fire_say_why(
         asleep = await gateway.hook("asleep", body, later)
         assert asleep.status_code == 423
         assert "suspended" in asleep.json()["reason"]
-        mapped = await gateway.hook("mapped", body, signed(body))
+        scalar = b'{"items": 6}'
+        unmappable = signed(scalar)
+        mapped = await gateway.hook("mapped", scalar, unmappable)
         assert mapped.status_code == 422
         assert "input mapping failed" in mapped.json()["reason"]
         elsewhere = await gateway.hook("elsewhere", body, signed(body))
@@ -338,6 +340,8 @@ async def test_webhooks_that_cannot_fire_say_why(
         assert int(limited.headers["Retry-After"]) >= 1
         assert len(await gateway.inbox()) == 1
 
+        # A delivery that can never fire stays accepted: its replay counts nothing more.
+        assert (await gateway.hook("mapped", scalar, unmappable)).status_code == 409
         assert (await gateway.ledger("mapped")).failures == 1
         assert (await gateway.ledger("elsewhere")).failures == 1
         assert (await gateway.ledger("limited")).fires == 1

@@ -1,7 +1,8 @@
 """``POST /hooks/{namespace}/{trigger}`` on the app itself, with stand-ins for the directory,
 the API server and the fires: whatever headers, body and path arrive, an unsigned request
 is refused (401, 404, 413) with a reason that never quotes the secret, and nothing is fired,
-marked or counted; a signed one reaches the fire."""
+marked or counted; a signed one reaches the fire, and is not marked seen when it did not
+fire."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nats.js.errors import KeyWrongLastSequenceError
 from starlette.testclient import TestClient
 from troupe_gateway.app import build_app
 from troupe_gateway.calls import CallRefused, Calls
@@ -49,6 +51,34 @@ class StandInKube:
         return {"secret": SECRET} if (namespace, name) == ("team", "hook-secret") else None
 
 
+class StandInSeen:
+    """The webhook-seen bucket: marks kept in a set."""
+
+    def __init__(self) -> None:
+        self.marks: set[str] = set()
+
+    async def create(self, key: str, value: bytes) -> int:
+        if key in self.marks:
+            raise KeyWrongLastSequenceError()
+        self.marks.add(key)
+        return 1
+
+    async def delete(self, key: str, last: int | None = None) -> bool:
+        self.marks.discard(key)
+        return True
+
+
+class StandInJetStream:
+    def __init__(self) -> None:
+        self.seen = StandInSeen()
+
+    async def key_value(self, bucket: str) -> StandInSeen:
+        return self.seen
+
+    async def stream_info(self, name: str) -> Any:
+        return SimpleNamespace(config=SimpleNamespace(max_age=3600.0))
+
+
 class StandInFiring:
     """Records what reached it; the target is never found (so nothing needs NATS)."""
 
@@ -63,11 +93,14 @@ class StandInFiring:
         self.reached.append(f"failed: {reason}")
 
 
+JETSTREAM = StandInJetStream()
+
+
 @cache
 def gateway() -> tuple[TestClient, StandInFiring]:
     services = Services(
         nc=SimpleNamespace(is_connected=True),  # type: ignore[arg-type]
-        js=None,  # type: ignore[arg-type]
+        js=JETSTREAM,  # type: ignore[arg-type]
         calls=Calls(None, None, 3600),  # type: ignore[arg-type]
         directory=StandInDirectory(),
         authorizer=None,  # type: ignore[arg-type]
@@ -105,6 +138,7 @@ def test_no_unsigned_request_fires_and_no_refusal_quotes_the_secret(
     assert answer.json()["reason"]
     assert SECRET.decode() not in answer.text
     assert firing.reached == []
+    assert JETSTREAM.seen.marks == set()
 
 
 def test_a_body_past_the_limit_is_refused_before_its_signature_is_checked() -> None:
@@ -128,3 +162,4 @@ def test_a_signed_request_reaches_the_fire_and_its_failure_is_counted() -> None:
     assert answer.status_code == 503
     assert answer.json()["reason"] == "the target echo is not in the directory"
     assert firing.reached == ["target", "failed: the target echo is not in the directory"]
+    assert JETSTREAM.seen.marks == set(), "a delivery that did not fire is no replay"

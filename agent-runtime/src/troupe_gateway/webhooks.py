@@ -12,9 +12,10 @@ this order (docs/gateway.md, "Webhooks"):
 - 401 a missing, stale or wrong signature (nothing is written anywhere);
 - 423 the Trigger is suspended (nothing is consumed: the same delivery fires once resumed,
   within its replay window);
-- 422 the input mapping or the dedupe key failed on the payload;
-- 503 the target is not in the directory;
 - 409 the signature was already accepted (by any replica: ``webhook_seen_bucket``);
+- 422 the input mapping or the dedupe key failed on the payload (the signature stays
+  accepted: the same delivery could never fire, and its replays are 409);
+- 503 the target is not in the directory;
 - 200 ``{"duplicate": true}`` the dedupe key's value fired already: that task is answered;
 - 429 past the rate limit, with ``Retry-After`` (the signature is released, so the same
   delivery may be retried);
@@ -236,28 +237,29 @@ class Webhooks:
             raise HookRefused(401, problem or "Troupe-Signature must be sha256=<hex>")
         if trigger.spec.suspend:
             raise HookRefused(423, f"Trigger {trigger.name} is suspended")
-        try:
-            data, dedupe = fire_input(trigger.spec, body)
-        except HookRefused as refused:
-            await self._firing.failed(trigger, refused.reason)
-            raise
-        try:
-            entry = await self._firing.target(trigger)
-        except CallRefused as refused:
-            await self._firing.failed(trigger, refused.reason)
-            raise HookRefused(refused.status, refused.reason) from None
-        task_id = (
-            dedupe_id(trigger.uid, dedupe)
-            if dedupe is not None
-            else signature_task_id(trigger.uid, signature)
-        )
         seen = await self._seen_bucket(namespace, source.replay_window)
         key = naming.webhook_seen_key(normalized_signature(signature))
         try:
-            mark = await seen.create(key, task_id.encode())
+            mark = await seen.create(key, b"accepted")
         except KeyWrongLastSequenceError:
             raise HookRefused(409, "this delivery was already accepted") from None
         try:
+            data, dedupe = fire_input(trigger.spec, body)
+        except HookRefused as refused:
+            # It can never fire: its mark stays, so a replay is 409, not another failure.
+            await self._firing.failed(trigger, refused.reason)
+            raise
+        try:
+            try:
+                entry = await self._firing.target(trigger)
+            except CallRefused as refused:
+                await self._firing.failed(trigger, refused.reason)
+                raise HookRefused(refused.status, refused.reason) from None
+            task_id = (
+                dedupe_id(trigger.uid, dedupe)
+                if dedupe is not None
+                else signature_task_id(trigger.uid, signature)
+            )
             return await self._fire(trigger, entry, data, task_id)
         except BaseException:
             # Nothing fired: the same delivery may be retried.
