@@ -33,7 +33,7 @@ from troupe_gateway.auth import Caller
 from troupe_gateway.calls import Calls
 from troupe_gateway.directory import Directory
 from troupe_gateway.firing import RateLimiter
-from troupe_gateway.kube import Kube
+from troupe_gateway.kube import Connection, Kube, kubeconfig_connection
 from troupe_gateway.relay import Relay
 from troupe_gateway.services import Services
 from troupe_gateway.settings import Settings
@@ -650,3 +650,24 @@ async def test_a_message_redelivered_after_its_fire_fires_once(nats_url: str) ->
         await services.directory.aclose()
     finally:
         await nc.close()
+
+
+async def test_a_secret_the_gateway_may_not_read_is_a_503_that_says_so(
+    cluster: ClusterEndpoints, namespace: str
+) -> None:
+    """The gateway's role has no ``get`` on Secrets here (a ``watchNamespaces`` install
+    binds it only where the operator watches): the answer names the cause, not a timeout."""
+    secret(cluster, namespace)
+    cluster.kubectl("-n", namespace, "create", "serviceaccount", "gateway")
+    token = cluster.kubectl("-n", namespace, "create", "token", "gateway").strip()
+    admin = kubeconfig_connection([cluster.kubeconfig])
+    kube = Kube(Connection(server=admin.server, ca_pem=admin.ca_pem, token=token))
+    try:
+        async with running_gateway(cluster.nats_url, namespace, kube, {HOOK: webhook()}) as gateway:
+            body = b"{}"
+            answer = await gateway.hook(HOOK, body, signed(body))
+            assert answer.status_code == 503
+            assert "may not read the Trigger's Secret hook-secret" in answer.json()["reason"]
+            assert len(await gateway.inbox()) == 0
+    finally:
+        await kube.aclose()

@@ -181,7 +181,13 @@ class Webhooks:
 
         try:
             data = await self._secrets.get((namespace, ref.name), load)
-        except KubeUnavailable:
+        except KubeUnavailable as error:
+            if "HTTP 403" in str(error):
+                raise HookRefused(
+                    503,
+                    f"the gateway may not read the Trigger's Secret {ref.name}: its role has "
+                    f"no get on Secrets in namespace {namespace}",
+                ) from None
             raise HookRefused(
                 503, "the Kubernetes API server did not answer; try again", {"Retry-After": "1"}
             ) from None
