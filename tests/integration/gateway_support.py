@@ -183,6 +183,26 @@ def bind_invoker(cluster: ClusterEndpoints, namespace: str, account: str) -> Non
     )
 
 
+def create_api_key(
+    cluster: ClusterEndpoints, namespace: str, name: str, key: str, account: str
+) -> None:
+    """An API key Secret (label ``troupe.dev/api-key``) acting as ``account``."""
+    _create(
+        cluster,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "labels": {"troupe.dev/api-key": "true"},
+                "annotations": {"troupe.dev/service-account": account},
+            },
+            "stringData": {"key": key},
+        },
+    )
+
+
 def grant_invoke_on(
     cluster: ClusterEndpoints, namespace: str, account: str, resource: str, name: str
 ) -> None:

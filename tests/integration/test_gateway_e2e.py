@@ -12,11 +12,13 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import httpx2
@@ -34,6 +36,8 @@ from tests.integration.gateway_support import (
     SCHEMA,
     GatewayProcess,
     bind_invoker,
+    create_api_key,
+    grant_invoke_on,
     handled_agent,
     invoker_role_installed,
     running_gateway,
@@ -48,6 +52,7 @@ from tests.integration.operator_support import (
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace, wait_for
 from troupe_devcluster.kube import core_v1
+from troupe_devcluster.layout import free_port
 from troupe_runtime.contract import naming
 
 DEADLINE = 60.0
@@ -65,6 +70,10 @@ class Deployed:
     """A token RBAC allows (``troupe-invoker`` bound in the namespace)."""
     stranger: str
     """A valid token RBAC allows nothing."""
+    narrow: str
+    """A token RBAC allows on the Agent ``echo`` only."""
+    api_key: str
+    """An API key Secret acting as the ``caller`` account."""
     held_gate: Path
     slow_gate: Path
 
@@ -107,9 +116,25 @@ def deployed(
             token = service_account_token(cluster, namespace, "caller")
             bind_invoker(cluster, namespace, "caller")
             stranger = service_account_token(cluster, namespace, "stranger")
-            with running_gateway(cluster, directory / "gateway.log") as gateway:
+            narrow = service_account_token(cluster, namespace, "narrow")
+            grant_invoke_on(cluster, namespace, "narrow", "agents", "echo")
+            api_key = f"key-{uuid.uuid4().hex}"
+            create_api_key(cluster, namespace, "caller-key", api_key, "caller")
+            # Push receivers in these tests listen on loopback: allowed here, as for an
+            # in-cluster receiver.
+            allow_private = {"TROUPE_GATEWAY_PUSH_PRIVATE_NETWORKS": "true"}
+            with running_gateway(cluster, directory / "gateway.log", allow_private) as gateway:
                 deployed = Deployed(
-                    cluster, namespace, gateway, operator, token, stranger, held_gate, slow_gate
+                    cluster,
+                    namespace,
+                    gateway,
+                    operator,
+                    token,
+                    stranger,
+                    narrow,
+                    api_key,
+                    held_gate,
+                    slow_gate,
                 )
                 for kind, name in (
                     ("agents", "echo"),
@@ -446,3 +471,102 @@ async def test_a_gateway_killed_during_calls_loses_and_duplicates_no_call(
     assert len(handled) == len(set(handled)) == len(calls), handled
     assert await _inbox_messages(deployed, "slow") == inbox + len(calls)
     assert deployed.gateway.starts == 2
+
+
+async def test_rbac_narrowed_to_one_agent_lets_that_one_be_called_and_no_other(
+    deployed: Deployed,
+) -> None:
+    headers = {"Authorization": f"Bearer {deployed.narrow}"}
+    ns = deployed.namespace
+    async with httpx.AsyncClient(base_url=deployed.gateway.url, headers=headers) as http:
+        allowed = await http.post(f"/v1/namespaces/{ns}/agents/echo:call", json={"text": "ok"})
+        other_agent = await http.post(f"/v1/namespaces/{ns}/agents/slow:call", json={})
+        a_workflow = await http.get(
+            f"/a2a/{ns}/workflows/relay/.well-known/agent-card.json", headers=headers
+        )
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.json()["output"] == {"echo": "ok", "by": "echo"}
+    assert other_agent.status_code == 403, other_agent.text
+    assert a_workflow.status_code == 403, a_workflow.text
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=120) as http2,
+        _mcp(deployed.mcp_url(), http2) as mcp,
+    ):
+        tools = [tool.name for tool in (await mcp.list_tools()).tools]
+        with pytest.raises(MCPError):
+            await mcp.call_tool("agent_slow", {"text": "no"})
+    assert tools == ["agent_echo"]
+
+
+async def test_an_api_key_calls_as_its_service_account(deployed: Deployed) -> None:
+    base = deployed.a2a_base("agents", "echo")
+    async with httpx.AsyncClient(headers={"X-API-Key": deployed.api_key}, timeout=120) as http:
+        client = await _client(base, http, TransportProtocol.JSONRPC.value)
+        task = await _final_task(client, pb.SendMessageRequest(message=_message("keyed")))
+    assert task.status.state == pb.TaskState.TASK_STATE_COMPLETED
+    assert _output(task) == {"echo": "keyed", "by": "echo"}
+    called = _troupe(
+        "call", "agent", "echo", "-n", deployed.namespace, "--gateway", deployed.gateway.url,
+        "--api-key", deployed.api_key, "--data", json.dumps({"text": "key"}),
+    )  # fmt: skip
+    assert called.returncode == 0, called.stdout + called.stderr
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        token = self.headers.get("X-A2A-Notification-Token", "")
+        self.received.append((token, json.loads(body)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
+    """An HTTP server on loopback that keeps every push notification POSTed to it."""
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
+    _Receiver.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", _Receiver.received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_push_notification_config_is_kept_and_delivered_when_the_task_ends(
+    deployed: Deployed,
+    http: httpx.AsyncClient,
+    receiver: tuple[str, list[tuple[str, dict[str, Any]]]],
+) -> None:
+    url, received = receiver
+    client = await _client(
+        deployed.a2a_base("agents", "echo"), http, TransportProtocol.HTTP_JSON.value
+    )
+    sent = _message("pushed")
+    config = pb.TaskPushNotificationConfig(url=url, token="push-token")
+    request = pb.SendMessageRequest(
+        message=sent,
+        configuration=pb.SendMessageConfiguration(task_push_notification_config=config),
+    )
+
+    task = await _final_task(client, request)
+
+    assert task.status.state == pb.TaskState.TASK_STATE_COMPLETED
+    configs = await client.list_task_push_notification_configs(
+        pb.ListTaskPushNotificationConfigsRequest(task_id=sent.message_id)
+    )
+    assert [c.url for c in configs.configs] == [url]
+    delivered = await asyncio.to_thread(
+        wait_for,
+        lambda: [body for token, body in received if token == "push-token"],
+        DEADLINE,
+        "the push notification",
+    )
+    assert sent.message_id in json.dumps(delivered)
