@@ -422,3 +422,29 @@ def test_replace_cancels_the_last_run_before_it_fires(
     ledger = _ledger(cluster.nats_url, watched, "tick")
     assert ledger is not None
     assert ledger.fires >= 2
+
+
+def test_a_subject_another_trigger_captures_is_stalled_naming_the_field(
+    cluster: ClusterEndpoints, watched: str
+) -> None:
+    subject = f"ext.{watched}.shared"
+    apply(cluster, watched, trigger("first", {"subject": {"subject": subject}}))
+    wait_for(
+        lambda: stream_config(cluster.nats_url, naming.trigger_stream(watched, "first")),
+        DEADLINE,
+        "the first Trigger's stream",
+    )
+
+    apply(cluster, watched, trigger("second", {"subject": {"subject": subject}}))
+
+    body = _status(
+        cluster,
+        watched,
+        "second",
+        lambda b: _is(b, "Stalled", "True", "SubjectConflict"),
+        "Stalled SubjectConflict",
+    )
+    message = (condition(body, "Stalled") or {})["message"]
+    assert "spec.source.subject.subject" in message
+    assert naming.trigger_stream(watched, "first") in message
+    assert stream_config(cluster.nats_url, naming.trigger_stream(watched, "second")) is None

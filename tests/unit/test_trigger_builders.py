@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from troupe_operator.api.trigger import TriggerStatus
 from troupe_operator.builders import trigger as builders
+from troupe_operator.builders.problems import Problem
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.triggers import CronSource, FireLedger, TriggerSpec
 
@@ -297,3 +298,13 @@ def test_a_run_not_projected_yet_is_pending_only_shortly_after_its_fire() -> Non
     assert builders.pending(fired, NOW + timedelta(seconds=5))
     assert not builders.pending(fired, NOW + builders.PENDING_GRACE + timedelta(seconds=1))
     assert not builders.pending(FireLedger(), NOW)
+
+
+def test_a_subject_jetstream_refuses_stalls_on_messaging() -> None:
+    problem = Problem("spec.source.subject.subject", "SubjectConflict", "overlaps stream X")
+
+    status = builders.rejected_status(TriggerStatus(), 1, NOW, [problem])
+
+    assert condition(status, "Stalled") == ("True", "SubjectConflict")
+    assert condition(status, "MessagingReady") == ("False", "SubjectConflict")
+    assert condition(status, "SpecValid") == ("True", "SpecValid")

@@ -157,8 +157,20 @@ async def changed(
         namespace, name = str(body.metadata.namespace), str(body.metadata.name)
         await _wake_workflows(operator, namespace, name)
         await _wake_agents(operator, namespace, callee=name)
+    if reason == kopf.Reason.CREATE and blocked_by is None:
+        kind = KINDS[resource.plural].name
+        await _wake_triggers(operator, str(body.metadata.namespace), kind, str(body.metadata.name))
     if blocked_by is not None:
         raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+
+async def _wake_triggers(operator: Operator, namespace: str, kind: str, name: str) -> None:
+    """Triggers targeting a new Agent or Workflow get their pass now (its directory entry is
+    written by the pass that just ran); their failure is theirs: logged, the resync retries."""
+    try:
+        await trigger.wake_triggers(operator, namespace, kind, name)
+    except Exception:
+        logger.exception("passes of the Triggers of %s %s/%s failed", kind, namespace, name)
 
 
 async def _wake_workflows(operator: Operator, namespace: str, agent: str) -> None:

@@ -32,6 +32,7 @@ from nats.js.api import (
 from pydantic import ValidationError
 
 from troupe_operator.api.trigger import TriggerStatus
+from troupe_operator.builders.problems import Problem
 from troupe_operator.builders.status import (
     MESSAGING_READY,
     SPEC_VALID,
@@ -244,6 +245,27 @@ def spec_invalid_status(
     return previous.model_copy(
         update={"observed_generation": generation, "conditions": conditions, "next_fire_time": None}
     )
+
+
+def rejected_status(
+    previous: TriggerStatus, generation: int, now: datetime, problems: list[Problem]
+) -> TriggerStatus:
+    """JetStream refused the subject stream (its subject stored by another stream): Stalled
+    on MessagingReady with the problem's reason, naming the field."""
+    observed = [
+        SPEC_VALID_OK,
+        Observation(
+            MESSAGING_READY,
+            False,
+            problems[0].reason,
+            "; ".join(p.sentence() for p in problems),
+            stalled=True,
+        ),
+    ]
+    conditions = merge_conditions(
+        previous.conditions, observed, SUBCONDITIONS, generation, now, ready_reason=ARMED
+    )
+    return previous.model_copy(update={"observed_generation": generation, "conditions": conditions})
 
 
 def failed_status(

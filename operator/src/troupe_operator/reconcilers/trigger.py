@@ -105,12 +105,12 @@ async def _trigger_pass(operator: Operator, body: Mapping[str, Any]) -> str | No
     try:
         return await _converge(operator, namespace, name, generation, spec, wanted)
     except SpecRejected as rejected:
-        said = "; ".join(p.sentence() for p in rejected.problems)
+        problems = rejected.problems
         await _write(
             operator,
             namespace,
             name,
-            lambda previous, now: builders.spec_invalid_status(previous, generation, now, said),
+            lambda previous, now: builders.rejected_status(previous, generation, now, problems),
         )
         return None
     except Exception as error:
@@ -200,6 +200,22 @@ async def delete_trigger(operator: Operator, namespace: str, name: str) -> list[
         )
         removed += await operator.nats.withdraw(nats, naming.trigger_fires_bucket(namespace), name)
     return removed
+
+
+async def wake_triggers(operator: Operator, namespace: str, kind: str, name: str) -> None:
+    """Passes of the Triggers of ``namespace`` that target ``kind`` ``name``: one waiting for
+    its target turns Ready once the target's pass has listed it. A failure is the Trigger's:
+    logged, the resync retries it."""
+    for body in await operator.kube.list_custom(PLURAL, namespace):
+        wanted = (body.get("spec") or {}).get("target") or {}
+        if wanted.get("kind") != kind or wanted.get("name") != name:
+            continue
+        try:
+            await trigger_pass(operator, body)
+        except Exception:
+            logger.exception(
+                "the pass of Trigger %s/%s failed", namespace, body["metadata"]["name"]
+            )
 
 
 def leftovers(namespace: str, name: str) -> list[str]:
