@@ -86,7 +86,7 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 def _port(value: str | None, default: int) -> int:
     if not value:
         return default
-    if not value.isdigit() or not 0 < int(value) <= MAX_PORT:
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= MAX_PORT:
         raise SettingsError(f"TROUPE_GATEWAY_PORT must be a port number, 1 to {MAX_PORT}")
     return int(value)
 
