@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC
@@ -63,6 +64,7 @@ from a2a.types.a2a_pb2 import (
     ListTasksRequest,
     ListTasksResponse,
     Message,
+    SendMessageConfiguration,
     SendMessageRequest,
     SubscribeToTaskRequest,
     Task,
@@ -90,7 +92,7 @@ from starlette.routing import BaseRoute, Route
 from troupe_gateway import a2a_push, a2a_tasks, cards
 from troupe_gateway.a2a_push import KvPushConfigStore, UrlValidator
 from troupe_gateway.auth import Caller, Refused
-from troupe_gateway.calls import CallRefused, Delta, TaskView
+from troupe_gateway.calls import CallRefused, Delta, Submitted, TaskView
 from troupe_gateway.services import Services
 from troupe_runtime.contract import grammar
 from troupe_runtime.contract.gateway import DirectoryEntry, TargetKind
@@ -263,6 +265,10 @@ class TroupeRequestHandler(RequestHandler):
         return view
 
     async def _submit(self, admitted: Admitted, message: Message) -> TaskView:
+        record = (await self._send(admitted, message, message.message_id or None)).record
+        return TaskView(record=record, state="submitted", updated_at=record.created_at)
+
+    async def _send(self, admitted: Admitted, message: Message, task_id: str | None) -> Submitted:
         entry = admitted.entry
         if message.task_id:
             await self._view(entry, message.task_id)
@@ -272,16 +278,15 @@ class TroupeRequestHandler(RequestHandler):
             )
         data = a2a_tasks.message_input(message, entry.input_schema)
         try:
-            record = await self.services.calls.submit(
+            return await self.services.calls.send(
                 entry,
                 data,
                 caller=admitted.caller.user,
-                task_id=message.message_id or None,
+                task_id=task_id,
                 context_id=message.context_id or None,
             )
         except CallRefused as refusal:
             raise a2a_error(refusal) from None
-        return TaskView(record=record, state="submitted", updated_at=record.created_at)
 
     async def _push_config(
         self,
@@ -351,18 +356,36 @@ class TroupeRequestHandler(RequestHandler):
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> Task | Message:
         admitted = self._admitted(context, params.tenant)
-        view = await self._submit(admitted, params.message)
-        task_id = view.record.task_id
         configuration = params.configuration
+        if configuration.return_immediately:
+            view = await self._submit(admitted, params.message)
+            task_id = view.record.task_id
+            await self._push_config_asked(admitted, task_id, configuration, context)
+            current = await self.services.calls.get(admitted.entry, task_id)
+            return a2a_tasks.task(current or view, history=_history(configuration))
+        # Blocking: subscribed to the answer before the call is published, so a new task's
+        # wait reads nothing back (``Calls.listening``).
+        task_id = params.message.message_id or uuid.uuid4().hex
+        try:
+            async with self.services.calls.listening(admitted.entry, task_id) as listener:
+                submitted = await self._send(admitted, params.message, task_id)
+                await self._push_config_asked(admitted, task_id, configuration, context)
+                done = await listener.wait(BLOCKING_WAIT_SECONDS, submitted)
+        except CallRefused as refusal:
+            raise a2a_error(refusal) from None
+        return a2a_tasks.task(done, history=_history(configuration))
+
+    async def _push_config_asked(
+        self,
+        admitted: Admitted,
+        task_id: str,
+        configuration: SendMessageConfiguration,
+        context: ServerCallContext,
+    ) -> None:
         if configuration.HasField("task_push_notification_config"):
             await self._push_config(
                 admitted, task_id, configuration.task_push_notification_config, context
             )
-        if configuration.return_immediately:
-            current = await self.services.calls.get(admitted.entry, task_id)
-            return a2a_tasks.task(current or view, history=_history(configuration))
-        done = await self.services.calls.wait(admitted.entry, task_id, BLOCKING_WAIT_SECONDS)
-        return a2a_tasks.task(done, history=_history(configuration))
 
     async def _follow(
         self, entry: DirectoryEntry, view: TaskView, events: AsyncIterator[Delta | TaskView]

@@ -21,12 +21,14 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import Header, KeyValueConfig, RawStreamMsg, StorageType
@@ -102,6 +104,35 @@ class CallRefused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A call filed and published."""
+
+    record: TaskRecord
+    new: bool
+    """This call filed the record (not a retry of a task filed before): nothing can have
+    answered it before its publish."""
+
+
+class Listener:
+    """A subscription to one task's end (``Calls.listening``)."""
+
+    def __init__(
+        self, calls: Calls, entry: DirectoryEntry, task_id: str, subscription: Subscription
+    ) -> None:
+        self._calls = calls
+        self._entry = entry
+        self._task_id = task_id
+        self._subscription = subscription
+
+    async def wait(self, within: float, submitted: Submitted | None = None) -> TaskView:
+        """As ``Calls.wait``; given the ``send`` made inside the block, a new task's state
+        is known without a read (its record is at hand, its answer not yet sent)."""
+        return await self._calls._wait(
+            self._entry, self._task_id, self._subscription, within, submitted
+        )
 
 
 def valid_task_id(task_id: str) -> str:
@@ -202,6 +233,21 @@ class Calls:
         """File the record and publish the call; the same ``task_id`` again returns the first
         record and publishes it again under the same message id (JetStream drops the copy),
         so a retry after a replica died between the two steps completes the call."""
+        submitted = await self.send(
+            entry, data, caller=caller, task_id=task_id, context_id=context_id
+        )
+        return submitted.record
+
+    async def send(
+        self,
+        entry: DirectoryEntry,
+        data: Any,
+        *,
+        caller: str,
+        task_id: str | None = None,
+        context_id: str | None = None,
+    ) -> Submitted:
+        """``submit``, telling whether this call filed the record (see ``Submitted``)."""
         task_id = valid_task_id(task_id) if task_id else uuid.uuid4().hex
         context = valid_task_id(context_id) if context_id else task_id
         record = TaskRecord(
@@ -222,15 +268,16 @@ class Calls:
             )
         kv = await self._bucket(entry.namespace)
         key = naming.task_key(entry.kind, entry.name, task_id)
+        new = True
         try:
             await kv.create(key, encoded)
         except KeyWrongLastSequenceError:
             existing = await self._record(entry, task_id)
             if existing is None:
                 raise CallRefused(409, f"task id {task_id!r} is taken") from None
-            record = existing
+            record, new = existing, False
         await self._publish(entry, record)
-        return record
+        return Submitted(record, new)
 
     async def _publish(self, entry: DirectoryEntry, record: TaskRecord) -> None:
         subject, headers, payload = call_message(entry, record)
@@ -290,27 +337,53 @@ class Calls:
         """The task once terminal, or as it is when ``within`` seconds pass. Subscribes before
         it reads, so an answer stored in between is not missed; reads again every
         ``POLL_SECONDS`` whatever the subscription brings."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(within, 0.0)
-        subscription = await self._nc.subscribe(self._signal(entry, task_id))
+        async with self.listening(entry, task_id) as listener:
+            return await listener.wait(within)
+
+    @asynccontextmanager
+    async def listening(self, entry: DirectoryEntry, task_id: str) -> AsyncIterator[Listener]:
+        """Subscribed to the subject that says task ``task_id`` ended, for as long as the
+        block runs. Opened before ``send``, a new task's wait reads nothing: its answer can
+        only come after the publish, hence to the subscription (a blocking call's hot path
+        is then the record's create and the publish, each one round trip)."""
+        subscription = await self._nc.subscribe(self._signal(entry, valid_task_id(task_id)))
         try:
-            record = await self._record(entry, task_id)
-            if record is None:
-                raise CallRefused(404, f"no task {task_id!r} of {entry.kind} {entry.name}")
-            view = await self._view(entry, record)
-            while not view.terminal and (left := deadline - loop.time()) > 0:
-                try:
-                    msg = await subscription.next_msg(timeout=min(left, POLL_SECONDS))
-                except (NatsTimeoutError, TimeoutError):
-                    view = await self._view(entry, record)
-                    continue
-                if entry.kind == "Agent" and (reply := _reply(entry, record, msg)) is not None:
-                    view = agent_view(record, reply)
-                elif entry.kind == "Workflow":
-                    view = await self._view(entry, record)
-            return view
+            yield Listener(self, entry, task_id, subscription)
         finally:
             await subscription.unsubscribe()
+
+    async def _wait(
+        self,
+        entry: DirectoryEntry,
+        task_id: str,
+        subscription: Subscription,
+        within: float,
+        submitted: Submitted | None,
+    ) -> TaskView:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(within, 0.0)
+        if submitted is not None and submitted.new:
+            record = submitted.record
+            view = agent_view(record, None) if entry.kind == "Agent" else run_view(record, None)
+        else:
+            found = (
+                submitted.record if submitted is not None else await self._record(entry, task_id)
+            )
+            if found is None:
+                raise CallRefused(404, f"no task {task_id!r} of {entry.kind} {entry.name}")
+            record = found
+            view = await self._view(entry, record)
+        while not view.terminal and (left := deadline - loop.time()) > 0:
+            try:
+                msg = await subscription.next_msg(timeout=min(left, POLL_SECONDS))
+            except (NatsTimeoutError, TimeoutError):
+                view = await self._view(entry, record)
+                continue
+            if entry.kind == "Agent" and (reply := _reply(entry, record, msg)) is not None:
+                view = agent_view(record, reply)
+            elif entry.kind == "Workflow":
+                view = await self._view(entry, record)
+        return view
 
     async def list(
         self, entry: DirectoryEntry, *, context_id: str | None = None, limit: int = 100
