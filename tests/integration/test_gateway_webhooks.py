@@ -634,8 +634,13 @@ async def test_a_message_redelivered_after_its_fire_fires_once(nats_url: str) ->
         again = (await pull.fetch(1, timeout=10))[0]
         assert again.metadata.num_delivered == 2
         await relay.handle(trigger, again)
-        info = await js.consumer_info(stream, naming.TRIGGER_RELAY_CONSUMER)
-        assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+        async def settled() -> bool:
+            # An ack is published without waiting for the server, so poll for it.
+            info = await js.consumer_info(stream, naming.TRIGGER_RELAY_CONSUMER)
+            return (info.num_pending, info.num_ack_pending) == (0, 0)
+
+        await eventually(settled, "the redelivered message acked, nothing pending")
         events = [
             envelope.parse(dict(m.headers or {}), m.data or b"")
             for m in [await js.get_msg(naming.inbox_stream(namespace, AGENT), 1)]
