@@ -37,6 +37,7 @@ WORKFLOW_KINDS = (
     "active",
     "tally",
     "cancel",
+    "approve",
 )
 """What a workflow's subjects carry (``workflow_subject``)."""
 
@@ -371,6 +372,21 @@ def is_gateway_reply_subject(namespace: str, subject: str) -> bool:
     return subject.rsplit(".", 1)[1].startswith(GATEWAY_REPLY_PREFIX)
 
 
+# Approvals (``contract.approvals``).
+
+
+def approvals_bucket(namespace: str) -> str:
+    """The KV bucket of the namespace's approval requests (``approvals.ApprovalRequest``),
+    keyed by ``approval_key``: requesters write them, the operator mirrors them as Approval
+    objects."""
+    return f"troupe_{_token(namespace)}_approvals"
+
+
+def approval_key(name: str) -> str:
+    """An Approval's name is a DNS label (``approvals.approval_name``): a valid key as is."""
+    return name
+
+
 # Reading names back.
 
 
@@ -417,6 +433,8 @@ def stream_owner(stream: str) -> StreamOwner | None:
             return StreamOwner("Namespace", namespace, "trigger fires")
         case ["KV", "troupe", namespace, "webhook", "seen"] if _label(namespace):
             return StreamOwner("Namespace", namespace, "webhook signatures")
+        case ["KV", "troupe", namespace, "approvals"] if _label(namespace):
+            return StreamOwner("Namespace", namespace, "approvals")
         case ["KV", "troupe", namespace, "directory" | "tasks"] if _label(namespace):
             return StreamOwner("Namespace", namespace, f"gateway {parts[3]}")
         case ["KV", "troupe", namespace, "wf", name, "runs"] if _label(namespace) and _label(name):
