@@ -458,8 +458,9 @@ class Calls:
         try:
             view = await self._view(entry, record)
             while not view.terminal:
-                try:
-                    msg = await asyncio.wait_for(queue.get(), POLL_SECONDS)
+                try:  # asyncio.timeout: 3.11's wait_for can swallow a cancel (see pull.py)
+                    async with asyncio.timeout(POLL_SECONDS):
+                        msg = await queue.get()
                 except TimeoutError:
                     view = await self._view(entry, record)
                     continue

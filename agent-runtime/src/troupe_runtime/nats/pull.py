@@ -67,8 +67,12 @@ class Puller:
         await self._nc.publish(self._next_subject, json.dumps(request).encode(), reply=reply)
         messages: list[Msg] = []
         while len(messages) < batch:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the message when
+            # a cancel lands as it arrives, swallowing the cancel, and the task that stops
+            # the loop (the runtime's shutdown) then waits for it forever.
             try:
-                msg = await asyncio.wait_for(self._inbox.get(), deadline - loop.time())
+                async with asyncio.timeout(deadline - loop.time()):
+                    msg = await self._inbox.get()
             except TimeoutError:
                 break
             status = status_of(msg)
