@@ -200,6 +200,18 @@ def test_nats_unavailable_keeps_the_figures_and_retries() -> None:
     assert condition(status, "Stalled")[0] == "False"
 
 
+def test_nats_unavailable_says_so_and_keeps_the_target_as_last_seen() -> None:
+    """The directory was not read, so the status must not claim the target is missing."""
+    cron = spec({"cron": {"schedule": "* * * * *"}})
+    found = builders.trigger_status(TriggerStatus(), 1, NOW, cron, True, OK, None)
+    down = builders.Messaging("nats://nats:4222", "no servers available")
+
+    status = builders.trigger_status(found, 1, NOW, cron, None, down, None)
+
+    assert condition(status, "Ready") == ("False", "MessagingUnavailable")
+    assert condition(status, "TargetFound") == ("True", "Found")
+
+
 def test_a_spec_the_models_refuse_is_stalled() -> None:
     before = builders.trigger_status(
         TriggerStatus(), 1, NOW, spec({"cron": {"schedule": "* * * * *"}}), True, OK, None

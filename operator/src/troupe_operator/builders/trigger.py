@@ -203,13 +203,17 @@ def trigger_status(
     generation: int,
     now: datetime,
     spec: TriggerSpec,
-    target_found: bool,
+    target_found: bool | None,
     messaging: Messaging,
     ledger: FireLedger | None,
 ) -> TriggerStatus:
-    """The next status; ``ledger`` None (unread, or none yet) keeps the figures shown. The
-    last failure is redacted: whoever fired wrote it, and status is read by anyone."""
-    observed = [SPEC_VALID_OK, target_condition(spec, target_found), messaging.condition(spec)]
+    """The next status; ``ledger`` None (unread, or none yet) keeps the figures shown, and
+    ``target_found`` None (the directory unread: NATS failed the pass) keeps TargetFound as
+    it was, rather than claiming a target missing that nobody looked for. The last failure
+    is redacted: whoever fired wrote it, and status is read by anyone."""
+    observed = [SPEC_VALID_OK, messaging.condition(spec)]
+    if target_found is not None:
+        observed.insert(1, target_condition(spec, target_found))
     conditions = merge_conditions(
         previous.conditions,
         observed,

@@ -136,7 +136,7 @@ async def _converge(
 ) -> str | None:
     nats = target(operator)
     messaging = builders.Messaging(redact(nats.url))
-    found = False
+    found: bool | None = None  # unknown until the directory is read
     ledger: FireLedger | None = None
     try:
         written = await operator.nats.sync_directory(
