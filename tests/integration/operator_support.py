@@ -23,6 +23,7 @@ import nats
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tests.chart_support import render_text
 from tests.integration.manifests import KWOK_TOLERATION
 from tests.integration.workflow_handlers import NAME_ENV
 from troupe_devcluster import processes
@@ -40,7 +41,8 @@ T = TypeVar("T")
 
 
 def install_crds(cluster: ClusterEndpoints) -> None:
-    """Apply the very CRDs that ship and wait until the API server serves them."""
+    """Apply the very CRDs that ship and the chart's approvals admission policy, and wait
+    until the API server serves them and enforces it."""
     cluster.kubectl("apply", "-f", str(CRDS))
     cluster.kubectl(
         "wait",
@@ -50,8 +52,41 @@ def install_crds(cluster: ClusterEndpoints) -> None:
         "crd/modelproviders.troupe.dev",
         "crd/budgets.troupe.dev",
         "crd/triggers.troupe.dev",
+        "crd/approvals.troupe.dev",
         "--timeout=30s",
     )
+    install_approval_policy(cluster)
+
+
+POLICY_NAMESPACE = "troupe-tests"
+"""The release namespace the policy is rendered for: its name differs from any release a
+chart test installs, which would refuse to adopt an object it did not make."""
+REFUSED_AT_CREATION = "an Approval is created without spec.decision"
+
+
+def install_approval_policy(cluster: ClusterEndpoints) -> None:
+    """The chart's ValidatingAdmissionPolicy and binding on approvals, rendered by helm from
+    the chart (not a copy), applied, and waited for: an Approval created with a decision is
+    refused once the API server enforces it."""
+    rendered = render_text(None, POLICY_NAMESPACE, "--show-only", "templates/approval-policy.yaml")
+    cluster.kubectl("apply", "-f", "-", stdin=rendered)
+    probe = {
+        "apiVersion": API_VERSION,
+        "kind": "Approval",
+        "metadata": {"name": "policy-probe", "namespace": "default"},
+        "spec": {
+            "requester": {"kind": "Workflow", "name": "probe", "runId": "probe"},
+            "decision": {"verdict": "Approve", "decidedBy": "probe"},
+        },
+    }
+
+    def enforced() -> bool:
+        answer = cluster.kubectl(
+            "create", "--dry-run=server", "-f", "-", stdin=json.dumps(probe), check=False
+        )
+        return REFUSED_AT_CREATION in answer
+
+    wait_for(enforced, START_DEADLINE, "the approvals admission policy to be enforced")
 
 
 def _healthy(url: str) -> bool:

@@ -42,8 +42,10 @@ NAMESPACED_GRANTS: set[Grant] = {
     },
     *{
         ("troupe.dev", f"{r}/status", "patch", "")
-        for r in ("agents", "workflows", "modelproviders", "budgets", "triggers")
+        for r in ("agents", "workflows", "modelproviders", "budgets", "triggers", "approvals")
     },
+    # Approvals: mirrored from the buckets (create), decided by people (watch), no delete.
+    *{("troupe.dev", "approvals", v, "") for v in ("get", "list", "watch", "create", "patch")},
     *{
         ("apps", "deployments", v, "")
         for v in ("get", "list", "watch", "create", "patch", "delete")
@@ -179,6 +181,29 @@ def test_aggregated_roles_extend_the_built_in_view_and_edit_roles() -> None:
     assert ("troupe.dev", "workflows", "create", "") in grants(edit)
     status_verbs = {verb for (_, resource, verb, _) in grants(edit) if resource.endswith("/status")}
     assert status_verbs == {"get", "list", "watch"}, "status stays the operator's"
+    assert ("troupe.dev", "approvals", "patch", "") in grants(edit), "editors may decide"
+    assert ("troupe.dev", "approvals", "create", "") not in grants(edit), "the operator's"
+
+
+def test_the_approver_role_may_decide_approvals_and_nothing_else() -> None:
+    approver = one(render(), "ClusterRole", "troupe-approver")
+    assert grants(approver) == {
+        *{("troupe.dev", "approvals", v, "") for v in ("get", "list", "watch", "patch")},
+        ("troupe.dev", "approvals/status", "get", ""),
+    }
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in approver["metadata"]["labels"]
+
+
+def test_the_approvals_policy_matches_approvals_but_not_their_status_and_is_bound() -> None:
+    objects = render()
+    (policy,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"]
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["approvals"], "approvals/status writes are not decisions"
+    assert set(rule["operations"]) == {"CREATE", "UPDATE"}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
 
 
 def test_operator_runs_two_elected_replicas_with_liveness_and_readiness_probes() -> None:

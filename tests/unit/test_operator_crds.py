@@ -58,8 +58,12 @@ def test_crd_has_status_subresource_printer_columns_and_names(
     assert version["subresources"] == {"status": {}}
     columns = [column["name"] for column in version["additionalPrinterColumns"]]
     # A Budget leads with its figures (kubectl get budgets shows the burn), a Trigger with what
-    # it fires and when; Ready still shows.
-    leads = {"Budget": ["Scope", "Window"], "Trigger": ["Target", "Schedule"]}
+    # it fires and when, an Approval with who waits at which step; Ready still shows.
+    leads = {
+        "Budget": ["Scope", "Window"],
+        "Trigger": ["Target", "Schedule"],
+        "Approval": ["Requester", "Step"],
+    }
     expected = leads.get(resource.kind, ["Ready", "Reason"])
     assert columns[:2] == expected
     assert "Ready" in columns

@@ -86,7 +86,8 @@ nats://nats:4222
 
 {{/*
 What the operator does in each namespace it watches, and nothing more (no wildcards): kopf
-watches and patches (finalizers, progress annotations) Agents and Workflows; the reconciler
+watches and patches (finalizers, progress annotations) Agents and Workflows; it creates the
+Approvals it mirrors from the approvals buckets and writes their status; the reconciler
 reads them, writes their status, server-side applies each agent's and engine's ConfigMap,
 ServiceAccount and Deployment (an apply that creates the object needs `create` too), deletes engines' ConfigMaps and Deployments, watches
 Deployments for readiness, lists pods to see an engine stopped, reads the NATS credentials
@@ -97,12 +98,16 @@ Secrets Agents name, and kopf posts Events.
   resources: ["agents", "workflows", "modelproviders", "budgets", "triggers"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["troupe.dev"]
+  resources: ["approvals"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["troupe.dev"]
   resources:
     - "agents/status"
     - "workflows/status"
     - "modelproviders/status"
     - "budgets/status"
     - "triggers/status"
+    - "approvals/status"
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]

@@ -37,11 +37,15 @@ from typing import Literal
 from nats.js.api import KeyValueConfig, StorageType
 from pydantic import Field
 
-from troupe_runtime.contract import naming
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.policies import WireModel
+from troupe_runtime.contract.run_events import RUN_ID_PATTERN
 
 REQUEST_TYPE = "troupe.approval.requested"
 DECISION_TYPE = "troupe.approval.decided"
+DECISION_SOURCE = "/troupe-operator/approvals"
+"""The ``source`` of the decisions the operator relays."""
 MAX_MESSAGE_CHARS = 4096
 MAX_REASON_CHARS = 1024
 MAX_APPROVERS = 64
@@ -140,6 +144,32 @@ def decision_message_id(request: ApprovalRequest, uid: str) -> str:
     """The decision's ``Nats-Msg-Id``: one per Approval object (``uid``), so a relay
     retried after a crash is dropped by JetStream."""
     return f"approval:{request.name}:{uid}"
+
+
+def reply_subject_for(namespace: str, requester: Requester) -> str | None:
+    """The one subject a decision for ``requester`` may be published to: a Workflow run's
+    ``approve`` subject. The bucket is writable by every requester, so the operator relays
+    to this subject, never to a ``reply_subject`` a request merely claims. None where no
+    subject is defined yet (an Agent's tool call) or the run id is not one (a wildcard would
+    reach other runs)."""
+    if requester.kind != "Workflow" or not RUN_ID_PATTERN.match(requester.run_id):
+        return None
+    return naming.workflow_subject(namespace, requester.name, "approve", requester.run_id)
+
+
+def decision_event(request: ApprovalRequest, decision: ApprovalDecision, uid: str) -> CloudEvent:
+    """The CloudEvent the operator publishes to the request's reply subject (with
+    ``Nats-Msg-Id`` = its id, ``decision_message_id``)."""
+    return CloudEvent(
+        id=decision_message_id(request, uid),
+        source=DECISION_SOURCE,
+        type=DECISION_TYPE,
+        time=decision.decided_at,
+        subject=request.name,
+        correlationid=request.requester.run_id,
+        datacontenttype=envelope.JSON_CONTENT_TYPE,
+        data=decision.model_dump(mode="json", by_alias=True),
+    )
 
 
 def approvals_bucket_config(namespace: str) -> KeyValueConfig:

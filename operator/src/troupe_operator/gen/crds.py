@@ -38,6 +38,7 @@ from troupe_operator.api import (
     WorkflowStatus,
 )
 from troupe_operator.api.agent import AGENT_RULES, metadata_schema
+from troupe_operator.api.approval import APPROVAL_RULES, ApprovalSpec, ApprovalStatus
 from troupe_operator.api.budget import BUDGET_RULES
 from troupe_operator.api.common import CEL_KEY, GROUP, VERSION
 from troupe_operator.api.model_provider import MODEL_PROVIDER_RULES
@@ -208,6 +209,33 @@ RESOURCES = (
             ("Failures", "integer", ".status.failures", "Fires that failed.", 1),
         ),
         rules=tuple(TRIGGER_RULES),
+    ),
+    CustomResource(
+        kind="Approval",
+        description="A decision a Workflow run or an Agent's tool call waits for: the "
+        "operator creates one per pending request, an approver sets spec.decision.",
+        plural="approvals",
+        short_name="apr",
+        spec=ApprovalSpec,
+        status=ApprovalStatus,
+        columns=(
+            ("Requester", "string", ".spec.requester.name", "The Workflow or Agent waiting.", 0),
+            ("Step", "string", ".spec.requester.step", "The Workflow's approval step.", 0),
+            ("Tool", "string", ".spec.requester.tool", "The Agent's tool call.", 0),
+            (
+                "Phase",
+                "string",
+                ".status.phase",
+                "Pending, Approved, Denied, TimedOut or Withdrawn.",
+                0,
+            ),
+            ("Expires", "date", ".spec.expiresAt", "When the requester stops waiting.", 0),
+            ("Ready", "string", f"{READY}.status", "Whether the request is resolved.", 1),
+            ("Kind", "string", ".spec.requester.kind", "Workflow or Agent.", 1),
+            ("Run", "string", ".spec.requester.runId", "The run (or event) that waits.", 1),
+            ("DecidedBy", "string", ".status.decidedBy", "Who decided.", 1),
+        ),
+        rules=tuple(APPROVAL_RULES),
     ),
 )
 
