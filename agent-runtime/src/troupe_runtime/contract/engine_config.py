@@ -3,6 +3,10 @@
 Like ``RuntimeConfig`` for agents, this is what the operator writes into the
 engine's ConfigMap; steps name the inbox subjects of their agents instead of
 agent references, so the engine needs no Kubernetes access.
+
+A step is either an agent's (``agent`` and ``subject`` set) or an approval step
+(``approval`` set, no agent): the engine files an ``approvals.ApprovalRequest`` and waits
+for a person's decision instead of dispatching (``workflow.planner``).
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from troupe_runtime.contract import naming
+from troupe_runtime.contract import approvals, naming
 from troupe_runtime.contract.agent_config import NatsSettings
 from troupe_runtime.contract.durations import Duration
 from troupe_runtime.contract.policies import DeadLetterPolicy, RetryPolicy, WireModel
@@ -28,12 +32,25 @@ class EngineCompensation(WireModel):
     input: dict[str, str] = Field(default_factory=dict)
 
 
+class EngineApproval(WireModel):
+    """An approval step: who may decide, what they read, how long the run waits."""
+
+    approvers: approvals.Approvers
+    message: str = Field(
+        default="", description="A template over the run (``expressions.split_template``)."
+    )
+    timeout: Duration = approvals.DEFAULT_TIMEOUT
+    on_timeout: approvals.OnTimeout = "reject"
+
+
 class EngineStep(WireModel):
-    """One DAG node, with its agent's inbox subject resolved."""
+    """One DAG node, with its agent's inbox subject resolved; or an approval step, which
+    has no agent (``agent`` and ``subject`` empty)."""
 
     name: str
-    agent: str
-    subject: str
+    agent: str = ""
+    subject: str = ""
+    approval: EngineApproval | None = None
     depends_on: list[str] = Field(default_factory=list)
     input: dict[str, str] = Field(default_factory=dict)
     timeout: Duration = DEFAULT_STEP_TIMEOUT
@@ -43,6 +60,14 @@ class EngineStep(WireModel):
     priority_levels: int = Field(
         default=1, ge=1, le=10, description="The agent's priority levels; runs keep theirs."
     )
+
+    @model_validator(mode="after")
+    def _agent_or_approval(self) -> EngineStep:
+        if self.approval is None and not (self.agent and self.subject):
+            raise ValueError(f"step {self.name}: an agent step needs agent and subject")
+        if self.approval is not None and (self.agent or self.subject or self.compensation):
+            raise ValueError(f"step {self.name}: an approval step has no agent or compensation")
+        return self
 
 
 class RunRetention(WireModel):
@@ -85,6 +110,15 @@ class EngineConfig(WireModel):
             return step.subject
         level = min(priority, step.priority_levels - 1)
         return naming.inbox_subject(self.namespace, step.agent, level)
+
+    @property
+    def has_approvals(self) -> bool:
+        """Whether a step waits for people: the engine then binds the approvals bucket."""
+        return any(step.approval is not None for step in self.steps)
+
+    @property
+    def approvals_bucket(self) -> str:
+        return naming.approvals_bucket(self.namespace)
 
     def step(self, name: str) -> EngineStep:
         for step in self.steps:

@@ -160,6 +160,46 @@ class CancelRequested(_Event):
         return f"{self.run_id}:cancel"
 
 
+class ApprovalRequested(_Event):
+    """An approval step was reached: the engine filed request ``name`` (an
+    ``approvals.ApprovalRequest``) and the step waits for a decision until ``expires_at``
+    (its timeout, or the run's deadline if that comes first)."""
+
+    kind: Literal["ApprovalRequested"] = "ApprovalRequested"
+    step: str
+    name: str
+    message: str = ""
+    expires_at: datetime
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:approval:{self.step}:requested"
+
+
+ApprovalOutcome = Literal["Approved", "Denied", "TimedOut"]
+
+
+class ApprovalDecided(_Event):
+    """The decision of the approval step's request ``name``: a person's (``decided_by``
+    the authenticated user, ``decided_at`` when they decided) or its timeout's
+    (``decided_by`` ``approvals.TIMEOUT_DECIDER``, ``approved`` per ``onTimeout``). The
+    run's audit trail: who, when, why. Logged once per step (its key), so a decision
+    relayed twice, or replayed after a crash, is recorded once."""
+
+    kind: Literal["ApprovalDecided"] = "ApprovalDecided"
+    step: str
+    name: str
+    phase: ApprovalOutcome
+    approved: bool
+    decided_by: str
+    decided_at: datetime
+    reason: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:approval:{self.step}:decided"
+
+
 class RunFinished(_Event):
     kind: Literal["RunFinished"] = "RunFinished"
     status: RunOutcome
@@ -179,6 +219,8 @@ Event = Annotated[
     | CompensationDispatched
     | CompensationFinished
     | CancelRequested
+    | ApprovalRequested
+    | ApprovalDecided
     | RunFinished,
     Field(discriminator="kind"),
 ]

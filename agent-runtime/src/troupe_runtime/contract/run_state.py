@@ -2,6 +2,12 @@
 
 The engine keeps this projection in KV for fast reads (``troupe runs``), but
 the log is the truth: after a crash the projection is rebuilt by replaying it.
+
+An approval step is ``WaitingForApproval`` from its ``ApprovalRequested`` to its
+``ApprovalDecided``; so is the run while some step waits and none runs (a person, not an
+agent, holds it up). An approval that passes succeeds with the output
+``{"approved": true, "decidedBy": …, "reason": …}``; one denied, or timed out with
+``onTimeout: reject``, fails with an error naming who denied and why, or the timeout.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from troupe_runtime.contract import approvals
 from troupe_runtime.contract.policies import WireModel
 from troupe_runtime.contract.run_events import (
+    ApprovalDecided,
+    ApprovalRequested,
     CancelRequested,
     CompensationDispatched,
     CompensationFinished,
@@ -25,13 +34,35 @@ from troupe_runtime.contract.run_events import (
 )
 from troupe_runtime.contract.usage import Usage
 
-StepStatus = Literal["Pending", "Running", "Succeeded", "Failed"]
-RunStatus = Literal["Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded", "Cancelled"]
+StepStatus = Literal["Pending", "Running", "WaitingForApproval", "Succeeded", "Failed"]
+RunStatus = Literal[
+    "Running",
+    "WaitingForApproval",
+    "Compensating",
+    "Succeeded",
+    "Failed",
+    "BudgetExceeded",
+    "Cancelled",
+]
 TERMINAL_STATUSES: tuple[RunStatus, ...] = ("Succeeded", "Failed", "BudgetExceeded", "Cancelled")
 """How a run ends. ``BudgetExceeded``: a step's model call was refused by a Budget's hard
 limit; the output is the steps that finished (``{"steps": {name: output}}``).
 ``Cancelled``: a ``run_events.CANCEL_TYPE`` message asked for it (A2A CancelTask, a
 Trigger's Replace policy); steps already dispatched are not recalled."""
+
+
+class StepApproval(WireModel):
+    """An approval step's request and, once decided, its decision."""
+
+    name: str
+    message: str = ""
+    requested_at: datetime
+    expires_at: datetime
+    phase: approvals.Phase = "Pending"
+    approved: bool | None = None
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    reason: str | None = None
 
 
 class StepState(WireModel):
@@ -47,6 +78,8 @@ class StepState(WireModel):
     reason: str | None = None
     """Why the last attempt failed, when its reply named a reason the engine acts on
     (``run_events.BUDGET_EXCEEDED_REASON``)."""
+    approval: StepApproval | None = None
+    """An approval step's request and decision; None for an agent's step."""
 
 
 class CompensationState(WireModel):
@@ -116,6 +149,80 @@ def _finished(
     )
 
 
+def approval_output(decision: ApprovalDecided) -> dict[str, Any]:
+    """What an approval step that passed gives the steps after it."""
+    return {"approved": True, "decidedBy": decision.decided_by, "reason": decision.reason}
+
+
+def approval_error(decision: ApprovalDecided) -> str:
+    """Why an approval step failed: who denied it and why, or its timeout."""
+    if decision.phase == "TimedOut":
+        detail = f": {decision.reason}" if decision.reason else ""
+        return f"approval {decision.name} timed out{detail} (onTimeout: reject)"
+    because = f": {decision.reason}" if decision.reason else ""
+    return f"approval {decision.name} denied by {decision.decided_by}{because}"
+
+
+def waiting_approval(state: RunState, step: str, name: str) -> bool:
+    """Whether the run waits for the decision of request ``name`` at ``step``: what a
+    decision must match to count."""
+    current = state.steps.get(step)
+    return (
+        not state.terminal
+        and current is not None
+        and current.status == "WaitingForApproval"
+        and current.approval is not None
+        and current.approval.name == name
+    )
+
+
+def pending_approvals(state: RunState) -> dict[str, StepApproval]:
+    """The requests the run waits on, by step."""
+    return {
+        name: step.approval
+        for name, step in state.steps.items()
+        if step.status == "WaitingForApproval" and step.approval is not None
+    }
+
+
+def _progress_status(steps: dict[str, StepState]) -> RunStatus:
+    """Running, or WaitingForApproval while a step waits for a person and none runs."""
+    statuses = {step.status for step in steps.values()}
+    if "WaitingForApproval" in statuses and "Running" not in statuses:
+        return "WaitingForApproval"
+    return "Running"
+
+
+def _decided(current: StepState, event: ApprovalDecided) -> StepState:
+    assert current.approval is not None
+    approval = current.approval.model_copy(
+        update={
+            "phase": event.phase,
+            "approved": event.approved,
+            "decided_by": event.decided_by,
+            "decided_at": event.decided_at,
+            "reason": event.reason,
+        }
+    )
+    if event.approved:
+        return current.model_copy(
+            update={
+                "status": "Succeeded",
+                "output": approval_output(event),
+                "finished_at": event.at,
+                "approval": approval,
+            }
+        )
+    return current.model_copy(
+        update={
+            "status": "Failed",
+            "error": approval_error(event),
+            "finished_at": event.at,
+            "approval": approval,
+        }
+    )
+
+
 def apply(state: RunState | None, event: Event) -> RunState:
     """Fold one event into the state; events of a finished run change nothing."""
     if state is None:
@@ -174,6 +281,21 @@ def apply(state: RunState | None, event: Event) -> RunState:
             )
             update["compensations"] = {**state.compensations, event.step: done}
             update["usage"] = add_usage(state.usage, event.usage)
+        case ApprovalRequested() if _step(state, event.step).status == "Pending":
+            steps[event.step] = StepState(
+                status="WaitingForApproval",
+                attempt=1,
+                approval=StepApproval(
+                    name=event.name,
+                    message=event.message,
+                    requested_at=event.at,
+                    expires_at=event.expires_at,
+                ),
+            )
+        case ApprovalDecided() if waiting_approval(state, event.step, event.name):
+            steps[event.step] = _decided(steps[event.step], event)
+            if event.approved:
+                update["succeeded_order"] = [*state.succeeded_order, event.step]
         case CancelRequested() if state.cancellation is None:
             update["cancellation"] = Cancellation(reason=event.reason, requested_at=event.at)
         case RunFinished():
@@ -183,6 +305,8 @@ def apply(state: RunState | None, event: Event) -> RunState:
         case _:
             pass  # A duplicate or late reply for an attempt no longer awaited changes nothing.
     update["steps"] = steps
+    if update.get("status", state.status) in ("Running", "WaitingForApproval"):
+        update["status"] = _progress_status(steps)
     return state.model_copy(update=update)
 
 

@@ -10,6 +10,14 @@ A step whose failure says a Budget refused it (``StepState.reason`` is
 more of it. The run ends ``BudgetExceeded`` with the steps that finished and their
 outputs; if the step's ``onFailure`` is ``compensate``, compensations run first, as
 for a failed run (they may be refused too; that does not stop the run ending).
+
+An approval step whose dependencies are done is not dispatched: ``RequestApproval`` files
+its request (its message rendered from the run, cut to ``approvals.MAX_MESSAGE_CHARS``) and
+the step waits, costing nothing, until a decision is logged or ``expires_at``: its own
+timeout, or the run's deadline when that comes first. Step timeouts do not apply to the
+wait. At ``expires_at`` (a ``wake_at``) ``ExpireApproval`` resolves it per ``onTimeout``;
+the run's deadline, when it comes first, fails the run instead, and the engine withdraws
+the request.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from troupe_runtime.contract.engine_config import EngineConfig
+from troupe_runtime.contract import approvals
+from troupe_runtime.contract.durations import format_duration
+from troupe_runtime.contract.engine_config import EngineConfig, EngineStep
 from troupe_runtime.contract.run_events import BUDGET_EXCEEDED_REASON, RunOutcome
-from troupe_runtime.contract.run_state import RunState
-from troupe_runtime.workflow.mapping import MappingError, map_input
+from troupe_runtime.contract.run_state import RunState, StepState
+from troupe_runtime.workflow.mapping import MappingError, map_input, render_template
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,26 @@ class Finish:
     error: str | None = None
 
 
-Action = Dispatch | FailStep | Compensate | Finish
+@dataclass(frozen=True)
+class RequestApproval:
+    """File an approval step's request and wait for its decision."""
+
+    step: str
+    name: str
+    message: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ExpireApproval:
+    """Resolve a request nobody decided in time, per the step's ``onTimeout``."""
+
+    step: str
+    approved: bool
+    reason: str
+
+
+Action = Dispatch | FailStep | Compensate | Finish | RequestApproval | ExpireApproval
 
 
 @dataclass(frozen=True)
@@ -159,6 +188,20 @@ def attempt_deadline(config: EngineConfig, state: RunState, step: str, now: date
     return min(expires, state.started_at + config.deadline)
 
 
+def _request(config: EngineConfig, state: RunState, step: EngineStep, now: datetime) -> Action:
+    assert step.approval is not None
+    expires = now + step.approval.timeout
+    if config.deadline is not None:
+        expires = min(expires, state.started_at + config.deadline)
+    message = render_template(step.approval.message, state.input, _outputs(state))
+    return RequestApproval(
+        step=step.name,
+        name=approvals.approval_name(config.workflow, state.run_id, step.name),
+        message=approvals.bounded_text(message, approvals.MAX_MESSAGE_CHARS),
+        expires_at=expires,
+    )
+
+
 def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
     """The actions that move ``state`` forward at ``now``."""
     if (settled := _winding_down(config, state, now)) is not None:
@@ -173,13 +216,9 @@ def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
             continue
         if current.status == "Succeeded":
             finished.add(step.name)
-        elif current.status == "Running":
-            assert current.dispatched_at is not None
-            expires = current.dispatched_at + step.timeout
-            if now >= expires:
-                actions.append(
-                    FailStep(step.name, current.attempt, f"timed out after {step.timeout}")
-                )
+        elif current.status in ("Running", "WaitingForApproval"):
+            due, expires = _in_flight(step, current, now)
+            actions.extend(due)
             wake_at = _earliest(wake_at, expires)
         elif current.attempt < step.retry.max_attempts:
             assert current.finished_at is not None
@@ -199,13 +238,48 @@ def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
     if len(finished) == len(config.steps):
         return Plan([Finish("Succeeded", output=_final_output(config, state))])
 
+    try:
+        actions.extend(_ready_steps(config, state, finished, now))
+    except MappingError as error:
+        return Plan([Finish("Failed", error=str(error))])
+    return Plan(actions, wake_at)
+
+
+def _in_flight(
+    step: EngineStep, current: StepState, now: datetime
+) -> tuple[list[Action], datetime]:
+    """What is due for a step that runs (its timeout) or waits for approval (its
+    request's expiry, resolved per ``onTimeout``), and when it falls due."""
+    if current.approval is not None and step.approval is not None:
+        expires = current.approval.expires_at
+        if now < expires:
+            return [], expires
+        reason = f"no decision within {format_duration(step.approval.timeout)}"
+        return [ExpireApproval(step.name, step.approval.on_timeout == "approve", reason)], expires
+    assert current.dispatched_at is not None
+    expires = current.dispatched_at + step.timeout
+    if now < expires:
+        return [], expires
+    return [FailStep(step.name, current.attempt, f"timed out after {step.timeout}")], expires
+
+
+def _ready_steps(
+    config: EngineConfig, state: RunState, finished: set[str], now: datetime
+) -> list[Action]:
+    """The first action of each step not started whose dependencies are done: a dispatch,
+    or an approval step's request. ``MappingError`` (naming the step) for an input that
+    cannot be mapped."""
     outputs = _outputs(state)
+    actions: list[Action] = []
     for step in config.steps:
         if step.name in state.steps or not all(dep in finished for dep in step.depends_on):
+            continue
+        if step.approval is not None:
+            actions.append(_request(config, state, step, now))
             continue
         try:
             payload = map_input(step.input, step.depends_on, state.input, outputs)
         except MappingError as error:
-            return Plan([Finish("Failed", error=f"step {step.name}: {error}")])
+            raise MappingError(f"step {step.name}: {error}") from error
         actions.append(Dispatch(step.name, 1, payload))
-    return Plan(actions, wake_at)
+    return actions

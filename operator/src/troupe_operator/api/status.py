@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from troupe_operator.api.common import ApiModel
+from troupe_runtime.contract.run_state import RunStatus
 
 
 class Condition(ApiModel):
@@ -105,11 +106,10 @@ class LastRun(ApiModel):
     """The run started most recently."""
 
     id: str = Field(description="The run's id.")
-    status: Literal[
-        "Running", "Compensating", "Succeeded", "Failed", "BudgetExceeded", "Cancelled"
-    ] = Field(
-        description="Running, Compensating, Succeeded, Failed, BudgetExceeded (a Budget's "
-        "hard limit stopped it; its output holds the steps that finished) or Cancelled."
+    status: RunStatus = Field(
+        description="Running, WaitingForApproval (an approval step waits for a person and no "
+        "step runs), Compensating, Succeeded, Failed, BudgetExceeded (a Budget's hard limit "
+        "stopped it; its output holds the steps that finished) or Cancelled."
     )
     started_at: str = Field(description="RFC 3339.")
     finished_at: str | None = Field(default=None, description="RFC 3339; unset while running.")
