@@ -41,9 +41,13 @@ def agent_config(nats_url: str, namespace: str, agent: str, **fields: Any) -> Ru
 def engine_config(
     nats_url: str, namespace: str, steps: list[dict[str, Any]], **fields: Any
 ) -> EngineConfig:
-    """Steps name their agent; its inbox subject is filled in as the operator does."""
+    """Steps name their agent; its inbox subject is filled in as the operator does. An
+    approval step (``approval`` given) has no agent."""
     resolved = []
     for step in steps:
+        if "approval" in step:  # an approval step: no agent
+            resolved.append(step)
+            continue
         agent = step.get("agent", step["name"])
         entry = {**step, "agent": agent, "subject": naming.inbox_subject(namespace, agent, 0)}
         compensation = step.get("compensation")

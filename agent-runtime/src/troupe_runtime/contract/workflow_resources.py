@@ -6,6 +6,12 @@ run's event log, the agents' replies and the results, the engine's lease, one
 ``active.<run>`` marker per unfinished run and the tallies of finished runs; two
 durable consumers feed the engine triggers and replies; a KV bucket keeps each
 run's projection. ``retention.maxAge`` bounds the stream and the bucket alike.
+
+A workflow with an approval step also needs its namespace's approvals bucket
+(``approvals.approvals_bucket_config``): provisioned with the workflow's resources, but
+the namespace's, shared by every requester in it, so deleting the workflow leaves it.
+Decisions come back on ``approve.<run>``, which the stream keeps and the replies consumer
+takes, like cancels.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from troupe_runtime.contract import naming
+from troupe_runtime.contract import approvals, naming
 from troupe_runtime.contract.agent_resources import DUPLICATE_WINDOW_SECONDS
 from troupe_runtime.contract.engine_config import EngineConfig
 
@@ -36,6 +42,9 @@ class WorkflowResources:
     consumers: list[ConsumerConfig]
     runs: KeyValueConfig
     dead_letters: StreamConfig | None
+    approvals: KeyValueConfig | None = None
+    """The namespace's approvals bucket, when a step waits for people; never deleted with
+    the workflow."""
 
 
 def build_workflow_stream(config: EngineConfig) -> StreamConfig:
@@ -51,6 +60,7 @@ def build_workflow_stream(config: EngineConfig) -> StreamConfig:
             config.subject("active"),
             config.subject("tally"),
             config.subject("cancel"),
+            config.subject("approve"),
         ],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
@@ -78,10 +88,13 @@ def build_engine_consumers(config: EngineConfig) -> list[ConsumerConfig]:
             [config.trigger_subject, config.subject("start")],
             config.max_concurrent_runs,
         ),
-        # Cancels come with the replies: never held back by a full triggers consumer, and
-        # an existing consumer's filter is updated in place (provision.ensure_consumer).
+        # Cancels and approval decisions come with the replies: never held back by a full
+        # triggers consumer, and an existing consumer's filter is updated in place
+        # (provision.ensure_consumer).
         consumer(
-            naming.REPLIES_CONSUMER, [config.subject("replies"), config.subject("cancel")], 10_000
+            naming.REPLIES_CONSUMER,
+            [config.subject("replies"), config.subject("cancel"), config.subject("approve")],
+            10_000,
         ),
     ]
 
@@ -114,4 +127,7 @@ def build_workflow_resources(config: EngineConfig) -> WorkflowResources:
         consumers=build_engine_consumers(config),
         runs=build_runs_bucket(config),
         dead_letters=build_workflow_dead_letters(config),
+        approvals=approvals.approvals_bucket_config(config.namespace)
+        if config.has_approvals
+        else None,
     )

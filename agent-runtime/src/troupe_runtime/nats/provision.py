@@ -192,4 +192,6 @@ async def ensure_workflow_resources(
     await ensure_bucket(js, resources.runs, report)
     if resources.dead_letters is not None:
         await ensure_stream(js, resources.dead_letters, report)
+    if resources.approvals is not None:
+        await ensure_bucket(js, resources.approvals, report)
     return report

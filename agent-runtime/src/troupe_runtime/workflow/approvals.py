@@ -24,6 +24,7 @@ from troupe_runtime.contract.run_state import RunState, StepApproval, pending_ap
 RESERVED_DECIDER_PREFIX = "troupe:"
 """Deciders Troupe itself writes (``approvals.TIMEOUT_DECIDER``, ``WITHDRAWN_DECIDER``):
 no decision on the wire may claim one."""
+MAX_DECIDER_CHARS = 256
 
 
 def request_for(config: EngineConfig, state: RunState, step: str) -> ApprovalRequest | None:
@@ -67,8 +68,11 @@ def withdrawn(request: ApprovalRequest, at: datetime) -> ApprovalRequest:
 
 def decision_problem(state: RunState | None, decision: ApprovalDecision) -> str | None:
     """Why ``decision`` does not decide anything in this run, or None."""
-    if decision.decided_by.startswith(RESERVED_DECIDER_PREFIX):
-        return f"decidedBy {decision.decided_by!r} is reserved for Troupe"
+    decider = approvals.bounded_text(decision.decided_by, MAX_DECIDER_CHARS)
+    if not decider:
+        return "decidedBy is blank"
+    if decider.startswith(RESERVED_DECIDER_PREFIX):
+        return f"decidedBy {decider!r} is reserved for Troupe"
     if state is None or state.terminal:
         return "the run is finished or unknown"
     if state.cancellation is not None or state.status == "Compensating":
@@ -101,7 +105,7 @@ def decided_event(
         name=approval.name,
         phase="Approved" if approved else "Denied",
         approved=approved,
-        decided_by=approvals.bounded_text(decision.decided_by, 256),
+        decided_by=approvals.bounded_text(decision.decided_by, MAX_DECIDER_CHARS),
         decided_at=decision.decided_at,
         reason=approvals.bounded_text(decision.reason, approvals.MAX_REASON_CHARS),
     )

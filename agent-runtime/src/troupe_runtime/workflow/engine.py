@@ -15,6 +15,16 @@ A cancel (``run_events.CANCEL_TYPE`` on ``cancel.<run>``, taken with the replies
 logged as a ``CancelRequested``; the planner then ends the run ``Cancelled`` and its
 result is ``troupe.workflow.cancelled``; a cancel is not a failure, so no dead letter.
 
+An approval step (``workflow.approvals``) files its request in the namespace's approvals
+bucket after logging ``ApprovalRequested``, and the run waits at no cost. Decisions (an
+``approvals.ApprovalDecision`` CloudEvent of ``approvals.DECISION_TYPE`` on
+``approve.<run>``, taken with the replies) are checked hard: a malformed one, one naming no
+waiting request, or one for a run not waiting is logged and acked, nothing else. A decision
+is logged as ``ApprovalDecided`` (once: its key) before the request is written back with
+its final phase; the request's expiry logs the timeout's decision the same way, and a run
+that ends with a request pending withdraws it before its end is logged. The bucket is
+derived from the log, so recovery writes every request of a run again where it differs.
+
 A run a Budget stopped (a step's failure reply says reason ``budget-exceeded``) ends
 ``BudgetExceeded``: its result is ``troupe.workflow.budgetexceeded`` on the results
 subject, with the finished steps' outputs, and it goes to the workflow's dead letters
@@ -39,8 +49,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
-from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract import approvals, envelope, naming
 from troupe_runtime.contract.dead_letters import (
     ERROR_HEADER,
     REASON_HEADER,
@@ -59,6 +72,7 @@ from troupe_runtime.contract.run_events import (
     CANCEL_TYPE,
     COMPENSATE,
     RUN_ID_PATTERN,
+    ApprovalRequested,
     CancelRequested,
     CompensationDispatched,
     CompensationFinished,
@@ -73,9 +87,10 @@ from troupe_runtime.contract.run_events import (
     dispatch_id,
     parse_dispatch_id,
 )
-from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.run_state import RunState, pending_approvals
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.nats.pull import Puller
+from troupe_runtime.workflow import approvals as approval_steps
 from troupe_runtime.workflow import planner
 from troupe_runtime.workflow.lease import Lease, LeaseLost
 from troupe_runtime.workflow.runlog import RunLog
@@ -152,8 +167,10 @@ class Engine:
         lease: Lease,
         config: EngineConfig,
         clock: Callable[[], datetime] = utcnow,
+        approvals_kv: KeyValue | None = None,
     ) -> None:
         self._nc = nc
+        self._approvals = approvals_kv
         self._js = js
         self._log = log
         self._lease = lease
@@ -268,6 +285,7 @@ class Engine:
             self._runs[run_id] = state
             if not state.terminal:
                 logger.info("resuming run %s", run_id)
+                await self._file_all(state)
         for run_id in list(self._runs):
             await self._advance_safely(run_id)
 
@@ -375,6 +393,9 @@ class Engine:
         if msg.subject.startswith(self._config.subject("cancel", "")):
             await self._on_cancel(msg)
             return
+        if msg.subject.startswith(self._config.subject("approve", "")):
+            await self._on_decision(msg)
+            return
         try:
             event = envelope.parse(msg.headers, msg.data)
         except MalformedMessage as error:
@@ -417,6 +438,84 @@ class Engine:
         logger.info("run %s: cancelled", run_id)
         await self._advance_safely(run_id)
 
+    async def _on_decision(self, msg: Msg) -> None:
+        """Log a person's decision and write the request back decided, then move the run
+        on. Anything that is not a well-formed decision of a request the run waits for is
+        dropped (and acked): a decision relayed twice is taken once."""
+        run_id = msg.subject.removeprefix(self._config.subject("approve", ""))
+        if not RUN_ID_PATTERN.match(run_id):
+            logger.warning("dropping an approval decision for an invalid run id")
+            return
+        try:
+            event = envelope.parse(msg.headers, msg.data)
+            if event.type != approvals.DECISION_TYPE:
+                raise ValueError(f"type is not {approvals.DECISION_TYPE}")
+            decision = approvals.ApprovalDecision.model_validate(event.data)
+        except MalformedMessage as error:
+            logger.warning("dropping a malformed decision for run %s: %s", run_id, error.reason)
+            return
+        except (ValueError, ValidationError) as error:
+            detail = str(error).splitlines()[0]
+            logger.warning("dropping a malformed decision for run %s: %s", run_id, detail)
+            return
+        if run_id not in self._runs and not await self._adopt(run_id):
+            logger.info("decision for run %s: finished or unknown; dropped", run_id)
+            return
+        async with self._lock(run_id):
+            state = self._runs.get(run_id)
+            problem = approval_steps.decision_problem(state, decision)
+            if problem is not None or state is None:
+                logger.warning("dropping a decision for run %s: %s", run_id, problem)
+                return
+            step = approval_steps.waiting_step(state, decision.name)
+            assert step is not None
+            decided = approval_steps.decided_event(state, step, decision, self._clock())
+            state = await self._log.append(state, decided)
+            self._runs[run_id] = state
+            await self._file(state, step)
+        logger.info(
+            "run %s: approval %s %s by %s", run_id, decision.name, decided.phase, decided.decided_by
+        )
+        await self._advance_safely(run_id)
+
+    def _approvals_kv(self) -> KeyValue:
+        if self._approvals is None:
+            raise RuntimeError("an approval step, but the engine has no approvals bucket")
+        return self._approvals
+
+    async def _put_request(self, request: approvals.ApprovalRequest) -> None:
+        """Write ``request`` to the bucket unless it holds exactly that already."""
+        kv = self._approvals_kv()
+        key = naming.approval_key(request.name)
+        payload = request.model_dump_json(by_alias=True).encode()
+        try:
+            entry = await kv.get(key)
+            if entry.value == payload:
+                return
+        except KeyNotFoundError:
+            pass
+        await kv.put(key, payload)
+
+    async def _file(self, state: RunState, step: str) -> None:
+        """The step's request in the bucket, as the log has it."""
+        request = approval_steps.request_for(self._config, state, step)
+        if request is not None:
+            await self._put_request(request)
+
+    async def _file_all(self, state: RunState) -> None:
+        """Every request of a run, as its log has them: what a crash between an approval's
+        event and its write left behind is written now."""
+        for name, step in state.steps.items():
+            if step.approval is not None:
+                await self._file(state, name)
+
+    async def _withdraw(self, state: RunState) -> None:
+        """A run that ends: the requests it still waits on are withdrawn."""
+        for step in pending_approvals(state):
+            request = approval_steps.request_for(self._config, state, step)
+            if request is not None:
+                await self._put_request(approval_steps.withdrawn(request, self._clock()))
+
     async def _adopt(self, run_id: str) -> bool:
         """Take on an unfinished run this engine does not hold (its log says it is one
         of ours); False for a finished or unknown run."""
@@ -431,6 +530,7 @@ class Engine:
                 return False
             logger.info("adopting run %s from its log", run_id)
             self._runs[run_id] = state
+            await self._file_all(state)
             return True
 
     def _lock(self, run_id: str) -> asyncio.Lock:
@@ -508,10 +608,33 @@ class Engine:
                 await self._record(
                     StepFailed(run_id=run_id, at=now, step=step, attempt=attempt, error=error)
                 )
+            case planner.RequestApproval(step, name, message, expires_at):
+                await self._record(
+                    ApprovalRequested(
+                        run_id=run_id,
+                        at=now,
+                        step=step,
+                        name=name,
+                        message=message,
+                        expires_at=expires_at,
+                    )
+                )
+                await self._file(self._runs[run_id], step)
+                logger.info("run %s: step %s waits for approval %s", run_id, step, name)
+            case planner.ExpireApproval(step, approved, reason):
+                run = self._runs[run_id]
+                approval = run.steps[step].approval
+                assert approval is not None
+                await self._record(
+                    approval_steps.timed_out_event(run, step, approval, approved, reason, now)
+                )
+                await self._file(self._runs[run_id], step)
             case planner.Finish(status, output, error):
                 # The outcome is published before it is logged, like a dispatch: a
                 # crash in between publishes it again under the same id, and only once.
+                # So are pending approvals withdrawn.
                 await self._publish_outcome(run_id, status, output, error)
+                await self._withdraw(self._runs[run_id])
                 await self._record(
                     RunFinished(run_id=run_id, at=now, status=status, output=output, error=error)
                 )

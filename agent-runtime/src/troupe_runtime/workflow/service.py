@@ -63,11 +63,19 @@ class EngineService:
         nc = await connect(self.config.nats, name=f"troupe-workflow-{self.config.workflow}")
         try:
             js = nc.jetstream()
-            kv = await self._bind(js)
-            if kv is None:
+            bound = await self._bind(js)
+            if bound is None:
                 return
+            kv, approvals_kv = bound
             lease = Lease(nc, js, self.config)
-            self._engine = Engine(nc, js, RunLog(js, kv, self.config, lease), lease, self.config)
+            self._engine = Engine(
+                nc,
+                js,
+                RunLog(js, kv, self.config, lease),
+                lease,
+                self.config,
+                approvals_kv=approvals_kv,
+            )
             self._active.set_function(lambda: self._engine.active_runs if self._engine else 0)
             if self._stop.is_set():
                 return
@@ -77,15 +85,19 @@ class EngineService:
             await nc.drain()
             await self.health.stop()
 
-    async def _bind(self, js: JetStreamContext) -> KeyValue | None:
-        """The runs bucket, once the operator has created it and the engine's consumers;
+    async def _bind(self, js: JetStreamContext) -> tuple[KeyValue, KeyValue | None] | None:
+        """The runs bucket (and the namespace's approvals bucket, for a workflow with an
+        approval step), once the operator has created them and the engine's consumers;
         None when stopped first."""
         stream = self.config.stream
         while not self._stop.is_set():
             try:
                 for consumer in (naming.TRIGGERS_CONSUMER, naming.REPLIES_CONSUMER):
                     await js.consumer_info(stream, consumer)
-                return await js.key_value(self.config.runs_bucket)
+                runs = await js.key_value(self.config.runs_bucket)
+                if not self.config.has_approvals:
+                    return runs, None
+                return runs, await js.key_value(self.config.approvals_bucket)
             except (NotFoundError, BucketNotFoundError):
                 logger.warning("the JetStream resources of %s do not exist yet; waiting", stream)
             try:

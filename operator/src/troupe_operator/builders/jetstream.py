@@ -207,5 +207,7 @@ def workflow_spec_fields(resources: WorkflowResources) -> SpecFields:
         }
     if resources.dead_letters is not None:
         fields[f"stream/{resources.dead_letters.name}"] = {"": "spec.deadLetter.retention"}
+    if resources.approvals is not None:
+        fields[f"bucket/{resources.approvals.bucket}"] = {"": "spec.steps"}
     subjects = resources.stream.subjects or []
     return SpecFields(fields, dict.fromkeys(subjects[:1], "spec.trigger.subject"), "metadata.name")
