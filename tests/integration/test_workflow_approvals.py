@@ -33,7 +33,7 @@ from tests.integration.workflow_harness import (
 from troupe_devcluster.layout import free_port
 from troupe_runtime.agent.context import Context
 from troupe_runtime.contract import approvals, envelope, naming
-from troupe_runtime.contract.approvals import ApprovalDecision, ApprovalRequest
+from troupe_runtime.contract.approvals import ApprovalDecision, ApprovalRequest, Verdict
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.run_events import ApprovalDecided
@@ -61,35 +61,29 @@ def _name(config: EngineConfig, run: str) -> str:
 
 async def decide(
     js: JetStreamContext,
-    config: EngineConfig,
-    run: str,
-    name: str,
-    verdict: str = "Approve",
+    pending: ApprovalRequest,
+    verdict: Verdict = "Approve",
     by: str = "alice",
     reason: str = "looks good",
+    *,
+    name: str | None = None,
+    subject: str | None = None,
 ) -> None:
-    """A decision as the operator relays it: an ApprovalDecision CloudEvent on the
-    request's reply subject."""
-    decision = ApprovalDecision.model_validate(
-        {
-            "name": name,
-            "verdict": verdict,
-            "decidedBy": by,
-            "decidedAt": datetime.now(UTC),
-            "reason": reason,
-        }
+    """A decision of ``pending`` as the operator relays it (``approvals.decision_event``,
+    on the request's reply subject); ``name`` and ``subject`` forge one."""
+    decision = ApprovalDecision(
+        name=name or pending.name,
+        verdict=verdict,
+        decided_by=by,
+        decided_at=datetime.now(UTC),
+        reason=reason,
     )
-    event = CloudEvent(
-        id=uuid.uuid4().hex,
-        source="/tests/operator",
-        type=approvals.DECISION_TYPE,
-        data=decision.model_dump(mode="json", by_alias=True),
-    )
+    event = approvals.decision_event(pending, decision, uuid.uuid4().hex)
     headers, payload = envelope.to_binary(event)
     await js.publish(
-        config.subject("approve", run),
+        subject or pending.reply_subject,
         payload,
-        headers={**headers, Header.MSG_ID.value: f"approval:{name}:{uuid.uuid4().hex}"},
+        headers={**headers, Header.MSG_ID.value: event.id},
     )
 
 
@@ -163,7 +157,7 @@ async def test_an_approved_run_goes_on_with_who_approved_it(nats_url: str) -> No
         assert pending.approvers.groups == ["release"]
         assert pending.requester.step == "gate"
         assert pending.requester.run_id == run
-        await decide(js, config, run, pending.name)
+        await decide(js, pending)
         outcome = await result(js, config, run)
         decided = await request(js, config, pending.name)
         events = await run_events(js, config, run)
@@ -195,7 +189,7 @@ async def test_a_denied_run_fails_naming_who_denied_it_and_why(nats_url: str) ->
         run = uuid.uuid4().hex
         await trigger(js, config, {"version": "2"}, run)
         pending = await waits(js, config, run)
-        await decide(js, config, run, pending.name, "Deny", by="bob", reason="not on a Friday")
+        await decide(js, pending, "Deny", by="bob", reason="not on a Friday")
         outcome = await result(js, config, run)
         decided = await request(js, config, pending.name)
         kinds = [e.kind for e in await run_events(js, config, run)]
@@ -279,9 +273,9 @@ async def test_forged_or_malformed_decisions_are_dropped_and_the_run_still_waits
         )
         headers, payload = envelope.to_binary(not_a_decision)
         await js.publish(subject, payload, headers=headers)
-        await decide(js, config, run, "wf-0123456789abcdef")  # a request nobody filed
-        await decide(js, config, run, pending.name, by="troupe:timeout")  # a reserved decider
-        await decide(js, config, "another-run", pending.name)  # another run's subject
+        await decide(js, pending, name="wf-0123456789abcdef")  # a request nobody filed
+        await decide(js, pending, by="troupe:timeout")  # a reserved decider
+        await decide(js, pending, subject=config.subject("approve", "another-run"))
         await drained(js, config)
         state = await projection(js, config, run)
         still = await request(js, config, pending.name)
@@ -290,8 +284,8 @@ async def test_forged_or_malformed_decisions_are_dropped_and_the_run_still_waits
         assert still is not None
         assert still.phase == "Pending"
         assert _decisions(await run_events(js, config, run)) == []
-        await decide(js, config, run, pending.name, reason="first")
-        await decide(js, config, run, pending.name, "Deny", reason="second")  # twice is once
+        await decide(js, pending, reason="first")
+        await decide(js, pending, "Deny", reason="second")  # twice is once
         outcome = await result(js, config, run)
         await drained(js, config)
         events = await run_events(js, config, run)
@@ -321,7 +315,7 @@ async def test_an_engine_killed_while_the_run_waits_resumes_it_on_the_decision(
             first.wait()
         with engine_process(config, tmp_path) as second:
             await eventually(partial(engine_answers, config, second), "the second engine")
-            await decide(js, config, run, pending.name, by="carol")
+            await decide(js, pending, by="carol")
             outcome = await result(js, config, run)
             decided = await request(js, config, pending.name)
         events = await run_events(js, config, run)
