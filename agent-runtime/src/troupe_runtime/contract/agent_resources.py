@@ -41,6 +41,8 @@ class AgentResources:
     dead_letters: StreamConfig | None
     buckets: list[KeyValueConfig]
     event_log: StreamConfig
+    sessions: KeyValueConfig | None = None
+    """The Agent's own session bucket (``spec.llm.session``), deleted with it."""
 
 
 def inbox_subjects(config: RuntimeConfig) -> list[str]:
@@ -153,6 +155,22 @@ def build_buckets(config: RuntimeConfig) -> list[KeyValueConfig]:
     return buckets
 
 
+def session_bucket_config(config: RuntimeConfig) -> KeyValueConfig | None:
+    """The bucket of an LLM agent's sessions, when they are on: history 1 (a session's past
+    values are of no use, and its writes are compare-and-set), TTL the retention (a session
+    is forgotten that long after its last write), file storage (a restart loses nothing)."""
+    policy = config.llm.policy.sessions() if config.llm is not None else None
+    if policy is None:
+        return None
+    return KeyValueConfig(
+        bucket=naming.session_bucket(config.namespace, config.agent),
+        history=1,
+        ttl=policy.retention.total_seconds(),
+        storage=StorageType.FILE,
+        description=f"Sessions of agent {config.namespace}/{config.agent}",
+    )
+
+
 def build_event_log_stream(namespace: str) -> StreamConfig:
     """Per-namespace append-only event logs, one subject per correlation id."""
     return StreamConfig(
@@ -177,4 +195,5 @@ def build_agent_resources(config: RuntimeConfig, replicas: int = 1) -> AgentReso
         dead_letters=build_dead_letter_stream(config),
         buckets=build_buckets(config),
         event_log=build_event_log_stream(config.namespace),
+        sessions=session_bucket_config(config),
     )

@@ -58,7 +58,11 @@ class DeadLetterReason(StrEnum):
     again, and the error names which. ``rate-limited``: an LLM agent's message deferred
     more often than ``MAX_DEFERRALS`` by 429s. ``budget-exceeded``: a hard limit of a
     Budget refused a model call (``contract.budget.BudgetExceeded``); no retry helps
-    before the window turns.
+    before the window turns. ``session-busy``: a message of a session that was running
+    elsewhere, under ``doubleTexting: reject``; ``session-rolled-back``: a running message a
+    newer one of its session stopped under ``rollback`` (its turns discarded);
+    ``session-interrupted``: one stopped under ``interrupt`` whose contract wants structured
+    output, which no partial answer is.
     """
 
     MALFORMED = "malformed"
@@ -71,6 +75,9 @@ class DeadLetterReason(StrEnum):
     MAX_DELIVERIES = "max-deliveries"
     RATE_LIMITED = "rate-limited"
     BUDGET_EXCEEDED = "budget-exceeded"
+    SESSION_BUSY = "session-busy"
+    SESSION_ROLLED_BACK = "session-rolled-back"
+    SESSION_INTERRUPTED = "session-interrupted"
 
 
 @dataclass(frozen=True)

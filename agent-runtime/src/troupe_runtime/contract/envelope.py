@@ -4,8 +4,9 @@ The runtime publishes binary mode (``ce-*`` headers, the data as the payload)
 so that a consumer that knows nothing of CloudEvents still reads plain data;
 it accepts structured mode (``application/cloudevents+json``) too. Troupe's
 extensions: ``priority``, ``correlationid`` (the run id), ``causationid``,
-``deadline``, the W3C ``traceparent`` and ``replyto``, the subject a workflow
-engine waits on for this event's result or failure.
+``deadline``, the W3C ``traceparent``, ``replyto``, the subject a workflow
+engine waits on for this event's result or failure, and ``sessionid``, the conversation an
+LLM agent's message belongs to (A2A's contextId; ``contract.sessions``).
 
 This module is the message boundary, and it follows the CloudEvents NATS
 binding (binary mode as in the HTTP binding):
@@ -26,7 +27,12 @@ binding (binary mode as in the HTTP binding):
   ``UnpublishableEvent``, a ``SchemaViolation``, so they are never published;
 - a structured event with both ``data`` and ``data_base64`` is refused;
 - an invalid ``traceparent`` (W3C rules) is dropped: the next hop starts a
-  new trace instead of carrying a broken one on.
+  new trace instead of carrying a broken one on;
+- a ``sessionid`` is 1 to 200 letters, digits, ``-``, ``_`` or ``=`` (the gateway's task and
+  context ids): anything else makes the message ``MalformedMessage`` (dead letter
+  ``malformed``, the reason naming ``sessionid``), because running it without its session
+  would answer without the conversation the sender meant. It is not carried on to the
+  events sent for the message: a session is one caller's conversation with one agent.
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ they send for the event (outputs, replies, agents called as tools), so a Workflo
 counts calls made anywhere in its runs."""
 ERROR_TYPE = "troupe.error"
 TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+SESSION_ATTRIBUTE = "sessionid"
+SESSION_ID_PATTERN = r"^[-_=a-zA-Z0-9]{1,200}$"
+SESSION_ID_MAX = 200
 
 # W3C trace context: version-traceid-parentid-flags, later versions may append "-...".
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.S)
@@ -231,6 +240,9 @@ class CloudEvent(BaseModel):
     deadline: AwareDatetime | None = None
     traceparent: str | None = None
     replyto: str | None = Field(default=None, min_length=1)
+    sessionid: str | None = Field(
+        default=None, pattern=SESSION_ID_PATTERN, max_length=SESSION_ID_MAX
+    )
     data: Any = None
 
     @field_validator("traceparent", mode="before")

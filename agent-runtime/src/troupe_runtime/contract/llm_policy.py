@@ -19,6 +19,7 @@ from troupe_runtime.contract.model_provider import (
     SecretKeySelector,
 )
 from troupe_runtime.contract.policies import NAME_PATTERN, WireModel
+from troupe_runtime.contract.sessions import SessionPolicy
 
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 """What OpenAI accepts as a function name."""
@@ -309,12 +310,22 @@ class LlmPolicy(WireModel):
     rate_limit: TokenRateLimit | None = Field(
         default=None, description="The Agent's own token rate limit; unset: none."
     )
+    session: SessionPolicy | None = Field(
+        default=None,
+        description="Keep the conversation per session id (A2A's contextId, the sessionid "
+        "CloudEvent extension) across messages, replicas and restarts, bounded; unset: "
+        "every message stands alone.",
+    )
     on_budget_exceeded: Literal["dead-letter", "answer"] = Field(
         default="dead-letter",
         description="When a Budget's hard limit refuses a model call: dead-letter the "
         "message (reason budget-exceeded), or answer with what the loop has so far (only "
         "without an outputSchema). Default dead-letter.",
     )
+
+    def sessions(self) -> SessionPolicy | None:
+        """The session policy when sessions are on, else None (no session I/O)."""
+        return self.session if self.session is not None and self.session.enabled else None
 
     def chain(self) -> list[ModelRef]:
         """The models in the order they are tried."""

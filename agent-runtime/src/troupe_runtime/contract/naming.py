@@ -215,6 +215,30 @@ def llm_object_store(namespace: str) -> str:
     return f"troupe_{_token(namespace)}_llm_blobs"
 
 
+def session_bucket(namespace: str, agent: str) -> str:
+    """The KV bucket of one LLM agent's sessions (``contract.sessions``): per Agent, so its
+    TTL is the Agent's retention and it goes with the Agent."""
+    return f"troupe_{_token(namespace)}_sessions_{_token(agent)}"
+
+
+SESSION_HISTORY_PREFIX = "history"
+SESSION_QUEUE_PREFIX = "queue"
+
+
+def session_history_key(session: str) -> str:
+    """A session's history key: a digest, so any session id makes a valid key."""
+    return f"{SESSION_HISTORY_PREFIX}.{_session_digest(session)}"
+
+
+def session_queue_key(session: str) -> str:
+    """A session's queue (its in-flight marker) key."""
+    return f"{SESSION_QUEUE_PREFIX}.{_session_digest(session)}"
+
+
+def _session_digest(session: str) -> str:
+    return hashlib.sha256(session.encode()).hexdigest()[:40]
+
+
 def usage_bucket(namespace: str) -> str:
     """The KV bucket where LLM agents count tokens and cost per agent, model and minute."""
     return f"troupe_{_token(namespace)}_llm_usage"

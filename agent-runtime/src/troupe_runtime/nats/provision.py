@@ -162,21 +162,28 @@ async def ensure_agent_resources(
     await ensure_stream(js, resources.event_log, report)
     for bucket in resources.buckets:
         await ensure_bucket(js, bucket, report)
+    if resources.sessions is not None:
+        await ensure_bucket(js, resources.sessions, report)
     return report
 
 
 async def delete_agent_resources(js: JetStreamContext, resources: AgentResources) -> list[str]:
-    """Remove an agent's own streams (inbox, advisories, dead letters); shared buckets
-    and logs stay."""
+    """Remove an agent's own streams (inbox, advisories, dead letters) and its session
+    bucket; shared buckets and logs stay."""
+    names = [
+        stream.name
+        for stream in (resources.inbox, resources.advisories, resources.dead_letters)
+        if stream is not None and stream.name is not None
+    ]
+    if resources.sessions is not None:
+        names.append(naming.kv_stream(resources.sessions.bucket))
     deleted = []
-    for stream in (resources.inbox, resources.advisories, resources.dead_letters):
-        if stream is None or stream.name is None:
-            continue
+    for name in names:
         try:
-            await js.delete_stream(stream.name)
+            await js.delete_stream(name)
         except NotFoundError:
             continue
-        deleted.append(f"stream/{stream.name}")
+        deleted.append(f"stream/{name}")
     return deleted
 
 

@@ -182,6 +182,8 @@ def agent_spec_fields(namespace: str, resources: AgentResources, spec: AgentSpec
     fields[f"bucket/{naming.rate_limit_bucket(namespace)}"] = {"": "spec.rateLimit.scope"}
     fields[f"bucket/{naming.usage_bucket(namespace)}"] = {"": "spec.llm"}
     fields[f"objects/{naming.llm_object_store(namespace)}"] = {"": "spec.llm"}
+    if resources.sessions is not None:
+        fields[f"bucket/{resources.sessions.bucket}"] = {"": "spec.llm.session.retention"}
 
     return SpecFields(fields, {}, "metadata.name")
 

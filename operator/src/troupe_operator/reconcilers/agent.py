@@ -263,13 +263,16 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         # An Agent whose spec cannot be read may use any shared resource: keep them all.
         budgets = await budgets_staying(operator, namespace)
         shared = [] if staying is None else orphaned_streams(namespace, spec, staying, budgets)
-        return withdrawn + await operator.nats.delete(target, resources, shared)
+        # Its session bucket is its own: it goes whether or not sessions are on now.
+        own = [naming.kv_stream(naming.session_bucket(namespace, name))]
+        return withdrawn + await operator.nats.delete(target, resources, [*shared, *own])
 
     def leftovers(self, namespace: str, name: str) -> list[str]:
         return [
             naming.inbox_stream(namespace, name),
             naming.advisory_stream(namespace, name),
             naming.dead_letter_stream(namespace, name),
+            naming.kv_stream(naming.session_bucket(namespace, name)),
         ]
 
     async def _staying(
