@@ -63,6 +63,7 @@ from troupe_runtime.agent.settle import (
     OverBudget,
     Overdelivered,
     Policy,
+    SessionRefused,
     Settlement,
     Succeeded,
     Undelivered,
@@ -74,6 +75,7 @@ from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.budget import BudgetExceeded, BudgetUnavailable
 from troupe_runtime.contract.dead_letters import DeadLetterReason, Origin
 from troupe_runtime.contract.envelope import ERROR_TYPE, RESULT_TYPE_SUFFIX, CloudEvent
+from troupe_runtime.contract.sessions import SessionBusy, SessionStopped
 from troupe_runtime.serving import logs, tracing
 from troupe_runtime.serving.metrics import RuntimeMetrics
 from troupe_runtime.state import StateStore
@@ -298,6 +300,10 @@ class Processor:
             return model_outcome(error, ctx.attempt)
         except (BudgetExceeded, BudgetUnavailable) as error:
             return budget_outcome(error, ctx.attempt)
+        except SessionBusy as error:
+            return SessionRefused(DeadLetterReason.SESSION_BUSY, str(error))
+        except SessionStopped as error:
+            return SessionRefused(error.reason, str(error))
         except Exception as error:
             return Failed(describe(error), ctx.attempt)
         except asyncio.CancelledError as error:

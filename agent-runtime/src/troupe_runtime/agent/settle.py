@@ -35,6 +35,11 @@ Budgets: a hard limit that refused a model call (``OverBudget``) is
 dead-lettered as ``budget-exceeded`` at once: the window's spending only grows,
 so another attempt would be refused again (or, worse, get in once the window
 turns and spend what the limit was meant to stop).
+
+Sessions: a message its session refuses (``doubleTexting: reject`` while another runs) or
+that a newer one stopped (``rollback``, or ``interrupt`` with structured output) is
+``SessionRefused`` and dead-lettered with the reason at once: another attempt would meet
+the same session.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import assert_never
+from typing import ClassVar, assert_never
 
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.agent_resources import max_deferrals
@@ -139,6 +144,17 @@ class OverBudget:
     """A Budget's hard limit refused a model call (``BudgetExceeded``); the call was not made."""
 
     error: str
+    reason: ClassVar[DeadLetterReason] = DeadLetterReason.BUDGET_EXCEEDED
+
+
+@dataclass(frozen=True)
+class SessionRefused:
+    """The session refused the message (``SessionBusy`` under ``reject``) or a newer message
+    of it stopped this one (``SessionStopped``): the same message would fare no better, so it
+    is dead-lettered with ``reason``."""
+
+    reason: DeadLetterReason
+    error: str
 
 
 @dataclass(frozen=True)
@@ -202,6 +218,7 @@ Outcome = (
     | ModelRefused
     | ModelFailed
     | OverBudget
+    | SessionRefused
 )
 
 
@@ -292,8 +309,8 @@ def decide(outcome: Outcome, policy: Policy, draw: Random = random.random) -> Se
             return DeadLetter(DeadLetterReason.REJECTED, error)
         case ModelFailed(error, attempt, not_before):
             return _retry(error, attempt, policy, jitter=draw, not_before=not_before)
-        case OverBudget(error):
-            return DeadLetter(DeadLetterReason.BUDGET_EXCEEDED, error)
+        case OverBudget() | SessionRefused():
+            return DeadLetter(outcome.reason, outcome.error)
         case Deferred():
             return _defer(outcome, policy)
         case _:

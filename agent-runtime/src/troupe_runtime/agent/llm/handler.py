@@ -11,6 +11,14 @@ session, ready before the first call), and each turn's request carries its
 ``SpendContext``: the agent, the Workflow of the event (``troupeworkflow``), the run (its
 correlation id) and a hold id that digests the agent, the event, the delivery and the turn,
 so a crashed attempt's holds are never taken for the redelivery's.
+
+Sessions (``spec.llm.session``, ``sessions.py``): a message carrying a ``sessionid`` enters
+its session's queue (the double-texting policy), has the session's history put between the
+system prompt and its input, and, answered, appends its exchange (the input and the final
+answer's text) to the history, the cap enforced; it leaves the queue however it ends. A
+redelivered message resumes from its journal, whose opening already holds the history it
+was given. Without sessions on, or without a ``sessionid``, nothing of this runs: not one
+read.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from troupe_runtime.agent.llm.accounting import UsageRecorder, count
 from troupe_runtime.agent.llm.history import Offloader
 from troupe_runtime.agent.llm.journal import Journal, ResumeState
 from troupe_runtime.agent.llm.loop import Conversation, LoopSettings
-from troupe_runtime.agent.llm.prompt import opening
+from troupe_runtime.agent.llm.prompt import as_text, opening
 from troupe_runtime.agent.llm.router import Budgets, Held, ModelRouter, agent_token_limiter
+from troupe_runtime.agent.llm.sessions import SUMMARY_PROMPT, SessionStore, with_history
 from troupe_runtime.agent.llm.streaming import TokenStream
 from troupe_runtime.agent.llm.tools import bound, toolbox_factory
 from troupe_runtime.agent.llm.types import (
@@ -47,15 +56,28 @@ from troupe_runtime.agent.llm.types import (
     ModelUnavailable,
     RateLimited,
     ToolBox,
+    content_text,
 )
 from troupe_runtime.agent.schemas import ContractChecker
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
-from troupe_runtime.contract.agent_resources import rate_limit_bucket_config
+from troupe_runtime.contract.agent_resources import (
+    rate_limit_bucket_config,
+    session_bucket_config,
+)
 from troupe_runtime.contract.budget import Amount, SpendContext
+from troupe_runtime.contract.dead_letters import DeadLetterReason
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.llm import LlmRuntime
 from troupe_runtime.contract.model_provider import ServedModel
+from troupe_runtime.contract.sessions import (
+    ROLLED_BACK,
+    Exchange,
+    SessionHistory,
+    SessionPolicy,
+    SessionStopped,
+    StopMark,
+)
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.serving.metrics import BudgetMetrics, LlmMetrics
 from troupe_runtime.state.budgets import BudgetGuard, Definitions
@@ -80,6 +102,8 @@ class Session:
     caller: ClosableCaller
     toolbox: ToolBox
     offloader: Offloader
+    sessions: SessionStore | None = None
+    """The Agent's session bucket, when ``spec.llm.session`` is on."""
 
 
 CallerFactory = Callable[[JetStreamContext, Budgets | None], Awaitable[ClosableCaller]]
@@ -229,6 +253,9 @@ class LlmAgent:
             context_window=context_window(config.llm),
         )
         self._session: Session | None = None
+        self._session_policy = config.llm.policy.sessions()
+        self._lease = config.timeout.total_seconds() + config.messaging.ack_wait.total_seconds()
+        """How long a session's slot outlives a replica that stopped renewing it."""
         self._budgets = budgets
         """One per process, like the usage recorder; bound to each session."""
         self._usage = UsageRecorder(config.namespace, config.agent)
@@ -245,7 +272,23 @@ class LlmAgent:
         toolbox = await self._toolboxes(nc, js)
         self._usage.use(js)
         limit = self._runtime.policy.history.max_tool_result_bytes
-        self._session = Session(nc, js, caller, toolbox, Offloader(js, namespace, limit))
+        sessions = await self._sessions(js, self._session_policy)
+        offloader = Offloader(js, namespace, limit)
+        self._session = Session(nc, js, caller, toolbox, offloader, sessions)
+
+    async def _sessions(
+        self, js: JetStreamContext, policy: SessionPolicy | None
+    ) -> SessionStore | None:
+        """The session bucket (created when the operator has not yet), when sessions are on."""
+        config = session_bucket_config(self._config)
+        if policy is None or config is None:
+            return None
+        try:
+            kv = await js.key_value(config.bucket)
+        except BucketNotFoundError:
+            logger.info("creating the session bucket %s", config.bucket)
+            kv = await js.create_key_value(config)
+        return SessionStore(kv, policy, self._lease)
 
     async def close(self) -> None:
         """For good: the budgets' queued commits are written first, while still connected
@@ -292,6 +335,48 @@ class LlmAgent:
             count(self._metrics, self._config.agent, completion)
             self._usage.add(completion)
 
+        spend = spending(self._config.agent, event, ctx.deliveries)
+        sessions, session_id = session.sessions, event.sessionid
+        if sessions is None or session_id is None:
+            return await self._converse(ctx, session, state, on_completion, spend, None)
+        await sessions.enter(session_id, event.id, ctx.progress)
+        try:
+            history = await sessions.history(session_id) if state.fresh else None
+            answer = await self._converse(
+                ctx,
+                session,
+                state,
+                on_completion,
+                spend,
+                history,
+                stop=lambda: sessions.stop(session_id, event.id),
+            )
+            if await sessions.stop(session_id, event.id) == "rollback":
+                raise SessionStopped(DeadLetterReason.SESSION_ROLLED_BACK, ROLLED_BACK)
+            exchange = Exchange(event=event.id, user=as_text(event.data), assistant=_text(answer))
+
+            async def summarize(text: str) -> str:
+                return await self._summary(session, text, spend, on_completion)
+
+            await sessions.record(session_id, exchange, summarize)
+            return answer
+        finally:
+            await sessions.leave(session_id, event.id)
+
+    async def _converse(
+        self,
+        ctx: Context,
+        session: Session,
+        state: ResumeState,
+        on_completion: Callable[[Completion, Usage], None],
+        spend: Callable[[int], SpendContext],
+        history: SessionHistory | None,
+        stop: Callable[[], Awaitable[StopMark | None]] | None = None,
+    ) -> Any:
+        """One message's loop: ``history`` (a session's, on a first delivery) between the
+        system prompt and the input."""
+        event = ctx.event
+        journal = Journal(session.js, self._config.namespace, self._config.agent, event.id)
         policy = self._runtime.policy
         conversation = Conversation(
             self._settings,
@@ -304,15 +389,47 @@ class LlmAgent:
             on_completion=on_completion,
             progress=ctx.progress,
             wait_budget=wait_budget(self._config.timeout.total_seconds(), event.deadline),
-            spend=spending(self._config.agent, event, ctx.deliveries),
+            spend=spend,
+            stop=stop,
         )
         first = (
             opening(self._runtime, event.data, agent=self._config.agent, role=self._config.role)
             if state.fresh
             else []
         )
+        if history is not None:
+            first = with_history(first, history)
         answer = await conversation.run(first, state)
         return answer.data
+
+    async def _summary(
+        self,
+        session: Session,
+        text: str,
+        spend: Callable[[int], SpendContext],
+        on_completion: Callable[[Completion, Usage], None],
+    ) -> str:
+        """The agent's own model's summary of ``text`` (older exchanges leaving the cap);
+        its usage counts like a turn's, held on the budgets as the turn after the last."""
+        request = ChatRequest(
+            messages=[
+                {"role": "system", "content": SUMMARY_PROMPT},
+                {"role": "user", "content": text},
+            ],
+            temperature=0.0,
+            max_tokens=self._runtime.policy.max_tokens,
+            spend=spend(self._runtime.policy.max_turns),
+        )
+        completion = await session.caller.complete(request, None)
+        on_completion(completion, completion.usage)
+        return content_text(completion.message.get("content")) or ""
+
+
+def _text(answer: Any) -> str:
+    """An answer as the session keeps it: the content of a text answer, else its JSON."""
+    if isinstance(answer, dict) and isinstance(answer.get("content"), str):
+        return str(answer["content"])
+    return as_text(answer)
 
 
 def model_router(config: RuntimeConfig, env: Mapping[str, str]) -> CallerFactory:

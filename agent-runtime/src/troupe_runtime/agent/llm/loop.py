@@ -28,6 +28,13 @@ is what the loop has, ``{"content": <the last assistant text>, "model", "usage",
 A structured answer cannot be made up from a partial conversation, so a schema always
 dead-letters.
 
+Sessions (``contract.sessions``): with ``stop`` given, the loop asks it at each turn
+boundary (before every model call but the message's first) whether a newer message of its
+session told it to stop. ``interrupt``: the answer is what it has so far, ``{"content",
+"model", "usage", "stopped": "interrupted"}`` (with an ``outputSchema``, ``SessionStopped``,
+dead letter ``session-interrupted``); ``rollback``: ``SessionStopped``, dead letter
+``session-rolled-back``.
+
 429s: a Retry-After that fits in the handler's time is waited out in place, reporting
 progress, and the same turn is asked again (no attempt burnt); a longer one is journaled as
 ``deferred-<k>`` and raised as ``DeferMessage``. Each turn and each tool call reports progress,
@@ -65,7 +72,15 @@ from troupe_runtime.agent.llm.types import (
 )
 from troupe_runtime.agent.schemas import ContractChecker, SchemaViolation
 from troupe_runtime.contract.budget import BudgetExceeded, SpendContext
+from troupe_runtime.contract.dead_letters import DeadLetterReason
 from troupe_runtime.contract.llm_policy import LlmPolicy
+from troupe_runtime.contract.sessions import (
+    INTERRUPTED_STOP,
+    INTERRUPTED_STRUCTURED,
+    ROLLED_BACK,
+    SessionStopped,
+    StopMark,
+)
 from troupe_runtime.contract.usage import Usage
 
 INTERRUPTED = (
@@ -197,8 +212,11 @@ class Conversation:
         wait_budget: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         spend: Callable[[int], SpendContext] | None = None,
+        stop: Callable[[], Awaitable[StopMark | None]] | None = None,
     ) -> None:
         self._settings = settings
+        self._stop = stop
+        """Asked at each turn boundary whether a newer message of the session stops this one."""
         self._spend = spend
         """The ``SpendContext`` of each turn; None: no budget is checked."""
         self._policy = settings.policy
@@ -231,6 +249,8 @@ class Conversation:
             if answer is not None:
                 return answer
         for turn in range(state.next_turn, self._policy.max_turns):
+            if turn > 0 and self._stop is not None and (mark := await self._stop()) is not None:
+                return await self._stopped_by_session(turn, mark)
             try:
                 completion = await self._ask(turn, specs)
             except BudgetExceeded:
@@ -294,17 +314,26 @@ class Conversation:
     def _answers_over_budget(self) -> bool:
         return self._policy.on_budget_exceeded == "answer" and self._settings.output_schema is None
 
-    async def _stopped(self, turn: int) -> Answer:
-        """The answer of a loop a budget stopped before ``turn``: what it has so far."""
+    async def _stopped(self, turn: int, why: str = BUDGET_STOP) -> Answer:
+        """The answer of a loop stopped before ``turn`` (by a budget, or ``why``): what it
+        has so far."""
         await self._stream.done(turn, final=True)
         usage = self._state.usage
         data = {
             "content": last_text(self._state.messages),
             "model": self._state.last_model,
             "usage": openai_usage(usage),
-            "stopped": BUDGET_STOP,
+            "stopped": why,
         }
         return Answer(data, usage, self._state.next_turn)
+
+    async def _stopped_by_session(self, turn: int, mark: StopMark) -> Answer:
+        """A newer message of the session stops this one before ``turn``."""
+        if mark == "rollback":
+            raise SessionStopped(DeadLetterReason.SESSION_ROLLED_BACK, ROLLED_BACK)
+        if self._settings.output_schema is not None:
+            raise SessionStopped(DeadLetterReason.SESSION_INTERRUPTED, INTERRUPTED_STRUCTURED)
+        return await self._stopped(turn, INTERRUPTED_STOP)
 
     def _request(self, turn: int, specs: dict[str, ToolSpec]) -> ChatRequest:
         tools = [] if self._policy.tool_choice == "none" else list(specs.values())
