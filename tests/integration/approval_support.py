@@ -7,14 +7,21 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.errors import BucketNotFoundError
 
-from tests.integration.operator_support import API_VERSION
+from tests.integration.operator_support import API_VERSION, apply, get, jetstream, workflow
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.fixtures import ClusterEndpoints
+from troupe_runtime.contract import approvals, envelope, naming
+from troupe_runtime.contract.approvals import ApprovalRequest, Approvers, Requester
+from troupe_runtime.contract.envelope import CloudEvent
 
 
 @dataclass(frozen=True)
@@ -115,3 +122,74 @@ def decision_patch(verdict: str, decided_by: str, reason: str = "") -> str:
     return json.dumps(
         {"spec": {"decision": {"verdict": verdict, "decidedBy": decided_by, "reason": reason}}}
     )
+
+
+def workflow_gate(cluster: ClusterEndpoints, namespace: str, name: str) -> dict[str, Any]:
+    """A Workflow that owns Approvals: its step names an Agent that does not exist, so the
+    operator provisions nothing for it (the test stands in for its engine)."""
+    manifest = workflow(name, [{"name": "ship", "agentRef": "absent"}])
+    apply(cluster, namespace, manifest)
+    return get(cluster, namespace, "workflow", name)
+
+
+def request(
+    namespace: str,
+    workflow_name: str,
+    run_id: str,
+    users: list[str],
+    reply_subject: str | None = None,
+) -> ApprovalRequest:
+    """A pending request of the Workflow run's step ``gate``, as its engine files one."""
+    return ApprovalRequest(
+        name=approvals.approval_name(workflow_name, run_id, "gate"),
+        namespace=namespace,
+        requester=Requester(kind="Workflow", name=workflow_name, run_id=run_id, step="gate"),
+        approvers=Approvers(users=users),
+        message="Ship release 1.2?\nApproved by everyone",
+        requested_at=datetime.now(UTC),
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+        reply_subject=reply_subject
+        or naming.workflow_subject(namespace, workflow_name, "approve", run_id),
+    )
+
+
+def file_request(nats_url: str, filed: ApprovalRequest) -> None:
+    """Put ``filed`` in its namespace's approvals bucket (created as the Workflow reconciler
+    creates it), as a requester does."""
+
+    async def put(js: JetStreamContext) -> None:
+        config = approvals.approvals_bucket_config(filed.namespace)
+        try:
+            bucket = await js.key_value(str(config.bucket))
+        except BucketNotFoundError:
+            bucket = await js.create_key_value(config)
+        await bucket.put(
+            naming.approval_key(filed.name), filed.model_dump_json(by_alias=True).encode()
+        )
+
+    jetstream(nats_url, put)
+
+
+def reply_stream(nats_url: str, name: str, subject: str) -> None:
+    """A stream storing ``subject``, where the test reads what the operator relays."""
+
+    async def add(js: JetStreamContext) -> None:
+        await js.add_stream(StreamConfig(name=name, subjects=[subject]))
+
+    jetstream(nats_url, add)
+
+
+def relayed(nats_url: str, stream: str) -> list[CloudEvent]:
+    """Every message the stream holds, read as CloudEvents."""
+
+    async def read(js: JetStreamContext) -> list[CloudEvent]:
+        info = await js.stream_info(stream)
+        events = []
+        for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+            if info.state.messages == 0:
+                break
+            message = await js.get_msg(stream, sequence)
+            events.append(envelope.parse(dict(message.headers or {}), message.data or b""))
+        return events
+
+    return jetstream(nats_url, read)

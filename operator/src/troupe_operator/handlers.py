@@ -4,7 +4,9 @@ Agents and Workflows get the same handlers, registered by one helper: they diffe
 only in their ``Kind`` (``reconcilers.agent``, ``reconcilers.workflow``), found from
 the event's resource. ModelProviders own nothing and need no finalizer: create, update and
 resume probe them (``reconcilers.model_provider``); a new or changed one wakes the Agents
-naming it, and so does a new Agent the LLM Agents call as a tool. Budgets
+naming it, and so does a new Agent the LLM Agents call as a tool. Approvals
+(``reconcilers.approvals``) have no finalizer either: create, update and resume relay a
+decision and write their status, and a loop of their own mirrors the approvals buckets. Budgets
 (``reconcilers.budget``) are passed on create, update and resume and by a refresh loop of
 their own; their finalizer purges their definition and ledgers, given up like the others'.
 Create, update and resume run a full pass; a pass blocked by NATS or a missing Secret is
@@ -41,7 +43,7 @@ from troupe_operator.api import GROUP, VERSION
 from troupe_operator.clients.kube import Kube, new_api_client
 from troupe_operator.clients.nats import NatsPool
 from troupe_operator.diffbase import DigestedDiffBaseStorage
-from troupe_operator.reconcilers import budget, cron, model_provider, trigger
+from troupe_operator.reconcilers import approvals, budget, cron, model_provider, trigger
 from troupe_operator.reconcilers.agent import AGENT, wake_agents
 from troupe_operator.reconcilers.common import (
     Kind,
@@ -129,10 +131,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.budgets = asyncio.create_task(budget.refresh_forever(operator))
     memo.cron_wake = asyncio.Event()
     memo.cron = asyncio.create_task(cron.cron_forever(operator, memo.cron_wake))
+    memo.approvals = asyncio.create_task(approvals.approvals_forever(operator))
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for loop in ("resync", "budgets", "cron"):
+    for loop in ("resync", "budgets", "cron", "approvals"):
         task = memo.get(loop)
         if isinstance(task, asyncio.Task):
             task.cancel()
@@ -278,6 +281,15 @@ async def trigger_deleted(
     logger.info("deleted %s", ", ".join(removed) or "nothing: already gone")
 
 
+async def approval_changed(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    """An Approval appeared or changed (a person decided) or the operator resumed: relay its
+    decision and write its status at once, not at the next look of the approvals loop. A
+    decision no stream takes yet, or NATS unreachable, retries with backoff."""
+    blocked_by = await approvals.approval_pass(operator_of(memo), dict(body))
+    if blocked_by is not None:
+        raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+
 async def _retry_or_abandon(
     operator: Operator,
     kind: str,
@@ -418,6 +430,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
         on(registry=registry, id="trigger", **triggers)(trigger_changed)
     kopf.on.delete(registry=registry, id="delete-trigger", **triggers)(trigger_deleted)
+    # No delete handler, so kopf adds no finalizer: an Approval goes with its owner.
+    decided: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": approvals.PLURAL}
+    for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        on(registry=registry, id="approval", **decided)(approval_changed)
     kopf.on.event(
         "apps", "v1", "deployments", registry=registry, id="readiness", when=_is_workload
     )(workload_changed)

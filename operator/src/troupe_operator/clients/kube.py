@@ -236,6 +236,28 @@ class Kube:
             self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name
         )
 
+    async def create_custom(
+        self, plural: str, namespace: str, body: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Create a troupe.dev object; None when one of that name exists already (made by a
+        pass that raced this one: the caller reads it)."""
+        try:
+            return await self._call(
+                self._custom.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                body,
+                field_manager=FIELD_MANAGER,
+            )
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            if error.status in REJECTION_STATUSES:
+                raise _rejected(str(body.get("kind")), body["metadata"]["name"], error) from error
+            raise
+
     async def list_custom(self, plural: str, namespace: str) -> list[dict[str, Any]]:
         listing = await self._call(
             self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural

@@ -362,6 +362,63 @@ async def _stored(js: JetStreamContext, bucket: str, key: str) -> bytes | None:
         return None
 
 
+@dataclass(frozen=True)
+class ApprovalBucket:
+    """A namespace's approvals bucket as the server lists it: ``last_sequence`` moves with
+    every request written, so a bucket whose sequence did not move needs no read."""
+
+    bucket: str
+    namespace: str
+    last_sequence: int
+
+
+async def _approval_buckets(js: JetStreamContext) -> list[ApprovalBucket]:
+    """Every approvals bucket on the server, read back from the stream names
+    (``naming.stream_owner``), page by page."""
+    found: list[ApprovalBucket] = []
+    offset = 0
+    while infos := await js.streams_info(offset):
+        offset += len(infos)
+        for info in infos:
+            name = info.config.name or ""
+            owner = naming.stream_owner(name)
+            if owner is not None and owner.kind == "Namespace" and owner.name == "approvals":
+                bucket = naming.approvals_bucket(owner.namespace)
+                if naming.kv_stream(bucket) == name:
+                    found.append(ApprovalBucket(bucket, owner.namespace, info.state.last_seq))
+    return found
+
+
+async def _changed_keys(
+    js: JetStreamContext, bucket: str, after: int, last: int, most: int
+) -> set[str] | None:
+    """The keys written in sequences ``after``+1 … ``last`` (an overwritten one's sequence
+    is gone, its later one is read); None when more than ``most`` sequences moved, for the
+    caller to read every key instead."""
+    if last - after > most:
+        return None
+    stream, prefix = naming.kv_stream(bucket), f"$KV.{bucket}."
+    keys: set[str] = set()
+    for sequence in range(after + 1, last + 1):
+        try:
+            message = await js.get_msg(stream, sequence)
+        except NotFoundError:
+            continue
+        if message.subject and message.subject.startswith(prefix):
+            keys.add(message.subject.removeprefix(prefix))
+    return keys
+
+
+async def _bucket_keys(js: JetStreamContext, bucket: str) -> set[str]:
+    """Every key the bucket's subject index holds; none when it does not exist."""
+    prefix = f"$KV.{bucket}."
+    try:
+        found = await _subject_counts(js, naming.kv_stream(bucket), f"{prefix}>")
+    except NotFoundError:
+        return set()
+    return {subject.removeprefix(prefix) for subject in found}
+
+
 async def _sync_directory(
     js: JetStreamContext,
     config: KeyValueConfig,
@@ -771,6 +828,20 @@ class NatsPool:
             await publish_stored(js, subject, payload, headers)
 
         await self._call(target, send)
+
+    async def approval_buckets(self, target: NatsTarget) -> list[ApprovalBucket]:
+        """Every namespace's approvals bucket on ``target``, with its last sequence."""
+        return await self._call(target, _approval_buckets)
+
+    async def changed_keys(
+        self, target: NatsTarget, bucket: str, after: int, last: int, most: int
+    ) -> set[str] | None:
+        """Keys written after sequence ``after``, up to ``last``; None past ``most``."""
+        return await self._call(target, lambda js: _changed_keys(js, bucket, after, last, most))
+
+    async def bucket_keys(self, target: NatsTarget, bucket: str) -> set[str]:
+        """Every key of ``bucket``."""
+        return await self._call(target, lambda js: _bucket_keys(js, bucket))
 
     async def provision_subject_stream(
         self, target: NatsTarget, stream: StreamConfig, consumer: ConsumerConfig, field: str
