@@ -7,6 +7,9 @@ Workflow's engine (the requester)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -198,3 +201,51 @@ def test_deleting_the_workflow_removes_its_approvals(
             DEADLINE + 30,
             "the garbage collector to remove the Approval with its Workflow",
         )
+
+
+def _troupe(who: Person, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``troupe`` CLI as ``who``."""
+    return subprocess.run(
+        [sys.executable, "-m", "troupe_cli", *args, "--kubeconfig", str(who.kubeconfig)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": ""},
+    )
+
+
+def test_troupe_approvals_lists_what_waits_and_troupe_approve_decides_as_the_caller(
+    operator: OperatorProcess, cluster: ClusterEndpoints, namespace: str, people: dict[str, Person]
+) -> None:
+    alice, bob = people["alice"], people["bob"]
+    _, filed, stream = _setup(cluster, namespace, bob)
+    with explained(cluster, namespace, operator):
+        file_request(cluster.nats_url, filed)
+        wait_for(lambda: _approval(cluster, namespace, filed.name), DEADLINE, "the Approval")
+        listed = _troupe(bob, "approvals", "-n", namespace)
+        assert listed.returncode == 0, listed.stderr
+        assert filed.name in listed.stdout
+        assert "Workflow/deploy" in listed.stdout
+        assert "gate" in listed.stdout
+
+        refused = _troupe(alice, "deny", filed.name, "-n", namespace, "--reason", "no")
+        assert refused.returncode == 2
+        assert f"{alice.user} is not an approver of Approval {namespace}/{filed.name}" in (
+            refused.stderr
+        )
+
+        approved = _troupe(bob, "approve", filed.name, "-n", namespace, "--reason", "tested")
+        assert approved.returncode == 0, approved.stderr
+        assert f"Approved Approval {namespace}/{filed.name} as {bob.user}" in approved.stdout
+        (event,) = wait_for(lambda: relayed(cluster.nats_url, stream), DEADLINE, "the decision")
+        decision = ApprovalDecision.model_validate(event.data)
+        assert (decision.verdict, decision.decided_by, decision.reason) == (
+            "Approve",
+            bob.user,
+            "tested",
+        )
+        again = _troupe(bob, "deny", filed.name, "-n", namespace, "--reason", "changed my mind")
+        assert again.returncode == 1
+        assert "decided already: Approve by" in again.stderr
+        pending = _troupe(bob, "approvals", "-n", namespace)
+        assert filed.name not in pending.stdout, "a decided Approval no longer waits"

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from troupe_cli import render
+from troupe_cli import approvals, render
 from troupe_cli.deltas import (
     Chunk,
     Shown,
@@ -681,6 +681,28 @@ def build_parser() -> argparse.ArgumentParser:
             "--id", help="the task id (Idempotency-Key); the same id again is the same task"
         )
 
+    def kube_command(name: str, handler: GatewayCommand, description: str) -> Any:
+        sub = commands.add_parser(name, help=description, parents=[flags])
+        sub.set_defaults(kube_handler=handler)
+        sub.add_argument(
+            "--kubeconfig",
+            type=Path,
+            default=None,
+            help="the kubeconfig to decide with (default: $KUBECONFIG or ~/.kube/config)",
+        )
+        return sub
+
+    for name, handler, verb in (
+        ("approve", approvals.approve, "approve"),
+        ("deny", approvals.deny, "deny"),
+    ):
+        decided = kube_command(name, handler, f"{verb} an Approval that waits, as yourself")
+        decided.add_argument("name", metavar="NAME", help="the Approval (troupe approvals)")
+        decided.add_argument("--reason", required=True, help="why, for the run's log")
+    listed = kube_command("approvals", approvals.list_approvals, "list the Approvals that wait")
+    listed.add_argument("-A", "--all-namespaces", action="store_true", help="in every namespace")
+    listed.add_argument("--all", action="store_true", help="decided and resolved ones too")
+
     top_ = command(commands, "top", top, "throughput, lag and errors per agent")
     top_.add_argument("--interval", type=_positive, default=2.0, help="seconds between samples")
     top_.add_argument("--once", action="store_true", help="print one table and exit")
@@ -694,6 +716,9 @@ async def amain(argv: Sequence[str] | None = None) -> int:
         gateway_handler: GatewayCommand | None = getattr(args, "gateway_handler", None)
         if gateway_handler is not None:  # the gateway's commands need no NATS
             return await gateway_handler(args)
+        kube_handler: GatewayCommand | None = getattr(args, "kube_handler", None)
+        if kube_handler is not None:  # nor do the approvals', which talk to Kubernetes
+            return await kube_handler(args)
         async with connected(args.nats_url, args.namespace) as ops:
             code: int = await args.handler(ops, args)
             return code
