@@ -165,6 +165,24 @@ async def test_send_puts_a_cloudevent_in_the_agents_inbox(
     )
 
 
+async def test_send_with_a_session_sets_the_sessionid_and_refuses_a_bad_one(
+    nats_url: str, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = new_namespace()
+    await provision(js, ns, "echo")
+
+    code, out, _ = await troupe(
+        capsys, nats_url, ns, "-o", "json", "send", "echo", "--session", "conv-1"
+    )
+    refused, _, err = await troupe(capsys, nats_url, ns, "send", "echo", "--session", "a b")
+
+    assert code == 0
+    msg = await js.get_msg(naming.inbox_stream(ns, "echo"), json.loads(out)["sequence"])
+    assert envelope.parse(msg.headers, msg.data or b"").sessionid == "conv-1"
+    assert refused == 1
+    assert "session 'a b' is not valid" in err
+
+
 async def test_send_to_an_agent_without_an_inbox_names_the_stream(
     nats_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

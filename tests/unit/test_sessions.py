@@ -5,18 +5,21 @@ model sees them."""
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from troupe_cli.errors import Refused
+from troupe_cli.gateway import CallRequest
 from troupe_runtime.agent.llm.sessions import history_messages, with_history
 from troupe_runtime.agent.settle import DeadLetter, Policy, SessionRefused, decide
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.dead_letters import DeadLetterReason
 from troupe_runtime.contract.envelope import CloudEvent, MalformedMessage
+from troupe_runtime.contract.gateway import DirectoryEntry, TaskRecord, call_message
 from troupe_runtime.contract.sessions import (
     Exchange,
     SessionBusy,
@@ -273,3 +276,33 @@ def test_a_session_refusal_is_dead_lettered_with_its_reason() -> None:
     assert decide(outcome, Policy(max_attempts=3)) == DeadLetter(
         DeadLetterReason.SESSION_BUSY, "busy"
     )
+
+
+# -- who sets it ---------------------------------------------------------------------------
+
+
+def record_of(context_id: str) -> TaskRecord:
+    return TaskRecord(
+        task_id="t1", kind="Agent", name="a", context_id=context_id, created_at=datetime.now(UTC)
+    )
+
+
+ENTRY = DirectoryEntry(kind="Agent", namespace="ns", name="a", subject="troupe.ns.agents.a.0")
+
+
+def test_a_gateway_call_carries_its_context_id_as_the_session() -> None:
+    _, headers, payload = call_message(ENTRY, record_of("ctx-1"))
+    assert envelope.parse(headers, payload).sessionid == "ctx-1"
+
+
+def test_a_context_id_the_envelope_refuses_is_not_sent_as_a_session() -> None:
+    _, headers, payload = call_message(ENTRY, record_of("not a session"))
+    assert envelope.parse(headers, payload).sessionid is None
+
+
+def test_troupe_call_session_is_the_contextid_parameter_and_is_checked() -> None:
+    fields = {"gateway": "http://gw", "namespace": "ns", "kind": "agent", "name": "a", "data": 1}
+    assert CallRequest(**fields, session="s-1").params()["contextId"] == "s-1"  # type: ignore[arg-type]
+    assert "contextId" not in CallRequest(**fields).params()  # type: ignore[arg-type]
+    with pytest.raises(Refused, match="session"):
+        CallRequest(**fields, session="a b")  # type: ignore[arg-type]

@@ -52,6 +52,8 @@ class CallRequest:
     task_id: str = ""
     """The ``Idempotency-Key``: the caller's, or a new one, so a call cut off can be waited
     for again."""
+    session: str | None = None
+    """The ``contextId`` (an LLM agent's session) the call belongs to; None: a new one."""
 
     def __post_init__(self) -> None:
         for what, value in (("namespace", self.namespace), (self.kind, self.name)):
@@ -68,6 +70,11 @@ class CallRequest:
         if self.task_id and not RUN_ID_PATTERN.match(self.task_id):
             raise Refused(
                 f"task id {self.task_id!r} is not valid: use 1 to 200 letters, digits, "
+                "'-', '_' or '='"
+            )
+        if self.session and not RUN_ID_PATTERN.match(self.session):
+            raise Refused(
+                f"session {self.session!r} is not valid: use 1 to 200 letters, digits, "
                 "'-', '_' or '='"
             )
         if self.token is not None and self.api_key is not None:
@@ -88,6 +95,12 @@ class CallRequest:
     @property
     def wait(self) -> float:
         return min(self.timeout, MAX_TIMEOUT)
+
+    def params(self) -> dict[str, str]:
+        params = {"timeout": f"{self.wait:g}"}
+        if self.session:
+            params["contextId"] = self.session
+        return params
 
     def headers(self) -> dict[str, str]:
         headers = {"Content-Type": envelope.JSON_CONTENT_TYPE, "Accept": "application/json"}
@@ -220,7 +233,7 @@ async def call(request: CallRequest) -> CallAnswer:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             response = await client.post(
                 request.url,
-                params={"timeout": f"{request.wait:g}"},
+                params=request.params(),
                 content=body,
                 headers=request.headers(),
             )

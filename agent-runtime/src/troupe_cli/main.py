@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -263,6 +264,7 @@ async def call_target(args: argparse.Namespace) -> int:
         token=token,
         api_key=api_key,
         task_id=args.id or uuid.uuid4().hex,
+        session=args.session,
     )
     answer = await call_gateway(request)
     _emit(args, render.call_text(request, answer), render.call_json(answer))
@@ -304,6 +306,10 @@ async def cancel_run(ops: Ops, args: argparse.Namespace) -> int:
 async def send(ops: Ops, args: argparse.Namespace) -> int:
     data = None if args.data is None else parse_json(args.data, "--data")
     event_id = args.id or uuid.uuid4().hex
+    if args.session is not None and not re.fullmatch(envelope.SESSION_ID_PATTERN, args.session):
+        raise CliError(
+            f"session {args.session!r} is not valid: use 1 to 200 letters, digits, '-', '_' or '='"
+        )
     event = CloudEvent(
         id=event_id,
         source="/troupe-cli",
@@ -315,6 +321,7 @@ async def send(ops: Ops, args: argparse.Namespace) -> int:
         replyto=naming.agent_call_reply_subject(ops.namespace, CLI_CALLER, event_id)
         if args.stream
         else None,
+        sessionid=args.session,
         data=data,
     )
     if args.stream:
@@ -606,6 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     send_.add_argument("--type", default="troupe.cli.message", help="the CloudEvent type")
     send_.add_argument("--id", help="the CloudEvent id (default: a new one)")
     send_.add_argument(
+        "--session",
+        help="the session (sessionid) the message belongs to: an LLM agent with "
+        "spec.llm.session remembers the session's earlier messages",
+    )
+    send_.add_argument(
         "--stream", action="store_true", help="print the LLM agent's answer as it streams"
     )
     send_.add_argument(
@@ -679,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         called.add_argument(
             "--id", help="the task id (Idempotency-Key); the same id again is the same task"
+        )
+        called.add_argument(
+            "--session",
+            help="the context id (A2A contextId) the call belongs to: an LLM agent with "
+            "spec.llm.session remembers the context's earlier calls",
         )
 
     def kube_command(name: str, handler: GatewayCommand, description: str) -> Any:

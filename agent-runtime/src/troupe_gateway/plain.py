@@ -3,7 +3,9 @@
 ``POST /v1/namespaces/{ns}/{agents|workflows}/{name}:call`` with the input JSON as the body
 waits up to ``?timeout`` seconds (default 30, at most 300): 200 once the task ended, 202 with
 a ``Location`` to read it later when it had not; ``Idempotency-Key`` names the task, so a
-retried POST is the same task. ``GET …/tasks/{id}`` reads one.
+retried POST is the same task; ``?contextId`` groups calls, as A2A's contextId does (an
+Agent with ``spec.llm.session`` remembers the context's earlier calls; default: a context of
+the task's own). ``GET …/tasks/{id}`` reads one.
 """
 
 from __future__ import annotations
@@ -92,7 +94,11 @@ def routes(services: Services) -> list[BaseRoute]:
         caller, entry = await services.admit(request.headers, namespace, kind, name)
         data = input_of(await bounded_body(request))
         record = await services.calls.submit(
-            entry, data, caller=caller.user, task_id=request.headers.get("idempotency-key")
+            entry,
+            data,
+            caller=caller.user,
+            task_id=request.headers.get("idempotency-key"),
+            context_id=request.query_params.get("contextId"),
         )
         view = await services.calls.wait(entry, record.task_id, within)
         if view.terminal:

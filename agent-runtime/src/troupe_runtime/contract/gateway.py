@@ -16,6 +16,7 @@ run's outcome in the Workflow's stream and runs bucket.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -84,12 +85,19 @@ class TaskRecord(WireModel):
     cancel_requested_at: datetime | None = None
 
 
+def _session_id(value: str) -> bool:
+    return re.fullmatch(envelope.SESSION_ID_PATTERN, value) is not None
+
+
 def call_message(entry: DirectoryEntry, record: TaskRecord) -> tuple[str, dict[str, str], bytes]:
     """The subject, headers and payload that carry ``record`` to ``entry``: an event on the
     Agent's inbox answered on ``naming.gateway_reply_subject``, or a Workflow run's start.
 
     Shared by the gateway and the operator's cron (both file the record first); the message
-    id is the task id, so a publish repeated after a crash is one message.
+    id is the task id, so a publish repeated after a crash is one message. An Agent's event
+    carries the task's context id as its ``sessionid`` too: A2A's contextId is the session
+    (an Agent with ``spec.llm.session`` remembers the context's earlier tasks; any other
+    ignores it). A context id the envelope would refuse is not sent as one.
     """
     if entry.kind == "Agent":
         subject = entry.subject
@@ -100,6 +108,7 @@ def call_message(entry: DirectoryEntry, record: TaskRecord) -> tuple[str, dict[s
             datacontenttype=envelope.JSON_CONTENT_TYPE,
             correlationid=record.context_id,
             replyto=naming.gateway_reply_subject(entry.namespace, record.task_id),
+            sessionid=record.context_id if _session_id(record.context_id) else None,
             data=record.input,
         )
     else:
