@@ -19,7 +19,12 @@ from troupe_runtime.agent.settle import DeadLetter, Policy, SessionRefused, deci
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.dead_letters import DeadLetterReason
 from troupe_runtime.contract.envelope import CloudEvent, MalformedMessage
-from troupe_runtime.contract.gateway import DirectoryEntry, TaskRecord, call_message
+from troupe_runtime.contract.gateway import (
+    DirectoryEntry,
+    TaskRecord,
+    call_message,
+    caller_session,
+)
 from troupe_runtime.contract.sessions import (
     Exchange,
     SessionBusy,
@@ -281,23 +286,38 @@ def test_a_session_refusal_is_dead_lettered_with_its_reason() -> None:
 # -- who sets it ---------------------------------------------------------------------------
 
 
-def record_of(context_id: str) -> TaskRecord:
+def record_of(context_id: str, caller: str = "alice") -> TaskRecord:
     return TaskRecord(
-        task_id="t1", kind="Agent", name="a", context_id=context_id, created_at=datetime.now(UTC)
+        task_id="t1",
+        kind="Agent",
+        name="a",
+        context_id=context_id,
+        caller=caller,
+        created_at=datetime.now(UTC),
     )
 
 
 ENTRY = DirectoryEntry(kind="Agent", namespace="ns", name="a", subject="troupe.ns.agents.a.0")
 
 
-def test_a_gateway_call_carries_its_context_id_as_the_session() -> None:
-    _, headers, payload = call_message(ENTRY, record_of("ctx-1"))
-    assert envelope.parse(headers, payload).sessionid == "ctx-1"
+def session_of(record: TaskRecord) -> str | None:
+    _, headers, payload = call_message(ENTRY, record)
+    return envelope.parse(headers, payload).sessionid
 
 
-def test_a_context_id_the_envelope_refuses_is_not_sent_as_a_session() -> None:
-    _, headers, payload = call_message(ENTRY, record_of("not a session"))
-    assert envelope.parse(headers, payload).sessionid is None
+def test_a_gateway_call_carries_its_callers_context_as_the_session() -> None:
+    assert session_of(record_of("ctx-1")) == caller_session("alice", "ctx-1")
+    assert session_of(record_of("ctx-1")) == session_of(record_of("ctx-1"))
+    assert session_of(record_of("ctx-2")) != session_of(record_of("ctx-1"))
+
+
+def test_two_callers_choosing_one_context_id_have_two_sessions() -> None:
+    assert session_of(record_of("conv-1", "alice")) != session_of(record_of("conv-1", "mallory"))
+
+
+@given(st.text(max_size=600), st.text(max_size=300))
+def test_any_caller_and_context_make_a_valid_session_id(caller: str, context: str) -> None:
+    assert re.fullmatch(envelope.SESSION_ID_PATTERN, caller_session(caller, context))
 
 
 def test_troupe_call_session_is_the_contextid_parameter_and_is_checked() -> None:

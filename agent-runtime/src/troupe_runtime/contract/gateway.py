@@ -16,7 +16,7 @@ run's outcome in the Workflow's stream and runs bucket.
 
 from __future__ import annotations
 
-import re
+import hashlib
 from datetime import datetime
 from typing import Any, Literal
 
@@ -85,8 +85,13 @@ class TaskRecord(WireModel):
     cancel_requested_at: datetime | None = None
 
 
-def _session_id(value: str) -> bool:
-    return re.fullmatch(envelope.SESSION_ID_PATTERN, value) is not None
+def caller_session(caller: str, context_id: str) -> str:
+    """The ``sessionid`` of a gateway call: the caller's context, as a digest of who called
+    and the context id. A context id is the caller's to choose (``conv-1``), so two callers
+    choosing the same one must not share a conversation, nor one read another's by
+    guessing it; the digest fits the envelope's session id whatever the two hold."""
+    digest = hashlib.sha256(f"{caller}\n{context_id}".encode()).hexdigest()
+    return f"gw-{digest[:48]}"
 
 
 def call_message(entry: DirectoryEntry, record: TaskRecord) -> tuple[str, dict[str, str], bytes]:
@@ -95,9 +100,9 @@ def call_message(entry: DirectoryEntry, record: TaskRecord) -> tuple[str, dict[s
 
     Shared by the gateway and the operator's cron (both file the record first); the message
     id is the task id, so a publish repeated after a crash is one message. An Agent's event
-    carries the task's context id as its ``sessionid`` too: A2A's contextId is the session
-    (an Agent with ``spec.llm.session`` remembers the context's earlier tasks; any other
-    ignores it). A context id the envelope would refuse is not sent as one.
+    carries the caller's context as its ``sessionid`` too (``caller_session``): A2A's
+    contextId is the session (an Agent with ``spec.llm.session`` remembers the context's
+    earlier tasks of the same caller; any other ignores it).
     """
     if entry.kind == "Agent":
         subject = entry.subject
@@ -108,7 +113,7 @@ def call_message(entry: DirectoryEntry, record: TaskRecord) -> tuple[str, dict[s
             datacontenttype=envelope.JSON_CONTENT_TYPE,
             correlationid=record.context_id,
             replyto=naming.gateway_reply_subject(entry.namespace, record.task_id),
-            sessionid=record.context_id if _session_id(record.context_id) else None,
+            sessionid=caller_session(record.caller, record.context_id),
             data=record.input,
         )
     else:
