@@ -4,6 +4,7 @@ not the admin), the RBAC that lets them patch approvals, and Approval manifests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from tests.integration.operator_support import API_VERSION, apply, get, jetstream, workflow
 from troupe_devcluster.components import venv_bin
@@ -193,3 +194,15 @@ def relayed(nats_url: str, stream: str) -> list[CloudEvent]:
         return events
 
     return jetstream(nats_url, read)
+
+
+def forget_namespace(nats_url: str, namespace: str, streams: list[str]) -> None:
+    """Delete the namespace's approvals bucket and the test's reply ``streams``, so later
+    modules' operators do not read them."""
+
+    async def delete(js: JetStreamContext) -> None:
+        for name in [naming.kv_stream(naming.approvals_bucket(namespace)), *streams]:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(name)
+
+    jetstream(nats_url, delete)

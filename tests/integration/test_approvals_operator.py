@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.integration.approval_support import (
     Person,
     decision_patch,
     file_request,
+    forget_namespace,
     may_decide,
     may_read,
     person,
@@ -44,6 +46,14 @@ def people(cluster: ClusterEndpoints, namespace: str, tmp_path: Path) -> dict[st
     may_decide(cluster, namespace, "alice", "bob")
     may_read(cluster, namespace, "carol")
     return found
+
+
+@pytest.fixture(autouse=True)
+def clean_nats(cluster: ClusterEndpoints, namespace: str) -> Iterator[None]:
+    """The namespace's bucket and reply streams go with the test."""
+    yield
+    streams = [f"TEST_{kind}_{namespace}".replace("-", "_") for kind in ("APPROVE", "FORGED")]
+    forget_namespace(cluster.nats_url, namespace, streams)
 
 
 def _approval(cluster: ClusterEndpoints, namespace: str, name: str) -> dict[str, Any] | None:
@@ -186,6 +196,24 @@ def test_a_forged_reply_subject_is_never_published_to(
         )
         assert "relayedAt" not in seen["status"]
         assert relayed(cluster.nats_url, stream) == []
+
+
+def test_a_request_whose_workflow_does_not_exist_gets_no_approval(
+    operator: OperatorProcess, cluster: ClusterEndpoints, namespace: str, people: dict[str, Person]
+) -> None:
+    bob = people["bob"]
+    workflow_gate(cluster, namespace, "deploy")
+    ghost = request(namespace, "ghost", uuid.uuid4().hex, [bob.user])
+    first, second = (request(namespace, "deploy", uuid.uuid4().hex, [bob.user]) for _ in "12")
+    with explained(cluster, namespace, operator):
+        file_request(cluster.nats_url, ghost)
+        file_request(cluster.nats_url, first)
+        wait_for(lambda: _approval(cluster, namespace, first.name), DEADLINE, "the Approval")
+        # Filed after the look that saw the ghost began: when its Approval exists, that
+        # look (the loop runs one at a time) has finished with the ghost.
+        file_request(cluster.nats_url, second)
+        wait_for(lambda: _approval(cluster, namespace, second.name), DEADLINE, "the Approval")
+        assert _approval(cluster, namespace, ghost.name) is None
 
 
 def test_deleting_the_workflow_removes_its_approvals(

@@ -156,3 +156,19 @@ def test_the_status_settles_an_idle_pass_writes_nothing_and_one_condition_holds(
     for found in first.conditions:
         assert found.message.isprintable()
         assert len(found.message) <= builders.MESSAGE_CHARS
+
+
+def test_a_resolved_approval_whose_request_aged_out_stays_resolved() -> None:
+    resolved = builders.approval_status(
+        ApprovalStatus(),
+        _request(phase="Approved", decided_by="bob"),
+        None,
+        None,
+        None,
+        None,
+        1,
+        NOW,
+    )
+    gone = builders.approval_status(resolved, None, "not in the bucket", None, None, None, 1, NOW)
+    assert gone == resolved
+    assert gone.phase == "Approved"

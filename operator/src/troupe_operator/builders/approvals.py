@@ -293,7 +293,10 @@ def approval_status(
 ) -> ApprovalStatus:
     """The status from what was observed: the request's phase (its requester's word), the
     decision relayed, and kstatus conditions (Reconciling while Pending, Ready once final,
-    Stalled when no decision can ever be relayed). Every text shown is bounded."""
+    Stalled when no decision can ever be relayed). Every text shown is bounded. A resolved
+    Approval whose request is gone (aged out of the bucket) stays as it was resolved."""
+    if request is None and previous.phase != "Pending":
+        return previous
     fields: dict[str, Any] = {"relayed_at": relayed_at}
     state: State
     reason: str
