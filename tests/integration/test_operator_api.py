@@ -118,6 +118,37 @@ INVALID = [
         ["spec.steps[0].compensation", "onFailure: compensate needs a compensation"],
         id="compensate-without-compensation",
     ),
+    pytest.param(
+        _steps({"name": "fetch"}),
+        ["spec.steps[0]", "exactly one of agentRef (an Agent handles it) or approval"],
+        id="step-without-agent-or-approval",
+    ),
+    pytest.param(
+        _steps({"name": "fetch", "agentRef": "a", "approval": {"approvers": {"users": ["u"]}}}),
+        ["spec.steps[0]", "exactly one of agentRef"],
+        id="step-with-agent-and-approval",
+    ),
+    pytest.param(
+        _steps({"name": "gate", "approval": {"approvers": {"users": []}}}),
+        ["spec.steps[0].approval.approvers", "at least one approver"],
+        id="approval-without-approvers",
+    ),
+    pytest.param(
+        _steps({"name": "gate", "approval": {"approvers": {"groups": ["g"]}, "timeout": "721h"}}),
+        ["spec.steps[0].approval.timeout", "an approval may wait 720h at most"],
+        id="approval-timeout-too-long",
+    ),
+    pytest.param(
+        _steps(
+            {
+                "name": "gate",
+                "approval": {"approvers": {"users": ["u"]}},
+                "retry": {"maxAttempts": 2},
+            }
+        ),
+        ["spec.steps[0].approval", "an approval step takes no retry"],
+        id="approval-with-retry",
+    ),
     pytest.param(_workflow(deadline="tomorrow"), ["spec.deadline"], id="bad-deadline"),
     pytest.param(
         _workflow(maxConcurrentRuns=-3),
@@ -173,3 +204,24 @@ def test_valid_manifests_are_accepted_with_defaults_filled_in(
     flow = json.loads(cluster.kubectl("get", "wf/pipeline", "-n", namespace, "-o", "json"))
     assert flow["spec"]["maxConcurrentRuns"] == 10
     assert flow["spec"]["steps"][1]["onFailure"] == "fail"
+
+
+def test_an_approval_step_is_accepted_with_its_defaults(
+    cluster: ClusterEndpoints, namespace: str, crds: None
+) -> None:
+    manifest = _steps(
+        {"name": "build", "agentRef": "builder"},
+        {"name": "gate", "dependsOn": ["build"], "approval": {"approvers": {"users": ["alice"]}}},
+    )
+    cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
+
+    stored = json.loads(cluster.kubectl("get", "wf/pipeline", "-n", namespace, "-o", "json"))
+    gate = stored["spec"]["steps"][1]
+    assert "agentRef" not in gate
+    assert gate["approval"] == {
+        "approvers": {"users": ["alice"]},
+        "message": "",
+        "onTimeout": "reject",
+    }
+    explained = cluster.kubectl("explain", "workflow.spec.steps.approval.onTimeout")
+    assert "troupe:timeout" in explained

@@ -50,7 +50,10 @@ class EngineStep(WireModel):
     name: str
     agent: str = ""
     subject: str = ""
-    approval: EngineApproval | None = None
+    approval: EngineApproval | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Left out of an agent's step: its JSON stays what it was before approval steps, so an
+    upgraded operator leaves existing engines' ConfigMaps (and pods) alone, and an engine
+    of the previous version still reads them."""
     depends_on: list[str] = Field(default_factory=list)
     input: dict[str, str] = Field(default_factory=dict)
     timeout: Duration = DEFAULT_STEP_TIMEOUT

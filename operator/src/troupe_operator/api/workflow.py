@@ -1,9 +1,15 @@
-"""The Workflow API: a DAG of steps, each handled by an Agent of the same namespace.
+"""The Workflow API: a DAG of steps, each handled by an Agent of the same namespace or
+decided by a person (an approval step).
 
-What CEL can check (unique names, known and non-self dependencies) the API
-server refuses; a cycle or an unknown Agent the operator finds (``builders.dag``)
-and reports in status. A valid Workflow runs in its own engine Deployment
-(``builders.engine``).
+What CEL can check (unique names, known and non-self dependencies, a step being exactly
+one of an agent's or an approval) the API server refuses; a cycle or an unknown Agent the
+operator finds (``builders.dag``) and reports in status, and so an approval message that
+is not a template (``builders.validation``). A valid Workflow runs in its own engine
+Deployment (``builders.engine``).
+
+An approval step has no agent, retry, timeout of its own as a step, input or
+compensation: the engine files a request (an Approval object appears) and the run waits,
+WaitingForApproval, until an approver decides or ``approval.timeout`` passes.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from troupe_operator.api.agent import NatsConnection
+from troupe_operator.api.approval import ApprovalApprovers
 from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
-from troupe_runtime.contract import grammar
-from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract import approvals, grammar
+from troupe_runtime.contract.durations import Duration, format_duration
 from troupe_runtime.contract.engine_config import RunRetention
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
@@ -41,11 +48,77 @@ class Compensation(ApiModel):
     )
 
 
+MAX_APPROVAL_TIMEOUT_TEXT = format_duration(approvals.MAX_TIMEOUT)
+APPROVERS_RULE = rule(
+    "(has(self.users) ? size(self.users) : 0) + (has(self.groups) ? size(self.groups) : 0) > 0",
+    "an approval step names at least one approver: a user or a group",
+)
+APPROVAL_TIMEOUT_RULE = rule(
+    f"!has(self.timeout) || duration(self.timeout) <= duration('{MAX_APPROVAL_TIMEOUT_TEXT}')",
+    f"an approval may wait {MAX_APPROVAL_TIMEOUT_TEXT} at most",
+    ".timeout",
+)
+AGENT_OR_APPROVAL_RULE = rule(
+    "has(self.agentRef) != has(self.approval)",
+    "a step names exactly one of agentRef (an Agent handles it) or approval (a person decides it)",
+)
+APPROVAL_STEP_RULE = rule(
+    "!has(self.approval) || (!has(self.retry) && !has(self.timeout) && !has(self.compensation)"
+    " && (!has(self.input) || size(self.input) == 0)"
+    " && (!has(self.onFailure) || self.onFailure != 'compensate'))",
+    "an approval step takes no retry, timeout, input or compensation, and onFailure is fail "
+    "or continue: set approval.timeout and approval.onTimeout instead",
+    ".approval",
+)
+
+
+class ApprovalStepSpec(ApiModel):
+    """A person's decision the run waits for."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": cel(APPROVAL_TIMEOUT_RULE)}
+
+    approvers: ApprovalApprovers = Field(
+        json_schema_extra=cel(APPROVERS_RULE),
+        description="Who may decide (at least one user or group); RBAC on approvals must "
+        "allow them to patch the Approval too.",
+    )
+    message: str = Field(
+        default="",
+        max_length=approvals.MAX_MESSAGE_CHARS,
+        description="What the approvers are asked: text with {expression} placeholders "
+        "(JMESPath over the trigger and the steps' outputs, as in input), rendered when the "
+        "step is reached, such as 'Deploy {trigger.version}? Tests: "
+        "{steps.test.output.summary}'; {{ and }} are literal braces.",
+    )
+    timeout: Duration | None = Field(
+        default=None,
+        description="How long the run waits for a decision: a duration such as 30m or 24h; "
+        f"default {format_duration(approvals.DEFAULT_TIMEOUT)}, at most "
+        f"{MAX_APPROVAL_TIMEOUT_TEXT}. The run's deadline, when sooner, ends the wait first "
+        "and fails the run.",
+    )
+    on_timeout: approvals.OnTimeout = Field(
+        default="reject",
+        description="What the timeout decides: reject (the default: the step fails) or "
+        "approve (the step succeeds, decided by troupe:timeout).",
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ApprovalStepSpec:
+        if not (self.approvers.users or self.approvers.groups):
+            raise ValueError(APPROVERS_RULE["message"])
+        if self.timeout is not None and self.timeout > approvals.MAX_TIMEOUT:
+            raise ValueError(APPROVAL_TIMEOUT_RULE["message"])
+        return self
+
+
 class WorkflowStep(ApiModel):
-    """One node of the DAG."""
+    """One node of the DAG: an Agent's step (agentRef) or a person's (approval)."""
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": cel(
+            AGENT_OR_APPROVAL_RULE,
+            APPROVAL_STEP_RULE,
             rule(
                 "!has(self.dependsOn) || !(self.name in self.dependsOn)",
                 "a step must not depend on itself",
@@ -64,10 +137,18 @@ class WorkflowStep(ApiModel):
         max_length=63,
         description="The step's name (a DNS label), unique in the workflow.",
     )
-    agent_ref: str = Field(
+    agent_ref: str | None = Field(
+        default=None,
         pattern=NAME_PATTERN,
         max_length=63,
-        description="The name of the Agent, in this namespace, that handles the step.",
+        description="The name of the Agent, in this namespace, that handles the step; unset "
+        "for an approval step.",
+    )
+    approval: ApprovalStepSpec | None = Field(
+        default=None,
+        description="Makes this an approval step: the run waits (WaitingForApproval) until an "
+        "approver decides or the timeout does. Approved, the step's output is {approved, "
+        "decidedBy, reason}; denied, the step fails and onFailure applies.",
     )
     depends_on: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
         default_factory=list,
@@ -96,6 +177,20 @@ class WorkflowStep(ApiModel):
     compensation: Compensation | None = Field(
         default=None, description="What undoes the step, for onFailure compensate."
     )
+
+    @model_validator(mode="after")
+    def _agent_or_approval(self) -> WorkflowStep:
+        if (self.agent_ref is None) == (self.approval is None):
+            raise ValueError(AGENT_OR_APPROVAL_RULE["message"])
+        if self.approval is not None and (
+            self.retry is not None
+            or self.timeout is not None
+            or self.compensation is not None
+            or self.input
+            or self.on_failure == "compensate"
+        ):
+            raise ValueError(APPROVAL_STEP_RULE["message"])
+        return self
 
 
 TRIGGER_RULE = rule(

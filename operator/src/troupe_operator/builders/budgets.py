@@ -47,6 +47,8 @@ def short_steps(spec: WorkflowSpec, agents: Mapping[str, AgentSpec]) -> list[Sho
     """Steps (of Agents whose spec is known) that time out before their Agent gives up."""
     found = []
     for step in spec.steps:
+        if step.agent_ref is None:
+            continue  # an approval step: its wait is bounded by its own timeout
         agent = agents.get(step.agent_ref)
         if agent is None:
             continue

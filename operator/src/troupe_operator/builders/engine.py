@@ -19,7 +19,9 @@ from troupe_operator.api import WorkflowSpec, WorkflowStep
 from troupe_operator.builders import pods
 from troupe_operator.builders.pods import FIELD_MANAGER, Owner
 from troupe_runtime.contract import naming, pod
+from troupe_runtime.contract.approvals import Approvers
 from troupe_runtime.contract.engine_config import (
+    EngineApproval,
     EngineCompensation,
     EngineConfig,
     EngineStep,
@@ -43,9 +45,31 @@ def engine_labels(workflow: str) -> dict[str, str]:
     }
 
 
+def _approval_step(step: WorkflowStep) -> EngineStep:
+    """An approval step: who decides, what they read, how long the run waits."""
+    assert step.approval is not None
+    approval = step.approval
+    fields: dict[str, Any] = {}
+    if approval.timeout is not None:
+        fields["timeout"] = approval.timeout
+    return EngineStep(
+        name=step.name,
+        depends_on=step.depends_on,
+        on_failure=step.on_failure,
+        approval=EngineApproval(
+            approvers=Approvers(users=approval.approvers.users, groups=approval.approvers.groups),
+            message=approval.message,
+            on_timeout=approval.on_timeout,
+            **fields,
+        ),
+    )
+
+
 def _engine_step(namespace: str, step: WorkflowStep, priority_levels: int) -> EngineStep:
     """A step with its agent's inbox subject; unset timeout and retry keep the engine's
     defaults (5 minutes, one attempt)."""
+    if step.agent_ref is None:
+        return _approval_step(step)
     fields: dict[str, Any] = {}
     if step.timeout is not None:
         fields["timeout"] = step.timeout
@@ -84,7 +108,7 @@ def build_engine_config(
         namespace=owner.namespace,
         trigger_subject=spec.trigger.subject,
         steps=[
-            _engine_step(owner.namespace, step, levels.get(step.agent_ref, 1))
+            _engine_step(owner.namespace, step, levels.get(step.agent_ref or "", 1))
             for step in spec.steps
         ],
         deadline=spec.deadline,

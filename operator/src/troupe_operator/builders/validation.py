@@ -31,7 +31,7 @@ from troupe_operator.builders import engine, pods, workload
 from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.problems import Problem
 from troupe_runtime.contract.agent_config import RuntimeConfig
-from troupe_runtime.contract.expressions import expression_problem
+from troupe_runtime.contract.expressions import expression_problem, template_problem
 from troupe_runtime.contract.schema_rules import schema_problem
 
 _LONGEST_NAME = "x" * 63
@@ -79,6 +79,10 @@ def workflow_problems(spec: WorkflowSpec) -> list[Problem]:
             for key, expression in expressions.items()
             if (problem := expression_problem(expression)) is not None
         )
+        if step.approval is not None and (problem := template_problem(step.approval.message)):
+            problems.append(
+                Problem(f"spec.steps[{index}].approval.message", "InvalidTemplate", problem)
+            )
     config = engine.build_engine_config(WORST_CASE_OWNER, spec, "")
     return problems + _size_problems("engine", config.to_json(), _ENGINE_FIELDS)
 
