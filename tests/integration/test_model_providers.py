@@ -32,6 +32,7 @@ from tests.integration.operator_support import (
     explained,
     get,
     jetstream,
+    stream_config,
     stream_names,
 )
 from tests.integration.test_crd_property import values
@@ -402,6 +403,29 @@ def test_the_last_llm_agent_of_a_namespace_takes_its_usage_bucket_and_object_sto
         lambda: not shared & stream_names(cluster.nats_url),
         DEADLINE,
         "the usage bucket and object store to go with the last LLM agent",
+    )
+
+
+def test_an_llm_agents_session_bucket_has_its_retention_and_goes_with_it(
+    cluster: ClusterEndpoints, namespace: str, scripted_llm: ScriptedLlm
+) -> None:
+    explained_text = cluster.kubectl("explain", "agents.spec.llm.session.doubleTexting")
+    assert "reject (dead-letter it, reason session-busy)" in " ".join(explained_text.split())
+    apply(cluster, namespace, provider("remembering", scripted_llm.base_url))
+    talker = llm_agent("talker", "remembering")
+    talker["spec"]["llm"]["session"] = {"retention": "1h", "doubleTexting": "interrupt"}
+    apply(cluster, namespace, talker)
+    ready_with(cluster, namespace, "agent", "talker", "True", "Ready")
+    bucket = naming.kv_stream(naming.session_bucket(namespace, "talker"))
+    config = stream_config(cluster.nats_url, bucket)
+    assert (config.max_age, config.max_msgs_per_subject) == (3600.0, 1)
+
+    cluster.kubectl("delete", "agent", "talker", "-n", namespace, "--wait=false")
+
+    wait_for(
+        lambda: bucket not in stream_names(cluster.nats_url),
+        DEADLINE,
+        "the session bucket to go with its Agent",
     )
 
 
