@@ -34,6 +34,7 @@ from troupe_runtime.contract.sessions import (
     Slot,
     admit,
     bounded_summary,
+    event_marker,
     fold,
     summarised,
 )
@@ -326,3 +327,17 @@ def test_troupe_call_session_is_the_contextid_parameter_and_is_checked() -> None
     assert "contextId" not in CallRequest(**fields).params()  # type: ignore[arg-type]
     with pytest.raises(Refused, match="session"):
         CallRequest(**fields, session="a b")  # type: ignore[arg-type]
+
+
+@given(st.text(min_size=1, max_size=5000))
+def test_any_event_id_is_a_fixed_size_marker_that_fits_an_exchange_and_a_slot(
+    event_id: str,
+) -> None:
+    marker = event_marker(event_id)
+    assert len(marker) == 32
+    assert marker == event_marker(event_id)
+    admit(SessionQueue(), marker, 0.0, 1.0, "enqueue")
+    history, _ = fold(
+        SessionHistory(), Exchange(event=marker, user="u", assistant="a"), SessionPolicy()
+    )
+    assert history.has(marker)

@@ -23,6 +23,7 @@ is the double-texting policy.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import timedelta
 from typing import Literal
 
@@ -100,8 +101,8 @@ class Exchange(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    event: str = Field(max_length=1024)
-    """The input event's id: a redelivered message is recorded once."""
+    event: str = Field(max_length=64)
+    """The input event's ``event_marker``: a redelivered message is recorded once."""
     user: str
     assistant: str
 
@@ -119,6 +120,12 @@ class SessionHistory(BaseModel):
 
     def has(self, event: str) -> bool:
         return any(turn.event == event for turn in self.turns)
+
+
+def event_marker(event_id: str) -> str:
+    """How a session names one message (its event's id, digested): of fixed size, so a long
+    id neither breaks the cap nor the queue."""
+    return hashlib.sha256(event_id.encode()).hexdigest()[:32]
 
 
 def _cut(text: str, size: int) -> str:
@@ -188,7 +195,8 @@ class Slot(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    event: str = Field(max_length=1024)
+    event: str = Field(max_length=64)
+    """The message's ``event_marker``."""
     expires: float
     """Epoch seconds; its replica renews it while it runs or waits."""
     stop: StopMark | None = None

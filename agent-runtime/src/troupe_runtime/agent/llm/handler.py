@@ -77,6 +77,7 @@ from troupe_runtime.contract.sessions import (
     SessionPolicy,
     SessionStopped,
     StopMark,
+    event_marker,
 )
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.serving.metrics import BudgetMetrics, LlmMetrics
@@ -339,8 +340,9 @@ class LlmAgent:
         sessions, session_id = session.sessions, event.sessionid
         if sessions is None or session_id is None:
             return await self._converse(ctx, session, state, on_completion, spend, None)
-        await sessions.enter(session_id, event.id, ctx.progress)
+        marker = event_marker(event.id)
         try:
+            await sessions.enter(session_id, marker, ctx.progress)
             history = await sessions.history(session_id) if state.fresh else None
             answer = await self._converse(
                 ctx,
@@ -349,19 +351,19 @@ class LlmAgent:
                 on_completion,
                 spend,
                 history,
-                stop=lambda: sessions.stop(session_id, event.id),
+                stop=lambda: sessions.stop(session_id, marker),
             )
-            if await sessions.stop(session_id, event.id) == "rollback":
+            if await sessions.stop(session_id, marker) == "rollback":
                 raise SessionStopped(DeadLetterReason.SESSION_ROLLED_BACK, ROLLED_BACK)
-            exchange = Exchange(event=event.id, user=as_text(event.data), assistant=_text(answer))
+            exchange = Exchange(event=marker, user=as_text(event.data), assistant=_text(answer))
 
             async def summarize(text: str) -> str:
                 return await self._summary(session, text, spend, on_completion)
 
             await sessions.record(session_id, exchange, summarize)
             return answer
-        finally:
-            await sessions.leave(session_id, event.id)
+        finally:  # however it ended, waiting included: the next message's turn
+            await sessions.leave(session_id, marker)
 
     async def _converse(
         self,
