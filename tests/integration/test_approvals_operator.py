@@ -250,6 +250,12 @@ def test_troupe_approvals_lists_what_waits_and_troupe_approve_decides_as_the_cal
     with explained(cluster, namespace, operator):
         file_request(cluster.nats_url, filed)
         wait_for(lambda: _approval(cluster, namespace, filed.name), DEADLINE, "the Approval")
+        inbox = cluster.kubectl("get", "approvals", "-A").splitlines()
+        (line,) = [row.split() for row in inbox if filed.name in row]
+        assert inbox[0].split()[:6] == ["NAMESPACE", "NAME", "REQUESTER", "STEP", "TOOL", "PHASE"]
+        expires = filed.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")  # type: ignore[union-attr]
+        # No tool (a Workflow's step): kubectl leaves that cell blank.
+        assert line[:6] == [namespace, filed.name, "deploy", "gate", "Pending", expires]
         listed = _troupe(bob, "approvals", "-n", namespace)
         assert listed.returncode == 0, listed.stderr
         assert filed.name in listed.stdout

@@ -229,7 +229,8 @@ RESOURCES = (
                 "Pending, Approved, Denied, TimedOut or Withdrawn.",
                 0,
             ),
-            ("Expires", "date", ".spec.expiresAt", "When the requester stops waiting.", 0),
+            # A string: kubectl shows a date column as the time since, "<invalid>" when ahead.
+            ("Expires", "string", ".spec.expiresAt", "When the requester stops waiting.", 0),
             ("Ready", "string", f"{READY}.status", "Whether the request is resolved.", 1),
             ("Kind", "string", ".spec.requester.kind", "Workflow or Agent.", 1),
             ("Run", "string", ".spec.requester.runId", "The run (or event) that waits.", 1),
