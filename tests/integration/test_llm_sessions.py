@@ -19,6 +19,7 @@ from tests.integration.llm_harness import CallableTools, llm_config, running_llm
 from tests.integration.runtime_harness import (
     eventually,
     inbox_empty,
+    make_config,
     output_stream,
     provisioned,
     send,
@@ -27,13 +28,14 @@ from tests.integration.runtime_harness import (
 )
 from tests.integration.test_llm_loop import killed, start_runtime
 from troupe_devcluster.layout import free_port
+from troupe_devcluster.model_server import ModelServer
 from troupe_devcluster.scripted_llm import ScriptedLlm, ScriptedToolCall, Text, ToolCalls
 from troupe_runtime.agent.llm.sessions import SUMMARY_NOTE, SUMMARY_PROMPT
 from troupe_runtime.contract import envelope, naming, pod
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.contract.dead_letters import ERROR_HEADER, REASON_HEADER
-from troupe_runtime.contract.sessions import SessionHistory
+from troupe_runtime.contract.sessions import SessionHistory, SessionPolicy
 from troupe_runtime.nats.provision import delete_agent_resources
 
 SYSTEM = {"text": "You are terse."}
@@ -413,3 +415,47 @@ async def test_the_session_bucket_is_provisioned_with_the_retention_and_deleted_
         with pytest.raises(BucketNotFoundError):
             await js.key_value(bucket)
     assert json.dumps(deleted)
+
+
+# -- the real local model --------------------------------------------------------------------
+
+
+async def test_the_local_model_summarises_what_leaves_the_cap(
+    nats_url: str, local_model: ModelServer
+) -> None:
+    """Summarising is the model's own work: SmolLM2 writes the summary end to end once."""
+    llm = {
+        "policy": {
+            "model": {"provider": "local", "model": local_model.model},
+            "maxTokens": 32,
+            "temperature": 0,
+            "session": {"maxTurns": 1, "overflow": "summarize"},
+        },
+        "providers": [
+            {
+                "name": "local",
+                "spec": {
+                    "baseUrl": local_model.base_url,
+                    "models": [{"name": local_model.model, "contextWindow": 2048}],
+                },
+            }
+        ],
+    }
+    config = make_config(
+        nats_url, handler={"type": "llm"}, llm=llm, timeout="60s", messaging={"ackWait": "90s"}
+    )
+    async with provisioned(config) as (_, js), running_llm(config):
+        await send(js, config, "My name is Ada and I like red.", sessionid="s")
+        await outputs(js, config, 1)
+        await recorded(js, config, "s", 1)
+        await send(js, config, "What colour do I like?", sessionid="s")
+        await outputs(js, config, 2)
+
+        async def summarised() -> bool:
+            return bool((await history(js, config, "s")).summary)
+
+        await eventually(summarised, "the model's summary", 120.0)
+        kept = await history(js, config, "s")
+    assert [t.user for t in kept.turns] == ["What colour do I like?"]
+    assert kept.summary
+    assert len(kept.encoded()) <= SessionPolicy().max_bytes
