@@ -30,6 +30,7 @@ from tests.integration.workflow_harness import (
     run_events,
     trigger,
 )
+from troupe_cli.main import amain
 from troupe_devcluster.layout import free_port
 from troupe_runtime.agent.context import Context
 from troupe_runtime.contract import approvals, envelope, naming
@@ -138,7 +139,16 @@ async def _deploy(ctx: Context) -> Any:
     return {"deployed": ctx.event.data}
 
 
-async def test_an_approved_run_goes_on_with_who_approved_it(nats_url: str) -> None:
+async def _cli(capsys: pytest.CaptureFixture[str], nats_url: str, ns: str, *args: str) -> str:
+    """What ``troupe`` prints for ``args``."""
+    capsys.readouterr()
+    assert await amain(["--nats-url", nats_url, "-n", ns, *args]) == 0
+    return capsys.readouterr().out
+
+
+async def test_an_approved_run_goes_on_with_who_approved_it(
+    nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     ns = new_namespace()
     steps = [
         _gate(),
@@ -157,6 +167,12 @@ async def test_an_approved_run_goes_on_with_who_approved_it(nats_url: str) -> No
         assert pending.approvers.groups == ["release"]
         assert pending.requester.step == "gate"
         assert pending.requester.run_id == run
+        listed = await _cli(capsys, nats_url, ns, "runs", "list", "wf")
+        assert "WaitingForApproval" in listed
+        assert pending.name in listed
+        shown = await _cli(capsys, nats_url, ns, "runs", "show", "wf", run)
+        assert f"approval:  {pending.name} (step gate" in shown
+        assert "asks:      ship 1.2?" in shown
         await decide(js, pending)
         outcome = await result(js, config, run)
         decided = await request(js, config, pending.name)

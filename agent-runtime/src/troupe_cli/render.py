@@ -27,7 +27,7 @@ from troupe_runtime.contract import envelope
 from troupe_runtime.contract.budget import Amount
 from troupe_runtime.contract.durations import format_duration
 from troupe_runtime.contract.envelope import CloudEvent
-from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.run_state import RunState, pending_approvals
 from troupe_runtime.contract.usage import Usage
 from troupe_runtime.nats.kv import Change
 
@@ -173,11 +173,18 @@ def call_json(answer: CallAnswer) -> dict[str, Any]:
     return answer.document()
 
 
+def _waiting_on(run: RunState) -> list[str]:
+    """The Approvals a run waits on (``kubectl get approval NAME``), or none."""
+    return [] if run.terminal else [a.name for a in pending_approvals(run).values()]
+
+
 def runs_text(runs: Sequence[RunState]) -> str:
     if not runs:
         return "no runs"
-    # Token columns only where some run counted: runs of plain agents stay as narrow as ever.
+    # Token columns only where some run counted: runs of plain agents stay as narrow as ever;
+    # so the approval column, only where some run waits for one.
     counted = any(run.usage is not None for run in runs)
+    waiting = any(_waiting_on(run) for run in runs)
     rows = [
         [
             run.run_id,
@@ -186,11 +193,13 @@ def runs_text(runs: Sequence[RunState]) -> str:
             when(run.finished_at),
             duration(_run_seconds(run)),
             *([tokens(run.usage), cost(run.usage)] if counted else []),
+            *([", ".join(_waiting_on(run))] if waiting else []),
         ]
         for run in runs
     ]
     header = ["run", "status", "started", "finished", "duration"]
-    return table([*header, *(["tokens in/out", "cost"] if counted else [])], rows)
+    header += [*(["tokens in/out", "cost"] if counted else []), *(["approval"] if waiting else [])]
+    return table(header, rows)
 
 
 def runs_json(runs: Sequence[RunState]) -> list[dict[str, Any]]:
@@ -202,6 +211,7 @@ def runs_json(runs: Sequence[RunState]) -> list[dict[str, Any]]:
             "finished": iso(run.finished_at),
             "durationSeconds": _run_seconds(run),
             "usage": usage_json(run.usage),
+            "waitingForApprovals": _waiting_on(run),
         }
         for run in runs
     ]
@@ -222,6 +232,13 @@ def run_text(state: RunState, attempts: Sequence[StepAttempt]) -> str:
     counted = state.usage is not None or any(a.usage is not None for a in attempts)
     if counted:
         lines += [f"tokens:    {tokens(state.usage)} (in/out)", f"cost:      {cost(state.usage)}"]
+    if not state.terminal:
+        for step, approval in pending_approvals(state).items():
+            lines += [
+                f"approval:  {approval.name} (step {step}, expires {when(approval.expires_at)}); "
+                f"decide with troupe approve|deny {approval.name} --reason ...",
+                f"asks:      {approval.message}",
+            ]
     lines.append("")
     if attempts:
         rows = [
@@ -260,6 +277,21 @@ def run_json(state: RunState, attempts: Sequence[StepAttempt]) -> dict[str, Any]
         "output": state.output,
         "error": state.error,
         "usage": usage_json(state.usage),
+        "approvals": [
+            {
+                "step": step,
+                "name": approval.name,
+                "phase": approval.phase,
+                "message": approval.message,
+                "expiresAt": iso(approval.expires_at),
+                "approved": approval.approved,
+                "decidedBy": approval.decided_by,
+                "decidedAt": iso(approval.decided_at),
+                "reason": approval.reason,
+            }
+            for step, s in state.steps.items()
+            if (approval := s.approval) is not None
+        ],
         "steps": [
             {
                 "step": attempt.step,

@@ -28,6 +28,8 @@ from troupe_runtime.contract.budget import (
 from troupe_runtime.contract.dead_letters import header_map
 from troupe_runtime.contract.run_events import (
     BUDGET_EXCEEDED_REASON,
+    ApprovalDecided,
+    ApprovalRequested,
     CompensationDispatched,
     CompensationFinished,
     Event,
@@ -35,6 +37,7 @@ from troupe_runtime.contract.run_events import (
     StepFailed,
     StepSucceeded,
 )
+from troupe_runtime.contract.run_state import approval_error
 from troupe_runtime.contract.usage import Usage
 
 # Data nested deeper than this is shown as its text: printing it would recurse too far.
@@ -96,7 +99,8 @@ def timeline(events: list[Event]) -> list[StepAttempt]:
     """Every dispatch of a run in log order, each with its outcome if it has one.
 
     A step that timed out and was retried shows once per attempt; a
-    compensation shows as an attempt of ``None``.
+    compensation shows as an attempt of ``None``; an approval step shows as attempt 1,
+    WaitingForApproval until it is decided (Approved, Denied or TimedOut).
     """
     attempts: dict[tuple[str, int | None], StepAttempt] = {}
     for event in events:
@@ -107,6 +111,22 @@ def timeline(events: list[Event]) -> list[StepAttempt]:
                 )
             case CompensationDispatched():
                 attempts[(event.step, None)] = StepAttempt(event.step, None, "Running", event.at)
+            case ApprovalRequested():
+                attempts[(event.step, 1)] = StepAttempt(
+                    event.step, 1, "WaitingForApproval", event.at
+                )
+            case ApprovalDecided():
+                started = attempts.get((event.step, 1))
+                if started is None or started.finished_at is not None:
+                    continue
+                attempts[(event.step, 1)] = StepAttempt(
+                    started.step,
+                    1,
+                    event.phase,
+                    started.dispatched_at,
+                    event.at,
+                    None if event.approved else approval_error(event),
+                )
             case StepSucceeded() | StepFailed() | CompensationFinished():
                 key = (
                     event.step,

@@ -17,7 +17,10 @@
 change; the history is the one user message the task was made of (its id = the task id,
 its data part the input); a completed task's output is the artifact ``output``: a text part
 when it is a string, else a data part. A failed task's status message says the error, and
-its reason is in the status message's metadata (``reason``).
+its reason is in the status message's metadata (``reason``). A Workflow run waiting for
+approval is ``input-required`` (not terminal: it goes on once a person decides, and may be
+cancelled); its status message says what the approvers are asked, and the pending
+Approvals' names are in its metadata (``approvals``).
 
 **A stream.** Token text is appended to the artifact ``output`` as it comes; the final
 output then replaces it (``append`` false, ``last_chunk`` true), so a client folding the
@@ -152,6 +155,8 @@ def output_parts(output: Any) -> list[Part]:
 
 
 def _status_message(view: TaskView) -> Message | None:
+    if view.state == "input-required" and view.prompt:
+        return _input_required_message(view, view.prompt)
     if view.state not in ("failed", "rejected", "canceled") or not (view.error or view.reason):
         return None
     message = Message(
@@ -163,6 +168,20 @@ def _status_message(view: TaskView) -> Message | None:
     )
     if view.reason:
         message.metadata.update({"reason": view.reason})
+    return message
+
+
+def _input_required_message(view: TaskView, prompt: str) -> Message:
+    """What a run waiting for approval asks, with the Approvals' names in the metadata
+    (``approvals``), so a client can point the person at ``troupe approve``."""
+    message = Message(
+        message_id=f"{view.record.task_id}-status",
+        context_id=view.record.context_id,
+        task_id=view.record.task_id,
+        role=Role.ROLE_AGENT,
+        parts=[Part(text=prompt)],
+    )
+    message.metadata.update({"approvals": list(view.approvals)})
     return message
 
 

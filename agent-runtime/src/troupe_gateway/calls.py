@@ -46,7 +46,7 @@ from troupe_runtime.contract.gateway import (
     call_message,
 )
 from troupe_runtime.contract.run_events import CANCEL_TYPE, RUN_ID_PATTERN
-from troupe_runtime.contract.run_state import RunState
+from troupe_runtime.contract.run_state import RunState, pending_approvals
 from troupe_runtime.nats.publish import NoStream, publish_stored
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ STREAM_BACKLOG = 256
 publish on a token stream subject, so the backlog is bounded; the final view is whole)."""
 RUN_STATES: dict[str, TaskState] = {
     "Running": "working",
+    "WaitingForApproval": "input-required",
     "Compensating": "working",
     "Succeeded": "completed",
     "BudgetExceeded": "completed",
@@ -83,6 +84,10 @@ class TaskView:
     reason: str | None = None
     """A failure's machine-readable reason (a dead-letter reason, ``budget-exceeded``)."""
     updated_at: datetime | None = None
+    approvals: tuple[str, ...] = ()
+    """An input-required run's pending Approvals (their names): what a person decides."""
+    prompt: str | None = None
+    """What an input-required task asks: the pending approvals' messages."""
 
     @property
     def terminal(self) -> bool:
@@ -175,8 +180,20 @@ def run_view(record: TaskRecord, run: RunState | None) -> TaskView:
     if state == "failed" and error is None:
         failed = [step.error for step in run.steps.values() if step.error]
         error = failed[-1] if failed else "the run failed"
+    pending = pending_approvals(run) if state == "input-required" else {}
+    prompt = "; ".join(
+        f"approval {a.name} (step {step}): {a.message}" if a.message else f"approval {a.name}"
+        for step, a in pending.items()
+    )
     return TaskView(
-        record, state, output=run.output, error=error, reason=reason, updated_at=run.finished_at
+        record,
+        state,
+        output=run.output,
+        error=error,
+        reason=reason,
+        updated_at=run.finished_at,
+        approvals=tuple(a.name for a in pending.values()),
+        prompt=prompt or None,
     )
 
 
