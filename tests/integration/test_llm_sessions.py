@@ -36,7 +36,7 @@ from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.contract.dead_letters import ERROR_HEADER, REASON_HEADER
 from troupe_runtime.contract.sessions import SessionHistory, SessionPolicy
-from troupe_runtime.nats.provision import delete_agent_resources
+from troupe_runtime.nats.provision import delete_agent_resources, ensure_agent_resources
 
 SYSTEM = {"text": "You are terse."}
 SLOW = 1.5
@@ -365,6 +365,8 @@ async def test_a_session_continues_across_two_replicas_and_a_restart(
     scripted_llm.script(Text("A1", delay=SLOW), Text("A2"), Text("A3"))
     replicas = []
     async with provisioned(base) as (_, js):
+        # As the operator provisions two replicas: the consumer lets each hold a message.
+        await ensure_agent_resources(js, build_agent_resources(base, replicas=2))
         try:
             for name in ("a", "b"):
                 port = free_port()
