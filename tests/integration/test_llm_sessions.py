@@ -39,7 +39,7 @@ from troupe_runtime.contract.sessions import SessionHistory, SessionPolicy
 from troupe_runtime.nats.provision import delete_agent_resources, ensure_agent_resources
 
 SYSTEM = {"text": "You are terse."}
-SLOW = 1.5
+SLOW = 2.5
 """Seconds the scripted model takes over a first message, so a second arrives mid-run."""
 
 

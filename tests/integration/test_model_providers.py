@@ -429,6 +429,20 @@ def test_an_llm_agents_session_bucket_has_its_retention_and_goes_with_it(
     )
 
 
+def test_a_session_retention_under_a_minute_is_refused_by_the_api_server(
+    api_client: Any, namespace: str
+) -> None:
+    body = llm_agent("forgetful", "any")
+    body["spec"]["llm"]["session"] = {"retention": "30s"}
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "agents", body, dry_run="All"
+        )
+    assert refused.value.status == 422
+    assert "spec.llm.session.retention" in str(refused.value.body)
+    assert "at least 1m" in str(refused.value.body)
+
+
 # The CRD and the models agree.
 
 CRD = yaml.safe_load((CRDS / f"modelproviders.{GROUP}.yaml").read_text())

@@ -25,12 +25,27 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
 
 from troupe_runtime.contract.dead_letters import DeadLetterReason
-from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.durations import (
+    CEL_KEY,
+    DURATION_MAX_LENGTH,
+    DURATION_PATTERN,
+    cel_matches,
+    format_duration,
+    parse_duration,
+)
 from troupe_runtime.contract.policies import WireModel
 
 DoubleTexting = Literal["reject", "enqueue", "interrupt", "rollback"]
@@ -38,6 +53,7 @@ Overflow = Literal["trim", "summarize"]
 StopMark = Literal["interrupt", "rollback"]
 
 MIN_RETENTION = timedelta(minutes=1)
+RETENTION_MESSAGE = "must be a duration of at least 1m (and at most 2562047h47m16.854s)"
 MAX_BYTES_MIN = 1024
 MAX_BYTES_MAX = 512 * 1024
 """Well inside NATS's default 1 MiB message, with the key's headers."""
@@ -45,6 +61,34 @@ SUMMARY_SHARE = 4
 """With ``overflow: summarize``, a quarter of ``maxBytes`` is kept for the summary."""
 INTERRUPTED_STOP = "interrupted"
 """``stopped`` of an answer cut short by a newer message of its session."""
+
+
+def _at_least_a_minute(value: timedelta) -> timedelta:
+    if value < MIN_RETENTION:
+        raise ValueError(RETENTION_MESSAGE)
+    return value
+
+
+Retention = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    AfterValidator(_at_least_a_minute),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "maxLength": DURATION_MAX_LENGTH,
+            CEL_KEY: [
+                {
+                    "rule": f"!{cel_matches('self')} || duration(self) >= duration('1m')",
+                    "message": RETENTION_MESSAGE,
+                }
+            ],
+        }
+    ),
+]
+"""A session's retention: at least a minute, so it outlasts a slot's lease renewals."""
 
 
 class SessionPolicy(WireModel):
@@ -55,7 +99,7 @@ class SessionPolicy(WireModel):
         description="Keep a history per session; default true. When false (or no session "
         "block) messages are independent and the agent does no session I/O at all.",
     )
-    retention: Duration = Field(
+    retention: Retention = Field(
         default=timedelta(days=7),
         description="How long a session is kept after its last message: a duration such as "
         "24h; at least 1m; default 168h (7 days).",
@@ -88,12 +132,6 @@ class SessionPolicy(WireModel):
         "far kept, then run it) or rollback (stop the running one and discard its turns, "
         "reason session-rolled-back). Default enqueue.",
     )
-
-    @model_validator(mode="after")
-    def _retention_outlasts_a_lease(self) -> SessionPolicy:
-        if self.retention < MIN_RETENTION:
-            raise ValueError("spec.llm.session.retention must be at least 1m")
-        return self
 
 
 class Exchange(BaseModel):
