@@ -37,7 +37,7 @@ from troupe_runtime.contract import approvals, envelope, naming
 from troupe_runtime.contract.approvals import ApprovalDecision, ApprovalRequest, Verdict
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import CloudEvent
-from troupe_runtime.contract.run_events import ApprovalDecided
+from troupe_runtime.contract.run_events import CANCEL_TYPE, ApprovalDecided
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
 from troupe_runtime.nats.provision import ensure_workflow_resources
@@ -263,6 +263,32 @@ async def test_the_run_deadline_withdraws_a_pending_approval(nats_url: str) -> N
         events = await run_events(js, config, run)
     await nc.close()
     assert outcome == {"status": "Failed", "output": None, "error": "deadline of 0:00:02 exceeded"}
+    assert gone is not None
+    assert (gone.phase, gone.decided_by) == ("Withdrawn", approvals.WITHDRAWN_DECIDER)
+    assert _decisions(events) == []
+
+
+async def test_a_cancelled_run_withdraws_its_pending_approval_and_ignores_a_late_decision(
+    nats_url: str,
+) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [_gate()])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, {"version": "4"}, run)
+        pending = await waits(js, config, run)
+        cancel = CloudEvent(id=uuid.uuid4().hex, source="/t", type=CANCEL_TYPE, data=None)
+        headers, payload = envelope.to_binary(cancel)
+        await js.publish(config.subject("cancel", run), payload, headers=headers)
+        outcome = await result(js, config, run)
+        await decide(js, pending)  # too late: the run is over
+        await drained(js, config)
+        gone = await request(js, config, pending.name)
+        events = await run_events(js, config, run)
+    await nc.close()
+    assert outcome["status"] == "Cancelled"
     assert gone is not None
     assert (gone.phase, gone.decided_by) == ("Withdrawn", approvals.WITHDRAWN_DECIDER)
     assert _decisions(events) == []

@@ -408,3 +408,25 @@ def test_any_sequence_of_events_folds_to_a_consistent_state(events: list[Event])
         assert approval is not None
         assert (approval.decided_by, approval.approved) == (decision.decided_by, decision.approved)
         assert state.succeeded_order.count(name) == (1 if decision.approved else 0)
+
+
+@given(
+    name=st.sampled_from([NAME, "wf-0000000000000000", ""]),
+    by=st.text(max_size=20),
+    verdict=st.sampled_from(["Approve", "Deny"]),
+)
+@settings(max_examples=300)
+def test_a_decision_counts_exactly_when_it_names_the_waiting_request_and_a_person(
+    name: str, by: str, verdict: approvals.Verdict
+) -> None:
+    decider = approvals.bounded_text(by, 256)
+    try:
+        decision = _decision(name=name, by=by, verdict=verdict)
+    except ValidationError:
+        assert not by  # decidedBy may not be empty
+        return
+    counts = name == NAME and bool(decider) and not decider.startswith("troupe:")
+    assert (decision_problem(_run(_requested()), decision) is None) == counts
+    if counts:
+        event = decided_event(_run(_requested()), "gate", decision, _at(4))
+        assert apply(_run(_requested()), event).steps["gate"].status in ("Succeeded", "Failed")

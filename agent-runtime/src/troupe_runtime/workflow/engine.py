@@ -484,16 +484,19 @@ class Engine:
         return self._approvals
 
     async def _put_request(self, request: approvals.ApprovalRequest) -> None:
-        """Write ``request`` to the bucket unless it holds exactly that already."""
+        """Write ``request`` to the bucket unless it holds exactly that already, or holds
+        it resolved while ``request`` is Pending: a filing never goes back to Pending (a
+        run withdrawn just before a crash is rebuilt waiting, then ends again)."""
         kv = self._approvals_kv()
         key = naming.approval_key(request.name)
         payload = request.model_dump_json(by_alias=True).encode()
         try:
             entry = await kv.get(key)
-            if entry.value == payload:
-                return
         except KeyNotFoundError:
-            pass
+            entry = None
+        stored = entry.value if entry is not None else None
+        if stored == payload or (request.pending and _resolved(stored, request)):
+            return
         await kv.put(key, payload)
 
     async def _file(self, state: RunState, step: str) -> None:
@@ -630,11 +633,12 @@ class Engine:
                 )
                 await self._file(self._runs[run_id], step)
             case planner.Finish(status, output, error):
-                # The outcome is published before it is logged, like a dispatch: a
-                # crash in between publishes it again under the same id, and only once.
-                # So are pending approvals withdrawn.
-                await self._publish_outcome(run_id, status, output, error)
+                # Pending approvals are withdrawn first, so whoever sees the outcome sees
+                # them withdrawn. The outcome is published before it is logged, like a
+                # dispatch: a crash in between publishes it again under the same id, and
+                # only once.
                 await self._withdraw(self._runs[run_id])
+                await self._publish_outcome(run_id, status, output, error)
                 await self._record(
                     RunFinished(run_id=run_id, at=now, status=status, output=output, error=error)
                 )
@@ -710,6 +714,20 @@ class Engine:
             payload,
             headers={**(headers or {}), ERROR_HEADER: header_safe(reason)},
         )
+
+
+def _resolved(stored: bytes | None, request: approvals.ApprovalRequest) -> bool:
+    """Whether ``stored`` is ``request`` (the same filing: its ``requested_at``) already
+    resolved. Anything that does not parse is not (anyone who may write the bucket may
+    write there), so the engine's own replaces it; nor is a filing of a run with the same
+    id started anew."""
+    if stored is None:
+        return False
+    try:
+        found = approvals.ApprovalRequest.model_validate_json(stored)
+    except ValueError:
+        return False
+    return not found.pending and found.requested_at == request.requested_at
 
 
 async def _nak(msg: Msg, delay: float) -> None:
