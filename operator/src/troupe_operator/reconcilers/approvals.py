@@ -237,6 +237,8 @@ async def scan_once(operator: Operator, seen: dict[str, BucketSeen]) -> None:
             continue
         now = time.monotonic()
         previous = seen.get(bucket.bucket)
+        if previous is not None and bucket.last_sequence < previous.sequence:
+            previous = None  # the bucket was made again: nothing remembered holds
         full = previous is None or now - previous.full_read_at >= FULL_READ_SECONDS
         if previous is not None and not full and previous.sequence == bucket.last_sequence:
             continue
