@@ -18,6 +18,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import KeyNotFoundError
+from troupe_gateway.calls import Calls
 
 from tests.integration.runtime_harness import eventually
 from tests.integration.test_workflow_recovery import engine_answers, engine_process
@@ -37,6 +38,7 @@ from troupe_runtime.contract import approvals, envelope, naming
 from troupe_runtime.contract.approvals import ApprovalDecision, ApprovalRequest, Verdict
 from troupe_runtime.contract.engine_config import EngineConfig
 from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.gateway import DirectoryEntry
 from troupe_runtime.contract.run_events import CANCEL_TYPE, ApprovalDecided
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
@@ -368,3 +370,26 @@ async def test_an_engine_killed_while_the_run_waits_resumes_it_on_the_decision(
     assert [e.kind for e in events].count("ApprovalRequested") == 1
     [decision] = _decisions(events)
     assert decision.decided_by == "carol"
+
+
+async def test_a_gateway_caller_sees_input_required_until_the_decision(nats_url: str) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [_gate()])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    entry = DirectoryEntry(
+        kind="Workflow", namespace=ns, name=config.workflow, subject=config.subject("start", "*")
+    )
+    calls = Calls(nc, js, 3600.0)
+    async with engine(config):
+        record = await calls.submit(entry, {"version": "8"}, caller="carol")
+        pending = await waits(js, config, record.task_id)
+        view = await calls.get(entry, record.task_id)
+        assert view is not None
+        assert (view.state, view.approvals) == ("input-required", (pending.name,))
+        assert view.prompt == f"approval {pending.name} (step gate): ship 8?"
+        await decide(js, pending)
+        done = await calls.wait(entry, record.task_id, 20)
+    await nc.close()
+    assert done.state == "completed"
+    assert done.output == {"approved": True, "decidedBy": "alice", "reason": "looks good"}
