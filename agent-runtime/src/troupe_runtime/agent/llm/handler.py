@@ -344,6 +344,11 @@ class LlmAgent:
         try:
             await sessions.enter(session_id, marker, ctx.progress)
             history = await sessions.history(session_id) if state.fresh else None
+
+            async def progress() -> None:
+                await ctx.progress()
+                await sessions.renew(session_id, marker)
+
             answer = await self._converse(
                 ctx,
                 session,
@@ -352,6 +357,7 @@ class LlmAgent:
                 spend,
                 history,
                 stop=lambda: sessions.stop(session_id, marker),
+                progress=progress,
             )
             if await sessions.stop(session_id, marker) == "rollback":
                 raise SessionStopped(DeadLetterReason.SESSION_ROLLED_BACK, ROLLED_BACK)
@@ -374,6 +380,7 @@ class LlmAgent:
         spend: Callable[[int], SpendContext],
         history: SessionHistory | None,
         stop: Callable[[], Awaitable[StopMark | None]] | None = None,
+        progress: Callable[[], Awaitable[None]] | None = None,
     ) -> Any:
         """One message's loop: ``history`` (a session's, on a first delivery) between the
         system prompt and the input."""
@@ -389,7 +396,7 @@ class LlmAgent:
             stream=TokenStream.of(session.nc, self._config.namespace, event, policy.stream),
             checker=self._checker,
             on_completion=on_completion,
-            progress=ctx.progress,
+            progress=progress or ctx.progress,
             wait_budget=wait_budget(self._config.timeout.total_seconds(), event.deadline),
             spend=spend,
             stop=stop,

@@ -10,9 +10,11 @@ The queue is the session's in-flight marker. A message enters it before its loop
 reporting progress, until it is first), renews its slot when half its lease has passed
 (``lease`` is the Agent's timeout plus its ackWait: a replica killed mid-run holds the
 session no longer, and its redelivered message, same event id, finds its own place again),
-asks at each turn boundary whether a newer message told it to stop (``stop``), and leaves in
-any case (``leave``). Values that are not what this module writes (junk under a key) count as
-an empty history or queue, and are overwritten by the next write.
+asks at each turn boundary whether a newer message told it to stop (``stop``), renews its
+slot on every progress report once half a lease has passed (``renew``: long tool calls
+between two boundaries), and leaves in any case (``leave``). Values that are not what this
+module writes (junk under a key) count as an empty history or queue, and are overwritten by
+the next write.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from troupe_runtime.contract.sessions import (
     SessionHistory,
     SessionPolicy,
     SessionQueue,
+    Slot,
     StopMark,
     admit,
     fold,
@@ -105,6 +108,8 @@ class SessionStore:
         self._lease = lease
         self._clock = clock
         self._sleep = sleep
+        self._expiries: dict[str, float] = {}
+        """When the slot of each message of this replica running a session expires."""
 
     async def _read(self, model: type[Model], key: str) -> tuple[Model, int]:
         """The value under ``key`` (empty when missing or junk) and its revision."""
@@ -190,6 +195,7 @@ class SessionStore:
             await progress()
             await self._sleep(POLL_SECONDS)
             queue = await self._change(session, lambda q, now: self._waiting(q, event, now))
+        self._known(queue.slot(event))
 
     def _waiting(self, queue: SessionQueue, event: str, now: float) -> SessionQueue | None:
         """While waiting: drop expired slots, renew ``event``'s own (put it back if it was
@@ -202,8 +208,8 @@ class SessionStore:
             return live.renewed(event, now + self._lease)
         return live if live != queue else None
 
-    async def stop(self, session: str, event: str) -> StopMark | None:
-        """Whether a newer message asked ``event`` to stop; renews its slot on the way."""
+    def _renewal(self, event: str) -> Callable[[SessionQueue, float], SessionQueue | None]:
+        """The change that renews ``event``'s slot once half its lease has passed."""
 
         def renew(queue: SessionQueue, now: float) -> SessionQueue | None:
             slot = queue.slot(event)
@@ -211,11 +217,30 @@ class SessionStore:
                 return None
             return queue.renewed(event, now + self._lease)
 
-        slot = (await self._change(session, renew)).slot(event)
+        return renew
+
+    async def stop(self, session: str, event: str) -> StopMark | None:
+        """Whether a newer message asked ``event`` to stop; renews its slot on the way."""
+        slot = self._known((await self._change(session, self._renewal(event))).slot(event))
         return slot.stop if slot is not None else None
+
+    async def renew(self, session: str, event: str) -> None:
+        """Keep ``event``'s slot while it runs (its tools may outlast a lease between two
+        turn boundaries); no I/O until half the lease it was last known to have has passed."""
+        expires = self._expiries.get(event)
+        if expires is not None and expires - self._clock() >= self._lease / 2:
+            return
+        self._known((await self._change(session, self._renewal(event))).slot(event))
+
+    def _known(self, slot: Slot | None) -> Slot | None:
+        """Remember when ``slot`` expires, for ``renew``."""
+        if slot is not None:
+            self._expiries[slot.event] = slot.expires
+        return slot
 
     async def leave(self, session: str, event: str) -> None:
         """Give the session to the next message; a failure leaves the slot to expire."""
+        self._expiries.pop(event, None)
         try:
             await self._change(
                 session, lambda q, now: q.without(event) if q.slot(event) is not None else None
