@@ -357,8 +357,14 @@ async def test_an_engine_killed_while_the_run_waits_resumes_it_on_the_decision(
             pending = await waits(js, config, run)
             first.send_signal(signal.SIGKILL)
             first.wait()
+        # As if the engine had died between logging the request and filing it.
+        kv = await js.key_value(naming.approvals_bucket(ns))
+        await kv.purge(naming.approval_key(pending.name))
+        assert await request(js, config, pending.name) is None
         with engine_process(config, tmp_path) as second:
             await eventually(partial(engine_answers, config, second), "the second engine")
+            refiled = await waits(js, config, run)
+            assert refiled == pending  # filed again from the log, as it was
             await decide(js, pending, by="carol")
             outcome = await result(js, config, run)
             decided = await request(js, config, pending.name)

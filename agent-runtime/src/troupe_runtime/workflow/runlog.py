@@ -32,7 +32,7 @@ from troupe_runtime.workflow.lease import Lease, fenced_retry
 logger = logging.getLogger(__name__)
 
 FINISHED_STATUSES = TERMINAL_STATUSES
-RUN_SUBJECT_KINDS = ("start", "events", "replies", "results", "active")
+RUN_SUBJECT_KINDS = ("start", "events", "replies", "results", "active", "approve")
 SAVE_ATTEMPTS = 5
 PRUNE_BATCH = 16
 """Finished runs pruned at most per finish, so catching up after lowering maxRuns is
