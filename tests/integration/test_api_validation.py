@@ -354,6 +354,45 @@ REFUSED = [
         id="a2a-scheme-and-name",
     ),
     pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={
+                **LLM,
+                "approvals": {"tools": [{"tool": "rm"}, {"tool": "rm", "approval": "never"}]},
+            },
+        ),
+        ["spec.llm.approvals.tools", "names must be unique"],
+        id="tool-approval-twice",
+    ),
+    pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={**LLM, "approvals": {"tools": [{"tool": "rm", "approval": "always"}]}},
+        ),
+        ["spec.llm.approvals", "needs at least one approver"],
+        id="tool-approval-without-approvers",
+    ),
+    pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={
+                **LLM,
+                "approvals": {
+                    "default": {
+                        "approval": "destructive",
+                        "approvers": {"groups": ["ops"]},
+                        "timeout": "721h",
+                    }
+                },
+            },
+        ),
+        ["spec.llm.approvals", "at most 30 days"],
+        id="tool-approval-past-30-days",
+    ),
+    pytest.param(
         agent("a", contract={"errorStates": [{"name": "TooLong"}, {"name": "TooLong"}]}),
         ["spec.contract.errorStates", "error state names must be unique"],
         id="duplicate-error-states",
@@ -411,6 +450,26 @@ def test_the_edges_of_what_is_valid_are_accepted(
             },
         ),
         _workflow("edges", trigger={"subject": "orders.*.created.>"}, deadline="1.5m"),
+        agent(
+            "edges-llm",
+            runtime={"handler": {"type": "llm"}},
+            llm={
+                **LLM,
+                "approvals": {
+                    "default": {"approval": "destructive", "approvers": {"users": ["alice"]}},
+                    "tools": [
+                        {
+                            "tool": "rm",
+                            "approval": "always",
+                            "approvers": {"groups": ["ops"]},
+                            "timeout": "720h",
+                            "onTimeout": "approve",
+                        },
+                        {"tool": "ls"},
+                    ],
+                },
+            },
+        ),
     ]
     for manifest in manifests:
         assert "created" in _apply(cluster, namespace, manifest)
@@ -441,6 +500,8 @@ def test_one_millisecond_past_the_largest_duration_is_refused(
         ("workflows.spec.steps.timeout", "default 5m"),
         ("agents.spec.llm.tools.a2a.timeout", "default 30s"),
         ("agents.spec.llm.tools.a2a.auth.bearerTokenSecret", "to the card's origin only"),
+        ("agents.spec.llm.approvals.default.approval", "destructiveHint false"),
+        ("agents.spec.llm.approvals.tools.approvers.groups", "whose members may decide"),
     ],
 )
 def test_kubectl_explain_shows_the_description(

@@ -71,8 +71,20 @@ def test_no_reply_subject_is_a_wildcard_whatever_the_run_id(run_id: str) -> None
         assert subject.count(".") == naming.workflow_subject("t", "w", "approve", "r").count(".")
 
 
-def test_an_agent_has_no_reply_subject_yet() -> None:
-    assert reply_subject_for("team", _requester(kind="Agent")) is None
+def test_an_agents_reply_subject_is_its_own_approvals_subject_whatever_the_run_id() -> None:
+    subject = reply_subject_for("team", _requester(kind="Agent", run_id="any * > text"))
+    assert subject == naming.agent_approvals_subject("team", "deploy")
+    assert subject == "troupe.team.agents.deploy.approvals"
+
+
+@given(name=st.text(max_size=70))
+def test_an_agent_whose_name_is_no_dns_label_has_no_reply_subject(name: str) -> None:
+    requester = Requester(kind="Agent", name=name, run_id="e-1", tool="rm")
+    subject = reply_subject_for("team", requester)
+    if subject is not None:
+        assert grammar.matches(grammar.DNS_LABEL_PATTERN, name)
+        assert naming.is_literal_subject(subject)
+        assert subject.split(".")[:4] == ["troupe", "team", "agents", name]
 
 
 def test_the_decision_event_carries_who_when_and_why_under_its_message_id() -> None:

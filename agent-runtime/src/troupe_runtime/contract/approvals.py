@@ -2,7 +2,7 @@
 
 The round trip, each side's part of it:
 
-1. A requester (a Workflow engine reaching an approval step; later an LLM agent before a
+1. A requester (a Workflow engine reaching an approval step, or an LLM agent before a
    tool call its policy guards) puts an ``ApprovalRequest`` in ``phase`` Pending under
    ``naming.approval_key(name)`` in the namespace's approvals bucket
    (``naming.approvals_bucket``), then waits, durably: the wait is a fact in its own log,
@@ -19,6 +19,16 @@ The round trip, each side's part of it:
    trail), acts on it, and writes the request back with its final ``phase``; the operator
    copies that phase to the Approval's status.
 
+An LLM agent's tool call (``contract.tool_approvals`` says which calls wait): the request's
+``requester`` is ``Requester(kind="Agent", name=<agent>, run_id=<the message's event id>,
+tool=<tool name>)``, its name ``approval_name(agent, event id, <turn>-<call id>)``, and its
+``reply_subject`` (and ``reply_subject_for``) the Agent's own
+``naming.agent_approvals_subject``: ``troupe.<ns>.agents.<agent>.approvals``, which the
+Agent's inbox stream stores and its priority-0 consumer reads. The runtime journals the
+parked message, acknowledges it, and on the decision writes the request's final phase
+*before* it resumes the conversation: the bucket's revision is the one arbiter between a
+person's decision and the timeout, so whichever lands first is the decision.
+
 A request that times out is resolved by its requester alone (``phase`` TimedOut, with
 ``approved`` from ``on_timeout``); one whose run ends first (cancelled, deadline) is
 Withdrawn. A decision that arrives after the request left Pending changes nothing.
@@ -31,6 +41,7 @@ or shown.
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -57,6 +68,9 @@ TIMEOUT_DECIDER = "troupe:timeout"
 WITHDRAWN_DECIDER = "troupe:withdrawn"
 """``decided_by`` of a request whose run ended before anyone decided."""
 
+AGENT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+"""An Agent's name, a DNS label: nothing that could widen a subject."""
+
 Phase = Literal["Pending", "Approved", "Denied", "TimedOut", "Withdrawn"]
 FINAL_PHASES: tuple[Phase, ...] = ("Approved", "Denied", "TimedOut", "Withdrawn")
 Verdict = Literal["Approve", "Deny"]
@@ -74,8 +88,17 @@ class Approvers(WireModel):
     """Who may decide: Kubernetes user names and groups, as the API server authenticates
     them (``request.userInfo``). RBAC on ``approvals`` must allow the patch as well."""
 
-    users: list[str] = Field(default_factory=list, max_length=MAX_APPROVERS)
-    groups: list[str] = Field(default_factory=list, max_length=MAX_APPROVERS)
+    users: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_APPROVERS,
+        description="Kubernetes user names that may decide (ServiceAccounts as "
+        "system:serviceaccount:<namespace>:<name>).",
+    )
+    groups: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_APPROVERS,
+        description="Kubernetes groups whose members may decide.",
+    )
 
     def admits(self, user: str, groups: list[str]) -> bool:
         """Whether ``user`` (a member of ``groups``) is one of these approvers: the policy's
@@ -148,11 +171,16 @@ def decision_message_id(request: ApprovalRequest, uid: str) -> str:
 
 def reply_subject_for(namespace: str, requester: Requester) -> str | None:
     """The one subject a decision for ``requester`` may be published to: a Workflow run's
-    ``approve`` subject. The bucket is writable by every requester, so the operator relays
-    to this subject, never to a ``reply_subject`` a request merely claims. None where no
-    subject is defined yet (an Agent's tool call) or the run id is not one (a wildcard would
-    reach other runs)."""
-    if requester.kind != "Workflow" or not RUN_ID_PATTERN.match(requester.run_id):
+    ``approve`` subject, or an Agent's ``naming.agent_approvals_subject`` (one per Agent:
+    the decision names its Approval, so no run id goes into the subject). The bucket is
+    writable by every requester, so the operator relays to this subject, never to a
+    ``reply_subject`` a request merely claims. None where the run id is not one (a wildcard
+    would reach other runs) or the Agent's name is no DNS label."""
+    if requester.kind == "Agent":
+        if not AGENT_NAME.fullmatch(requester.name):
+            return None
+        return naming.agent_approvals_subject(namespace, requester.name)
+    if not RUN_ID_PATTERN.match(requester.run_id):
         return None
     return naming.workflow_subject(namespace, requester.name, "approve", requester.run_id)
 

@@ -20,6 +20,7 @@ from troupe_runtime.contract.model_provider import (
 )
 from troupe_runtime.contract.policies import NAME_PATTERN, WireModel
 from troupe_runtime.contract.sessions import SessionPolicy
+from troupe_runtime.contract.tool_approvals import ToolApprovals
 
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 """What OpenAI accepts as a function name."""
@@ -306,6 +307,11 @@ class LlmPolicy(WireModel):
         "default true.",
     )
     tools: Tools = Field(default_factory=Tools, description="What the model may call.")
+    approvals: ToolApprovals = Field(
+        default_factory=ToolApprovals,
+        description="Which tool calls wait for a person's decision (an Approval) before they "
+        "run: a rule per tool and a default; default: none waits.",
+    )
     history: HistoryPolicy = Field(default_factory=HistoryPolicy)
     rate_limit: TokenRateLimit | None = Field(
         default=None, description="The Agent's own token rate limit; unset: none."

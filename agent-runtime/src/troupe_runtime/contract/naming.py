@@ -5,6 +5,7 @@ traffic, whatever the names::
 
     troupe.<ns>.agents.<agent>.in.p<N>        an agent's inbox, one per priority level
     troupe.<ns>.agents.<agent>.dlq            its dead letters
+    troupe.<ns>.agents.<agent>.approvals      decisions on its tool calls (LLM agents)
     troupe.<ns>.workflows.<wf>.<kind>.<run>   a workflow's runs (``WORKFLOW_KINDS``)
     troupe.<ns>.logs.<id>                     the namespace's event logs
 
@@ -112,6 +113,14 @@ def inbox_stream(namespace: str, agent: str) -> str:
 def consumer_name(agent: str, priority: int) -> str:
     """The durable consumer that feeds one priority level to the agent's replicas."""
     return f"{_token(agent)}_p{priority}"
+
+
+def agent_approvals_subject(namespace: str, agent: str) -> str:
+    """Where the decisions on an LLM agent's tool calls arrive (``approvals.ApprovalDecision``
+    relayed by the operator, and the runtime's own timeouts): one subject per Agent, under
+    the Agent's root, stored in its inbox stream and read by its priority-0 consumer. No
+    caller text is in it; the decision names its Approval."""
+    return _subject(namespace, AGENTS, _token(agent), "approvals")
 
 
 def dead_letter_subject(namespace: str, agent: str) -> str:

@@ -23,6 +23,7 @@ from troupe_operator.api.common import (
     unique_rule,
 )
 from troupe_runtime.contract import grammar, naming, version
+from troupe_runtime.contract.approvals import MAX_TIMEOUT
 from troupe_runtime.contract.durations import Duration, cel_matches
 from troupe_runtime.contract.llm_policy import A2A_NAMES_MESSAGE, LlmPolicy
 from troupe_runtime.contract.policies import (
@@ -37,6 +38,11 @@ from troupe_runtime.contract.policies import (
     RetryPolicy,
     StateBucket,
     fits_ack_wait,
+)
+from troupe_runtime.contract.tool_approvals import (
+    NEEDS_APPROVERS_MESSAGE,
+    TIMEOUT_BOUND_MESSAGE,
+    TOOL_NAMES_MESSAGE,
 )
 
 DEFAULT_RUNTIME_IMAGE = version.DEFAULT_RUNTIME_IMAGE
@@ -647,6 +653,17 @@ LLM_RULES = (
 )
 """Which llm handler an Agent has: the legacy Secret or ``spec.llm``, never both."""
 
+_DECIDABLE = (
+    "(!has({rule}.approval) || {rule}.approval == 'never' || "
+    "(has({rule}.approvers) && ((has({rule}.approvers.users) && size({rule}.approvers.users) > 0)"
+    " || (has({rule}.approvers.groups) && size({rule}.approvers.groups) > 0))))"
+)
+"""A tool approval someone can decide: ``never``, or with an approver."""
+_WITHIN_MAX = (
+    "(!has({rule}.timeout) || duration({rule}.timeout) <= "
+    f"duration('{int(MAX_TIMEOUT.total_seconds()) // 3600}h'))"
+)
+
 LLM_POLICY_RULES = (
     rule(
         "!has(self.systemPrompt) || has(self.systemPrompt.text) != "
@@ -665,6 +682,28 @@ LLM_POLICY_RULES = (
         "self.tools.a2a.exists_one(b, b.name == a.name))",
         A2A_NAMES_MESSAGE,
         ".tools.a2a",
+    ),
+    rule(
+        "!has(self.approvals) || !has(self.approvals.tools) || self.approvals.tools.all(a, "
+        "self.approvals.tools.exists_one(b, b.tool == a.tool))",
+        TOOL_NAMES_MESSAGE,
+        ".approvals.tools",
+    ),
+    rule(
+        "!has(self.approvals) || ((!has(self.approvals.default) || "
+        f"{_DECIDABLE.format(rule='self.approvals.default')}) && "
+        "(!has(self.approvals.tools) || self.approvals.tools.all(r, "
+        f"{_DECIDABLE.format(rule='r')})))",
+        NEEDS_APPROVERS_MESSAGE,
+        ".approvals",
+    ),
+    rule(
+        "!has(self.approvals) || ((!has(self.approvals.default) || "
+        f"{_WITHIN_MAX.format(rule='self.approvals.default')}) && "
+        "(!has(self.approvals.tools) || self.approvals.tools.all(r, "
+        f"{_WITHIN_MAX.format(rule='r')})))",
+        TIMEOUT_BOUND_MESSAGE,
+        ".approvals",
     ),
 )
 """What the contract's ``LlmPolicy`` validators refuse, in CEL."""

@@ -40,6 +40,10 @@ class ToolSpec:
     description: str
     parameters: dict[str, Any]
     idempotent: bool = False
+    destructive: bool = True
+    """Whether a call may have destructive effects, as far as anyone says: MCP's default
+    (``destructiveHint`` true unless ``readOnlyHint``), and true for tools with no
+    annotations (``contract.tool_approvals``)."""
 
     def openai(self) -> dict[str, Any]:
         return {
@@ -190,3 +194,4 @@ class DeferMessage(Exception):
         super().__init__(message)
         self.delay = delay
         self.deferrals = deferrals
+

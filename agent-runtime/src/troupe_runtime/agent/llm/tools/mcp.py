@@ -56,6 +56,7 @@ from troupe_runtime.agent.llm.tools.base import (
 from troupe_runtime.agent.llm.types import ToolCall, ToolResult, ToolSpec
 from troupe_runtime.contract.llm import ResolvedTool
 from troupe_runtime.contract.llm_policy import TOOL_NAME_PATTERN, McpServer
+from troupe_runtime.contract.tool_approvals import destructive
 from troupe_runtime.contract.version import VERSION
 
 logger = logging.getLogger(__name__)
@@ -237,12 +238,15 @@ class McpConnection:
             if isinstance(checked, str):
                 self._warn(tool.name, f"is skipped: {checked}")
                 continue
-            hint = tool.annotations is not None and tool.annotations.idempotent_hint is True
+            notes = tool.annotations
+            hint = notes is not None and notes.idempotent_hint is True
             spec = ToolSpec(
                 name=tool.name,
                 description=description(tool.description, f"{tool.name} (MCP server {self.name})"),
                 parameters=checked.schema,
                 idempotent=hint or tool.name in self.policy.idempotent,
+                destructive=notes is None
+                or destructive(notes.read_only_hint, notes.destructive_hint),
             )
             admitted[tool.name] = McpTool(self.name, spec, checked, self.timeout)
         for name in sorted((allow or set()) - admitted.keys() - {t.name for t in listed}):

@@ -1,0 +1,113 @@
+"""contract.tool_approvals: which tool calls wait for a person, and what the request says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from troupe_runtime.contract.approvals import MAX_MESSAGE_CHARS
+from troupe_runtime.contract.llm_policy import LlmPolicy
+from troupe_runtime.contract.tool_approvals import (
+    NEEDS_APPROVERS_MESSAGE,
+    TOOL_NAMES_MESSAGE,
+    ToolApproval,
+    ToolApprovals,
+    destructive,
+    needs_approval,
+    request_message,
+)
+
+ALICE = {"users": ["alice"]}
+
+
+def approvals(**fields: Any) -> ToolApprovals:
+    return ToolApprovals.model_validate(fields)
+
+
+def test_by_default_no_call_waits() -> None:
+    policy = LlmPolicy.model_validate({"model": {"provider": "p", "model": "m"}})
+    assert not policy.approvals.guards("rm", destructive=True)
+
+
+def test_a_rule_names_its_tool_and_the_default_covers_the_others() -> None:
+    rules = approvals(
+        default={"approval": "destructive", "approvers": ALICE},
+        tools=[{"tool": "rm", "approval": "always", "approvers": ALICE}, {"tool": "ls"}],
+    )
+    assert rules.guards("rm", destructive=False)  # always, whatever the hints
+    assert not rules.guards("ls", destructive=True)  # never, by its own rule
+    assert rules.guards("mv", destructive=True)
+    assert not rules.guards("cat", destructive=False)
+
+
+@pytest.mark.parametrize(
+    ("read_only", "destructive_hint", "expected"),
+    [
+        (None, None, True),  # MCP's defaults: not read-only, destructive
+        (True, None, False),
+        (True, True, False),  # read-only wins: destructiveHint means nothing then
+        (False, None, True),
+        (None, False, False),
+        (False, True, True),
+    ],
+)
+def test_mcp_annotations_follow_the_specs_defaults(
+    read_only: bool | None, destructive_hint: bool | None, expected: bool
+) -> None:
+    assert destructive(read_only, destructive_hint) is expected
+
+
+@given(
+    mode=st.sampled_from(["never", "always", "destructive"]),
+    is_destructive=st.booleans(),
+)
+def test_the_decision_is_the_mode_and_only_destructive_reads_the_hint(
+    mode: str, is_destructive: bool
+) -> None:
+    rule = ToolApproval.model_validate({"approval": mode, "approvers": ALICE})
+    expected = {"never": False, "always": True, "destructive": is_destructive}[mode]
+    assert needs_approval(rule, destructive=is_destructive) is expected
+
+
+def test_a_guarding_rule_without_approvers_is_refused() -> None:
+    with pytest.raises(ValidationError, match=NEEDS_APPROVERS_MESSAGE):
+        ToolApproval.model_validate({"approval": "always"})
+    assert ToolApproval.model_validate({"approval": "never"}).approval == "never"
+
+
+def test_two_rules_for_one_tool_are_refused() -> None:
+    with pytest.raises(ValidationError, match=TOOL_NAMES_MESSAGE):
+        approvals(tools=[{"tool": "rm"}, {"tool": "rm"}])
+
+
+def test_a_timeout_past_thirty_days_is_refused() -> None:
+    with pytest.raises(ValidationError, match="at most 30 days"):
+        ToolApproval.model_validate({"timeout": "721h"})
+    assert ToolApproval.model_validate({"timeout": "720h"}).timeout.days == 30
+
+
+def test_the_message_names_the_agent_the_tool_and_the_arguments() -> None:
+    rule = ToolApproval.model_validate(
+        {"message": "{agent} wants {tool}({arguments}); {unknown} stays", "approvers": ALICE}
+    )
+    text = request_message(rule, agent="ops", tool="rm", arguments={"path": "/"})
+    assert text == 'ops wants rm({"path": "/"}); {unknown} stays'
+
+
+@given(
+    arguments=st.recursive(
+        st.text() | st.integers(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+        max_leaves=30,
+    )
+)
+def test_the_message_is_bounded_and_printable_whatever_the_model_wrote(arguments: Any) -> None:
+    rule = ToolApproval()
+    text = request_message(rule, agent="a", tool="t", arguments=arguments)
+    assert len(text) <= MAX_MESSAGE_CHARS
+    assert text.isprintable()
+    assert text.startswith("Agent a asks to call the tool t with ")
