@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.integration.runtime_harness import EFFECTS_ENV, eventually, make_config
 from troupe_runtime.agent.handlers import LoadedHandler
+from troupe_runtime.agent.llm.approvals import SCAN_SECONDS
 from troupe_runtime.agent.llm.handler import LlmAgent, ToolBoxFactory, llm_agent
 from troupe_runtime.agent.llm.types import ToolBox, ToolCall, ToolResult, ToolSpec
 from troupe_runtime.agent.runtime import Runtime
@@ -98,14 +99,23 @@ def toolbox_of(box: ToolBox) -> ToolBoxFactory:
 
 @asynccontextmanager
 async def running_llm(
-    config: RuntimeConfig, toolbox: ToolBox | None = None
+    config: RuntimeConfig,
+    toolbox: ToolBox | None = None,
+    *,
+    declared_tools: bool = False,
+    approval_scan_seconds: float = SCAN_SECONDS,
 ) -> AsyncIterator[tuple[Runtime, LlmMetrics]]:
-    """The runtime with the real LLM agent (model router included) in this process."""
+    """The runtime with the real LLM agent (model router included) in this process; its
+    tools are ``toolbox``, or with ``declared_tools`` those the config declares (MCP)."""
     metrics = LlmMetrics(CollectorRegistry())
     agent: LlmAgent = llm_agent(
-        config, metrics, os.environ, toolboxes=toolbox_of(toolbox or CallableTools())
+        config,
+        metrics,
+        os.environ,
+        toolboxes=None if declared_tools else toolbox_of(toolbox or CallableTools()),
+        approval_scan_seconds=approval_scan_seconds,
     )
-    handler = LoadedHandler(agent, agent.close, agent.bind)
+    handler = LoadedHandler(agent, agent.close, agent.bind, agent.approvals)
     runtime = Runtime(config, handler=handler, host="127.0.0.1", port=0, grace=2.0)
     task = asyncio.create_task(runtime.run())
 

@@ -63,7 +63,9 @@ async def test_without_an_allow_list_every_listed_tool_is_offered_with_its_schem
         specs = {spec.name: spec for spec in await box.specs()}
     finally:
         await box.aclose()
-    assert set(specs) == {"record", "lookup", "slow", "huge", "fails", "picture", "forbidden"}
+    assert set(specs) == {
+        "record", "lookup", "slow", "huge", "fails", "picture", "forbidden", "erase", "peek"
+    }  # fmt: skip
     assert specs["record"].parameters["required"] == ["text"]
     assert specs["record"].parameters["properties"]["text"]["type"] == "string"
     assert specs["record"].description == "Records the text and answers it."
@@ -92,6 +94,20 @@ async def test_idempotent_hint_or_the_policy_list_marks_a_tool_idempotent_nothin
     finally:
         await box.aclose()
     assert specs == {"record": False, "lookup": True, "huge": True}
+
+
+async def test_only_a_read_only_or_non_destructive_hint_marks_a_tool_harmless(
+    mcp_server: McpTestServer,
+) -> None:
+    box = toolbox(mcp_server, allow=["erase", "peek", "record", "lookup"])
+    await box.start()
+    try:
+        specs = {spec.name: spec.destructive for spec in await box.specs()}
+    finally:
+        await box.aclose()
+    # record has no annotations and lookup only idempotentHint: MCP's defaults make both
+    # possibly destructive; peek says readOnlyHint.
+    assert specs == {"erase": True, "peek": False, "record": True, "lookup": True}
 
 
 async def test_a_tool_slower_than_its_timeout_is_an_error_and_the_next_call_works(

@@ -9,7 +9,8 @@ survives restarts, so a test sees which tools ran and how often:
 - ``huge(size)``: answers ``size`` characters;
 - ``fails(reason)``: answers ``isError``;
 - ``picture()``: an image block and a text block;
-- ``forbidden()``: for allow lists: a test that allows it not must never see it run.
+- ``forbidden()``: for allow lists: a test that allows it not must never see it run;
+- ``erase(path)``: marked ``destructiveHint``; ``peek(path)``: marked ``readOnlyHint``.
 
 ``--hostile`` serves, with the SDK's low-level ``Server`` instead, a listing in two pages
 (``tools/list`` cursors) of tools a client must not trust: a name models refuse, schemas that
@@ -106,6 +107,22 @@ def build_server(effects: Path) -> MCPServer:
     def forbidden() -> str:
         effect("forbidden", "-")
         return "ran"
+
+    @server.tool(
+        description="Erases a path: marked destructive.",
+        annotations=ToolAnnotations(destructive_hint=True),
+    )
+    def erase(path: str) -> str:
+        effect("erase", path)
+        return f"erased {path}"
+
+    @server.tool(
+        description="Reads a path: marked read-only.",
+        annotations=ToolAnnotations(read_only_hint=True),
+    )
+    def peek(path: str) -> str:
+        effect("peek", path)
+        return f"contents of {path}"
 
     return server
 

@@ -98,6 +98,7 @@ def state(**fields: object) -> ConsumerState:
 
 
 ADVISORY = Advisory(STREAM, CONSUMER, sequence=5, deliveries=3)
+APPROVALS = "troupe.ns.agents.a.approvals"
 
 
 @pytest.mark.parametrize(
@@ -111,6 +112,17 @@ ADVISORY = Advisory(STREAM, CONSUMER, sequence=5, deliveries=3)
         (state(ack_pending=0, max_deliver=4), ORIGIN.subject, Verdict.DROP),  # too few
         (state(ack_pending=0, max_deliver=-1), ORIGIN.subject, Verdict.DROP),  # never gives up
         (state(ack_pending=0, delivered_stream_seq=4), ORIGIN.subject, Verdict.DROP),
+        # An LLM agent's priority 0 reads its approvals subject too: both are its own.
+        (
+            state(ack_pending=0, filter_subject=None, filter_subjects=(ORIGIN.subject, APPROVALS)),
+            APPROVALS,
+            Verdict.RESCUE,
+        ),
+        (
+            state(ack_pending=0, filter_subject=None, filter_subjects=(ORIGIN.subject, APPROVALS)),
+            "troupe.ns.agents.a.in.p1",
+            Verdict.DROP,
+        ),
     ],
 )
 def test_an_advisory_is_acted_on_only_when_the_consumer_state_proves_it(

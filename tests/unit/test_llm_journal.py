@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from troupe_runtime.agent.llm.journal import (
+    DECIDED,
     DEFERRED,
+    PARKED,
     TOOL_RESULT,
     TOOL_START,
     TURN,
@@ -106,18 +108,26 @@ def test_deferrals_are_counted() -> None:
     assert resume(records).deferrals == 3
 
 
+JOURNAL_KEYS = (
+    "turn", "new", "answer", "callId", "message", "usage", "approval", "tool", "headers",
+    "payload", "approved", "phase", "decidedBy", "decidedAt", "reason",
+)  # fmt: skip
+
+
 @given(
     st.lists(
         st.builds(
             Record,
             id=st.text(max_size=8),
-            type=st.sampled_from([TURN, TOOL_START, TOOL_RESULT, DEFERRED, "other"]),
+            type=st.sampled_from(
+                [TURN, TOOL_START, TOOL_RESULT, DEFERRED, PARKED, DECIDED, "other"]
+            ),
             data=st.recursive(
                 st.none() | st.integers() | st.text(max_size=5),
                 lambda inner: (
                     st.lists(inner, max_size=3)
                     | st.dictionaries(
-                        st.sampled_from(["turn", "new", "answer", "callId", "message", "usage"]),
+                        st.sampled_from(JOURNAL_KEYS),
                         inner,
                         max_size=4,
                     )

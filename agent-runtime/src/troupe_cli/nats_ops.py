@@ -375,7 +375,10 @@ class Ops:
             ) from error
         levels = {naming.inbox_subject(self.namespace, agent, p) for p in range(MAX_LEVELS)}
         levels &= set(info.config.subjects or [])
-        return {c.config.filter_subject for c in consumers if c.config.filter_subject in levels}
+        read = {c.config.filter_subject for c in consumers} | {
+            subject for c in consumers for subject in c.config.filter_subjects or ()
+        }
+        return levels & {subject for subject in read if subject is not None}
 
     async def dead_letter_sequences(self, agent: str) -> list[int]:
         stream = await self._dead_letter_stream(agent)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
+
+from nats.aio.msg import Msg
 
 from troupe_runtime.agent.settle import effective_attempt
 from troupe_runtime.contract.envelope import CloudEvent
@@ -69,10 +71,14 @@ class Context:
         publisher: Publisher,
         progress: Callable[[], Awaitable[None]],
         max_attempts: int = RetryPolicy().max_attempts,
+        resumed: bool = False,
     ) -> None:
         self.event = event
         self.deliveries = attempt
         """How often JetStream delivered the message, this time included."""
+        self.resumed = resumed
+        """Whether the message was parked and a decision resumes it (an LLM agent's tool-call
+        approval): its journal must be read, whatever ``deliveries`` says."""
         self.max_attempts = max_attempts
         """The Agent's ``retry.maxAttempts``."""
         self._deferrals = 0
@@ -127,3 +133,14 @@ class Context:
 
 
 HandlerFn = Callable[[Context], Awaitable[Any]]
+
+
+class DecisionIntake(Protocol):
+    """Takes the decisions that resume parked messages (an LLM agent's tool-call approvals):
+    they arrive on ``subject``, beside the inbox."""
+
+    subject: str
+
+    async def take(self, msg: Msg) -> CloudEvent | None:
+        """The parked message a decision resumes, or None when it changes nothing."""
+        ...

@@ -215,6 +215,7 @@ class DeadLetters:
         # The consumer's state first: a message it no longer holds never comes back to it.
         state = ConsumerState(
             filter_subject=info.config.filter_subject,
+            filter_subjects=tuple(info.config.filter_subjects or ()),
             max_deliver=info.config.max_deliver or 0,
             delivered_stream_seq=info.delivered.stream_seq or 0,
             ack_floor_stream_seq=info.ack_floor.stream_seq or 0,

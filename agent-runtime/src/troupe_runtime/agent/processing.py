@@ -35,13 +35,20 @@ from typing import Any, assert_never
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from troupe_runtime.agent.context import AgentError, AttemptsExhausted, Context, HandlerFn
+from troupe_runtime.agent.context import (
+    AgentError,
+    AttemptsExhausted,
+    Context,
+    DecisionIntake,
+    HandlerFn,
+)
 from troupe_runtime.agent.deadletter import DeadLetters
 from troupe_runtime.agent.llm.types import (
     DeferMessage,
     InvalidModelOutput,
     ModelError,
     ModelRejected,
+    ParkMessage,
     RateLimited,
 )
 from troupe_runtime.agent.outputs import Outputs, Undeliverable, reply_refusal, send_reply
@@ -62,6 +69,7 @@ from troupe_runtime.agent.settle import (
     Outcome,
     OverBudget,
     Overdelivered,
+    Parked,
     Policy,
     SessionRefused,
     Settlement,
@@ -190,6 +198,16 @@ def budget_outcome(error: BudgetExceeded | BudgetUnavailable, attempt: int) -> O
     return ModelFailed(describe(error), attempt)
 
 
+def _paused(error: DeferMessage | ParkMessage, ctx: Context) -> Outcome:
+    """A handler that stopped for now, to go on later: deferred, or parked for a decision."""
+    if isinstance(error, ParkMessage):
+        return Parked(error.approval)
+    # This delivery is a deferral, beside the earlier ones; no more than delivered.
+    deferrals = min(max(error.deferrals, ctx.deferrals + 1), ctx.deliveries)
+    attempt = effective_attempt(ctx.deliveries, deferrals - 1)
+    return Deferred(error.delay, deferrals, describe(error), attempt)
+
+
 class Processor:
     """Processes and settles one message at a time; the worker runs many at once."""
 
@@ -203,8 +221,11 @@ class Processor:
         state: StateStore,
         metrics: RuntimeMetrics,
         dead_letters: DeadLetters,
+        intake: DecisionIntake | None = None,
     ) -> None:
         self._js = js
+        self._intake = intake
+        """Where decisions that resume parked messages are taken (LLM agents), if anywhere."""
         self._config = config
         self._handler = handler
         self._state = state
@@ -220,10 +241,36 @@ class Processor:
         deliveries = metadata.num_delivered
         origin = Origin(msg.subject, metadata.stream, metadata.sequence.stream)
         logs.message_id.set(f"{origin.stream}:{origin.sequence}")
-        ended = await self._outcome(msg, deliveries)
+        if self._intake is not None and msg.subject == self._intake.subject:
+            resumed = await self._resumed(msg, self._intake, deliveries)
+            if resumed is None:
+                await msg.ack()
+                return "ignored"
+            ended = resumed
+        else:
+            ended = await self._outcome(msg, deliveries)
         return await self._apply(
             msg, decide(ended.outcome, self._policy), ended, deliveries, origin
         )
+
+    async def _resumed(self, msg: Msg, intake: DecisionIntake, deliveries: int) -> Ended | None:
+        """A decision: the parked message it resumes, run again; None when it changes
+        nothing. What fails is the decision's delivery's: handed back, it is taken again
+        (the request already final with that decision resumes), and a dead letter holds
+        the decision, its failure reply going to the parked message's ``replyto``."""
+        try:
+            event = await intake.take(msg)
+        except Exception as error:  # NATS trouble: the decision is taken again later
+            return Ended(Failed(f"the decision could not be taken: {describe(error)}", deliveries))
+        if event is None:
+            return None
+        logs.message_id.set(event.id)
+        logs.correlation_id.set(event.run_id)
+        if self._policy.overdelivered(deliveries):
+            return Ended(Overdelivered(deliveries), event)
+        if event.deadline is not None and event.deadline <= datetime.now(UTC):
+            return Ended(Expired(), event)
+        return await self._handle(msg, event, deliveries, resumed=True)
 
     async def _outcome(self, msg: Msg, deliveries: int) -> Ended:
         """How processing ended."""
@@ -245,7 +292,9 @@ class Processor:
             return Ended(InvalidInput(refusal), event)
         return await self._handle(msg, event, deliveries)
 
-    async def _handle(self, msg: Msg, event: CloudEvent, deliveries: int) -> Ended:
+    async def _handle(
+        self, msg: Msg, event: CloudEvent, deliveries: int, *, resumed: bool = False
+    ) -> Ended:
         """Run the handler, publish its outputs and reply; what failed, if anything.
 
         The attempt is read from the context once the handler is done: only the
@@ -262,6 +311,7 @@ class Processor:
             logger=logging.getLogger(f"troupe.agent.{self._config.agent}"),
             publisher=outputs.publish,
             progress=deadline.progress,
+            resumed=resumed,
         )
         outcome = await self._run(ctx, outputs, deadline)
         if isinstance(outcome, Succeeded):
@@ -291,11 +341,8 @@ class Processor:
             return AgentFailed(error.state, describe(error), ctx.attempt)
         except AttemptsExhausted as error:
             return Overdelivered(error.deliveries, error.deferrals)
-        except DeferMessage as error:
-            # This delivery is a deferral, beside the earlier ones; no more than delivered.
-            deferrals = min(max(error.deferrals, ctx.deferrals + 1), ctx.deliveries)
-            attempt = effective_attempt(ctx.deliveries, deferrals - 1)
-            return Deferred(error.delay, deferrals, describe(error), attempt)
+        except (DeferMessage, ParkMessage) as error:
+            return _paused(error, ctx)
         except ModelError as error:
             return model_outcome(error, ctx.attempt)
         except (BudgetExceeded, BudgetUnavailable) as error:
@@ -320,6 +367,9 @@ class Processor:
         match settlement:
             case Ack():
                 await msg.ack()
+                if isinstance(ended.outcome, Parked):
+                    logger.info("parked until Approval %s is decided", ended.outcome.approval)
+                    return "parked"
                 if isinstance(ended.outcome, Succeeded):
                     logger.debug("handled with %d outputs", ended.outcome.outputs)
                 return "succeeded"

@@ -205,6 +205,7 @@ class Runtime:
             metrics=self.metrics,
             dead_letters=dead_letters,
             limiter=await self._limiter(js),
+            intake=self._handler.intake,
         )
         await worker.start()
         self._fetching = fetching = asyncio.create_task(worker.run())

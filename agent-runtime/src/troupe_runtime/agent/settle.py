@@ -204,8 +204,17 @@ class Undelivered:
     reason: str
 
 
+@dataclass(frozen=True)
+class Parked:
+    """The handler parked the message: it waits, journaled, for a person's decision
+    (``approval``), which resumes it; nothing is replied yet."""
+
+    approval: str
+
+
 Outcome = (
     Succeeded
+    | Parked
     | Malformed
     | Overdelivered
     | Expired
@@ -284,7 +293,7 @@ def decide(outcome: Outcome, policy: Policy, draw: Random = random.random) -> Se
     """The settlement of a message whose processing ended in ``outcome``; ``draw`` jitters
     the retries of model failures."""
     match outcome:
-        case Succeeded():
+        case Succeeded() | Parked():
             return Ack()
         case Malformed(reason):
             return DeadLetter(DeadLetterReason.MALFORMED, reason)

@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from troupe_runtime.agent.context import HandlerFn
+from troupe_runtime.agent.context import DecisionIntake, HandlerFn
 from troupe_runtime.agent.deadletter import DeadLetters
 from troupe_runtime.agent.processing import Processor, describe
 from troupe_runtime.agent.ratelimit import Limiter
@@ -62,6 +62,7 @@ class Worker:
         metrics: RuntimeMetrics,
         dead_letters: DeadLetters,
         limiter: Limiter | None,
+        intake: DecisionIntake | None = None,
     ) -> None:
         self._metrics = metrics
         self._limiter = limiter
@@ -73,6 +74,7 @@ class Worker:
             state=state,
             metrics=metrics,
             dead_letters=dead_letters,
+            intake=intake,
         )
         levels = config.messaging.priority_levels
         self._pullers = [

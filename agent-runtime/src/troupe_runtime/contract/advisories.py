@@ -50,6 +50,12 @@ class ConsumerState:
     delivered_stream_seq: int
     ack_floor_stream_seq: int
     ack_pending: int
+    filter_subjects: tuple[str, ...] = ()
+    """A consumer of several subjects (an LLM agent's priority 0 and approvals)."""
+
+    def filters(self) -> set[str]:
+        """Every subject the consumer reads; empty: any."""
+        return {s for s in (self.filter_subject, *self.filter_subjects) if s is not None}
 
 
 class Verdict(StrEnum):
@@ -102,10 +108,10 @@ def judge(
     seq, consumer = advisory.sequence, advisory.consumer
     if stored_subject is None:
         return Verdict.DROP, f"message {seq} is no longer in the inbox (handled or rescued)"
-    if state.filter_subject is not None and stored_subject != state.filter_subject:
+    if (filters := state.filters()) and stored_subject not in filters:
         return Verdict.DROP, (
             f"forged: message {seq} is on {stored_subject!r}, not consumer {consumer}'s "
-            f"{state.filter_subject!r}"
+            f"{' or '.join(repr(f) for f in sorted(filters))}"
         )
     if state.max_deliver < 1 or advisory.deliveries < state.max_deliver:
         return Verdict.DROP, (

@@ -45,11 +45,23 @@ class AgentResources:
     """The Agent's own session bucket (``spec.llm.session``), deleted with it."""
 
 
+def approvals_subjects(config: RuntimeConfig) -> list[str]:
+    """An LLM agent's ``naming.agent_approvals_subject``, where the decisions on its tool
+    calls arrive (whatever its approval rules say now: a call parked under an earlier rule
+    still needs its decision); none for any other agent."""
+    if config.llm is None:
+        return []
+    return [naming.agent_approvals_subject(config.namespace, config.agent)]
+
+
 def inbox_subjects(config: RuntimeConfig) -> list[str]:
-    """Exactly the declared priority levels: a publish to any other subject under the
-    inbox gets "no responders" at once, instead of being stored where no consumer
-    ever reads it."""
-    return [config.inbox_subject(priority) for priority in range(config.messaging.priority_levels)]
+    """Exactly the declared priority levels (and an LLM agent's approvals subject): a
+    publish to any other subject under the inbox gets "no responders" at once, instead of
+    being stored where no consumer ever reads it."""
+    levels = config.messaging.priority_levels
+    return [config.inbox_subject(priority) for priority in range(levels)] + approvals_subjects(
+        config
+    )
 
 
 def build_inbox_stream(config: RuntimeConfig) -> StreamConfig:
@@ -77,16 +89,21 @@ def max_deliveries(config: RuntimeConfig) -> int:
 
 
 def build_consumer(config: RuntimeConfig, priority: int, replicas: int) -> ConsumerConfig:
-    """The durable pull consumer for one priority level, shared by all replicas.
+    """The durable pull consumer for one priority level, shared by all replicas; an LLM
+    agent's priority 0 takes its approvals subject too.
 
     The retry backoff is applied by the runtime (NAK with a delay), not by the
     server's ``backoff`` list: a server backoff replaces ``ack_wait`` even for
     the first delivery, which would cut slow handlers short. ``ack_wait`` stays
     the bound on how long a crashed replica holds a message.
     """
+    subjects = [config.inbox_subject(priority)]
+    if priority == 0:  # decisions resume conversations: they go first
+        subjects += approvals_subjects(config)
     return ConsumerConfig(
         durable_name=config.consumer_name(priority),
-        filter_subject=config.inbox_subject(priority),
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=subjects if len(subjects) > 1 else None,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=config.messaging.ack_wait.total_seconds(),

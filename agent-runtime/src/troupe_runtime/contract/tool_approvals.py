@@ -71,12 +71,12 @@ class ToolApproval(WireModel):
         max_length=MAX_MESSAGE_CHARS,
         description="What the Approval says; {agent}, {tool} and {arguments} are replaced by "
         "the Agent's name, the tool's name and the call's arguments (JSON, cut to 2048 "
-        "characters).",
+        f"characters). Default: {DEFAULT_MESSAGE}",
     )
     timeout: Duration = Field(
         default=DEFAULT_TIMEOUT,
-        description="How long a call waits for a decision, at most 30 days (and never past the "
-        "message's deadline); default 24h.",
+        description="How long a call waits for a decision: a duration such as 30m or 4h, at "
+        "most 720h (30 days), and never past the message's deadline; default 24h.",
     )
     on_timeout: OnTimeout = Field(
         default="reject",

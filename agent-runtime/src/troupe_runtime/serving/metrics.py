@@ -19,7 +19,8 @@ class RuntimeMetrics:
         self.messages = Counter(
             "troupe_messages",
             "Messages finished, by outcome "
-            "(succeeded, retried, deferred, dead_lettered, requeued).",
+            "(succeeded, retried, deferred, dead_lettered, requeued, parked: waiting for an "
+            "approval, ignored: a decision that changed nothing).",
             ["outcome"],
             registry=self.registry,
         )

@@ -10,7 +10,7 @@ import httpx
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from troupe_runtime.agent.context import HandlerFn
+from troupe_runtime.agent.context import DecisionIntake, HandlerFn
 from troupe_runtime.agent.handlers.echo import echo
 from troupe_runtime.agent.handlers.http import HttpHandler
 from troupe_runtime.agent.handlers.llm import LlmHandler, LlmSettings
@@ -37,6 +37,8 @@ class LoadedHandler:
     close: Callable[[], Awaitable[None]] = _nothing_to_close
     bind: Callable[[Client, JetStreamContext], Awaitable[None]] = _nothing_to_bind
     """Called with each NATS session the runtime opens (an LLM agent's journal needs it)."""
+    intake: DecisionIntake | None = None
+    """Takes the decisions that resume parked messages (an LLM agent's approvals)."""
 
     @property
     def threads(self) -> HandlerThreads | None:
@@ -90,7 +92,7 @@ def load_handler(
         metrics = metrics or RuntimeMetrics()
         budgets = NamespaceBudgets(config.namespace, metrics.budget)
         agent = llm_agent(config, metrics.llm, env, budgets=budgets)
-        return LoadedHandler(agent, agent.close, agent.bind)
+        return LoadedHandler(agent, agent.close, agent.bind, agent.approvals)
     settings = LlmSettings.from_env(env, model=handler.model)
     client = _http_client()
     return LoadedHandler(LlmHandler(settings, client), client.aclose)

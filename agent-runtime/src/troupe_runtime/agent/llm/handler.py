@@ -38,6 +38,7 @@ from nats.js.kv import KeyValue
 
 from troupe_runtime.agent.context import Context
 from troupe_runtime.agent.llm.accounting import UsageRecorder, count
+from troupe_runtime.agent.llm.approvals import SCAN_SECONDS, ApprovalDesk
 from troupe_runtime.agent.llm.history import Offloader
 from troupe_runtime.agent.llm.journal import Journal, ResumeState
 from troupe_runtime.agent.llm.loop import Conversation, LoopSettings
@@ -238,6 +239,7 @@ class LlmAgent:
         callers: CallerFactory,
         toolboxes: ToolBoxFactory,
         budgets: SessionBudgets | None = None,
+        approval_scan_seconds: float = SCAN_SECONDS,
     ) -> None:
         if config.llm is None:
             raise ValueError("an LLM agent needs spec.llm (RuntimeConfig.llm)")
@@ -261,6 +263,13 @@ class LlmAgent:
         """One per process, like the usage recorder; bound to each session."""
         self._usage = UsageRecorder(config.namespace, config.agent)
         """One per process: what a lost session could not write is written by the next."""
+        self.approvals = ApprovalDesk(
+            config.namespace,
+            config.agent,
+            config.llm.policy.approvals,
+            scan_seconds=approval_scan_seconds,
+        )
+        """Parks guarded tool calls and takes their decisions (``approvals.py``)."""
 
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
         """Use this NATS session from now on (a new one after a reconnect)."""
@@ -275,6 +284,7 @@ class LlmAgent:
         limit = self._runtime.policy.history.max_tool_result_bytes
         sessions = await self._sessions(js, self._session_policy)
         offloader = Offloader(js, namespace, limit)
+        self.approvals.use(js)
         self._session = Session(nc, js, caller, toolbox, offloader, sessions)
 
     async def _sessions(
@@ -305,6 +315,7 @@ class LlmAgent:
         """Let the session go (a rebind keeps the budgets' queued commits: the next session
         writes them)."""
         session, self._session = self._session, None
+        await self.approvals.stop()
         if session is not None:
             await asyncio.gather(
                 session.toolbox.aclose(),
@@ -324,7 +335,8 @@ class LlmAgent:
             raise RuntimeError("the LLM agent is not bound to a NATS session yet")
         event = ctx.event
         journal = Journal(session.js, self._config.namespace, self._config.agent, event.id)
-        state = ResumeState() if ctx.deliveries == 1 else await journal.replay()
+        fresh = ctx.deliveries == 1 and not ctx.resumed
+        state = ResumeState() if fresh else await journal.replay()
         if ctx.deliveries > 1:  # on every redelivery: it stops one whose attempts are spent
             ctx.set_deferrals(min(state.deferrals, ctx.deliveries - 1))
         if not state.fresh:
@@ -400,6 +412,7 @@ class LlmAgent:
             wait_budget=wait_budget(self._config.timeout.total_seconds(), event.deadline),
             spend=spend,
             stop=stop,
+            gate=self.approvals.gate(event, journal),
         )
         first = (
             opening(self._runtime, event.data, agent=self._config.agent, role=self._config.role)
@@ -482,6 +495,7 @@ def llm_agent(
     callers: CallerFactory | None = None,
     toolboxes: ToolBoxFactory | None = None,
     budgets: SessionBudgets | None = None,
+    approval_scan_seconds: float = SCAN_SECONDS,
 ) -> LlmAgent:
     """The LLM agent of ``config``: by default the model router and the declared tools;
     budgets checked when ``budgets`` is given (the runtime gives ``NamespaceBudgets``)."""
@@ -491,4 +505,5 @@ def llm_agent(
         callers or model_router(config, env),
         toolboxes or toolbox_factory(config, env=env, metrics=metrics),
         budgets,
+        approval_scan_seconds,
     )

@@ -10,7 +10,13 @@ correlation id ``naming.conversation_log_id(agent, event.id)``, with a determini
 - ``tool-start-<n>-<callid>``: before a non-idempotent tool runs;
 - ``tool-<n>-<callid>``: the tool's result, as the model sees it (offloaded when large);
 - ``fallback-<n>-<k>``: the ``k``-th model passed over on turn ``n``, and why;
-- ``deferred-<k>``: the message's ``k``-th deferral (a 429 outlasting the handler's time).
+- ``deferred-<k>``: the message's ``k``-th deferral (a 429 outlasting the handler's time);
+- ``parked-<n>-<callid>``: the call waits for a person (``approvals.py``): the Approval's
+  name and the message itself (its CloudEvent, as it arrived), so the decision can resume
+  the conversation after the message was acknowledged;
+- ``decided-<n>-<callid>``: the decision on that call (who, when, why, approved or not),
+  once the request's final phase is written: the audit trail, and what the resumed loop
+  acts on.
 
 A redelivered message replays its journal and ``resume`` (pure) folds the records into
 where the loop stands. The first delivery reads nothing: there is nothing to read, and the
@@ -21,6 +27,7 @@ once).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +45,8 @@ TOOL_START = "llm.tool-start"
 TOOL_RESULT = "llm.tool"
 FALLBACK = "llm.fallback"
 DEFERRED = "llm.deferred"
+PARKED = "llm.approval-parked"
+DECIDED = "llm.approval-decided"
 
 
 def turn_id(turn: int) -> str:
@@ -60,6 +69,14 @@ def deferred_id(index: int) -> str:
     return f"deferred-{index}"
 
 
+def parked_id(turn: int, call_id: str) -> str:
+    return f"parked-{turn}-{call_id}"
+
+
+def decided_id(turn: int, call_id: str) -> str:
+    return f"decided-{turn}-{call_id}"
+
+
 def call_key(turn: object, call_id: object) -> str:
     """A tool call's key in the message: models reuse call ids from turn to turn."""
     return f"{turn}-{call_id}"
@@ -72,6 +89,32 @@ class Record:
     id: str
     type: str
     data: Any
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A call that waits for a decision, and the message to resume when it comes."""
+
+    turn: int
+    call_id: str
+    approval: str
+    """The Approval's name (``approvals.approval_name``)."""
+    tool: str
+    headers: dict[str, str]
+    payload: bytes
+    """The message's CloudEvent in binary mode, as ``envelope.to_binary`` wrote it."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The decision on a parked call, as the request's final phase says."""
+
+    approval: str
+    approved: bool
+    phase: str
+    decided_by: str
+    decided_at: str
+    reason: str
 
 
 @dataclass
@@ -95,6 +138,14 @@ class ResumeState:
     """The model that answered the last turn."""
     opening: int = 0
     """How many messages opened the conversation (system prompt, user input): never elided."""
+    parked: dict[str, Parked] = field(default_factory=dict)
+    """Calls that asked for a decision, by ``call_key``."""
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    """Decisions on parked calls, by ``call_key``: the first one journaled counts."""
+
+    def parked_as(self, approval: str) -> Parked | None:
+        """The parked call that waits for ``approval``."""
+        return next((p for p in self.parked.values() if p.approval == approval), None)
 
     @property
     def fresh(self) -> bool:
@@ -147,7 +198,68 @@ def resume(records: Iterable[Record]) -> ResumeState:
                 state.messages.append(data["message"])
         elif record.type == DEFERRED:
             state.deferrals += 1
+        elif record.type == PARKED and (parked := _parked(data)) is not None:
+            state.parked.setdefault(call_key(data.get("turn"), data["callId"]), parked)
+        elif record.type == DECIDED and (decision := _decision(data)) is not None:
+            state.decisions.setdefault(call_key(data.get("turn"), data["callId"]), decision)
     return state
+
+
+def _parked(data: Mapping[str, Any]) -> Parked | None:
+    fields = (data.get("callId"), data.get("approval"), data.get("tool"), data.get("payload"))
+    headers = data.get("headers")
+    if not all(isinstance(value, str) for value in fields) or not isinstance(headers, dict):
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        return None
+    try:
+        payload = base64.b64decode(data["payload"], validate=True)
+    except ValueError:
+        return None
+    turn = data.get("turn")
+    if not isinstance(turn, int) or isinstance(turn, bool):
+        return None
+    return Parked(turn, data["callId"], data["approval"], data["tool"], dict(headers), payload)
+
+
+def _decision(data: Mapping[str, Any]) -> Decision | None:
+    texts = ("callId", "approval", "phase", "decidedBy", "decidedAt", "reason")
+    if not all(isinstance(data.get(name), str) for name in texts):
+        return None
+    if not isinstance(data.get("approved"), bool):
+        return None
+    return Decision(
+        data["approval"],
+        data["approved"],
+        data["phase"],
+        data["decidedBy"],
+        data["decidedAt"],
+        data["reason"],
+    )
+
+
+def parked_record(turn: int, call_id: str, parked: Parked) -> dict[str, Any]:
+    return {
+        "turn": turn,
+        "callId": call_id,
+        "approval": parked.approval,
+        "tool": parked.tool,
+        "headers": parked.headers,
+        "payload": base64.b64encode(parked.payload).decode(),
+    }
+
+
+def decided_record(turn: int, call_id: str, decision: Decision) -> dict[str, Any]:
+    return {
+        "turn": turn,
+        "callId": call_id,
+        "approval": decision.approval,
+        "approved": decision.approved,
+        "phase": decision.phase,
+        "decidedBy": decision.decided_by,
+        "decidedAt": decision.decided_at,
+        "reason": decision.reason,
+    }
 
 
 def turn_record(
@@ -214,3 +326,15 @@ class Journal:
     async def deferred(self, index: int, delay: float, error: str) -> None:
         data = {"deferral": index, "delay": delay, "error": error}
         await self._log.append(DEFERRED, data, deferred_id(index))
+
+    async def parked(self, parked: Parked) -> None:
+        await self._log.append(
+            PARKED,
+            parked_record(parked.turn, parked.call_id, parked),
+            parked_id(parked.turn, parked.call_id),
+        )
+
+    async def decided(self, turn: int, call_id: str, decision: Decision) -> None:
+        await self._log.append(
+            DECIDED, decided_record(turn, call_id, decision), decided_id(turn, call_id)
+        )

@@ -35,6 +35,13 @@ session told it to stop. ``interrupt``: the answer is what it has so far, ``{"co
 dead letter ``session-interrupted``); ``rollback``: ``SessionStopped``, dead letter
 ``session-rolled-back``.
 
+Approvals (``spec.llm.approvals``): a call its rule guards runs only once the journal holds
+a decision for it. Without one the ``ApprovalGate`` journals the message as parked, files
+the request and raises ``ParkMessage``: the message is acknowledged, and the decision
+resumes the conversation from the journal. Approved, the tool runs; denied (or timed out
+under ``onTimeout: reject``), the model reads an error result naming who decided and why,
+and goes on.
+
 429s: a Retry-After that fits in the handler's time is waited out in place, reporting
 progress, and the same turn is asked again (no attempt burnt); a longer one is journaled as
 ``deferred-<k>`` and raised as ``DeferMessage``. Each turn and each tool call reports progress,
@@ -49,10 +56,10 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 from troupe_runtime.agent.llm.history import Offloader, fit, history_budget
-from troupe_runtime.agent.llm.journal import Journal, ResumeState, call_key
+from troupe_runtime.agent.llm.journal import Decision, Journal, ResumeState, call_key
 from troupe_runtime.agent.llm.streaming import TokenStream
 from troupe_runtime.agent.llm.tokens import estimate_tokens
 from troupe_runtime.agent.llm.types import (
@@ -99,6 +106,32 @@ PROGRESS_SECONDS = 5.0
 """How often a wait in place reports progress (well within any ackWait)."""
 _FENCED = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.DOTALL)
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_-]")
+
+
+DENIED = "error: {decided_by} denied this call of {name!r}, so it did not run{why}."
+TIMED_OUT = (
+    "error: nobody decided on this call of {name!r} within its approval timeout, so it did not run."
+)
+UNGATED = "error: the call of {name!r} needs a person's approval, which this agent cannot ask for."
+
+
+class ApprovalGate(Protocol):
+    """Parks a call that waits for a decision (``approvals.Gate``)."""
+
+    async def park(
+        self, turn: int, key: str, call: ToolCall, arguments: dict[str, Any], *, journaled: bool
+    ) -> NoReturn:
+        """Journal the message as parked (unless ``journaled``), file the request, and raise
+        ``ParkMessage``."""
+        ...
+
+
+def refusal(name: str, decision: Decision) -> str:
+    """What the model reads of a call a decision did not let run."""
+    if decision.phase == "TimedOut":
+        return TIMED_OUT.format(name=name)
+    why = f": {decision.reason}" if decision.reason else ""
+    return DENIED.format(decided_by=decision.decided_by, name=name, why=why)
 
 
 class NoFinalAnswer(InvalidModelOutput):
@@ -213,8 +246,10 @@ class Conversation:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         spend: Callable[[int], SpendContext] | None = None,
         stop: Callable[[], Awaitable[StopMark | None]] | None = None,
+        gate: ApprovalGate | None = None,
     ) -> None:
         self._settings = settings
+        self._gate = gate
         self._stop = stop
         """Asked at each turn boundary whether a newer message of the session stops this one."""
         self._spend = spend
@@ -464,6 +499,15 @@ class Conversation:
         arguments = parse_arguments(call.arguments)
         if isinstance(arguments, str):
             return ToolResult(arguments, True)
+        if self._policy.approvals.guards(call.name, destructive=spec.destructive):
+            decision = self._state.decisions.get(call_key(turn, key))
+            if decision is None:
+                if self._gate is None:
+                    return ToolResult(UNGATED.format(name=call.name), True)
+                parked = call_key(turn, key) in self._state.parked
+                await self._gate.park(turn, key, call, arguments, journaled=parked)
+            if not decision.approved:
+                return ToolResult(refusal(call.name, decision), True)
         if not spec.idempotent:
             if call_key(turn, key) in self._state.started:
                 return ToolResult(INTERRUPTED.format(name=call.name), True)

@@ -195,3 +195,13 @@ class DeferMessage(Exception):
         self.delay = delay
         self.deferrals = deferrals
 
+
+class ParkMessage(Exception):
+    """The message's conversation waits for a person's decision on a tool call: it is
+    journaled (``parked``) and its request filed, so the runtime acknowledges the message
+    with no reply yet; the decision resumes it (``approvals.py``)."""
+
+    def __init__(self, approval: str, tool: str) -> None:
+        super().__init__(f"the call of {tool!r} waits for the decision of Approval {approval}")
+        self.approval = approval
+        self.tool = tool
