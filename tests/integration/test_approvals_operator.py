@@ -7,6 +7,7 @@ Workflow's engine (the requester)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from tests.integration.approval_support import (
     request,
     workflow_gate,
 )
-from tests.integration.operator_support import OperatorProcess, condition, explained, get
+from tests.integration.operator_support import OperatorProcess, condition, explained
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_runtime.contract import approvals, naming
 from troupe_runtime.contract.approvals import ApprovalDecision, ApprovalRequest
@@ -57,10 +58,13 @@ def clean_nats(cluster: ClusterEndpoints, namespace: str) -> Iterator[None]:
 
 
 def _approval(cluster: ClusterEndpoints, namespace: str, name: str) -> dict[str, Any] | None:
+    """The Approval, or None: one read (a name listed, then gone by a second read, would be a
+    race with the garbage collector)."""
     found = cluster.kubectl(
-        "get", "-n", namespace, "approval", name, "--ignore-not-found", "-o", "name"
+        "get", "-n", namespace, "approval", name, "--ignore-not-found", "-o", "json"
     )
-    return get(cluster, namespace, "approval", name) if found.strip() else None
+    body: dict[str, Any] | None = json.loads(found) if found.strip() else None
+    return body
 
 
 def _status_is(
