@@ -19,6 +19,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from troupe_gateway.calls import Calls, TaskView
 
 from tests.integration.llm_harness import llm_config, running_llm
 from tests.integration.runtime_harness import eventually, provisioned, sample, send
@@ -30,6 +31,7 @@ from troupe_runtime.contract import envelope, naming, pod
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.approvals import (
     DECISION_TYPE,
+    REQUEST_TYPE,
     TIMEOUT_DECIDER,
     ApprovalDecision,
     ApprovalRequest,
@@ -38,6 +40,7 @@ from troupe_runtime.contract.approvals import (
     reply_subject_for,
 )
 from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.gateway import DirectoryEntry
 from troupe_runtime.nats.event_log import EventLog
 
 __all__ = ["mcp_server"]
@@ -120,7 +123,10 @@ async def replied(js: JetStreamContext, config: RuntimeConfig, replyto: str) -> 
             msg = await js.get_last_msg(stream, replyto)
         except NotFoundError:
             return False
-        answers.append(envelope.parse(msg.headers or {}, msg.data or b"").data)
+        reply = envelope.parse(msg.headers or {}, msg.data or b"")
+        if reply.type == REQUEST_TYPE:  # the gateway caller told it waits: not the answer
+            return False
+        answers.append(reply.data)
         return True
 
     await eventually(answered, f"the answer on {replyto}")
@@ -352,3 +358,39 @@ async def test_a_runtime_killed_while_parked_resumes_on_the_decision_after_a_res
     assert answer["content"] == "erased after the restart"
     assert mcp_server.calls("erase") == ["/var/log"]
     assert len(scripted_llm.completions) == 2  # turn 0 was not asked again
+
+
+async def test_a_gateway_caller_sees_input_required_until_the_decision(
+    nats_url: str, scripted_llm: ScriptedLlm, mcp_server: McpTestServer
+) -> None:
+    config = approval_config(nats_url, scripted_llm, mcp_server, message="erase {arguments}?")
+    scripted_llm.script(ToolCalls([erase("/opt")]), Text("erased through the gateway"))
+    entry = DirectoryEntry(
+        kind="Agent",
+        namespace=config.namespace,
+        name=config.agent,
+        subject=config.inbox_subject(0),
+    )
+    async with (
+        provisioned(config) as (nc, js),
+        running_llm(config, declared_tools=True),
+    ):
+        calls = Calls(nc, js, 3600.0)
+        record = await calls.submit(entry, "tidy up /opt", caller="carol")
+        request = await filed(js, config)
+        views: list[TaskView] = []
+
+        async def asked() -> bool:
+            views.append(await calls.get(entry, record.task_id))  # type: ignore[arg-type]
+            return views[-1].state == "input-required"
+
+        await eventually(asked, "the task to be input-required")
+        waits = views[-1]
+        assert waits.approvals == (request.name,)
+        assert waits.prompt == f'approval {request.name} (tool erase): erase {{"path": "/opt"}}?'
+        assert not waits.terminal
+        await decide(js, request, "Approve", "alice", "")
+        done = await calls.wait(entry, record.task_id, 20)
+    assert done.state == "completed"
+    assert done.output["content"] == "erased through the gateway"
+    assert mcp_server.calls("erase") == ["/opt"]

@@ -6,8 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from a2a.types.a2a_pb2 import TaskState as A2ATaskState
 from hypothesis import given
 from hypothesis import strategies as st
+from troupe_gateway import a2a_tasks
+from troupe_gateway.calls import agent_view
 
 from troupe_runtime.agent.llm.approvals import (
     TIMEOUT_REASON,
@@ -32,12 +35,15 @@ from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.agent_resources import build_agent_resources
 from troupe_runtime.contract.approvals import (
     DECISION_TYPE,
+    REQUEST_TYPE,
     TIMEOUT_DECIDER,
     ApprovalDecision,
     ApprovalRequest,
     Approvers,
     Requester,
 )
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.gateway import TaskRecord
 
 AT = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 PARKED_CALL = Parked(0, "e1", "ops-0123456789abcdef", "erase", {"ce-id": "x"}, b"\x00data")
@@ -198,3 +204,31 @@ def test_an_llm_agents_inbox_stores_its_approvals_subject_and_priority_0_reads_i
         "troupe.team.agents.ops.in.p0",
         "troupe.team.agents.ops.in.p1",
     ]
+
+
+AGENT_TASK = TaskRecord(task_id="t1", kind="Agent", name="ops", context_id="c1", created_at=AT)
+
+
+def waiting(data: Any) -> CloudEvent:
+    return CloudEvent(
+        id="t1-waiting", source="/team/ops", type=REQUEST_TYPE, causationid="t1", data=data
+    )
+
+
+def test_an_agents_call_waiting_for_approval_is_an_input_required_task() -> None:
+    data = {"approval": "ops-0123456789abcdef", "tool": "erase", "message": "erase /?"}
+    view = agent_view(AGENT_TASK, waiting(data))
+    assert (view.state, view.approvals) == ("input-required", ("ops-0123456789abcdef",))
+    assert not view.terminal
+    status = a2a_tasks.status(view)
+    assert status.state == A2ATaskState.TASK_STATE_INPUT_REQUIRED
+    assert status.message.parts[0].text == "approval ops-0123456789abcdef (tool erase): erase /?"
+    assert list(status.message.metadata["approvals"]) == ["ops-0123456789abcdef"]
+
+
+@given(data=st.one_of(st.none(), st.text(), st.dictionaries(st.text(), st.text() | st.integers())))
+def test_whatever_the_waiting_event_holds_the_task_waits_with_printable_text(data: Any) -> None:
+    view = agent_view(AGENT_TASK, waiting(data))
+    assert view.state == "input-required"
+    assert (view.prompt or "").isprintable()
+    assert all(name.isprintable() and len(name) <= 63 for name in view.approvals)

@@ -17,10 +17,10 @@
 change; the history is the one user message the task was made of (its id = the task id,
 its data part the input); a completed task's output is the artifact ``output``: a text part
 when it is a string, else a data part. A failed task's status message says the error, and
-its reason is in the status message's metadata (``reason``). A Workflow run waiting for
-approval is ``input-required`` (not terminal: it goes on once a person decides, and may be
-cancelled); its status message says what the approvers are asked, and the pending
-Approvals' names are in its metadata (``approvals``).
+its reason is in the status message's metadata (``reason``). A Workflow run, or an LLM
+agent's tool call, waiting for approval is ``input-required`` (not terminal: it goes on once
+a person decides, and may be cancelled); its status message says what the approvers are
+asked, and the pending Approvals' names are in its metadata (``approvals``).
 
 **A stream.** Token text is appended to the artifact ``output`` as it comes; the final
 output then replaces it (``append`` false, ``last_chunk`` true), so a client folding the

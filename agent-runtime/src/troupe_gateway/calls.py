@@ -37,6 +37,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.approvals import MAX_MESSAGE_CHARS, REQUEST_TYPE, bounded_text
 from troupe_runtime.contract.envelope import ERROR_TYPE, CloudEvent, MalformedMessage
 from troupe_runtime.contract.gateway import (
     GATEWAY_SOURCE,
@@ -150,10 +151,25 @@ def valid_task_id(task_id: str) -> str:
 
 
 def agent_view(record: TaskRecord, reply: CloudEvent | None) -> TaskView:
-    """An Agent's task from its reply (pure)."""
+    """An Agent's task from its reply (pure): none yet is working; an LLM agent's call that
+    waits for an Approval (``approvals.REQUEST_TYPE``, sent before the answer) is
+    input-required, naming it and what it asks."""
     if reply is None:
         return TaskView(record, "working")
     updated = reply.time
+    if reply.type == REQUEST_TYPE:
+        data = reply.data if isinstance(reply.data, dict) else {}
+        name = bounded_text(str(data.get("approval") or ""), 63)
+        tool = bounded_text(str(data.get("tool") or ""), 64)
+        asks = bounded_text(str(data.get("message") or ""), MAX_MESSAGE_CHARS)
+        prompt = f"approval {name} (tool {tool})" + (f": {asks}" if asks else "")
+        return TaskView(
+            record,
+            "input-required",
+            approvals=(name,) if name else (),
+            prompt=prompt,
+            updated_at=updated,
+        )
     if reply.type == ERROR_TYPE:
         data = reply.data if isinstance(reply.data, dict) else {"error": reply.data}
         error, reason = data.get("error"), data.get("reason")

@@ -20,6 +20,8 @@ The round trip (``contract.approvals``), the Agent's side:
    its journal and acts on the decision. A delivery of the same decision that finds the
    request already final *with that decision* resumes as well (an earlier attempt wrote the
    phase and then failed), and only on a redelivery (``num_delivered`` > 1).
+   A gateway caller is told at once: an ``approvals.REQUEST_TYPE`` event on its reply
+   subject (the Approval, the tool, the message), shown as A2A's ``input-required``.
 3. **Time out.** Every replica looks through the bucket every ``scan_seconds`` for this
    Agent's Pending requests past ``expiresAt`` and publishes a timeout decision for each
    (``decidedBy`` ``troupe:timeout``, ``Nats-Msg-Id`` per Approval, so replicas publish it
@@ -55,10 +57,13 @@ from pydantic import ValidationError
 
 from troupe_runtime.agent.llm.journal import Decision, Journal, Parked, call_key
 from troupe_runtime.agent.llm.types import ParkMessage, ToolCall
+from troupe_runtime.agent.outputs import publish_follow_up
 from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.approvals import (
     DECISION_TYPE,
     MAX_REASON_CHARS,
+    REQUEST_TYPE,
     TIMEOUT_DECIDER,
     ApprovalDecision,
     ApprovalRequest,
@@ -79,6 +84,9 @@ RESERVED_DECIDER_PREFIX = "troupe:"
 """``decidedBy`` values only Troupe itself writes (a timeout, a withdrawal)."""
 MAX_DECIDER_CHARS = 256
 CAS_ATTEMPTS = 5
+WAITING_INDEX = -2
+"""The follow-up index of the event telling a gateway caller the message waits (the reply's
+is -1, outputs count from 0)."""
 
 
 def _now() -> datetime:
@@ -183,17 +191,17 @@ class ApprovalDesk:
 
     def __init__(
         self,
-        namespace: str,
-        agent: str,
-        rules: ToolApprovals,
+        config: RuntimeConfig,
         *,
         scan_seconds: float = SCAN_SECONDS,
         clock: Callable[[], datetime] = _now,
     ) -> None:
-        self.namespace = namespace
-        self.agent = agent
-        self.rules = rules
-        self.subject = naming.agent_approvals_subject(namespace, agent)
+        assert config.llm is not None
+        self._config = config
+        self.namespace = config.namespace
+        self.agent = config.agent
+        self.rules: ToolApprovals = config.llm.policy.approvals
+        self.subject = naming.agent_approvals_subject(config.namespace, config.agent)
         self._scan_seconds = scan_seconds
         self._clock = clock
         self._js: JetStreamContext | None = None
@@ -246,6 +254,35 @@ class ApprovalDesk:
         value = request.model_dump_json(by_alias=True).encode()
         with contextlib.suppress(KeyWrongLastSequenceError):
             await kv.create(naming.approval_key(request.name), value)
+
+    async def announce(self, event: CloudEvent, request: ApprovalRequest) -> None:
+        """Tell a gateway caller waiting on ``event`` that it waits for ``request``: an
+        ``approvals.REQUEST_TYPE`` event on its reply subject, which the gateway shows as
+        A2A's ``input-required`` until the answer follows there. Only to a gateway's reply
+        subject: a Workflow engine or a calling agent would take it for the answer. Best
+        effort: the park holds whether or not it is told."""
+        replyto = event.replyto
+        if replyto is None or not naming.is_gateway_reply_subject(self.namespace, replyto):
+            return
+        data = {
+            "approval": request.name,
+            "tool": request.requester.tool,
+            "message": request.message,
+            "expiresAt": request.expires_at.isoformat() if request.expires_at else None,
+        }
+        try:
+            await publish_follow_up(
+                self._session(),
+                self._config,
+                event,
+                type=REQUEST_TYPE,
+                data=data,
+                index=WAITING_INDEX,
+                subjects=[replyto],
+                msg_id=lambda event_id, subject: f"{event_id}:{request.name}",
+            )
+        except Exception as error:  # NATS trouble, or a refused subject: the park holds
+            logger.warning("the caller was not told Approval %s waits: %s", request.name, error)
 
     async def take(self, msg: Msg) -> CloudEvent | None:
         """The parked message ``msg``'s decision resumes, or None when it changes nothing
@@ -362,21 +399,19 @@ class Gate:
         expires = now + rule.timeout
         if event.deadline is not None:
             expires = min(expires, event.deadline)
-        await desk.file(
-            ApprovalRequest(
-                name=name,
-                namespace=desk.namespace,
-                requester=Requester(kind="Agent", name=desk.agent, run_id=event.id, tool=call.name),
-                approvers=rule.approvers,
-                message=request_message(
-                    rule, agent=desk.agent, tool=call.name, arguments=arguments
-                ),
-                requested_at=now,
-                expires_at=expires,
-                on_timeout=rule.on_timeout,
-                reply_subject=desk.subject,
-            )
+        request = ApprovalRequest(
+            name=name,
+            namespace=desk.namespace,
+            requester=Requester(kind="Agent", name=desk.agent, run_id=event.id, tool=call.name),
+            approvers=rule.approvers,
+            message=request_message(rule, agent=desk.agent, tool=call.name, arguments=arguments),
+            requested_at=now,
+            expires_at=expires,
+            on_timeout=rule.on_timeout,
+            reply_subject=desk.subject,
         )
+        await desk.file(request)
+        await desk.announce(event, request)
         raise ParkMessage(name, call.name)
 
 

@@ -263,12 +263,7 @@ class LlmAgent:
         """One per process, like the usage recorder; bound to each session."""
         self._usage = UsageRecorder(config.namespace, config.agent)
         """One per process: what a lost session could not write is written by the next."""
-        self.approvals = ApprovalDesk(
-            config.namespace,
-            config.agent,
-            config.llm.policy.approvals,
-            scan_seconds=approval_scan_seconds,
-        )
+        self.approvals = ApprovalDesk(config, scan_seconds=approval_scan_seconds)
         """Parks guarded tool calls and takes their decisions (``approvals.py``)."""
 
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
