@@ -399,3 +399,26 @@ async def test_a_gateway_caller_sees_input_required_until_the_decision(nats_url:
     await nc.close()
     assert done.state == "completed"
     assert done.output == {"approved": True, "decidedBy": "alice", "reason": "looks good"}
+
+
+async def test_a_decision_moves_the_run_on_even_while_the_bucket_cannot_be_written(
+    nats_url: str,
+) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [_gate(), {"name": "deploy", "dependsOn": ["gate"]}])
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with agents(nats_url, ns, {"deploy": _deploy}), engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, {"version": "9"}, run)
+        pending = await waits(js, config, run)
+        await js.delete_key_value(naming.approvals_bucket(ns))
+        await decide(js, pending, by="dave")
+        outcome = await result(js, config, run)
+        events = await run_events(js, config, run)
+    await nc.close()
+    assert outcome["status"] == "Succeeded"
+    assert outcome["output"] == {
+        "deployed": {"approved": True, "decidedBy": "dave", "reason": "looks good"}
+    }
+    assert [d.decided_by for d in _decisions(events)] == ["dave"]

@@ -180,6 +180,9 @@ class Engine:
         self._runs: dict[str, RunState] = {}
         self._wake: dict[str, datetime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unfiled: dict[str, set[str]] = {}
+        """Approval steps whose request the bucket may not hold as the log has it (a write
+        failed): filed again before the run is next planned."""
         self._stop = asyncio.Event()
         self._halt = asyncio.Event()
         self._capacity = asyncio.Event()
@@ -228,6 +231,7 @@ class Engine:
                 self._runs.clear()
                 self._wake.clear()
                 self._locks.clear()
+                self._unfiled.clear()
                 await self._lease.release()
 
     async def _own(self) -> None:
@@ -472,7 +476,11 @@ class Engine:
             decided = approval_steps.decided_event(state, step, decision, self._clock())
             state = await self._log.append(state, decided)
             self._runs[run_id] = state
-            await self._file(state, step)
+            try:
+                await self._file(state, step)
+            except Exception:
+                # Logged is decided: the run goes on, and the write is tried again first.
+                logger.exception("run %s: writing approval %s failed", run_id, decision.name)
         logger.info(
             "run %s: approval %s %s by %s", run_id, decision.name, decided.phase, decided.decided_by
         )
@@ -500,10 +508,30 @@ class Engine:
         await kv.put(key, payload)
 
     async def _file(self, state: RunState, step: str) -> None:
-        """The step's request in the bucket, as the log has it."""
+        """The step's request in the bucket, as the log has it; one that fails is filed
+        again before the run is next planned (``_refile``)."""
         request = approval_steps.request_for(self._config, state, step)
-        if request is not None:
-            await self._put_request(request)
+        if request is None:
+            return
+        unfiled = self._unfiled.setdefault(state.run_id, set())
+        unfiled.add(step)
+        await self._put_request(request)
+        unfiled.discard(step)
+        if not unfiled:
+            self._unfiled.pop(state.run_id, None)
+
+    async def _refile(self, run_id: str) -> None:
+        """File again what failed to be: a failure is logged, never holds the run up (the
+        log has the decision), and is retried at the next planning (``_advance`` keeps a
+        wake for it)."""
+        state = self._runs.get(run_id)
+        for step in sorted(self._unfiled.get(run_id, ())):
+            if state is None:
+                return
+            try:
+                await self._file(state, step)
+            except Exception:
+                logger.warning("run %s: filing approval step %s failed again", run_id, step)
 
     async def _file_all(self, state: RunState) -> None:
         """Every request of a run, as its log has them: what a crash between an approval's
@@ -559,6 +587,7 @@ class Engine:
 
     async def _advance(self, run_id: str) -> None:
         """Plan and act until the run waits for something, for a bounded number of rounds."""
+        await self._refile(run_id)
         for _ in range(self._advance_rounds):
             state = self._runs.get(run_id)
             if state is None:
@@ -568,10 +597,14 @@ class Engine:
                 self._forget(run_id)
                 return
             result = planner.plan(self._config, state, self._clock())
-            if result.wake_at is None:
+            wake_at = result.wake_at
+            if run_id in self._unfiled:
+                retry_at = self._clock() + timedelta(seconds=RETRY_SECONDS)
+                wake_at = retry_at if wake_at is None else min(wake_at, retry_at)
+            if wake_at is None:
                 self._wake.pop(run_id, None)
             else:
-                self._wake[run_id] = result.wake_at
+                self._wake[run_id] = wake_at
             if not result.actions:
                 return
             for action in result.actions:
@@ -673,6 +706,7 @@ class Engine:
 
     def _forget(self, run_id: str) -> None:
         self._runs.pop(run_id, None)
+        self._unfiled.pop(run_id, None)
         self._wake.pop(run_id, None)
         self._locks.pop(run_id, None)
         self._capacity.set()
