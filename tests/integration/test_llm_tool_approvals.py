@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import KeyNotFoundError, NotFoundError
@@ -297,11 +298,12 @@ async def test_forged_and_malformed_decisions_change_nothing(
     assert mcp_server.calls("erase") == ["/"]
 
 
+@pytest.mark.parametrize("on_timeout", ["reject", "approve"])
 async def test_a_request_nobody_decides_times_out_by_its_on_timeout(
-    nats_url: str, scripted_llm: ScriptedLlm, mcp_server: McpTestServer
+    nats_url: str, scripted_llm: ScriptedLlm, mcp_server: McpTestServer, on_timeout: str
 ) -> None:
-    config = approval_config(nats_url, scripted_llm, mcp_server, timeout="1s")
-    scripted_llm.script(ToolCalls([erase("/srv")]), Text("gave up"))
+    config = approval_config(nats_url, scripted_llm, mcp_server, timeout="1s", onTimeout=on_timeout)
+    scripted_llm.script(ToolCalls([erase("/srv")]), Text("timed out"))
     async with (
         provisioned(config) as (_, js),
         running_llm(config, declared_tools=True, approval_scan_seconds=0.2) as _,
@@ -309,10 +311,17 @@ async def test_a_request_nobody_decides_times_out_by_its_on_timeout(
         _, replyto = await ask(js, config)
         answer = await replied(js, config, replyto)
         [final] = await requests(js, config)
-    assert answer["content"] == "gave up"
-    assert (final.phase, final.approved, final.decided_by) == ("TimedOut", False, TIMEOUT_DECIDER)
-    assert mcp_server.calls("erase") == []
-    assert "within its approval timeout" in tool_results(scripted_llm, 1)["e1"]
+    approved = on_timeout == "approve"
+    assert answer["content"] == "timed out"
+    assert (final.phase, final.approved, final.decided_by) == (
+        "TimedOut", approved, TIMEOUT_DECIDER
+    )  # fmt: skip
+    if approved:
+        assert mcp_server.calls("erase") == ["/srv"]
+        assert tool_results(scripted_llm, 1)["e1"] == "erased /srv"
+    else:
+        assert mcp_server.calls("erase") == []
+        assert "within its approval timeout" in tool_results(scripted_llm, 1)["e1"]
 
 
 def start_runtime(config: RuntimeConfig, workdir: Path) -> subprocess.Popen[bytes]:
