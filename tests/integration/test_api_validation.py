@@ -384,13 +384,13 @@ REFUSED = [
                     "default": {
                         "approval": "destructive",
                         "approvers": {"groups": ["ops"]},
-                        "timeout": "721h",
+                        "timeout": "145h",
                     }
                 },
             },
         ),
-        ["spec.llm.approvals", "at most 30 days"],
-        id="tool-approval-past-30-days",
+        ["spec.llm.approvals", "at most 6 days"],
+        id="tool-approval-past-6-days",
     ),
     pytest.param(
         agent("a", contract={"errorStates": [{"name": "TooLong"}, {"name": "TooLong"}]}),
@@ -462,7 +462,7 @@ def test_the_edges_of_what_is_valid_are_accepted(
                             "tool": "rm",
                             "approval": "always",
                             "approvers": {"groups": ["ops"]},
-                            "timeout": "720h",
+                            "timeout": "144h",
                             "onTimeout": "approve",
                         },
                         {"tool": "ls"},

@@ -403,3 +403,23 @@ async def test_a_gateway_caller_sees_input_required_until_the_decision(
     assert done.state == "completed"
     assert done.output["content"] == "erased through the gateway"
     assert mcp_server.calls("erase") == ["/opt"]
+
+
+async def test_a_message_too_large_to_park_refuses_the_call_and_the_model_goes_on(
+    nats_url: str, scripted_llm: ScriptedLlm, mcp_server: McpTestServer
+) -> None:
+    config = approval_config(nats_url, scripted_llm, mcp_server)
+    scripted_llm.script(ToolCalls([erase("/big")]), Text("could not wait"))
+    async with (
+        provisioned(config) as (nc, js),
+        running_llm(config, declared_tools=True) as _,
+    ):
+        # Its turn fits the journal; the parked record (the message itself, in base64) not.
+        size = nc.max_payload * 3 // 4 + 4096
+        replyto = naming.gateway_reply_subject(config.namespace, uuid.uuid4().hex)
+        await send(js, config, "x" * size, replyto=replyto)
+        answer = await replied(js, config, replyto)
+        assert await requests(js, config) == []
+    assert answer["content"] == "could not wait"
+    assert mcp_server.calls("erase") == []
+    assert "too large to wait for one" in tool_results(scripted_llm, 1)["e1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -9,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from troupe_runtime.contract.agent_resources import EVENT_LOG_MAX_AGE_SECONDS
 from troupe_runtime.contract.approvals import MAX_MESSAGE_CHARS
 from troupe_runtime.contract.llm_policy import LlmPolicy
 from troupe_runtime.contract.tool_approvals import (
+    MAX_TOOL_TIMEOUT,
     NEEDS_APPROVERS_MESSAGE,
     TOOL_NAMES_MESSAGE,
     ToolApproval,
@@ -84,10 +87,15 @@ def test_two_rules_for_one_tool_are_refused() -> None:
         approvals(tools=[{"tool": "rm"}, {"tool": "rm"}])
 
 
-def test_a_timeout_past_thirty_days_is_refused() -> None:
-    with pytest.raises(ValidationError, match="at most 30 days"):
-        ToolApproval.model_validate({"timeout": "721h"})
-    assert ToolApproval.model_validate({"timeout": "720h"}).timeout.days == 30
+def test_a_timeout_past_six_days_is_refused() -> None:
+    with pytest.raises(ValidationError, match="at most 6 days"):
+        ToolApproval.model_validate({"timeout": "145h"})
+    assert ToolApproval.model_validate({"timeout": "144h"}).timeout.days == 6
+
+
+def test_a_call_never_waits_longer_than_the_event_log_keeps_its_conversation() -> None:
+    kept = timedelta(seconds=EVENT_LOG_MAX_AGE_SECONDS)
+    assert kept - timedelta(days=1) >= MAX_TOOL_TIMEOUT
 
 
 def test_the_message_names_the_agent_the_tool_and_the_arguments() -> None:

@@ -19,7 +19,7 @@ an estimate made before the call would be made up. A cost guard belongs to Budge
 A guarded call's request names its ``approvers`` (who may decide, as Kubernetes users and
 groups), a ``message`` templated with ``{agent}``, ``{tool}`` and ``{arguments}`` (literal
 replacement, nothing else is evaluated), and a ``timeout`` after which ``onTimeout``
-decides. The round trip is ``contract.approvals``'s.
+decides, within ``MAX_TOOL_TIMEOUT``. The round trip is ``contract.approvals``'s.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from pydantic import Field, field_validator, model_validator
 from troupe_runtime.contract.approvals import (
     DEFAULT_TIMEOUT,
     MAX_MESSAGE_CHARS,
-    MAX_TIMEOUT,
     Approvers,
     OnTimeout,
     bounded_text,
@@ -48,7 +47,14 @@ MAX_ARGUMENTS_CHARS = 2048
 """How much of a call's arguments its request's message quotes."""
 NEEDS_APPROVERS_MESSAGE = "a tool approval other than never needs at least one approver"
 TOOL_NAMES_MESSAGE = "spec.llm.approvals.tools names must be unique"
-TIMEOUT_BOUND_MESSAGE = f"a tool approval's timeout must be at most {MAX_TIMEOUT.days} days"
+MAX_TOOL_TIMEOUT = timedelta(days=6)
+"""The longest a tool call may wait: a day less than the namespace's event log keeps a record
+(``agent_resources.EVENT_LOG_MAX_AGE_SECONDS``, seven days), since the parked message and the
+conversation it resumes live in that log. Shorter than a Workflow step's ``MAX_TIMEOUT``."""
+TIMEOUT_BOUND_MESSAGE = (
+    f"a tool approval's timeout must be at most {MAX_TOOL_TIMEOUT.days} days: the conversation "
+    "it resumes is kept in the event log for seven"
+)
 
 
 class ToolApproval(WireModel):
@@ -76,7 +82,8 @@ class ToolApproval(WireModel):
     timeout: Duration = Field(
         default=DEFAULT_TIMEOUT,
         description="How long a call waits for a decision: a duration such as 30m or 4h, at "
-        "most 720h (30 days), and never past the message's deadline; default 24h.",
+        "most 144h (6 days: the conversation waits in the event log, which keeps it 7), and never "
+        "past the message's deadline; default 24h.",
     )
     on_timeout: OnTimeout = Field(
         default="reject",
@@ -87,7 +94,7 @@ class ToolApproval(WireModel):
     @field_validator("timeout")
     @classmethod
     def _bounded_timeout(cls, value: timedelta) -> timedelta:
-        if value > MAX_TIMEOUT:
+        if value > MAX_TOOL_TIMEOUT:
             raise ValueError(TIMEOUT_BOUND_MESSAGE)
         return value
 

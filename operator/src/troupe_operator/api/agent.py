@@ -23,7 +23,6 @@ from troupe_operator.api.common import (
     unique_rule,
 )
 from troupe_runtime.contract import grammar, naming, version
-from troupe_runtime.contract.approvals import MAX_TIMEOUT
 from troupe_runtime.contract.durations import Duration, cel_matches
 from troupe_runtime.contract.llm_policy import A2A_NAMES_MESSAGE, LlmPolicy
 from troupe_runtime.contract.policies import (
@@ -40,6 +39,7 @@ from troupe_runtime.contract.policies import (
     fits_ack_wait,
 )
 from troupe_runtime.contract.tool_approvals import (
+    MAX_TOOL_TIMEOUT,
     NEEDS_APPROVERS_MESSAGE,
     TIMEOUT_BOUND_MESSAGE,
     TOOL_NAMES_MESSAGE,
@@ -661,7 +661,7 @@ _DECIDABLE = (
 """A tool approval someone can decide: ``never``, or with an approver."""
 _WITHIN_MAX = (
     "(!has({rule}.timeout) || duration({rule}.timeout) <= "
-    f"duration('{int(MAX_TIMEOUT.total_seconds()) // 3600}h'))"
+    f"duration('{int(MAX_TOOL_TIMEOUT.total_seconds()) // 3600}h'))"
 )
 
 LLM_POLICY_RULES = (

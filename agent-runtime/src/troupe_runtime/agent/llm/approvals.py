@@ -41,8 +41,9 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header
@@ -56,7 +57,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from troupe_runtime.agent.llm.journal import Decision, Journal, Parked, call_key
-from troupe_runtime.agent.llm.types import ParkMessage, ToolCall
+from troupe_runtime.agent.llm.types import ParkMessage, ToolCall, ToolResult
 from troupe_runtime.agent.outputs import publish_follow_up
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_config import RuntimeConfig
@@ -84,6 +85,10 @@ RESERVED_DECIDER_PREFIX = "troupe:"
 """``decidedBy`` values only Troupe itself writes (a timeout, a withdrawal)."""
 MAX_DECIDER_CHARS = 256
 CAS_ATTEMPTS = 5
+UNPARKABLE = (
+    "error: the call of {name!r} needs a person's approval, but this message is too large to "
+    "wait for one, so the call did not run."
+)
 WAITING_INDEX = -2
 """The follow-up index of the event telling a gateway caller the message waits (the reply's
 is -1, outputs count from 0)."""
@@ -388,12 +393,17 @@ class Gate:
 
     async def park(
         self, turn: int, key: str, call: ToolCall, arguments: dict[str, Any], *, journaled: bool
-    ) -> NoReturn:
+    ) -> ToolResult:
         desk, event = self._desk, self._event
         name = approval_name(desk.agent, event.id, call_key(turn, key))
         if not journaled:
             headers, payload = envelope.to_binary(event)
-            await self._journal.parked(Parked(turn, key, name, call.name, headers, payload))
+            try:
+                await self._journal.parked(Parked(turn, key, name, call.name, headers, payload))
+            except nats.errors.MaxPayloadError:
+                # The message and its journal record do not fit a NATS message: it cannot
+                # wait, so the call is refused rather than retried to the same end.
+                return ToolResult(UNPARKABLE.format(name=call.name), True)
         rule = desk.rules.rule_for(call.name)
         now = desk.now()
         expires = now + rule.timeout

@@ -56,7 +56,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 from troupe_runtime.agent.llm.history import Offloader, fit, history_budget
 from troupe_runtime.agent.llm.journal import Decision, Journal, ResumeState, call_key
@@ -120,9 +120,10 @@ class ApprovalGate(Protocol):
 
     async def park(
         self, turn: int, key: str, call: ToolCall, arguments: dict[str, Any], *, journaled: bool
-    ) -> NoReturn:
+    ) -> ToolResult:
         """Journal the message as parked (unless ``journaled``), file the request, and raise
-        ``ParkMessage``."""
+        ``ParkMessage``; or the error result the model reads when the message cannot be
+        parked (the tool does not run)."""
         ...
 
 
@@ -505,7 +506,7 @@ class Conversation:
                 if self._gate is None:
                     return ToolResult(UNGATED.format(name=call.name), True)
                 parked = call_key(turn, key) in self._state.parked
-                await self._gate.park(turn, key, call, arguments, journaled=parked)
+                return await self._gate.park(turn, key, call, arguments, journaled=parked)
             if not decision.approved:
                 return ToolResult(refusal(call.name, decision), True)
         if not spec.idempotent:
