@@ -393,6 +393,27 @@ REFUSED = [
         id="tool-approval-past-6-days",
     ),
     pytest.param(
+        agent(
+            "a",
+            runtime={"handler": {"type": "llm"}},
+            llm={
+                **LLM,
+                "approvals": {
+                    "tools": [
+                        {
+                            "tool": "refund",
+                            "approval": "costAbove",
+                            "cost": "amount",
+                            "approvers": {"users": ["alice"]},
+                        }
+                    ]
+                },
+            },
+        ),
+        ["spec.llm.approvals", "costAbove needs a cost expression and a threshold"],
+        id="tool-approval-cost-above-without-threshold",
+    ),
+    pytest.param(
         agent("a", contract={"errorStates": [{"name": "TooLong"}, {"name": "TooLong"}]}),
         ["spec.contract.errorStates", "error state names must be unique"],
         id="duplicate-error-states",

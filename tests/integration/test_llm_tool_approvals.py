@@ -245,6 +245,36 @@ async def test_a_denial_never_runs_the_tool_and_the_model_reads_who_denied_it_an
     assert ignored(runtime) == 0
 
 
+async def test_cost_above_runs_a_cheap_call_unasked_and_parks_a_costly_one(
+    nats_url: str, scripted_llm: ScriptedLlm, mcp_server: McpTestServer
+) -> None:
+    """The cost is the rule's expression over the call's arguments (here the path's length,
+    the only number erase's arguments give): within the threshold the call runs at once;
+    above it, it waits for a decision like any guarded call."""
+    config = approval_config(
+        nats_url, scripted_llm, mcp_server, approval="costAbove", cost="length(path)", threshold=6
+    )
+    scripted_llm.script(
+        ToolCalls([erase("/tmp/x")]), ToolCalls([erase("/var/lib/data", "e2")]), Text("done")
+    )
+    async with (
+        provisioned(config) as (_, js),
+        running_llm(config, declared_tools=True) as (_, _),
+    ):
+        _, replyto = await ask(js, config)
+        request = await filed(js, config)
+        await eventually(lambda: settled(js, config), "the parked message to be acknowledged")
+        assert request.requester.tool == "erase"
+        assert "/var/lib/data" in request.message
+        assert mcp_server.calls("erase") == ["/tmp/x"]  # length 6: not above 6, so not asked
+
+        await decide(js, request, "Approve", "bob", "fine")
+        answer = await replied(js, config, replyto)
+        assert len(await requests(js, config)) == 1  # the cheap call filed nothing
+    assert answer["content"] == "done"
+    assert mcp_server.calls("erase") == ["/tmp/x", "/var/lib/data"]
+
+
 async def test_forged_and_malformed_decisions_change_nothing(
     nats_url: str, scripted_llm: ScriptedLlm, mcp_server: McpTestServer
 ) -> None:

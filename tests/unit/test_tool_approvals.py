@@ -119,3 +119,61 @@ def test_the_message_is_bounded_and_printable_whatever_the_model_wrote(arguments
     assert len(text) <= MAX_MESSAGE_CHARS
     assert text.isprintable()
     assert text.startswith("Agent a asks to call the tool t with ")
+
+
+# costAbove: the estimate is the user's expression over the call's arguments.
+
+REFUNDS = {"approval": "costAbove", "cost": "amount", "threshold": 100, "approvers": ALICE}
+
+
+def test_a_call_costing_more_than_the_threshold_waits_and_a_cheaper_one_runs() -> None:
+    rule = ToolApproval.model_validate(REFUNDS)
+    assert not needs_approval(rule, destructive=True, arguments={"amount": 100})
+    assert needs_approval(rule, destructive=False, arguments={"amount": 100.01})
+
+
+def test_the_cost_may_be_any_jmespath_over_the_arguments() -> None:
+    rule = ToolApproval.model_validate({**REFUNDS, "cost": "sum(items[].price)"})
+    assert needs_approval(rule, destructive=False, arguments={"items": [{"price": 60}] * 2})
+    assert not needs_approval(rule, destructive=False, arguments={"items": [{"price": 60}]})
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{}, {"amount": "5"}, {"amount": True}, {"amount": None}, {"amount": [1]}, "text", None],
+)
+def test_a_call_whose_cost_cannot_be_read_waits(arguments: Any) -> None:
+    """The model writes the arguments: leaving the field out must not slip the guard."""
+    rule = ToolApproval.model_validate(REFUNDS)
+    assert needs_approval(rule, destructive=False, arguments=arguments)
+
+
+def test_cost_above_needs_an_expression_and_a_threshold_that_parse() -> None:
+    with pytest.raises(ValidationError, match="costAbove needs a cost expression"):
+        ToolApproval.model_validate({"approval": "costAbove", "approvers": ALICE, "cost": "a"})
+    with pytest.raises(ValidationError, match="not a valid JMESPath"):
+        ToolApproval.model_validate({**REFUNDS, "cost": "amount[?"})
+    with pytest.raises(ValidationError):
+        ToolApproval.model_validate({**REFUNDS, "threshold": -1})
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=10,
+)
+
+
+@given(amount=JSON, threshold=st.floats(min_value=0, max_value=1e12))
+def test_a_call_runs_unasked_only_when_its_cost_is_a_number_within_the_threshold(
+    amount: Any, threshold: float
+) -> None:
+    rule = ToolApproval.model_validate({**REFUNDS, "threshold": threshold})
+    waits = needs_approval(rule, destructive=False, arguments={"amount": amount})
+    within = (
+        isinstance(amount, int | float)
+        and not isinstance(amount, bool)
+        and amount == amount  # not NaN
+        and amount <= threshold
+    )
+    assert waits is not within

@@ -12,9 +12,14 @@ A rule per tool, by name, and a ``default`` for every tool no rule names. ``appr
   tools): nothing says they are harmless. Annotations are the server's claims, not
   guarantees; following the spec's defaults errs on the side of asking.
 
-There is no ``costAbove``: no tool declares what a call costs, and what an Agent called as a
-tool spends is known only once it has answered (Budgets count model tokens, not calls), so
-an estimate made before the call would be made up. A cost guard belongs to Budgets.
+- ``costAbove``: a call waits when its estimated cost exceeds ``threshold``. No tool
+  declares what a call costs, and what an Agent called as a tool spends is known only once
+  it has answered, so the estimate is the user's, from the call itself: ``cost``, a JMESPath
+  expression over the call's arguments (``amount``, ``sum(items[].price)``…), in whatever unit
+  the threshold is. A call whose cost cannot be read (the expression fails, or gives no
+  number: the model left the field out, or wrote text) waits: the model writes the
+  arguments, and a guard it can slip by omitting a field guards nothing. Model tokens are
+  Budgets' to cap.
 
 A guarded call's request names its ``approvers`` (who may decide, as Kubernetes users and
 groups), a ``message`` templated with ``{agent}``, ``{tool}`` and ``{arguments}`` (literal
@@ -25,9 +30,12 @@ decides, within ``MAX_TOOL_TIMEOUT``. The round trip is ``contract.approvals``'s
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from datetime import timedelta
 from typing import Any, Literal
 
+import jmespath
 from pydantic import Field, field_validator, model_validator
 
 from troupe_runtime.contract.approvals import (
@@ -38,14 +46,17 @@ from troupe_runtime.contract.approvals import (
     bounded_text,
 )
 from troupe_runtime.contract.durations import Duration
+from troupe_runtime.contract.expressions import expression_problem
 from troupe_runtime.contract.policies import WireModel
 
-ApprovalMode = Literal["never", "always", "destructive"]
+ApprovalMode = Literal["never", "always", "destructive", "costAbove"]
 DEFAULT_MESSAGE = "Agent {agent} asks to call the tool {tool} with {arguments}."
 MAX_RULES = 64
 MAX_ARGUMENTS_CHARS = 2048
 """How much of a call's arguments its request's message quotes."""
 NEEDS_APPROVERS_MESSAGE = "a tool approval other than never needs at least one approver"
+NEEDS_COST_MESSAGE = "approval: costAbove needs a cost expression and a threshold"
+MAX_COST_EXPRESSION_CHARS = 1024
 TOOL_NAMES_MESSAGE = "spec.llm.approvals.tools names must be unique"
 MAX_TOOL_TIMEOUT = timedelta(days=6)
 """The longest a tool call may wait: a day less than the namespace's event log keeps a record
@@ -64,7 +75,21 @@ class ToolApproval(WireModel):
         default="never",
         description="never: the call runs (default); always: every call waits for a decision; "
         "destructive: a call waits unless the tool is marked readOnlyHint true or "
-        "destructiveHint false (MCP's defaults: a tool with no annotations may be destructive).",
+        "destructiveHint false (MCP's defaults: a tool with no annotations may be destructive); "
+        "costAbove: a call waits when cost, evaluated over its arguments, exceeds threshold, "
+        "or cannot be read as a number.",
+    )
+    cost: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_COST_EXPRESSION_CHARS,
+        description="For costAbove: the call's estimated cost, a JMESPath expression over "
+        "the tool call's arguments, such as amount or sum(items[].price).",
+    )
+    threshold: float | None = Field(
+        default=None,
+        ge=0,
+        description="For costAbove: a call whose cost is above this waits for a decision.",
     )
     approvers: Approvers = Field(
         default_factory=Approvers,
@@ -98,10 +123,19 @@ class ToolApproval(WireModel):
             raise ValueError(TIMEOUT_BOUND_MESSAGE)
         return value
 
+    @field_validator("cost")
+    @classmethod
+    def _cost_parses(cls, value: str | None) -> str | None:
+        if value is not None and (problem := expression_problem(value)):
+            raise ValueError(f"cost: {problem}")
+        return value
+
     @model_validator(mode="after")
     def _someone_decides(self) -> ToolApproval:
         if self.approval != "never" and not (self.approvers.users or self.approvers.groups):
             raise ValueError(NEEDS_APPROVERS_MESSAGE)
+        if self.approval == "costAbove" and (self.cost is None or self.threshold is None):
+            raise ValueError(NEEDS_COST_MESSAGE)
         return self
 
 
@@ -137,14 +171,14 @@ class ToolApprovals(WireModel):
         """The rule that applies to calls of ``tool``."""
         return next((rule for rule in self.tools if rule.tool == tool), self.default)
 
-    def guards(self, tool: str, *, destructive: bool) -> bool:
-        """Whether a call of ``tool`` (``destructive`` as its annotations say, MCP's default
-        true) waits for a decision."""
-        return needs_approval(self.rule_for(tool), destructive=destructive)
+    def guards(self, tool: str, *, destructive: bool, arguments: Any = None) -> bool:
+        """Whether a call of ``tool`` with ``arguments`` (``destructive`` as its annotations
+        say, MCP's default true) waits for a decision."""
+        return needs_approval(self.rule_for(tool), destructive=destructive, arguments=arguments)
 
 
-def needs_approval(rule: ToolApproval, *, destructive: bool) -> bool:
-    """Whether a call under ``rule`` waits for a person (pure)."""
+def needs_approval(rule: ToolApproval, *, destructive: bool, arguments: Any = None) -> bool:
+    """Whether a call under ``rule`` with ``arguments`` waits for a person (pure)."""
     match rule.approval:
         case "never":
             return False
@@ -152,6 +186,29 @@ def needs_approval(rule: ToolApproval, *, destructive: bool) -> bool:
             return True
         case "destructive":
             return destructive
+        case "costAbove":
+            cost = estimated_cost(rule.cost, arguments)
+            return cost is None or rule.threshold is None or cost > rule.threshold
+
+
+def estimated_cost(expression: str | None, arguments: Any) -> float | None:
+    """``expression`` over the call's ``arguments`` as a finite number, or None when it
+    gives none (no expression, an evaluation error, a missing field, text, a boolean, NaN)."""
+    if expression is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            value = jmespath.search(expression, arguments)
+    except (jmespath.exceptions.JMESPathError, RecursionError, TypeError, ValueError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float: certainly above any threshold
+        return math.inf
+    return number if not math.isnan(number) else None
 
 
 def destructive(read_only_hint: bool | None, destructive_hint: bool | None) -> bool:

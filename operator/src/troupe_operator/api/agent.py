@@ -41,6 +41,7 @@ from troupe_runtime.contract.policies import (
 from troupe_runtime.contract.tool_approvals import (
     MAX_TOOL_TIMEOUT,
     NEEDS_APPROVERS_MESSAGE,
+    NEEDS_COST_MESSAGE,
     TIMEOUT_BOUND_MESSAGE,
     TOOL_NAMES_MESSAGE,
 )
@@ -659,6 +660,11 @@ _DECIDABLE = (
     " || (has({rule}.approvers.groups) && size({rule}.approvers.groups) > 0))))"
 )
 """A tool approval someone can decide: ``never``, or with an approver."""
+_COSTED = (
+    "(!has({rule}.approval) || {rule}.approval != 'costAbove' || "
+    "(has({rule}.cost) && has({rule}.threshold)))"
+)
+"""A costAbove approval says how to estimate a call's cost and what is too much."""
 _WITHIN_MAX = (
     "(!has({rule}.timeout) || duration({rule}.timeout) <= "
     f"duration('{int(MAX_TOOL_TIMEOUT.total_seconds()) // 3600}h'))"
@@ -703,6 +709,14 @@ LLM_POLICY_RULES = (
         "(!has(self.approvals.tools) || self.approvals.tools.all(r, "
         f"{_WITHIN_MAX.format(rule='r')})))",
         TIMEOUT_BOUND_MESSAGE,
+        ".approvals",
+    ),
+    rule(
+        "!has(self.approvals) || ((!has(self.approvals.default) || "
+        f"{_COSTED.format(rule='self.approvals.default')}) && "
+        "(!has(self.approvals.tools) || self.approvals.tools.all(r, "
+        f"{_COSTED.format(rule='r')})))",
+        NEEDS_COST_MESSAGE,
         ".approvals",
     ),
 )

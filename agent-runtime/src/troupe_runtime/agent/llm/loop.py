@@ -500,7 +500,9 @@ class Conversation:
         arguments = parse_arguments(call.arguments)
         if isinstance(arguments, str):
             return ToolResult(arguments, True)
-        if self._policy.approvals.guards(call.name, destructive=spec.destructive):
+        if self._policy.approvals.guards(
+            call.name, destructive=spec.destructive, arguments=arguments
+        ):
             decision = self._state.decisions.get(call_key(turn, key))
             if decision is None:
                 if self._gate is None:
