@@ -3,11 +3,13 @@ the decision event, as the operator and the requesters share them."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Literal
 
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from troupe_runtime.contract import approvals, envelope, grammar, naming
 from troupe_runtime.contract.approvals import (
@@ -20,6 +22,7 @@ from troupe_runtime.contract.approvals import (
     reply_subject_for,
 )
 
+NOON = "2026-12-03T12:00:00Z"
 labels = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
@@ -106,3 +109,17 @@ def test_the_decision_event_carries_who_when_and_why_under_its_message_id() -> N
     assert parsed.type == approvals.DECISION_TYPE
     assert parsed.id == approvals.decision_message_id(request, "uid-1")
     assert ApprovalDecision.model_validate(parsed.data) == decision
+
+
+@given(name=st.one_of(labels, st.text(max_size=300)))
+def test_a_decision_names_an_approval_or_is_refused(name: str) -> None:
+    """A decision arrives on a subject anyone may publish to: its name becomes a KV key only
+    when it could be an Approval's (a DNS label, as approval_name makes)."""
+    data = {"name": name, "verdict": "Approve", "decidedBy": "bob", "decidedAt": NOON}
+    label = re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) is not None and len(name) <= 63
+    try:
+        ApprovalDecision.model_validate(data)
+    except ValidationError:
+        assert not label
+    else:
+        assert label

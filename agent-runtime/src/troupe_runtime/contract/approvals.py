@@ -48,7 +48,7 @@ from typing import Literal
 from nats.js.api import KeyValueConfig, StorageType
 from pydantic import Field
 
-from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract import envelope, grammar, naming
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.policies import WireModel
 from troupe_runtime.contract.run_events import RUN_ID_PATTERN
@@ -147,7 +147,9 @@ class ApprovalRequest(WireModel):
 class ApprovalDecision(WireModel):
     """A person's decision, as the operator relays it from the Approval's spec."""
 
-    name: str
+    name: str = Field(max_length=63, pattern=grammar.DNS_LABEL_PATTERN)
+    """An Approval's name (``approval_name``): a decision arrives on a subject anyone may
+    publish to, so a name that cannot be one is refused here, before it becomes a KV key."""
     verdict: Verdict
     decided_by: str = Field(min_length=1, max_length=256)
     decided_at: datetime
