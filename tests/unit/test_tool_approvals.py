@@ -177,3 +177,11 @@ def test_a_call_runs_unasked_only_when_its_cost_is_a_number_within_the_threshold
         and amount <= threshold
     )
     assert waits is not within
+
+
+def test_only_a_policy_with_a_rule_other_than_never_is_guarding() -> None:
+    """An Agent whose policy guards nothing scans no approvals bucket."""
+    assert not approvals().guarding
+    assert not approvals(tools=[{"tool": "ls"}]).guarding
+    assert approvals(tools=[{"tool": "rm", "approval": "always", "approvers": ALICE}]).guarding
+    assert approvals(default={"approval": "destructive", "approvers": ALICE}).guarding

@@ -167,6 +167,12 @@ class ToolApprovals(WireModel):
             raise ValueError(TOOL_NAMES_MESSAGE)
         return self
 
+    @property
+    def guarding(self) -> bool:
+        """Whether any call can wait: False when every rule is ``never`` (the default), and
+        the runtime then does no approvals I/O at all (no timeout scan)."""
+        return any(r.approval != "never" for r in (self.default, *self.tools))
+
     def rule_for(self, tool: str) -> ToolApproval:
         """The rule that applies to calls of ``tool``."""
         return next((rule for rule in self.tools if rule.tool == tool), self.default)

@@ -22,8 +22,9 @@ The round trip (``contract.approvals``), the Agent's side:
    phase and then failed), and only on a redelivery (``num_delivered`` > 1).
    A gateway caller is told at once: an ``approvals.REQUEST_TYPE`` event on its reply
    subject (the Approval, the tool, the message), shown as A2A's ``input-required``.
-3. **Time out.** Every replica looks through the bucket every ``scan_seconds`` for this
-   Agent's Pending requests past ``expiresAt`` and publishes a timeout decision for each
+3. **Time out.** Every replica of an Agent with a guarding rule looks through the bucket
+   every ``scan_seconds`` for this Agent's Pending requests past ``expiresAt`` and
+   publishes a timeout decision for each
    (``decidedBy`` ``troupe:timeout``, ``Nats-Msg-Id`` per Approval, so replicas publish it
    once within the duplicate window), which ``take`` resolves by the request's own
    ``onTimeout``: a timeout is believed only once the request has expired, so a forged one
@@ -216,6 +217,8 @@ class ApprovalDesk:
     def use(self, js: JetStreamContext) -> None:
         """Work through ``js`` from now on, and look for timeouts."""
         self._js, self._kv = js, None
+        if not self.rules.guarding:
+            return  # nothing ever parks: no bucket to look through every scan_seconds
         if self._scanning is None or self._scanning.done():
             self._scanning = asyncio.create_task(self._scan_forever())
 
