@@ -89,6 +89,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT_WINDOW = ServedModel.model_fields["context_window"].default
 
 
+STOPPABLE = ("interrupt", "rollback")
+"""The double-texting policies under which a newer message may stop a running one: only
+then does the loop look at the session's slot at each turn boundary (a KV write, as it
+renews the slot). Under reject and enqueue nothing can ask it to stop, so it does not
+look, and ``progress`` keeps the slot (``SessionStore.renew``)."""
+
+
 class ClosableCaller(ModelCaller, Protocol):
     """A model chain holding connections (the router's HTTP clients)."""
 
@@ -257,6 +264,9 @@ class LlmAgent:
         )
         self._session: Session | None = None
         self._session_policy = config.llm.policy.sessions()
+        self._stoppable = (
+            self._session_policy is not None and self._session_policy.double_texting in STOPPABLE
+        )
         self._lease = config.timeout.total_seconds() + config.messaging.ack_wait.total_seconds()
         """How long a session's slot outlives a replica that stopped renewing it."""
         self._budgets = budgets
@@ -356,6 +366,9 @@ class LlmAgent:
                 await ctx.progress()
                 await sessions.renew(session_id, marker)
 
+            async def stop() -> StopMark | None:
+                return await sessions.stop(session_id, marker)
+
             answer = await self._converse(
                 ctx,
                 session,
@@ -363,7 +376,7 @@ class LlmAgent:
                 on_completion,
                 spend,
                 history,
-                stop=lambda: sessions.stop(session_id, marker),
+                stop=stop if self._stoppable else None,
                 progress=progress,
             )
             if await sessions.stop(session_id, marker) == "rollback":
