@@ -270,6 +270,23 @@ def trigger_limit_key(trigger: str) -> str:
     return f"trigger.{_token(trigger)}.fires"
 
 
+# Chaos.
+
+
+def chaos_bucket(namespace: str) -> str:
+    """The KV bucket where the operator writes the faults ChaosExperiments inject into a
+    namespace's agents (``contract.chaos``); the runtimes watch their own keys."""
+    return f"troupe_{_token(namespace)}_chaos"
+
+
+CHAOS_FAULTS_PREFIX = "faults"
+
+
+def chaos_faults_key(agent: str) -> str:
+    """Where the ``AgentFaults`` of one Agent are kept (one experiment at a time per agent)."""
+    return f"{CHAOS_FAULTS_PREFIX}.{_token(agent)}"
+
+
 # Budgets.
 
 

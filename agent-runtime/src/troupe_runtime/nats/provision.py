@@ -145,6 +145,15 @@ def budget_bucket_config(namespace: str) -> KeyValueConfig:
     )
 
 
+def chaos_bucket_config(namespace: str) -> KeyValueConfig:
+    """The one config of a namespace's chaos bucket, for the operator (which writes faults)
+    and the runtimes (which create it if missing, so they can watch it): history 1, file
+    storage; each entry also carries its own ``until``, so a stale one injects nothing."""
+    return KeyValueConfig(
+        bucket=naming.chaos_bucket(namespace), history=1, storage=StorageType.FILE
+    )
+
+
 async def ensure_agent_resources(
     js: JetStreamContext, resources: AgentResources
 ) -> ProvisionReport:
