@@ -41,8 +41,8 @@ def agent_config(nats_url: str, namespace: str, agent: str, **fields: Any) -> Ru
 def engine_config(
     nats_url: str, namespace: str, steps: list[dict[str, Any]], **fields: Any
 ) -> EngineConfig:
-    """Steps name their agent; its inbox subject is filled in as the operator does. An
-    approval step (``approval`` given) has no agent."""
+    """Steps name their agent (and their fallbacks' names); inbox subjects are filled in
+    as the operator does. An approval step (``approval`` given) has no agent."""
     resolved = []
     for step in steps:
         if "approval" in step:  # an approval step: no agent
@@ -57,6 +57,11 @@ def engine_config(
                 "subject": naming.inbox_subject(namespace, compensation["agent"], 0),
             }
             del entry["compensation"]["agent"]
+        if "fallbacks" in step:
+            entry["fallbacks"] = [
+                {"agent": name, "subject": naming.inbox_subject(namespace, name, 0)}
+                for name in step["fallbacks"]
+            ]
         resolved.append(entry)
     return EngineConfig.model_validate(
         {

@@ -7,6 +7,11 @@ agent references, so the engine needs no Kubernetes access.
 A step is either an agent's (``agent`` and ``subject`` set) or an approval step
 (``approval`` set, no agent): the engine files an ``approvals.ApprovalRequest`` and waits
 for a person's decision instead of dispatching (``workflow.planner``).
+
+An agent's step may name ``fallbacks``: further agents, resolved to their inboxes like the
+step's own, that the planner hands the same input to, in order, once the agent before has
+used up the step's attempts. ``agents`` is that chain, the step's own agent first; a
+fallback's position in it is the ``fallback`` index the run log and the planner use.
 """
 
 from __future__ import annotations
@@ -43,6 +48,21 @@ class EngineApproval(WireModel):
     on_timeout: approvals.OnTimeout = "reject"
 
 
+MAX_FALLBACKS = 8
+"""Fallback agents a step may name: each can hold a run up for its own attempts and
+timeouts, so a long chain mostly makes a failing step slow to fail."""
+
+
+class StepAgent(WireModel):
+    """An agent a step may dispatch to, with its inbox resolved (as the step's own)."""
+
+    agent: str
+    subject: str
+    priority_levels: int = Field(
+        default=1, ge=1, le=10, description="The agent's priority levels; runs keep theirs."
+    )
+
+
 class EngineStep(WireModel):
     """One DAG node, with its agent's inbox subject resolved; or an approval step, which
     has no agent (``agent`` and ``subject`` empty)."""
@@ -63,14 +83,37 @@ class EngineStep(WireModel):
     priority_levels: int = Field(
         default=1, ge=1, le=10, description="The agent's priority levels; runs keep theirs."
     )
+    fallbacks: list[StepAgent] = Field(
+        default_factory=list, max_length=MAX_FALLBACKS, exclude_if=lambda value: not value
+    )
+    """Left out when empty, as ``approval`` is, so steps without fallbacks keep the JSON
+    (and the engine pods) they had before fallbacks existed."""
 
     @model_validator(mode="after")
     def _agent_or_approval(self) -> EngineStep:
         if self.approval is None and not (self.agent and self.subject):
             raise ValueError(f"step {self.name}: an agent step needs agent and subject")
-        if self.approval is not None and (self.agent or self.subject or self.compensation):
-            raise ValueError(f"step {self.name}: an approval step has no agent or compensation")
+        if self.approval is not None and (
+            self.agent or self.subject or self.compensation or self.fallbacks
+        ):
+            raise ValueError(
+                f"step {self.name}: an approval step has no agent, fallbacks or compensation"
+            )
+        names = [agent.agent for agent in self.agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"step {self.name}: an agent appears twice among agent and fallbacks")
         return self
+
+    @property
+    def agents(self) -> list[StepAgent]:
+        """The agents the step tries, in order: its own, then its fallbacks (none for an
+        approval step)."""
+        if self.approval is not None:
+            return []
+        own = StepAgent(
+            agent=self.agent, subject=self.subject, priority_levels=self.priority_levels
+        )
+        return [own, *self.fallbacks]
 
 
 class RunRetention(WireModel):
@@ -106,13 +149,14 @@ class EngineConfig(WireModel):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     health_port: int = Field(default=8080, ge=1, le=65535)
 
-    def step_subject(self, name: str, priority: int | None) -> str:
-        """The step's agent inbox for a run of ``priority`` (its highest level at most)."""
-        step = self.step(name)
-        if not priority or step.priority_levels == 1:
-            return step.subject
-        level = min(priority, step.priority_levels - 1)
-        return naming.inbox_subject(self.namespace, step.agent, level)
+    def step_subject(self, name: str, priority: int | None, fallback: int = 0) -> str:
+        """The inbox of the step's agent number ``fallback`` (0: its own) for a run of
+        ``priority`` (that agent's highest level at most)."""
+        agent = self.step(name).agents[fallback]
+        if not priority or agent.priority_levels == 1:
+            return agent.subject
+        level = min(priority, agent.priority_levels - 1)
+        return naming.inbox_subject(self.namespace, agent.agent, level)
 
     @property
     def has_approvals(self) -> bool:

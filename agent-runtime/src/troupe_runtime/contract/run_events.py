@@ -92,6 +92,9 @@ class StepDispatched(_Event):
     step: str
     attempt: int
     input: Any = None
+    agent: str | None = None
+    """The agent the attempt went to: the step's own or a fallback; None in logs written
+    before fallbacks existed (the step's own)."""
 
     @property
     def key(self) -> str:
@@ -105,6 +108,9 @@ class StepSucceeded(_Event):
     output: Any = None
     usage: Usage | None = None
     """What the agent's reply said the attempt cost; None when it said nothing."""
+    agent: str | None = None
+    """The agent that answered: the one the engine dispatched the attempt to (never what
+    the reply claims, since anyone may reply); None in logs before fallbacks existed."""
 
     @property
     def key(self) -> str:
@@ -120,10 +126,32 @@ class StepFailed(_Event):
     reason: str | None = None
     """The failure reply's ``reason`` when it names one the engine acts on
     (``BUDGET_EXCEEDED_REASON``); None otherwise, and in logs written before it existed."""
+    agent: str | None = None
+    """The agent whose attempt failed (as in ``StepSucceeded``)."""
 
     @property
     def key(self) -> str:
         return f"{self.run_id}:finished:{self.step}:{self.attempt}"
+
+
+class StepFellBack(_Event):
+    """The step's agent ``from_agent`` used up the step's attempts (its last, ``attempt``,
+    failed or timed out with ``error``), so the step goes on with ``to_agent``: the step's
+    agent number ``fallback`` (1: its first fallback). Logged before that agent is
+    dispatched, so an engine that crashes in between resumes with it; its key is one per
+    step and fallback, so a repeat after a crash is recorded once."""
+
+    kind: Literal["StepFellBack"] = "StepFellBack"
+    step: str
+    attempt: int
+    fallback: int = Field(ge=1)
+    from_agent: str
+    to_agent: str
+    error: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:fellback:{self.step}:{self.fallback}"
 
 
 class CompensationDispatched(_Event):
@@ -216,6 +244,7 @@ Event = Annotated[
     | StepDispatched
     | StepSucceeded
     | StepFailed
+    | StepFellBack
     | CompensationDispatched
     | CompensationFinished
     | CancelRequested

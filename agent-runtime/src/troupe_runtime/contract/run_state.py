@@ -8,6 +8,11 @@ An approval step is ``WaitingForApproval`` from its ``ApprovalRequested`` to its
 agent, holds it up). An approval that passes succeeds with the output
 ``{"approved": true, "decidedBy": …, "reason": …}``; one denied, or timed out with
 ``onTimeout: reject``, fails with an error naming who denied and why, or the timeout.
+
+A step with fallback agents keeps one attempt counter across them (so every dispatch id
+differs); ``StepFellBack`` moves it to its next agent (``fallback``) and records from
+which attempt on that agent's attempts count (``fallback_from``). The step stays
+``Failed`` until that agent is dispatched, as between retries.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from troupe_runtime.contract.run_events import (
     RunStarted,
     StepDispatched,
     StepFailed,
+    StepFellBack,
     StepSucceeded,
 )
 from troupe_runtime.contract.usage import Usage
@@ -65,6 +71,16 @@ class StepApproval(WireModel):
     reason: str | None = None
 
 
+class StepFallback(WireModel):
+    """One hand-over of a step from an agent that failed it to the next."""
+
+    from_agent: str
+    to_agent: str
+    attempt: int
+    error: str
+    at: datetime
+
+
 class StepState(WireModel):
     status: StepStatus = "Pending"
     attempt: int = 0
@@ -80,6 +96,21 @@ class StepState(WireModel):
     (``run_events.BUDGET_EXCEEDED_REASON``)."""
     approval: StepApproval | None = None
     """An approval step's request and decision; None for an agent's step."""
+    agent: str | None = None
+    """The agent the current (or last) attempt went to; None before any dispatch, and for
+    runs logged before fallbacks existed."""
+    fallback: int = 0
+    """Which of the step's agents handles it (``EngineStep.agents``): 0 its own."""
+    fallback_from: int = 0
+    """The step's attempts before the current agent's first: the current agent has had
+    ``attempt - fallback_from`` of them."""
+    fell_back: list[StepFallback] = Field(default_factory=list)
+    """The step's hand-overs so far, in order."""
+
+    @property
+    def agent_attempts(self) -> int:
+        """The attempts the current agent has had."""
+        return self.attempt - self.fallback_from
 
 
 class CompensationState(WireModel):
@@ -138,6 +169,47 @@ def _awaited(state: RunState, step: str, attempt: int) -> bool:
     """Whether a reply for ``step``/``attempt`` is the one the run is waiting for."""
     current = _step(state, step)
     return current.status == "Running" and current.attempt == attempt
+
+
+def _moved_on(state: RunState, event: StepDispatched | StepFellBack) -> dict[str, StepState]:
+    """The step after a dispatch (a new attempt, running) or a hand-over to its next
+    agent, by name. A hand-over counts only from the failed last attempt to the agent
+    after the current one; any other (a repeat) changes nothing."""
+    earlier = _step(state, event.step)
+    if isinstance(event, StepDispatched):
+        running = StepState(
+            status="Running",
+            attempt=event.attempt,
+            input=event.input,
+            dispatched_at=event.at,
+            usage=earlier.usage,  # earlier attempts' cost stays the step's
+            agent=event.agent,
+            fallback=earlier.fallback,
+            fallback_from=earlier.fallback_from,
+            fell_back=earlier.fell_back,
+        )
+        return {event.step: running}
+    if not (
+        earlier.status == "Failed"
+        and earlier.attempt == event.attempt
+        and earlier.fallback == event.fallback - 1
+    ):
+        return {}
+    handover = StepFallback(
+        from_agent=event.from_agent,
+        to_agent=event.to_agent,
+        attempt=event.attempt,
+        error=event.error,
+        at=event.at,
+    )
+    moved = earlier.model_copy(
+        update={
+            "fallback": event.fallback,
+            "fallback_from": earlier.attempt,
+            "fell_back": [*earlier.fell_back, handover],
+        }
+    )
+    return {event.step: moved}
 
 
 def _finished(
@@ -241,14 +313,8 @@ def apply(state: RunState | None, event: Event) -> RunState:
     steps = dict(state.steps)
     update: dict[str, Any] = {"events": state.events + 1}
     match event:
-        case StepDispatched():
-            steps[event.step] = StepState(
-                status="Running",
-                attempt=event.attempt,
-                input=event.input,
-                dispatched_at=event.at,
-                usage=_step(state, event.step).usage,  # earlier attempts' cost stays the step's
-            )
+        case StepDispatched() | StepFellBack():
+            steps.update(_moved_on(state, event))
         case StepSucceeded() if _awaited(state, event.step, event.attempt):
             steps[event.step] = _finished(
                 state, event.step, event.usage, status="Succeeded", output=event.output, at=event.at

@@ -25,6 +25,13 @@ its final phase; the request's expiry logs the timeout's decision the same way, 
 that ends with a request pending withdraws it before its end is logged. The bucket is
 derived from the log, so recovery writes every request of a run again where it differs.
 
+A step with fallback agents (``planner``) logs each hand-over as a ``StepFellBack``
+before the next agent's dispatch: the attempt counter runs on across the step's agents, so
+every dispatch id (and its ``Nats-Msg-Id``) is new, and an engine that crashes between the
+two resumes with the right agent and publishes its dispatch once. A step's outcome is
+recorded with the agent the engine dispatched that attempt to, never the one a reply
+names.
+
 A run a Budget stopped (a step's failure reply says reason ``budget-exceeded``) ends
 ``BudgetExceeded``: its result is ``troupe.workflow.budgetexceeded`` on the results
 subject, with the finished steps' outputs, and it goes to the workflow's dead letters
@@ -82,6 +89,7 @@ from troupe_runtime.contract.run_events import (
     RunStarted,
     StepDispatched,
     StepFailed,
+    StepFellBack,
     StepSucceeded,
     cancel_reason,
     dispatch_id,
@@ -572,7 +580,7 @@ class Engine:
             state = self._runs.get(event.run_id)
             if state is None:
                 return
-            self._runs[event.run_id] = await self._log.append(state, event)
+            self._runs[event.run_id] = await self._log.append(state, _attributed(state, event))
 
     async def _advance_safely(self, run_id: str) -> None:
         """``_advance``, with a failure logged and the run tried again a little later."""
@@ -620,13 +628,37 @@ class Engine:
     async def _act(self, run_id: str, action: planner.Action) -> None:
         now = self._clock()
         match action:
-            case planner.Dispatch(step, attempt, payload):
+            case planner.Dispatch(step, attempt, payload, fallback):
                 run = self._runs[run_id]
-                target = self._config.step_subject(step, run.priority)
+                target = self._config.step_subject(step, run.priority, fallback)
+                agent = self._config.step(step).agents[fallback].agent
                 deadline = planner.attempt_deadline(self._config, run, step, now)
                 await self._send(target, dispatch_id(run_id, step, attempt), run, payload, deadline)
                 await self._record(
-                    StepDispatched(run_id=run_id, at=now, step=step, attempt=attempt, input=payload)
+                    StepDispatched(
+                        run_id=run_id,
+                        at=now,
+                        step=step,
+                        attempt=attempt,
+                        input=payload,
+                        agent=agent,
+                    )
+                )
+            case planner.FallBack(step, attempt, fallback, from_agent, to_agent, error):
+                await self._record(
+                    StepFellBack(
+                        run_id=run_id,
+                        at=now,
+                        step=step,
+                        attempt=attempt,
+                        fallback=fallback,
+                        from_agent=from_agent,
+                        to_agent=to_agent,
+                        error=error,
+                    )
+                )
+                logger.info(
+                    "run %s: step %s falls back from %s to %s", run_id, step, from_agent, to_agent
                 )
             case planner.Compensate(step, payload):
                 compensation = self._config.step(step).compensation
@@ -748,6 +780,17 @@ class Engine:
             payload,
             headers={**(headers or {}), ERROR_HEADER: header_safe(reason)},
         )
+
+
+def _attributed(state: RunState, event: Event) -> Event:
+    """A step's outcome with the agent its attempt was dispatched to, when the run awaits
+    that attempt (else the outcome changes nothing anyway)."""
+    if not isinstance(event, StepSucceeded | StepFailed) or event.agent is not None:
+        return event
+    current = state.steps.get(event.step)
+    if current is None or current.attempt != event.attempt or current.agent is None:
+        return event
+    return event.model_copy(update={"agent": current.agent})
 
 
 def _resolved(stored: bytes | None, request: approvals.ApprovalRequest) -> bool:

@@ -18,6 +18,18 @@ timeout, or the run's deadline when that comes first. Step timeouts do not apply
 wait. At ``expires_at`` (a ``wake_at``) ``ExpireApproval`` resolves it per ``onTimeout``;
 the run's deadline, when it comes first, fails the run instead, and the engine withdraws
 the request.
+
+A step with fallback agents (``EngineStep.agents``) gives each agent, in order, the
+step's full retry policy: when the current agent's last attempt has failed (a failure
+reply or the step's timeout), ``FallBack`` logs the hand-over, and the next round
+dispatches the same input to the next agent at once (no backoff: a different agent owes
+nothing to the last one's failure). Only when the last agent has failed does
+``onFailure`` apply. A failure a Budget refused never falls back: the run ends
+``BudgetExceeded`` as above, since a Workflow's Budget counts every agent's calls in its
+runs and another agent would spend the same budget. A late reply from an agent the step
+has left is an attempt no longer awaited, and changes nothing. If the engine's config
+lost fallbacks while a run had moved to one (the Workflow was edited), the step has no
+agent left and fails as it would at the end of its chain.
 """
 
 from __future__ import annotations
@@ -33,12 +45,31 @@ from troupe_runtime.contract.run_events import BUDGET_EXCEEDED_REASON, RunOutcom
 from troupe_runtime.contract.run_state import RunState, StepState
 from troupe_runtime.workflow.mapping import MappingError, map_input, render_template
 
+MAX_FALLBACK_ERROR_CHARS = 1000
+"""A hand-over's error is the failed attempt's, kept in full in its ``StepFailed``; the
+copy in ``StepFellBack`` (and every projection after it) is cut to this."""
+
 
 @dataclass(frozen=True)
 class Dispatch:
     step: str
     attempt: int
     input: Any
+    fallback: int = 0
+    """Which of the step's agents gets it (``EngineStep.agents``): 0 its own."""
+
+
+@dataclass(frozen=True)
+class FallBack:
+    """Record that the step goes on with its agent number ``fallback``, the last one's
+    ``attempt`` having failed with ``error``; the dispatch follows once it is logged."""
+
+    step: str
+    attempt: int
+    fallback: int
+    from_agent: str
+    to_agent: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +113,7 @@ class ExpireApproval:
     reason: str
 
 
-Action = Dispatch | FailStep | Compensate | Finish | RequestApproval | ExpireApproval
+Action = Dispatch | FailStep | FallBack | Compensate | Finish | RequestApproval | ExpireApproval
 
 
 @dataclass(frozen=True)
@@ -220,12 +251,16 @@ def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
             due, expires = _in_flight(step, current, now)
             actions.extend(due)
             wake_at = _earliest(wake_at, expires)
-        elif current.attempt < step.retry.max_attempts:
+        elif _retrying(step, current):
             assert current.finished_at is not None
-            retry_at = current.finished_at + step.retry.delay(current.attempt)
+            retry_at = current.finished_at
+            if current.agent_attempts > 0:  # a fallback's first attempt goes at once
+                retry_at += step.retry.delay(current.agent_attempts)
             if now >= retry_at:
-                actions.append(Dispatch(step.name, current.attempt + 1, current.input))
+                actions.append(_redispatch(step, current))
             wake_at = _earliest(wake_at, retry_at)
+        elif current.fallback + 1 < len(step.agents):
+            actions.append(_fall_back(step, current))
         elif step.on_failure == "continue":
             finished.add(step.name)
         elif step.on_failure == "compensate":
@@ -243,6 +278,28 @@ def plan(config: EngineConfig, state: RunState, now: datetime) -> Plan:
     except MappingError as error:
         return Plan([Finish("Failed", error=str(error))])
     return Plan(actions, wake_at)
+
+
+def _retrying(step: EngineStep, current: StepState) -> bool:
+    """Whether the failed step's current agent has attempts left (and is still one of the
+    step's agents: the config may have lost it)."""
+    return current.fallback < len(step.agents) and current.agent_attempts < step.retry.max_attempts
+
+
+def _redispatch(step: EngineStep, current: StepState) -> Dispatch:
+    return Dispatch(step.name, current.attempt + 1, current.input, current.fallback)
+
+
+def _fall_back(step: EngineStep, current: StepState) -> FallBack:
+    agents = step.agents
+    return FallBack(
+        step=step.name,
+        attempt=current.attempt,
+        fallback=current.fallback + 1,
+        from_agent=agents[current.fallback].agent,
+        to_agent=agents[current.fallback + 1].agent,
+        error=(current.error or "failed")[:MAX_FALLBACK_ERROR_CHARS],
+    )
 
 
 def _in_flight(

@@ -1,0 +1,180 @@
+"""Fallback agents on a real nats-server and real agent runtimes: a step whose agent fails
+or times out goes on with the next agent, and the run log records each hand-over."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from tests.integration.runtime_harness import eventually
+from tests.integration.test_workflow_recovery import engine_answers, engine_process
+from tests.integration.workflow_harness import (
+    agents,
+    engine,
+    engine_config,
+    new_namespace,
+    result,
+    run_events,
+    trigger,
+)
+from troupe_devcluster.layout import free_port
+from troupe_runtime.agent.context import Context, HandlerFn
+from troupe_runtime.contract.run_events import StepDispatched, StepFellBack, StepSucceeded
+from troupe_runtime.contract.workflow_resources import build_workflow_resources
+from troupe_runtime.nats.provision import ensure_workflow_resources
+
+
+def failing(calls: list[str]) -> HandlerFn:
+    async def handle(ctx: Context) -> Any:
+        calls.append(ctx.event.id)
+        raise RuntimeError("primary is down")
+
+    return handle
+
+
+def answering(name: str, calls: list[str], gate: asyncio.Event | None = None) -> HandlerFn:
+    async def handle(ctx: Context) -> Any:
+        calls.append(ctx.event.id)
+        if gate is not None:
+            await gate.wait()
+        return {"by": name, "got": ctx.event.data}
+
+    return handle
+
+
+async def test_a_step_whose_agent_fails_is_answered_by_its_fallback(nats_url: str) -> None:
+    ns = new_namespace()
+    config = engine_config(
+        nats_url, ns, [{"name": "s", "agent": "primary", "fallbacks": ["backup"]}]
+    )
+    primary: list[str] = []
+    backup: list[str] = []
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    handlers = {"primary": failing(primary), "backup": answering("backup", backup)}
+    async with agents(nats_url, ns, handlers), engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, {"q": 1}, run)
+        outcome = await result(js, config, run)
+        events = await run_events(js, config, run)
+    await nc.close()
+    assert outcome == {
+        "status": "Succeeded",
+        "output": {"by": "backup", "got": {"q": 1}},
+        "error": None,
+    }
+    assert (primary, backup) == ([f"{run}/s/1"], [f"{run}/s/2"])
+    (handover,) = [e for e in events if isinstance(e, StepFellBack)]
+    assert (handover.from_agent, handover.to_agent, handover.fallback) == ("primary", "backup", 1)
+    assert handover.error == "RuntimeError: primary is down"
+    assert [e.kind for e in events] == [
+        "RunStarted",
+        "StepDispatched",
+        "StepFailed",
+        "StepFellBack",
+        "StepDispatched",
+        "StepSucceeded",
+        "RunFinished",
+    ]
+    (answer,) = [e for e in events if isinstance(e, StepSucceeded)]
+    assert answer.agent == "backup"
+
+
+async def test_a_step_whose_agent_times_out_goes_on_with_the_next_fallback(
+    nats_url: str,
+) -> None:
+    ns = new_namespace()
+    step = {"name": "s", "agent": "stuck", "fallbacks": ["broken", "backup"], "timeout": "400ms"}
+    config = engine_config(nats_url, ns, [step])
+    stuck: list[str] = []
+    broken: list[str] = []
+    backup: list[str] = []
+    never = asyncio.Event()
+    handlers = {
+        "stuck": answering("stuck", stuck, never),
+        "broken": failing(broken),
+        "backup": answering("backup", backup),
+    }
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with agents(nats_url, ns, handlers, timeout="30s"), engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, None, run)
+        outcome = await result(js, config, run)
+        events = await run_events(js, config, run)
+        never.set()
+    await nc.close()
+    assert outcome["status"] == "Succeeded"
+    assert outcome["output"]["by"] == "backup"
+    handovers = [(e.from_agent, e.to_agent) for e in events if isinstance(e, StepFellBack)]
+    assert handovers == [("stuck", "broken"), ("broken", "backup")]
+    assert [e.agent for e in events if isinstance(e, StepDispatched)] == [
+        "stuck",
+        "broken",
+        "backup",
+    ]
+    assert (stuck, broken, backup) == ([f"{run}/s/1"], [f"{run}/s/2"], [f"{run}/s/3"])
+
+
+async def test_a_step_fails_the_run_only_when_every_fallback_failed(nats_url: str) -> None:
+    ns = new_namespace()
+    config = engine_config(nats_url, ns, [{"name": "s", "agent": "a", "fallbacks": ["b"]}])
+    a_calls: list[str] = []
+    b_calls: list[str] = []
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with agents(nats_url, ns, {"a": failing(a_calls), "b": failing(b_calls)}), engine(config):
+        run = uuid.uuid4().hex
+        await trigger(js, config, None, run)
+        outcome = await result(js, config, run)
+    await nc.close()
+    assert outcome["status"] == "Failed"
+    assert outcome["error"] == "step s failed: RuntimeError: primary is down"
+    assert (len(a_calls), len(b_calls)) == (1, 1)
+
+
+async def test_an_engine_killed_mid_fallback_resumes_with_the_fallback_dispatched_once(
+    nats_url: str, tmp_path: Path
+) -> None:
+    ns = new_namespace()
+    step = {"name": "s", "agent": "primary", "fallbacks": ["backup"]}
+    config = engine_config(nats_url, ns, [step], healthPort=free_port())
+    primary: list[str] = []
+    backup: list[str] = []
+    gate = asyncio.Event()
+    handlers = {"primary": failing(primary), "backup": answering("backup", backup, gate)}
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    run = uuid.uuid4().hex
+    await ensure_workflow_resources(js, build_workflow_resources(config))
+    async with agents(nats_url, ns, handlers):
+        with engine_process(config, tmp_path) as first:
+            await eventually(partial(engine_answers, config, first), "the first engine")
+            await trigger(js, config, None, run)
+
+            async def handed_over() -> bool:
+                return any(isinstance(e, StepFellBack) for e in await run_events(js, config, run))
+
+            await eventually(handed_over, "the hand-over to the fallback")
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        with engine_process(config, tmp_path) as second:
+            await eventually(partial(engine_answers, config, second), "the restarted engine")
+            gate.set()  # the backup answers only once the second engine owns the run
+            outcome = await result(js, config, run)
+        events = await run_events(js, config, run)
+    await nc.close()
+    assert outcome["status"] == "Succeeded"
+    assert outcome["output"]["by"] == "backup"
+    assert (primary, backup) == ([f"{run}/s/1"], [f"{run}/s/2"])
+    assert Counter(e.agent for e in events if isinstance(e, StepDispatched)) == Counter(
+        {"primary": 1, "backup": 1}
+    )
+    assert sum(isinstance(e, StepFellBack) for e in events) == 1
