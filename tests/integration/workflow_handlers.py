@@ -17,3 +17,8 @@ NAME_ENV = "TEST_APPEND_NAME"
 async def append_name(ctx: Context) -> Any:
     """The input list with this agent's name (from ``$TEST_APPEND_NAME``) appended."""
     return [*(ctx.event.data or []), os.environ[NAME_ENV]]
+
+
+async def refuse(ctx: Context) -> Any:
+    """Fails every message: a step's agent that is down, for fallback tests."""
+    raise RuntimeError(f"{os.environ[NAME_ENV]} is down")

@@ -7,7 +7,14 @@ operator finds (``builders.dag``) and reports in status, and so an approval mess
 is not a template (``builders.validation``). A valid Workflow runs in its own engine
 Deployment (``builders.engine``).
 
-An approval step has no agent, retry, timeout of its own as a step, input or
+An agent's step may name ``fallbacks``: other Agents of the namespace, tried in order with
+the same input when the agent before has used up the step's attempts (each gets the
+step's retry and timeout afresh); the run log records each hand-over. They must differ
+from the step's agentRef and from each other (the API server checks); a missing one
+stops the engine like a missing agentRef. Fallbacks are tried for failures and
+timeouts, not for a Budget's refusal, which ends the run as before.
+
+An approval step has no agent, fallbacks, retry, timeout of its own as a step, input or
 compensation: the engine files a request (an Approval object appears) and the run waits,
 WaitingForApproval, until an approver decides or ``approval.timeout`` passes.
 """
@@ -21,7 +28,7 @@ from pydantic import Field, model_validator
 from troupe_operator.api.agent import NatsConnection
 from troupe_operator.api.approval import ApprovalApprovers
 from troupe_operator.api.common import RETRY_BACKOFF_RULE, ApiModel, cel, rule
-from troupe_runtime.contract import approvals, grammar
+from troupe_runtime.contract import approvals, engine_config, grammar
 from troupe_runtime.contract.durations import Duration, format_duration
 from troupe_runtime.contract.engine_config import RunRetention
 from troupe_runtime.contract.policies import (
@@ -33,6 +40,7 @@ from troupe_runtime.contract.policies import (
 
 MAX_STEPS = 64
 MAX_DEPENDENCIES = 32
+MAX_FALLBACKS = engine_config.MAX_FALLBACKS
 
 
 class Compensation(ApiModel):
@@ -61,6 +69,19 @@ APPROVAL_TIMEOUT_RULE = rule(
 AGENT_OR_APPROVAL_RULE = rule(
     "has(self.agentRef) != has(self.approval)",
     "a step names exactly one of agentRef (an Agent handles it) or approval (a person decides it)",
+)
+FALLBACKS_OWN_AGENT_RULE = rule(
+    "!has(self.fallbacks) || !has(self.agentRef) || !(self.agentRef in self.fallbacks)",
+    "a step's fallbacks must not name its own agentRef",
+    ".fallbacks",
+)
+FALLBACKS_UNIQUE_RULE = rule(
+    "self.all(f, self.exists_one(g, g == f))", "a step names each fallback agent once"
+)
+FALLBACKS_APPROVAL_RULE = rule(
+    "!has(self.approval) || !has(self.fallbacks) || size(self.fallbacks) == 0",
+    "an approval step takes no fallbacks: a person decides it, no agent",
+    ".fallbacks",
 )
 APPROVAL_STEP_RULE = rule(
     "!has(self.approval) || (!has(self.retry) && !has(self.timeout) && !has(self.compensation)"
@@ -119,6 +140,8 @@ class WorkflowStep(ApiModel):
         "json_schema_extra": cel(
             AGENT_OR_APPROVAL_RULE,
             APPROVAL_STEP_RULE,
+            FALLBACKS_APPROVAL_RULE,
+            FALLBACKS_OWN_AGENT_RULE,
             rule(
                 "!has(self.dependsOn) || !(self.name in self.dependsOn)",
                 "a step must not depend on itself",
@@ -177,6 +200,27 @@ class WorkflowStep(ApiModel):
     compensation: Compensation | None = Field(
         default=None, description="What undoes the step, for onFailure compensate."
     )
+    fallbacks: list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]] = Field(
+        default_factory=list,
+        max_length=MAX_FALLBACKS,
+        json_schema_extra=cel(FALLBACKS_UNIQUE_RULE),
+        description="Agents of this namespace that take the step over, in order, with the "
+        "same input, when the agent before has failed it: each gets the step's retry and "
+        "timeout afresh, and the run log records each hand-over (StepFellBack). The step "
+        f"fails, and onFailure applies, only when the last has failed. At most "
+        f"{MAX_FALLBACKS}, each once, never the step's own agentRef; not for approval "
+        "steps. A Budget's refusal ends the run without falling back.",
+    )
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> WorkflowStep:
+        if self.approval is not None and self.fallbacks:
+            raise ValueError(FALLBACKS_APPROVAL_RULE["message"])
+        if self.agent_ref is not None and self.agent_ref in self.fallbacks:
+            raise ValueError(FALLBACKS_OWN_AGENT_RULE["message"])
+        if len(set(self.fallbacks)) != len(self.fallbacks):
+            raise ValueError(FALLBACKS_UNIQUE_RULE["message"])
+        return self
 
     @model_validator(mode="after")
     def _agent_or_approval(self) -> WorkflowStep:

@@ -44,18 +44,21 @@ class ShortStep:
 
 
 def short_steps(spec: WorkflowSpec, agents: Mapping[str, AgentSpec]) -> list[ShortStep]:
-    """Steps (of Agents whose spec is known) that time out before their Agent gives up."""
+    """Steps (of Agents whose spec is known) that time out before their Agent gives up:
+    the step's own agent or any fallback, since each attempt of each has the step's
+    timeout."""
     found = []
     for step in spec.steps:
         if step.agent_ref is None:
             continue  # an approval step: its wait is bounded by its own timeout
-        agent = agents.get(step.agent_ref)
-        if agent is None:
-            continue
         timeout = step.timeout if step.timeout is not None else DEFAULT_STEP_TIMEOUT
-        worst = agent_worst_case(agent.timeout, agent.retry)
-        if timeout < worst:
-            found.append(ShortStep(step.name, step.agent_ref, timeout, worst))
+        for name in [step.agent_ref, *step.fallbacks]:
+            agent = agents.get(name)
+            if agent is None:
+                continue
+            worst = agent_worst_case(agent.timeout, agent.retry)
+            if timeout < worst:
+                found.append(ShortStep(step.name, name, timeout, worst))
     return found
 
 

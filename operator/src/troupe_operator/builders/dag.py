@@ -55,12 +55,15 @@ def workflow_cycles(spec: WorkflowSpec) -> list[list[str]]:
 
 def unknown_agents(spec: WorkflowSpec, agents: set[str]) -> dict[str, list[str]]:
     """Agent names the steps refer to that ``agents`` lacks, each with what names it:
-    a step, or a step's compensation (``charge.compensation``). An approval step names no
-    Agent: a person decides it."""
+    a step, a step's fallback (``charge.fallbacks``) or its compensation
+    (``charge.compensation``). An approval step names no Agent: a person decides it."""
     missing: dict[str, list[str]] = {}
     for step in spec.steps:
         if step.agent_ref is not None and step.agent_ref not in agents:
             missing.setdefault(step.agent_ref, []).append(step.name)
+        for fallback in step.fallbacks:
+            if fallback not in agents:
+                missing.setdefault(fallback, []).append(f"{step.name}.fallbacks")
         if step.compensation is not None and step.compensation.agent_ref not in agents:
             missing.setdefault(step.compensation.agent_ref, []).append(f"{step.name}.compensation")
     return missing

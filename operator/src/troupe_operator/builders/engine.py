@@ -25,6 +25,7 @@ from troupe_runtime.contract.engine_config import (
     EngineCompensation,
     EngineConfig,
     EngineStep,
+    StepAgent,
 )
 
 WORKFLOW_LABEL = "troupe.dev/workflow"
@@ -65,12 +66,22 @@ def _approval_step(step: WorkflowStep) -> EngineStep:
     )
 
 
-def _engine_step(namespace: str, step: WorkflowStep, priority_levels: int) -> EngineStep:
-    """A step with its agent's inbox subject; unset timeout and retry keep the engine's
-    defaults (5 minutes, one attempt)."""
+def _engine_step(namespace: str, step: WorkflowStep, levels: Mapping[str, int]) -> EngineStep:
+    """A step with its agent's inbox subject, and its fallbacks' (each with its own
+    priority levels); unset timeout and retry keep the engine's defaults (5 minutes, one
+    attempt)."""
     if step.agent_ref is None:
         return _approval_step(step)
     fields: dict[str, Any] = {}
+    if step.fallbacks:
+        fields["fallbacks"] = [
+            StepAgent(
+                agent=name,
+                subject=naming.inbox_subject(namespace, name, 0),
+                priority_levels=levels.get(name, 1),
+            )
+            for name in step.fallbacks
+        ]
     if step.timeout is not None:
         fields["timeout"] = step.timeout
     if step.retry is not None:
@@ -87,7 +98,7 @@ def _engine_step(namespace: str, step: WorkflowStep, priority_levels: int) -> En
         depends_on=step.depends_on,
         input=step.input,
         on_failure=step.on_failure,
-        priority_levels=priority_levels,
+        priority_levels=levels.get(step.agent_ref, 1),
         **fields,
     )
 
@@ -107,10 +118,7 @@ def build_engine_config(
         workflow=owner.name,
         namespace=owner.namespace,
         trigger_subject=spec.trigger.subject,
-        steps=[
-            _engine_step(owner.namespace, step, levels.get(step.agent_ref or "", 1))
-            for step in spec.steps
-        ],
+        steps=[_engine_step(owner.namespace, step, levels) for step in spec.steps],
         deadline=spec.deadline,
         max_concurrent_runs=spec.max_concurrent_runs,
         dead_letter=spec.dead_letter,

@@ -226,7 +226,8 @@ def _agent_spec(agent: Mapping[str, Any]) -> AgentSpec | None:
 
 
 def waits_for(workflow: Mapping[str, Any], agent: str) -> bool:
-    """Whether ``workflow`` (a raw body) last found ``agent`` missing and a step names it.
+    """Whether ``workflow`` (a raw body) last found ``agent`` missing and a step names it
+    (as its agentRef or a fallback).
 
     Read raw and tolerantly: any Workflow, even one whose spec the models refuse, may ask.
     """
@@ -239,9 +240,14 @@ def waits_for(workflow: Mapping[str, Any], agent: str) -> bool:
         for c in conditions
     )
     named = isinstance(steps, list) and any(
-        isinstance(s, Mapping) and s.get("agentRef") == agent for s in steps
+        isinstance(s, Mapping) and (s.get("agentRef") == agent or _lists(s.get("fallbacks"), agent))
+        for s in steps
     )
     return missing and named
+
+
+def _lists(names: Any, agent: str) -> bool:
+    return isinstance(names, list) and agent in names
 
 
 def _field(holder: Any, key: str) -> Any:
