@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from tests.integration.runtime_harness import EFFECTS_ENV, eventually, make_config
+from troupe_runtime.agent.chaos import Chaos
 from troupe_runtime.agent.handlers import LoadedHandler
 from troupe_runtime.agent.llm.approvals import SCAN_SECONDS
 from troupe_runtime.agent.llm.handler import LlmAgent, ToolBoxFactory, llm_agent
@@ -104,9 +105,11 @@ async def running_llm(
     *,
     declared_tools: bool = False,
     approval_scan_seconds: float = SCAN_SECONDS,
+    chaos: Chaos | None = None,
 ) -> AsyncIterator[tuple[Runtime, LlmMetrics]]:
     """The runtime with the real LLM agent (model router included) in this process; its
-    tools are ``toolbox``, or with ``declared_tools`` those the config declares (MCP)."""
+    tools are ``toolbox``, or with ``declared_tools`` those the config declares (MCP);
+    ``chaos`` is the runtime's, given to the agent's model and tool calls as well."""
     metrics = LlmMetrics(CollectorRegistry())
     agent: LlmAgent = llm_agent(
         config,
@@ -114,9 +117,10 @@ async def running_llm(
         os.environ,
         toolboxes=None if declared_tools else toolbox_of(toolbox or CallableTools()),
         approval_scan_seconds=approval_scan_seconds,
+        chaos=chaos,
     )
     handler = LoadedHandler(agent, agent.close, agent.bind, agent.approvals)
-    runtime = Runtime(config, handler=handler, host="127.0.0.1", port=0, grace=2.0)
+    runtime = Runtime(config, handler=handler, host="127.0.0.1", port=0, grace=2.0, chaos=chaos)
     task = asyncio.create_task(runtime.run())
 
     async def ready() -> bool:

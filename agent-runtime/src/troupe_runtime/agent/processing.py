@@ -35,6 +35,7 @@ from typing import Any, assert_never
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from troupe_runtime.agent.chaos import DUPLICATE_HEADER, Chaos
 from troupe_runtime.agent.context import (
     AgentError,
     AttemptsExhausted,
@@ -81,8 +82,10 @@ from troupe_runtime.agent.settle import (
 from troupe_runtime.contract import envelope
 from troupe_runtime.contract.agent_config import RuntimeConfig
 from troupe_runtime.contract.budget import BudgetExceeded, BudgetUnavailable
+from troupe_runtime.contract.chaos import CALM
 from troupe_runtime.contract.dead_letters import DeadLetterReason, Origin
 from troupe_runtime.contract.envelope import ERROR_TYPE, RESULT_TYPE_SUFFIX, CloudEvent
+from troupe_runtime.contract.policies import PROGRESS_SHARE
 from troupe_runtime.contract.sessions import SessionBusy, SessionStopped
 from troupe_runtime.serving import logs, tracing
 from troupe_runtime.serving.metrics import RuntimeMetrics
@@ -222,8 +225,11 @@ class Processor:
         metrics: RuntimeMetrics,
         dead_letters: DeadLetters,
         intake: DecisionIntake | None = None,
+        chaos: Chaos | None = None,
     ) -> None:
         self._js = js
+        self._chaos = chaos
+        """The faults a ChaosExperiment injects (``agent.chaos``), if it may name this agent."""
         self._intake = intake
         """Where decisions that resume parked messages are taken (LLM agents), if anywhere."""
         self._config = config
@@ -234,6 +240,7 @@ class Processor:
         self._checker = checker
         self._policy = Policy.of(config)
         self._timeout = config.timeout.total_seconds()
+        self._progress_every = config.messaging.ack_wait.total_seconds() * float(PROGRESS_SHARE)
 
     async def process(self, msg: Msg) -> str:
         """Process ``msg`` and settle it; returns the outcome label for the metrics."""
@@ -248,9 +255,29 @@ class Processor:
                 return "ignored"
             ended = resumed
         else:
+            chaos = self._chaos if self._chaos is not None and self._chaos.armed else None
+            roll = CALM if chaos is None else chaos.roll_message()
+            if chaos is not None and roll.delay.total_seconds() > 0:
+                await chaos.delay_message(msg, roll.delay, self._progress_every)
             ended = await self._outcome(msg, deliveries)
+            if chaos is not None and roll.fail and self._duplicable(msg, ended, deliveries):
+                label = await self._apply(
+                    msg, decide(ended.outcome, self._policy), ended, deliveries, origin
+                )
+                await chaos.duplicate(self._js, msg)
+                return label
         return await self._apply(
             msg, decide(ended.outcome, self._policy), ended, deliveries, origin
+        )
+
+    @staticmethod
+    def _duplicable(msg: Msg, ended: Ended, deliveries: int) -> bool:
+        """Chaos duplicates a message once: on its first delivery, when it is a CloudEvent
+        (a malformed one's copy would only be a second dead letter), never a copy."""
+        return (
+            deliveries == 1
+            and ended.event is not None
+            and DUPLICATE_HEADER not in (msg.headers or {})
         )
 
     async def _resumed(self, msg: Msg, intake: DecisionIntake, deliveries: int) -> Ended | None:
@@ -322,7 +349,13 @@ class Processor:
         event = ctx.event
         try:
             with tracing.handling(event, self._config.agent):
-                result = await deadline.run(self._handler(ctx))
+                chaos = self._chaos
+                handling = (
+                    self._handler(ctx)
+                    if chaos is None or not chaos.armed
+                    else self._chaotic(chaos, ctx)
+                )
+                result = await deadline.run(handling)
                 if result is not None:
                     await outputs.publish(result, None, None)
                 await send_reply(
@@ -360,6 +393,12 @@ class Processor:
         except BaseException as error:  # SystemExit, KeyboardInterrupt: never the process's end
             return _contained(error, ctx.attempt, "contained; the runtime keeps running")
         return Succeeded(outputs.count)
+
+    async def _chaotic(self, chaos: Chaos, ctx: Context) -> Any:
+        """The handler behind the faults injected into it: a wait under the handler's
+        timeout, then maybe ``InjectedFault``, a failed attempt like any other."""
+        await chaos.before_handler()
+        return await self._handler(ctx)
 
     async def _apply(
         self, msg: Msg, settlement: Settlement, ended: Ended, deliveries: int, origin: Origin

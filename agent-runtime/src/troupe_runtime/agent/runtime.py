@@ -12,6 +12,10 @@ is torn down and a new connection is opened and bound again
 be acknowledged any more; JetStream redelivers them after ``ackWait``. While
 the replica cannot process messages, for longer than the liveness bound,
 ``/healthz`` fails, so Kubernetes restarts it.
+
+Chaos (``agent.chaos``): each session watches the agent's key in the namespace's chaos
+bucket before the first message, and cuts its own connection while a ChaosExperiment says
+so; the one ``Chaos`` outlives the sessions, so what it knows survives a reopening.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
+from troupe_runtime.agent.chaos import Chaos
 from troupe_runtime.agent.deadletter import DeadLetters
 from troupe_runtime.agent.handlers import LoadedHandler, load_handler
 from troupe_runtime.agent.ratelimit import GlobalLimiter, Limiter, LocalLimiter
@@ -74,11 +79,16 @@ class Runtime:
         port: int | None = None,
         grace: float = DEFAULT_GRACE_SECONDS,
         liveness_bound: float = DEFAULT_LIVENESS_BOUND_SECONDS,
+        chaos: Chaos | None = None,
     ) -> None:
         self.config = config
         # Compiled here, not on connecting: a schema the runtime cannot run stops it at once.
         self._checker = ContractChecker(config.contract)
         self.metrics = RuntimeMetrics(registry)
+        self.chaos = chaos or Chaos(config.namespace, config.agent, self.metrics.chaos)
+        """The faults in force for this agent; a given one (a test's, shared with the LLM
+        agent's model and tool calls) counts in its own metrics."""
+        self.metrics.chaos.active.set_function(lambda: float(self.chaos.current() is not None))
         self.liveness = Liveness(self.able, liveness_bound)
         self.metrics.unable_seconds.set_function(self.liveness.unable_for)
         self.health = HealthServer(self.metrics.registry, self.ready, self.liveness)
@@ -87,6 +97,7 @@ class Runtime:
             threads=config.messaging.max_in_flight,
             config=config,
             metrics=self.metrics,
+            chaos=self.chaos,
         )
         self.metrics.handler_stuck_threads.set_function(self._handler.stuck_threads)
         self._host = host
@@ -192,6 +203,7 @@ class Runtime:
             await asyncio.gather(binding, return_exceptions=True)
             return None if self._stop.is_set() else "closed"
         binding.result()
+        await self.chaos.start(js)
         await self._handler.bind(nc, js)
         dead_letters = DeadLetters(nc, js, self.config, self.metrics)
         await dead_letters.watch_max_deliveries()
@@ -206,16 +218,23 @@ class Runtime:
             dead_letters=dead_letters,
             limiter=await self._limiter(js),
             intake=self._handler.intake,
+            chaos=self.chaos,
         )
         await worker.start()
         self._fetching = fetching = asyncio.create_task(worker.run())
         self._phase = Phase.SERVING
         logger.info("bound to %s; handling messages", self.config.inbox_stream)
-        stopping = asyncio.create_task(self._stop.wait())
-        ending = asyncio.create_task(closed.wait())
-        await asyncio.wait([stopping, ending, fetching], return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        ending.cancel()
+        dropping = asyncio.create_task(self.chaos.drop_connections(nc), name="chaos-drops")
+        try:
+            stopping = asyncio.create_task(self._stop.wait())
+            ending = asyncio.create_task(closed.wait())
+            await asyncio.wait([stopping, ending, fetching], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            ending.cancel()
+        finally:
+            dropping.cancel()
+            await asyncio.gather(dropping, return_exceptions=True)
+            await self.chaos.stop()
         if self._stop.is_set():
             await self._shut_down(nc, worker, fetching, dead_letters)
             return None

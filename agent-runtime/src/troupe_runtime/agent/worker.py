@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from troupe_runtime.agent.chaos import Chaos
 from troupe_runtime.agent.context import DecisionIntake, HandlerFn
 from troupe_runtime.agent.deadletter import DeadLetters
 from troupe_runtime.agent.processing import Processor, describe
@@ -63,6 +64,7 @@ class Worker:
         dead_letters: DeadLetters,
         limiter: Limiter | None,
         intake: DecisionIntake | None = None,
+        chaos: Chaos | None = None,
     ) -> None:
         self._metrics = metrics
         self._limiter = limiter
@@ -75,6 +77,7 @@ class Worker:
             metrics=metrics,
             dead_letters=dead_letters,
             intake=intake,
+            chaos=chaos,
         )
         levels = config.messaging.priority_levels
         self._pullers = [

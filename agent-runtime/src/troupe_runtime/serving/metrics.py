@@ -85,6 +85,7 @@ class RuntimeMetrics:
         )
         self.llm = LlmMetrics(self.registry)
         self.budget = BudgetMetrics(self.registry)
+        self.chaos = ChaosMetrics(self.registry)
 
 
 class LlmMetrics:
@@ -197,5 +198,24 @@ class BudgetMetrics:
             "troupe_budget_junk",
             "Ledgers or definitions in the budget bucket that did not parse, by kind.",
             ["kind"],
+            registry=registry,
+        )
+
+
+class ChaosMetrics:
+    """Faults a ChaosExperiment had this runtime inject, so an experiment's effect shows."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.injected = Counter(
+            "troupe_chaos_injected",
+            "Faults injected for a ChaosExperiment, by point (handler, model, tools, "
+            "messages, connection) and kind (latency, error, delay, duplicate, drop).",
+            ["point", "kind"],
+            registry=registry,
+        )
+        self.active = Gauge(
+            "troupe_chaos_active",
+            "1 while a ChaosExperiment's faults are in force for this agent, else 0.",
             registry=registry,
         )

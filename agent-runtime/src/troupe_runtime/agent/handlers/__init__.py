@@ -10,6 +10,7 @@ import httpx
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from troupe_runtime.agent.chaos import Chaos
 from troupe_runtime.agent.context import DecisionIntake, HandlerFn
 from troupe_runtime.agent.handlers.echo import echo
 from troupe_runtime.agent.handlers.http import HttpHandler
@@ -66,12 +67,14 @@ def load_handler(
     threads: int = 1,
     config: RuntimeConfig | None = None,
     metrics: RuntimeMetrics | None = None,
+    chaos: Chaos | None = None,
 ) -> LoadedHandler:
     """Build the handler the Agent declares; a bad declaration fails here, at start-up.
 
     ``threads`` is how many calls of a plain Python function may run at once
     (the Agent's ``maxInFlight``). An ``llm`` handler with ``config.llm`` (``spec.llm``)
-    is the LLM agent; without, the legacy single call.
+    is the LLM agent; without, the legacy single call. ``chaos`` reaches the LLM agent's
+    model and tool calls (every handler's own faults are the processor's).
     """
     if handler.type == "echo":
         return LoadedHandler(echo)
@@ -91,7 +94,7 @@ def load_handler(
 
         metrics = metrics or RuntimeMetrics()
         budgets = NamespaceBudgets(config.namespace, metrics.budget)
-        agent = llm_agent(config, metrics.llm, env, budgets=budgets)
+        agent = llm_agent(config, metrics.llm, env, budgets=budgets, chaos=chaos)
         return LoadedHandler(agent, agent.close, agent.bind, agent.approvals)
     settings = LlmSettings.from_env(env, model=handler.model)
     client = _http_client()

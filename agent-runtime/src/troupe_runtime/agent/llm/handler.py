@@ -36,9 +36,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from troupe_runtime.agent.chaos import Chaos
 from troupe_runtime.agent.context import Context
 from troupe_runtime.agent.llm.accounting import UsageRecorder, count
 from troupe_runtime.agent.llm.approvals import SCAN_SECONDS, ApprovalDesk
+from troupe_runtime.agent.llm.chaos import ChaoticToolBox
 from troupe_runtime.agent.llm.history import Offloader
 from troupe_runtime.agent.llm.journal import Journal, ResumeState
 from troupe_runtime.agent.llm.loop import Conversation, LoopSettings
@@ -247,6 +249,7 @@ class LlmAgent:
         toolboxes: ToolBoxFactory,
         budgets: SessionBudgets | None = None,
         approval_scan_seconds: float = SCAN_SECONDS,
+        chaos: Chaos | None = None,
     ) -> None:
         if config.llm is None:
             raise ValueError("an LLM agent needs spec.llm (RuntimeConfig.llm)")
@@ -275,6 +278,8 @@ class LlmAgent:
         """One per process: what a lost session could not write is written by the next."""
         self.approvals = ApprovalDesk(config, scan_seconds=approval_scan_seconds)
         """Parks guarded tool calls and takes their decisions (``approvals.py``)."""
+        self._chaos = chaos
+        """A ChaosExperiment's tool faults, in front of each message's tools."""
 
     async def bind(self, nc: Client, js: JetStreamContext) -> None:
         """Use this NATS session from now on (a new one after a reconnect)."""
@@ -407,10 +412,13 @@ class LlmAgent:
         event = ctx.event
         journal = Journal(session.js, self._config.namespace, self._config.agent, event.id)
         policy = self._runtime.policy
+        toolbox = bound(session.toolbox, event)
+        if self._chaos is not None:
+            toolbox = ChaoticToolBox(toolbox, self._chaos)
         conversation = Conversation(
             self._settings,
             caller=session.caller,
-            toolbox=bound(session.toolbox, event),
+            toolbox=toolbox,
             journal=journal,
             offloader=session.offloader,
             stream=TokenStream.of(session.nc, self._config.namespace, event, policy.stream),
@@ -462,7 +470,9 @@ def _text(answer: Any) -> str:
     return as_text(answer)
 
 
-def model_router(config: RuntimeConfig, env: Mapping[str, str]) -> CallerFactory:
+def model_router(
+    config: RuntimeConfig, env: Mapping[str, str], chaos: Chaos | None = None
+) -> CallerFactory:
     """The router over the agent's chain; provider limits in the namespace's rate-limit
     bucket when it exists (every replica shares them), else in memory. The Agent's own
     global token rate limit needs the bucket: it is created when missing (the config the
@@ -491,6 +501,7 @@ def model_router(config: RuntimeConfig, env: Mapping[str, str]) -> CallerFactory
             kv,
             budgets=budgets,
             token_limit=agent_token_limiter(own, config.agent, kv),
+            chaos=chaos,
         )
 
     return build
@@ -504,14 +515,18 @@ def llm_agent(
     toolboxes: ToolBoxFactory | None = None,
     budgets: SessionBudgets | None = None,
     approval_scan_seconds: float = SCAN_SECONDS,
+    chaos: Chaos | None = None,
 ) -> LlmAgent:
     """The LLM agent of ``config``: by default the model router and the declared tools;
-    budgets checked when ``budgets`` is given (the runtime gives ``NamespaceBudgets``)."""
+    budgets checked when ``budgets`` is given (the runtime gives ``NamespaceBudgets``);
+    a ChaosExperiment's model and tool faults injected when ``chaos`` is given (the
+    runtime's)."""
     return LlmAgent(
         config,
         metrics,
-        callers or model_router(config, env),
+        callers or model_router(config, env, chaos),
         toolboxes or toolbox_factory(config, env=env, metrics=metrics),
         budgets,
         approval_scan_seconds,
+        chaos,
     )

@@ -43,7 +43,9 @@ from typing import Literal, Protocol
 
 from nats.js.kv import KeyValue
 
+from troupe_runtime.agent.chaos import Chaos
 from troupe_runtime.agent.llm.breaker import CircuitBreaker
+from troupe_runtime.agent.llm.chaos import model_fault
 from troupe_runtime.agent.llm.client import (
     DEFAULT_CALL_TIMEOUT_SECONDS,
     ModelTimeout,
@@ -147,8 +149,11 @@ class ModelRouter:
         breaker_reset_after: float = 30.0,
         budgets: Budgets | None = None,
         token_limit: Limiter | None = None,
+        chaos: Chaos | None = None,
     ) -> None:
         self.call_timeout = call_timeout
+        self._chaos = chaos
+        """A ChaosExperiment's model faults, injected per model tried (``llm.chaos``)."""
         self.max_limit_wait = max_limit_wait
         self._budgets = budgets
         self._token_limit = token_limit
@@ -295,9 +300,11 @@ class ModelRouter:
         provider = route.provider
         try:
             charged = await self._admit(provider, tokens)
-            completion = await provider.client.complete(
-                request, route.model, on_delta, self.call_timeout
-            )
+            time_limit = self.call_timeout
+            if self._chaos is not None:
+                where = f"provider {route.name}, model {route.model}"
+                time_limit = await model_fault(self._chaos, where, time_limit)
+            completion = await provider.client.complete(request, route.model, on_delta, time_limit)
         except BaseException:
             if held is not None:
                 await _quietly(held.release(), "release a budget hold")
