@@ -53,7 +53,8 @@ class CallFault(WireModel):
 
     latency: Delay = Field(
         default=timedelta(0),
-        description="How long to wait before the call, such as 200ms or 2s; default 0.",
+        description="How long to wait before the call: a duration such as 200ms or 2s; "
+        "default 0ms.",
     )
     latency_ratio: float = Field(
         default=1.0,
@@ -87,7 +88,8 @@ class MessageFault(WireModel):
     )
     delay: Delay = Field(
         default=timedelta(0),
-        description="How long a message waits before its handler runs; default 0.",
+        description="How long a message waits before its handler runs: a duration such as "
+        "500ms; default 0ms.",
     )
     delay_ratio: float = Field(
         default=1.0, ge=0, le=1, description="The share of messages delayed; default 1."
@@ -104,7 +106,7 @@ class ConnectionFault(WireModel):
     """Dropped NATS connections: the runtime closes its socket, as a network cut would."""
 
     drop_every: Duration = Field(
-        description="How often each replica drops its NATS connection, such as 20s."
+        description="How often each replica drops its NATS connection: a duration such as 20s."
     )
 
 
