@@ -53,6 +53,7 @@ def install_crds(cluster: ClusterEndpoints) -> None:
         "crd/budgets.troupe.dev",
         "crd/triggers.troupe.dev",
         "crd/approvals.troupe.dev",
+        "crd/chaosexperiments.troupe.dev",
         "--timeout=30s",
     )
     install_approval_policy(cluster)

@@ -37,12 +37,27 @@ Grant = tuple[str, str, str, str]  # API group, resource, verb, resource name ("
 NAMESPACED_GRANTS: set[Grant] = {
     *{
         ("troupe.dev", r, v, "")
-        for r in ("agents", "workflows", "modelproviders", "budgets", "triggers")
+        for r in (
+            "agents",
+            "workflows",
+            "modelproviders",
+            "budgets",
+            "triggers",
+            "chaosexperiments",
+        )
         for v in ("get", "list", "watch", "patch")
     },
     *{
         ("troupe.dev", f"{r}/status", "patch", "")
-        for r in ("agents", "workflows", "modelproviders", "budgets", "triggers", "approvals")
+        for r in (
+            "agents",
+            "workflows",
+            "modelproviders",
+            "budgets",
+            "triggers",
+            "approvals",
+            "chaosexperiments",
+        )
     },
     # Approvals: mirrored from the buckets (create), decided by people (watch), no delete.
     *{("troupe.dev", "approvals", v, "") for v in ("get", "list", "watch", "create", "patch")},
@@ -54,11 +69,15 @@ NAMESPACED_GRANTS: set[Grant] = {
     *{("", "serviceaccounts", v, "") for v in ("get", "create", "patch")},
     ("", "secrets", "get", ""),
     ("", "pods", "list", ""),
+    # ChaosExperiments' pod kills.
+    ("", "pods", "delete", ""),
     ("", "events", "create", ""),
 }
 CLUSTER_WIDE_GRANTS: set[Grant] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
+    # A ChaosExperiment reads its Namespace's opt-in label.
+    ("", "namespaces", "get", ""),
 }
 # Leader election (clients/lease.py): the one Lease, in the release namespace only.
 ELECTION_GRANTS: set[Grant] = {
@@ -158,6 +177,7 @@ def test_namespaced_operator_is_bound_only_in_the_watched_namespaces() -> None:
     assert grants(cluster_role) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
+        ("", "namespaces", "get", ""),
         ("", "namespaces", "list", ""),
         ("", "namespaces", "watch", ""),
     }

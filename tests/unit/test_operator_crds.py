@@ -63,6 +63,7 @@ def test_crd_has_status_subresource_printer_columns_and_names(
         "Budget": ["Scope", "Window"],
         "Trigger": ["Target", "Schedule"],
         "Approval": ["Requester", "Step"],
+        "ChaosExperiment": ["Phase", "Verdict"],
     }
     expected = leads.get(resource.kind, ["Ready", "Reason"])
     assert columns[:2] == expected

@@ -90,12 +90,13 @@ watches and patches (finalizers, progress annotations) Agents and Workflows; it 
 Approvals it mirrors from the approvals buckets and writes their status; the reconciler
 reads them, writes their status, server-side applies each agent's and engine's ConfigMap,
 ServiceAccount and Deployment (an apply that creates the object needs `create` too), deletes engines' ConfigMaps and Deployments, watches
-Deployments for readiness, lists pods to see an engine stopped, reads the NATS credentials
+Deployments for readiness, lists pods to see an engine stopped (and deletes them: the pod
+kills of ChaosExperiments), reads the NATS credentials
 Secrets Agents name, and kopf posts Events.
 */}}
 {{- define "troupe.namespacedRules" -}}
 - apiGroups: ["troupe.dev"]
-  resources: ["agents", "workflows", "modelproviders", "budgets", "triggers"]
+  resources: ["agents", "workflows", "modelproviders", "budgets", "triggers", "chaosexperiments"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["troupe.dev"]
   resources: ["approvals"]
@@ -108,6 +109,7 @@ Secrets Agents name, and kopf posts Events.
     - "budgets/status"
     - "triggers/status"
     - "approvals/status"
+    - "chaosexperiments/status"
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
@@ -123,7 +125,7 @@ Secrets Agents name, and kopf posts Events.
   verbs: ["get"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -43,7 +43,7 @@ from troupe_operator.api import GROUP, VERSION
 from troupe_operator.clients.kube import Kube, new_api_client
 from troupe_operator.clients.nats import NatsPool
 from troupe_operator.diffbase import DigestedDiffBaseStorage
-from troupe_operator.reconcilers import approvals, budget, cron, model_provider, trigger
+from troupe_operator.reconcilers import approvals, budget, chaos, cron, model_provider, trigger
 from troupe_operator.reconcilers.agent import AGENT, wake_agents
 from troupe_operator.reconcilers.common import (
     Kind,
@@ -132,10 +132,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.cron_wake = asyncio.Event()
     memo.cron = asyncio.create_task(cron.cron_forever(operator, memo.cron_wake))
     memo.approvals = asyncio.create_task(approvals.approvals_forever(operator))
+    memo.chaos_book = chaos.ProbeBook()
+    memo.chaos = asyncio.create_task(chaos.chaos_forever(operator, memo.chaos_book))
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for loop in ("resync", "budgets", "cron", "approvals"):
+    for loop in ("resync", "budgets", "cron", "approvals", "chaos"):
         task = memo.get(loop)
         if isinstance(task, asyncio.Task):
             task.cancel()
@@ -279,6 +281,34 @@ async def trigger_deleted(
         return
     operator.mark_cleaned(str(meta.uid))
     logger.info("deleted %s", ", ".join(removed) or "nothing: already gone")
+
+
+def chaos_book(memo: kopf.Memo) -> chaos.ProbeBook:
+    book = memo.get("chaos_book")
+    assert isinstance(book, chaos.ProbeBook), "the startup handler makes the probe book first"
+    return book
+
+
+async def chaos_changed(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    """A ChaosExperiment appeared or changed (or the operator resumed): its pass at once (a
+    run starts, a suspended one is aborted), not at the loop's next look. NATS unreachable
+    retries with backoff."""
+    blocked_by = await chaos.chaos_pass(operator_of(memo), chaos_book(memo), dict(body))
+    if blocked_by is not None:
+        raise kopf.TemporaryError(blocked_by, delay=retry_delay(retry))
+
+
+async def chaos_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A ChaosExperiment is gone: its faults go at once. A watch event, not a delete
+    handler: a delete handler would add a finalizer, and nothing may block deleting an
+    experiment (missed, its faults still end at their ``until``, and the sweep removes
+    them). A failure is logged: the entries expire anyway."""
+    if type != "DELETED":
+        return
+    try:
+        await chaos.forget(operator_of(memo), dict(body))
+    except Exception:
+        logger.exception("removing the faults of a deleted ChaosExperiment failed")
 
 
 async def approval_changed(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
@@ -430,6 +460,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
         on(registry=registry, id="trigger", **triggers)(trigger_changed)
     kopf.on.delete(registry=registry, id="delete-trigger", **triggers)(trigger_deleted)
+    # No delete handler, so kopf adds no finalizer: an experiment's faults end by themselves.
+    experiments: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": chaos.PLURAL}
+    for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        on(registry=registry, id="chaos", **experiments)(chaos_changed)
+    kopf.on.event(registry=registry, id="chaos-deleted", **experiments)(chaos_event)
     # No delete handler, so kopf adds no finalizer: an Approval goes with its owner.
     decided: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": approvals.PLURAL}
     for on in (kopf.on.resume, kopf.on.create, kopf.on.update):

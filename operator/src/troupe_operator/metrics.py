@@ -1,5 +1,5 @@
 """Prometheus metrics of the operator: reconciles, errors and how long they take, and each
-Budget's spending as its last pass read it."""
+Budget's spending as its last pass read it, and each ChaosExperiment's run figures."""
 
 from __future__ import annotations
 
@@ -39,6 +39,28 @@ BUDGET_LIMIT_EXCEEDED = Gauge(
     "1 while a Budget's current window is at or past its soft or hard limit, else 0.",
     ["namespace", "budget", "level"],
 )
+CHAOS_PROBES = Gauge(
+    "troupe_chaos_probes",
+    "A ChaosExperiment's probes in its current (or last) run, by outcome: sent, answered, "
+    "failed, pending, lost.",
+    ["namespace", "experiment", "outcome"],
+)
+CHAOS_FIGURES = Gauge(
+    "troupe_chaos_run",
+    "A ChaosExperiment's current (or last) run: success_ratio, p95_latency_seconds, "
+    "dead_letters_growth, pods_killed, running (1 while faults are in force), verdict "
+    "(1 Passed, 0 Failed, -1 Aborted, unset before any).",
+    ["namespace", "experiment", "figure"],
+)
+_CHAOS_OUTCOMES = ("sent", "answered", "failed", "pending", "lost")
+_CHAOS_FIGURES = (
+    "success_ratio",
+    "p95_latency_seconds",
+    "dead_letters_growth",
+    "pods_killed",
+    "running",
+    "verdict",
+)
 _BUDGET_UNITS = ("tokens", "costUsd")
 _BUDGET_LEVELS = ("soft", "hard")
 _serving: set[int] = set()
@@ -64,6 +86,28 @@ def forget_budget(namespace: str, budget: str) -> None:
         _forget(BUDGET_REMAINING, namespace, budget, unit)
     for level in _BUDGET_LEVELS:
         _forget(BUDGET_LIMIT_EXCEEDED, namespace, budget, level)
+
+
+def set_chaos(
+    namespace: str, experiment: str, probes: dict[str, int], figures: dict[str, float | None]
+) -> None:
+    """A ChaosExperiment's gauges; a figure None (not measured) has no series."""
+    for outcome in _CHAOS_OUTCOMES:
+        CHAOS_PROBES.labels(namespace, experiment, outcome).set(probes.get(outcome, 0))
+    for figure in _CHAOS_FIGURES:
+        value = figures.get(figure)
+        if value is None:
+            _forget(CHAOS_FIGURES, namespace, experiment, figure)
+        else:
+            CHAOS_FIGURES.labels(namespace, experiment, figure).set(value)
+
+
+def forget_chaos(namespace: str, experiment: str) -> None:
+    """A deleted ChaosExperiment's series go."""
+    for outcome in _CHAOS_OUTCOMES:
+        _forget(CHAOS_PROBES, namespace, experiment, outcome)
+    for figure in _CHAOS_FIGURES:
+        _forget(CHAOS_FIGURES, namespace, experiment, figure)
 
 
 def _forget(gauge: Gauge, *labels: str) -> None:

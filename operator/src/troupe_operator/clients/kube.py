@@ -178,6 +178,21 @@ class Kube:
         items: list[dict[str, Any]] = listing["items"]
         return items
 
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        """The Namespace (its labels say whether ChaosExperiments may target it), or None."""
+        return await self._read_or_none(self._core.read_namespace, name)
+
+    async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None) -> bool:
+        """Delete a pod (a ChaosExperiment's kill): ``grace_seconds`` None keeps the pod's own
+        grace period, 0 kills at once. False when it was gone already."""
+        options: dict[str, Any] = {}
+        if grace_seconds is not None:
+            options["grace_period_seconds"] = grace_seconds
+        found = await self._read_or_none(
+            self._core.delete_namespaced_pod, name, namespace, **options
+        )
+        return found is not None
+
     async def create_event(
         self,
         regarding: dict[str, str],

@@ -363,6 +363,15 @@ async def _stored(js: JetStreamContext, bucket: str, key: str) -> bytes | None:
 
 
 @dataclass(frozen=True)
+class StoredMessage:
+    """One message as a stream keeps it: headers, payload and when it was stored."""
+
+    headers: dict[str, str]
+    data: bytes
+    time: datetime | None
+
+
+@dataclass(frozen=True)
 class ApprovalBucket:
     """A namespace's approvals bucket as the server lists it: ``last_sequence`` moves with
     every request written, so a bucket whose sequence did not move needs no read."""
@@ -855,3 +864,34 @@ class NatsPool:
         return await self._provision(
             target, lambda js: _ensure_subject_stream(js, stream, consumer), fields
         )
+
+    async def last_messages(
+        self, target: NatsTarget, stream: str, subjects: Sequence[str]
+    ) -> dict[str, StoredMessage]:
+        """The last message ``stream`` holds on each of ``subjects`` (those it holds one on):
+        a ChaosExperiment's probe answers."""
+
+        async def read(js: JetStreamContext) -> dict[str, StoredMessage]:
+            found: dict[str, StoredMessage] = {}
+            for subject in subjects:
+                try:
+                    message = await js.get_last_msg(stream, subject)
+                except NotFoundError:
+                    continue
+                found[subject] = StoredMessage(
+                    dict(message.headers or {}), message.data or b"", message.time
+                )
+            return found
+
+        return await self._call(target, read)
+
+    async def stream_messages(self, target: NatsTarget, stream: str) -> int:
+        """How many messages ``stream`` holds; 0 when it does not exist."""
+
+        async def count(js: JetStreamContext) -> int:
+            try:
+                return int((await js.stream_info(stream)).state.messages)
+            except NotFoundError:
+                return 0
+
+        return await self._call(target, count)

@@ -40,6 +40,7 @@ from troupe_operator.api import (
 from troupe_operator.api.agent import AGENT_RULES, metadata_schema
 from troupe_operator.api.approval import APPROVAL_RULES, ApprovalSpec, ApprovalStatus
 from troupe_operator.api.budget import BUDGET_RULES
+from troupe_operator.api.chaos import CHAOS_RULES, ChaosExperimentSpec, ChaosExperimentStatus
 from troupe_operator.api.common import CEL_KEY, GROUP, VERSION
 from troupe_operator.api.model_provider import MODEL_PROVIDER_RULES
 from troupe_operator.api.trigger import TRIGGER_RULES, TriggerSpec, TriggerStatus
@@ -237,6 +238,36 @@ RESOURCES = (
             ("DecidedBy", "string", ".status.decidedBy", "Who decided.", 1),
         ),
         rules=tuple(APPROVAL_RULES),
+    ),
+    CustomResource(
+        kind="ChaosExperiment",
+        description="Faults injected into a team's Agents for a while (pod kills, latency "
+        "and errors, duplicated and delayed messages, dropped connections), probes sent "
+        "meanwhile, and a verdict on whether the steady state held. Only a Namespace "
+        "labelled troupe.dev/chaos=enabled can be targeted.",
+        plural="chaosexperiments",
+        short_name="chaos",
+        spec=ChaosExperimentSpec,
+        status=ChaosExperimentStatus,
+        columns=(
+            (
+                "Phase",
+                "string",
+                ".status.phase",
+                "Pending, Running, Evaluating, Passed, Failed or Aborted.",
+                0,
+            ),
+            ("Verdict", "string", ".status.verdict", "The last run's verdict.", 0),
+            ("Run", "string", ".status.run", "The current (or last) run.", 0),
+            ("Success", "number", ".status.figures.successRatio", "Probes answered / judged.", 0),
+            ("P95", "string", ".status.figures.p95Latency", "Answered probes' p95 latency.", 0),
+            ("Killed", "integer", ".status.figures.podsKilled", "Pods deleted by the run.", 0),
+            ("Ready", "string", f"{READY}.status", "Whether no run is in progress.", 1),
+            ("Reason", "string", f"{READY}.reason", "Why it is (not) ready.", 1),
+            ("Lost", "integer", ".status.figures.probesLost", "Probes never answered.", 1),
+            ("Schedule", "string", ".spec.schedule", "The cron schedule, if any.", 1),
+        ),
+        rules=tuple(CHAOS_RULES),
     ),
 )
 

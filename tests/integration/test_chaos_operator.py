@@ -1,0 +1,283 @@
+"""ChaosExperiments against the real API server, operator, nats-server and process-node pods:
+an experiment in a Namespace that does not opt in is Stalled and kills nothing; one in a
+Namespace that does, with pod kills and a short run, ends Passed in status with the pods
+really replaced and no probe lost (the short chaos test of ``make test``); one whose
+probes go unanswered ends Failed with them lost; one whose abort threshold a dead letter trips ends
+Aborted at once, its faults removed; and deleting an experiment mid-run removes its faults."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from typing import Any
+
+import nats
+
+from tests.integration.operator_support import (
+    API_VERSION,
+    OperatorProcess,
+    agent,
+    apply,
+    condition,
+    explained,
+    get,
+    running_agent,
+    wait_ready,
+)
+from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
+from troupe_devcluster.kube import core_v1
+from troupe_runtime.contract import naming
+from troupe_runtime.contract.chaos import OPT_IN_LABEL, OPT_IN_VALUE, AgentFaults
+
+DEADLINE = 60.0
+AGENT = "echo"
+
+
+def experiment(name: str, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "selector": {"agents": {"matchLabels": {"chaos": "yes"}}},
+        "duration": "8s",
+        "steadyState": {"probe": {"every": "500ms", "payload": "[]", "grace": "20s"}},
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ChaosExperiment",
+        "metadata": {"name": name},
+        "spec": {**base, **spec},
+    }
+
+
+def _opt_in(api_client: Any, namespace: str) -> None:
+    core_v1(api_client).patch_namespace(
+        namespace, {"metadata": {"labels": {OPT_IN_LABEL: OPT_IN_VALUE}}}
+    )
+
+
+def _echo(cluster: ClusterEndpoints, namespace: str, replicas: int = 2) -> None:
+    manifest = running_agent(AGENT, runtime={"replicas": replicas})
+    manifest["metadata"]["labels"] = {"chaos": "yes"}
+    apply(cluster, namespace, manifest)
+    wait_ready(cluster, namespace, "agent", AGENT)
+
+
+def _pod_uids(api_client: Any, namespace: str) -> set[str]:
+    pods = core_v1(api_client).list_namespaced_pod(
+        namespace, label_selector=f"troupe.dev/agent={AGENT}"
+    )
+    return {p.metadata.uid for p in pods.items if p.metadata.deletion_timestamp is None}
+
+
+def _ended(cluster: ClusterEndpoints, namespace: str, name: str) -> dict[str, Any]:
+    def verdict() -> dict[str, Any] | None:
+        status = get(cluster, namespace, "chaosexperiment", name).get("status") or {}
+        return status if status.get("verdict") else None
+
+    found: dict[str, Any] = wait_for(verdict, DEADLINE, f"a verdict on {name}")
+    return found
+
+
+def _faults(nats_url: str, namespace: str, agent: str) -> AgentFaults | None:
+    async def read() -> AgentFaults | None:
+        connection = await nats.connect(nats_url)
+        try:
+            kv = await connection.jetstream().key_value(naming.chaos_bucket(namespace))
+            entry = await kv.get(naming.chaos_faults_key(agent))
+        except Exception:
+            return None
+        finally:
+            await connection.close()
+        return AgentFaults.model_validate_json(entry.value) if entry.value else None
+
+    return asyncio.run(read())
+
+
+def _publish(nats_url: str, subject: str, payload: bytes) -> None:
+    async def send() -> None:
+        connection = await nats.connect(nats_url)
+        try:
+            await connection.jetstream().publish(subject, payload)
+        finally:
+            await connection.close()
+
+    asyncio.run(send())
+
+
+def test_a_namespace_that_does_not_opt_in_is_stalled_and_loses_no_pod(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _echo(cluster, namespace, replicas=1)
+    pods = _pod_uids(api_client, namespace)
+    apply(
+        cluster,
+        namespace,
+        experiment("refused", duration="3s", faults={"podKills": {"every": "1s"}}),
+    )
+    with explained(cluster, namespace, operator):
+        stalled = wait_for(
+            lambda: (
+                found
+                if (
+                    found := condition(
+                        get(cluster, namespace, "chaosexperiment", "refused"), "Stalled"
+                    )
+                )
+                and found["status"] == "True"
+                else None
+            ),
+            DEADLINE,
+            "the experiment to stall",
+        )
+    assert stalled["reason"] == "NamespaceNotOptedIn"
+    assert OPT_IN_LABEL in stalled["message"]
+    body = get(cluster, namespace, "chaosexperiment", "refused")
+    assert body["status"]["phase"] == "Pending"
+    assert not body["status"].get("run")
+    assert _pod_uids(api_client, namespace) == pods
+    cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "refused")
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
+
+
+def test_pod_kills_in_an_opted_in_namespace_end_passed_with_new_pods_and_nothing_lost(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _opt_in(api_client, namespace)
+    _echo(cluster, namespace)
+    before = _pod_uids(api_client, namespace)
+    apply(
+        cluster,
+        namespace,
+        experiment(
+            "kills",
+            faults={
+                "podKills": {"every": "3s", "graceful": True},
+                "handler": {"latency": "10ms"},
+            },
+            steadyState={
+                "minSuccessRatio": 1,
+                "maxDeadLetters": 0,
+                "probe": {"every": "500ms", "payload": "[]", "grace": "30s"},
+            },
+        ),
+    )
+    with explained(cluster, namespace, operator):
+        wait_for(
+            lambda: _faults(cluster.nats_url, namespace, AGENT) or None,
+            DEADLINE,
+            "the run's faults in the chaos bucket",
+        )
+        status = _ended(cluster, namespace, "kills")
+    figures = status["figures"]
+    assert status["verdict"] == "Passed", status
+    assert status["phase"] == "Passed"
+    assert figures["podsKilled"] >= 1
+    assert figures["probesLost"] == 0
+    assert figures["probesSent"] == figures["probesAnswered"] > 0
+    assert figures["successRatio"] == 1
+    assert status["targets"]["agents"] == [AGENT]
+    assert before - _pod_uids(api_client, namespace), "a pod the run started with is gone"
+    held = condition(get(cluster, namespace, "chaosexperiment", "kills"), "SteadyStateHeld")
+    assert held is not None
+    assert held["status"] == "True"
+    ready = condition(get(cluster, namespace, "chaosexperiment", "kills"))
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("True", "Passed")
+    assert _faults(cluster.nats_url, namespace, AGENT) is None
+    metrics = _scrape(operator)
+    assert (
+        f'troupe_chaos_probes{{experiment="kills",namespace="{namespace}",outcome="lost"}} 0.0'
+        in metrics
+    )
+    cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "kills")
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
+
+
+def _scrape(operator: OperatorProcess) -> str:
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_a_run_whose_probes_go_unanswered_ends_failed_with_them_lost(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _opt_in(api_client, namespace)
+    # Its pods land on kwok nodes: Ready, but nothing runs, so no probe is ever answered.
+    manifest = agent(AGENT)
+    manifest["metadata"]["labels"] = {"chaos": "yes"}
+    apply(cluster, namespace, manifest)
+    wait_ready(cluster, namespace, "agent", AGENT)
+    apply(
+        cluster,
+        namespace,
+        experiment(
+            "silent",
+            duration="2s",
+            steadyState={"probe": {"every": "500ms", "payload": "[]", "grace": "2s"}},
+        ),
+    )
+    with explained(cluster, namespace, operator):
+        status = _ended(cluster, namespace, "silent")
+    assert status["verdict"] == "Failed", status
+    assert status["figures"]["probesLost"] == status["figures"]["probesSent"] > 0
+    assert "probes lost" in status["verdictReason"]
+    held = condition(get(cluster, namespace, "chaosexperiment", "silent"), "SteadyStateHeld")
+    assert held is not None
+    assert held["status"] == "False"
+    cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "silent")
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
+
+
+def test_a_dead_letter_past_the_abort_threshold_aborts_the_run_and_removes_its_faults(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _opt_in(api_client, namespace)
+    _echo(cluster, namespace, replicas=1)
+    apply(
+        cluster,
+        namespace,
+        experiment(
+            "tripped",
+            duration="60s",
+            faults={"handler": {"latency": "10ms"}},
+            abort={"maxDeadLetters": 0},
+        ),
+    )
+    with explained(cluster, namespace, operator):
+        wait_for(
+            lambda: _faults(cluster.nats_url, namespace, AGENT),
+            DEADLINE,
+            "the run's faults in the chaos bucket",
+        )
+        # Not a CloudEvent: the runtime dead-letters it as malformed.
+        _publish(cluster.nats_url, naming.inbox_subject(namespace, AGENT, 0), b"not an event")
+        status = _ended(cluster, namespace, "tripped")
+    assert status["verdict"] == "Aborted", status
+    assert "abort.maxDeadLetters" in status["verdictReason"]
+    assert status["figures"]["deadLettersAfter"] > status["figures"]["deadLettersBefore"]
+    assert _faults(cluster.nats_url, namespace, AGENT) is None
+    cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "tripped")
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
+
+
+def test_deleting_an_experiment_mid_run_removes_its_faults(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _opt_in(api_client, namespace)
+    _echo(cluster, namespace, replicas=1)
+    apply(
+        cluster,
+        namespace,
+        experiment("gone", duration="5m", faults={"handler": {"latency": "10ms"}}),
+    )
+    with explained(cluster, namespace, operator):
+        wait_for(
+            lambda: _faults(cluster.nats_url, namespace, AGENT),
+            DEADLINE,
+            "the run's faults in the chaos bucket",
+        )
+        cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "gone", "--timeout=20s")
+        wait_for(
+            lambda: _faults(cluster.nats_url, namespace, AGENT) is None,
+            DEADLINE,
+            "the faults to be removed",
+        )
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
