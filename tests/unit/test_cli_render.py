@@ -122,6 +122,7 @@ def test_the_run_json_is_plain_json_with_iso_times_and_seconds() -> None:
         "step": "a",
         "attempt": None,
         "compensation": True,
+        "agent": None,
         "status": "Done",
         "dispatched": "2025-01-02T03:04:05.230000Z",
         "finished": "2025-01-02T03:04:05.240000Z",

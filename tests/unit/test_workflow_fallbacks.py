@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from troupe_cli import render
+from troupe_cli.views import timeline
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.approvals import Approvers
 from troupe_runtime.contract.engine_config import (
@@ -346,3 +348,40 @@ def test_with_retries_each_agent_gets_at_most_the_steps_attempts_in_chain_order(
     end = events[-1]
     assert isinstance(end, RunFinished)
     assert (end.status == "Succeeded") == any(isinstance(e, StepSucceeded) for e in events)
+
+
+def _fallen_back_run() -> list[Event]:
+    return [
+        RunStarted(run_id="r", at=T0, input={"q": "hi"}),
+        _dispatched(1, "a0", at=0),
+        _failed(1, at=1),
+        _fell_back(1, 1, at=1),
+        _dispatched(2, "a1", at=1),
+        StepSucceeded(run_id="r", at=_at(2), step="s", attempt=2, output="B", agent="a1"),
+        RunFinished(run_id="r", at=_at(2), status="Succeeded", output="B"),
+    ]
+
+
+def test_the_cli_timeline_names_each_attempts_agent_and_marks_the_hand_over() -> None:
+    attempts = timeline(_fallen_back_run())
+    assert [(a.attempt, a.agent, a.status) for a in attempts] == [
+        (1, "a0", "FellBack"),
+        (2, "a1", "Succeeded"),
+    ]
+
+
+def test_the_run_text_and_json_show_which_agent_answered() -> None:
+    events = _fallen_back_run()
+    state = replay(events)
+    assert state is not None
+    attempts = timeline(events)
+    lines = render.run_text(state, attempts).splitlines()
+    header = next(line for line in lines if line.startswith("STEP"))
+    assert header.split()[:4] == ["STEP", "ATTEMPT", "AGENT", "STATUS"]
+    assert any(line.split()[:4] == ["s", "2", "a1", "Succeeded"] for line in lines)
+    assert any(line.split()[:4] == ["s", "1", "a0", "FellBack"] for line in lines)
+    document = render.run_json(state, attempts)
+    assert [(s["agent"], s["status"]) for s in document["steps"]] == [
+        ("a0", "FellBack"),
+        ("a1", "Succeeded"),
+    ]

@@ -241,10 +241,13 @@ def run_text(state: RunState, attempts: Sequence[StepAttempt]) -> str:
             ]
     lines.append("")
     if attempts:
+        # Which agent handled each attempt, once the log says (fallbacks can change it).
+        agents = any(a.agent is not None for a in attempts)
         rows = [
             [
                 attempt.step,
                 _attempt_label(attempt),
+                *([attempt.agent or ""] if agents else []),
                 attempt.status,
                 offset(attempt.dispatched_at, state.started_at),
                 offset(attempt.finished_at, state.started_at),
@@ -254,7 +257,8 @@ def run_text(state: RunState, attempts: Sequence[StepAttempt]) -> str:
             ]
             for attempt in attempts
         ]
-        header = ["step", "attempt", "status", "dispatched", "finished", "duration"]
+        header = ["step", "attempt", *(["agent"] if agents else []), "status"]
+        header += ["dispatched", "finished", "duration"]
         header += [*(["tokens in/out", "cost"] if counted else []), "error"]
         lines += [table(header, rows), ""]
     else:
@@ -297,6 +301,7 @@ def run_json(state: RunState, attempts: Sequence[StepAttempt]) -> dict[str, Any]
                 "step": attempt.step,
                 "attempt": attempt.attempt,
                 "compensation": attempt.compensation,
+                "agent": attempt.agent,
                 "status": attempt.status,
                 "dispatched": iso(attempt.dispatched_at),
                 "finished": iso(attempt.finished_at),

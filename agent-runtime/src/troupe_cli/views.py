@@ -11,7 +11,7 @@ import base64
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from troupe_runtime.contract.run_events import (
     Event,
     StepDispatched,
     StepFailed,
+    StepFellBack,
     StepSucceeded,
 )
 from troupe_runtime.contract.run_state import approval_error
@@ -83,6 +84,9 @@ class StepAttempt:
     error: str | None = None
     usage: Usage | None = None
     """The tokens and cost the agent's reply reported; None when it reported none."""
+    agent: str | None = None
+    """The agent the attempt went to (a fallback's, after a hand-over); None for a
+    compensation, an approval, and runs logged before fallbacks existed."""
 
     @property
     def compensation(self) -> bool:
@@ -100,15 +104,21 @@ def timeline(events: list[Event]) -> list[StepAttempt]:
 
     A step that timed out and was retried shows once per attempt; a
     compensation shows as an attempt of ``None``; an approval step shows as attempt 1,
-    WaitingForApproval until it is decided (Approved, Denied or TimedOut).
+    WaitingForApproval until it is decided (Approved, Denied or TimedOut). An attempt
+    after which the step went on with a fallback agent shows as ``FellBack``, and the
+    attempts after it name that agent.
     """
     attempts: dict[tuple[str, int | None], StepAttempt] = {}
     for event in events:
         match event:
             case StepDispatched():
                 attempts[(event.step, event.attempt)] = StepAttempt(
-                    event.step, event.attempt, "Running", event.at
+                    event.step, event.attempt, "Running", event.at, agent=event.agent
                 )
+            case StepFellBack():
+                failed = attempts.get((event.step, event.attempt))
+                if failed is not None and failed.status == "Failed":
+                    attempts[(event.step, event.attempt)] = replace(failed, status="FellBack")
             case CompensationDispatched():
                 attempts[(event.step, None)] = StepAttempt(event.step, None, "Running", event.at)
             case ApprovalRequested():
@@ -143,6 +153,7 @@ def timeline(events: list[Event]) -> list[StepAttempt]:
                     event.at,
                     None if isinstance(event, StepSucceeded) else event.error,
                     event.usage,
+                    started.agent,
                 )
     return list(attempts.values())
 
