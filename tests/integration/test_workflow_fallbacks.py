@@ -7,11 +7,13 @@ import asyncio
 import signal
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 
 from tests.integration.runtime_harness import eventually
 from tests.integration.test_workflow_recovery import engine_answers, engine_process
@@ -26,9 +28,21 @@ from tests.integration.workflow_harness import (
 )
 from troupe_devcluster.layout import free_port
 from troupe_runtime.agent.context import Context, HandlerFn
-from troupe_runtime.contract.run_events import StepDispatched, StepFellBack, StepSucceeded
+from troupe_runtime.contract import envelope, naming
+from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.run_events import (
+    RunStarted,
+    StepDispatched,
+    StepFailed,
+    StepFellBack,
+    StepSucceeded,
+    dispatch_id,
+)
 from troupe_runtime.contract.workflow_resources import build_workflow_resources
 from troupe_runtime.nats.provision import ensure_workflow_resources
+from troupe_runtime.workflow.engine import STEP_EVENT_TYPE
+from troupe_runtime.workflow.lease import Lease
+from troupe_runtime.workflow.runlog import RunLog
 
 
 def failing(calls: list[str]) -> HandlerFn:
@@ -177,4 +191,72 @@ async def test_an_engine_killed_mid_fallback_resumes_with_the_fallback_dispatche
     assert Counter(e.agent for e in events if isinstance(e, StepDispatched)) == Counter(
         {"primary": 1, "backup": 1}
     )
+    assert sum(isinstance(e, StepFellBack) for e in events) == 1
+
+
+@pytest.mark.parametrize("published", [False, True], ids=["before-dispatch", "before-logging"])
+async def test_an_engine_that_died_right_after_the_hand_over_dispatches_the_fallback_once(
+    nats_url: str, published: bool
+) -> None:
+    """The log a crashed engine left: the hand-over to ``backup`` logged, and its dispatch
+    either not yet published or published but not yet logged. The next engine dispatches
+    to ``backup`` (never the primary again) and ``backup`` runs once."""
+    ns = new_namespace()
+    step = {"name": "s", "agent": "primary", "fallbacks": ["backup"]}
+    config = engine_config(nats_url, ns, [step])
+    primary: list[str] = []
+    backup: list[str] = []
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_workflow_resources(js, build_workflow_resources(config))
+    kv = await js.key_value(config.runs_bucket)
+    crashed = Lease(nc, js, config)
+    assert await crashed.acquire(lambda: False)
+    log = RunLog(js, kv, config, crashed)
+    run = uuid.uuid4().hex
+    now = datetime.now(UTC)
+    await log.mark_active(run)
+    state = await log.append(None, RunStarted(run_id=run, at=now, input={"q": 1}))
+    for event in (
+        StepDispatched(run_id=run, at=now, step="s", attempt=1, input={"q": 1}, agent="primary"),
+        StepFailed(run_id=run, at=now, step="s", attempt=1, error="down", agent="primary"),
+        StepFellBack(
+            run_id=run,
+            at=now,
+            step="s",
+            attempt=1,
+            fallback=1,
+            from_agent="primary",
+            to_agent="backup",
+            error="down",
+        ),
+    ):
+        state = await log.append(state, event)
+    handlers = {"primary": failing(primary), "backup": answering("backup", backup)}
+    async with agents(nats_url, ns, handlers):
+        if published:  # as the crashed engine did: same id, same reply subject
+            sent = dispatch_id(run, "s", 2)
+            dispatch = CloudEvent(
+                id=sent,
+                source="/tests",
+                type=STEP_EVENT_TYPE,
+                correlationid=run,
+                causationid=run,
+                replyto=config.subject("replies", run),
+                data={"q": 1},
+            )
+            headers, payload = envelope.to_binary(dispatch)
+            await js.publish(
+                naming.inbox_subject(ns, "backup", 0),
+                payload,
+                headers={**headers, "Nats-Msg-Id": sent},
+            )
+        await crashed.release()
+        async with engine(config):
+            outcome = await result(js, config, run)
+            events = await run_events(js, config, run)
+    await nc.close()
+    assert outcome["output"] == {"by": "backup", "got": {"q": 1}}
+    assert (primary, backup) == ([], [f"{run}/s/2"])
+    assert [e.agent for e in events if isinstance(e, StepDispatched)] == ["primary", "backup"]
     assert sum(isinstance(e, StepFellBack) for e in events) == 1
