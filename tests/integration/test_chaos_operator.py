@@ -1,8 +1,9 @@
 """ChaosExperiments against the real API server, operator, nats-server and process-node pods:
 an experiment in a Namespace that does not opt in is Stalled and kills nothing; one in a
 Namespace that does, with pod kills and a short run, ends Passed in status with the pods
-really replaced and no probe lost (the short chaos test of ``make test``); one whose
-probes go unanswered ends Failed with them lost; one whose abort threshold a dead letter trips ends
+really replaced and no probe lost (the short chaos test of ``make test``); one whose probes
+go unanswered ends Failed with them lost; injected handler errors trip the abort threshold;
+added latency breaks the hypothesis; a dead letter past the abort threshold ends the run
 Aborted at once, its faults removed; and deleting an experiment mid-run removes its faults."""
 
 from __future__ import annotations
@@ -223,6 +224,62 @@ def test_a_run_whose_probes_go_unanswered_ends_failed_with_them_lost(
     assert held is not None
     assert held["status"] == "False"
     cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "silent")
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
+
+
+def test_handler_errors_past_the_abort_threshold_abort_the_run(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _opt_in(api_client, namespace)
+    manifest = running_agent(AGENT, retry={"maxAttempts": 1})
+    manifest["metadata"]["labels"] = {"chaos": "yes"}
+    apply(cluster, namespace, manifest)
+    wait_ready(cluster, namespace, "agent", AGENT)
+    apply(
+        cluster,
+        namespace,
+        experiment(
+            "failing",
+            duration="60s",
+            faults={"handler": {"errorRatio": 1}},
+            abort={"minSuccessRatio": 0.5, "minProbes": 3},
+        ),
+    )
+    with explained(cluster, namespace, operator):
+        status = _ended(cluster, namespace, "failing")
+    assert status["verdict"] == "Aborted", status
+    assert "abort.minSuccessRatio" in status["verdictReason"]
+    assert status["figures"]["probesFailed"] >= 3
+    assert status["figures"]["probesAnswered"] == 0
+    assert _faults(cluster.nats_url, namespace, AGENT) is None
+    cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "failing")
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
+
+
+def test_added_handler_latency_past_the_hypothesis_ends_failed(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _opt_in(api_client, namespace)
+    _echo(cluster, namespace, replicas=1)
+    apply(
+        cluster,
+        namespace,
+        experiment(
+            "slow",
+            duration="3s",
+            faults={"handler": {"latency": "400ms"}},
+            steadyState={
+                "maxP95Latency": "200ms",
+                "probe": {"every": "1s", "payload": "[]", "grace": "20s"},
+            },
+        ),
+    )
+    with explained(cluster, namespace, operator):
+        status = _ended(cluster, namespace, "slow")
+    assert status["verdict"] == "Failed", status
+    assert "maxP95Latency" in status["verdictReason"]
+    assert status["figures"]["probesLost"] == 0
+    cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "slow")
     cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
 
 

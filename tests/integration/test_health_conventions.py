@@ -82,6 +82,7 @@ def test_the_argocd_cm_snippet_patches_both_checks_into_argocd_cm(
         "resource.customizations.health.troupe.dev_Workflow": script,
         "resource.customizations.health.troupe.dev_ModelProvider": script,
         "resource.customizations.health.troupe.dev_Budget": script,
+        "resource.customizations.health.troupe.dev_ChaosExperiment": script,
     }
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests.health_support import ARGOCD, HEALTH_LUA, argocd_health, kstatus
 
-KINDS = ("Agent", "Workflow", "ModelProvider", "Budget")
+KINDS = ("Agent", "Workflow", "ModelProvider", "Budget", "ChaosExperiment")
 KEYS = {f"resource.customizations.health.troupe.dev_{kind}" for kind in KINDS}
 INT64 = st.integers(-(2**63), 2**63 - 1)
 HEALTH_OF_KSTATUS = {"Current": "Healthy", "InProgress": "Progressing", "Failed": "Degraded"}
