@@ -72,8 +72,13 @@ NAMESPACED_GRANTS: set[Grant] = {
     # ChaosExperiments' pod kills.
     ("", "pods", "delete", ""),
     ("", "events", "create", ""),
+    # Autoscaling: whether an HPA scales an agent, and the ScaledObjects of engine keda.
+    ("autoscaling", "horizontalpodautoscalers", "list", ""),
+    *{("keda.sh", "scaledobjects", v, "") for v in ("get", "create", "patch", "delete")},
 }
 CLUSTER_WIDE_GRANTS: set[Grant] = {
+    # get: whether the cluster has KEDA's scaledobjects.keda.sh.
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get", ""),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
     # A ChaosExperiment reads its Namespace's opt-in label.
@@ -175,6 +180,7 @@ def test_namespaced_operator_is_bound_only_in_the_watched_namespaces() -> None:
     assert len(cluster_bindings) == 1, "only kopf's cluster-scoped reads are cluster-wide"
     cluster_role = one(objects, "ClusterRole", cluster_bindings[0]["roleRef"]["name"])
     assert grants(cluster_role) == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "get", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", ""),
         ("", "namespaces", "get", ""),

@@ -129,6 +129,14 @@ Secrets Agents name, and kopf posts Events.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Autoscaling: whether an HPA scales an agent (then the operator never writes its replicas),
+# and the ScaledObjects of Agents with autoscale.engine keda.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["get", "create", "patch", "delete"]
 {{- end -}}
 
 {{- define "troupe.operatorLabels" -}}

@@ -45,6 +45,7 @@ from troupe_operator.clients.nats import NatsPool
 from troupe_operator.diffbase import DigestedDiffBaseStorage
 from troupe_operator.reconcilers import approvals, budget, chaos, cron, model_provider, trigger
 from troupe_operator.reconcilers.agent import AGENT, wake_agents
+from troupe_operator.reconcilers.autoscaler import autoscale_forever
 from troupe_operator.reconcilers.common import (
     Kind,
     Operator,
@@ -129,6 +130,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     metrics.serve(config.metrics_port, config.bind_address)
     memo.resync = asyncio.create_task(resync_forever(operator))
     memo.budgets = asyncio.create_task(budget.refresh_forever(operator))
+    memo.autoscaler = asyncio.create_task(autoscale_forever(operator))
     memo.cron_wake = asyncio.Event()
     memo.cron = asyncio.create_task(cron.cron_forever(operator, memo.cron_wake))
     memo.approvals = asyncio.create_task(approvals.approvals_forever(operator))
@@ -137,7 +139,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for loop in ("resync", "budgets", "cron", "approvals", "chaos"):
+    for loop in ("resync", "budgets", "autoscaler", "cron", "approvals", "chaos"):
         task = memo.get(loop)
         if isinstance(task, asyncio.Task):
             task.cancel()

@@ -9,6 +9,8 @@ TROUPE_WATCH_NAMESPACES    comma-separated namespaces; empty = all      (all)
 TROUPE_LOG_FORMAT          ``plain`` or ``json``                        plain
 TROUPE_RESYNC_SECONDS      how often status and drift are re-checked    30
 TROUPE_BUDGET_REFRESH      seconds between passes over each Budget      10
+TROUPE_AUTOSCALE_SECONDS   how often autoscaled Agents' lag is read     2
+TROUPE_CRD_RECHECK         seconds before "is KEDA installed?" is re-read  60
 TROUPE_METRICS_PORT        Prometheus metrics port; 0 turns them off    9090
 TROUPE_HEALTH_PORT         the /healthz (and /readyz) endpoint's port   8081
 TROUPE_RUNTIME_IMAGE       the image of workflow engines                troupe/runtime:<VERSION>
@@ -52,6 +54,11 @@ class OperatorSettings:
     resync_seconds: float = 30.0
     budget_refresh_seconds: float = 10.0
     """How often each Budget's ledger is read into status (and its selector resolved)."""
+    autoscale_seconds: float = 2.0
+    """How often the lag of Agents with runtime.autoscale is read: the bound on the delay
+    before an agent at zero replicas is scaled up for its first message."""
+    crd_recheck_seconds: float = 60.0
+    """How long the answer to "does the cluster serve KEDA's ScaledObjects?" is kept."""
     metrics_port: int = 9090
     health_port: int = 8081
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
@@ -100,6 +107,10 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSetting
         budget_refresh_seconds=float(
             environ.get("TROUPE_BUDGET_REFRESH", defaults.budget_refresh_seconds)
         ),
+        autoscale_seconds=float(
+            environ.get("TROUPE_AUTOSCALE_SECONDS", defaults.autoscale_seconds)
+        ),
+        crd_recheck_seconds=float(environ.get("TROUPE_CRD_RECHECK", defaults.crd_recheck_seconds)),
         metrics_port=int(environ.get("TROUPE_METRICS_PORT", defaults.metrics_port)),
         health_port=int(environ.get("TROUPE_HEALTH_PORT", defaults.health_port)),
         runtime_image=environ.get("TROUPE_RUNTIME_IMAGE", defaults.runtime_image),

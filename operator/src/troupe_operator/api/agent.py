@@ -474,6 +474,67 @@ CODE_ENV_RULE = rule(
 )
 
 
+AUTOSCALE_BOUNDS_RULE = rule(
+    "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+    "autoscale.minReplicas may not exceed maxReplicas",
+    ".minReplicas",
+)
+
+
+class AgentAutoscale(ApiModel):
+    """Replicas that follow the agent's backlog, down to zero when it is idle.
+
+    The backlog (lag) is pending + ackPending summed over the agent's consumers (one per
+    priority level), as the JetStream API answers it: a consumer's info comes from the
+    consumer's leader, never from a follower's monitoring endpoint, whose numbers can be
+    stale (the failure of kedacore/keda#7322). Desired replicas are
+    ceil(lag / targetPending), kept within minReplicas and maxReplicas; with minReplicas 0
+    an agent with no backlog and no delivery for scaleToZeroAfter goes to zero, and the
+    first message brings one replica back. Scaling down (but to zero) waits
+    scaleDownDelay after the last change, so a burst does not make pods flap.
+    """
+
+    model_config = ApiModel.model_config | {"json_schema_extra": cel(AUTOSCALE_BOUNDS_RULE)}
+
+    engine: Literal["operator", "keda"] = Field(
+        default="operator",
+        description="Who scales: operator (Troupe itself, from the consumers' counts) or keda "
+        "(a KEDA ScaledObject with nats-jetstream triggers, when the cluster has KEDA); "
+        "default operator.",
+    )
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="The fewest pods; 0 lets an idle agent scale to zero. Default 1.",
+    )
+    max_replicas: int = Field(default=10, ge=1, le=1000, description="The most pods; default 10.")
+    target_pending: int = Field(
+        default=10,
+        ge=1,
+        le=1_000_000,
+        description="Lag (pending + ackPending messages) one replica is meant to carry: desired "
+        "replicas = ceil(lag / targetPending). Default 10.",
+    )
+    scale_to_zero_after: Duration = Field(
+        default=timedelta(minutes=5),
+        description="With minReplicas 0: how long the agent must have no lag and no delivery "
+        "before it goes to zero, a duration such as 30s or 10m; default 5m.",
+    )
+    scale_down_delay: Duration = Field(
+        default=timedelta(minutes=1),
+        description="How long after the last change replicas may go down again (not to zero, "
+        "which scaleToZeroAfter governs), a duration such as 30s or 2m; default 1m. Scaling "
+        "up never waits.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentAutoscale:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(AUTOSCALE_BOUNDS_RULE["message"])
+        return self
+
+
 class AgentRuntime(ApiModel):
     """The pods that run the agent: image, handler, scale and placement."""
 
@@ -499,7 +560,15 @@ class AgentRuntime(ApiModel):
         "PYTHONPATH, so entrypoint modules can live there. Roll the pods after changing it.",
     )
     replicas: int = Field(
-        default=1, ge=0, le=1000, description="Pods running the agent; default 1."
+        default=1,
+        ge=0,
+        le=1000,
+        description="Pods running the agent; default 1. Not applied with autoscale set.",
+    )
+    autoscale: AgentAutoscale | None = Field(
+        default=None,
+        description="Replicas that follow the backlog (min, max, lag per replica, scale to "
+        "zero when idle) instead of replicas; unset: a fixed number of replicas.",
     )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements,

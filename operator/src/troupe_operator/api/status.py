@@ -57,6 +57,28 @@ class AgentUsage(ApiModel):
     window: str = Field(default="1h", description="The window summed: the last hour.")
 
 
+class AutoscaleStatus(ApiModel):
+    """The autoscaler's last decision, for ``kubectl get agents -o wide``."""
+
+    engine: Literal["operator", "keda"] = Field(
+        default="operator", description="Who scales: operator or keda."
+    )
+    desired_replicas: int | None = Field(
+        default=None,
+        description="Replicas the operator's autoscaler wants for the lag below; unset when "
+        "KEDA or an HPA decides.",
+    )
+    lag: int = Field(default=0, description="The lag that decision rests on.")
+    last_scale_time: str | None = Field(
+        default=None, description="RFC 3339: when the autoscaler last changed replicas."
+    )
+    scaled_by: str | None = Field(
+        default=None,
+        description="The HorizontalPodAutoscaler or ScaledObject that owns replicas, when not "
+        "the operator.",
+    )
+
+
 class ObjectStatus(ApiModel):
     """What every kind's status starts with: the generation observed and the conditions."""
 
@@ -79,6 +101,10 @@ class AgentStatus(ObjectStatus):
     consumers: ConsumerCounts = Field(default_factory=ConsumerCounts)
     lag: int = Field(default=0, description="pending + ackPending: the Lag printer column.")
     dead_letters: int = Field(default=0, description="Messages in the dead-letter stream.")
+    autoscale: AutoscaleStatus | None = Field(
+        default=None,
+        description="With spec.runtime.autoscale: what the autoscaler last decided.",
+    )
     subjects: AgentSubjects | None = Field(
         default=None, description="The agent's NATS subjects, set by the first pass."
     )

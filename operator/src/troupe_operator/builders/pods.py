@@ -243,14 +243,17 @@ def deployment(
     name: str,
     labels: dict[str, str],
     selector: dict[str, str],
-    replicas: int,
+    replicas: int | None,
     config_json: str,
     health_port: int,
     pod_spec: dict[str, Any],
     strategy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A Deployment whose pod template carries the config hash and scrape annotations."""
-    spec: dict[str, Any] = {"replicas": replicas, "selector": {"matchLabels": selector}}
+    """A Deployment whose pod template carries the config hash and scrape annotations;
+    ``replicas`` None leaves them out, to whoever scales it (``builders.autoscale``)."""
+    spec: dict[str, Any] = {"selector": {"matchLabels": selector}}
+    if replicas is not None:
+        spec = {"replicas": replicas, **spec}
     if strategy is not None:
         spec["strategy"] = strategy
     return {

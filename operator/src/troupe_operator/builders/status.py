@@ -53,7 +53,10 @@ WORKFLOW_SUBCONDITIONS = (
     WORKLOAD_AVAILABLE,
 )
 BUDGETS_FIT = "BudgetsFit"
-AGENT_ADVISORIES: tuple[str, ...] = ()
+AUTOSCALED = "Autoscaled"
+"""Agents with runtime.autoscale, or scaled by an HPA: who sets replicas, and why. Advisory:
+an agent at zero replicas by design is Ready."""
+AGENT_ADVISORIES: tuple[str, ...] = (AUTOSCALED,)
 WORKFLOW_ADVISORIES = (BUDGETS_FIT,)
 """Reported after the sub-conditions, without holding Ready back: the workflow runs."""
 
@@ -439,10 +442,14 @@ def agent_status(
     missing_secrets: Sequence[Problem] | None = None,
     config_hash: str | None = None,
     llm_resolved: bool = False,
+    autoscaling: Observation | None = None,
 ) -> AgentStatus:
     """The next status; what this pass did not observe (``None``) is carried over.
-    ``llm_resolved``: an LLM agent whose ``spec.llm`` resolved (``LlmResolved`` True)."""
+    ``llm_resolved``: an LLM agent whose ``spec.llm`` resolved (``LlmResolved`` True);
+    ``autoscaling``: the ``Autoscaled`` advisory."""
     observed = [workload.condition()]
+    if autoscaling is not None:
+        observed.append(autoscaling)
     if llm_resolved:
         observed.append(LLM_RESOLVED_OK)
     if missing_secrets is not None:
@@ -457,7 +464,12 @@ def agent_status(
         update={
             "observed_generation": generation,
             "conditions": merge_conditions(
-                previous.conditions, observed, AGENT_SUBCONDITIONS, generation, now
+                previous.conditions,
+                observed,
+                AGENT_SUBCONDITIONS,
+                generation,
+                now,
+                AGENT_ADVISORIES,
             ),
             "replicas": workload.desired,
             "ready_replicas": workload.ready,

@@ -186,8 +186,15 @@ def code_volume(runtime: AgentRuntime) -> tuple[list[dict[str, Any]], list[dict[
     )
 
 
+def most_replicas(spec: AgentSpec) -> int:
+    """The most pods the agent may run: what its consumers' maxAckPending is sized for."""
+    autoscale = spec.runtime.autoscale
+    return spec.runtime.replicas if autoscale is None else autoscale.max_replicas
+
+
 def build_deployment(owner: Owner, spec: AgentSpec, config: RuntimeConfig) -> dict[str, Any]:
-    """The runtime's Deployment, compliant with the restricted Pod Security profile."""
+    """The runtime's Deployment, compliant with the restricted Pod Security profile; with
+    ``runtime.autoscale`` its replicas are left to the autoscaler (``builders.autoscale``)."""
     runtime = spec.runtime
     secret_volumes, secret_mounts = pods.nats_secret_volumes(spec.nats)
     code_volumes, code_mounts = code_volume(runtime)
@@ -213,7 +220,7 @@ def build_deployment(owner: Owner, spec: AgentSpec, config: RuntimeConfig) -> di
         naming.agent_deployment(owner.name),
         agent_labels(owner.name),
         {AGENT_LABEL: owner.name},
-        runtime.replicas,
+        None if runtime.autoscale is not None else runtime.replicas,
         config.to_json(),
         config.health_port,
         pod_spec,

@@ -23,6 +23,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from troupe_operator.api import GROUP, VERSION
+from troupe_operator.builders.autoscale import KEDA_GROUP, KEDA_VERSION, SCALED_OBJECTS
 from troupe_operator.builders.pods import FIELD_MANAGER
 
 APPLY_PATCH = "application/apply-patch+yaml"
@@ -106,6 +107,8 @@ class Kube:
         self._core: Any = client.CoreV1Api(api_client)
         self._apps: Any = client.AppsV1Api(api_client)
         self._custom: Any = client.CustomObjectsApi(api_client)
+        self._autoscaling: Any = client.AutoscalingV2Api(api_client)
+        self._extensions: Any = client.ApiextensionsV1Api(api_client)
 
     async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         response = await asyncio.to_thread(
@@ -127,8 +130,19 @@ class Kube:
                 return None
             raise
 
-    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``manifest`` as the operator's field manager; return the object.
+    def _scaled_object(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """A namespaced call on KEDA's ScaledObjects, taking (name, namespace, ...)."""
+
+        def call(name: str, namespace: str, *args: Any, **kwargs: Any) -> Any:
+            return method(
+                KEDA_GROUP, KEDA_VERSION, namespace, SCALED_OBJECTS, name, *args, **kwargs
+            )
+
+        return call
+
+    async def apply(self, manifest: dict[str, Any], manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply ``manifest`` as ``manager`` (the operator's field manager unless
+        told); return the object.
 
         ``Rejected`` when the API server refuses the object as invalid.
         """
@@ -136,6 +150,7 @@ class Kube:
             "ConfigMap": self._core.patch_namespaced_config_map,
             "ServiceAccount": self._core.patch_namespaced_service_account,
             "Deployment": self._apps.patch_namespaced_deployment,
+            "ScaledObject": self._scaled_object(self._custom.patch_namespaced_custom_object),
         }
         metadata = manifest["metadata"]
         try:
@@ -144,7 +159,7 @@ class Kube:
                 metadata["name"],
                 metadata["namespace"],
                 manifest,
-                field_manager=FIELD_MANAGER,
+                field_manager=manager,
                 force=True,
                 _content_type=APPLY_PATCH,
             )
@@ -159,8 +174,24 @@ class Kube:
             "ConfigMap": self._core.read_namespaced_config_map,
             "ServiceAccount": self._core.read_namespaced_service_account,
             "Deployment": self._apps.read_namespaced_deployment,
+            "ScaledObject": self._scaled_object(self._custom.get_namespaced_custom_object),
         }
         return await self._read_or_none(readers[kind], name, namespace)
+
+    async def list_autoscalers(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's HorizontalPodAutoscalers (KEDA's included: it makes one per
+        ScaledObject)."""
+        listing = await self._call(
+            self._autoscaling.list_namespaced_horizontal_pod_autoscaler, namespace
+        )
+        items: list[dict[str, Any]] = listing["items"]
+        return items
+
+    async def has_crd(self, name: str) -> bool:
+        """Whether the cluster serves the CustomResourceDefinition ``name`` (such as KEDA's
+        scaledobjects.keda.sh)."""
+        found = await self._read_or_none(self._extensions.read_custom_resource_definition, name)
+        return found is not None
 
     async def config_map_keys(self, namespace: str, name: str) -> set[str] | None:
         """The keys of a ConfigMap (``data`` and ``binaryData``), or None when it does not
@@ -231,11 +262,13 @@ class Kube:
         return await self.read("Deployment", namespace, name)
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
-        """Delete a ConfigMap or Deployment; one already gone is fine. Dependents go in the
-        background (the garbage collector removes a Deployment's pods)."""
+        """Delete a ConfigMap, Deployment or ScaledObject; one already gone is fine.
+        Dependents go in the background (the garbage collector removes a Deployment's
+        pods)."""
         deleters = {
             "ConfigMap": self._core.delete_namespaced_config_map,
             "Deployment": self._apps.delete_namespaced_deployment,
+            "ScaledObject": self._scaled_object(self._custom.delete_namespaced_custom_object),
         }
         await self._read_or_none(deleters[kind], name, namespace, propagation_policy="Background")
 

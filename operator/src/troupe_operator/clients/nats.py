@@ -28,6 +28,7 @@ from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
+    ConsumerInfo,
     KeyValueConfig,
     ObjectStoreConfig,
     StorageType,
@@ -45,6 +46,7 @@ from pydantic import ValidationError
 
 from troupe_operator.api.status import AgentUsage, ConsumerCounts
 from troupe_operator.builders import usage as usage_builders
+from troupe_operator.builders.autoscale import Backlog
 from troupe_operator.builders.jetstream import SpecFields
 from troupe_operator.builders.problems import Problem, SpecRejected
 from troupe_runtime.contract import naming
@@ -208,6 +210,44 @@ class Counts:
     dead_letters: int
     usage: AgentUsage | None = None
     """LLM agents: tokens and cost over the last hour."""
+    last_active: datetime | None = None
+    """The latest creation, delivery or acknowledgement of any of the consumers."""
+
+    @property
+    def backlog(self) -> Backlog:
+        return Backlog(self.consumers.pending, self.consumers.ack_pending, self.last_active)
+
+
+def _last_active(info: ConsumerInfo) -> datetime | None:
+    """When the consumer last did anything: created, delivered, or saw an acknowledgement."""
+    moments = [
+        moment
+        for moment in (
+            info.created,
+            info.delivered.last_active if info.delivered else None,
+            info.ack_floor.last_active if info.ack_floor else None,
+        )
+        if isinstance(moment, datetime)
+    ]
+    return max(moments, default=None)
+
+
+async def _consumer_counts(
+    js: JetStreamContext, resources: AgentResources
+) -> tuple[ConsumerCounts, datetime | None]:
+    """The consumers' pending, ack-pending and redelivered sums, and their last activity."""
+    assert resources.inbox.name is not None
+    pending = ack_pending = redelivered = 0
+    moments = []
+    for consumer in resources.consumers:
+        assert consumer.durable_name is not None
+        info = await js.consumer_info(resources.inbox.name, consumer.durable_name)
+        pending += info.num_pending or 0
+        ack_pending += info.num_ack_pending or 0
+        redelivered += info.num_redelivered or 0
+        moments.append(_last_active(info))
+    counts = ConsumerCounts(pending=pending, ack_pending=ack_pending, redelivered=redelivered)
+    return counts, max((m for m in moments if m is not None), default=None)
 
 
 async def _ensure_object_store(
@@ -668,22 +708,25 @@ class NatsPool:
 
         async def count(js: JetStreamContext) -> Counts:
             assert resources.inbox.name is not None
-            pending = ack_pending = redelivered = 0
-            for consumer in resources.consumers:
-                assert consumer.durable_name is not None
-                info = await js.consumer_info(resources.inbox.name, consumer.durable_name)
-                pending += info.num_pending or 0
-                ack_pending += info.num_ack_pending or 0
-                redelivered += info.num_redelivered or 0
+            consumers, last_active = await _consumer_counts(js, resources)
             depth = 0
             if resources.dead_letters is not None and resources.dead_letters.name is not None:
                 depth = (await js.stream_info(resources.dead_letters.name)).state.messages
-            return Counts(
-                ConsumerCounts(pending=pending, ack_pending=ack_pending, redelivered=redelivered),
-                depth,
-            )
+            return Counts(consumers, depth, last_active=last_active)
 
         return await self._call(target, count)
+
+    async def backlog(self, target: NatsTarget, resources: AgentResources) -> Backlog:
+        """The consumers' lag and last activity alone: what the autoscaler polls.
+
+        Each ``consumer_info`` is a JetStream API request, answered by the consumer's
+        leader with its current state, unlike a follower's monitoring endpoint."""
+
+        async def read(js: JetStreamContext) -> Backlog:
+            consumers, last_active = await _consumer_counts(js, resources)
+            return Backlog(consumers.pending, consumers.ack_pending, last_active)
+
+        return await self._call(target, read)
 
     async def delete(
         self, target: NatsTarget, resources: AgentResources, shared_streams: list[str]

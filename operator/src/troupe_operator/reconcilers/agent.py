@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,16 +19,17 @@ from pydantic import ValidationError
 
 from troupe_operator.api import AgentSpec, AgentStatus, ModelProviderSpec
 from troupe_operator.api.status import AgentSubjects
+from troupe_operator.builders import autoscale, status, validation, workload
 from troupe_operator.builders import directory as directory_builders
 from troupe_operator.builders import jetstream as jetstream_builders
 from troupe_operator.builders import llm as llm_builders
-from troupe_operator.builders import status, validation, workload
 from troupe_operator.builders.jetstream import orphaned_streams
 from troupe_operator.builders.pods import Owner
 from troupe_operator.builders.problems import Problem
 from troupe_operator.builders.status import WorkloadObservation
 from troupe_operator.clients.nats import Counts, NatsPool, NatsTarget
 from troupe_operator.reconcilers import directory
+from troupe_operator.reconcilers import scaling as scaling_step
 from troupe_operator.reconcilers.budget import budgets_staying
 from troupe_operator.reconcilers.common import (
     JetStreamStep,
@@ -58,7 +60,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
 
     async def plan(
         self, operator: Operator, owner: Owner, spec: AgentSpec, generation: int
-    ) -> Plan[AgentStatus, Counts]:
+    ) -> Plan[AgentStatus, AgentRead]:
         problems = validation.agent_problems(spec)
         if problems:
             # Nothing is built from a spec with problems: it is only reported (and building
@@ -77,7 +79,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         if spec.llm is not None and (too_large := validation.config_problems(config)):
             return self._refused(operator, owner, spec, generation, too_large)
         resources = jetstream_builders.with_shared_buckets(
-            build_agent_resources(config, spec.runtime.replicas),
+            build_agent_resources(config, workload.most_replicas(spec)),
             owner.namespace,
             spec,
             await self._declarers(operator, owner, spec) if spec.state else [],
@@ -90,26 +92,43 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             inbox=inbox_subjects(config), dead_letters=config.dead_letter_subject
         )
 
-        async def jetstream(nats: NatsPool, target: NatsTarget) -> Counts:
+        policy = spec.runtime.autoscale
+        native = policy is not None and policy.engine == "operator"
+        if not native:
+            operator.autoscaled.pop((owner.namespace, owner.name), None)
+        keda_served = await operator.has_crd(autoscale.KEDA_CRD)
+        keda = policy is not None and policy.engine == "keda" and keda_served
+
+        async def jetstream(nats: NatsPool, target: NatsTarget) -> AgentRead:
             await nats.provision(target, resources, fields, object_stores)
             counts = await nats.counts(target, resources)
-            if spec.llm is None:
-                return counts
-            bucket = naming.usage_bucket(owner.namespace)
-            used = await nats.usage(target, bucket, owner.name, datetime.now(UTC))
-            return dataclasses.replace(counts, usage=used)
+            scaling = None
+            if native:
+                assert policy is not None
+                scaling = await scaling_step.scale_agent(
+                    operator, owner, policy, counts.backlog, target, resources
+                )
+            if spec.llm is not None:
+                bucket = naming.usage_bucket(owner.namespace)
+                used = await nats.usage(target, bucket, owner.name, datetime.now(UTC))
+                counts = dataclasses.replace(counts, usage=used)
+            return AgentRead(counts, scaling)
 
-        def next_status(seen: Seen[AgentStatus, Counts]) -> AgentStatus:
+        def next_status(seen: Seen[AgentStatus, AgentRead]) -> AgentStatus:
             messaging = seen.messaging
             usage = seen.previous.usage if spec.llm is not None else None
+            scaling = scaling_step.Scaling(None, scaled_by=seen.scaled_by)
             if messaging is not None and seen.jetstream is not None:
-                counts = seen.jetstream
+                counts = seen.jetstream.counts
                 messaging = dataclasses.replace(
                     messaging, counts=counts.consumers, dead_letters=counts.dead_letters
                 )
                 usage = counts.usage if spec.llm is not None else None
+                scaling = seen.jetstream.scaling or scaling
+            scaled_by = scaling.scaled_by or seen.scaled_by
+            previous = _applicable(seen.previous, spec, scaled_by)
             return status.agent_status(
-                _applicable(seen.previous, spec),
+                previous,
                 generation,
                 seen.now,
                 seen.workload,
@@ -117,16 +136,45 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
                 missing_secrets=seen.missing_secrets,
                 config_hash=config_hash,
                 llm_resolved=spec.llm is not None,
-            ).model_copy(update={"subjects": subjects, "usage": usage})
+                autoscaling=autoscale.observation(
+                    policy, scaling.decision, scaled_by, keda_served, owner.name
+                ),
+            ).model_copy(
+                update={
+                    "subjects": subjects,
+                    "usage": usage,
+                    "autoscale": autoscale.status(
+                        policy,
+                        scaling.decision,
+                        scaled_by,
+                        scaling.scaled_at,
+                        previous.autoscale,
+                    ),
+                }
+            )
 
         manifests = [
             workload.build_config_map(owner, config),
             workload.build_service_account(owner, spec),
             workload.build_deployment(owner, spec, config),
         ]
+        if keda:
+            assert policy is not None
+            manifests.append(
+                autoscale.build_scaled_object(
+                    owner,
+                    policy,
+                    naming.agent_deployment(owner.name),
+                    workload.agent_labels(owner.name),
+                    resources.inbox.name or "",
+                    [c.durable_name or "" for c in resources.consumers],
+                    config.nats.url,
+                )
+            )
         return Plan(
             next_status,
             apply=[manifest for manifest in manifests if manifest is not None],
+            remove=[("ScaledObject", owner.name)] if keda_served and not keda else [],
             secrets=[
                 *workload.referenced_secrets(spec),
                 *llm_builders.provider_secrets(resolution.runtime),
@@ -161,10 +209,10 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         spec: AgentSpec,
         generation: int,
         problems: list[Problem],
-    ) -> Plan[AgentStatus, Counts]:
+    ) -> Plan[AgentStatus, AgentRead]:
         """A plan that writes nothing and reports ``problems``, Secrets and the workload."""
 
-        def next_status(seen: Seen[AgentStatus, Counts]) -> AgentStatus:
+        def next_status(seen: Seen[AgentStatus, AgentRead]) -> AgentStatus:
             return status.agent_status(
                 _applicable(seen.previous, spec),
                 generation,
@@ -247,6 +295,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         With a spec the models refuse, only the streams its name derives: the shared ones
         it may have used cannot be told, so they stay.
         """
+        operator.autoscaled.pop((namespace, name), None)
         withdrawn = await directory.withdraw(operator, self.name, namespace, name)
         if spec is None:
             connection = raw_connection(raw_spec)
@@ -259,7 +308,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         config = workload.build_runtime_config(owner, spec, operator.settings.nats_url)
         target = await required_target(operator, namespace, spec.nats, config.nats.url)
         staying = await self._staying(operator, namespace, name)
-        resources = build_agent_resources(config, spec.runtime.replicas)
+        resources = build_agent_resources(config, workload.most_replicas(spec))
         # An Agent whose spec cannot be read may use any shared resource: keep them all.
         budgets = await budgets_staying(operator, namespace)
         shared = [] if staying is None else orphaned_streams(namespace, spec, staying, budgets)
@@ -315,14 +364,29 @@ def _parsed(
         return llm_builders.INVALID
 
 
-def _applicable(previous: AgentStatus, spec: AgentSpec) -> AgentStatus:
+def _applicable(
+    previous: AgentStatus, spec: AgentSpec, scaled_by: str | None = None
+) -> AgentStatus:
     """``previous`` without the conditions that do not apply to ``spec`` (``LlmResolved`` for
-    an Agent without ``spec.llm``), and without usage then."""
+    an Agent without ``spec.llm``, ``Autoscaled`` for one no one autoscales), and without
+    usage or autoscale then."""
+    if spec.runtime.autoscale is None and scaled_by is None:
+        previous = status.without_condition(previous, status.AUTOSCALED).model_copy(
+            update={"autoscale": None}
+        )
     if spec.llm is not None:
         return previous
     return status.without_condition(previous, status.LLM_RESOLVED).model_copy(
         update={"usage": None}
     )
+
+
+@dataclass(frozen=True)
+class AgentRead:
+    """What an Agent's JetStream step read, and what its autoscaler did."""
+
+    counts: Counts
+    scaling: scaling_step.Scaling | None = None
 
 
 async def wake_agents(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -30,10 +31,10 @@ from pydantic import BaseModel, ValidationError
 
 from troupe_operator import metrics
 from troupe_operator.api import API_VERSION
-from troupe_operator.api.agent import NatsConnection
+from troupe_operator.api.agent import AgentAutoscale, NatsConnection
 from troupe_operator.api.status import Condition, ObjectStatus
+from troupe_operator.builders import autoscale, pods, rejections, status
 from troupe_operator.builders import directory as directory_builders
-from troupe_operator.builders import pods, rejections, status
 from troupe_operator.builders.directory import Listing
 from troupe_operator.builders.pods import ConfigMapReference, Owner, SecretReference
 from troupe_operator.builders.problems import Problem, SpecRejected
@@ -51,6 +52,7 @@ from troupe_operator.clients.nats import (
 )
 from troupe_operator.reconcilers import directory
 from troupe_operator.settings import OperatorSettings
+from troupe_runtime.contract.agent_resources import AgentResources
 from troupe_runtime.contract.redact import redact
 
 STATUS_WRITE_ATTEMPTS = 5
@@ -81,6 +83,18 @@ ReadT = TypeVar("ReadT")
 
 
 @dataclass
+class Autoscaled:
+    """An Agent the native autoscaler polls: where its consumers are, its policy, and the
+    replicas and last change its last pass saw."""
+
+    target: NatsTarget
+    resources: AgentResources
+    policy: AgentAutoscale
+    current: int
+    scaled_at: datetime | None
+
+
+@dataclass
 class Operator:
     """The clients and settings every pass shares."""
 
@@ -90,6 +104,12 @@ class Operator:
     locks: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
     )
+    autoscaled: dict[tuple[str, str], Autoscaled] = field(default_factory=dict)
+    """The Agents the native autoscaler polls, by (namespace, name): registered by their
+    passes, so a restarted operator finds them again on resume. Nothing here is a fact the
+    decision rests on; those are read from NATS and the Deployment each time."""
+    crds: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    """Whether the cluster serves a CRD (KEDA's), and when that was read (monotonic)."""
     cleaned: OrderedDict[str, None] = field(default_factory=OrderedDict)
     """UIDs of the objects whose NATS resources were deleted, newest last: a resync pass
     planned from a listing taken before the deletion must not provision them again."""
@@ -101,6 +121,16 @@ class Operator:
         leave nothing behind.
         """
         return self.locks.setdefault((kind, namespace, name), asyncio.Lock())
+
+    async def has_crd(self, name: str) -> bool:
+        """Whether the cluster serves the CRD ``name``, read at most every
+        ``crd_recheck_seconds``: installing KEDA is seen within a minute, at one read."""
+        now = time.monotonic()
+        known = self.crds.get(name)
+        if known is None or now - known[1] > self.settings.crd_recheck_seconds:
+            known = (await self.kube.has_crd(name), now)
+            self.crds[name] = known
+        return known[0]
 
     def mark_cleaned(self, uid: str) -> None:
         """Remember that ``uid``'s resources are gone; the oldest of ``CLEANED_KEPT`` go."""
@@ -123,6 +153,8 @@ class Seen(Generic[StatusT, ReadT]):
     """None when NATS was not tried: a Secret needed to reach it is missing."""
     jetstream: ReadT | None
     """What the kind's JetStream step read, when NATS answered."""
+    scaled_by: str | None = None
+    """The HorizontalPodAutoscaler that owns the Deployment's replicas, when not Troupe."""
 
 
 @dataclass(frozen=True)
@@ -487,6 +519,8 @@ class Applied:
     """Objects the apply changed back to the spec (drift corrections)."""
     waiting: str | None = None
     """An object of a previous owner the garbage collector has yet to remove."""
+    scaled_by: str | None = None
+    """The HorizontalPodAutoscaler that owns the Deployment's replicas, when not Troupe."""
 
 
 def _foreign(owner: Owner, kind: str, found: Mapping[str, Any]) -> tuple[bool, str]:
@@ -528,6 +562,8 @@ async def apply_objects(
                     )
                 )
             return applied
+        if kind == "Deployment" and existing is not None:
+            manifest, applied.scaled_by = await settle_replicas(kube, manifest, existing)
         try:
             result = await kube.apply(manifest)
         except Rejected as error:
@@ -539,6 +575,45 @@ async def apply_objects(
         if existing is not None and _version(existing) != _version(result):
             applied.drifted.append(f"{kind} {name}")
     return applied
+
+
+async def external_scaler(kube: Kube, deployment: Mapping[str, Any]) -> str | None:
+    """The HorizontalPodAutoscaler (KEDA's included) that scales ``deployment``, if one does.
+
+    Listed only when a manager other than Troupe's owns ``spec.replicas`` (managedFields,
+    already read): an HPA that never wrote replicas is not fighting anyone, and agents no
+    one else scales cost no request. Someone's ``kubectl scale`` with no HPA behind it is
+    drift, and corrected."""
+    if not autoscale.foreign_owners(deployment):
+        return None
+    meta = deployment.get("metadata") or {}
+    for scaler in await kube.list_autoscalers(str(meta.get("namespace"))):
+        if autoscale.targets(scaler, str(meta.get("name"))):
+            return f"HorizontalPodAutoscaler {scaler['metadata']['name']}"
+    return None
+
+
+async def settle_replicas(
+    kube: Kube, manifest: dict[str, Any], existing: Mapping[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """The Deployment manifest to apply, and the HPA that scales it if one does.
+
+    With an HPA scaling it, the manifest loses ``spec.replicas``: the operator owns nothing
+    there to fight over. When the manifest leaves replicas out and the operator owned them
+    till now, the autoscaler's manager first takes them over at their current value (a
+    field its last owner drops is removed, and the Deployment would fall back to 1 pod)."""
+    scaler = await external_scaler(kube, existing)
+    spec = manifest["spec"]
+    if scaler is not None and "replicas" in spec:
+        manifest = {**manifest, "spec": {k: v for k, v in spec.items() if k != "replicas"}}
+    if "replicas" not in manifest["spec"] and pods.FIELD_MANAGER in autoscale.replica_owners(
+        existing
+    ):
+        meta = manifest["metadata"]
+        current = autoscale.current_replicas(existing)
+        handover = autoscale.handover_manifest(meta["namespace"], meta["name"], current)
+        await kube.apply(handover, autoscale.AUTOSCALER_MANAGER)
+    return manifest, scaler
 
 
 async def remove_objects(kube: Kube, owner: Owner, objects: list[tuple[str, str]]) -> None:
@@ -633,6 +708,7 @@ async def converge(
             missing,
             messaging,
             read,
+            applied.scaled_by,
         )
         observed = [
             *status.problem_observations(problems, clear=(status.SPEC_VALID,)),

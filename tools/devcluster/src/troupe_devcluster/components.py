@@ -20,6 +20,8 @@ KUBELET_ADDRESS_TYPES = "InternalIP,Hostname"
 CONTROLLERS = (
     "garbage-collector-controller",
     "deployment-controller",
+    # Agents' autoscaling tests: an HPA scaling a Deployment is what the operator must not fight.
+    "horizontal-pod-autoscaler-controller",
     "replicaset-controller",
     "statefulset-controller",
     "job-controller",

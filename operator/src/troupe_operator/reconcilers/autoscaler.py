@@ -1,0 +1,73 @@
+"""The native autoscaler's polling loop: scale-from-zero within a bounded delay.
+
+A full pass over every Agent each resync would be both too slow to wake an agent at zero
+and too loud at a thousand agents, so this loop polls only the Agents registered as
+autoscaled (``Operator.autoscaled``), every ``autoscale_seconds``, with one JetStream API
+request per priority consumer and nothing of Kubernetes. When its reading says replicas
+should change, it runs the Agent's full pass, which decides again from fresh facts (the
+Deployment, the consumers) under the Agent's lock and writes. So the delay from a first
+message to a pod being asked for is at most ``autoscale_seconds`` plus one pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from troupe_operator.builders import autoscale
+from troupe_operator.clients.nats import MessagingUnavailable
+from troupe_operator.reconcilers.agent import AGENT
+from troupe_operator.reconcilers.common import Autoscaled, Operator, run_pass
+
+AUTOSCALE_CONCURRENCY = 16
+logger = logging.getLogger(__name__)
+
+
+async def _check(operator: Operator, namespace: str, name: str, watched: Autoscaled) -> bool:
+    """Poll one Agent; run its pass when replicas should change. True when it ran."""
+    try:
+        backlog = await operator.nats.backlog(watched.target, watched.resources)
+    except MessagingUnavailable as error:
+        logger.warning("autoscaler: cannot read %s/%s's consumers: %s", namespace, name, error)
+        return False
+    decision = autoscale.plan_replicas(
+        watched.policy, watched.current, backlog, datetime.now(UTC), watched.scaled_at
+    )
+    if not decision.changes:
+        return False
+    body = await operator.kube.read_custom(AGENT.plural, namespace, name)
+    if body is None or "deletionTimestamp" in body["metadata"]:
+        operator.autoscaled.pop((namespace, name), None)
+        return False
+    await run_pass(operator, AGENT, body)
+    return True
+
+
+async def autoscale_once(operator: Operator) -> list[str]:
+    """One look at every autoscaled Agent; returns those whose pass ran."""
+    semaphore = asyncio.Semaphore(AUTOSCALE_CONCURRENCY)
+
+    async def guarded(key: tuple[str, str], watched: Autoscaled) -> str | None:
+        async with semaphore:
+            try:
+                ran = await _check(operator, *key, watched)
+            except Exception:
+                logger.exception("autoscaler: %s/%s failed; the next look retries", *key)
+                return None
+            return f"{key[0]}/{key[1]}" if ran else None
+
+    checked = await asyncio.gather(
+        *(guarded(key, watched) for key, watched in list(operator.autoscaled.items()))
+    )
+    return [name for name in checked if name is not None]
+
+
+async def autoscale_forever(operator: Operator) -> None:
+    """Every ``autoscale_seconds``, a look at the autoscaled Agents."""
+    while True:
+        await asyncio.sleep(operator.settings.autoscale_seconds)
+        try:
+            await autoscale_once(operator)
+        except Exception:
+            logger.exception("the autoscaler failed; retrying")
