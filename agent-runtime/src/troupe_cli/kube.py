@@ -1,5 +1,5 @@
 """The CLI's Kubernetes calls: who the caller is (a SelfSubjectReview), the namespace's
-Approvals, and a decision patched into one.
+Approvals, and a decision patched into one; ChaosExperiments listed, read and created.
 
 This is the one module of the CLI that imports the ``kubernetes`` library (``.importlinter``
 names it): a person's kubeconfig is what kubectl reads, with exec plugins and auth providers
@@ -22,6 +22,7 @@ from troupe_cli.errors import CliError, Refused
 GROUP = "troupe.dev"
 VERSION = "v1alpha1"
 PLURAL = "approvals"
+CHAOS_PLURAL = "chaosexperiments"
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT_SECONDS = (5.0, 30.0)
 INSTALL_HINT = "these commands need the kubernetes library: pip install 'troupe-runtime[kube]'"
@@ -138,6 +139,38 @@ class Kube:
             name,
             patch,
             _content_type=MERGE_PATCH,
+        )
+
+    def chaos_experiments(self, namespace: str) -> list[dict[str, Any]]:
+        listing = self._call(
+            self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, CHAOS_PLURAL
+        )
+        items: list[dict[str, Any]] = listing.get("items") or []
+        return items
+
+    def chaos_experiment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(
+                self._custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                CHAOS_PLURAL,
+                name,
+            )
+        except NotFound:
+            return None
+
+    def create_chaos_experiment(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create it; the API server's refusal (schema, CEL, RBAC, a name taken) is
+        ``Refused`` with its message."""
+        return self._call(
+            self._custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            CHAOS_PLURAL,
+            body,
         )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from troupe_cli import approvals, render
+from troupe_cli import approvals, chaos, render
 from troupe_cli.deltas import (
     Chunk,
     Shown,
@@ -719,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     listed = kube_command("approvals", approvals.list_approvals, "list the Approvals that wait")
     listed.add_argument("-A", "--all-namespaces", action="store_true", help="in every namespace")
     listed.add_argument("--all", action="store_true", help="decided and resolved ones too")
+
+    chaos.add_commands(commands, flags)
 
     top_ = command(commands, "top", top, "throughput, lag and errors per agent")
     top_.add_argument("--interval", type=_positive, default=2.0, help="seconds between samples")

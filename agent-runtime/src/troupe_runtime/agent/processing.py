@@ -16,6 +16,11 @@ A Budget's hard limit (``BudgetExceeded``) is dead-lettered as
 (``BudgetUnavailable``) hands the message back like an unavailable model,
 since no call is ever made unchecked.
 
+A ChaosExperiment's faults (``agent.chaos``) enter here for every handler type: a message's
+delay before it is processed, the handler's latency and ``InjectedFault`` under its
+deadline (a failed attempt like any other), and a settled first delivery's copy published
+to the inbox again. With no experiment naming the agent, one attribute check.
+
 Whatever handler code raises, ``SystemExit``, ``KeyboardInterrupt`` and its own
 ``CancelledError`` included, is a failed attempt, never the end of the process.
 Only our own cancellation of the task (shutdown) passes through, so the worker
