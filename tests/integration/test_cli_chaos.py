@@ -2,10 +2,8 @@
 created is the object the API server stores, and what ``ls`` and ``show`` print is its
 status as the operator writes it (patched here, as no operator runs in this module).
 
-The CRD is the one that ships (``crds/chaosexperiments.troupe.dev.yaml``, installed with the
-others) once it is in the repository; until then the module installs a stand-in of the same
-group, version and names that keeps whatever it is given, so the CLI's calls are tested on
-the real API server either way.
+The CRD is the one that ships (``crds/chaosexperiments.troupe.dev.yaml``), installed with
+the others, so what the CLI creates passes its schema and CEL rules.
 """
 
 from __future__ import annotations
@@ -18,53 +16,19 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.integration.operator_support import CRDS, install_crds
+from tests.integration.operator_support import install_crds
 from troupe_cli.main import amain
 from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace
 from troupe_devcluster.kube import core_v1
 
 GROUP, VERSION, PLURAL = "troupe.dev", "v1alpha1", "chaosexperiments"
 CRD = "chaosexperiments.troupe.dev"
-STAND_IN = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": CRD},
-    "spec": {
-        "group": GROUP,
-        "names": {
-            "kind": "ChaosExperiment",
-            "listKind": "ChaosExperimentList",
-            "plural": PLURAL,
-            "singular": "chaosexperiment",
-        },
-        "scope": "Namespaced",
-        "versions": [
-            {
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                    }
-                },
-            }
-        ],
-    },
-}
-
 Output = tuple[int, str, str]
 
 
 @pytest.fixture(scope="module")
-def crd(cluster: ClusterEndpoints, tmp_path_factory: pytest.TempPathFactory) -> None:
+def crd(cluster: ClusterEndpoints) -> None:
     install_crds(cluster)
-    if not (CRDS / f"{CRD}.yaml").exists():
-        stand_in = tmp_path_factory.mktemp("crd") / "chaos.yaml"
-        stand_in.write_text(yaml.safe_dump(STAND_IN))
-        cluster.kubectl("apply", "-f", str(stand_in))
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=30s")
 
 
@@ -179,3 +143,17 @@ async def test_show_of_a_missing_experiment_says_how_to_list_them(
     assert code == 1
     assert "no ChaosExperiment nothing" in err
     assert "troupe chaos ls" in err
+
+
+async def test_an_experiment_the_api_server_refuses_is_printed_with_its_reason(
+    capsys: pytest.CaptureFixture[str], kubeconfig: Path, api_client: Any, team: str
+) -> None:
+    code, _, err = await troupe(
+        capsys, kubeconfig, team, "run", "--name", "forever", "--selector", "", "--duration",
+        "48h", "--handler-errors", "1",
+    )  # fmt: skip
+    assert code == 2
+    assert "24h" in err
+    custom = client.CustomObjectsApi(api_client)
+    listed: Any = custom.list_namespaced_custom_object(GROUP, VERSION, team, PLURAL)
+    assert listed["items"] == []
