@@ -179,6 +179,34 @@ def test_an_idle_agent_scales_to_zero_and_back_and_its_message_is_handled_exactl
         assert get(cluster, namespace, "agent", "sleeper")["status"]["deadLetters"] == 0
 
 
+def test_a_message_sent_while_the_operator_is_down_wakes_the_agent_after_its_restart(
+    cluster: ClusterEndpoints,
+    api_client: Any,
+    namespace: str,
+    operator: OperatorProcess,
+    output_stream: tuple[str, str],
+) -> None:
+    subject, stream = output_stream
+    policy = {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": IDLE}
+    manifest = running_agent(
+        "dozer", contract={"outputSubjects": [subject]}, runtime={"autoscale": policy}
+    )
+    with explained(cluster, namespace, operator):
+        apply(cluster, namespace, manifest)
+        wait_for(lambda: _replicas(cluster, namespace, "dozer") == 0, DEADLINE, "at zero")
+        wait_for(lambda: not _pods(api_client, namespace, "dozer"), DEADLINE, "no pods left")
+
+        operator.kill()
+        try:
+            _publish(cluster.nats_url, namespace, "dozer", ["late"])
+        finally:
+            # The new operator knows nothing of the old one's memory: it finds the Agent on
+            # resume and decides from the consumer's count alone.
+            operator.start()
+        outputs = wait_for(lambda: _outputs(cluster.nats_url, stream), DEADLINE, "the output")
+        assert outputs == [["late", "dozer"]]
+
+
 def test_lag_above_the_target_scales_out_under_the_autoscalers_field_manager(
     cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
 ) -> None:
