@@ -26,6 +26,7 @@ from tests.integration.operator_support import (
 from troupe_devcluster.fixtures import ClusterEndpoints, create_namespace, wait_for
 from troupe_devcluster.kube import apps_v1, core_v1
 from troupe_runtime.contract import naming
+from troupe_runtime.nats.provision import chaos_bucket_config
 
 DEADLINE = 45.0
 CONFIG_HASH = "troupe.dev/config-hash"
@@ -129,6 +130,14 @@ def test_deleting_an_agent_removes_its_objects_and_nats_resources(
 ) -> None:
     apply(cluster, namespace, agent("reader", state=[{"name": "cache"}]))
     wait_ready(cluster, namespace, "agent", "reader")
+    # A runtime makes the chaos bucket to watch its key (these pods run on kwok, so the test
+    # makes it as one would); the namespace's last Agent takes it along.
+    chaos = naming.kv_stream(naming.chaos_bucket(namespace))
+
+    async def watched(js: JetStreamContext) -> None:
+        await js.create_key_value(chaos_bucket_config(namespace))
+
+    jetstream(cluster.nats_url, watched)
 
     cluster.kubectl("delete", "-n", namespace, "agent/reader", "--timeout=45s")
 
@@ -136,6 +145,7 @@ def test_deleting_an_agent_removes_its_objects_and_nats_resources(
         _inbox(namespace, "reader"),
         f"TROUPE_DLQ_{namespace}_reader",
         naming.kv_stream(naming.kv_bucket(namespace, "cache")),
+        chaos,
         f"TROUPE_EVENTS_{namespace}",
     }
     wait_for(

@@ -29,12 +29,13 @@ def _spec(**fields: Any) -> AgentSpec:
     return AgentSpec.model_validate({"role": "r", **fields})
 
 
-def test_the_last_agent_of_a_namespace_takes_its_buckets_and_event_log() -> None:
+def test_the_last_agent_of_a_namespace_takes_its_buckets_chaos_bucket_and_event_log() -> None:
     spec = _spec(state=[{"name": "notes"}], rateLimit={"rate": 1, "scope": "global"})
 
     assert orphaned_streams("ns", spec, []) == [
         "KV_troupe_ns_state_notes",
         "KV_troupe_ns_ratelimits",
+        "KV_troupe_ns_chaos",
         "TROUPE_EVENTS_ns",
     ]
 

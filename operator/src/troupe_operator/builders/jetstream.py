@@ -81,7 +81,10 @@ def orphaned_streams(
 
     The budget bucket, which every LLM agent's runtime watches (and creates if it must),
     goes with the last LLM agent unless a Budget stays (``budgets_staying``); the last
-    Budget's deletion takes it when no LLM agent stays (``reconcilers.budget``)."""
+    Budget's deletion takes it when no LLM agent stays (``reconcilers.budget``). The chaos
+    bucket, which every runtime watches (and creates if it must, ``agent.chaos``), goes with
+    the namespace's last Agent: nothing is left to inject faults into, and the operator
+    makes it again when an experiment next writes (``reconcilers.chaos``)."""
     kept = {bucket.name for other in others for bucket in other.state}
     streams = [
         naming.kv_stream(naming.kv_bucket(namespace, bucket.name))
@@ -96,6 +99,7 @@ def orphaned_streams(
         if not budgets_staying:
             streams.append(naming.kv_stream(naming.budget_bucket(namespace)))
     if not others:
+        streams.append(naming.kv_stream(naming.chaos_bucket(namespace)))
         streams.append(naming.event_log_stream(namespace))
     return streams
 
