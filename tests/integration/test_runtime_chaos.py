@@ -5,6 +5,7 @@ restores the agent."""
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +14,13 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry
 
-from tests.integration.llm_harness import CallableTools, llm_config, running_llm, tool
+from tests.integration.llm_harness import (
+    MODEL,
+    CallableTools,
+    llm_config,
+    running_llm,
+    tool,
+)
 from tests.integration.runtime_harness import (
     eventually,
     inbox_empty,
@@ -74,7 +81,7 @@ def injected(runtime: Runtime, point: str, kind: str) -> float:
     return sample(runtime, "troupe_chaos_injected_total", point=point, kind=kind)
 
 
-def chaos_counted(chaos: Chaos, metrics: ChaosMetrics, point: str, kind: str) -> float:
+def chaos_counted(metrics: ChaosMetrics, point: str, kind: str) -> float:
     value = metrics.registry.get_sample_value(
         "troupe_chaos_injected_total", {"point": point, "kind": kind}
     )
@@ -260,7 +267,7 @@ async def test_injected_model_errors_take_the_model_failure_retry_path(
 
     assert asked_meanwhile == 0  # every call failed in place of the provider
     assert retries == config.retry.max_attempts - 1  # retried as an unavailable model
-    assert chaos_counted(chaos, metrics, "model", "error") == config.retry.max_attempts
+    assert chaos_counted(metrics, "model", "error") == config.retry.max_attempts
     assert letter.headers is not None
     assert "ModelUnavailable" in letter.headers[ERROR_HEADER]
     assert INJECTED_ERROR in letter.headers[ERROR_HEADER]
@@ -291,5 +298,57 @@ async def test_an_injected_tool_error_is_the_error_result_the_model_reads(
     second = scripted_llm.completions[1].messages
     [result] = [m for m in second if m.get("role") == "tool"]
     assert INJECTED_ERROR in result["content"]
-    assert chaos_counted(chaos, metrics, "tools", "error") == 1
-    assert chaos_counted(chaos, metrics, "tools", "latency") == 1
+    assert chaos_counted(metrics, "tools", "error") == 1
+    assert chaos_counted(metrics, "tools", "latency") == 1
+
+
+class Draws(random.Random):
+    """A random source that gives the draws it was handed, in order (then 0.99)."""
+
+    def __init__(self, *draws: float) -> None:
+        super().__init__(0)
+        self._draws = list(draws)
+
+    def random(self) -> float:
+        return self._draws.pop(0) if self._draws else 0.99
+
+
+async def test_an_injected_model_error_falls_back_to_the_next_model_of_the_chain(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    config = llm_config(nats_url, scripted_llm.base_url)
+    assert config.llm is not None
+    backup = config.llm.providers[0].model_copy(update={"name": "backup"})
+    llm = config.llm.model_copy(
+        update={
+            "providers": [*config.llm.providers, backup],
+            "policy": config.llm.policy.model_copy(
+                update={
+                    "fallbacks": [config.llm.policy.model.model_copy(update={"provider": "backup"})]
+                }
+            ),
+        }
+    )
+    config = config.model_copy(update={"llm": llm})
+    metrics = ChaosMetrics(CollectorRegistry())
+    # The first model's call draws (latency, error) = (0.99, 0.0): it fails; the backup's pass.
+    chaos = Chaos(config.namespace, config.agent, metrics, rng=Draws(0.99, 0.0))
+    scripted_llm.script(Text("From the backup."))
+    async with (
+        provisioned(config) as (_, js),
+        running_llm(config, chaos=chaos) as (_, llm_metrics),
+    ):
+        await inject(js, config, {"model": {"errorRatio": 0.5}})
+        await eventually(lambda: chaos.armed, "the runtime to see the faults")
+        await send(js, config, "hello")
+        await eventually(lambda: stream_count(js, output_stream(config)), "an answer")
+        [answer] = await stored(js, output_stream(config))
+
+    assert envelope.parse(answer.headers, answer.data or b"").data["content"] == "From the backup."
+    assert len(scripted_llm.completions) == 1  # only the backup was asked
+    labels = {"agent": config.agent, "from_model": MODEL, "to_model": MODEL}
+    fell_back = llm_metrics.registry.get_sample_value(
+        "troupe_llm_fallbacks_total", {**labels, "reason": "unavailable"}
+    )
+    assert fell_back == 1
+    assert chaos_counted(metrics, "model", "error") == 1

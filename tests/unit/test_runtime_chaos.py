@@ -87,7 +87,9 @@ def test_an_entry_ends_at_its_until_without_being_removed() -> None:
     chaos, _, clock, _ = holder()
     chaos.update(entry({"handler": {"errorRatio": 1}}, until=NOW + timedelta(seconds=10)))
     assert chaos.roll("handler").fail
+    assert chaos.in_force()
     clock.now = NOW + timedelta(seconds=10)
+    assert not chaos.in_force()
     assert chaos.roll("handler").harmless
     assert not chaos.armed  # forgotten at the first roll past it: one check per message again
 

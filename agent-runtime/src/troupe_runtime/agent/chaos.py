@@ -121,6 +121,12 @@ class Chaos:
         """Whether any fault may be in force: the one check every message pays."""
         return self.entry is not None
 
+    def in_force(self) -> bool:
+        """Whether faults apply now, changing nothing (the ``troupe_chaos_active`` gauge's
+        value: a scrape may come from anywhere)."""
+        entry = self.entry
+        return entry is not None and entry.active(self._clock())
+
     def current(self) -> AgentFaults | None:
         """The entry in force now, or None (an expired one is forgotten here)."""
         entry = self.entry

@@ -88,7 +88,7 @@ class Runtime:
         self.chaos = chaos or Chaos(config.namespace, config.agent, self.metrics.chaos)
         """The faults in force for this agent; a given one (a test's, shared with the LLM
         agent's model and tool calls) counts in its own metrics."""
-        self.metrics.chaos.active.set_function(lambda: float(self.chaos.current() is not None))
+        self.metrics.chaos.active.set_function(lambda: float(self.chaos.in_force()))
         self.liveness = Liveness(self.able, liveness_bound)
         self.metrics.unable_seconds.set_function(self.liveness.unable_for)
         self.health = HealthServer(self.metrics.registry, self.ready, self.liveness)
