@@ -68,21 +68,36 @@ PASS_CONCURRENCY = 8
 logger = logging.getLogger(__name__)
 
 
+RunKey = tuple[str, str, str]
+"""(namespace, experiment, run): whose probes a ``ProbeBook`` entry is."""
+
+
 @dataclass
 class ProbeBook:
     """This process's memory of probes: when each was sent, and the answers read already
-    (an answer, once stored, does not change). A cache only: the event log is the truth."""
+    (an answer, once stored, does not change). A cache only: the event log is the truth.
 
-    sent_at: dict[str, datetime] = field(default_factory=dict)
-    answers: dict[str, builders.Answer] = field(default_factory=dict)
+    Kept per (namespace, experiment, run): probe ids name neither the namespace nor, without
+    ambiguity, the experiment (``chaos-a-once-…`` could be experiment ``a`` or ``a-once``),
+    so keying by id alone would let one experiment count another's answers."""
+
+    sent_at: dict[RunKey, dict[str, datetime]] = field(default_factory=dict)
+    answers: dict[RunKey, dict[str, builders.Answer]] = field(default_factory=dict)
     namespaces: set[str] = field(default_factory=set)
     """Namespaces this process wrote faults to: where ``sweep`` looks."""
 
-    def forget(self, prefix: str) -> None:
-        """Drop what is kept of the probes whose ids start with ``prefix`` (a run ended)."""
+    def sent(self, run: RunKey) -> dict[str, datetime]:
+        return self.sent_at.setdefault(run, {})
+
+    def answered(self, run: RunKey) -> dict[str, builders.Answer]:
+        return self.answers.setdefault(run, {})
+
+    def forget(self, namespace: str, experiment: str, run: str | None = None) -> None:
+        """Drop what is kept of an experiment's probes: of ``run``, or of all its runs."""
         for kept in (self.sent_at, self.answers):
-            for key in [k for k in kept if k.startswith(prefix)]:
-                del kept[key]
+            for key in [k for k in kept if k[:2] == (namespace, experiment)]:
+                if run is None or key[2] == run:
+                    del kept[key]
 
 
 def target(operator: Operator) -> NatsTarget:
@@ -184,7 +199,7 @@ async def _drive(
             update={"dead_letters_before": before, "dead_letters_after": before}
         )
         status = status.model_copy(update={"figures": figures})
-        book.forget(f"chaos-{name}-")
+        book.forget(namespace, name)
     killed = 0
     if status.phase == "Running":
         await _write_faults(operator, book, namespace, name, spec, status)
@@ -272,7 +287,7 @@ async def _send_probes(
                     "%s %s/%s: probe %s not sent: %s", KIND, namespace, name, probe, error
                 )
                 continue
-            book.sent_at.setdefault(probe, now)
+            book.sent((namespace, name, status.run)).setdefault(probe, now)
     rounds = max(due, status.probe_rounds)
     figures = status.figures.model_copy(update={"probes_sent": rounds * len(status.targets.agents)})
     return status.model_copy(update={"probe_rounds": rounds, "figures": figures})
@@ -329,12 +344,14 @@ async def _answers(
     up on the event log by their reply subjects."""
     start = builders.parse_time(status.started_at) or datetime.now(UTC)
     every = spec.steady_state.probe.every
+    run = (namespace, name, status.run)
+    sent_at, answered = book.sent(run), book.answered(run)
     wanted: dict[str, tuple[str, datetime]] = {}
     for index in range(status.probe_rounds):
         for agent in status.targets.agents:
             probe = builders.probe_id(name, status.run, agent, index)
-            if probe not in book.answers:
-                sent = book.sent_at.get(probe, start + every * index)
+            if probe not in answered:
+                sent = sent_at.get(probe, start + every * index)
                 subject = builders.probe_reply_subject(namespace, name, probe)
                 wanted[subject] = (probe, sent)
     if wanted:
@@ -343,9 +360,8 @@ async def _answers(
         )
         for subject, message in found.items():
             probe, sent = wanted[subject]
-            book.answers[probe] = _answer(message.headers, message.time, sent)
-    prefix = f"chaos-{name}-{status.run}-"
-    return [answer for probe, answer in book.answers.items() if probe.startswith(prefix)]
+            answered[probe] = _answer(message.headers, message.time, sent)
+    return list(answered.values())
 
 
 async def _dead_letters(operator: Operator, namespace: str, agents: list[str]) -> int:
@@ -386,7 +402,7 @@ async def _finish(
             new.verdict,
             f"run {new.run}: {new.verdict_reason}",
         )
-        book.forget(f"chaos-{name}-{new.run}-")
+        book.forget(namespace, name, new.run)
     _gauges(namespace, name, new)
 
 
