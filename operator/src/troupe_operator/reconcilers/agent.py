@@ -98,6 +98,12 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             operator.autoscaled.pop((owner.namespace, owner.name), None)
         keda_served = await operator.has_crd(autoscale.KEDA_CRD)
         keda = policy is not None and policy.engine == "keda" and keda_served
+        # An Agent KEDA does not scale may have a ScaledObject left from when it did: looked
+        # for (one GET) until a pass has seen it gone, not on every pass of every Agent.
+        key = (owner.namespace, owner.name)
+        if keda:
+            operator.without_scaled_object.discard(key)
+        unscaled = keda_served and not keda and key not in operator.without_scaled_object
 
         async def jetstream(nats: NatsPool, target: NatsTarget) -> AgentRead:
             await nats.provision(target, resources, fields, object_stores)
@@ -115,6 +121,8 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
             return AgentRead(counts, scaling)
 
         def next_status(seen: Seen[AgentStatus, AgentRead]) -> AgentStatus:
+            if unscaled:  # the pass removed the ScaledObject, if any, before its status
+                operator.without_scaled_object.add(key)
             messaging = seen.messaging
             usage = seen.previous.usage if spec.llm is not None else None
             scaling = scaling_step.Scaling(None, scaled_by=seen.scaled_by)
@@ -174,7 +182,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         return Plan(
             next_status,
             apply=[manifest for manifest in manifests if manifest is not None],
-            remove=[("ScaledObject", owner.name)] if keda_served and not keda else [],
+            remove=[("ScaledObject", owner.name)] if unscaled else [],
             secrets=[
                 *workload.referenced_secrets(spec),
                 *llm_builders.provider_secrets(resolution.runtime),
@@ -296,6 +304,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         it may have used cannot be told, so they stay.
         """
         operator.autoscaled.pop((namespace, name), None)
+        operator.without_scaled_object.discard((namespace, name))
         withdrawn = await directory.withdraw(operator, self.name, namespace, name)
         if spec is None:
             connection = raw_connection(raw_spec)
