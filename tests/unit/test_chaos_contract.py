@@ -66,3 +66,18 @@ def test_a_latency_past_the_bound_is_refused() -> None:
 def test_faults_are_keyed_per_agent_in_a_bucket_per_namespace() -> None:
     assert naming.chaos_bucket("team-a") == "troupe_team-a_chaos"
     assert naming.chaos_faults_key("writer") == "faults.writer"
+
+
+@given(st.timedeltas(min_value=timedelta(days=-400), max_value=timedelta(days=400 * 365)))
+def test_an_entry_is_in_force_only_between_now_and_the_longest_run(ahead: timedelta) -> None:
+    # The operator's until is its run's end, at most LONGEST_RUN away: any other until (a
+    # hostile year-9999 one above all) injects nothing rather than make the agent faulty
+    # for good.
+    raw = entry(NOW + ahead, handler={"errorRatio": 1}).model_dump_json(by_alias=True).encode()
+    in_force = timedelta(0) < ahead <= chaos.LONGEST_RUN + chaos.CLOCK_SKEW
+    assert (chaos.parse_entry(raw, NOW) is not None) == in_force
+
+
+def test_an_entry_ending_far_beyond_any_run_injects_nothing() -> None:
+    far = entry(datetime(9999, 1, 1, tzinfo=UTC), handler={"errorRatio": 1})
+    assert chaos.parse_entry(far.model_dump_json(by_alias=True).encode(), NOW) is None

@@ -159,8 +159,8 @@ class Chaos:
             return
         if not entry.active(self._clock()):
             logger.info(
-                "chaos entry %s (revision %d, ChaosExperiment %s) is not in force (ended %s or "
-                "injects nothing)",
+                "chaos entry %s (revision %d, ChaosExperiment %s) is not in force (ended, or "
+                "ends later than any run can, at %s; or injects nothing)",
                 self.key,
                 revision,
                 entry.experiment,

@@ -40,6 +40,11 @@ PROBE_HEADER = "Troupe-Chaos-Probe"
 or a dashboard can tell probes from real traffic."""
 MAX_DELAY = timedelta(minutes=10)
 """The longest latency one fault may add: longer would only look like a wedge."""
+LONGEST_RUN = timedelta(hours=24)
+"""The longest a ChaosExperiment's run may last (its CRD refuses more): an entry's ``until``
+is the run's end, so it is never further ahead than this."""
+CLOCK_SKEW = timedelta(minutes=5)
+"""How far the operator's clock may run ahead of an agent's."""
 INJECTED_ERROR = "chaos: injected fault"
 """The message of every injected error, so logs and dead letters say what caused them."""
 
@@ -152,8 +157,11 @@ class AgentFaults(WireModel):
     faults: Faults = Field(description="What to inject.")
 
     def active(self, now: datetime) -> bool:
-        """Whether the faults apply at ``now`` (a runtime ignores expired entries)."""
-        return now < self.until and not self.faults.empty
+        """Whether the faults apply at ``now``: not expired, not empty, and ending within
+        ``LONGEST_RUN`` (plus ``CLOCK_SKEW``). No run the operator writes for ends later, so
+        an entry that does (anyone who may write the bucket, a year-9999 ``until``) would
+        only make the agent faulty for good: it injects nothing."""
+        return now < self.until <= now + LONGEST_RUN + CLOCK_SKEW and not self.faults.empty
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from troupe_operator.api.common import ApiModel, rule
 from troupe_operator.api.status import ObjectStatus
 from troupe_runtime.contract import envelope
 from troupe_runtime.contract.budget import LabelSelector
-from troupe_runtime.contract.chaos import Faults
+from troupe_runtime.contract.chaos import LONGEST_RUN, Faults
 from troupe_runtime.contract.durations import Duration, format_duration
 from troupe_runtime.contract.triggers import (
     SCHEDULE_MAX,
@@ -37,8 +37,9 @@ from troupe_runtime.contract.triggers import (
     time_zone_problem,
 )
 
-MAX_RUN = timedelta(hours=24)
-"""The longest run: faults that last longer are an outage, not an experiment."""
+MAX_RUN = LONGEST_RUN
+"""The longest run: faults that last longer are an outage, not an experiment (the runtime
+ignores an entry ending later than this after it reads it)."""
 MAX_PROBES = 2000
 """Probes one run may send per Agent (duration / probe.every): each is looked up after it."""
 MAX_PAYLOAD = 16 * 1024
