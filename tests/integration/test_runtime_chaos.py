@@ -5,6 +5,7 @@ restores the agent."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -352,3 +353,44 @@ async def test_an_injected_model_error_falls_back_to_the_next_model_of_the_chain
     )
     assert fell_back == 1
     assert chaos_counted(metrics, "model", "error") == 1
+
+
+async def test_the_runtime_wires_its_own_chaos_into_an_llm_agents_model_calls(
+    nats_url: str, scripted_llm: ScriptedLlm
+) -> None:
+    """No harness hands the chaos in: the runtime builds the LLM agent itself, as in a pod."""
+    config = llm_config(nats_url, scripted_llm.base_url)
+    runtime = Runtime(config, host="127.0.0.1", port=0, grace=2.0)
+    task = asyncio.create_task(runtime.run())
+    try:
+        async with provisioned(config) as (_, js):
+            await eventually(runtime.ready, "the runtime to become ready")
+            await inject(js, config, {"model": {"errorRatio": 1}})
+            await eventually(lambda: runtime.chaos.armed, "the runtime to see the faults")
+            await send(js, config, "hello")
+            await eventually(lambda: stream_count(js, config.dead_letter_stream), "a dead letter")
+            errors = injected(runtime, "model", "error")
+    finally:
+        runtime.stop()
+        await asyncio.wait_for(task, 30)
+
+    assert errors == config.retry.max_attempts
+    assert scripted_llm.completions == []
+
+
+async def test_a_reopened_session_watches_the_key_again(nats_url: str) -> None:
+    config = make_config(nats_url, retry={"maxAttempts": 1, "backoff": ["50ms"]})
+    async with provisioned(config) as (_, js), running(config, Recorder()) as runtime:
+        first = runtime._nc
+        assert first is not None
+        await first.close()  # closed for good: the runtime opens a new connection
+        await eventually(
+            lambda: runtime.ready() and runtime._nc is not first, "a new session to serve"
+        )
+        await inject(js, config, {"handler": {"errorRatio": 1}})
+        await eventually(lambda: runtime.chaos.armed, "the new session's watch to see it")
+        await send(js, config, "after the reopening")
+        await eventually(lambda: stream_count(js, config.dead_letter_stream), "a dead letter")
+        reopened = sample(runtime, "troupe_nats_reopened_total", cause="closed")
+
+    assert reopened == 1
