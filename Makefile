@@ -15,6 +15,8 @@ VERSION := $(shell cat VERSION)
 PACKAGES := agent-runtime operator tools/devcluster
 SOURCES := operator/src agent-runtime/src tools/devcluster/src tools/devcluster/tests tools/agent_metrics.py tests bench examples/research-team/handlers examples/research-team/servers examples/support-triage/handlers
 CRD_DIRS := crds charts/troupe/crds
+# nats-servers `make cluster-up` starts: 1, or 3 (or 5) for a JetStream cluster.
+NATS ?= 1
 # The bundle generator is handed helm and the Kubernetes version: it knows nothing of tools/.
 BUNDLE_ARGS = --chart charts/troupe --out deploy --helm "$$(tools/build-controlplane.sh)/helm" --kube-version $(K8S_VERSION)
 PYTEST_ARGS ?=
@@ -99,8 +101,8 @@ bench: setup ## Run one benchmark, bench/$(BENCH).py (default operator_failover)
 	$(BIN)/python bench/$(BENCH).py $(ARGS)
 
 .PHONY: cluster-up
-cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS.
-	$(BIN)/python -m troupe_devcluster up
+cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS (NATS=3: a JetStream cluster).
+	$(BIN)/python -m troupe_devcluster up --nats $(NATS)
 
 .PHONY: cluster-down
 cluster-down: setup ## Stop the local cluster and remove its files.

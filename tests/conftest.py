@@ -9,6 +9,7 @@ cluster's launcher, once per session and only when a test asks for one:
 - ``kubeconfig``: its admin kubeconfig file;
 - ``api_client``: a kubernetes client for it;
 - ``nats_url``: a JetStream-enabled nats-server;
+- ``nats_cluster``: a three-server JetStream cluster of one module's own (its layout);
 - ``namespace``: a fresh namespace, deleted after the test;
 - ``scripted_llm``: a scripted OpenAI-compatible server (one per test);
 - ``local_model``: the real local model (SmolLM2 on llama-cpp-python's OpenAI-compatible
@@ -23,6 +24,7 @@ from troupe_devcluster.fixtures import (
     kubeconfig,
     local_model,
     namespace,
+    nats_cluster,
     nats_url,
     scripted_llm,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "kubeconfig",
     "local_model",
     "namespace",
+    "nats_cluster",
     "nats_url",
     "scripted_llm",
 ]

@@ -29,6 +29,7 @@ from tests.integration.workflow_handlers import NAME_ENV
 from troupe_devcluster import processes
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_devcluster.layout import free_port
+from troupe_runtime.contract.nats_servers import server_urls
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -253,7 +254,8 @@ def running_agent(name: str, **spec: Any) -> dict[str, Any]:
                 "entrypoint": "tests.integration.workflow_handlers:append_name",
             },
             "env": [
-                {"name": "PYTHONPATH", "value": str(REPO)},
+                # The checkout's runtime, not whichever one the venv's editable install names.
+                {"name": "PYTHONPATH", "value": f"{REPO / 'agent-runtime' / 'src'}:{REPO}"},
                 {"name": NAME_ENV, "value": name},
             ],
         },
@@ -314,7 +316,7 @@ def jetstream(nats_url: str, action: Callable[[JetStreamContext], Awaitable[T]])
     """Run one JetStream look-up or change on a connection of its own."""
 
     async def run() -> T:
-        connection = await nats.connect(nats_url)
+        connection = await nats.connect(server_urls(nats_url))
         try:
             return await action(connection.jetstream())
         finally:

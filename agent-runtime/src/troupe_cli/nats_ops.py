@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -36,10 +35,12 @@ from troupe_cli.views import (
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.dead_letters import header_map
 from troupe_runtime.contract.envelope import CloudEvent
+from troupe_runtime.contract.nats_servers import InvalidNatsUrl
 from troupe_runtime.contract.run_events import CANCEL_TYPE, Event
 from troupe_runtime.contract.run_state import RunState
 from troupe_runtime.contract.state_entries import Entry
 from troupe_runtime.nats.kv import KeyValueRevisions
+from troupe_runtime.nats.replicas import connect_without_retry
 from troupe_runtime.nats.streams import read_events
 
 CONNECT_TIMEOUT_SECONDS = 3
@@ -72,14 +73,10 @@ async def _quiet(error: Exception) -> None:
 async def connected(url: str, namespace: str) -> AsyncIterator[Ops]:
     """Connect without retrying: a person waiting at a prompt wants the error now."""
     try:
-        nc = await nats.connect(
-            servers=[url],
-            name="troupe-cli",
-            allow_reconnect=False,
-            connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            error_cb=_quiet,
+        nc = await connect_without_retry(
+            url, name="troupe-cli", connect_timeout=CONNECT_TIMEOUT_SECONDS, error_cb=_quiet
         )
-    except (NoServersError, OSError, NatsTimeoutError) as error:
+    except (NoServersError, OSError, NatsTimeoutError, InvalidNatsUrl) as error:
         raise CliError(
             f"cannot reach NATS at {url} ({error}); set --nats-url or NATS_URL"
         ) from error

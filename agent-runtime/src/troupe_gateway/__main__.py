@@ -28,6 +28,7 @@ async def serve(settings: Settings) -> None:
         NatsSettings(
             url=settings.nats_url,
             credentials_file=Path(credentials) if credentials else None,
+            replicas=settings.nats_replicas,
         ),
         "troupe-gateway",
     )

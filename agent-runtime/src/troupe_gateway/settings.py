@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from troupe_runtime.contract.nats_servers import MAX_REPLICAS, InvalidNatsUrl, server_urls
+
 MAX_PORT = 65535
 MAX_TASK_TTL_SECONDS = 365 * 24 * 3600
 """A year: JetStream holds a max age in nanoseconds, and no task needs to outlive this."""
@@ -21,6 +23,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_replicas: int = 1
+    """Replicas of the buckets the gateway creates (``TROUPE_NATS_REPLICAS``, as the operator)."""
     host: str = "0.0.0.0"
     port: int = 8080
     public_url: str | None = None
@@ -45,12 +49,12 @@ class Settings:
                 "for TLS, or neither"
             )
         return cls(
-            nats_url=_url(
+            nats_url=_nats_url(
                 env,
                 "TROUPE_NATS_URL" if env.get("TROUPE_NATS_URL") else "NATS_URL",
                 default.nats_url,
-                ("nats", "tls"),
             ),
+            nats_replicas=_replicas(env.get("TROUPE_NATS_REPLICAS")),
             # The pod's own IP where the chart gives one: replicas on one process node would
             # otherwise share 0.0.0.0:8080.
             host=env.get("TROUPE_GATEWAY_HOST") or env.get("POD_IP") or default.host,
@@ -70,6 +74,26 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     if urlsplit(value).scheme not in schemes or not urlsplit(value).netloc:
         raise SettingsError(f"{name} must be a URL with scheme {' or '.join(schemes)}")
     return value
+
+
+def _nats_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """One NATS server URL or a cluster's, comma-separated (``nats_servers``)."""
+    value = env.get(name) or default
+    try:
+        servers = server_urls(value)
+    except InvalidNatsUrl as error:
+        raise SettingsError(f"{name}: {error}") from error
+    for server in servers:
+        _url({name: server}, name, server, ("nats", "tls"))
+    return value
+
+
+def _replicas(value: str | None) -> int:
+    if not value:
+        return 1
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_REPLICAS:
+        raise SettingsError(f"TROUPE_NATS_REPLICAS must be 1 to {MAX_REPLICAS}")
+    return int(value)
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -3,7 +3,11 @@
 =========================  ===========================================  =======================
 Variable                   Meaning                                      Default
 =========================  ===========================================  =======================
-TROUPE_NATS_URL            NATS for agents that name none               nats://nats:4222
+TROUPE_NATS_URL            NATS for agents that name none (a comma-     nats://nats:4222
+                           separated list: every server of a cluster)
+TROUPE_NATS_REPLICAS       replicas of every stream and bucket, unless  1
+                           an object's spec.nats.replicas says (1-5;
+                           3 on a three-server cluster)
 TROUPE_NATS_CREDENTIALS    the operator's own NATS credentials file     (none)
 TROUPE_WATCH_NAMESPACES    comma-separated namespaces; empty = all      (all)
 TROUPE_LOG_FORMAT          ``plain`` or ``json``                        plain
@@ -39,6 +43,7 @@ from typing import Literal
 
 from troupe_operator.api.agent import DEFAULT_RUNTIME_IMAGE
 from troupe_operator.builders.lease import ElectionTimings
+from troupe_runtime.contract.nats_servers import MAX_REPLICAS, InvalidNatsUrl, server_urls
 
 LogFormat = Literal["plain", "json"]
 
@@ -48,6 +53,8 @@ class OperatorSettings:
     """Everything the operator is configured with."""
 
     nats_url: str = "nats://nats:4222"
+    nats_replicas: int = 1
+    """Replicas of the streams and buckets made for objects whose spec names none."""
     nats_credentials: Path | None = None
     namespaces: tuple[str, ...] = ()
     log_format: LogFormat = "plain"
@@ -93,13 +100,29 @@ def _log_format(value: str) -> LogFormat:
     return "json" if value == "json" else "plain"
 
 
+def _replicas(value: str) -> int:
+    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_REPLICAS:
+        raise ValueError(f"TROUPE_NATS_REPLICAS must be 1 to {MAX_REPLICAS}, not {value!r}")
+    return int(value)
+
+
+def _nats_url(value: str) -> str:
+    """The URL as given, once every comma-separated server in it is a NATS URL."""
+    try:
+        server_urls(value)
+    except InvalidNatsUrl as error:
+        raise ValueError(f"TROUPE_NATS_URL: {error}") from error
+    return value
+
+
 def from_environment(environ: Mapping[str, str] = os.environ) -> OperatorSettings:
     """Read the ``TROUPE_*`` variables; unset ones keep their defaults."""
     defaults = OperatorSettings()
     credentials = environ.get("TROUPE_NATS_CREDENTIALS")
     namespaces = environ.get("TROUPE_WATCH_NAMESPACES", "")
     return OperatorSettings(
-        nats_url=environ.get("TROUPE_NATS_URL", defaults.nats_url),
+        nats_url=_nats_url(environ.get("TROUPE_NATS_URL", defaults.nats_url)),
+        nats_replicas=_replicas(environ.get("TROUPE_NATS_REPLICAS", str(defaults.nats_replicas))),
         nats_credentials=Path(credentials) if credentials else None,
         namespaces=tuple(n.strip() for n in namespaces.split(",") if n.strip()),
         log_format=_log_format(environ.get("TROUPE_LOG_FORMAT", defaults.log_format)),

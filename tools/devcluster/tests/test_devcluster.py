@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from troupe_devcluster import components, launcher
-from troupe_devcluster.layout import Layout, Ports
+from troupe_devcluster.layout import Layout, Ports, allocate_nats_nodes
 from troupe_devcluster.pki import ADMIN_GROUP, KUBELET_CLIENT_USER, write_pki
 
 
@@ -164,3 +164,45 @@ def test_a_state_file_from_before_the_kubelet_port_still_loads(tmp_path: Path) -
     loaded = Layout.from_json(json.dumps(data))
     assert loaded.pids == {"etcd": 42}
     assert loaded.ports.kubelet == 0
+
+
+def _cluster_layout(tmp_path: Path) -> Layout:
+    ports = Ports.allocate()
+    return Layout(root=tmp_path, ports=ports, nats_nodes=allocate_nats_nodes(3, ports))
+
+
+def test_a_nats_cluster_url_names_every_server(tmp_path: Path) -> None:
+    layout = _cluster_layout(tmp_path)
+    urls = layout.nats_url.split(",")
+    assert urls == [f"nats://127.0.0.1:{node.client}" for node in layout.nats_nodes]
+    assert urls[0] == f"nats://127.0.0.1:{layout.ports.nats}"
+    ports = [p for node in layout.nats_nodes for p in (node.client, node.monitor, node.cluster)]
+    assert len(set(ports)) == 9
+    # Only the first server's pair is among the cluster's other ports.
+    shared = set(ports) & set(vars(layout.ports).values())
+    assert shared == {layout.ports.nats, layout.ports.nats_monitor}
+    assert launcher.env_lines(layout).splitlines()[1:] == [
+        f"export NATS_URL={layout.nats_url}",
+        "export TROUPE_NATS_REPLICAS=3",
+    ]
+
+
+def test_each_cluster_server_routes_to_the_others_and_stores_apart(tmp_path: Path) -> None:
+    layout = _cluster_layout(tmp_path)
+    servers = components.nats_servers(layout)
+    assert [s.name for s in servers] == ["nats-server-0", "nats-server-1", "nats-server-2"]
+    for index, server in enumerate(servers):
+        argv = server.argv
+        own = layout.nats_nodes[index]
+        routes = argv[argv.index("--routes") + 1].split(",")
+        assert sorted(routes) == sorted(n.route for n in layout.nats_nodes if n != own)
+        assert argv[argv.index("--cluster") + 1] == own.route
+        assert argv[argv.index("-sd") + 1] == str(tmp_path / f"jetstream-{index}")
+        assert argv[argv.index("--cluster_name") + 1] == components.NATS_CLUSTER_NAME
+    assert len({s.health_url for s in servers}) == 3
+
+
+def test_a_cluster_layout_survives_the_state_file_round_trip(tmp_path: Path) -> None:
+    layout = _cluster_layout(tmp_path)
+    assert Layout.from_json(layout.to_json()) == layout
+    assert components.nats_servers(_layout(tmp_path))[0].name == "nats-server"

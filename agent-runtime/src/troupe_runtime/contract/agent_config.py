@@ -14,6 +14,7 @@ from pydantic import Field
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.durations import Duration
 from troupe_runtime.contract.llm import LlmRuntime
+from troupe_runtime.contract.nats_servers import MAX_REPLICAS
 from troupe_runtime.contract.pod import DEFAULT_HEALTH_PORT
 from troupe_runtime.contract.policies import (
     Contract,
@@ -28,13 +29,16 @@ from troupe_runtime.contract.policies import (
 
 
 class NatsSettings(WireModel):
-    """How the runtime reaches NATS."""
+    """How the runtime reaches NATS, and how many servers store what it creates."""
 
     url: str = "nats://nats:4222"
+    """One server URL or, comma-separated, every server of a cluster (``nats_servers``)."""
     credentials_file: Path | None = None
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    """The replicas of every stream and bucket the runtime creates (``nats.replicas``)."""
 
 
 class RuntimeConfig(WireModel):

@@ -24,6 +24,8 @@ from nats.aio.client import Client
 
 from troupe_runtime.contract import wire
 from troupe_runtime.contract.agent_config import NatsSettings
+from troupe_runtime.contract.nats_servers import server_urls
+from troupe_runtime.nats.replicas import ReplicatedJetStream
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
 
 def connect_options(settings: NatsSettings, name: str) -> dict[str, Any]:
     options: dict[str, Any] = {
-        "servers": [settings.url],
+        "servers": server_urls(settings.url),
         "name": name,
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,
@@ -90,6 +92,14 @@ class GuardedClient(Client):
     connection for good. JetStream publishes and requests go through here too.
     """
 
+    def __init__(self, replicas: int = 1) -> None:
+        super().__init__()
+        self.replicas = replicas
+
+    def jetstream(self, **opts: Any) -> ReplicatedJetStream:
+        """A context whose streams and buckets get ``replicas`` copies (``nats.replicas``)."""
+        return ReplicatedJetStream(self, self.replicas, **opts)
+
     async def publish(
         self,
         subject: str,
@@ -119,7 +129,7 @@ async def connect(
         if closed_cb is not None:
             await closed_cb()
 
-    client = GuardedClient()
+    client = GuardedClient(settings.replicas)
     await client.connect(
         **connect_options(settings, name),
         disconnected_cb=_log_disconnect,

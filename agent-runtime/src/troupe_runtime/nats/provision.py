@@ -3,6 +3,9 @@
 Level-based, like a Kubernetes controller: read what exists, compare it with
 what ``troupe_runtime.contract.agent_resources`` builds, and create or update only what
 differs. Running it twice changes nothing the second time.
+
+Replicas come from the context (``troupe_runtime.nats.replicas``): a stream or bucket with
+fewer than it asks for is raised to it, one with more is left alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from nats.js.errors import APIError, NotFoundError
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.agent_resources import AgentResources
 from troupe_runtime.contract.workflow_resources import WorkflowResources
+from troupe_runtime.nats.replicas import replicas_of
 
 
 @dataclass
@@ -88,10 +92,19 @@ async def ensure_stream(
             await js.add_stream(config)
         report.created.append(resource)
         return
-    if drifted(config.as_dict(), info.config.as_dict()):
+    if drifted(config.as_dict(), info.config.as_dict()) or too_few_replicas(js, info.config):
+        # Never fewer replicas than the stream has (see the module's docstring).
+        kept = config.evolve(
+            num_replicas=max(info.config.num_replicas or 1, config.num_replicas or 1)
+        )
         async with _refusal_of(resource, config.subjects):
-            await js.update_stream(config)
+            await js.update_stream(kept)
         report.updated.append(resource)
+
+
+def too_few_replicas(js: JetStreamContext, actual: StreamConfig) -> bool:
+    """Whether a stream has fewer replicas than the context gives what it creates."""
+    return (actual.num_replicas or 1) < replicas_of(js)
 
 
 async def ensure_consumer(
@@ -128,7 +141,11 @@ async def ensure_bucket(
     # A bucket's TTL is its stream's max age (0: none).
     max_age = config.ttl or 0.0
     actual_age = info.config.max_age or 0.0
-    if info.config.max_msgs_per_subject != config.history or actual_age != max_age:
+    if (
+        info.config.max_msgs_per_subject != config.history
+        or actual_age != max_age
+        or too_few_replicas(js, info.config)
+    ):
         changed = {"max_msgs_per_subject": config.history, "max_age": int(max_age * 1e9)}
         async with _refusal_of(resource):
             await js.update_stream(StreamConfig.from_response({**info.config.as_dict(), **changed}))

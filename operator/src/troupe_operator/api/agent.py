@@ -25,6 +25,7 @@ from troupe_operator.api.common import (
 from troupe_runtime.contract import grammar, naming, version
 from troupe_runtime.contract.durations import Duration, cel_matches
 from troupe_runtime.contract.llm_policy import A2A_NAMES_MESSAGE, LlmPolicy
+from troupe_runtime.contract.nats_servers import MAX_REPLICAS, NATS_URLS_PATTERN
 from troupe_runtime.contract.policies import (
     NAME_PATTERN,
     PROGRESS_SHARE,
@@ -672,9 +673,20 @@ class NatsConnection(ApiModel):
 
     url: str | None = Field(
         default=None,
-        pattern=r"^(nats|tls|ws|wss)://[\x21-\x7e]+$",
+        pattern=NATS_URLS_PATTERN,
         max_length=grammar.URL_MAX,
-        description="Server URL such as nats://nats.troupe:4222; unset: the operator's.",
+        description="Server URL such as nats://nats.troupe:4222, or every server of a "
+        "cluster, comma-separated (nats://a:4222,nats://b:4222,nats://c:4222); unset: the "
+        "operator's.",
+    )
+    replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Servers that store each stream and bucket made for this object (its "
+        "inbox, dead letters, state buckets, sessions): 1 on a single server, 3 on a "
+        "three-server cluster; unset: the operator's (TROUPE_NATS_REPLICAS). Raising it "
+        "raises existing streams; lowering it leaves them as they are.",
     )
     credentials_secret: SecretKeyReference | None = Field(
         default=None, description="A Secret key holding a NATS credentials (.creds) file."

@@ -108,6 +108,7 @@ def build_engine_config(
     spec: WorkflowSpec,
     default_nats_url: str,
     priority_levels: Mapping[str, int] | None = None,
+    default_replicas: int = 1,
 ) -> EngineConfig:
     """The engine's config. Call it for a valid spec: no cycle, every agentRef an Agent.
 
@@ -123,7 +124,7 @@ def build_engine_config(
         max_concurrent_runs=spec.max_concurrent_runs,
         dead_letter=spec.dead_letter,
         retention=spec.retention,
-        nats=pods.nats_settings(spec.nats, default_nats_url),
+        nats=pods.nats_settings(spec.nats, default_nats_url, default_replicas),
     )
 
 

@@ -79,13 +79,17 @@ def config_map(owner: Owner, name: str, labels: dict[str, str], text: str) -> di
     }
 
 
-def nats_settings(connection: NatsConnection, default_url: str) -> NatsSettings:
-    """How a pod reaches NATS: the spec's URL (else the operator's) and mounted Secret paths."""
+def nats_settings(
+    connection: NatsConnection, default_url: str, default_replicas: int = 1
+) -> NatsSettings:
+    """How a pod reaches NATS: the spec's URL (else the operator's), mounted Secret paths,
+    and the replicas of what it creates (the spec's, else the operator's)."""
     tls = connection.tls
     tls_dir = NATS_SECRETS_DIR / "tls"
     client_cert = tls is not None and tls.client_certificate
     return NatsSettings(
         url=connection.url or default_url,
+        replicas=connection.replicas or default_replicas,
         credentials_file=(
             NATS_SECRETS_DIR / "credentials" / connection.credentials_secret.key
             if connection.credentials_secret

@@ -55,7 +55,11 @@ def service_account_name(owner: Owner, spec: AgentSpec) -> str | None:
 
 
 def build_runtime_config(
-    owner: Owner, spec: AgentSpec, default_nats_url: str, llm_runtime: LlmRuntime | None = None
+    owner: Owner,
+    spec: AgentSpec,
+    default_nats_url: str,
+    llm_runtime: LlmRuntime | None = None,
+    default_replicas: int = 1,
 ) -> RuntimeConfig:
     """The runtime's config: the spec's policies, unchanged, plus what the operator resolved
     (``llm_runtime``: ``spec.llm`` with its providers and tools, ``builders.llm.resolve``)."""
@@ -71,7 +75,7 @@ def build_runtime_config(
         retry=spec.retry,
         dead_letter=spec.dead_letter,
         state=spec.state,
-        nats=pods.nats_settings(spec.nats, default_nats_url),
+        nats=pods.nats_settings(spec.nats, default_nats_url, default_replicas),
         llm=llm_runtime,
     )
 

@@ -18,7 +18,7 @@ import ssl
 import tempfile
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
@@ -68,10 +68,14 @@ from troupe_runtime.nats.provision import (
     refuses_config,
 )
 from troupe_runtime.nats.publish import publish_stored
+from troupe_runtime.nats.replicas import ReplicatedJetStream, connect_without_retry
 
 CONNECT_TIMEOUT_SECONDS = 2
 LEDGER_WRITE_ATTEMPTS = 5
 REQUEST_TIMEOUT_SECONDS = 5.0
+RETRY_PAUSE_SECONDS = 0.5
+RETRY_BUDGET_SECONDS = 20.0
+"""How long a pass keeps retrying NATS requests that time out (a cluster electing leaders)."""
 SUBJECTS_OVERLAP = 10065
 """JetStream's error code for a stream whose subjects another stream already stores."""
 T = TypeVar("T")
@@ -152,11 +156,19 @@ class TlsMaterial:
 
 @dataclass(frozen=True)
 class NatsTarget:
-    """One NATS server as a set of agents reach it; equal targets share a connection."""
+    """One NATS (a server or, comma-separated, a cluster's servers) as a set of agents
+    reach it, and the replicas of what is created there for them; targets that differ only
+    in replicas share a connection."""
 
     url: str
     credentials: str | None = None
     tls: TlsMaterial | None = None
+    replicas: int = 1
+
+    @property
+    def connection(self) -> NatsTarget:
+        """The target as a connection's key: replicas are the JetStream context's, not its."""
+        return replace(self, replicas=1)
 
 
 async def _subject_counts(js: JetStreamContext, stream: str, subjects: str) -> dict[str, int]:
@@ -623,14 +635,14 @@ class NatsPool:
         credentials: RawCredentials | Path | None = self._default_credentials
         if target.credentials is not None:
             credentials = RawCredentials(target.credentials)
-        return await nats.connect(
+        # A dropped connection closes; the next pass opens a new one (to whichever server of
+        # a cluster answers). Reconnect loops would hide an unreachable server from status
+        # behind a hanging request.
+        return await connect_without_retry(
             target.url,
             user_credentials=credentials,
             tls=_ssl_context(target.tls) if target.tls else None,
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            # A dropped connection closes; the next pass opens a new one. Reconnect loops
-            # would hide an unreachable server from status behind a hanging request.
-            allow_reconnect=False,
             max_reconnect_attempts=1,
             reconnect_time_wait=1,
             error_cb=_log_error,
@@ -638,14 +650,15 @@ class NatsPool:
         )
 
     async def jetstream(self, target: NatsTarget) -> JetStreamContext:
-        async with self._lock(target):
-            client = self._connections.get(target)
+        key = target.connection
+        async with self._lock(key):
+            client = self._connections.get(key)
             if client is None or client.is_closed:
-                client = await self._connect(target)
-                self._connections[target] = client
+                client = await self._connect(key)
+                self._connections[key] = client
         if not client.is_connected:
             raise MessagingUnavailable(f"disconnected from {target.url}, reconnecting")
-        return client.jetstream(timeout=REQUEST_TIMEOUT_SECONDS)
+        return ReplicatedJetStream(client, target.replicas, timeout=REQUEST_TIMEOUT_SECONDS)
 
     async def close(self) -> None:
         for target in list(self._connections):
@@ -657,12 +670,48 @@ class NatsPool:
     async def _call(
         self, target: NatsTarget, action: Callable[[JetStreamContext], Awaitable[T]]
     ) -> T:
+        """Run ``action``; NATS failing it is ``MessagingUnavailable``, but not at once.
+
+        On a cluster, the server a connection was on may just have died (the connection
+        closes) and the others take seconds to elect new leaders for its streams (requests
+        time out meanwhile: nats-server's elections wait 4 to 9 s). So a failed action runs
+        again, on a fresh connection to whichever server answers: once after any failure,
+        and as long as each failure is a timeout, until ``RETRY_BUDGET_SECONDS`` have gone.
+        A server that refuses connections fails the pass after the second try, as before.
+        The actions are level-based or idempotent (publishes carry ids), so running one
+        again is harmless; an Agent on a cluster that lost a server thus stays Ready."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RETRY_BUDGET_SECONDS
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self._attempt(target, action)
+            except MessagingUnavailable as error:
+                timed_out = isinstance(error.__cause__, TimeoutError | nats.errors.TimeoutError)
+                if (tries > 1 and not timed_out) or loop.time() + RETRY_PAUSE_SECONDS > give_up:
+                    raise
+            await self._drop(target)
+            await asyncio.sleep(RETRY_PAUSE_SECONDS)
+
+    async def _attempt(
+        self, target: NatsTarget, action: Callable[[JetStreamContext], Awaitable[T]]
+    ) -> T:
         try:
             return await action(await self.jetstream(target))
         except MessagingUnavailable:
             raise
         except (nats.errors.Error, OSError, TimeoutError) as error:
             raise MessagingUnavailable(str(error) or type(error).__name__) from error
+
+    async def _drop(self, target: NatsTarget) -> None:
+        """Close the target's connection unless it is healthy, so the next use opens anew."""
+        key = target.connection
+        async with self._lock(key):
+            client = self._connections.get(key)
+            if client is not None and not client.is_connected:
+                del self._connections[key]
+                await client.close()
 
     async def _provision(
         self,

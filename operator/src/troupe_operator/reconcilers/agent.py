@@ -74,7 +74,11 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
         if resolution.problems:
             return self._refused(operator, owner, spec, generation, resolution.problems)
         config = workload.build_runtime_config(
-            owner, spec, operator.settings.nats_url, resolution.runtime
+            owner,
+            spec,
+            operator.settings.nats_url,
+            resolution.runtime,
+            operator.settings.nats_replicas,
         )
         if spec.llm is not None and (too_large := validation.config_problems(config)):
             return self._refused(operator, owner, spec, generation, too_large)
@@ -188,7 +192,7 @@ class AgentKind(Kind[AgentSpec, AgentStatus]):
                 *llm_builders.provider_secrets(resolution.runtime),
                 *llm_builders.a2a_secrets(spec.llm),
             ],
-            jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
+            jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream, config.nats.replicas),
             workload=self.workload(owner.name),
             config_maps=workload.referenced_config_maps(spec),
             directory=self._listing(

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 def target(operator: Operator) -> NatsTarget:
     """Approvals live on the operator's NATS, with its own credentials."""
-    return NatsTarget(operator.settings.nats_url)
+    return NatsTarget(operator.settings.nats_url, replicas=operator.settings.nats_replicas)
 
 
 @dataclass

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 def target(operator: Operator) -> NatsTarget:
     """Budgets live on the operator's own NATS, with its own credentials."""
-    return NatsTarget(operator.settings.nats_url)
+    return NatsTarget(operator.settings.nats_url, replicas=operator.settings.nats_replicas)
 
 
 async def announce(operator: Operator, written: Written | None) -> None:

@@ -169,6 +169,8 @@ class JetStreamStep(Generic[ReadT]):
     connection: NatsConnection
     url: str
     run: Callable[[NatsPool, NatsTarget], Awaitable[ReadT]]
+    replicas: int = 1
+    """The replicas of every stream and bucket the step creates (``spec.nats.replicas``)."""
 
 
 @dataclass(frozen=True)
@@ -440,7 +442,10 @@ async def missing_config_maps(
 
 
 def nats_target(
-    connection: NatsConnection, url: str, secrets: dict[str, dict[str, bytes]]
+    connection: NatsConnection,
+    url: str,
+    secrets: dict[str, dict[str, bytes]],
+    replicas: int = 1,
 ) -> NatsTarget | None:
     """How the operator reaches a spec's NATS, or None while a Secret (or key) it needs is
     missing."""
@@ -456,7 +461,7 @@ def nats_target(
         if data is None or "ca.crt" not in data:
             return None
         tls = TlsMaterial(data["ca.crt"], data.get("tls.crt"), data.get("tls.key"))
-    return NatsTarget(url, credentials, tls)
+    return NatsTarget(url, credentials, tls, replicas)
 
 
 class CleanupBlocked(Exception):
@@ -686,7 +691,9 @@ async def converge(
     read: Any = None
     rejected: list[Problem] = []
     step = plan.jetstream if writes else None
-    target = None if step is None else nats_target(step.connection, step.url, secrets)
+    target = (
+        None if step is None else nats_target(step.connection, step.url, secrets, step.replicas)
+    )
     if step is not None and target is not None:
         try:
             read = await step.run(operator.nats, target)

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def target(operator: Operator) -> NatsTarget:
     """The directory lives on the operator's NATS, the one the gateway connects to."""
-    return NatsTarget(operator.settings.nats_url)
+    return NatsTarget(operator.settings.nats_url, replicas=operator.settings.nats_replicas)
 
 
 async def publish(operator: Operator, listing: Listing, ready: bool) -> str | None:

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 def target(operator: Operator) -> NatsTarget:
     """Triggers live on the operator's NATS, with its own credentials."""
-    return NatsTarget(operator.settings.nats_url)
+    return NatsTarget(operator.settings.nats_url, replicas=operator.settings.nats_replicas)
 
 
 async def _write(operator: Operator, namespace: str, name: str, next_status: Any) -> None:

@@ -90,7 +90,11 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
             )
 
         config = engine.build_engine_config(
-            owner, spec, operator.settings.nats_url, priority_levels
+            owner,
+            spec,
+            operator.settings.nats_url,
+            priority_levels,
+            operator.settings.nats_replicas,
         )
         resources = build_workflow_resources(config)
         fields = workflow_spec_fields(resources)
@@ -131,7 +135,7 @@ class WorkflowKind(Kind[WorkflowSpec, WorkflowStatus]):
                 ),
             ],
             secrets=pods.nats_secrets(spec.nats),
-            jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream),
+            jetstream=JetStreamStep(spec.nats, config.nats.url, jetstream, config.nats.replicas),
             workload=self.workload(owner.name),
             problems=spec_problems,
             directory=self._listing(

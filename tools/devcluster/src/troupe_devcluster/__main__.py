@@ -28,12 +28,14 @@ def build_binaries() -> Path:
 
 
 @contextmanager
-def cluster(kubeconfig: Path | None, nats_url: str | None) -> Iterator[tuple[Path, str]]:
+def cluster(
+    kubeconfig: Path | None, nats_url: str | None, nats_nodes: int = 1
+) -> Iterator[tuple[Path, str]]:
     """The cluster given (kubeconfig and NATS URL), else a fresh local one for the duration."""
     if kubeconfig and nats_url:
         yield kubeconfig, nats_url
         return
-    layout = launcher.up(build_binaries())
+    layout = launcher.up(build_binaries(), nats_nodes=nats_nodes)
     try:
         yield layout.kubeconfig, layout.nats_url
     finally:
@@ -50,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--state", type=Path, default=DEFAULT_STATE, help="the cluster's state file"
     )
+    parser.add_argument(
+        "--nats",
+        type=int,
+        default=1,
+        choices=[1, 3, 5],
+        help="nats-servers to start: 1 (a lone server) or a JetStream cluster of 3 or 5",
+    )
     args = parser.parse_args(argv)
     state: Path = args.state
     existing = _load(state)
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             launcher.down(existing)
         started = time.monotonic()
         try:
-            layout = launcher.up(build_binaries())
+            layout = launcher.up(build_binaries(), nats_nodes=args.nats)
         except processes.ComponentError as error:
             print(f"cluster failed to start: {error}", file=sys.stderr)
             return 1

@@ -183,6 +183,49 @@ def nats_server(layout: Layout) -> Component:
     )
 
 
+NATS_CLUSTER_NAME = "troupe-dev"
+
+
+def nats_cluster_server(layout: Layout, index: int) -> Component:
+    """Server ``index`` of a JetStream cluster: a store of its own, routes to every other.
+
+    Its health check waits for JetStream itself (a meta leader elected, its streams current),
+    not only for JetStream being on, so a started cluster can place replicated streams."""
+    node = layout.nats_nodes[index]
+    routes = ",".join(other.route for other in layout.nats_nodes if other != node)
+    return Component(
+        f"nats-server-{index}",
+        [
+            str(venv_bin() / "nats-server"),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(node.client),
+            "-m",
+            str(node.monitor),
+            "-sd",
+            str(layout.root / f"jetstream-{index}"),
+            "--server_name",
+            f"nats-{index}",
+            "--cluster_name",
+            NATS_CLUSTER_NAME,
+            "--cluster",
+            node.route,
+            "--routes",
+            routes,
+        ],
+        f"http://127.0.0.1:{node.monitor}/healthz",
+    )
+
+
+def nats_servers(layout: Layout) -> list[Component]:
+    """The cluster's nats-servers: one lone server, or every server of a NATS cluster."""
+    if not layout.nats_nodes:
+        return [nats_server(layout)]
+    return [nats_cluster_server(layout, index) for index in range(len(layout.nats_nodes))]
+
+
 def process_node(layout: Layout) -> Component:
     return Component(
         "process-node",

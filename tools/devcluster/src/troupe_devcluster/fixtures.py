@@ -24,6 +24,7 @@ from troupe_devcluster import launcher
 from troupe_devcluster.__main__ import cluster as running_cluster
 from troupe_devcluster.components import venv_bin
 from troupe_devcluster.kube import core_v1, new_api_client
+from troupe_devcluster.layout import Layout
 from troupe_devcluster.model_server import ModelServer, start_model_server, stop_model_server
 from troupe_devcluster.processes import ComponentError
 from troupe_devcluster.scripted_llm import ScriptedLlm
@@ -77,6 +78,21 @@ def nats_url() -> Iterator[str]:
     layout = launcher.up_nats()
     try:
         yield layout.nats_url
+    finally:
+        launcher.down(layout)
+
+
+NATS_CLUSTER_NODES = 3
+
+
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[Layout]:
+    """A three-server JetStream cluster of the module's own, which its tests may kill servers
+    of (``launcher.kill_nats_node``, ``start_nats_node``); ``.nats_url`` lists every server.
+    Module-scoped: few tests need one, and a dead node must not outlive them."""
+    layout = launcher.up_nats(nats_nodes=NATS_CLUSTER_NODES)
+    try:
+        yield layout
     finally:
         launcher.down(layout)
 

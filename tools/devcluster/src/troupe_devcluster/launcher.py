@@ -1,5 +1,7 @@
 """Bring a local cluster up and down: etcd, the Kubernetes control plane, kwok
-fake nodes, the process node and a JetStream-enabled nats-server.
+fake nodes, the process node and a JetStream-enabled nats-server (or, with
+``nats_nodes=3``, a three-server JetStream cluster: a name, routes between the servers,
+a port pair and a store directory each).
 
 Every wait has a deadline; a failure names the component and shows the tail
 of its log, and stops everything started so far, so nothing is left behind.
@@ -24,7 +26,13 @@ import yaml
 from troupe_devcluster import components, processes
 from troupe_devcluster.components import Component
 from troupe_devcluster.kube import core_v1, new_api_client
-from troupe_devcluster.layout import KWOK_NODE_COUNT, PROCESS_NODE_NAME, Layout, Ports
+from troupe_devcluster.layout import (
+    KWOK_NODE_COUNT,
+    PROCESS_NODE_NAME,
+    Layout,
+    Ports,
+    allocate_nats_nodes,
+)
 from troupe_devcluster.pki import ADMIN_USER, write_pki
 from troupe_devcluster.processnode.process import signal_group
 
@@ -89,8 +97,12 @@ def build_kwok_node(index: int) -> dict[str, Any]:
 
 
 def env_lines(layout: Layout) -> str:
-    """Shell lines that point kubectl, the tests and the operator at this cluster."""
-    return f"export KUBECONFIG={layout.kubeconfig}\nexport NATS_URL={layout.nats_url}\n"
+    """Shell lines that point kubectl, the tests and the operator at this cluster (every
+    NATS server, and on a NATS cluster the replicas the operator should give streams)."""
+    lines = f"export KUBECONFIG={layout.kubeconfig}\nexport NATS_URL={layout.nats_url}\n"
+    if layout.nats_nodes:
+        lines += f"export TROUPE_NATS_REPLICAS={layout.nats_replicas}\n"
+    return lines
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None) -> bool:
@@ -148,10 +160,16 @@ def _schedulable_nodes(api: Any) -> set[str]:
     return names
 
 
-def up(bin_dir: Path, root: Path | None = None) -> Layout:
-    """Start a whole cluster in ``root`` (a new temporary directory by default)."""
+def _layout(root: Path, nats_nodes: int) -> Layout:
+    ports = Ports.allocate()
+    return Layout(root=root, ports=ports, nats_nodes=allocate_nats_nodes(nats_nodes, ports))
+
+
+def up(bin_dir: Path, root: Path | None = None, nats_nodes: int = 1) -> Layout:
+    """Start a whole cluster in ``root`` (a new temporary directory by default), with one
+    nats-server or a JetStream cluster of ``nats_nodes``."""
     root = root or Path(tempfile.mkdtemp(prefix="troupe-cluster-"))
-    layout = Layout(root=root, ports=Ports.allocate())
+    layout = _layout(root, nats_nodes)
     try:
         _up(bin_dir, layout)
     except BaseException:
@@ -160,14 +178,13 @@ def up(bin_dir: Path, root: Path | None = None) -> Layout:
     return layout
 
 
-def up_nats(root: Path | None = None) -> Layout:
-    """Start only a JetStream nats-server, for tests that need no Kubernetes."""
+def up_nats(root: Path | None = None, nats_nodes: int = 1) -> Layout:
+    """Start only JetStream (one nats-server, or a cluster of ``nats_nodes``), for tests that
+    need no Kubernetes or a NATS of their own."""
     root = root or Path(tempfile.mkdtemp(prefix="troupe-nats-"))
-    layout = Layout(root=root, ports=Ports.allocate())
+    layout = _layout(root, nats_nodes)
     try:
-        nats = components.nats_server(layout)
-        _start(layout, nats)
-        _wait_healthy(layout, nats, time.monotonic() + START_DEADLINE_SECONDS)
+        _start_nats(layout, time.monotonic() + START_DEADLINE_SECONDS)
     except BaseException:
         down(layout)
         raise
@@ -186,13 +203,37 @@ def restart_nats(layout: Layout) -> None:
     _wait_healthy(layout, nats, time.monotonic() + START_DEADLINE_SECONDS)
 
 
+def _start_nats(layout: Layout, deadline: float) -> None:
+    servers = components.nats_servers(layout)
+    for server in servers:
+        _start(layout, server)
+    for server in servers:
+        _wait_healthy(layout, server, deadline)
+
+
+def kill_nats_node(layout: Layout, index: int) -> None:
+    """SIGKILL server ``index`` of the layout's NATS cluster, as a crashed node (no flush, no
+    goodbye); the others go on, as a JetStream cluster with a majority left does."""
+    pid = layout.pids[components.nats_cluster_server(layout, index).name]
+    signal_group(pid, signal.SIGKILL)
+    processes.stop([pid], grace_seconds=START_DEADLINE_SECONDS)  # reaps it
+
+
+def start_nats_node(layout: Layout, index: int) -> None:
+    """Start server ``index`` again on its ports and store, and wait until it is healthy
+    (caught up with the cluster's JetStream)."""
+    server = components.nats_cluster_server(layout, index)
+    _start(layout, server)
+    _wait_healthy(layout, server, time.monotonic() + START_DEADLINE_SECONDS)
+
+
 def _up(bin_dir: Path, layout: Layout) -> None:
     deadline = time.monotonic() + START_DEADLINE_SECONDS
     write_pki(layout.pki.ca_cert.parent, kubelet_names=(PROCESS_NODE_NAME,))
 
-    nats = components.nats_server(layout)
+    nats = components.nats_servers(layout)
     etcd = components.etcd(bin_dir, layout)
-    for component in (nats, etcd):
+    for component in (*nats, etcd):
         _start(layout, component)
     _wait_healthy(layout, etcd, deadline)
 
@@ -215,7 +256,7 @@ def _up(bin_dir: Path, layout: Layout) -> None:
     api = core_v1(new_api_client(layout.kubeconfig))
     for index in range(KWOK_NODE_COUNT):
         api.create_node(build_kwok_node(index))
-    for component in (*rest, nats):
+    for component in (*rest, *nats):
         _wait_healthy(layout, component, deadline)
 
     wanted = {f"kwok-node-{i}" for i in range(KWOK_NODE_COUNT)} | {PROCESS_NODE_NAME}
@@ -240,7 +281,10 @@ SHUTDOWN_ORDER = (
 
 def down(layout: Layout) -> None:
     """Stop every process of the cluster in dependency order and remove its files."""
-    for group in SHUTDOWN_ORDER:
+    named = {name for group in SHUTDOWN_ORDER for name in group}
+    # The servers of a NATS cluster (nats-server-N) stop with the last group.
+    rest = tuple(name for name in layout.pids if name not in named)
+    for group in (*SHUTDOWN_ORDER[:-1], SHUTDOWN_ORDER[-1] + rest):
         processes.stop(
             [layout.pids[name] for name in group if name in layout.pids], grace_seconds=20
         )

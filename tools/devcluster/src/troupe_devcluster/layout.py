@@ -55,12 +55,52 @@ class Ports:
 
 
 @dataclass(frozen=True)
+class NatsNode:
+    """One nats-server of a JetStream cluster: its client, monitoring and route ports."""
+
+    client: int
+    monitor: int
+    cluster: int
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client}"
+
+    @property
+    def route(self) -> str:
+        return f"nats://127.0.0.1:{self.cluster}"
+
+
+def allocate_nats_nodes(count: int, ports: Ports) -> list[NatsNode]:
+    """``count`` servers' ports: the first uses ``ports``' NATS pair, the rest fresh ones.
+
+    None for a single server, which runs with no cluster (and no route port)."""
+    if count <= 1:
+        return []
+    taken = set(vars(ports).values())
+
+    def fresh() -> int:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        return port
+
+    first = NatsNode(ports.nats, ports.nats_monitor, fresh())
+    return [first, *(NatsNode(fresh(), fresh(), fresh()) for _ in range(count - 1))]
+
+
+@dataclass(frozen=True)
 class Layout:
-    """The directory and ports of one local cluster."""
+    """The directory and ports of one local cluster.
+
+    ``nats_nodes`` lists the servers of a NATS cluster; empty, one lone server runs on
+    ``ports.nats`` (the default: a single server is all most tests need)."""
 
     root: Path
     ports: Ports
     pids: dict[str, int] = field(default_factory=dict)
+    nats_nodes: list[NatsNode] = field(default_factory=list)
 
     @property
     def pki(self) -> PKIPaths:
@@ -80,7 +120,15 @@ class Layout:
 
     @property
     def nats_url(self) -> str:
+        """Every server's URL, comma-separated: clients are given all of them."""
+        if self.nats_nodes:
+            return ",".join(node.url for node in self.nats_nodes)
         return f"nats://127.0.0.1:{self.ports.nats}"
+
+    @property
+    def nats_replicas(self) -> int:
+        """The replicas streams should have here: one per server, up to 3."""
+        return min(len(self.nats_nodes), 3) or 1
 
     def log_of(self, component: str) -> Path:
         return self.logs / f"{component}.log"
@@ -96,4 +144,5 @@ class Layout:
         # A cluster started before the kubelet endpoint existed has none: 0 says so, and
         # `down` still finds its processes.
         ports = Ports(**{"kubelet": 0, **data["ports"]})
-        return cls(root=Path(data["root"]), ports=ports, pids=data["pids"])
+        nodes = [NatsNode(**node) for node in data.get("nats_nodes", [])]
+        return cls(root=Path(data["root"]), ports=ports, pids=data["pids"], nats_nodes=nodes)
