@@ -138,7 +138,10 @@ class Recording(ReplicatedJetStream):
     sent: list[StreamConfig]
 
     async def _api_request(
-        self, req_subject: str, req: bytes = b"", timeout: float = 5  # noqa: ASYNC109
+        self,
+        req_subject: str,
+        req: bytes = b"",
+        timeout: float = 5,  # noqa: ASYNC109
     ) -> dict[str, Any]:
         self.sent.append(StreamConfig.from_response(json.loads(req)))
         return {
