@@ -102,7 +102,7 @@ class ProbeBook:
 
 def target(operator: Operator) -> NatsTarget:
     """Chaos lives on the operator's own NATS, with its own credentials."""
-    return NatsTarget(operator.settings.nats_url)
+    return NatsTarget(operator.settings.nats_url, replicas=operator.settings.nats_replicas)
 
 
 def _created(meta: Mapping[str, Any]) -> datetime:
