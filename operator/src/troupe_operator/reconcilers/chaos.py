@@ -65,6 +65,10 @@ RESCAN_SECONDS = 5.0
 SWEEP_EVERY = 60
 """Ticks between sweeps for entries no experiment owns."""
 PASS_CONCURRENCY = 8
+LOOKUPS_PER_PASS = 256
+"""Unanswered probes looked up in one pass at most (one request each): a target that never
+answers must not make every tick a flood; the rest are looked up by the next passes, and
+all of them once the grace is over, before any is counted lost."""
 logger = logging.getLogger(__name__)
 
 
@@ -205,7 +209,7 @@ async def _drive(
         await _write_faults(operator, book, namespace, name, spec, status)
         status = await _send_probes(operator, book, namespace, name, spec, status, now)
         status, killed = await _kill_pods(operator, namespace, name, spec, status, now)
-    answers = await _answers(operator, book, namespace, name, spec, status)
+    answers = await _answers(operator, book, namespace, name, spec, status, now)
     figures = builders.figures(
         status.figures,
         status.figures.probes_sent,
@@ -339,6 +343,7 @@ async def _answers(
     name: str,
     spec: ChaosExperimentSpec,
     status: ChaosExperimentStatus,
+    now: datetime,
 ) -> list[builders.Answer]:
     """The answers of the run's probes sent so far: those read before, and the rest looked
     up on the event log by their reply subjects."""
@@ -354,6 +359,8 @@ async def _answers(
                 sent = sent_at.get(probe, start + every * index)
                 subject = builders.probe_reply_subject(namespace, name, probe)
                 wanted[subject] = (probe, sent)
+    if not builders.expired(status, spec, now):
+        wanted = dict(list(wanted.items())[:LOOKUPS_PER_PASS])
     if wanted:
         found = await operator.nats.last_messages(
             target(operator), naming.event_log_stream(namespace), list(wanted)
