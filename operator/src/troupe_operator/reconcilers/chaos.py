@@ -209,6 +209,11 @@ async def _drive(
         await _write_faults(operator, book, namespace, name, spec, status)
         status = await _send_probes(operator, book, namespace, name, spec, status, now)
         status, killed = await _kill_pods(operator, namespace, name, spec, status, now)
+    elif previous.phase == "Running":
+        # The run ended since the last pass: the probes due before its end that no pass
+        # sent yet (a tick late, or the operator away) go now, so every run sends them all.
+        await _remove_faults(operator, namespace, name, agents)
+        status = await _send_probes(operator, book, namespace, name, spec, status, now)
     answers = await _answers(operator, book, namespace, name, spec, status, now)
     figures = builders.figures(
         status.figures,
