@@ -33,7 +33,8 @@ class EventLog:
 
 
 def operator(log: EventLog) -> Any:
-    return SimpleNamespace(settings=SimpleNamespace(nats_url="nats://x:4222"), nats=log)
+    settings = SimpleNamespace(nats_url="nats://x:4222", nats_replicas=1)
+    return SimpleNamespace(settings=settings, nats=log)
 
 
 def running(agent: str) -> tuple[ChaosExperimentSpec, ChaosExperimentStatus]:
@@ -48,7 +49,7 @@ def answers(
     book: chaos.ProbeBook, log: EventLog, namespace: str, name: str, agent: str
 ) -> list[builders.Answer]:
     spec, status = running(agent)
-    return asyncio.run(chaos._answers(operator(log), book, namespace, name, spec, status))
+    return asyncio.run(chaos._answers(operator(log), book, namespace, name, spec, status, NOW))
 
 
 def answered_once(book: chaos.ProbeBook, namespace: str, name: str, agent: str) -> None:
