@@ -100,6 +100,10 @@ BENCH ?= operator_failover
 bench: setup ## Run one benchmark, bench/$(BENCH).py (default operator_failover), with ARGS.
 	$(BIN)/python bench/$(BENCH).py $(ARGS)
 
+.PHONY: chaos
+chaos: setup ## Soak an agent under pod, operator and NATS-server kills (bench/chaos_soak.py, ARGS); not in `make test`.
+	$(BIN)/python bench/chaos_soak.py $(ARGS)
+
 .PHONY: cluster-up
 cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS (NATS=3: a JetStream cluster).
 	$(BIN)/python -m troupe_devcluster up --nats $(NATS)
