@@ -3,6 +3,7 @@ each point do, that an entry ends at its ``until``, and that no value of the key
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from troupe_runtime.agent.chaos import DUPLICATE_HEADER, Chaos, InjectedFault
+from troupe_runtime.agent.chaos import DUPLICATE_HEADER, Chaos, InjectedFault, cut
 from troupe_runtime.agent.llm.chaos import ChaoticToolBox, InjectedModelError, model_fault
 from troupe_runtime.agent.llm.client import ModelTimeout
 from troupe_runtime.agent.llm.types import ToolCall, ToolResult, ToolSpec
@@ -272,3 +273,49 @@ async def test_a_delay_reports_progress_while_it_waits() -> None:
     assert sleeps.seconds == [4.0, 4.0, 2.0]
     assert len(progress) == 2
     assert counted(metrics, "messages", "delay") == 1
+
+
+class Socket:
+    def __init__(self) -> None:
+        self.aborted = 0
+        self.twice = asyncio.Event()
+
+    def abort(self) -> None:
+        self.aborted += 1
+        if self.aborted >= 2:
+            self.twice.set()
+
+
+class FakeClient:
+    """What ``cut`` reaches into: nats-py's transport, its writer and the socket."""
+
+    is_connected = True
+
+    def __init__(self) -> None:
+        self.socket = Socket()
+        writer = type("Writer", (), {"transport": self.socket})()
+        self._transport = type("Transport", (), {"_io_writer": writer})()
+
+
+def test_cut_aborts_the_socket_and_says_when_there_is_none() -> None:
+    client = FakeClient()
+    assert cut(client)  # type: ignore[arg-type]
+    assert client.socket.aborted == 1
+    assert not cut(object())  # type: ignore[arg-type]
+
+
+async def test_connections_are_dropped_every_drop_every_while_in_force() -> None:
+    metrics = ChaosMetrics(CollectorRegistry())
+    chaos = Chaos("ns", "agent", metrics)
+    until = datetime.now(UTC) + timedelta(minutes=5)
+    chaos.update(entry({"connection": {"dropEvery": "100ms"}}, until=until))
+    client = FakeClient()
+    dropping = asyncio.create_task(chaos.drop_connections(client))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(10):
+            await client.socket.twice.wait()
+    finally:
+        dropping.cancel()
+        await asyncio.gather(dropping, return_exceptions=True)
+    assert counted(metrics, "connection", "drop") >= 2
+    assert dropping.cancelled()  # the session's teardown ends it
