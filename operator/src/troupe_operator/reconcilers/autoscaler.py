@@ -36,11 +36,21 @@ async def _check(operator: Operator, namespace: str, name: str, watched: Autosca
     )
     if not decision.changes:
         return False
+    # The pass registers the Agent again when it gets to scale it; one that does not (its
+    # spec refused, a Secret missing, an HPA in charge) leaves it unpolled until a later
+    # pass does, or this loop would run a full pass at every look on stale facts. A pass
+    # that failed or was blocked (NATS) is retried at the next look, as before.
+    operator.autoscaled.pop((namespace, name), None)
     body = await operator.kube.read_custom(AGENT.plural, namespace, name)
     if body is None or "deletionTimestamp" in body["metadata"]:
-        operator.autoscaled.pop((namespace, name), None)
         return False
-    await run_pass(operator, AGENT, body)
+    try:
+        blocked = await run_pass(operator, AGENT, body)
+    except BaseException:
+        operator.autoscaled.setdefault((namespace, name), watched)
+        raise
+    if blocked is not None:
+        operator.autoscaled.setdefault((namespace, name), watched)
     return True
 
 
