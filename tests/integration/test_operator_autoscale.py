@@ -37,6 +37,15 @@ from troupe_runtime.contract.envelope import CloudEvent
 DEADLINE = 45.0
 IDLE = "3s"
 KEDA_CRD = Path(__file__).parent / "fixtures" / "keda.sh_scaledobjects.yaml"
+
+
+def _established(cluster: ClusterEndpoints, crd: str) -> bool:
+    """Whether the API server serves ``crd`` (its Established condition is True)."""
+    found = json.loads(cluster.kubectl("get", f"crd/{crd}", "-o", "json"))
+    conditions = (found.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+
 """KEDA v2.16.1's ScaledObject CRD, as its module ships it (config/crd/bases)."""
 
 
@@ -55,8 +64,13 @@ def _deployment(cluster: ClusterEndpoints, namespace: str, name: str) -> dict[st
     return body
 
 
-def _replicas(cluster: ClusterEndpoints, namespace: str, name: str) -> int:
-    return int(_deployment(cluster, namespace, name)["spec"].get("replicas", 1))
+def _replicas(cluster: ClusterEndpoints, namespace: str, name: str) -> int | None:
+    """``spec.replicas``, or None while the operator has not made the Deployment yet (a
+    condition polled right after the Agent is applied must wait, not fail)."""
+    found = cluster.kubectl("get", "-n", namespace, "deployment", name, "-o", "json", check=False)
+    if not found.strip():
+        return None
+    return int(json.loads(found)["spec"].get("replicas", 1))
 
 
 def _replica_owners(deployment: dict[str, Any]) -> list[str]:
@@ -326,9 +340,9 @@ def test_engine_keda_reports_keda_missing_then_generates_a_scaled_object_the_api
 
     cluster.kubectl("apply", "--server-side", "-f", str(KEDA_CRD))
     try:
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=30s"
-        )
+        # Polled, not kubectl wait: on a CRD the API server has not given conditions yet,
+        # kubectl wait fails at once (".status.conditions accessor error") instead of waiting.
+        wait_for(lambda: _established(cluster, "scaledobjects.keda.sh"), DEADLINE, "Established")
         wait_for(lambda: autoscaled("ScaledByKeda"), DEADLINE, "ScaledByKeda")
         scaled = json.loads(
             cluster.kubectl("get", "-n", namespace, "scaledobjects.keda.sh", "kedaed", "-o", "json")
