@@ -40,6 +40,7 @@ from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.agent_resources import DUPLICATE_WINDOW_SECONDS
 from troupe_runtime.contract.envelope import CloudEvent
 from troupe_runtime.contract.nats_servers import server_urls
+from troupe_runtime.nats.replicas import connect_without_retry
 
 MESSAGES = 240
 RATE_PER_SECOND = 20
@@ -191,7 +192,15 @@ def _inbox_replicas(url: str, stream: str) -> int | None:
     return asyncio.run(read())
 
 
-def test_an_agents_own_replicas_win_and_raising_them_raises_its_streams(
+def _observed(cluster: ClusterEndpoints, namespace: str, name: str) -> bool:
+    """A pass (provisioning included) has run for the Agent's current generation."""
+    body = get(cluster, namespace, "agent", name)
+    return bool(
+        (body.get("status") or {}).get("observedGeneration") == body["metadata"]["generation"]
+    )
+
+
+def test_an_agents_own_replicas_win_and_raising_them_raises_its_streams_never_lowering(
     cluster: ClusterEndpoints, operator: OperatorProcess, nats_cluster: Layout, namespace: str
 ) -> None:
     """Runs first, while all three servers are up: three replicas need three servers."""
@@ -202,6 +211,31 @@ def test_an_agents_own_replicas_win_and_raising_them_raises_its_streams(
         wait_for(lambda: _inbox_replicas(url, inbox) == 1, 30, f"{inbox} with one replica")
         apply(cluster, ns, agent("single", nats={"replicas": 3}))
         wait_for(lambda: _inbox_replicas(url, inbox) == 3, 30, f"{inbox} raised to three")
+        # Lowering is left to a person: the pass for the new generation keeps three.
+        apply(cluster, ns, agent("single", nats={"replicas": 2}))
+        wait_for(lambda: _observed(cluster, ns, "single"), 30, "a pass over replicas 2")
+        assert _inbox_replicas(url, inbox) == 3
+
+
+def test_a_client_that_never_reconnects_connects_while_its_first_server_is_down(
+    nats_cluster: Layout,
+) -> None:
+    """The operator and the CLI connect once per use: the first server of the list being
+    down must not fail them (nats-py alone gives up after it)."""
+    launcher.kill_nats_node(nats_cluster, 0)
+    try:
+
+        async def connect() -> str:
+            client = await connect_without_retry(nats_cluster.nats_url, connect_timeout=2)
+            try:
+                return str(client.connected_url.port if client.connected_url else "")
+            finally:
+                await client.close()
+
+        port = asyncio.run(connect())
+        assert port in {str(node.client) for node in nats_cluster.nats_nodes[1:]}
+    finally:
+        launcher.start_nats_node(nats_cluster, 0)
 
 
 def test_losing_one_of_three_nats_servers_loses_nothing_and_the_agent_stays_ready(
