@@ -6,16 +6,20 @@ import json
 import re
 from typing import Any
 
+import nats.errors
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StreamConfig
 from troupe_gateway.settings import Settings as GatewaySettings
 from troupe_gateway.settings import SettingsError
 
 from troupe_operator.api.agent import NatsConnection
 from troupe_operator.builders import pods
+from troupe_operator.clients import nats as clients_nats
+from troupe_operator.clients.nats import MessagingUnavailable, NatsPool, NatsTarget
 from troupe_operator.settings import from_environment
 from troupe_runtime.contract.agent_config import NatsSettings
 from troupe_runtime.contract.nats_servers import (
@@ -167,3 +171,43 @@ async def test_every_stream_and_bucket_a_context_creates_gets_its_replicas() -> 
     await js.create_object_store("O", ObjectStoreConfig())
     assert [c.num_replicas for c in js.sent] == [3, 3, 5, 3, 3]
     assert [c.name for c in js.sent[3:]] == ["KV_B", "OBJ_O"]
+
+
+class Flaky(NatsPool):
+    """A pool whose connection is a stand-in: the actions below never touch it."""
+
+    async def jetstream(self, target: NatsTarget) -> JetStreamContext:
+        return JetStreamContext(Client())
+
+
+def _failing(*errors: Exception) -> tuple[list[int], Any]:
+    calls: list[int] = []
+
+    async def action(_: JetStreamContext) -> str:
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return "done"
+
+    return calls, action
+
+
+async def test_a_request_that_times_out_while_a_cluster_elects_is_tried_again() -> None:
+    calls, action = _failing(nats.errors.TimeoutError(), nats.errors.TimeoutError())
+    assert await Flaky()._call(NatsTarget(CLUSTER), action) == "done"
+    assert len(calls) == 3
+
+
+async def test_a_refused_connection_fails_the_pass_after_a_second_try() -> None:
+    calls, action = _failing(*(ConnectionRefusedError() for _ in range(5)))
+    with pytest.raises(MessagingUnavailable):
+        await Flaky()._call(NatsTarget(CLUSTER), action)
+    assert len(calls) == 2
+
+
+async def test_timeouts_are_retried_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clients_nats, "RETRY_BUDGET_SECONDS", 1.2)
+    calls, action = _failing(*(nats.errors.TimeoutError() for _ in range(50)))
+    with pytest.raises(MessagingUnavailable):
+        await Flaky()._call(NatsTarget(CLUSTER), action)
+    assert 2 <= len(calls) <= 3
