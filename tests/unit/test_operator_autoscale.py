@@ -231,3 +231,45 @@ def test_targets_reads_the_scale_target_of_an_hpa() -> None:
     assert autoscale.targets(hpa, "summariser")
     assert not autoscale.targets(hpa, "writer")
     assert not autoscale.targets({"spec": {"scaleTargetRef": "junk"}}, "summariser")
+
+
+def _decision(desired: int, lag: int = 0) -> autoscale.ScaleDecision:
+    return autoscale.ScaleDecision(1, desired, lag, autoscale.SCALED_UP)
+
+
+def test_the_autoscaled_advisory_says_who_sets_replicas_and_why() -> None:
+    native, keda = _policy(), _policy(engine="keda")
+    hpa = "HorizontalPodAutoscaler web"
+    cases = [
+        (native, _decision(2, lag=15), None, False, (True, "Scaling")),
+        (native, _decision(0), None, False, (True, autoscale.SCALED_TO_ZERO)),
+        (native, None, hpa, False, (False, autoscale.SCALED_EXTERNALLY)),
+        (None, None, hpa, False, (True, autoscale.SCALED_EXTERNALLY)),
+        (keda, None, None, False, (False, autoscale.KEDA_MISSING)),
+        (keda, None, None, True, (True, "ScaledByKeda")),
+        # KEDA's own HPA is the expected owner of replicas under engine keda.
+        (keda, None, "HorizontalPodAutoscaler keda-hpa-x", True, (True, "ScaledByKeda")),
+    ]
+    for policy, decision, scaled_by, served, (ok, reason) in cases:
+        observed = autoscale.observation(policy, decision, scaled_by, served, "x")
+        assert observed is not None
+        assert (observed.ok, observed.reason) == (ok, reason)
+    assert "lag 15: 2 replicas wanted" in str(
+        autoscale.observation(native, _decision(2, lag=15), None, False, "x")
+    )
+    # Nothing to say: no autoscale and no HPA, or a native pass that read no lag.
+    assert autoscale.observation(None, None, None, True, "x") is None
+    assert autoscale.observation(native, None, None, False, "x") is None
+
+
+def test_the_autoscale_status_keeps_the_last_decision_when_none_was_taken() -> None:
+    native = _policy()
+    taken = autoscale.status(native, _decision(3, lag=25), None, NOW, None)
+    assert taken is not None
+    assert (taken.desired_replicas, taken.lag, taken.last_scale_time) == (
+        3,
+        25,
+        "2026-12-03T12:00:00Z",
+    )
+    assert autoscale.status(native, None, None, None, taken) == taken
+    assert autoscale.status(None, _decision(3), None, NOW, taken) is None

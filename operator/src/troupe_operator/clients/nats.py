@@ -25,6 +25,8 @@ from typing import TypeVar
 
 import nats
 from nats.aio.client import Client, RawCredentials
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
@@ -613,6 +615,26 @@ async def _log_error(error: Exception) -> None:
     logger.warning("NATS connection error: %s", error or type(error).__name__)
 
 
+@dataclass
+class SubjectWatch:
+    """A core-NATS subscription on one connection of the pool; it ends with the connection
+    (the pool never reconnects), and the caller then subscribes again."""
+
+    subscription: Subscription
+    client: Client
+
+    @property
+    def alive(self) -> bool:
+        return not self.client.is_closed
+
+    async def close(self) -> None:
+        if self.alive:
+            try:
+                await self.subscription.unsubscribe()
+            except nats.errors.Error as error:
+                logger.debug("unsubscribing failed: %s", error)
+
+
 class NatsPool:
     """Connections by target, opened on first use and reopened once closed.
 
@@ -776,6 +798,22 @@ class NatsPool:
             return Backlog(consumers.pending, consumers.ack_pending, last_active)
 
         return await self._call(target, read)
+
+    async def watch_subject(
+        self, target: NatsTarget, subject: str, wake: Callable[[], None]
+    ) -> SubjectWatch:
+        """Call ``wake`` whenever a message is published on ``subject`` (a core-NATS
+        subscription; the message itself is never read: it stays in its stream)."""
+
+        async def subscribe(_: JetStreamContext) -> SubjectWatch:
+            client = self._connections[target]
+
+            async def woken(_: Msg) -> None:
+                wake()
+
+            return SubjectWatch(await client.subscribe(subject, cb=woken), client)
+
+        return await self._call(target, subscribe)
 
     async def delete(
         self, target: NatsTarget, resources: AgentResources, shared_streams: list[str]

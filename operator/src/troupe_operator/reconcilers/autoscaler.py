@@ -5,20 +5,25 @@ and too loud at a thousand agents, so this loop polls only the Agents registered
 autoscaled (``Operator.autoscaled``), every ``autoscale_seconds``, with one JetStream API
 request per priority consumer and nothing of Kubernetes. When its reading says replicas
 should change, it runs the Agent's full pass, which decides again from fresh facts (the
-Deployment, the consumers) under the Agent's lock and writes. So the delay from a first
-message to a pod being asked for is at most ``autoscale_seconds`` plus one pass.
+Deployment, the consumers) under the Agent's lock and writes. An agent at zero replicas
+also has a core-NATS subscription on its inbox (``Wakers``), so its first message wakes the
+loop at once; the poll still bounds the delay when that subscription is down. So the delay
+from a first message to a pod being asked for is one look and one pass, at most
+``autoscale_seconds`` plus one pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 
 from troupe_operator.builders import autoscale
-from troupe_operator.clients.nats import MessagingUnavailable
+from troupe_operator.clients.nats import MessagingUnavailable, SubjectWatch
 from troupe_operator.reconcilers.agent import AGENT
 from troupe_operator.reconcilers.common import Autoscaled, Operator, run_pass
+from troupe_runtime.contract import naming
 
 AUTOSCALE_CONCURRENCY = 16
 logger = logging.getLogger(__name__)
@@ -73,11 +78,53 @@ async def autoscale_once(operator: Operator) -> list[str]:
     return [name for name in checked if name is not None]
 
 
+class Wakers:
+    """Core-NATS subscriptions on the inboxes of the autoscaled Agents at zero replicas: a
+    message to one wakes the loop at once instead of at its next poll. Only agents at zero
+    have one, so a busy agent's traffic never reaches the operator."""
+
+    def __init__(self) -> None:
+        self.woken = asyncio.Event()
+        self.watches: dict[tuple[str, str], SubjectWatch] = {}
+
+    async def refresh(self, operator: Operator) -> None:
+        """Subscribe for the agents now at zero; drop the others' and the dead ones."""
+        for key in list(self.watches):
+            watched = operator.autoscaled.get(key)
+            watch = self.watches[key]
+            if watched is None or watched.current > 0 or not watch.alive:
+                await watch.close()
+                del self.watches[key]
+        for key, watched in list(operator.autoscaled.items()):
+            if watched.current > 0 or key in self.watches:
+                continue
+            subject = naming.inbox_wildcard(*key)
+            try:
+                self.watches[key] = await operator.nats.watch_subject(
+                    watched.target, subject, self.woken.set
+                )
+            except MessagingUnavailable as error:
+                logger.warning("autoscaler: cannot watch %s: %s", subject, error)
+
+    async def close(self) -> None:
+        for watch in self.watches.values():
+            await watch.close()
+        self.watches.clear()
+
+
 async def autoscale_forever(operator: Operator) -> None:
-    """Every ``autoscale_seconds``, a look at the autoscaled Agents."""
-    while True:
-        await asyncio.sleep(operator.settings.autoscale_seconds)
-        try:
-            await autoscale_once(operator)
-        except Exception:
-            logger.exception("the autoscaler failed; retrying")
+    """Every ``autoscale_seconds``, or at once when a message reaches an agent at zero, a
+    look at the autoscaled Agents."""
+    wakers = Wakers()
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakers.woken.wait(), operator.settings.autoscale_seconds)
+            wakers.woken.clear()
+            try:
+                await autoscale_once(operator)
+                await wakers.refresh(operator)
+            except Exception:
+                logger.exception("the autoscaler failed; retrying")
+    finally:
+        await wakers.close()
