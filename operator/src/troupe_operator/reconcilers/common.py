@@ -109,12 +109,12 @@ class Operator:
     passes, so a restarted operator finds them again on resume. Nothing here is a fact the
     decision rests on; those are read from NATS and the Deployment each time."""
     crds: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    """Whether the cluster serves a CRD (KEDA's), and when that was read (monotonic)."""
     without_scaled_object: set[tuple[str, str]] = field(default_factory=set)
     """Agents (namespace, name) not scaled by KEDA whose ScaledObject this process has seen
     gone: their passes skip looking for one. Only the operator makes an Agent's ScaledObject
     (owned by the Agent), so absence read once holds until the Agent asks for KEDA again; a
     restarted operator looks once more."""
-    """Whether the cluster serves a CRD (KEDA's), and when that was read (monotonic)."""
     cleaned: OrderedDict[str, None] = field(default_factory=OrderedDict)
     """UIDs of the objects whose NATS resources were deleted, newest last: a resync pass
     planned from a listing taken before the deletion must not provision them again."""
