@@ -1,18 +1,22 @@
 """ChaosExperiments against the real API server, operator, nats-server and process-node pods:
-an experiment in a Namespace that does not opt in is Stalled and kills nothing; one in a
-Namespace that does, with pod kills and a short run, ends Passed in status with the pods
-really replaced and no probe lost (the short chaos test of ``make test``); one whose probes
-go unanswered ends Failed with them lost; injected handler errors trip the abort threshold;
-added latency breaks the hypothesis; a dead letter past the abort threshold ends the run
-Aborted at once, its faults removed; and deleting an experiment mid-run removes its faults."""
+the API server refuses what the models refuse; an experiment in a Namespace that does not
+opt in is Stalled and kills nothing; one in a Namespace that does, with pod kills and a short
+run, ends Passed in status with the pods really replaced and no probe lost (the short chaos
+test of ``make test``); a Workflow selector kills engine pods; one whose probes go unanswered
+ends Failed with them lost; injected handler errors trip the abort threshold; added latency
+breaks the hypothesis; a dead letter past the abort threshold ends the run Aborted at once,
+its faults removed; and deleting an experiment mid-run removes its faults."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from typing import Any
 
 import nats
+import pytest
+from pydantic import ValidationError
 
 from tests.integration.operator_support import (
     API_VERSION,
@@ -24,9 +28,11 @@ from tests.integration.operator_support import (
     get,
     running_agent,
     wait_ready,
+    workflow,
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_devcluster.kube import core_v1
+from troupe_operator.api.chaos import ChaosExperimentSpec
 from troupe_runtime.contract import naming
 from troupe_runtime.contract.chaos import OPT_IN_LABEL, OPT_IN_VALUE, AgentFaults
 
@@ -101,6 +107,39 @@ def _publish(nats_url: str, subject: str, payload: bytes) -> None:
             await connection.close()
 
     asyncio.run(send())
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ({"selector": {}}, "selector needs agents or workflows"),
+        ({"duration": "25h"}, "duration may be at most 24h"),
+        ({"faults": {"handler": {"errorRatio": 2}}}, "errorRatio"),
+        ({"faults": {"podKills": {"every": "soon"}}}, "podKills.every"),
+    ],
+    ids=["no-selector", "too-long", "ratio-above-1", "not-a-duration"],
+)
+def test_the_api_server_refuses_what_the_models_refuse(
+    cluster: ClusterEndpoints,
+    namespace: str,
+    operator: OperatorProcess,
+    spec: dict[str, Any],
+    said: str,
+) -> None:
+    manifest = experiment("refused", **spec)
+    answer = cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "--dry-run=server",
+        "-f",
+        "-",
+        stdin=json.dumps(manifest),
+        check=False,
+    )
+    assert said in answer, answer
+    with pytest.raises(ValidationError):
+        ChaosExperimentSpec.model_validate(manifest["spec"])
 
 
 def test_a_namespace_that_does_not_opt_in_is_stalled_and_loses_no_pod(
@@ -195,6 +234,45 @@ def test_pod_kills_in_an_opted_in_namespace_end_passed_with_new_pods_and_nothing
 def _scrape(operator: OperatorProcess) -> str:
     with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:
         return str(response.read().decode())
+
+
+def test_a_workflow_selector_kills_its_engine_pods(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    _opt_in(api_client, namespace)
+    _echo(cluster, namespace, replicas=1)
+    flow = workflow("flow", [{"name": "only", "agentRef": AGENT}])
+    flow["metadata"]["labels"] = {"chaos": "yes"}
+    apply(cluster, namespace, flow)
+    wait_ready(cluster, namespace, "workflow", "flow")
+    engines = core_v1(api_client).list_namespaced_pod(
+        namespace, label_selector="troupe.dev/workflow=flow"
+    )
+    before = {p.metadata.uid for p in engines.items}
+    assert before, "the engine runs"
+    apply(
+        cluster,
+        namespace,
+        experiment(
+            "engines",
+            selector={"workflows": {"matchLabels": {"chaos": "yes"}}},
+            duration="3s",
+            faults={"podKills": {"every": "1s"}},
+        ),
+    )
+    with explained(cluster, namespace, operator):
+        status = _ended(cluster, namespace, "engines")
+    assert status["verdict"] == "Passed", status
+    assert status["targets"]["workflows"] == ["flow"]
+    assert status["figures"]["podsKilled"] >= 1
+    assert status["figures"]["probesSent"] == 0
+    after = core_v1(api_client).list_namespaced_pod(
+        namespace, label_selector="troupe.dev/workflow=flow"
+    )
+    assert before - {p.metadata.uid for p in after.items}, "the engine pod was replaced"
+    cluster.kubectl("delete", "-n", namespace, "chaosexperiment", "engines")
+    cluster.kubectl("delete", "-n", namespace, "workflow", "flow", "--wait=false")
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
 
 
 def test_a_run_whose_probes_go_unanswered_ends_failed_with_them_lost(
