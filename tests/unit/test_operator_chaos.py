@@ -397,3 +397,31 @@ def test_faults_are_written_only_when_they_differ() -> None:
 
     assert chaos.faults_to_write(value, None) == value
     assert chaos.faults_to_write(value, value) is None
+
+
+def test_an_idle_pass_over_a_finished_experiment_changes_nothing() -> None:
+    experiment = spec()
+    done = chaos.finished(started(experiment), "Passed", "held", NOW + timedelta(seconds=30))
+    later = NOW + timedelta(hours=1)
+
+    def settled(status: ChaosExperimentStatus, at: datetime) -> ChaosExperimentStatus:
+        stepped = chaos.advance(status, experiment, 1, NOW, at, True, TEAM)
+        found = chaos.conditions(
+            status.conditions, stepped, experiment, 1, at, True, TEAM, None, "team"
+        )
+        return stepped.model_copy(update={"conditions": found, "observed_generation": 1})
+
+    once = settled(done, later)
+
+    assert settled(once, later + timedelta(minutes=5)) == once
+
+
+def test_a_spec_that_became_invalid_aborts_the_run_and_stalls() -> None:
+    running = started(spec())
+
+    status = chaos.spec_invalid_status(running, 2, NOW, "spec.duration: not a duration")
+    found = {c.type: c for c in status.conditions}
+
+    assert status.verdict == "Aborted"
+    assert "not a duration" in status.verdict_reason
+    assert (found["Stalled"].status, found["Stalled"].reason) == ("True", "SpecInvalid")
