@@ -1,17 +1,21 @@
 """Autoscaled Agents against the real API server, controller-manager, process node and NATS:
 an idle agent scales to zero and back for a message, which is handled exactly once; lag
 above the target scales out; an HPA scaling the Deployment is never fought over replicas;
-and with KEDA's real CRD installed the generated ScaledObject is accepted."""
+with KEDA's real CRD installed the generated ScaledObject is accepted; and a message to an
+agent at zero wakes the autoscaler through its inbox."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import nats
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
@@ -29,8 +33,12 @@ from tests.integration.operator_support import (
 )
 from troupe_devcluster.fixtures import ClusterEndpoints, wait_for
 from troupe_devcluster.kube import apps_v1, core_v1
+from troupe_operator.api.agent import AgentAutoscale
 from troupe_operator.builders.autoscale import AUTOSCALER_MANAGER
 from troupe_operator.builders.pods import FIELD_MANAGER
+from troupe_operator.clients.nats import NatsPool, NatsTarget
+from troupe_operator.reconcilers.autoscaler import Wakers
+from troupe_operator.reconcilers.common import Autoscaled
 from troupe_runtime.contract import envelope, naming
 from troupe_runtime.contract.envelope import CloudEvent
 
@@ -372,3 +380,40 @@ def test_engine_keda_reports_keda_missing_then_generates_a_scaled_object_the_api
     finally:
         cluster.kubectl("delete", "-f", str(KEDA_CRD), "--wait=true")
     assert apps_v1(api_client).read_namespaced_deployment("kedaed", namespace)
+
+
+async def test_a_message_to_an_agent_at_zero_wakes_the_autoscaler_through_its_inbox(
+    nats_url: str,
+) -> None:
+    """The core-NATS wake-up against a real nats-server: only an agent at zero is watched,
+    a message on its inbox sets the event at once, and the watch goes once it is scaled."""
+    pool = NatsPool()
+    target = NatsTarget(nats_url)
+    policy = AgentAutoscale.model_validate({"minReplicas": 0})
+    resources: Any = None
+    asleep = Autoscaled(target, resources, policy, 0, None)
+    awake = Autoscaled(target, resources, policy, 1, None)
+    operator: Any = SimpleNamespace(
+        nats=pool, autoscaled={("ns", "asleep"): asleep, ("ns", "awake"): awake}
+    )
+    wakers = Wakers()
+    publisher = await nats.connect(nats_url)
+    try:
+        await wakers.refresh(operator)
+        assert set(wakers.watches) == {("ns", "asleep")}
+
+        await publisher.publish(naming.inbox_subject("ns", "awake", 0), b"{}")
+        await publisher.flush()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(wakers.woken.wait(), 0.5)
+
+        await publisher.publish(naming.inbox_subject("ns", "asleep", 2), b"{}")
+        await asyncio.wait_for(wakers.woken.wait(), 5)
+
+        operator.autoscaled[("ns", "asleep")] = awake
+        await wakers.refresh(operator)
+        assert not wakers.watches
+    finally:
+        await wakers.close()
+        await publisher.close()
+        await pool.close()
