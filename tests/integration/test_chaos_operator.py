@@ -5,7 +5,8 @@ run, ends Passed in status with the pods really replaced and no probe lost (the 
 test of ``make test``); a Workflow selector kills engine pods; one whose probes go unanswered
 ends Failed with them lost; injected handler errors trip the abort threshold; added latency
 breaks the hypothesis; a dead letter past the abort threshold ends the run Aborted at once,
-its faults removed; and deleting an experiment mid-run removes its faults."""
+its faults removed; and deleting an experiment mid-run removes its faults, even while no
+operator runs (the next one's first sweep does)."""
 
 from __future__ import annotations
 
@@ -414,5 +415,38 @@ def test_deleting_an_experiment_mid_run_removes_its_faults(
             lambda: _faults(cluster.nats_url, namespace, AGENT) is None,
             DEADLINE,
             "the faults to be removed",
+        )
+    cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")
+
+
+def test_an_experiment_deleted_while_the_operator_is_down_loses_its_faults_after_restart(
+    cluster: ClusterEndpoints, api_client: Any, namespace: str, operator: OperatorProcess
+) -> None:
+    # Its DELETED event is never seen, and the new operator has written no faults itself:
+    # only the first sweep over every chaos bucket finds the orphaned entry.
+    _opt_in(api_client, namespace)
+    _echo(cluster, namespace, replicas=1)
+    apply(
+        cluster,
+        namespace,
+        experiment("unwatched", duration="5m", faults={"handler": {"latency": "10ms"}}),
+    )
+    with explained(cluster, namespace, operator):
+        wait_for(
+            lambda: _faults(cluster.nats_url, namespace, AGENT),
+            DEADLINE,
+            "the run's faults in the chaos bucket",
+        )
+        operator.kill()
+        try:
+            cluster.kubectl(
+                "delete", "-n", namespace, "chaosexperiment", "unwatched", "--timeout=20s"
+            )
+        finally:
+            operator.start()
+        wait_for(
+            lambda: _faults(cluster.nats_url, namespace, AGENT) is None,
+            DEADLINE,
+            "the orphaned faults to be purged",
         )
     cluster.kubectl("delete", "-n", namespace, "agent", AGENT, "--wait=false")

@@ -65,6 +65,9 @@ def test_stream_names_read_back_to_their_owner() -> None:
         naming.kv_stream(naming.kv_bucket("shop", "b")): StreamOwner(
             "Namespace", "shop", "state bucket b"
         ),
+        naming.kv_stream(naming.chaos_bucket("shop")): StreamOwner(
+            "Namespace", "shop", "chaos faults"
+        ),
     }
     for stream, owner in cases.items():
         assert naming.stream_owner(stream) == owner, stream
@@ -155,6 +158,7 @@ def test_stream_and_bucket_names_never_collide(
         naming.kv_stream(naming.kv_bucket(namespace, bucket)),
         naming.kv_stream(naming.rate_limit_bucket(namespace)),
         naming.kv_stream(naming.workflow_runs_bucket(namespace, workflow)),
+        naming.kv_stream(naming.chaos_bucket(namespace)),
     ]
     assert len(set(streams)) == len(streams)
     assert all(naming.stream_owner(stream) is not None for stream in streams)

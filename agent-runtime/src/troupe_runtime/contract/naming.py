@@ -485,6 +485,8 @@ def stream_owner(stream: str) -> StreamOwner | None:
             return StreamOwner("Namespace", namespace, "webhook signatures")
         case ["KV", "troupe", namespace, "approvals"] if _label(namespace):
             return StreamOwner("Namespace", namespace, "approvals")
+        case ["KV", "troupe", namespace, "chaos"] if _label(namespace):
+            return StreamOwner("Namespace", namespace, "chaos faults")
         case ["KV", "troupe", namespace, "directory" | "tasks"] if _label(namespace):
             return StreamOwner("Namespace", namespace, f"gateway {parts[3]}")
         case ["KV", "troupe", namespace, "wf", name, "runs"] if _label(namespace) and _label(name):

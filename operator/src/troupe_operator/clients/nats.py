@@ -452,6 +452,24 @@ async def _approval_buckets(js: JetStreamContext) -> list[ApprovalBucket]:
     return found
 
 
+async def _chaos_namespaces(js: JetStreamContext) -> set[str]:
+    """The namespaces with a chaos bucket on the server, read from the stream names."""
+    found: set[str] = set()
+    offset = 0
+    while infos := await js.streams_info(offset):
+        offset += len(infos)
+        for info in infos:
+            name = info.config.name or ""
+            owner = naming.stream_owner(name)
+            if (
+                owner is not None
+                and (owner.kind, owner.name) == ("Namespace", "chaos faults")
+                and naming.kv_stream(naming.chaos_bucket(owner.namespace)) == name
+            ):
+                found.add(owner.namespace)
+    return found
+
+
 async def _changed_keys(
     js: JetStreamContext, bucket: str, after: int, last: int, most: int
 ) -> set[str] | None:
@@ -971,6 +989,10 @@ class NatsPool:
     async def approval_buckets(self, target: NatsTarget) -> list[ApprovalBucket]:
         """Every namespace's approvals bucket on ``target``, with its last sequence."""
         return await self._call(target, _approval_buckets)
+
+    async def chaos_namespaces(self, target: NatsTarget) -> set[str]:
+        """Every namespace with a chaos bucket on ``target``."""
+        return await self._call(target, _chaos_namespaces)
 
     async def changed_keys(
         self, target: NatsTarget, bucket: str, after: int, last: int, most: int

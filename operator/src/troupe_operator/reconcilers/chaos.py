@@ -510,20 +510,42 @@ async def chaos_once(operator: Operator, book: ProbeBook, rescan: bool) -> None:
 
 async def chaos_forever(operator: Operator, book: ProbeBook) -> None:
     """Drive the runs in progress every tick, look at the rest every rescan, sweep now and
-    then."""
+    then: the namespaces this process wrote faults to, and once, at the first sweep, every
+    namespace with a chaos bucket. An experiment deleted while no operator watched (its
+    DELETED event missed) has no pass left, and its faults, written by an earlier process,
+    would otherwise stay until their ``until``, up to a day."""
     ticks = 0
     rescan_every = max(int(RESCAN_SECONDS / TICK_SECONDS), 1)
+    swept_all = False
     while True:
         await asyncio.sleep(TICK_SECONDS)
         ticks += 1
         try:
             await chaos_once(operator, book, rescan=ticks % rescan_every == 0)
-            if ticks % SWEEP_EVERY == 0 and book.namespaces:
-                purged = await sweep(operator, book.namespaces)
+            if not swept_all or (ticks % SWEEP_EVERY == 0 and book.namespaces):
+                namespaces = set(book.namespaces)
+                if not swept_all:
+                    namespaces |= await watched_chaos_namespaces(operator)
+                purged = await sweep(operator, namespaces)
+                swept_all = True
                 if purged:
                     logger.info("purged the orphaned chaos entries %s", ", ".join(purged))
         except Exception:
             logger.exception("the chaos loop failed; retrying")
 
 
-__all__ = ["ProbeBook", "chaos_forever", "chaos_pass", "forget", "sweep"]
+async def watched_chaos_namespaces(operator: Operator) -> set[str]:
+    """The namespaces with a chaos bucket that this operator watches."""
+    found = await operator.nats.chaos_namespaces(target(operator))
+    watched = operator.settings.namespaces
+    return {n for n in found if not watched or n in watched}
+
+
+__all__ = [
+    "ProbeBook",
+    "chaos_forever",
+    "chaos_pass",
+    "forget",
+    "sweep",
+    "watched_chaos_namespaces",
+]
