@@ -89,3 +89,36 @@ def test_no_experiment_counts_the_answers_of_another(
     book = chaos.ProbeBook()
     answered_once(book, *first)
     assert answers(book, EventLog({}), *second) == []
+
+
+class Experiments:
+    """A fake API server's ChaosExperiments: counts the listings."""
+
+    def __init__(self, listed: list[dict[str, Any]]) -> None:
+        self.listed = listed
+        self.listings = 0
+
+    async def list_watched(self, _plural: str, _namespaces: Any) -> list[dict[str, Any]]:
+        self.listings += 1
+        return self.listed
+
+
+def test_a_tick_with_no_run_in_progress_lists_nothing_until_the_rescan() -> None:
+    kube = Experiments([])
+    quiet: Any = SimpleNamespace(kube=kube, settings=SimpleNamespace(namespaces=()))
+    book = chaos.ProbeBook()
+    asyncio.run(chaos.chaos_once(quiet, book, rescan=False))
+    assert kube.listings == 0
+    asyncio.run(chaos.chaos_once(quiet, book, rescan=True))
+    assert kube.listings == 1
+
+
+def test_a_run_in_progress_is_listed_every_tick_until_its_experiment_is_gone() -> None:
+    kube = Experiments([])  # deleted: the listing no longer has it
+    quiet: Any = SimpleNamespace(kube=kube, settings=SimpleNamespace(namespaces=()))
+    book = chaos.ProbeBook(running={("team", "latency")})
+    asyncio.run(chaos.chaos_once(quiet, book, rescan=False))
+    assert kube.listings == 1
+    assert book.running == set()
+    asyncio.run(chaos.chaos_once(quiet, book, rescan=False))
+    assert kube.listings == 1

@@ -89,6 +89,9 @@ class ProbeBook:
     answers: dict[RunKey, dict[str, builders.Answer]] = field(default_factory=dict)
     namespaces: set[str] = field(default_factory=set)
     """Namespaces this process wrote faults to: where ``sweep`` looks."""
+    running: set[tuple[str, str]] = field(default_factory=set)
+    """Experiments (namespace, name) whose last pass left a run in progress: while there
+    are none, a tick between rescans lists nothing (an idle operator stays quiet)."""
 
     def sent(self, run: RunKey) -> dict[str, datetime]:
         return self.sent_at.setdefault(run, {})
@@ -415,6 +418,10 @@ async def _finish(
             f"run {new.run}: {new.verdict_reason}",
         )
         book.forget(namespace, name, new.run)
+    if new.phase in builders.ACTIVE:
+        book.running.add((namespace, name))
+    else:
+        book.running.discard((namespace, name))
     _gauges(namespace, name, new)
 
 
@@ -488,9 +495,16 @@ def _wants_pass(body: Mapping[str, Any], now: datetime, rescan: bool) -> bool:
 
 
 async def chaos_once(operator: Operator, book: ProbeBook, rescan: bool) -> None:
+    """One look: every experiment at a rescan, else those with a run in progress. Between
+    rescans with no run in progress it reads nothing: a run starts in a pass of its own
+    (on creation or update, or at a rescan), which registers it in ``book.running``."""
+    if not rescan and not book.running:
+        return
     semaphore = asyncio.Semaphore(PASS_CONCURRENCY)
     listed = await operator.kube.list_watched(PLURAL, operator.settings.namespaces)
     now = datetime.now(UTC)
+    # Deleted experiments (the listing no longer has them) are not running.
+    book.running &= {(b["metadata"]["namespace"], b["metadata"]["name"]) for b in listed}
 
     async def guarded(body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
