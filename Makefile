@@ -102,7 +102,8 @@ bench: setup ## Run one benchmark, bench/$(BENCH).py (default operator_failover)
 
 .PHONY: chaos
 chaos: setup ## Soak an agent under pod, operator and NATS-server kills (bench/chaos_soak.py, ARGS); not in `make test`.
-	$(BIN)/python bench/chaos_soak.py $(ARGS)
+	# The soaked agent's handler is tests/integration/workflow_handlers.py: the repository on the path.
+	PYTHONPATH=$(CURDIR) $(BIN)/python bench/chaos_soak.py $(ARGS)
 
 .PHONY: cluster-up
 cluster-up: setup ## Start the local control plane, kwok nodes, the process node and NATS (NATS=3: a JetStream cluster).

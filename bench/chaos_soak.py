@@ -20,8 +20,8 @@ The faults stop with the last publish; the soak then waits until every input is 
 answered twice (two stored outputs) counts as duplicated, whatever JetStream's duplicate
 window dropped. "Time to recover" is from the last fault to the last missing answer.
 
-    .venv/bin/python bench/chaos_soak.py            # or: make chaos
-    .venv/bin/python bench/chaos_soak.py --messages 2000 --rate 100
+    make chaos            # or: PYTHONPATH=. .venv/bin/python bench/chaos_soak.py
+    make chaos ARGS="--messages 2000 --rate 100"
 
 Not part of ``make test``: it runs for minutes and loads the machine on purpose.
 """
