@@ -122,3 +122,23 @@ def test_a_run_in_progress_is_listed_every_tick_until_its_experiment_is_gone() -
     assert book.running == set()
     asyncio.run(chaos.chaos_once(quiet, book, rescan=False))
     assert kube.listings == 1
+
+
+class NoFaults:
+    async def read_key(self, _target: Any, _bucket: str, _key: str) -> bytes | None:
+        return None
+
+
+def test_a_deleted_experiment_leaves_nothing_in_the_book() -> None:
+    book = chaos.ProbeBook(running={("team", "latency")})
+    answered_once(book, "team", "latency", "echo")
+    answered_once(book, "team", "other", "echo")
+    deleted: Any = SimpleNamespace(
+        settings=SimpleNamespace(nats_url="nats://x:4222"),
+        nats=NoFaults(),
+        lock=lambda *_: asyncio.Lock(),
+    )
+    body = {"metadata": {"namespace": "team", "name": "latency"}}
+    asyncio.run(chaos.forget(deleted, body, book))
+    assert set(book.answers) == {("team", "other", "once")}
+    assert book.running == set()

@@ -308,7 +308,7 @@ async def chaos_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: A
     if type != "DELETED":
         return
     try:
-        await chaos.forget(operator_of(memo), dict(body))
+        await chaos.forget(operator_of(memo), dict(body), chaos_book(memo))
     except Exception:
         logger.exception("removing the faults of a deleted ChaosExperiment failed")
 

@@ -452,12 +452,15 @@ def _gauges(namespace: str, name: str, status: ChaosExperimentStatus) -> None:
     )
 
 
-async def forget(operator: Operator, body: Mapping[str, Any]) -> None:
-    """A deleted experiment: its entries go at once, and its gauges."""
+async def forget(operator: Operator, body: Mapping[str, Any], book: ProbeBook) -> None:
+    """A deleted experiment: its entries go at once, and its gauges and what the book kept
+    of its probes (a run deleted mid-way never reaches the verdict that drops them)."""
     meta = body["metadata"]
     namespace, name = str(meta["namespace"]), str(meta["name"])
     previous = ChaosExperimentStatus.model_validate(body.get("status") or {})
     async with operator.lock(KIND, namespace, name):
+        book.forget(namespace, name)
+        book.running.discard((namespace, name))
         await _remove_faults(operator, namespace, name, previous.targets.agents)
     metrics.forget_chaos(namespace, name)
 
