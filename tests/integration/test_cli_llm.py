@@ -143,7 +143,9 @@ async def test_runs_show_gives_the_tokens_and_cost_each_step_reported_and_the_to
     assert "tokens:    107/23 (in/out)" in lines
     assert "cost:      $0.0013" in lines
     steps = [line.split() for line in lines if line.startswith(("a ", "b "))]
-    assert [step[6:8] for step in steps] == [["100/20", "$0.0012"], ["7/3", "$0.0001"]]
+    # STEP ATTEMPT AGENT STATUS DISPATCHED FINISHED DURATION TOKENS COST ERROR
+    assert [step[2] for step in steps] == ["a", "b"]
+    assert [step[7:9] for step in steps] == [["100/20", "$0.0012"], ["7/3", "$0.0001"]]
     run = json.loads(shown_json[1])
     assert run["usage"] == {"tokensIn": 107, "tokensOut": 23, "costUsd": pytest.approx(0.0013)}
     assert [s["usage"]["tokensIn"] for s in run["steps"]] == [100, 7]
